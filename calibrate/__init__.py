@@ -1,0 +1,1 @@
+"""Calibration and post-training quantization methods producing recipes (see METHODS.md)."""

@@ -1,0 +1,1 @@
+"""ONNX export, graph surgery and Q/DQ insertion from a recipe."""

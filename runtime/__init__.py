@@ -1,0 +1,1 @@
+"""Model, diffusion, sampler and denoiser backends: everything needed to sample."""

@@ -1,0 +1,1 @@
+"""Command-line tools and evaluation on top of the other subpackages."""
