@@ -1,0 +1,97 @@
+"""``QuantLinear``: the module that replaces an ``nn.Linear`` in a simulated (fake-quant) model.
+
+It is an ``nn.Linear`` subclass so the state-dict names stay those of the DiT
+(``blocks.0.attn.qkv.weight``); the extra buffers are what a Q/DQ graph holds for the layer:
+
+- ``input_mul`` (optional, ``[C_in]``): a run-time multiply of the input by ``1 / b`` where a
+  balancing vector cannot be folded (fc2 after GELU); the ONNX ``Mul`` before the Q/DQ pair.
+- ``act_scale`` (``[]``): static per-tensor activation scale of the (balanced) input.
+- ``weight_scale``: per-tensor ``[]``, per-channel ``[C_out]`` or per-group ``[C_out, C_in/g]``
+  scale of ``weight``, which is already the balanced weight ``W diag(b)``.
+
+Forward = ``linear(fq_act(x * input_mul), fq_w(weight), bias)``, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant
+
+
+class QuantLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_format: str = "none", weight_granularity: str = "channel",
+                 weight_group_size: int | None = None, act_format: str = "none",
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        quant.check_format(weight_format)
+        quant.check_format(act_format)
+        self.weight_format = weight_format
+        self.weight_granularity = weight_granularity
+        self.weight_group_size = weight_group_size
+        self.act_format = act_format
+        self.register_buffer("act_scale", None)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("input_mul", None)
+        self._wq: torch.Tensor | None = None  # cached fake-quantized weight
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, weight_format: str = "none", weight_granularity: str = "channel",
+                    weight_group_size: int | None = None, act_format: str = "none",
+                    weight_scale: torch.Tensor | None = None, act_scale: torch.Tensor | float | None = None,
+                    input_mul: torch.Tensor | None = None) -> "QuantLinear":
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format=weight_format,
+                weight_granularity=weight_granularity, weight_group_size=weight_group_size, act_format=act_format,
+                device="meta")
+        q.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        q.set_quant(weight_scale=weight_scale, act_scale=act_scale, input_mul=input_mul)
+        return q
+
+    def set_quant(self, *, weight_scale=None, act_scale=None, input_mul=None) -> None:
+        """Attach scales (missing ones: weight min-max; a quantized activation must have one)."""
+        dev = self.weight.device
+        if self.weight_format != "none" and weight_scale is None:
+            weight_scale = quant.weight_scale(self.weight, self.weight_format, self.weight_granularity,
+                                              self.weight_group_size)
+        if self.act_format != "none" and act_scale is None:
+            raise ValueError("a quantized activation needs a calibrated act_scale")
+        self.weight_scale = None if weight_scale is None else torch.as_tensor(weight_scale).float().to(dev)
+        self.act_scale = None if act_scale is None else torch.as_tensor(act_scale, dtype=torch.float32).reshape(()).to(dev)
+        self.input_mul = None if input_mul is None else input_mul.detach().float().to(dev)
+        self._wq = None
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        """The dequantized weight used in forward (float32); cached until ``set_quant``/``_apply``."""
+        if self._wq is None or self._wq.device != self.weight.device:
+            self._wq = quant.fake_quant_weight(self.weight.float(), self.weight_scale, self.weight_format,
+                                               self.weight_granularity, self.weight_group_size)
+        return self._wq
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Integer (int8 container, also INT4) or float8 codes of the weight, for export."""
+        return quant.quantize_weight(self.weight, self.weight_scale, self.weight_format,
+                                     self.weight_granularity, self.weight_group_size)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._wq = None  # .to()/.half() invalidate the cache
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.input_mul is not None:
+            x = x * self.input_mul.to(dtype)
+        if self.act_format != "none":
+            x = quant.fake_quant(x, self.act_scale, self.act_format)
+        w = self.fake_quant_weight() if self.weight_format != "none" else self.weight
+        b = self.bias
+        return F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype)).to(dtype)
+
+    def extra_repr(self) -> str:
+        g = f"{self.weight_granularity}{self.weight_group_size or ''}"
+        return (f"{super().extra_repr()}, w={self.weight_format}/{g}, a={self.act_format}"
+                f"{', input_mul' if self.input_mul is not None else ''}")

@@ -1,0 +1,127 @@
+"""Quantizer primitives shared by calibration, simulation and export.
+
+Everything is symmetric with zero point 0 (TensorRT's explicit-quantization rules). Numbers follow
+ONNX ``QuantizeLinear``/``DequantizeLinear``: ``q = saturate(round_half_even(x / scale))``,
+``x' = q * scale``; INT8 saturates to [-128, 127], INT4 to [-8, 7], FP8 E4M3 to +-448 and rounds
+to nearest even (``torch.float8_e4m3fn``). So the fake-quant model and the Q/DQ graph agree.
+
+Scale shapes by granularity (what ``DequantizeLinear`` takes for a ``[C_out, C_in]`` weight):
+``tensor`` -> ``[]``, ``channel`` -> ``[C_out]`` (axis 0), ``group`` -> ``[C_out, C_in // g]``
+(axis 1, block_size g).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+QFormat = Literal["int8", "int4", "fp8_e4m3", "none"]
+Granularity = Literal["tensor", "channel", "group"]
+
+FORMATS = ("int8", "int4", "fp8_e4m3", "none")
+GRANULARITIES = ("tensor", "channel", "group")
+# largest representable magnitude used to turn an amax into a scale (symmetric: 127, not 128)
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
+# saturation range of the integer formats, as ONNX QuantizeLinear clamps
+INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
+_MIN_SCALE = 1e-12  # an all-zero channel still gets a finite, positive scale
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def scale_from_amax(amax: torch.Tensor | float, fmt: str) -> torch.Tensor:
+    """The scale that maps ``amax`` to the format's largest symmetric value."""
+    check_format(fmt)
+    if fmt == "none":
+        raise ValueError("format 'none' has no scale")
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return (amax / QMAX[fmt]).clamp_min(_MIN_SCALE)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x`` to its integer (int8 tensor, also for INT4 values) or float8 code; ``scale`` broadcasts."""
+    check_format(fmt)
+    y = x.float() / scale
+    if fmt in INT_RANGE:
+        lo, hi = INT_RANGE[fmt]
+        return torch.round(y).clamp_(lo, hi).to(torch.int8)
+    if fmt == "fp8_e4m3":
+        return y.clamp(-QMAX[fmt], QMAX[fmt]).to(torch.float8_e4m3fn)  # torch's cast does not saturate
+    raise ValueError("format 'none' is not quantized")
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize then dequantize, in float32 (the same numbers as ``dequantize(quantize(x))``)."""
+    if fmt == "none":
+        return x
+    if fmt in INT_RANGE:
+        lo, hi = INT_RANGE[fmt]
+        return torch.round(x.float() / scale).clamp_(lo, hi) * scale
+    return dequantize(quantize(x, scale, fmt), scale)
+
+
+# -- weights -----------------------------------------------------------------------------------------
+def _check_group(w: torch.Tensor, group_size: int | None) -> int:
+    if not group_size or group_size <= 0:
+        raise ValueError("granularity 'group' needs a positive group_size")
+    if w.shape[-1] % group_size:
+        raise ValueError(f"C_in {w.shape[-1]} is not a multiple of group size {group_size}")
+    return group_size
+
+
+def weight_amax(w: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
+    """max |W| over the quantization blocks of a ``[C_out, C_in]`` weight (shape as the scale)."""
+    a = w.detach().float().abs()
+    if granularity == "tensor":
+        return a.amax()
+    if granularity == "channel":
+        return a.amax(dim=1)
+    if granularity == "group":
+        g = _check_group(w, group_size)
+        return a.reshape(w.shape[0], w.shape[1] // g, g).amax(dim=2)
+    raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(GRANULARITIES)}")
+
+
+def expand_weight_scale(scale: torch.Tensor, shape: torch.Size | tuple, granularity: str,
+                        group_size: int | None = None) -> torch.Tensor:
+    """Broadcastable (tensor/channel) or element-wise (group) form of a weight scale."""
+    if granularity == "tensor":
+        return scale.reshape(())
+    if granularity == "channel":
+        return scale.reshape(-1, 1)
+    if granularity == "group":
+        return scale.repeat_interleave(group_size, dim=1)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def weight_scale(w: torch.Tensor, fmt: str, granularity: str, group_size: int | None = None) -> torch.Tensor:
+    """Min-max scale of a weight (calibrate/ has percentile and MSE searches)."""
+    return scale_from_amax(weight_amax(w, granularity, group_size), fmt)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, fmt: str, granularity: str,
+                    group_size: int | None = None) -> torch.Tensor:
+    """Integer / float8 codes of ``w`` with a stored scale (what export writes as initializer)."""
+    return quantize(w, expand_weight_scale(scale, w.shape, granularity, group_size), fmt)
+
+
+def fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, fmt: str, granularity: str,
+                      group_size: int | None = None) -> torch.Tensor:
+    if fmt == "none":
+        return w
+    return fake_quant(w, expand_weight_scale(scale, w.shape, granularity, group_size), fmt)
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - test|^2)."""
+    ref = reference.double()
+    noise = (ref - test.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))

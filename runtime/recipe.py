@@ -1,0 +1,316 @@
+"""The recipe: the one contract between calibrate/ (which writes it) and export/ and the runtime
+(which apply it). A directory holding ``recipe.json`` and ``tensors.safetensors``.
+
+recipe.json::
+
+    {"schema": "dtq.recipe", "schema_version": 1, "method": "ptq4dit", "options": {...},
+     "model": {"fingerprint": "sha256:...", "config": {...DiTConfig...}},
+     "layers": {"blocks.0.attn.qkv": {"weight_format": "int8", "weight_granularity": "channel",
+                "weight_group_size": null, "act_format": "int8", "act_scale": 0.0123,
+                "weight_scale": "blocks.0.attn.qkv.weight_scale",
+                "balance": "blocks.0.attn.qkv.balance", "balance_fold": "adaLN"}, ...}}
+
+Conventions (export relies on them):
+- Layer names are module names of the DiT (``blocks.N.attn.qkv``); tensors are referenced by key.
+- ``balance`` is b (``[C_in]``): the layer sees ``X / b`` and uses ``W diag(b)``; it folds into the
+  adaLN rows (qkv, fc1), the V rows of qkv (proj), or a run-time ``Mul`` by ``1 / b`` ("runtime").
+- ``weight_scale`` is the scale of the *balanced* weight ``W diag(b)``; ``act_scale`` the per-tensor
+  scale of the *balanced* input ``X / b``.
+- ``balanced_model(model, recipe)`` gives the folded FP model, ``apply_recipe(model, recipe)`` the
+  simulated model (the folded model with ``QuantLinear`` layers): the numerical reference for ONNX.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import quant
+from .qlinear import QuantLinear
+
+SCHEMA = "dtq.recipe"
+SCHEMA_VERSION = 1
+FOLDS = ("adaLN", "v", "runtime")
+# where a balancing vector can fold without run-time cost, by the layer's role in a DiT block
+_FOLDABLE = {"attn.qkv": ("adaLN", "runtime"), "mlp.fc1": ("adaLN", "runtime"),
+             "attn.proj": ("v", "runtime"), "mlp.fc2": ("runtime",)}
+
+
+class RecipeError(ValueError):
+    """A recipe that is malformed, of an unknown schema, or not made for the given model."""
+
+
+@dataclass
+class LayerRecipe:
+    """How one Linear is quantized. Tensors are referenced by key into ``Recipe.tensors``."""
+
+    weight_format: str = "int8"  # int8 | int4 | fp8_e4m3 | none
+    weight_granularity: str = "channel"  # tensor | channel | group
+    weight_group_size: int | None = None  # block size along C_in for "group" (32/64/128)
+    act_format: str = "int8"  # int8 | fp8_e4m3 | none (activations: per tensor, static)
+    act_scale: float | None = None
+    weight_scale: str | None = None
+    balance: str | None = None
+    balance_fold: str | None = None  # adaLN | v | runtime
+
+    def validate(self, name: str) -> None:
+        quant.check_format(self.weight_format)
+        quant.check_format(self.act_format)
+        if self.act_format == "int4":
+            raise RecipeError(f"{name}: INT4 activations are not supported (INT4 is weight-only)")
+        if self.weight_granularity not in quant.GRANULARITIES:
+            raise RecipeError(f"{name}: unknown weight granularity {self.weight_granularity!r}")
+        if self.weight_granularity == "group" and not self.weight_group_size:
+            raise RecipeError(f"{name}: granularity 'group' needs weight_group_size")
+        if self.act_format != "none" and (self.act_scale is None or not self.act_scale > 0):
+            raise RecipeError(f"{name}: quantized activation needs a positive act_scale, got {self.act_scale}")
+        if (self.balance is None) != (self.balance_fold is None):
+            raise RecipeError(f"{name}: balance and balance_fold go together")
+        if self.balance_fold is not None:
+            role = layer_role(name)
+            allowed = _FOLDABLE.get(role, ("runtime",))
+            if self.balance_fold not in allowed:
+                raise RecipeError(f"{name}: balancing of a {role or 'this'} layer folds into {allowed}, "
+                                  f"not {self.balance_fold!r}")
+
+
+def layer_role(name: str) -> str:
+    """``blocks.3.attn.qkv`` -> ``attn.qkv``."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) >= 4 and parts[0] == "blocks" else name
+
+
+@dataclass
+class Recipe:
+    method: str
+    model_fingerprint: str
+    layers: dict[str, LayerRecipe] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    model_config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # free-form facts (timings, measured SQNR, ...)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- accessors export uses ------------------------------------------------------------------
+    def weight_scale(self, name: str) -> torch.Tensor | None:
+        key = self.layers[name].weight_scale
+        return None if key is None else self.tensors[key]
+
+    def balance(self, name: str) -> torch.Tensor | None:
+        key = self.layers[name].balance
+        return None if key is None else self.tensors[key]
+
+    def validate(self, model: nn.Module | None = None) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise RecipeError(f"recipe schema version {self.schema_version} is not supported "
+                              f"(this dtq reads version {SCHEMA_VERSION})")
+        modules = dict(model.named_modules()) if model is not None else None
+        for name, layer in self.layers.items():
+            layer.validate(name)
+            for attr in ("weight_scale", "balance"):
+                key = getattr(layer, attr)
+                if key is not None and key not in self.tensors:
+                    raise RecipeError(f"{name}: {attr} refers to tensor {key!r}, absent from tensors.safetensors")
+            if modules is None:
+                continue
+            mod = modules.get(name)
+            if not isinstance(mod, nn.Linear):
+                raise RecipeError(f"recipe layer {name!r} is not a Linear of this model")
+            b = self.balance(name)
+            if b is not None and tuple(b.shape) != (mod.in_features,):
+                raise RecipeError(f"{name}: balance has shape {tuple(b.shape)}, expected ({mod.in_features},)")
+            s = self.weight_scale(name)
+            if s is not None:
+                expected = tuple(quant.weight_amax(mod.weight[:, :], layer.weight_granularity,
+                                                   layer.weight_group_size).shape)
+                if tuple(s.shape) != expected:
+                    raise RecipeError(f"{name}: weight_scale has shape {tuple(s.shape)}, expected {expected}")
+
+    # -- IO -------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "schema_version": self.schema_version,
+            "method": self.method,
+            "options": self.options,
+            "model": {"fingerprint": self.model_fingerprint, "config": self.model_config},
+            "layers": {k: dataclasses.asdict(v) for k, v in self.layers.items()},
+            "info": self.info,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        self.validate()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()},
+                  str(directory / "tensors.safetensors"))
+        (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "Recipe":
+        return load_recipe(directory, model)
+
+
+def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) -> Recipe:
+    """Read a recipe directory; with ``model``, refuse a recipe made for another checkpoint."""
+    directory = Path(directory)
+    jpath, tpath = directory / "recipe.json", directory / "tensors.safetensors"
+    if not jpath.is_file():
+        raise RecipeError(f"{directory}: not a recipe directory (no recipe.json)")
+    try:
+        data = json.loads(jpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{jpath}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise RecipeError(f"{jpath}: not a dtq recipe (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise RecipeError(f"{jpath}: recipe schema version {data.get('schema_version')} is not supported "
+                          f"(this dtq reads version {SCHEMA_VERSION}); re-run dtq-calibrate")
+    tensors = {}
+    if tpath.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(tpath))
+    known = {f.name for f in dataclasses.fields(LayerRecipe)}
+    layers = {}
+    for name, spec in data.get("layers", {}).items():
+        unknown = set(spec) - known
+        if unknown:
+            raise RecipeError(f"{jpath}: layer {name!r} has unknown fields {sorted(unknown)}")
+        layers[name] = LayerRecipe(**spec)
+    recipe = Recipe(method=data["method"], model_fingerprint=data["model"]["fingerprint"], layers=layers,
+                    tensors=tensors, options=data.get("options", {}), model_config=data["model"].get("config", {}),
+                    info=data.get("info", {}), schema_version=data["schema_version"])
+    if model is not None:
+        check_recipe_matches(recipe, model, source=str(directory))
+    recipe.validate(model)
+    return recipe
+
+
+# -- the model a recipe belongs to ----------------------------------------------------------------
+def model_fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes and float32 values of all tensors of the (unquantized) model.
+
+    Float32 values make an fp16 checkpoint loaded as fp16 or fp32 hash the same."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach()
+        h.update(f"{key}:{tuple(t.shape)};".encode())
+        h.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def check_recipe_matches(recipe: Recipe, model: nn.Module, source: str = "recipe") -> None:
+    fp = model_fingerprint(model)
+    if fp != recipe.model_fingerprint:
+        cfg = getattr(model, "config", None)
+        mine = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+        diff = {k: (recipe.model_config.get(k), v) for k, v in mine.items()
+                if k in recipe.model_config and recipe.model_config[k] != v}
+        what = f" (config differs: {diff})" if diff else " (same architecture, different weights)"
+        raise RecipeError(f"{source} was calibrated for a different checkpoint{what}: "
+                          f"recipe fingerprint {recipe.model_fingerprint[:23]}..., model {fp[:23]}...; "
+                          f"calibrate this checkpoint with dtq-calibrate")
+
+
+# -- folding and simulation ------------------------------------------------------------------------
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _block_of(model: nn.Module, name: str) -> nn.Module:
+    parts = name.split(".")
+    return model.get_submodule(".".join(parts[:2]))
+
+
+@torch.no_grad()
+def fold_balance(model: nn.Module, name: str, b: torch.Tensor, where: str) -> None:
+    """Divide layer ``name``'s input by ``b`` and scale its weight columns by ``b`` (in place).
+
+    adaLN: modulate(x) = x (1 + scale) + shift, so the shift rows are divided by b and the scale
+    rows and bias become ``W/b`` and ``(bias + 1)/b - 1``. v: proj's input is attention-weighted V,
+    so dividing V's rows (weight and bias) by b divides it. runtime: a ``Mul`` by 1/b stays."""
+    layer = model.get_submodule(name)
+    b = b.to(layer.weight.device, torch.float32)
+    role = layer_role(name)
+    if where == "adaLN":
+        if role not in ("attn.qkv", "mlp.fc1"):
+            raise RecipeError(f"{name}: adaLN folding applies to attn.qkv and mlp.fc1 only")
+        ada = _block_of(model, name).adaLN_modulation[-1]
+        c = layer.in_features
+        shift_chunk, scale_chunk = (0, 1) if role == "attn.qkv" else (3, 4)
+        w, bias = ada.weight, ada.bias
+        rows_shift = slice(shift_chunk * c, (shift_chunk + 1) * c)
+        rows_scale = slice(scale_chunk * c, (scale_chunk + 1) * c)
+        w[rows_shift] = (w[rows_shift].float() / b[:, None]).to(w.dtype)
+        bias[rows_shift] = (bias[rows_shift].float() / b).to(bias.dtype)
+        w[rows_scale] = (w[rows_scale].float() / b[:, None]).to(w.dtype)
+        bias[rows_scale] = ((bias[rows_scale].float() + 1) / b - 1).to(bias.dtype)
+    elif where == "v":
+        if role != "attn.proj":
+            raise RecipeError(f"{name}: V folding applies to attn.proj only")
+        qkv = _block_of(model, name).attn.qkv
+        c = layer.in_features
+        rows_v = slice(2 * c, 3 * c)
+        qkv.weight[rows_v] = (qkv.weight[rows_v].float() / b[:, None]).to(qkv.weight.dtype)
+        qkv.bias[rows_v] = (qkv.bias[rows_v].float() / b).to(qkv.bias.dtype)
+    elif where == "runtime":
+        if not isinstance(layer, QuantLinear):
+            parent, attr = _parent(model, name)
+            layer = QuantLinear.from_linear(layer)
+            setattr(parent, attr, layer)
+        prev = layer.input_mul if layer.input_mul is not None else torch.ones_like(b)
+        layer.input_mul = prev * (1.0 / b)
+    else:
+        raise RecipeError(f"unknown balance fold {where!r}; known: {', '.join(FOLDS)}")
+    layer.weight.copy_((layer.weight.float() * b[None, :]).to(layer.weight.dtype))
+
+
+def balanced_model(model: nn.Module, recipe: Recipe, *, check: bool = True, inplace: bool = False) -> nn.Module:
+    """The FP model with every balancing vector of ``recipe`` folded (adaLN / V rows / run-time Mul).
+
+    In full precision it computes what ``model`` computes (up to rounding): the graph export
+    writes, and the base of ``apply_recipe``."""
+    if check:
+        check_recipe_matches(recipe, model)
+        recipe.validate(model)
+    out = model if inplace else copy.deepcopy(model)
+    for name, layer in recipe.layers.items():
+        b = recipe.balance(name)
+        if b is not None:
+            fold_balance(out, name, b, layer.balance_fold)
+    return out
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, *, check: bool = True, inplace: bool = False) -> nn.Module:
+    """The simulated (fake-quant) model: ``balanced_model`` with each recipe layer a ``QuantLinear``
+    carrying the recipe's weight and activation scales. ``model`` itself is left unchanged."""
+    out = balanced_model(model, recipe, check=check, inplace=inplace)
+    for name, layer in recipe.layers.items():
+        parent, attr = _parent(out, name)
+        lin = getattr(parent, attr)
+        input_mul = lin.input_mul if isinstance(lin, QuantLinear) else None
+        q = QuantLinear.from_linear(
+            lin, weight_format=layer.weight_format, weight_granularity=layer.weight_granularity,
+            weight_group_size=layer.weight_group_size, act_format=layer.act_format,
+            weight_scale=recipe.weight_scale(name), act_scale=layer.act_scale, input_mul=input_mul)
+        setattr(parent, attr, q)
+    return out.eval()
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The ``QuantLinear`` modules of a simulated model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
