@@ -1,7 +1,8 @@
 """Parse an ONNX file and build a serialized engine with TensorRT for RTX (CPU-only builds work).
 
-A small shared helper: ``dtq-build-engine`` owns profiles/timing caches/engine.json; this only
-answers "does NVIDIA's parser accept the graph and does its builder produce a plan?". The
+A small helper over the shared builder (``engines.build.build_plan``): it answers "does NVIDIA's
+parser accept the graph and does its builder produce a plan?" without writing an engine
+directory. ``dtq-build-engine`` owns profiles, timing caches and engine.json. The
 ``tensorrt_rtx`` package is imported lazily, with an error that names the install command.
 """
 
@@ -11,19 +12,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .trt import Backend, TensorRTUnavailable, load_backend
+
 INSTALL_HINT = "pip install tensorrt-rtx==1.7.1.116"
 
-
-class TensorRTUnavailable(ImportError):
-    pass
+__all__ = ["INSTALL_HINT", "TensorRTUnavailable", "BuildResult", "import_trt_rtx", "build_rtx_engine"]
 
 
 def import_trt_rtx():
     try:
-        import tensorrt_rtx as trt  # noqa: PLC0415 - optional, heavy dependency
-    except ImportError as exc:
+        return load_backend("tensorrt-rtx").trt
+    except TensorRTUnavailable as exc:
         raise TensorRTUnavailable(f"TensorRT for RTX is not installed: {INSTALL_HINT} ({exc})") from exc
-    return trt
 
 
 @dataclass
@@ -49,36 +49,12 @@ def build_rtx_engine(
 ) -> BuildResult:
     """Strongly-typed parse + build. Every input's dim 0 gets the batch profile; other dims are
     taken from the graph. ``compute_capability`` picks the target (no GPU is needed to build)."""
-    trt = import_trt_rtx()
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    result = BuildResult(parsed=False, built=False)
-    # parse_from_file resolves external data next to the model
-    if not parser.parse_from_file(str(Path(onnx_path).resolve())):
-        result.errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        return result
-    result.parsed = True
-    result.layers = network.num_layers
-    config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    if compute_capability:
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, compute_capability), 0)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = list(tensor.shape)
-        dims = [[b, *shape[1:]] for b in (min_batch, opt_batch, max_batch)]
-        if any(d < 0 for d in shape[1:]):
-            raise ValueError(f"input {tensor.name} has dynamic non-batch dims {shape}")
-        profile.set_shape(tensor.name, *dims)
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        result.errors = ["build_serialized_network returned None (see the TensorRT log)"]
-        return result
-    result.built = True
-    result.plan = bytes(plan)
-    return result
+    from .build import BuildError, build_plan
+
+    backend = Backend("tensorrt-rtx", import_trt_rtx())
+    try:
+        plan = build_plan(backend, Path(onnx_path), (min_batch, opt_batch, max_batch), opt_level=opt_level,
+                          targets=[compute_capability] if compute_capability else None)
+    except BuildError as exc:
+        return BuildResult(parsed=exc.stage != "parse", built=False, errors=exc.errors, layers=exc.layers)
+    return BuildResult(parsed=True, built=True, plan=plan.plan, layers=plan.layers)

@@ -1,0 +1,31 @@
+"""``torch.ops.dtq.int8_mm`` / ``torch.ops.dtq.w4a16_mm``: the Triton GEMMs as custom ops, so that
+``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
+Importing this module needs triton."""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+
+@torch.library.custom_op("dtq::int8_mm", mutates_args=())
+def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return kernels.int8_mm(a, w, a_scale, w_scale, bias, out_dtype)
+
+
+@int8_mm.register_fake
+def _(a, w, a_scale, w_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dtq::w4a16_mm", mutates_args=())
+def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    return kernels.w4a16_mm(a, w_packed, scales, group, bias)
+
+
+@w4a16_mm.register_fake
+def _(a, w_packed, scales, group, bias):
+    return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=a.dtype)

@@ -1,0 +1,158 @@
+"""Triton GEMMs for the quantized PyTorch engine (``runtime.qengine``), CUDA only.
+
+- :func:`int8_mm`: ``A int8 [M, K]`` x ``W int8 [N, K]`` -> int32 accumulate, epilogue
+  ``acc * a_scale * w_scale[n] (+ bias[n])`` -> bf16/fp16. ``a_scale`` is one static per-tensor
+  activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
+  Triton lowers the int8 ``tl.dot`` to wgmma (both operands K-major: W is read as stored,
+  ``[N, K]`` row-major), which is what makes it faster than bf16 where ``torch._int_mm`` is not.
+- :func:`w4a16_mm`: ``A bf16/fp16 [M, K]`` x INT4 ``W`` packed two per byte (``[N, K/2]`` uint8,
+  element ``2j`` in the low nibble, ``2j+1`` in the high one, stored ``+8``) with per-group scales
+  ``[N, K/g]``: each weight tile is unpacked and scaled in registers (fp32, then the activation's
+  type), then a bf16 ``tl.dot`` with fp32 accumulation. Weight memory is 4 bits a weight plus
+  the scales; compute runs at bf16 rate.
+
+K (and the INT4 group size) are compile-time constants: a DiT has two K values, and constant loop
+bounds unroll/pipeline better. Both run under ``TRITON_INTERPRET=1`` on CPU (the tests do, when triton is importable), so their
+indexing and epilogues are checked without a GPU. Importing this module needs triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels_ref import pack_int4, unpack_int4  # noqa: F401  (the packed layout w4a16_mm reads)
+
+
+def _configs(int8: bool):
+    bk = 128 if int8 else 64
+    shapes = [(128, 256, bk, 3, 8), (128, 128, bk, 4, 8), (64, 128, bk, 4, 4), (256, 128, bk, 3, 8),
+              (64, 64, bk, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, k, s, w in shapes]
+
+
+def _interpret_configs():
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2})]
+
+
+def _m_bucket(M: int) -> int:
+    """Autotune key: M rounded up to a power of two (few distinct tunings per layer shape)."""
+    return 1 << max(0, (M - 1).bit_length())
+
+
+_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % size_m)
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _int8_mm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
+                    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    a_scale = tl.load(a_scale_ptr)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(a @ w.T) * a_scale * w_scale + bias``: a int8 [M, K], w int8 [N, K], a_scale float32 [],
+    w_scale float32 [N], bias [N] or None -> [M, N] ``out_dtype``."""
+    M, K = a.shape
+    N, K2 = w.shape
+    assert K == K2 and a.dtype == torch.int8 and w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _int8_mm_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, M, N, K, _m_bucket(M),
+                          a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+                          HAS_BIAS=bias is not None)
+    return c
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(False), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET, GROUP: tl.constexpr,
+                     stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg, stride_cm, stride_cn,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    # requires K % BLOCK_K == 0 (checked by the wrapper); any group size dividing K
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_K // 2)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn  # packed [BLOCK_K/2, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        p = tl.load(w_ptrs).to(tl.int32)
+        lo = (p & 0xF) - 8
+        hi = ((p >> 4) & 0xF) - 8
+        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # rows 2j, 2j+1
+        g = (k0 + offs_k) // GROUP
+        s = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)  # [BLOCK_K, BLOCK_N]
+        w = (q.to(tl.float32) * s).to(a.dtype)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ dequant(W).T + bias`` with W INT4 packed ``[N, K/2]`` and scales ``[N, K/group]`` (float32)."""
+    M, K = a.shape
+    N = w_packed.shape[0]
+    assert w_packed.shape[1] * 2 == K and scales.shape == (N, K // group), (a.shape, w_packed.shape, scales.shape)
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+
+    def grid(meta):
+        assert K % meta["BLOCK_K"] == 0, (K, meta["BLOCK_K"])
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _w4a16_mm_kernel[grid](a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
+                           a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1),
+                           scales.stride(0), scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+    return c

@@ -1,0 +1,281 @@
+"""The quantized PyTorch engine: a recipe's model with real low-precision GEMMs on the GPU.
+
+``build_qengine(model, recipe)`` starts from the simulated model (``apply_recipe``: balancing
+folded into adaLN / V rows / a run-time ``Mul`` exactly as the ONNX graph has it, each recipe layer
+a ``QuantLinear``) and replaces every quantized ``QuantLinear`` from outside by an engine layer
+holding the integer / float8 codes the simulation (and the ONNX initializers) hold:
+
+=========  ======================  =====================================================================
+precision  layer                   CUDA kernel
+=========  ======================  =====================================================================
+fp8        ``FP8Linear``           ``torch._scaled_mm``: static per-tensor FP8 E4M3 activation,
+                                   per-channel weight scale (row-wise scaling; tensor-wise + epilogue
+                                   where the row-wise kernel is unavailable), bf16 out
+int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the dequant epilogue fused
+                                   (``runtime.kernels.int8_mm``); static per-tensor activation scale
+                                   (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``
+w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
+                                   registers, bf16 MMA): 4-bit weight memory, bf16 compute
+w4a8       ``Int4Linear``          as w4a16 after fake-quantizing the activation to INT8: no INT4 x INT8
+                                   kernel exists (TensorRT does the same)
+=========  ======================  =====================================================================
+
+On the CPU (and with ``kernel="reference"``) each layer computes with exactly the simulation's
+operations from its stored codes, so the engine's output is bit-identical to ``apply_recipe``'s:
+the codes, scales and folding are verified on any machine; the GPU kernels are compared with the
+simulation by SQNR (``benchmarks/bench_engines.py`` reports it).
+
+The DiT's forward is untouched; the engine is an ordinary ``nn.Module``: compile it with
+``compile_blocks`` (regional ``torch.compile`` of each DiT block: one compilation serves all blocks)
+and run it under CUDA graphs with ``runtime.backends.GraphedDenoiser``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant
+from .qlinear import QuantLinear
+from .recipe import Recipe, apply_recipe
+
+Kernel = Literal["auto", "reference"]
+
+
+class EngineLinear(nn.Module):
+    """Common state: bias (float32), optional run-time balancing multiplier, activation format and
+    scale, weight format/granularity and codes. Buffers keep their dtypes under ``.to(dtype)``."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.weight_format, self.act_format = q.weight_format, q.act_format
+        self.weight_granularity, self.weight_group_size = q.weight_granularity, q.weight_group_size
+        self.kernel = kernel
+        f32 = lambda t: None if t is None else t.detach().float().clone()  # noqa: E731
+        self.register_buffer("bias", f32(q.bias))
+        self.register_buffer("input_mul", f32(q.input_mul))
+        self.register_buffer("act_scale", f32(q.act_scale))
+        self.register_buffer("weight_scale", f32(q.weight_scale))
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts do not (the codes and scales are the engine)."""
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    # -- the simulation's numbers, from the stored codes ------------------------------------------------
+    def weight_codes(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 ``[N, K]``: ``codes * scale`` (what ``QuantLinear.fake_quant_weight`` computes)."""
+        scale = quant.expand_weight_scale(self.weight_scale, (self.out_features, self.in_features),
+                                          self.weight_granularity, self.weight_group_size)
+        return quant.dequantize(self.weight_codes(), scale)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``QuantLinear.forward``'s operations, in its order."""
+        dtype = x.dtype
+        if self.input_mul is not None:
+            x = x * self.input_mul.to(dtype)
+        if self.act_format != "none":
+            x = quant.fake_quant(x, self.act_scale, self.act_format)
+        w = self.dequantized_weight()
+        b = self.bias
+        return F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "reference" or not x.is_cuda:
+            return self.reference(x)
+        shape = x.shape
+        out = self.kernel_forward(x.reshape(-1, shape[-1]))
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _balanced_float(self, x2: torch.Tensor) -> torch.Tensor:
+        xf = x2.float()
+        return xf * self.input_mul if self.input_mul is not None else xf
+
+    def weight_bytes(self) -> int:
+        """Codes + the kernel's scales + bias (``weight_scale`` is kept for the reference path only;
+        each layer also holds it in its kernel's layout)."""
+        return sum(b.numel() * b.element_size() for k, b in self._buffers.items() if b is not None and k != "weight_scale")
+
+    def extra_repr(self) -> str:
+        g = f"{self.weight_granularity}{self.weight_group_size or ''}"
+        return (f"in={self.in_features}, out={self.out_features}, w={self.weight_format}/{g}, a={self.act_format}, "
+                f"kernel={self.kernel_name()}{', input_mul' if self.input_mul is not None else ''}")
+
+    def kernel_name(self) -> str:
+        return "reference" if self.kernel == "reference" else type(self).__name__
+
+
+def _per_channel(scale: torch.Tensor, n: int) -> torch.Tensor:
+    return scale.reshape(-1).expand(n).contiguous() if scale.numel() == 1 else scale.reshape(n).contiguous()
+
+
+class FP8Linear(EngineLinear):
+    """FP8 E4M3 W8A8 with ``torch._scaled_mm``."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+        super().__init__(q, kernel)
+        if q.weight_granularity == "group":
+            raise ValueError("FP8 weights take per-tensor or per-channel scales")
+        self.register_buffer("weight_fp8", q.quantized_weight().contiguous())  # [N, K] row-major
+        self.register_buffer("w_scale_row", _per_channel(q.weight_scale.float(), q.out_features).reshape(1, -1))
+        self.register_buffer("one", torch.ones((), dtype=torch.float32))
+        self.scaling: str | None = None  # "rowwise" | "tensorwise", probed on first CUDA call
+
+    def weight_codes(self) -> torch.Tensor:
+        return self.weight_fp8
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xq = (self._balanced_float(x2) / self.act_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        w_t = self.weight_fp8.t()  # [K, N] column-major, as _scaled_mm wants
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.scaling is None:
+            self.scaling = _probe_rowwise(x2.device)
+        if self.scaling == "rowwise":
+            a_scale = self.act_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+            out = torch._scaled_mm(xq, w_t, scale_a=a_scale, scale_b=self.w_scale_row, out_dtype=out_dtype)
+        else:
+            out = torch._scaled_mm(xq, w_t, scale_a=self.act_scale, scale_b=self.one, out_dtype=torch.float32)
+            out = out * self.w_scale_row
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x2.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_rowwise(device: torch.device) -> str:
+    """Row-wise scaled FP8 GEMM where torch has it for this GPU (Hopper+), else tensor-wise."""
+    try:
+        a = torch.zeros(16, 32, device=device, dtype=torch.float8_e4m3fn)
+        b = torch.zeros(16, 32, device=device, dtype=torch.float8_e4m3fn).t()
+        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         out_dtype=torch.bfloat16)
+        return "rowwise"
+    except (RuntimeError, NotImplementedError):
+        return "tensorwise"
+
+
+class Int8Linear(EngineLinear):
+    """INT8 W8A8: static per-tensor activation, per-channel weight; Triton GEMM (or ``torch._int_mm``)."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton"):
+        super().__init__(q, kernel)
+        if q.weight_granularity == "group":
+            raise ValueError("INT8 weights take per-tensor or per-channel scales")
+        self.register_buffer("weight_int8", q.quantized_weight().contiguous())  # [N, K]
+        self.register_buffer("w_scale_n", _per_channel(q.weight_scale.float(), q.out_features))
+        self.int8_kernel = int8_kernel
+
+    def weight_codes(self) -> torch.Tensor:
+        return self.weight_int8
+
+    def kernel_name(self) -> str:
+        return "reference" if self.kernel == "reference" else f"Int8Linear[{self.int8_kernel}]"
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xq = torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.int8_kernel == "int_mm":
+            acc = torch._int_mm(xq, self.weight_int8.t())
+            out = acc.float() * (self.act_scale * self.w_scale_n)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.to(x2.dtype)
+        return torch.ops.dtq.int8_mm(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
+                                     out_dtype).to(x2.dtype)
+
+
+class Int4Linear(EngineLinear):
+    """INT4 weights (per group along C_in, or per channel), packed two per byte; Triton GEMM."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+        super().__init__(q, kernel)
+        if q.in_features % 2:
+            raise ValueError("INT4 packing needs an even C_in")
+        from .kernels_ref import pack_int4
+
+        self.register_buffer("weight_packed", pack_int4(q.quantized_weight()))
+        gran, g = q.weight_granularity, q.weight_group_size
+        n, k = q.out_features, q.in_features
+        s = q.weight_scale.float()
+        self.group = g if gran == "group" else k
+        self.register_buffer("w_scale_groups", (s.reshape(n, k // self.group) if gran != "tensor"
+                                                else s.reshape(1, 1).expand(n, 1)).contiguous())
+
+    def weight_codes(self) -> torch.Tensor:
+        from .kernels_ref import unpack_int4
+
+        return unpack_int4(self.weight_packed)
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xf = self._balanced_float(x2)
+        if self.act_format != "none":  # W4A8: activation fake-quant, INT4 weight-only GEMM
+            xf = quant.fake_quant(xf, self.act_scale, self.act_format)
+        a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
+
+
+ENGINE_LAYERS = {("fp8_e4m3", "fp8_e4m3"): FP8Linear, ("int8", "int8"): Int8Linear,
+                 ("int4", "none"): Int4Linear, ("int4", "int8"): Int4Linear}
+
+
+def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton") -> EngineLinear:
+    cls = ENGINE_LAYERS.get((q.weight_format, q.act_format))
+    if cls is None:
+        raise ValueError(f"no engine layer for weights {q.weight_format} / activations {q.act_format}; "
+                         f"supported: {', '.join(f'w {w} a {a}' for w, a in ENGINE_LAYERS)}")
+    return cls(q, kernel, int8_kernel) if cls is Int8Linear else cls(q, kernel)
+
+
+def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "triton",
+                  check: bool = True) -> nn.Module:
+    """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
+    unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
+    bit-identical to ``apply_recipe(model, recipe)``)."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" and kernel != "reference":
+        from . import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*; needs triton)
+    engine = apply_recipe(model, recipe, check=check)
+    for name, q in list(engine.named_modules()):
+        if isinstance(q, QuantLinear) and q.weight_format != "none":
+            parent_name, _, attr = name.rpartition(".")
+            parent = engine.get_submodule(parent_name) if parent_name else engine
+            setattr(parent, attr, engine_layer(q, kernel, int8_kernel))
+    return engine.to(device=device, dtype=dtype).eval()
+
+
+def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, EngineLinear)}
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights: the quantized layers' codes + scales, the rest of the model's parameters."""
+    layers = engine_layers(model)
+    q = sum(m.weight_bytes() for m in layers.values())
+    seen = {id(b) for m in layers.values() for b in m.buffers()}
+    rest = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if id(t) not in seen)
+    return {"quantized_layers": q, "other": rest, "total": q + rest}
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
+    by every block), leaving embedders and the final layer eager. Returns ``model`` (in place)."""
+    for block in model.blocks:
+        block.compile(**compile_kwargs)
+    return model

@@ -1,0 +1,74 @@
+"""A min-max recipe made in one forward pass, for speed tests and engine tests (not a calibration
+method: ``dtq-calibrate`` makes real recipes). Layers: every block's qkv, proj, fc1, fc2 (and, with
+``adaln=True``, the blocks' adaLN Linears for weight-only formats). Optional random balancing
+vectors at every foldable place exercise the folding paths (adaLN rows, V rows, run-time Mul)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dtq.runtime import quant
+from dtq.runtime.recipe import LayerRecipe, Recipe, balanced_model, model_fingerprint
+
+ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+FOLD = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
+FORMATS = {"int8": ("int8", "int8"), "fp8": ("fp8_e4m3", "fp8_e4m3"), "w4a16": ("int4", "none"),
+           "w4a8": ("int4", "int8")}
+
+
+def random_inputs(model: nn.Module, batch: int, seed: int = 0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, c.num_classes + (1 if c.null_class is not None else 0), (batch,), generator=g)
+    return x.to(device), t.to(device), y.to(device)
+
+
+@torch.no_grad()
+def minmax_recipe(model: nn.Module, precision: str, *, group: int = 128, balance: bool = False,
+                  adaln: bool = False, calib_batch: int = 4, seed: int = 0,
+                  fingerprint: str | None = None) -> Recipe:
+    """Per-channel (INT8/FP8) or per-group (INT4) min-max weight scales (``QuantLinear`` defaults),
+    per-tensor min-max activation scales from one batch of random inputs. ``fingerprint``: pass a
+    precomputed ``model_fingerprint`` (hashing DiT-XL takes seconds)."""
+    wf, af = FORMATS[precision]
+    gen = torch.Generator().manual_seed(seed + 1)
+    layers, tensors = {}, {}
+    names = [f"blocks.{i}.{role}" for i in range(len(model.blocks)) for role in ROLES]
+    if adaln and af == "none":
+        names += [f"blocks.{i}.adaLN_modulation.1" for i in range(len(model.blocks))]
+    for name in names:
+        lin = model.get_submodule(name)
+        gran = "group" if wf == "int4" else "channel"
+        g = min(group, lin.in_features) if gran == "group" else None
+        layers[name] = LayerRecipe(weight_format=wf, weight_granularity=gran, weight_group_size=g,
+                                   act_format=af, act_scale=1.0 if af != "none" else None)
+        role = ".".join(name.split(".")[2:])
+        if balance and role in FOLD:
+            b = torch.exp(torch.empty(lin.in_features).uniform_(-0.5, 0.5, generator=gen))
+            tensors[f"{name}.balance"] = b
+            layers[name].balance, layers[name].balance_fold = f"{name}.balance", FOLD[role]
+    fp = fingerprint or model_fingerprint(model)
+    recipe = Recipe("minmax-quick", fp, layers, tensors, model_config=model.config.to_dict())
+    if af != "none":
+        bal = balanced_model(model, recipe, check=False)
+        amax: dict[str, float] = {}
+        hooks = []
+        for name in layers:
+            def hook(m, args, name=name):
+                x = args[0]
+                if getattr(m, "input_mul", None) is not None:
+                    x = x * m.input_mul
+                amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+
+            hooks.append(bal.get_submodule(name).register_forward_pre_hook(hook))
+        device = next(model.parameters()).device
+        bal(*random_inputs(model, calib_batch, seed=seed + 100, device=device))
+        for h in hooks:
+            h.remove()
+        del bal
+        for name, layer in layers.items():
+            layer.act_scale = float(quant.scale_from_amax(amax[name], af))
+    return recipe
