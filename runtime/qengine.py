@@ -133,7 +133,7 @@ class FP8Linear(EngineLinear):
         self.register_buffer("weight_fp8", q.quantized_weight().contiguous())  # [N, K] row-major
         self.register_buffer("w_scale_row", _per_channel(q.weight_scale.float(), q.out_features).reshape(1, -1))
         self.register_buffer("one", torch.ones((), dtype=torch.float32))
-        self.scaling: str | None = None  # "rowwise" | "tensorwise", probed on first CUDA call
+        self.scaling = "tensorwise"  # or "rowwise": set by build_qengine for the GPU (probe_rowwise)
 
     def weight_codes(self) -> torch.Tensor:
         return self.weight_fp8
@@ -142,8 +142,6 @@ class FP8Linear(EngineLinear):
         xq = (self._balanced_float(x2) / self.act_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
         w_t = self.weight_fp8.t()  # [K, N] column-major, as _scaled_mm wants
         out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if self.scaling is None:
-            self.scaling = _probe_rowwise(x2.device)
         if self.scaling == "rowwise":
             a_scale = self.act_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
             out = torch._scaled_mm(xq, w_t, scale_a=a_scale, scale_b=self.w_scale_row, out_dtype=out_dtype)
@@ -156,7 +154,7 @@ class FP8Linear(EngineLinear):
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_rowwise(device: torch.device) -> str:
+def probe_rowwise(device: torch.device) -> str:
     """Row-wise scaled FP8 GEMM where torch has it for this GPU (Hopper+), else tensor-wise."""
     try:
         a = torch.zeros(16, 32, device=device, dtype=torch.float8_e4m3fn)
@@ -252,11 +250,15 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     if device.type == "cuda" and kernel != "reference":
         from . import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*; needs triton)
     engine = apply_recipe(model, recipe, check=check)
+    scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
     for name, q in list(engine.named_modules()):
         if isinstance(q, QuantLinear) and q.weight_format != "none":
             parent_name, _, attr = name.rpartition(".")
             parent = engine.get_submodule(parent_name) if parent_name else engine
-            setattr(parent, attr, engine_layer(q, kernel, int8_kernel))
+            layer = engine_layer(q, kernel, int8_kernel)
+            if isinstance(layer, FP8Linear):
+                layer.scaling = scaling
+            setattr(parent, attr, layer)
     return engine.to(device=device, dtype=dtype).eval()
 
 
@@ -276,6 +278,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
     by every block), leaving embedders and the final layer eager. Returns ``model`` (in place)."""
+    compile_kwargs.setdefault("dynamic", False)  # static shapes: one specialization per batch size
     for block in model.blocks:
         block.compile(**compile_kwargs)
     return model

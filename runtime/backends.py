@@ -1,0 +1,189 @@
+"""Denoiser backends beyond the plain PyTorch module (``denoiser.TorchDenoiser``); all satisfy the
+sampler's ``(x, t, y) -> out`` interface, so ``sampler.sample`` runs any of them unchanged.
+
+- :class:`GraphedDenoiser`: an ``nn.Module`` (the quantized engine, a compiled model) with one CUDA
+  graph per batch size (static input buffers; the first call of a size warms up and captures).
+- :class:`OnnxDenoiser`: ONNX Runtime on the CPU, or its CUDA provider when that is installed.
+- :class:`TensorRTDenoiser`: an engine directory (``engines.engine_dir``): engine.json is checked
+  against this GPU and TensorRT, the plan deserialized, torch tensors bound as the I/O
+  (``set_tensor_address``), ``execute_async_v3`` on the current torch stream, optionally under a
+  CUDA graph per batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _as_float_out(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return out.float().to(like.device)
+
+
+class GraphedDenoiser:
+    """Runs ``model`` (already on ``device`` and in its dtype) with CUDA graphs per batch size.
+
+    ``dtype`` is the input cast (the model's activation type). On the CPU, or with
+    ``cuda_graphs=False``, it simply calls the model."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 cuda_graphs: bool = True, warmup: int = 2):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.warmup = warmup
+        self._graphs: dict[int, tuple] = {}
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        sx, st, sy = x.clone(), t.clone(), y.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):  # compile, autotune and allocator warm-up happen here
+                self.model(sx, st, sy)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model(sx, st, sy)
+        return graph, sx, st, sy, out
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xi = x.to(self.device, self.dtype)
+        ti, yi = t.to(self.device), y.to(self.device)
+        if not self.cuda_graphs:
+            return _as_float_out(self.model(xi, ti, yi), x)
+        key = xi.shape[0]
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(xi, ti, yi)
+        graph, sx, st, sy, out = self._graphs[key]
+        sx.copy_(xi)
+        st.copy_(ti)
+        sy.copy_(yi)
+        graph.replay()
+        return _as_float_out(out, x)  # a copy: the static output is overwritten by the next replay
+
+    def reset(self) -> None:
+        self._graphs.clear()
+
+
+class OnnxDenoiser:
+    """ONNX Runtime session over a dtq ONNX export (inputs x float32, t/y int64)."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file")
+        self.device = torch.device(device)
+        available = ort.get_available_providers()
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise ValueError("ONNX Runtime's CUDA provider is not installed (pip install onnxruntime-gpu); "
+                                 "use --device cpu for the ONNX backend")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if self.input_names != ["x", "t", "y"]:
+            raise ValueError(f"{path}: expected inputs x, t, y (a dtq export), got {self.input_names}")
+        self.providers = self.session.get_providers()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        feeds = {"x": x.detach().float().cpu().numpy(), "t": t.detach().cpu().numpy().astype(np.int64),
+                 "y": y.detach().cpu().numpy().astype(np.int64)}
+        (out,) = self.session.run(None, feeds)
+        return torch.from_numpy(out).float().to(x.device)
+
+
+class TensorRTDenoiser:
+    """A dtq engine directory on this GPU (TensorRT or TensorRT-RTX, as engine.json says)."""
+
+    def __init__(self, engine_dir: str | os.PathLike, device: str | torch.device = "cuda", cuda_graphs: bool = False,
+                 strict_gpu_name: bool = True, verbose: bool = False):
+        from ..engines.engine_dir import PLAN, check_compatible, read_meta
+        from ..engines.trt import load_backend
+
+        self.meta = read_meta(engine_dir)  # refuses what is not an engine directory
+        backend = load_backend(self.meta.backend)  # TensorRTUnavailable names what to install
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError("TensorRT engines run on a CUDA GPU; none is available (use --onnx on the CPU)")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        check_compatible(self.meta, backend=backend.name, trt_version=backend.version,
+                         gpu_name=torch.cuda.get_device_name(index), compute_capability=f"{major}.{minor}",
+                         strict_gpu_name=strict_gpu_name)
+        trt = backend.trt
+        self.trt = trt
+        self.runtime = trt.Runtime(backend.logger(verbose))
+        self.engine = self.runtime.deserialize_cuda_engine((Path(engine_dir) / PLAN).read_bytes())
+        if self.engine is None:
+            raise ValueError(f"{engine_dir}: {backend.name} could not deserialize engine.plan")
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, tuple] = {}
+        self.batch_range = self.meta.batch_range
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        trt = self.trt
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
+                 trt.int32: torch.int32, trt.bfloat16: torch.bfloat16}
+        return table[self.engine.get_tensor_dtype(name)]
+
+    def _bind(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, value in feeds.items():
+            self.context.set_input_shape(name, tuple(value.shape))
+            self.context.set_tensor_address(name, value.data_ptr())
+        (oname,) = self.outputs
+        out = torch.empty(tuple(self.context.get_tensor_shape(oname)), dtype=self._torch_dtype(oname), device=self.device)
+        self.context.set_tensor_address(oname, out.data_ptr())
+        return out
+
+    def _run(self) -> None:
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.batch_range
+        if not lo <= x.shape[0] <= hi:
+            raise ValueError(f"batch {x.shape[0]} is outside the engine's profile {lo}..{hi} (guidance doubles "
+                             "the batch); rebuild with --max-batch or lower --batch-size")
+        feeds = {"x": x.to(self.device, self._torch_dtype("x")).contiguous(),
+                 "t": t.to(self.device, self._torch_dtype("t")).contiguous(),
+                 "y": y.to(self.device, self._torch_dtype("y")).contiguous()}
+        if not self.cuda_graphs:
+            out = self._bind(feeds)
+            self._run()
+            return _as_float_out(out, x)
+        key = x.shape[0]
+        if key not in self._graphs:
+            static = {k: v.clone() for k, v in feeds.items()}
+            out = self._bind(static)
+            self._run()  # TensorRT must enqueue once before a capture
+            torch.cuda.current_stream(self.device).synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run()
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for k, v in feeds.items():
+            static[k].copy_(v)
+        graph.replay()  # the captured kernels carry their own shapes and addresses
+        return _as_float_out(out, x)
