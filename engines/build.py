@@ -217,6 +217,10 @@ def build_plan(backend: Backend, onnx_path: Path, profile: tuple[int, int, int],
         for i, sm in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, sm), i)
     cache = None
+    if timing_cache is not None and backend.is_rtx:  # API difference: no-ops since TensorRT-RTX 1.2
+        log(f"timing cache {timing_cache} ignored: TensorRT-RTX has no build-time timing cache "
+            "(it picks kernels on the target GPU at run time)")
+        timing_cache = None
     if timing_cache is not None:
         blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(blob)

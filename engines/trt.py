@@ -61,30 +61,31 @@ def install_message(which: str | None = None) -> str:
     return f"{what} is not installed; install one of:\n" + "\n".join(lines)
 
 
-def _import(name: str):
+def _import(name: str, modules: dict[str, str] | None = None):
     try:
-        return importlib.import_module(BACKENDS[name])
+        return importlib.import_module((modules or BACKENDS)[name])
     except ImportError:
         return None
     except Exception as exc:  # a broken install (missing libnvinfer...) is also "not available"
-        raise TensorRTUnavailable(f"{BACKENDS[name]} is installed but fails to import: {exc}") from exc
+        raise TensorRTUnavailable(f"{(modules or BACKENDS)[name]} is installed but fails to import: {exc}") from exc
 
 
 def available_backends() -> list[str]:
     return [n for n in BACKENDS if _import(n) is not None]
 
 
-def load_backend(name: str = "auto") -> Backend:
-    """``auto``: TensorRT when installed (data-center GPUs), else TensorRT for RTX."""
+def load_backend(name: str = "auto", modules: dict[str, str] | None = None) -> Backend:
+    """``auto``: TensorRT when installed (data-center GPUs), else TensorRT for RTX. ``modules``
+    overrides the module names (tests use it to see the "neither installed" path)."""
     if name == "auto":
         for candidate in BACKENDS:
-            mod = _import(candidate)
+            mod = _import(candidate, modules)
             if mod is not None:
                 return Backend(candidate, mod)
         raise TensorRTUnavailable(install_message())
     if name not in BACKENDS:
         raise ValueError(f"unknown TensorRT backend {name!r}; known: auto, {', '.join(BACKENDS)}")
-    mod = _import(name)
+    mod = _import(name, modules)
     if mod is None:
         raise TensorRTUnavailable(install_message(name))
     return Backend(name, mod)

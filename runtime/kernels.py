@@ -128,9 +128,13 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
         lo = (p & 0xF) - 8
         hi = ((p >> 4) & 0xF) - 8
         q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # rows 2j, 2j+1
-        g = (k0 + offs_k) // GROUP
-        s = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)  # [BLOCK_K, BLOCK_N]
-        w = (q.to(tl.float32) * s).to(a.dtype)
+        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale row
+            s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
+            w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
+        else:
+            g = (k0 + offs_k) // GROUP
+            s2 = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)  # [BLOCK_K, BLOCK_N]
+            w = (q.to(tl.float32) * s2).to(a.dtype)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk

@@ -65,6 +65,17 @@ class SampleConfig:
         "clip predicted x0 to [-1, 1] (default: on for pixel-space models, off for latents as in DiT)"))
     vae: Path | None = field(default=None, metadata=_meta(
         "diffusers AutoencoderKL directory for latent models; without it latents are saved to latents.npz"))
+    engine: Path | None = field(default=None, metadata=_meta(
+        "sample with a TensorRT engine directory (dtq-build-engine output; checked against this GPU and TensorRT)"))
+    onnx: Path | None = field(default=None, metadata=_meta(
+        "sample with an ONNX model (dtq-export output) through ONNX Runtime (CPU, or its CUDA provider)"))
+    recipe: Path | None = field(default=None, metadata=_meta(
+        "sample with the quantized PyTorch engine built from this recipe directory (real FP8/INT8/INT4 GEMMs "
+        "on CUDA; on the CPU it computes exactly what the simulated model computes)"))
+    compile: bool = field(default=False, metadata=_meta(
+        "torch.compile the DiT blocks (PyTorch and --recipe backends; CUDA)"))
+    cuda_graphs: bool = field(default=False, metadata=_meta(
+        "replay the denoiser as one CUDA graph per batch size (--recipe, --engine and PyTorch backends on CUDA)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -79,6 +90,9 @@ class SampleConfig:
             raise ValueError("give either --classes or --num-images, not both")
         if self.ckpt is not None and self.random_weights:
             raise ValueError("--random-weights and --ckpt exclude each other")
+        backends = [f"--{n}" for n in ("engine", "onnx", "recipe") if getattr(self, n) is not None]
+        if len(backends) > 1:
+            raise ValueError(f"give at most one of --engine, --onnx, --recipe (got {', '.join(backends)})")
 
 
 @dataclass
@@ -136,6 +150,58 @@ def _check_image_size(config: DiTConfig, image_size: int | None) -> None:
         raise ValueError(f"--image-size {image_size} does not match the model, which makes {side}px images")
 
 
+def _check_model_config(source: str, recorded: str | dict | None, model: DiT) -> None:
+    """An ONNX/engine records the DiT config it was exported from; it must be the sampled model's."""
+    if not recorded:
+        return
+    data = json.loads(recorded) if isinstance(recorded, str) else recorded
+    mine = model.config.to_dict()
+    diff = {k: (v, mine.get(k)) for k, v in data.items() if k in mine and mine[k] != v}
+    if diff:
+        raise ValueError(f"{source} was exported from another DiT config than the model to sample "
+                         f"(recorded vs model: {diff}); pass the matching --ckpt/--model")
+
+
+def build_denoiser(cfg: SampleConfig, model: DiT, device: torch.device) -> Denoiser:
+    """The network the job samples with: PyTorch (default), --recipe (quantized engine), --onnx
+    (ONNX Runtime) or --engine (TensorRT). All run inside the same sampling loop."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.engine is not None:
+        from .backends import TensorRTDenoiser
+
+        den = TensorRTDenoiser(cfg.engine, device, cuda_graphs=cfg.cuda_graphs)
+        _check_model_config(str(cfg.engine), den.meta.onnx.get("metadata", {}).get("model_config"), model)
+        return den
+    if cfg.onnx is not None:
+        from .backends import OnnxDenoiser
+
+        den = OnnxDenoiser(cfg.onnx, device)
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(cfg.onnx), load_external_data=False).metadata_props}
+        _check_model_config(str(cfg.onnx), props.get("dtq.model_config"), model)
+        return den
+    if cfg.recipe is not None:
+        from .backends import GraphedDenoiser
+        from .qengine import build_qengine, compile_blocks
+        from .recipe import load_recipe
+
+        recipe = load_recipe(cfg.recipe, model)  # refuses a recipe made for another checkpoint
+        engine = build_qengine(model, recipe, device=device, dtype=dtype, check=False)
+        if cfg.compile:
+            compile_blocks(engine)
+        return GraphedDenoiser(engine, device, dtype, cuda_graphs=cfg.cuda_graphs)
+    if cfg.compile or cfg.cuda_graphs:
+        from .backends import GraphedDenoiser
+        from .qengine import compile_blocks
+
+        work = model.to(device, dtype).eval()
+        if cfg.compile:
+            compile_blocks(work)
+        return GraphedDenoiser(work, device, dtype, cuda_graphs=cfg.cuda_graphs)
+    return TorchDenoiser(model, device, dtype, autocast=cfg.autocast)
+
+
 def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """Labels to sample and the grid's column count."""
     if cfg.num_images is not None:
@@ -159,7 +225,7 @@ def generate(cfg: SampleConfig, denoiser: Denoiser | None = None, model: DiT | N
     model = model if model is not None else resolve_model(cfg)
     mc = model.config
     if denoiser is None:
-        denoiser = TorchDenoiser(model, device, DTYPES[cfg.dtype], autocast=cfg.autocast)
+        denoiser = build_denoiser(cfg, model, device)
     if cfg.cfg_scale != 1.0 and mc.null_class is None:
         raise ValueError("this model has no null class: use --cfg-scale 1")
     decoder = None

@@ -277,8 +277,9 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
-    by every block), leaving embedders and the final layer eager. Returns ``model`` (in place)."""
-    compile_kwargs.setdefault("dynamic", False)  # static shapes: one specialization per batch size
+    by every block), leaving embedders and the final layer eager. Returns ``model`` (in place).
+    torch's default shape policy applies: the first batch size gets static kernels, a second one
+    a batch-dynamic compilation that serves all further sizes."""
     for block in model.blocks:
         block.compile(**compile_kwargs)
     return model

@@ -11,7 +11,7 @@ import torch
 
 from dtq.runtime import quant
 from dtq.runtime.kernels_ref import pack_int4, unpack_int4
-from dtq.runtime.qengine import EngineLinear, FP8Linear, Int4Linear, Int8Linear, build_qengine, engine_layers, weight_bytes
+from dtq.runtime.qengine import FP8Linear, Int4Linear, Int8Linear, build_qengine, engine_layers, weight_bytes
 from dtq.runtime.recipe import apply_recipe
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
 
@@ -93,12 +93,13 @@ def test_triton_kernels_in_interpreter():
         assert (c - ref).abs().max() <= 1e-5 * ref.abs().max(), (c - ref).abs().max()
         c2 = kernels.int8_mm(a, w, sa, sw, None, out_dtype=torch.float32)
         assert torch.allclose(c2, ref - b, rtol=1e-5, atol=1e-4)
-        q, g = torch.randint(-8, 8, (N, K), dtype=torch.int8), 32
-        s = torch.rand(N, K // g) * 0.1
-        x = torch.randn(M, K)
-        c = kernels.w4a16_mm(x, pack_int4(q), s, g, b)
-        ref = x @ (q.float() * s.repeat_interleave(g, 1)).T + b
-        assert (c - ref).abs().max() < 1e-4, (c - ref).abs().max()
+        for g in (32, 16):  # a tile inside one group / spanning groups
+            q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+            s = torch.rand(N, K // g) * 0.1
+            x = torch.randn(M, K)
+            c = kernels.w4a16_mm(x, pack_int4(q), s, g, b)
+            ref = x @ (q.float() * s.repeat_interleave(g, 1)).T + b
+            assert (c - ref).abs().max() < 1e-4, (g, (c - ref).abs().max())
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -6,13 +6,16 @@ import argparse
 import sys
 
 from dtq.runtime.pipeline import SampleConfig, generate
-from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
+from dtq.tools.cli import EXIT_OK, EXIT_USAGE, add_dataclass_arguments, dataclass_from_args, run_cli
 
 EPILOG = """examples:
   dtq-sample --out samples                      # built-in Fashion-MNIST DiT, 4 images per class
   dtq-sample --ckpt dit-s2/model.safetensors --steps 100 --cfg-scale 1.5 --per-class 8 --out grid
   dtq-sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --classes 207,360,387 --dtype bf16
   dtq-sample --model DiT-XL/2 --random-weights --image-size 256 --num-images 8 --dtype bf16
+  dtq-sample --recipe recipes/int8 --device cuda --dtype bf16 --compile --cuda-graphs   # quantized PyTorch engine
+  dtq-sample --onnx model-int8.onnx --device cpu                                       # ONNX Runtime
+  dtq-sample --engine engines/int8 --device cuda --cuda-graphs                         # TensorRT
 
 outputs in --out: grid.png, images/*.png, samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels),
 sample_config.json; latent models without --vae write latents.npz instead of images.
@@ -29,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         cfg = dataclass_from_args(SampleConfig, build_parser().parse_args(argv))
-        result = generate(cfg)
+        try:
+            result = generate(cfg)
+        except ImportError as exc:  # an optional backend that is not installed (TensorRT, ONNX Runtime)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"wrote {len(result.labels)} samples to {result.out}: " + ", ".join(p.name for p in result.files))
         return EXIT_OK
 
