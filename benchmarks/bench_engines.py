@@ -267,8 +267,10 @@ def build_backend(name: str, base, fingerprint: str):
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m)
         return m
-    recipe = minmax_recipe(base, name, group=128, adaln=name == "w4a16", fingerprint=fingerprint)
-    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False)
+    precision = name.split("-")[0]  # "int8-intmm": INT8 through torch._int_mm instead of Triton
+    recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
+    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
+                        int8_kernel="int_mm" if name == "int8-intmm" else "triton")
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
@@ -446,7 +448,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--batches", default="64,32,8,1", help="images per sampling run (the denoiser sees 2x)")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma list of {', '.join(BACKENDS)}, int8-intmm (INT8 via torch._int_mm)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2, help="timed sampling runs per point (median)")
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip remaining end-to-end points after this")
@@ -480,7 +483,7 @@ def main(argv=None) -> int:
         os.replace(tmp, args.out)
 
     if "correctness" not in skip:
-        guarded(results, "correctness", lambda: correctness([b for b in backends if not b.startswith("bf16")]))
+        guarded(results, "correctness", lambda: correctness([b for b in backends if b in ("fp8", "int8", "w4a16", "w4a8")]))
         save()
     if "gemms" not in skip and DEV.type == "cuda":
         guarded(results, "gemms", lambda: gemms(2 * max(batches) * 256, results["env"].get("peak_tflops")))

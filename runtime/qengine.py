@@ -44,6 +44,7 @@ from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
 
 Kernel = Literal["auto", "reference"]
+W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
 
 
 class EngineLinear(nn.Module):
@@ -223,6 +224,9 @@ class Int4Linear(EngineLinear):
         if self.act_format != "none":  # W4A8: activation fake-quant, INT4 weight-only GEMM
             xf = quant.fake_quant(xf, self.act_scale, self.act_format)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM
+            b = None if self.bias is None else self.bias.to(a.dtype)
+            return F.linear(a, self.dequantized_weight().to(a.dtype), b).to(x2.dtype)
         return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
 
 
