@@ -1,0 +1,506 @@
+"""GPU benchmark of dtq's PyTorch engines: one command, one GPU, one run.
+
+    mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/dtq && export PYTHONPATH=/tmp/pkg
+    python benchmarks/bench_engines.py --out docs/results/bench_engines.json   # or: dtq-bench --out ...
+
+1. correctness: on a small DiT (hidden 384, depth 2, balancing folded at every place) each quantized
+   engine's GPU kernels against the simulated model (``apply_recipe``, fp32): SQNR per layer kernel
+   (fp32 input: same codes, only the GEMM differs) and of the whole model (bf16 engine vs fp32
+   simulation), eager and compiled.
+2. per-GEMM throughput on DiT-XL/2's four block GEMM shapes at M = 2*64*256 (batch 64, guidance):
+   bf16 ``mm``, FP8 ``_scaled_mm`` (row-wise scales), INT8 Triton, INT8 ``torch._int_mm``, INT4 Triton;
+   achieved TFLOP/s and fraction of the GPU's dense peak. Kernel only (activation quantization
+   excluded; it is fused into the preceding op by torch.compile in the engine).
+3. end to end: DiT-XL/2, random weights, 256px (32x32x4 latents), DDPM 50 steps with classifier-free
+   guidance (the denoiser sees 2x the batch), batches 64, 32, 8, 1: images/s (the full sampling
+   loop, CUDA-event timed, median of --repeats) and peak GPU memory, for bf16 eager, bf16
+   torch.compile, and the engines FP8 / INT8 / W4A16 / W4A8. Every compiled variant gets the same
+   treatment: regional torch.compile of the DiT blocks + one CUDA graph per batch size.
+   Quantization: static per-tensor activation scales (TensorRT's scheme; no per-token dynamic
+   quantization anywhere), per-channel weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
+   quantizes the blocks' adaLN Linears (weight-only).
+
+A failing backend is recorded (``error``) and the run goes on; a time budget (--budget-s) skips
+what would not fit and says so. Writes JSON to --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+# dense (no sparsity) peak TFLOP/s by GPU model: (bf16, fp8, int8 TOPS)
+PEAKS = {
+    "H100 80GB HBM3": (989.4, 1978.9, 1978.9),  # SXM
+    "H100 NVL": (835.0, 1670.0, 1670.0),
+    "H100 PCIe": (756.0, 1513.0, 1513.0),
+    "H200": (989.4, 1978.9, 1978.9),
+    "GH200": (989.4, 1978.9, 1978.9),
+}
+BLOCK_GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4608, 1152), "fc2": (1152, 4608)}  # (N, K)
+BACKENDS = ("bf16-eager", "bf16-compile", "fp8", "int8", "w4a16", "w4a8")
+T0 = time.perf_counter()
+DEV = torch.device("cuda")  # --smoke runs the whole script on the CPU with a tiny model (a dry run)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def peak_for(name: str):
+    for key, val in PEAKS.items():
+        if key in name:
+            return dict(zip(("bf16", "fp8", "int8"), val))
+    return None
+
+
+def env_info() -> dict:
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or os.environ.get("DTQ_COMMIT", "unknown")
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["dirty"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = os.environ.get("DTQ_COMMIT", "unknown")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_memory_gb=round(p.total_memory / 2**30, 1),
+                    sm_count=p.multi_processor_count)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "--id=0"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+        info["peak_tflops"] = peak_for(p.name)
+    return info
+
+
+def bench_ms(fn, warmup_ms=25, rep_ms=100) -> float:
+    if DEV.type != "cuda":
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    from dtq.runtime.quant import sqnr_db
+
+    return round(sqnr_db(ref.float().cpu(), x.float().cpu()), 2)
+
+
+def guarded(results: dict, key: str, fn):
+    try:
+        results[key] = fn()
+    except Exception as exc:  # a failing backend is a result, not the end of the run
+        results[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
+                        "trace": traceback.format_exc()[-2000:]}
+        log(f"{key}: FAILED {results[key]['error']}")
+    return results[key]
+
+
+# -- 1. correctness -------------------------------------------------------------------------------------
+def correctness(precisions) -> dict:
+    from dtq.runtime.model import DiT, DiTConfig
+    from dtq.runtime.qengine import build_qengine, compile_blocks, engine_layers
+    from dtq.runtime.recipe import apply_recipe
+    from dtq.tools.quick_recipe import minmax_recipe, random_inputs
+
+    dev = DEV
+    cfg = DiTConfig(input_size=16, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=10)
+    torch.manual_seed(0)
+    model = DiT(cfg).randomize_(seed=3, std=0.05).eval()
+    x, t, y = random_inputs(model, 8, seed=11)
+    with torch.no_grad():
+        fp = model.to(dev)(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
+    out = {"model": cfg.to_dict(), "batch": 8}
+    for prec in precisions:
+        def one(prec=prec):
+            recipe = minmax_recipe(model, prec, group=128, balance=True)
+            sim = apply_recipe(model, recipe).to(dev)
+            with torch.no_grad():
+                ref = sim(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
+            res = {"sqnr_sim_vs_fp32_db": sqnr(fp, ref)}
+            # layer kernels: fp32 input, identical codes; only the GEMM (and its accumulation) differs
+            eng32 = build_qengine(model, recipe, device=dev, dtype=torch.float32, check=False)
+            layer = {}
+            for name, lin in list(engine_layers(eng32).items())[:4]:
+                xin = torch.randn(300, lin.in_features, device=dev) * 2
+                with torch.no_grad():
+                    layer[name] = sqnr(lin.reference(xin), lin(xin))
+            res["layer_kernel_sqnr_db"] = layer
+            eng = build_qengine(model, recipe, device=dev, dtype=torch.bfloat16, check=False)  # bf16 activations
+            with torch.no_grad():
+                got = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
+                res["engine_bf16_vs_sim_db"] = sqnr(ref, got)
+                if DEV.type == "cuda":  # (--smoke: no compile)
+                    compile_blocks(eng)
+                got_c = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
+                res["engine_compiled_vs_sim_db"] = sqnr(ref, got_c)
+            kernels = sorted({m.kernel_name() + (f"/{m.scaling}" if getattr(m, "scaling", None) else "")
+                              for m in engine_layers(eng).values()})
+            res["kernels"] = kernels
+            worst_layer = min(layer.values())
+            # layer: bf16 output rounding bounds it near 50 dB; model: bf16 activations flip some of the
+            # simulation's rounding decisions. A wrong scale, layout or fold gives < 10 dB.
+            res["ok"] = bool(worst_layer >= 35 and res["engine_bf16_vs_sim_db"] >= 20
+                             and res["engine_compiled_vs_sim_db"] >= 20)
+            log(f"correctness {prec}: layers >= {worst_layer} dB, model {res['engine_bf16_vs_sim_db']} dB "
+                f"(compiled {res['engine_compiled_vs_sim_db']} dB), sim vs fp32 {res['sqnr_sim_vs_fp32_db']} dB, "
+                f"{'OK' if res['ok'] else 'CHECK FAILED'} [{', '.join(kernels)}]")
+            return res
+
+        guarded(out, prec, one)
+    torch._dynamo.reset()
+    return out
+
+
+# -- 2. GEMMs ---------------------------------------------------------------------------------------------
+def gemms(M: int, peaks: dict | None) -> dict:
+    from dtq.runtime import kernel_ops  # noqa: F401
+    from dtq.runtime.kernels_ref import pack_int4
+
+    dev = torch.device("cuda")
+    res = {"M": M}
+    for lname, (N, K) in BLOCK_GEMMS.items():
+        flops = 2 * M * N * K
+        row = {"N": N, "K": K}
+        a = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(N, device=dev)
+
+        def rec(name, fn, peak_key):
+            try:
+                fn()
+                ms = bench_ms(fn)
+                tf = flops / ms / 1e9
+                row[name] = {"ms": round(ms, 4), "tflops": round(tf, 1),
+                             "of_peak": round(tf / peaks[peak_key], 3) if peaks else None}
+            except Exception as exc:
+                row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+
+        rec("bf16", lambda: F.linear(a, w), "bf16")
+        a8 = a.to(torch.float8_e4m3fn)
+        w8 = w.mul(100).to(torch.float8_e4m3fn)
+        sa = torch.ones(M, 1, device=dev)
+        sb = torch.ones(1, N, device=dev)
+        rec("fp8_scaled_mm_rowwise", lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), "fp8")
+        one = torch.ones((), device=dev)
+        rec("fp8_scaled_mm_tensorwise", lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), "fp8")
+        ai = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
+        wi = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
+        ws = torch.rand(N, device=dev) * 1e-3
+        rec("int8_triton", lambda: torch.ops.dtq.int8_mm(ai, wi, one, ws, bias, torch.bfloat16), "int8")
+        rec("int8_torch_int_mm", lambda: torch._int_mm(ai, wi.t()), "int8")
+        wp = pack_int4(torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8))
+        gs = torch.rand(N, K // 128, device=dev) * 1e-2
+        rec("int4_w4a16_triton", lambda: torch.ops.dtq.w4a16_mm(a, wp, gs, 128, bias), "bf16")
+        b = row["bf16"].get("ms")
+        for k, v in row.items():
+            if isinstance(v, dict) and "ms" in v and b:
+                v["speedup_vs_bf16"] = round(b / v["ms"], 2)
+        res[lname] = row
+        log(f"GEMM {lname} M={M} N={N} K={K}: " + ", ".join(
+            f"{k} {v['tflops']} TF/s" if "tflops" in v else f"{k} ERR" for k, v in row.items() if isinstance(v, dict)))
+    return res
+
+
+# -- 3. end to end ----------------------------------------------------------------------------------------
+def make_xl(name: str = "DiT-XL/2", seed: int = 0):
+    from dtq.runtime.model import DiT, named_config
+
+    cfg = named_config(name, input_size=32, in_channels=4, num_classes=1000)
+    if DEV.type != "cuda":  # smoke run
+        cfg = cfg.replace(depth=2, hidden_size=128, num_heads=4)
+    with DEV:
+        model = DiT(cfg)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def build_backend(name: str, base, fingerprint: str):
+    """(module, dtype, compiled?) for a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU."""
+    from dtq.runtime.qengine import build_qengine, compile_blocks
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    if name.startswith("bf16"):
+        import copy
+
+        m = copy.deepcopy(base).to(torch.bfloat16).eval()
+        if name == "bf16-compile" and DEV.type == "cuda":
+            compile_blocks(m)
+        return m
+    precision = name.split("-")[0]  # "int8-intmm": INT8 through torch._int_mm instead of Triton
+    recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
+    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
+                        int8_kernel="int_mm" if name == "int8-intmm" else "triton")
+    return compile_blocks(eng) if DEV.type == "cuda" else eng
+
+
+def weight_report(module, base) -> dict:
+    from dtq.runtime.qengine import engine_layers, weight_bytes
+
+    wb = weight_bytes(module)
+    layers = engine_layers(module)
+    bf16_same = sum(base.get_submodule(n).weight.numel() * 2 for n in layers)
+    bf16_total = sum(p.numel() * 2 for p in base.parameters())
+    codes = sum(m.weight_bytes() - (m.bias.numel() * 4 if m.bias is not None else 0) for m in layers.values())
+    return {"weights_gb": round(wb["total"] / 1e9, 3), "bf16_weights_gb": round(bf16_total / 1e9, 3),
+            "weights_vs_bf16": round(wb["total"] / bf16_total, 3),
+            "quantized_layer_weights_vs_bf16": round(codes / bf16_same, 3) if bf16_same else None}
+
+
+def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name="DiT-XL/2") -> None:
+    from dtq.runtime.backends import GraphedDenoiser
+    from dtq.runtime.diffusion import GaussianDiffusion
+    from dtq.runtime.sampler import sample
+
+    log(f"building {model_name} (random weights)")
+    base = make_xl(model_name)
+    fingerprint = "sha256:benchmark-random-weights"  # hashing 675M weights is not needed here
+    diffusion = GaussianDiffusion.dit(steps)
+    e2e = results.setdefault("end_to_end", {"model": model_name, "latent": [4, 32, 32], "steps": steps,
+                                            "sampler": "ddpm", "cfg_scale": 4.0, "backends": {}})
+    built = {}
+    for name in backends:
+        entry = e2e["backends"].setdefault(name, {"batches": {}})
+
+        def make(name=name):
+            t = time.perf_counter()
+            m = build_backend(name, base, fingerprint)
+            entry.update(weight_report(m, base))
+            entry["build_s"] = round(time.perf_counter() - t, 1)
+            return m
+
+        try:
+            built[name] = make()
+            log(f"{name}: built ({entry['build_s']} s, weights {entry['weights_gb']} GB = {entry['weights_vs_bf16']}x bf16)")
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            entry["trace"] = traceback.format_exc()[-2000:]
+            log(f"{name}: build FAILED {entry['error']}")
+    base = None  # the fp32 model is not needed once every backend is built
+    gc.collect()
+    cuda = DEV.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    gen = torch.Generator().manual_seed(0)
+    for B in batches:
+        noise = torch.randn(B, 4, 32, 32, generator=gen).to(DEV)
+        labels = torch.randint(0, 1000, (B,), generator=gen).to(DEV)
+        for name, module in built.items():
+            entry = e2e["backends"][name]
+            if time.perf_counter() - T0 > budget_s:
+                entry["batches"][str(B)] = {"skipped": f"time budget {budget_s} s reached"}
+                log(f"{name} batch {B}: skipped (time budget)")
+                continue
+            compiled = name != "bf16-eager"
+            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=compiled)
+
+            def run(B=B, den=den):
+                sync()
+                gc.collect()
+                base_mem = 0
+                if cuda:
+                    torch.cuda.empty_cache()
+                    base_mem = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                xin = torch.randn(2 * B, 4, 32, 32, device=DEV)
+                tin = torch.full((2 * B,), 500, device=DEV, dtype=torch.long)
+                yin = torch.cat([labels, torch.full_like(labels, 1000)])
+                den(xin, tin, yin)  # compile (first batch size), autotune, capture
+                sync()
+                warm = time.perf_counter() - t
+                fwd_ms = bench_ms(lambda: den(xin, tin, yin), warmup_ms=10, rep_ms=60)
+                times = []
+                for _ in range(repeats):
+                    g = torch.Generator(device=DEV).manual_seed(1)
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                    t1 = time.perf_counter()
+                    sample(den, diffusion, noise, labels, sampler="ddpm", cfg_scale=4.0, null_class=1000,
+                           generator=g)
+                    if cuda:
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end) / 1e3)
+                    else:
+                        times.append(time.perf_counter() - t1)
+                times.sort()
+                sec = times[len(times) // 2]
+                peak = torch.cuda.max_memory_allocated() - base_mem if cuda else 0
+                r = {"images_per_s": round(B / sec, 2), "sample_s": round(sec, 3), "all_s": [round(v, 3) for v in times],
+                     "forward_ms": round(fwd_ms, 3), "forward_images_per_s": round(2 * B / fwd_ms * 1e3, 1),
+                     "warmup_s": round(warm, 1),
+                     "peak_gpu_mem_gb": round((peak + entry.get("weights_gb", 0) * 1e9) / 1e9, 3)}
+                den.reset()
+                return r
+
+            guarded(entry["batches"], str(B), run)
+            r = entry["batches"][str(B)]
+            if "images_per_s" in r:
+                log(f"{name} batch {B}: {r['images_per_s']} img/s (50 steps, CFG), forward {r['forward_ms']} ms "
+                    f"@{2 * B}, peak {r['peak_gpu_mem_gb']} GB, warm-up {r['warmup_s']} s")
+            del den
+    built.clear()
+    gc.collect()
+
+
+def summarize(results: dict) -> dict:
+    e2e = results.get("end_to_end", {}).get("backends", {})
+    comp = e2e.get("bf16-compile", {}).get("batches", {})
+    summary = {}
+    for B in results.get("batches", []):
+        ref = comp.get(str(B), {}).get("images_per_s")
+        for name, entry in e2e.items():
+            r = entry.get("batches", {}).get(str(B), {})
+            if ref and "images_per_s" in r:
+                r["speedup_vs_bf16_compile"] = round(r["images_per_s"] / ref, 3)
+    b64 = "64"
+    targets = {}
+    ref = comp.get(b64, {}).get("images_per_s")
+    for name, need in (("fp8", 1.6), ("int8", 1.3)):
+        got = e2e.get(name, {}).get("batches", {}).get(b64, {}).get("images_per_s")
+        targets[f"{name}_speedup_at_64"] = {"target": need, "measured": round(got / ref, 3) if got and ref else None,
+                                            "met": bool(got and ref and got / ref >= need)}
+    w4 = e2e.get("w4a16", {})
+    targets["w4a16_weight_memory_vs_bf16"] = {"target": 0.3, "measured": w4.get("weights_vs_bf16"),
+                                              "quantized_layers_only": w4.get("quantized_layer_weights_vs_bf16"),
+                                              "met": bool(w4.get("weights_vs_bf16") and w4["weights_vs_bf16"] <= 0.3)}
+    summary["targets"] = targets
+    return summary
+
+
+def table(results: dict) -> str:
+    e2e = results.get("end_to_end", {}).get("backends", {})
+    lines = [f"GPU {results['env'].get('gpu')} | torch {results['env'].get('torch')} | commit {results['env'].get('commit', '')[:10]}",
+             "", "| backend | " + " | ".join(f"b{b} img/s" for b in results["batches"]) + " | x compile @64 | peak GB @64 | weights GB |",
+             "|---|" + "---|" * (len(results["batches"]) + 3)]
+    for name, entry in e2e.items():
+        if "error" in entry:
+            lines.append(f"| {name} | FAILED: {entry['error'][:80]} |")
+            continue
+        cells = []
+        for b in results["batches"]:
+            r = entry["batches"].get(str(b), {})
+            cells.append(str(r.get("images_per_s", "err" if "error" in r else "-")))
+        r64 = entry["batches"].get("64", {})
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r64.get('speedup_vs_bf16_compile', '-')} | "
+                     f"{r64.get('peak_gpu_mem_gb', '-')} | {entry.get('weights_gb', '-')} |")
+    g = results.get("gemms", {})
+    if isinstance(g, dict) and "M" in g:
+        lines += ["", f"GEMM TFLOP/s at M={g['M']} (speed-up vs bf16):"]
+        for lname in BLOCK_GEMMS:
+            row = g.get(lname, {})
+            lines.append(f"  {lname:5s} " + "  ".join(
+                f"{k}={v['tflops']}({v.get('speedup_vs_bf16', '-')}x)" for k, v in row.items()
+                if isinstance(v, dict) and "tflops" in v))
+    c = results.get("correctness", {})
+    lines += ["", "correctness vs simulation: " + ", ".join(
+        f"{p}: {'OK' if v.get('ok') else 'FAIL'} ({v.get('engine_bf16_vs_sim_db', v.get('error', '?'))} dB)"
+        for p, v in c.items() if isinstance(v, dict) and p not in ("model",))]
+    t = results.get("summary", {}).get("targets", {})
+    lines.append("targets: " + ", ".join(f"{k}: {v['measured']} (target {v['target']}, {'met' if v['met'] else 'NOT met'})"
+                                         for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    ap.add_argument("--batches", default="64,32,8,1", help="images per sampling run (the denoiser sees 2x)")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma list of {', '.join(BACKENDS)}, int8-intmm (INT8 via torch._int_mm)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=2, help="timed sampling runs per point (median)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip remaining end-to-end points after this")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: correctness,gemms,e2e")
+    ap.add_argument("--model", default="DiT-XL/2", help="DiT config of the end-to-end runs")
+    ap.add_argument("--smoke", action="store_true",
+                    help="dry run on the CPU: tiny model, reference layers, no GEMM stage (checks the script itself)")
+    args = ap.parse_args(argv)
+    global DEV
+    if args.smoke:
+        DEV = torch.device("cpu")
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    elif not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU (or --smoke for a CPU dry run)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # 5 compiled variants x 4 batch sizes of one shared DiTBlock.forward: keep every compilation
+    torch._dynamo.config.cache_size_limit = 128
+    torch._dynamo.config.accumulated_cache_size_limit = 1024
+    skip = set(filter(None, args.skip.split(",")))
+    batches = [int(b) for b in args.batches.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
+    results = {"env": env_info(), "batches": sorted(batches), "args": vars(args) | {"out": str(args.out)}}
+    log(f"GPU {results['env'].get('gpu')}, torch {torch.__version__}, triton {results['env'].get('triton')}")
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".partial")
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        os.replace(tmp, args.out)
+
+    if "correctness" not in skip:
+        guarded(results, "correctness", lambda: correctness([b for b in backends if b in ("fp8", "int8", "w4a16", "w4a8")]))
+        save()
+    if "gemms" not in skip and DEV.type == "cuda":
+        guarded(results, "gemms", lambda: gemms(2 * max(batches) * 256, results["env"].get("peak_tflops")))
+        save()
+    if "e2e" not in skip:
+        try:
+            end_to_end(backends, batches, args.steps, args.repeats, args.budget_s, results, args.model)
+        except Exception as exc:
+            results.setdefault("end_to_end", {})["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"end to end FAILED: {exc}")
+    results["summary"] = summarize(results)
+    results["elapsed_s"] = round(time.perf_counter() - T0, 1)
+    save()
+    print("\n" + table(results), flush=True)
+    print(f"\nwrote {args.out} ({results['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
