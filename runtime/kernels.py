@@ -26,9 +26,13 @@ from .kernels_ref import pack_int4, unpack_int4  # noqa: F401  (the packed layou
 
 
 def _configs(int8: bool):
-    bk = 128 if int8 else 64
-    shapes = [(128, 256, bk, 3, 8), (128, 128, bk, 4, 8), (64, 128, bk, 4, 4), (256, 128, bk, 3, 8),
-              (64, 64, bk, 4, 4)]
+    """Tile shapes of Triton's matmul tutorial for Hopper (int8/fp8 there: BLOCK_K 128)."""
+    if int8:
+        shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (256, 64, 128, 4, 4), (64, 256, 128, 4, 4),
+                  (128, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    else:
+        shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 4, 4),
+                  (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for m, n, k, s, w in shapes]
 
@@ -75,9 +79,12 @@ def _int8_mm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, 
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if K % BLOCK_K == 0:  # compile-time: no masks (DiT's K are multiples of 64)
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
