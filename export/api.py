@@ -97,10 +97,16 @@ def recipe_sha256(recipe: Recipe) -> str:
     return h.hexdigest()
 
 
-def build_graph(model: nn.Module, cfg: ExportConfig, recipe: Recipe | None = None) -> onnx.ModelProto:
-    """The checked-nothing-yet ModelProto for a resolved config (used by export_model and tests)."""
-    proto = export_torch(model, dtype=DTYPES[cfg.dtype], opset=cfg.opset, min_batch=cfg.min_batch,
-                         max_batch=cfg.max_batch)
+def build_graph(model: nn.Module, cfg: ExportConfig, recipe: Recipe | None = None,
+                fp_proto: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The (not yet checked) ModelProto for a resolved config. ``fp_proto``: reuse an FP export
+    of ``model`` made with ``export_torch`` at the config's dtype and opset (a copy is edited)."""
+    if fp_proto is None:
+        proto = export_torch(model, dtype=DTYPES[cfg.dtype], opset=cfg.opset, min_batch=cfg.min_batch,
+                             max_batch=cfg.max_batch)
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(fp_proto)
     if recipe is None:
         return proto
     graph = gs.import_onnx(proto)

@@ -80,28 +80,27 @@ def _block(name: str) -> str:
     return ".".join(parts[:2])
 
 
-def scale_weight_inputs(graph: gs.Graph, master: MasterWeights, name: str, b: np.ndarray) -> gs.Graph:
+def _scale_weight_inputs(graph: gs.Graph, master: MasterWeights, site: LinearSite, b: np.ndarray) -> None:
     """``W' = W diag(b)``: the layer's input channels are multiplied by ``b``."""
-    site = _site(find_linears(graph), name)
     w = master[site.weight]
-    b = np.asarray(b, np.float32)
     new = w * b[:, None] if site.op == "MatMul" else w * b[None, :]
     master.set(graph, site.weight, new)
-    return graph.cleanup().toposort()
 
 
-def fold_into_adaln(graph: gs.Graph, master: MasterWeights, name: str, b: np.ndarray) -> gs.Graph:
-    """Divide qkv's / fc1's input by ``b`` by editing the adaLN Linear that modulates it: the
-    shift rows and bias ``/ b``; the scale rows ``/ b`` and the scale bias ``(bias + 1) / b - 1``;
-    then ``W' = W diag(b)`` for the layer itself."""
+def _vectors(balances: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32) for k, v in balances.items()}
+
+
+def _fold_adaln(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, b: np.ndarray) -> None:
+    """Divide qkv's / fc1's input by ``b`` by editing the adaLN Linear that modulates it (shift
+    rows and bias ``/ b``; scale rows ``/ b`` and scale bias ``(bias + 1) / b - 1``), then
+    ``W' = W diag(b)`` for the layer itself."""
     role = layer_role(name)
     if role not in ("attn.qkv", "mlp.fc1"):
         raise SurgeryError(f"{name}: adaLN folding applies to attn.qkv and mlp.fc1 only")
-    sites = find_linears(graph)
     ada = _site(sites, f"{_block(name)}.adaLN_modulation.1")
     if ada.op != "Gemm":
         raise SurgeryError(f"{ada.name}: expected a Gemm (weight [C_out, C_in])")
-    b = np.asarray(b, np.float32)
     c = b.shape[0]
     shift, scale = (0, 1) if role == "attn.qkv" else (3, 4)
     w, bias = master[ada.weight].copy(), master[ada.bias].copy()
@@ -112,17 +111,15 @@ def fold_into_adaln(graph: gs.Graph, master: MasterWeights, name: str, b: np.nda
     bias[rc] = (bias[rc] + np.float32(1)) / b - np.float32(1)
     master.set(graph, ada.weight, w)
     master.set(graph, ada.bias, bias)
-    return scale_weight_inputs(graph, master, name, b)
+    _scale_weight_inputs(graph, master, _site(sites, name), b)
 
 
-def fold_into_v(graph: gs.Graph, master: MasterWeights, name: str, b: np.ndarray) -> gs.Graph:
-    """Divide proj's input (attention-weighted V) by ``b``: V's output channels of qkv
-    (columns ``2C:3C`` of the MatMul weight ``W^T``, and the bias) ``/ b``; then ``W diag(b)``."""
+def _fold_v(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, b: np.ndarray) -> None:
+    """Divide proj's input (attention-weighted V) by ``b``: V's output channels of qkv (columns
+    ``2C:3C`` of the MatMul weight ``W^T``, and the bias) ``/ b``; then ``W diag(b)`` for proj."""
     if layer_role(name) != "attn.proj":
         raise SurgeryError(f"{name}: V folding applies to attn.proj only")
-    sites = find_linears(graph)
     qkv = _site(sites, f"{_block(name)}.attn.qkv")
-    b = np.asarray(b, np.float32)
     c = b.shape[0]
     w, bias = master[qkv.weight].copy(), master[qkv.bias].copy()
     cols = slice(2 * c, 3 * c)
@@ -133,24 +130,47 @@ def fold_into_v(graph: gs.Graph, master: MasterWeights, name: str, b: np.ndarray
     bias[cols] = bias[cols] / b
     master.set(graph, qkv.weight, w)
     master.set(graph, qkv.bias, bias)
-    return scale_weight_inputs(graph, master, name, b)
+    _scale_weight_inputs(graph, master, _site(sites, name), b)
 
 
-def insert_input_mul(graph: gs.Graph, master: MasterWeights, name: str, b: np.ndarray) -> gs.Graph:
+def _input_mul(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, b: np.ndarray) -> None:
     """Where folding is impossible (fc2 after GELU): a run-time ``Mul`` by ``1 / b`` on the
     layer's input (before its Q/DQ), and ``W diag(b)``."""
-    site = _site(find_linears(graph), name)
-    node = {n.name: n for n in graph.nodes}[site.node]
-    b = np.asarray(b, np.float32)
+    nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    site = _site(sites, name)
+    node = nodes[site.node]
     inv = (np.float32(1.0) / b).astype(np.float32)  # recipe.fold_balance: ones * (1.0 / b)
     x = node.inputs[0]
-    dtype = graph.tensors()[site.weight].dtype
+    dtype = tensors[site.weight].dtype
     out = gs.Variable(f"{name}/input_mul_output", dtype=x.dtype, shape=x.shape)
-    mul = gs.Node("Mul", name=f"{name}/input_mul", inputs=[x, gs.Constant(f"{name}.input_mul", inv.astype(dtype))],
-                  outputs=[out])
+    mul = gs.Node("Mul", name=f"{name}/input_mul",
+                  inputs=[x, gs.Constant(f"{name}.input_mul", inv.astype(dtype))], outputs=[out])
     node.inputs[0] = out
     graph.nodes.append(mul)
-    return scale_weight_inputs(graph, master, name, b)
+    _scale_weight_inputs(graph, master, site, b)
+
+
+def _each(helper, graph: gs.Graph, master: MasterWeights, balances: dict[str, np.ndarray]) -> gs.Graph:
+    sites = find_linears(graph)
+    for name, b in _vectors(balances).items():
+        helper(graph, master, sites, name, b)
+    return graph.cleanup().toposort()
+
+
+def fold_into_adaln(graph: gs.Graph, master: MasterWeights, balances: dict[str, np.ndarray]) -> gs.Graph:
+    """Pass: ``{qkv or fc1 layer: b}`` folded into adaLN rows (see ``_fold_adaln``)."""
+    return _each(_fold_adaln, graph, master, balances)
+
+
+def fold_into_v(graph: gs.Graph, master: MasterWeights, balances: dict[str, np.ndarray]) -> gs.Graph:
+    """Pass: ``{proj layer: b}`` folded into V's rows of qkv (see ``_fold_v``)."""
+    return _each(_fold_v, graph, master, balances)
+
+
+def insert_input_mul(graph: gs.Graph, master: MasterWeights, balances: dict[str, np.ndarray]) -> gs.Graph:
+    """Pass: ``{layer: b}`` as run-time ``Mul`` by ``1 / b`` (see ``_input_mul``)."""
+    return _each(_input_mul, graph, master, balances)
 
 
 def add_lora(graph: gs.Graph, name: str, down: np.ndarray, up: np.ndarray) -> gs.Graph:
@@ -183,16 +203,19 @@ def add_lora(graph: gs.Graph, name: str, down: np.ndarray, up: np.ndarray) -> gs
     return graph.cleanup().toposort()
 
 
-_FOLD_PASSES = {"adaLN": fold_into_adaln, "v": fold_into_v, "runtime": insert_input_mul}
+_FOLDS = {"adaLN": _fold_adaln, "v": _fold_v, "runtime": _input_mul}
 
 
 def apply_balancing(graph: gs.Graph, master: MasterWeights, recipe: Recipe) -> gs.Graph:
-    """Every balancing vector of the recipe, in the recipe's layer order (as ``balanced_model``)."""
+    """Pass: every balancing vector of the recipe, in the recipe's layer order (the order
+    ``balanced_model`` uses: qkv's weight is scaled by its own b and by proj's V fold, and float32
+    products depend on the order)."""
+    sites = find_linears(graph)
     for name, layer in recipe.layers.items():
         b = recipe.balance(name)
         if b is None:
             continue
-        if layer.balance_fold not in _FOLD_PASSES:
+        if layer.balance_fold not in _FOLDS:
             raise SurgeryError(f"{name}: unknown balance fold {layer.balance_fold!r}")
-        graph = _FOLD_PASSES[layer.balance_fold](graph, master, name, b.detach().float().cpu().numpy())
-    return graph
+        _FOLDS[layer.balance_fold](graph, master, sites, name, b.detach().float().cpu().numpy().astype(np.float32))
+    return graph.cleanup().toposort()

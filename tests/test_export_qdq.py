@@ -29,14 +29,24 @@ def recipes(tiny):
     return {p: make_recipe(tiny, p) for p in PRECISIONS}
 
 
+OPSET = 21  # every precision's graph is valid at 21: one FP export per dtype serves all
+
+
 @pytest.fixture(scope="module")
-def graphs(tiny, recipes):
+def fp_exports(tiny):
+    return {dt: export_torch(tiny, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16"}[dt]), opset=OPSET,
+                             max_batch=8) for dt in ("fp32", "fp16")}
+
+
+def _config(precision, dtype):
+    return ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision=precision, dtype=dtype, opset=OPSET,
+                        max_batch=8).resolved()
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny, recipes, fp_exports):
     """fp32-based Q/DQ graphs (the ones that must match the fp32 simulation)."""
-    out = {}
-    for p in PRECISIONS:
-        cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision=p, dtype="fp32", max_batch=8).resolved()
-        out[p] = build_graph(tiny, cfg, recipes[p])
-    return out
+    return {p: build_graph(tiny, _config(p, "fp32"), recipes[p], fp_exports["fp32"]) for p in PRECISIONS}
 
 
 def _session(proto, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
@@ -51,9 +61,9 @@ def _run(proto, x, t, y):
     return torch.from_numpy(_session(proto).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0])
 
 
-def test_folding_bit_matches_balanced_model(tiny, recipes):
+def test_folding_bit_matches_balanced_model(tiny, recipes, fp_exports):
     recipe = recipes["int8"]
-    graph = gs.import_onnx(export_torch(tiny, max_batch=8))
+    graph = gs.import_onnx(fp_exports["fp32"])
     master = surgery.MasterWeights.from_model(tiny, find_linears(graph))
     graph = surgery.apply_balancing(graph, master, recipe)
     bal = balanced_model(tiny, recipe)
@@ -77,14 +87,14 @@ def test_folding_bit_matches_balanced_model(tiny, recipes):
     assert sqnr_db(ref, out) > 100
 
 
-def test_wrong_scale_bias_fold_is_caught(tiny, recipes):
+def test_wrong_scale_bias_fold_is_caught(tiny, recipes, fp_exports):
     """A fold that forgets the (bias + 1) / b - 1 rule changes the FP output a lot."""
     recipe = recipes["int8"]
-    graph = gs.import_onnx(export_torch(tiny, max_batch=8))
+    graph = gs.import_onnx(fp_exports["fp32"])
     master = surgery.MasterWeights.from_model(tiny, find_linears(graph))
     name = "blocks.0.attn.qkv"
     b = recipe.balance(name).numpy()
-    graph = surgery.fold_into_adaln(graph, master, name, b)
+    graph = surgery.fold_into_adaln(graph, master, {name: b})
     ada = find_linears(graph)["blocks.0.adaLN_modulation.1"]
     c = b.shape[0]
     bias = master[ada.bias].copy()
@@ -179,10 +189,9 @@ def test_end_to_end_sqnr_vs_simulation(tiny, recipes, graphs, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_fp16_graphs_check_and_run(tiny, recipes, precision):
-    cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision=precision, max_batch=4).resolved()
-    assert cfg.dtype == "fp16"
-    proto = build_graph(tiny, cfg, recipes[precision])
+def test_fp16_graphs_check_and_run(tiny, recipes, fp_exports, precision):
+    assert ExportConfig(out="x.onnx", model="m", precision=precision).resolved().dtype == "fp16"  # the default
+    proto = build_graph(tiny, _config(precision, "fp16"), recipes[precision], fp_exports["fp16"])
     onnx.checker.check_model(proto, full_check=True)
     report = rules.check_model(proto)
     assert report.ok, report.format()
@@ -201,8 +210,8 @@ def test_recipe_of_another_precision_refused(recipes):
         qdq.check_recipe_precision(recipes["fp8"], "int8")
 
 
-def test_lora_branch(tiny):
-    graph = gs.import_onnx(export_torch(tiny, max_batch=4))
+def test_lora_branch(tiny, fp_exports):
+    graph = gs.import_onnx(fp_exports["fp32"])
     name = "blocks.2.mlp.fc1"
     lin = tiny.get_submodule(name)
     g = torch.Generator().manual_seed(0)
