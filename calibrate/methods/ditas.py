@@ -57,10 +57,11 @@ def ditas(model, stats, config):
     for name in quant_layer_names(model, roles):
         st = stats[name]
         sx = st.channel_amax_all()
-        w = model.get_submodule(name).weight.detach().float().cpu()
-        a, _ = tas_alpha_search(st.token_samples(), sx, w, alphas, wfmt=config.wfmt, afmt=config.afmt,
-                                granularity=gran, group_size=group)
-        balances[name] = smoothing_factor(sx, w.abs().amax(dim=0), a)
+        w = model.get_submodule(name).weight.detach().float()
+        # the search runs where the model is (DiT-XL/2: 21 alphas x 112 layers of matmuls)
+        a, _ = tas_alpha_search(st.token_samples().to(w.device), sx, w, alphas, wfmt=config.wfmt,
+                                afmt=config.afmt, granularity=gran, group_size=group)
+        balances[name] = smoothing_factor(sx, w.abs().amax(dim=0).cpu(), a)
         chosen[name] = a
     return assemble_recipe(model, stats, config, "ditas", balances,
                            {"alpha_grid_step": config.alpha_grid_step, "smoothed": roles}, info={"alpha": chosen})
