@@ -468,8 +468,12 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     # 5 compiled variants x 4 batch sizes of one shared DiTBlock.forward: keep every compilation
-    torch._dynamo.config.cache_size_limit = 128
-    torch._dynamo.config.accumulated_cache_size_limit = 1024
+    for key, value in (("recompile_limit", 128), ("cache_size_limit", 128), ("accumulated_recompile_limit", 1024),
+                       ("accumulated_cache_size_limit", 1024)):
+        try:
+            setattr(torch._dynamo.config, key, value)  # names differ across torch versions
+        except (AttributeError, KeyError):
+            pass
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(b) for b in args.batches.split(",")]
     backends = [b for b in args.backends.split(",") if b]
