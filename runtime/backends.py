@@ -96,6 +96,10 @@ class OnnxDenoiser:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if _has_float8(path):
+            # ORT's extended optimizations move a Transpose between an FP8 QuantizeLinear and its
+            # DequantizeLinear, and then reject the graph (Transpose has no float8 kernel)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         if self.input_names != ["x", "t", "y"]:
@@ -107,6 +111,14 @@ class OnnxDenoiser:
                  "y": y.detach().cpu().numpy().astype(np.int64)}
         (out,) = self.session.run(None, feeds)
         return torch.from_numpy(out).float().to(x.device)
+
+
+def _has_float8(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    f8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+    return any(t.data_type in f8 for t in model.graph.initializer)
 
 
 class TensorRTDenoiser:

@@ -90,13 +90,22 @@ def test_cli_refuses_mismatched_inputs(tiny_onnx, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_quantized_onnx_in_ort_matches_the_engine(tiny, tmp_path):
-    """The Q/DQ graph (ONNX Runtime) and the quantized PyTorch engine hold the same codes and folds."""
+# chained activation quantizers amplify summation-order differences (a flipped rounding moves a
+# value by a whole step): the export's own end-to-end floors on this model are 35 dB (int8) and
+# 33 dB (fp8); a wrong code, scale or fold gives < 20 dB
+ORT_MIN_DB = {"int8": 35.0, "fp8": 33.0}
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_onnx_in_ort_matches_the_engine(tiny, tmp_path, precision):
+    """The Q/DQ graph (ONNX Runtime) and the quantized PyTorch engine hold the same codes and folds
+    (fp8: the graph ORT's default optimizations reject runs at its basic level)."""
     api = pytest.importorskip("dtq.export.api", reason="Q/DQ export (dtq.export.api) is not on this branch yet")
     from dtq.runtime.qengine import build_qengine
 
-    recipe = minmax_recipe(tiny, "int8", group=32, balance=True)
-    cfg = api.ExportConfig(out=str(tmp_path / "int8.onnx"), model="dit-tiny-fmnist", precision="int8", dtype="fp32")
+    recipe = minmax_recipe(tiny, precision, group=32, balance=True)
+    cfg = api.ExportConfig(out=str(tmp_path / f"{precision}.onnx"), model="dit-tiny-fmnist", precision=precision,
+                           dtype="fp32")
     path = api.export_model(cfg, model=tiny, recipe=recipe).path
     x, t, y = random_inputs(tiny, 4, seed=5)
     got = OnnxDenoiser(path, threads=1)(x, t, y)
@@ -104,10 +113,7 @@ def test_quantized_onnx_in_ort_matches_the_engine(tiny, tmp_path):
     with torch.no_grad():
         ref = eng(x, t, y)
         fp = tiny(x, t, y)
-    # chained activation quantizers amplify summation-order differences (a flipped rounding moves a
-    # value by a whole step): the export's own end-to-end floor for int8 on this model is 35 dB;
-    # a wrong code, scale or fold gives < 20 dB
-    assert quant.sqnr_db(ref, got) > 35, quant.sqnr_db(ref, got)
+    assert quant.sqnr_db(ref, got) > ORT_MIN_DB[precision], quant.sqnr_db(ref, got)
     assert quant.sqnr_db(ref, got) > quant.sqnr_db(fp, ref) + 2
 
 
