@@ -29,3 +29,14 @@ def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, grou
 @w4a16_mm.register_fake
 def _(a, w_packed, scales, group, bias):
     return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=a.dtype)
+
+
+@torch.library.custom_op("dtq::w4a8_mm", mutates_args=())
+def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int, a_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return kernels.w4a8_mm(a, w_packed, scales, group, a_scale, bias, out_dtype)
+
+
+@w4a8_mm.register_fake
+def _(a, w_packed, scales, group, a_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=out_dtype)

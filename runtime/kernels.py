@@ -5,6 +5,10 @@
   activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
   Triton lowers the int8 ``tl.dot`` to wgmma (both operands K-major: W is read as stored,
   ``[N, K]`` row-major), which is what makes it faster than bf16 where ``torch._int_mm`` is not.
+- :func:`w4a8_mm`: ``A int8 [M, K]`` (static per-tensor scale) x INT4 ``W`` (packed as below,
+  per-group scales, group a multiple of the K tile): each weight tile is unpacked to int8 in
+  registers, an int8 ``tl.dot`` accumulates the tile in int32, and the tile's partial sum is scaled
+  by its group's scales into an fp32 accumulator: int8 tensor-core rate with 4-bit weight memory.
 - :func:`w4a16_mm`: ``A bf16/fp16 [M, K]`` x INT4 ``W`` packed two per byte (``[N, K/2]`` uint8,
   element ``2j`` in the low nibble, ``2j+1`` in the high one, stored ``+8``) with per-group scales
   ``[N, K/g]``: each weight tile is unpacked and scaled in registers (fp32, then the activation's
@@ -166,4 +170,65 @@ def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, grou
     _w4a16_mm_kernel[grid](a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
                            a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1),
                            scales.stride(0), scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+    return c
+
+
+def _prune_w4a8(configs, named_args, **kwargs):
+    group = named_args.get("GROUP", kwargs.get("GROUP"))
+    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+    return kept or configs
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_w4a8})
+@triton.jit
+def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
+                    GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg,
+                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # requires K % BLOCK_K == 0 and GROUP % BLOCK_K == 0 (one group scale per K tile)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_K // 2)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        p = tl.load(w_ptrs).to(tl.int32)
+        lo = (p & 0xF) - 8
+        hi = ((p >> 4) & 0xF) - 8
+        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(tl.int8)
+        part = tl.dot(a, q, out_dtype=tl.int32)
+        s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
+        acc += part.to(tl.float32) * s[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    acc = acc * tl.load(a_scale_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int, a_scale: torch.Tensor,
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(a @ dequant(W).T) * a_scale + bias``: a int8 [M, K], W INT4 packed ``[N, K/2]``, scales
+    ``[N, K/group]`` float32, a_scale float32 [] -> [M, N] ``out_dtype``."""
+    M, K = a.shape
+    N = w_packed.shape[0]
+    assert a.dtype == torch.int8 and w_packed.shape[1] * 2 == K and scales.shape == (N, K // group)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+
+    def grid(meta):
+        assert K % meta["BLOCK_K"] == 0 and group % meta["BLOCK_K"] == 0, (K, group, meta["BLOCK_K"])
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _w4a8_mm_kernel[grid](a, w_packed, scales, c, a_scale, bias if bias is not None else scales, M, N, K, _m_bucket(M),
+                          group, a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0),
+                          scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
     return c

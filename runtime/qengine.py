@@ -16,8 +16,10 @@ int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the deq
                                    (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``
 w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
                                    registers, bf16 MMA): 4-bit weight memory, bf16 compute
-w4a8       ``Int4Linear``          as w4a16 after fake-quantizing the activation to INT8: no INT4 x INT8
-                                   kernel exists (TensorRT does the same)
+w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: weight tiles unpacked to
+                                   int8, int8 MMA per K tile, group scales applied per tile (group a
+                                   multiple of 64; else as w4a16 after fake-quantizing the activation).
+                                   TensorRT has no such kernel: it runs W4A8 graphs weight-only
 =========  ======================  =====================================================================
 
 On the CPU (and with ``kernel="reference"``) each layer computes with exactly the simulation's
@@ -219,9 +221,24 @@ class Int4Linear(EngineLinear):
 
         return unpack_int4(self.weight_packed)
 
+    def w4a8_kernel(self) -> bool:
+        """INT8 activations x INT4 weights on int8 tensor cores: needs K tiles inside one group."""
+        return (self.act_format == "int8" and self.in_features % W4_MIN_K == 0
+                and self.group % W4_MIN_K == 0)
+
+    def kernel_name(self) -> str:
+        if self.kernel == "reference":
+            return "reference"
+        return "Int4Linear[w4a8 int8-MMA]" if self.w4a8_kernel() else "Int4Linear[w4a16]"
+
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         xf = self._balanced_float(x2)
-        if self.act_format != "none":  # W4A8: activation fake-quant, INT4 weight-only GEMM
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.w4a8_kernel():
+            xq = torch.round(xf / self.act_scale).clamp_(-128, 127).to(torch.int8)
+            return torch.ops.dtq.w4a8_mm(xq, self.weight_packed, self.w_scale_groups, self.group, self.act_scale,
+                                         self.bias, out_dtype).to(x2.dtype)
+        if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
             xf = quant.fake_quant(xf, self.act_scale, self.act_format)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
         if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM

@@ -95,6 +95,12 @@ def test_triton_kernels_in_interpreter():
         c2 = kernels.int8_mm(a, w, sa, sw, None, out_dtype=torch.float32)
         assert torch.allclose(c2, ref - b, rtol=1e-5, atol=1e-4)
         K = 96
+        a8, sa8 = torch.randint(-128, 128, (M, K), dtype=torch.int8), torch.tensor(0.03)
+        q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+        s = torch.rand(N, K // 32) * 0.1
+        c = kernels.w4a8_mm(a8, pack_int4(q), s, 32, sa8, b, out_dtype=torch.float32)
+        ref = (a8.float() * sa8) @ (q.float() * s.repeat_interleave(32, 1)).T + b
+        assert (c - ref).abs().max() < 1e-4 * ref.abs().max(), (c - ref).abs().max()
         for g in (32, 16):  # a tile inside one group / spanning groups
             q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
             s = torch.rand(N, K // g) * 0.1
@@ -125,8 +131,10 @@ def test_gpu_layer_paths_in_interpreter():
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         for p in ["int8", "w4a16", "w4a8", "fp8"]:
-            eng = build_qengine(m, minmax_recipe(m, p, group=32, balance=True))
+            eng = build_qengine(m, minmax_recipe(m, p, group=64 if p == "w4a8" else 32, balance=True))
             for name, lin in engine_layers(eng).items():
+                if p == "w4a8":
+                    assert lin.kernel_name() == "Int4Linear[w4a8 int8-MMA]", lin.kernel_name()
                 x = torch.randn(20, lin.in_features, dtype=torch.float16 if p.startswith("w4") else torch.float32)
                 ref = lin.reference(x)
                 modes = ["tensorwise", "rowwise"] if p == "fp8" else [None]

@@ -8,7 +8,8 @@
    (fp32 input: same codes, only the GEMM differs) and of the whole model (bf16 engine vs fp32
    simulation), eager and compiled.
 2. per-GEMM throughput on DiT-XL/2's four block GEMM shapes at M = 2*64*256 (batch 64, guidance):
-   bf16 ``mm``, FP8 ``_scaled_mm`` (row-wise scales), INT8 Triton, INT8 ``torch._int_mm``, INT4 Triton;
+   bf16 ``mm``, FP8 ``_scaled_mm`` (row-wise scales), INT8 Triton, INT8 ``torch._int_mm``, INT4 Triton
+   (W4A16: bf16 MMA; W4A8: int8 MMA);
    achieved TFLOP/s and fraction of the GPU's dense peak. Kernel only (activation quantization
    excluded; it is fused into the preceding op by torch.compile in the engine).
 3. end to end: DiT-XL/2, random weights, 256px (32x32x4 latents), DDPM 50 steps with classifier-free
@@ -228,6 +229,7 @@ def gemms(M: int, peaks: dict | None) -> dict:
         wp = pack_int4(torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8))
         gs = torch.rand(N, K // 128, device=dev) * 1e-2
         rec("int4_w4a16_triton", lambda: torch.ops.dtq.w4a16_mm(a, wp, gs, 128, bias), "bf16")
+        rec("int4_w4a8_triton", lambda: torch.ops.dtq.w4a8_mm(ai, wp, gs, 128, one, bias, torch.bfloat16), "int8")
         b = row["bf16"].get("ms")
         for k, v in row.items():
             if isinstance(v, dict) and "ms" in v and b:
