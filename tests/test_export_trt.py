@@ -67,3 +67,21 @@ def test_trt_rtx_parses_and_builds(exported, precision):
         return
     assert result.built, result.errors
     assert len(result.plan) > 100_000
+
+
+def test_trt_fp8_ops_option(tmp_path):
+    """fp8_ops="trt": TensorRT's trt::TRT_FP8QuantizeLinear/DequantizeLinear instead of opset-19 Q/DQ."""
+    import onnx
+
+    from dtq.engines.trt_rtx import build_rtx_engine
+    from dtq.export.api import export_model
+
+    model = load_builtin("dit-tiny-fmnist")
+    res = export_model(ExportConfig(out=str(tmp_path / "fp8trt.onnx"), model="m", precision="fp8", fp8_ops="trt",
+                                    max_batch=4), model=model, recipe=make_recipe(model, "fp8", calib_batch=2))
+    proto = onnx.load(str(res.path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"} <= ops and "QuantizeLinear" not in ops
+    assert res.report.ok and res.report.checked_nodes == 3 * 4 * model.config.depth
+    result = build_rtx_engine(res.path, 1, 2, 4)
+    assert result.parsed and result.built, result.errors
