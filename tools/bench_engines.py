@@ -289,7 +289,8 @@ def weight_report(module, base) -> dict:
             "quantized_layer_weights_vs_bf16": round(codes / bf16_same, 3) if bf16_same else None}
 
 
-def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name="DiT-XL/2") -> None:
+def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name="DiT-XL/2",
+               on_point=lambda: None) -> None:
     from dtq.runtime.backends import GraphedDenoiser
     from dtq.runtime.diffusion import GaussianDiffusion
     from dtq.runtime.sampler import sample
@@ -378,6 +379,7 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
                 return r
 
             guarded(entry["batches"], str(B), run)
+            on_point()  # the JSON on disk is never more than one point behind
             r = entry["batches"][str(B)]
             if "images_per_s" in r:
                 log(f"{name} batch {B}: {r['images_per_s']} img/s (50 steps, CFG), forward {r['forward_ms']} ms "
@@ -496,7 +498,7 @@ def main(argv=None) -> int:
         save()
     if "e2e" not in skip:
         try:
-            end_to_end(backends, batches, args.steps, args.repeats, args.budget_s, results, args.model)
+            end_to_end(backends, batches, args.steps, args.repeats, args.budget_s, results, args.model, on_point=save)
         except Exception as exc:
             results.setdefault("end_to_end", {})["error"] = f"{type(exc).__name__}: {exc}"[:500]
             log(f"end to end FAILED: {exc}")
