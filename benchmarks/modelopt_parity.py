@@ -56,7 +56,8 @@ def modelopt_candidate(model, calib, restrict: bool):
 
     cfg = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
     if restrict:  # dtq's placement: only the four Linears of each DiT block
-        for pattern in ("*adaLN_modulation*", "*t_embedder*", "*final_layer*", "*x_embedder*", "*y_embedder*"):
+        for pattern in ("*adaLN_modulation*", "*t_embedder*", "*final_layer*", "*x_embedder*", "*y_embedder*",
+                        "*norm*"):  # ModelOpt also puts input quantizers on LayerNorms
             cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
     t0 = time.perf_counter()
     qmodel = mtq.quantize(copy.deepcopy(model), cfg, forward_loop=calib.forward_loop(batch_size=16))
@@ -73,6 +74,31 @@ def modelopt_candidate(model, calib, restrict: bool):
         entry["weight_axis"] = getattr(wq, "axis", None)
         placement[name] = entry
     return qmodel.eval(), placement, seconds
+
+
+def recipe_from_modelopt(model, qmodel):
+    """ModelOpt's calibration as a dtq recipe: ``pre_quant_scale`` s (ModelOpt computes x * s and
+    W / s) is the balancing vector b = 1 / s, folded where dtq can fold it (adaLN for qkv/fc1, V for
+    proj) and a run-time Mul elsewhere (fc2); act scale = ModelOpt's per-tensor amax / 127; weight
+    scales min-max of the balanced weight (what ModelOpt's max calibration computes)."""
+    from dtq.runtime.recipe import LayerRecipe, Recipe, model_fingerprint
+
+    fold = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
+    layers, tensors = {}, {}
+    for i in range(model.config.depth):
+        for role in BLOCK_ROLES:
+            name = f"blocks.{i}.{role}"
+            m = qmodel.get_submodule(name)
+            iq = m.input_quantizer
+            layer = LayerRecipe(weight_format="int8", weight_granularity="channel", act_format="int8",
+                                act_scale=float(iq.amax.float().max()) / 127.0)
+            pqs = getattr(iq, "pre_quant_scale", None)
+            if pqs is not None:
+                tensors[f"{name}.balance"] = (1.0 / pqs.float()).detach().cpu()
+                layer.balance, layer.balance_fold = f"{name}.balance", fold[role]
+            layers[name] = layer
+    return Recipe("modelopt-smoothquant", model_fingerprint(model), layers, tensors,
+                  model_config=model.config.to_dict())
 
 
 def dtq_placement(recipe):
@@ -95,6 +121,7 @@ def main() -> int:
     ap.add_argument("--cali-steps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--only", choices=["dtq", "modelopt"], help="run one side only")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -108,7 +135,7 @@ def main() -> int:
     ref = run_torch(model, evalset)
     results = {"model": args.ckpt, "calib_rows": len(calib), "eval_rows": len(evalset), "candidates": {}}
 
-    for method in ("smoothquant", "minmax"):
+    for method in ("smoothquant", "minmax") if args.only != "modelopt" else ():
         t1 = time.perf_counter()
         recipe = calibrate(model, calib, CalibConfig(method=method, alpha=args.alpha, progress=False))
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,12 +150,14 @@ def main() -> int:
         print(method, results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"]["sqnr_vs_fp_db"], file=sys.stderr)
 
     try:
+        if args.only == "dtq":
+            raise ImportError("skipped (--only dtq)")
         import modelopt  # noqa: F401
     except ImportError as exc:
         results["modelopt"] = f"not importable: {exc}"
     else:
         results["modelopt_version"] = modelopt.__version__
-        for restrict in (False, True):
+        for restrict in (False, True) if args.only != "modelopt" else (True,):
             qmodel, placement, seconds = modelopt_candidate(model, calib, restrict)
             out = run_torch(qmodel, evalset)
             key = "modelopt INT8_SMOOTHQUANT_CFG" + (" (block Linears only)" if restrict else " (as shipped)")
@@ -136,6 +165,19 @@ def main() -> int:
                                           "quantized_modules": len(placement),
                                           "placement": summarize_placement(placement)}
             print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
+            if restrict:  # the export layer at parity: ModelOpt's own calibration through dtq's export
+                recipe = recipe_from_modelopt(model, qmodel)
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
+                                                    max_batch=64), model=model, recipe=recipe)
+                    out = run_onnx(res.path, evalset)
+                sim = run_torch(apply_recipe(model, recipe), evalset)
+                key = "dtq export of ModelOpt's calibration (ONNX Q/DQ, ORT)"
+                results["candidates"][key] = {
+                    "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
+                    "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "qdq_nodes": res.report.checked_nodes,
+                    "placement": summarize_placement(dtq_placement(recipe))}
+                print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
     text = json.dumps(results, indent=1, default=str)
     print(text)
     if args.out:

@@ -89,8 +89,9 @@ def export_torch(
     dynamic batch dimension named ``batch`` on x, t, y and out, then canonicalize Linear names."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: torch's dynamo exporter emits an invalid Split at opset 17")
-    if not (1 <= min_batch <= example_batch <= max_batch) and not (min_batch <= max_batch):
+    if not 1 <= min_batch <= max_batch:
         raise ExportError(f"bad batch range {min_batch}..{max_batch}")
+    # an example batch of 1 would make torch.export specialize the dimension
     example_batch = min(max(example_batch, min_batch, 2), max_batch)
     cfg = model.config
     work = model if next(model.parameters()).dtype == dtype else _cast_copy(model, dtype)
