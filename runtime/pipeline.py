@@ -1,0 +1,225 @@
+"""Sampling end to end: resolve a model, pick labels and noise from a seed, run the sampler in
+batches, decode, and write a PNG grid, one PNG per image and an ADM-style ``.npz``.
+
+``SampleConfig`` is the one description of a sampling job: ``dtq-sample`` parses its command
+line into it and the Python API takes it (``generate(SampleConfig(...))``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, read_config_json
+from .denoiser import Denoiser, TorchDenoiser
+from .diffusion import GaussianDiffusion
+from .images import make_grid, save_npz, save_png, to_uint8
+from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
+from .sampler import sample
+from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _meta(help_text: str) -> dict:
+    return {"help": help_text}
+
+
+@dataclass
+class SampleConfig:
+    model: str | None = field(default=None, metadata=_meta(
+        f"built-in model ({', '.join(BUILTIN_MODELS)}; the default when no --ckpt) or a DiT config name "
+        "(DiT-XL/2 ...): with --ckpt the checkpoint must match it, without it needs --random-weights"))
+    ckpt: Path | None = field(default=None, metadata=_meta(
+        ".pt or .safetensors DiT checkpoint (facebookresearch layout); config.json beside it is read"))
+    random_weights: bool = field(default=False, metadata=_meta(
+        "use random weights for --model CONFIG (speed tests; the images are noise)"))
+    image_size: int | None = field(default=None, metadata=_meta(
+        "image side in pixels (latent models: 8x the latent side); sets the input size of a --model config "
+        "and is checked against a checkpoint"))
+    num_classes: int | None = field(default=None, metadata=_meta("classes of a --model config (default 1000)"))
+    steps: int = field(default=50, metadata=_meta("respaced sampling steps (of 1000)"))
+    sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=_meta("ddpm (learned variance) or ddim"))
+    eta: float = field(default=0.0, metadata=_meta("DDIM eta (0 = deterministic)"))
+    cfg_scale: float = field(default=1.5, metadata=_meta("classifier-free guidance scale (1 = off)"))
+    guidance_channels: Literal["all", "dit"] = field(default="all", metadata=_meta(
+        "guide all noise channels, or only the first 3 as the original DiT code does"))
+    classes: list[int] | None = field(default=None, metadata=_meta(
+        "class labels to sample, each --per-class times (default: every class for models with <= 16 classes)"))
+    per_class: int = field(default=4, metadata=_meta("images per listed class (the grid's columns)"))
+    num_images: int | None = field(default=None, metadata=_meta("sample this many images with random labels instead"))
+    seed: int = field(default=0, metadata=_meta("seed for labels, initial noise and per-step noise"))
+    batch_size: int = field(default=64, metadata=_meta("images per denoiser batch (guidance doubles it)"))
+    device: str = field(default="auto", metadata=_meta("cpu, cuda, cuda:N or auto"))
+    dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata=_meta("weights and compute dtype"))
+    autocast: bool = field(default=False, metadata=_meta("keep fp32 weights and run --dtype fp16/bf16 under autocast"))
+    clip_denoised: bool | None = field(default=None, metadata=_meta(
+        "clip predicted x0 to [-1, 1] (default: on for pixel-space models, off for latents as in DiT)"))
+    vae: Path | None = field(default=None, metadata=_meta(
+        "diffusers AutoencoderKL directory for latent models; without it latents are saved to latents.npz"))
+    out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
+    progress: bool = field(default=True, metadata=_meta("show progress bars"))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.steps > 1000:
+            raise ValueError(f"--steps must be in 1..1000, got {self.steps}")
+        if self.batch_size < 1 or self.per_class < 1:
+            raise ValueError("--batch-size and --per-class must be positive")
+        if self.num_images is not None and self.num_images < 1:
+            raise ValueError("--num-images must be positive")
+        if self.classes is not None and self.num_images is not None:
+            raise ValueError("give either --classes or --num-images, not both")
+        if self.ckpt is not None and self.random_weights:
+            raise ValueError("--random-weights and --ckpt exclude each other")
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # decoded images in [-1, 1], [N, C, H, W] (latents when not decoded)
+    labels: torch.Tensor
+    out: Path
+    files: list[Path]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_model(cfg: SampleConfig) -> DiT:
+    """The DiT a job asks for: a checkpoint, a built-in model, or a config with random weights."""
+    if cfg.ckpt is not None:
+        expected = None
+        if cfg.model is not None and cfg.model not in BUILTIN_MODELS:
+            hints = read_config_json(cfg.ckpt)
+            expected = _config_from_name(cfg.model, cfg, hints)
+        model = load_checkpoint(cfg.ckpt, expected=expected)
+    elif cfg.model is None or cfg.model in BUILTIN_MODELS:
+        model = load_checkpoint(builtin_checkpoint(cfg.model or DEFAULT_MODEL))
+    elif cfg.random_weights:
+        model = DiT(_config_from_name(cfg.model, cfg, {})).randomize_(cfg.seed)
+    else:
+        raise ValueError(f"--model {cfg.model} names an architecture: give --ckpt, or --random-weights for a speed test")
+    _check_image_size(model.config, cfg.image_size)
+    return model
+
+
+def _config_from_name(name: str, cfg: SampleConfig, hints: dict) -> DiTConfig:
+    overrides = {k: hints[k] for k in ("in_channels", "num_classes", "learn_sigma", "space", "input_size") if k in hints}
+    if cfg.num_classes is not None:
+        overrides["num_classes"] = cfg.num_classes
+    if cfg.image_size is not None and "input_size" not in overrides:
+        overrides["input_size"] = cfg.image_size // 8 if overrides.get("space", "latent") == "latent" else cfg.image_size
+    try:
+        return named_config(name, **overrides)
+    except KeyError:
+        raise ValueError(f"unknown --model {name!r}; known: {', '.join(list(BUILTIN_MODELS) + list(DIT_CONFIGS))}") from None
+
+
+def _check_image_size(config: DiTConfig, image_size: int | None) -> None:
+    if image_size is None:
+        return
+    side = config.input_size * (8 if config.space == "latent" else 1)
+    if side != image_size:
+        raise ValueError(f"--image-size {image_size} does not match the model, which makes {side}px images")
+
+
+def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Labels to sample and the grid's column count."""
+    if cfg.num_images is not None:
+        labels = torch.randint(0, num_classes, (cfg.num_images,), generator=generator)
+        return labels, max(1, int(math.ceil(math.sqrt(cfg.num_images))))
+    classes = cfg.classes
+    if classes is None:
+        if num_classes > 16:
+            raise ValueError(f"the model has {num_classes} classes: pick some with --classes or use --num-images")
+        classes = list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class labels {bad} are outside 0..{num_classes - 1}")
+    return torch.tensor(classes).repeat_interleave(cfg.per_class), cfg.per_class
+
+
+def generate(cfg: SampleConfig, denoiser: Denoiser | None = None, model: DiT | None = None) -> SampleResult:
+    """Run a sampling job and write its files. ``denoiser`` replaces the PyTorch model as the
+    network (ONNX Runtime, TensorRT, quantized backends); ``model`` still describes it."""
+    device = resolve_device(cfg.device)
+    model = model if model is not None else resolve_model(cfg)
+    mc = model.config
+    if denoiser is None:
+        denoiser = TorchDenoiser(model, device, DTYPES[cfg.dtype], autocast=cfg.autocast)
+    if cfg.cfg_scale != 1.0 and mc.null_class is None:
+        raise ValueError("this model has no null class: use --cfg-scale 1")
+    decoder = None
+    if mc.space == "latent" and cfg.vae is not None:
+        from .decode import LatentDecoder
+
+        decoder = LatentDecoder(cfg.vae, device)
+    clip = cfg.clip_denoised if cfg.clip_denoised is not None else mc.space == "pixel"
+
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same images on any device
+    labels, ncols = choose_labels(cfg, mc.num_classes, gen)
+    noise = torch.randn(len(labels), mc.in_channels, mc.input_size, mc.input_size, generator=gen)
+    diffusion = GaussianDiffusion.dit(cfg.steps)
+    outputs = []
+    batches = range(0, len(labels), cfg.batch_size)
+    if cfg.progress and len(batches) > 1:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="batches", unit="batch")
+    for start in batches:
+        sl = slice(start, start + cfg.batch_size)
+        step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+        x = sample(denoiser, diffusion, noise[sl].to(device), labels[sl].to(device), sampler=cfg.sampler,
+                   cfg_scale=cfg.cfg_scale, null_class=mc.null_class, guidance_channels=cfg.guidance_channels,
+                   eta=cfg.eta, clip_denoised=clip, generator=step_gen, progress=cfg.progress)
+        outputs.append((decoder(x) if decoder else x).cpu())
+    images = torch.cat(outputs)
+    files = write_outputs(cfg, images, labels, ncols, decoded=mc.space == "pixel" or decoder is not None)
+    return SampleResult(images, labels, cfg.out, files)
+
+
+def write_outputs(cfg: SampleConfig, images: torch.Tensor, labels: torch.Tensor, ncols: int, decoded: bool) -> list[Path]:
+    """Write into a temporary sibling directory, then move into place: never a half-written output."""
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        names = []
+        if decoded:
+            arr = to_uint8(images)
+            save_png(make_grid(arr, ncols), tmp / "grid.png")
+            (tmp / "images").mkdir()
+            for i, (img, lab) in enumerate(zip(arr, labels.tolist())):
+                save_png(img, tmp / "images" / f"{i:06d}_class{lab}.png")
+            save_npz(arr, labels.numpy(), tmp / "samples.npz")
+            names = ["grid.png", "images", "samples.npz"]
+        else:
+            np.savez(tmp / "latents.npz", images.numpy().astype(np.float32), labels.numpy())
+            names = ["latents.npz"]
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+        (tmp / "sample_config.json").write_text(json.dumps(meta, indent=1) + "\n")
+        names.append("sample_config.json")
+        out.mkdir(exist_ok=True)
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / n for n in names]
