@@ -115,3 +115,17 @@ def test_usage_errors_exit_2(graphs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         compare.main(["--candidate", "torch", "--min-sqnr", "abc"])
     assert exc.value.code == 2
+
+
+def test_torch_fp32_vs_bf16(tmp_path):
+    """Two PyTorch endpoints of one model in different dtypes (no shared state between them)."""
+    out = tmp_path / "bf16"
+    rc = compare.main(["--reference", "torch", "--candidate", "torch:bf16", "--min-sqnr", "15", "--out", str(out),
+                       "--steps", "4", "--num-images", "2", "--e2e-images", "2", "--top-k", "3"])
+    rep = _report(out)
+    assert rc == 0, rep["step"]["rows"]
+    sq = [r["sqnr_db"] for r in rep["step"]["rows"]]
+    assert all(15 < s < 60 for s in sq), sq  # bf16 rounding: clearly not FP32-exact
+    # every Linear is probed when neither endpoint is quantized
+    assert len(rep["layerwise"]["layers"]) == len([n for n in rep["layerwise"]["ranking"]]) > 24
+    assert compare.main(["--candidate", "torch:int3", "--out", str(tmp_path / "x")]) == 2

@@ -20,6 +20,7 @@ Exit codes: 0 pass, 1 a check failed, 2 bad usage or input.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -53,7 +54,8 @@ def _meta(text: str) -> dict:
 @dataclass
 class CompareConfig:
     candidate: str | None = field(default=None, metadata=_meta(
-        "what to test: an .onnx file, an engine directory (engine.plan), a recipe directory (recipe.json) or 'torch'"))
+        "what to test: an .onnx file, an engine directory (engine.plan), a recipe directory (recipe.json), or "
+        "'torch' / 'torch:fp16' / 'torch:bf16' (the PyTorch model in --torch-dtype or the named dtype)"))
     reference: str = field(default="torch", metadata=_meta("the reference, same kinds as --candidate"))
     ckpt: Path | None = field(default=None, metadata=_meta(
         "DiT checkpoint (.safetensors/.pt); default: the built-in dit-tiny-fmnist"))
@@ -65,7 +67,7 @@ class CompareConfig:
     cfg_scale: float = field(default=1.5, metadata=_meta("classifier-free guidance scale"))
     seed: int = field(default=0, metadata=_meta("seed of labels, noise and sampler noise"))
     torch_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata=_meta(
-        "dtype of 'torch' and recipe endpoints"))
+        "dtype of 'torch' (without :dtype) and recipe endpoints"))
     device: str = field(default="cpu", metadata=_meta("device of PyTorch endpoints and the capturing sampler"))
     min_sqnr: float = field(default=20.0, metadata=_meta("fail below this SQNR (dB) at any timestep"))
     min_cosine: float | None = field(default=None, metadata=_meta("fail below this cosine similarity"))
@@ -102,6 +104,7 @@ class Endpoint:
     model: torch.nn.Module | None = None  # torch / recipe
     path: Path | None = None  # onnx / engine
     balanced: tuple[str, ...] = ()  # layers whose input a recipe rescales per channel
+    dtype: str | None = None  # torch:<dtype>; None = --torch-dtype
 
     def balanced_layers(self) -> set[str]:
         if self.kind == "recipe":
@@ -119,9 +122,12 @@ class Endpoint:
             return onnx_quantized_layers(onnx.load(str(self.path), load_external_data=False))
         return []
 
+    def torch_dtype(self, cfg: CompareConfig) -> torch.dtype:
+        return DTYPES[self.dtype or cfg.torch_dtype]
+
     def runner(self, cfg: CompareConfig, name: str, probe_layers: list[str] | None = None):
         if self.kind in ("torch", "recipe"):
-            return TorchRunner(self.model, device=cfg.device, dtype=DTYPES[cfg.torch_dtype],
+            return TorchRunner(copy.deepcopy(self.model), device=cfg.device, dtype=self.torch_dtype(cfg),
                                probe_layers=probe_layers, name=name)
         if self.kind == "onnx":
             return onnx_runner(self.path, probe_layers=probe_layers, name=name)
@@ -131,7 +137,7 @@ class Endpoint:
 
     def denoiser(self, cfg: CompareConfig):
         if self.kind in ("torch", "recipe"):
-            return TorchDenoiser(self.model, cfg.device, DTYPES[cfg.torch_dtype])
+            return TorchDenoiser(copy.deepcopy(self.model), cfg.device, self.torch_dtype(cfg))
         if self.kind == "onnx":
             return OnnxDenoiser(self.path)
         raise ValueError("end-to-end sampling through an engine directory needs TensorRT; use --no-e2e here")
@@ -154,8 +160,11 @@ class OnnxDenoiser:
 
 
 def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
-    if spec == "torch":
-        return Endpoint(spec, "torch", model=model)
+    if spec == "torch" or spec.startswith("torch:"):
+        dtype = spec.partition(":")[2] or None
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"{spec!r}: use torch, or torch:DTYPE with DTYPE one of {', '.join(DTYPES)}")
+        return Endpoint(spec, "torch", model=model, dtype=dtype)
     path = Path(spec)
     if path.is_file() and path.suffix == ".onnx":
         return Endpoint(spec, "onnx", path=path)

@@ -143,22 +143,17 @@ def onnx_runner(path: str | Path, *, probe_layers: list[str] | None = None, prov
     missing = [n for n in probe_layers if n not in probes]
     if missing:
         raise ValueError(f"{path}: layers not found as canonically named Linears: {missing[:5]}")
-    rename = {OUTPUT: OUTPUT}
-    for layer in probe_layers:
-        tin, tout = probes[layer]
-        rename.setdefault(tin, probe_key(layer, "in"))
-        rename.setdefault(tout, probe_key(layer, "out"))
-    marked = ModifyOutputs(model, outputs=list(rename))()
+    tensors = [OUTPUT] + [t for layer in probe_layers for t in probes[layer]]
+    marked = ModifyOutputs(model, outputs=list(dict.fromkeys(tensors)))()
     return _RenamingRunner(OnnxrtRunner(SessionFromOnnx(marked.SerializeToString(), providers=providers or ["cpu"]),
-                                        name=name), rename, probes, probe_layers)
+                                        name=name), probes, probe_layers)
 
 
 class _RenamingRunner(BaseRunner):
     """Wraps a runner; renames its outputs (graph tensor names -> ``layer:in``/``layer:out``).
-    A tensor shared by two probes (e.g. qkv's output feeds nothing else; fc1's input is shared by
-    nobody) is copied under every key that names it."""
+    A tensor that several probes name (the SiLU output every adaLN Gemm reads) appears under each."""
 
-    def __init__(self, inner: BaseRunner, rename: dict[str, str], probes, layers):
+    def __init__(self, inner: BaseRunner, probes, layers):
         super().__init__(name=inner.name, prefix="dtq-onnxrt")
         self.name = inner.name
         self.inner = inner
