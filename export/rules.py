@@ -110,8 +110,27 @@ def _opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+class _quiet_gs:
+    """onnx-graphsurgeon warns when FP8/INT4 constants are read as numpy; the checker only reads."""
+
+    def __enter__(self):
+        self.level = gs.logger.G_LOGGER.severity
+        gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+        return self
+
+    def __exit__(self, *exc):
+        gs.logger.G_LOGGER.severity = self.level
+        return False
+
+
 def check_model(model: onnx.ModelProto | gs.Graph, opset: int | None = None) -> RuleReport:
-    """Run every rule on a ModelProto (or a gs.Graph plus its ``opset``)."""
+    """Run every rule on a ModelProto (or a gs.Graph plus its ``opset``; its FP8/INT4 constants
+    are read, which makes onnx-graphsurgeon convert them: pass a ModelProto to keep a graph)."""
+    with _quiet_gs():
+        return _check(model, opset)
+
+
+def _check(model: onnx.ModelProto | gs.Graph, opset: int | None) -> RuleReport:
     if isinstance(model, onnx.ModelProto):
         opset = _opset(model)
         graph = gs.import_onnx(model)
@@ -257,6 +276,6 @@ def _check_int4_int8_mix(graph: gs.Graph, out: list[Finding]) -> None:
             else:
                 kinds.append(None)
         if "int4" in kinds and "int8" in kinds:
-            out.append(Finding("int4-int8-mix", node.name, "INT4 weight with INT8 activation (W4A8): TensorRT has no INT4xINT8 GEMM; "
-                                                           "it dequantizes the INT4 weight and runs the GEMM in the activation's "
-                                                           "INT8 path or FP16 (no W4A8 speed-up)", "warning"))
+            out.append(Finding("int4-int8-mix", node.name, "INT4 weight with INT8 activation (W4A8): TensorRT has no INT4xINT8 GEMM "
+                                                           "(TensorRT-RTX 1.7 parses it and fails to build); export w4a16 for "
+                                                           "TensorRT", "warning"))

@@ -168,3 +168,16 @@ def test_bad_schema_is_refused(tmp_path, small_dit):
     (d / "recipe.json").write_text(json.dumps(data))
     with pytest.raises(RecipeError, match="act_scale"):
         load_recipe(d)
+
+
+def test_recipe_of_tiny_model_refused_for_reference_model(tmp_path, reference_ckpt):
+    """Across architectures the message names the config difference (needs ../shared)."""
+    from dtq.runtime.checkpoint import load_checkpoint
+    from dtq.runtime.zoo import load_builtin
+
+    tiny = load_builtin("dit-tiny-fmnist")
+    recipe = Recipe("test", model_fingerprint(tiny), model_config=tiny.config.to_dict())
+    recipe.save(tmp_path / "r")
+    load_recipe(tmp_path / "r", tiny)  # its own model is accepted
+    with pytest.raises(RecipeError, match="config differs.*hidden_size"):
+        load_recipe(tmp_path / "r", load_checkpoint(reference_ckpt))

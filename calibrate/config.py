@@ -1,0 +1,92 @@
+"""Typed configuration of calibration: one dataclass for the Python API and the CLI.
+
+``dtq-calibrate`` builds its argparse parser from these fields (``metadata["help"]``), so a
+field added here is an option there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MethodName = Literal["minmax", "percentile", "mse", "smoothquant", "ptq4dit", "ditas"]
+ScaleSearch = Literal["minmax", "percentile", "mse"]
+WeightGranularity = Literal["tensor", "channel", "group32", "group64", "group128"]
+WeightFormat = Literal["int", "fp8"]
+DEFAULT_LAYERS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class CalibDataConfig:
+    """How the calibration set is collected: the FP sampler from noise with random labels."""
+
+    cali_steps: int = field(default=25, metadata=_h("timesteps recorded, spread uniformly over the trajectory"))
+    cali_n: int = field(default=32, metadata=_h("samples per recorded timestep (guidance doubles the rows)"))
+    steps: int = field(default=100, metadata=_h("respaced sampler steps of the FP trajectory"))
+    sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=_h("sampler of the FP trajectory"))
+    cfg_scale: float = field(default=1.5, metadata=_h("classifier-free guidance scale (1 = none)"))
+    seed: int = field(default=0, metadata=_h("seed of noise, labels and sampler noise"))
+    clip_denoised: bool = field(default=True, metadata=_h("clip predicted x0 to [-1, 1] (pixel-space models)"))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cali_steps <= self.steps:
+            raise ValueError(f"cali_steps must be in 1..steps ({self.steps}), got {self.cali_steps}")
+        if self.cali_n < 1:
+            raise ValueError("cali_n must be >= 1")
+
+
+@dataclass
+class CalibConfig:
+    """What to quantize and how. ``calibrate(model, data, CalibConfig(...)) -> Recipe``."""
+
+    method: MethodName = field(default="minmax", metadata=_h("PTQ method"))
+    weight_bits: Literal[4, 8] = field(default=8, metadata=_h("weight bits (4: INT4 weight-only blocks)"))
+    act_bits: Literal[8, 16] = field(default=8, metadata=_h("activation bits (16: activations not quantized)"))
+    weight_format: WeightFormat = field(default="int", metadata=_h("int, or fp8 (E4M3; with --weight-bits 8)"))
+    act_format: WeightFormat = field(default="int", metadata=_h("int, or fp8 (E4M3) activations"))
+    weight_granularity: WeightGranularity = field(
+        default="channel", metadata=_h("weight scale granularity: per tensor, per output channel, per C_in group"))
+    weight_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for weight scales"))
+    act_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for activation scales"))
+    percentile: float = field(default=99.99, metadata=_h("percentile of |x| for the percentile search"))
+    lp: float = field(default=2.0, metadata=_h("p of the Lp error minimised by the mse search (PTQ4DiT: 2.4)"))
+    alpha: float = field(default=0.5, metadata=_h("SmoothQuant migration strength"))
+    alpha_grid_step: float = field(default=0.05, metadata=_h("DiTAS alpha grid step over [0, 1]"))
+    layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
+                              metadata=_h("layer roles in each block to quantize"))
+    sample_tokens: int = field(default=64, metadata=_h("tokens per layer and timestep kept for searches"))
+    hist_bins: int = field(default=2048, metadata=_h("bins of the |x| histogram per layer"))
+    batch_size: int = field(default=64, metadata=_h("rows per calibration forward"))
+    device: str = field(default="cpu", metadata=_h("torch device"))
+    progress: bool = field(default=True, metadata=_h("progress bars"))
+
+    def __post_init__(self) -> None:
+        if self.weight_bits == 4 and self.weight_format != "int":
+            raise ValueError("4-bit weights are INT4 only")
+        if self.weight_format == "fp8" and self.weight_bits != 8:
+            raise ValueError("fp8 weights need weight_bits 8")
+        if self.weight_bits == 4 and self.weight_granularity == "tensor":
+            raise ValueError("INT4 weights need per-channel or group granularity")
+        if not 0 < self.percentile <= 100:
+            raise ValueError("percentile must be in (0, 100]")
+        unknown = [r for r in self.layers if r not in DEFAULT_LAYERS]
+        if unknown:
+            raise ValueError(f"unknown layer roles {unknown}; known: {DEFAULT_LAYERS}")
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def wfmt(self) -> str:
+        return "int4" if self.weight_bits == 4 else ("fp8_e4m3" if self.weight_format == "fp8" else "int8")
+
+    @property
+    def afmt(self) -> str:
+        return "none" if self.act_bits == 16 else ("fp8_e4m3" if self.act_format == "fp8" else "int8")
+
+    @property
+    def granularity(self) -> tuple[str, int | None]:
+        g = self.weight_granularity
+        return ("group", int(g[5:])) if g.startswith("group") else (g, None)

@@ -1,0 +1,131 @@
+"""Timestep-aware calibration set (Q-Diffusion / PTQ4DiT): the FP sampler runs from noise with
+random labels and a sampler callback records the denoiser inputs ``(x_t, t, y)`` at ``cali_steps``
+trajectory positions spread uniformly, ``cali_n`` samples each (guidance doubles the rows: the
+conditional and the null-label halves). No copy of the sampling loop: ``runtime.sampler.sample``
+with ``on_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..runtime.denoiser import TorchDenoiser
+from ..runtime.diffusion import GaussianDiffusion
+from ..runtime.sampler import StepInfo, sample
+from .config import CalibDataConfig
+
+ForwardLoop = Callable[[nn.Module], None]
+
+
+@dataclass
+class CalibrationSet:
+    """Rows of denoiser inputs; ``step`` is the trajectory index (0 = noisiest) of each row."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    step: torch.Tensor
+    steps: int  # length of the trajectory the rows come from
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def select(self, mask: torch.Tensor) -> "CalibrationSet":
+        return CalibrationSet(self.x[mask], self.t[mask], self.y[mask], self.step[mask], self.steps, dict(self.info))
+
+    def recorded_steps(self) -> list[int]:
+        return sorted(set(self.step.tolist()))
+
+    def phase(self, name: str) -> "CalibrationSet":
+        """Rows of the early (noisiest third), middle or late (last third) part of the trajectory."""
+        k = ["early", "middle", "late"].index(name)
+        lo, hi = k * self.steps / 3, (k + 1) * self.steps / 3
+        return self.select((self.step >= lo) & (self.step < hi))
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches in trajectory order (rows of one timestep stay together where they fit)."""
+        order = torch.argsort(self.step, stable=True)
+        for i in range(0, len(self), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.x[idx], self.t[idx], self.y[idx]
+
+    def forward_loop(self, batch_size: int = 64, device: str | torch.device = "cpu",
+                     progress: bool = False) -> ForwardLoop:
+        """A ModelOpt-style ``forward_loop(model)`` that runs every row through the model."""
+
+        def loop(model: nn.Module) -> None:
+            batches = self.batches(batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, total=-(-len(self) // batch_size), desc="calibration forward", leave=False)
+            with torch.no_grad():
+                for x, t, y in batches:
+                    model(x.to(device), t.to(device), y.to(device))
+
+        return loop
+
+    # -- IO -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "dtq.calibration_set", "version": "1", "steps": str(self.steps), "info": json.dumps(self.info)}
+        save_file({"x": self.x.contiguous().float(), "t": self.t.long().contiguous(), "y": self.y.long().contiguous(),
+                   "step": self.step.long().contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationSet":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration set not found: {path}")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "dtq.calibration_set":
+                raise ValueError(f"{path}: not a dtq calibration set")
+            tensors = {k: f.get_tensor(k) for k in ("x", "t", "y", "step")}
+        return cls(**tensors, steps=int(meta["steps"]), info=json.loads(meta.get("info", "{}")))
+
+
+def recorded_indices(steps: int, cali_steps: int) -> list[int]:
+    """Trajectory indices spread uniformly from the first (noisiest) to the last step."""
+    return sorted({int(round(v)) for v in np.linspace(0, steps - 1, cali_steps)})
+
+
+@torch.no_grad()
+def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDataConfig(), *,
+                            device: str | torch.device = "cpu", progress: bool = False) -> CalibrationSet:
+    """Run the FP sampler and record the denoiser inputs at ``config.cali_steps`` positions."""
+    cfg = model.config
+    diffusion = GaussianDiffusion.dit(config.steps)
+    keep = set(recorded_indices(config.steps, config.cali_steps))
+    gen = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(config.cali_n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    labels = torch.randint(0, cfg.num_classes, (config.cali_n,), generator=gen)
+    rows: list[tuple[torch.Tensor, ...]] = []
+
+    def record(info: StepInfo) -> None:
+        if info.index in keep:
+            rows.append((info.x.float().cpu(), info.t.cpu(), info.y.cpu(),
+                         torch.full((info.x.shape[0],), info.index, dtype=torch.long)))
+
+    guided = config.cfg_scale != 1.0
+    sample(TorchDenoiser(model, device), diffusion, noise.to(device), labels, sampler=config.sampler,
+           cfg_scale=config.cfg_scale, null_class=cfg.null_class if guided else None,
+           clip_denoised=config.clip_denoised, generator=gen, on_step=record, progress=progress)
+    x, t, y, step = (torch.cat(parts) for parts in zip(*rows))
+    info = {k: getattr(config, k) for k in ("cali_steps", "cali_n", "steps", "sampler", "cfg_scale", "seed")}
+    return CalibrationSet(x, t, y, step, config.steps, info)

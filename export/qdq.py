@@ -1,0 +1,154 @@
+"""Q/DQ insertion from a recipe, per precision.
+
+- Weights: stored as quantized initializers (INT8 / FLOAT8E4M3FN / packed INT4) with a
+  ``DequantizeLinear`` in front of the MatMul: per output channel (1-D scale, ``axis`` = the
+  output axis of the stored layout), per tensor, or blocked along C_in (INT4, opset 21
+  ``block_size``). The integers are ``runtime.quant.quantize_weight`` of the float32 master
+  weight (the balanced ``W diag(b)``) with the recipe's scale: the simulated model's integers.
+- Activations: ``QuantizeLinear -> DequantizeLinear`` on the MatMul's input, per tensor, zero
+  point 0 (INT8) or FP8 E4M3 zero (FP8). With a run-time balancing ``Mul`` the Q/DQ follows it.
+- FP8 uses the standard opset-19 ops by default; ``fp8_ops="trt"`` emits TensorRT's
+  ``trt::TRT_FP8QuantizeLinear``/``TRT_FP8DequantizeLinear`` instead (TensorRT only; ONNX Runtime
+  cannot run them).
+
+W4A8 (INT4 blocked weight, INT8 per-tensor activation) exports as exactly that: the INT8 Q/DQ on
+the activation and the blocked INT4 DQ on the weight; ONNX Runtime runs it. TensorRT has no
+INT4 x INT8 GEMM (its INT4 is weight-only with FP16/BF16 activations; NVIDIA's W4A8 is INT4 x FP8
+and only in TensorRT-LLM). Measured with TensorRT-RTX 1.7.1: the parser accepts the graph and the
+builder fails (Myelin internal error ``CHECK(is_constant())``: it tries to fuse the INT8
+activation Q/DQ into an INT8 GEMM whose weight is not an INT8 constant). For TensorRT deploy the
+same recipe as w4a16 (weights identical, activation Q/DQ dropped).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from ..runtime import quant
+from ..runtime.recipe import Recipe
+from .onnx_export import find_linears
+from .surgery import MasterWeights
+
+# precision -> (weight format, activation format) the recipe's layers must have
+PRECISIONS = {
+    "fp32": None,
+    "fp16": None,
+    "int8": ("int8", "int8"),
+    "fp8": ("fp8_e4m3", "fp8_e4m3"),
+    "w4a16": ("int4", "none"),
+    "w4a8": ("int4", "int8"),
+}
+# smallest ai.onnx opset each precision needs
+MIN_OPSET = {"fp32": 18, "fp16": 18, "int8": 19, "fp8": 19, "w4a16": 21, "w4a8": 21}
+_NP = {"int8": np.int8, "int4": ml_dtypes.int4, "fp8_e4m3": ml_dtypes.float8_e4m3fn}
+_FP16_TINY = float(np.finfo(np.float16).tiny)
+
+
+class QDQError(ValueError):
+    pass
+
+
+def check_recipe_precision(recipe: Recipe, precision: str) -> None:
+    """Every recipe layer must use the precision's formats (layers left FP are 'none'/'none')."""
+    want = PRECISIONS.get(precision)
+    if want is None:
+        raise QDQError(f"precision {precision!r} takes no recipe" if precision in PRECISIONS
+                       else f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    for name, layer in recipe.layers.items():
+        got = (layer.weight_format, layer.act_format)
+        if got not in (want, ("none", "none")):
+            raise QDQError(f"recipe layer {name} is {got[0]} weights / {got[1]} activations, "
+                           f"but precision {precision} means {want[0]} / {want[1]}")
+
+
+def _quant_initializer(name: str, codes: torch.Tensor, fmt: str) -> gs.Constant:
+    """Quantized codes (int8 container for INT8/INT4, torch float8 for FP8) as an initializer of
+    the right ONNX type (INT4 packed two per byte by onnx.numpy_helper)."""
+    if fmt == "fp8_e4m3":
+        arr = codes.contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    else:
+        arr = codes.numpy().astype(_NP[fmt])
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(arr), name)))
+
+
+def _zero_point(name: str, fmt: str, shape: tuple) -> gs.Constant:
+    zeros = np.zeros(shape, dtype=np.float32 if fmt == "fp8_e4m3" else np.int8).astype(_NP[fmt])
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(zeros, name)))
+
+
+def _scale(name: str, values: np.ndarray, dtype) -> gs.Constant:
+    values = np.asarray(values, np.float32)
+    if np.dtype(dtype) == np.float16:
+        values = np.maximum(values, _FP16_TINY)
+    return gs.Constant(name, np.array(values, dtype=dtype, order="C"))
+
+
+def insert_qdq(graph: gs.Graph, master: MasterWeights, recipe: Recipe, fp8_ops: str = "onnx") -> gs.Graph:
+    """Q/DQ for every recipe layer (weights and/or activation), returns the cleaned graph."""
+    if fp8_ops not in ("onnx", "trt"):
+        raise QDQError(f"fp8_ops must be 'onnx' or 'trt', got {fp8_ops!r}")
+    sites = find_linears(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    for name, layer in recipe.layers.items():
+        if name not in sites:
+            raise QDQError(f"recipe layer {name!r} is not a Linear of this graph")
+        site = sites[name]
+        node = nodes[site.node]
+        dtype = graph.tensors()[site.weight].dtype  # the graph's float type (float32 / float16)
+        use_trt = fp8_ops == "trt"
+        if layer.act_format != "none":
+            fmt = layer.act_format
+            x = node.inputs[0]
+            s = _scale(f"{name}.input_scale", np.float32(layer.act_scale), dtype)
+            q_out = gs.Variable(f"{name}/input_quantized", dtype=np.dtype(_NP[fmt]), shape=x.shape)
+            dq_out = gs.Variable(f"{name}/input_dequantized", dtype=x.dtype, shape=x.shape)
+            if fmt == "fp8_e4m3" and use_trt:
+                q = gs.Node("TRT_FP8QuantizeLinear", name=f"{name}/input_q", domain="trt", inputs=[x, s], outputs=[q_out])
+                dq = gs.Node("TRT_FP8DequantizeLinear", name=f"{name}/input_dq", domain="trt", inputs=[q_out, s], outputs=[dq_out])
+            else:
+                zp = _zero_point(f"{name}.input_zero_point", fmt, ())
+                q = gs.Node("QuantizeLinear", name=f"{name}/input_q", inputs=[x, s, zp], outputs=[q_out])
+                dq = gs.Node("DequantizeLinear", name=f"{name}/input_dq", inputs=[q_out, s, zp], outputs=[dq_out])
+            graph.nodes += [q, dq]
+            node.inputs[0] = dq_out
+        if layer.weight_format != "none":
+            fmt, gran, group = layer.weight_format, layer.weight_granularity, layer.weight_group_size
+            w_stored = master[site.weight]
+            w = torch.from_numpy(np.ascontiguousarray(w_stored.T if site.op == "MatMul" else w_stored))  # [C_out, C_in]
+            scale = recipe.weight_scale(name)
+            if scale is None:  # QuantLinear.set_quant does the same: min-max of the balanced weight
+                scale = quant.weight_scale(w, fmt, gran, group)
+            scale = scale.detach().float().cpu()
+            codes = quant.quantize_weight(w, scale, fmt, gran, group)  # [C_out, C_in]
+            s_np = scale.numpy()
+            attrs = {}
+            if site.op == "MatMul":  # stored [C_in, C_out]
+                codes = codes.T.contiguous()
+                if gran == "channel":
+                    attrs["axis"] = 1
+                elif gran == "group":
+                    s_np = s_np.T
+                    attrs.update(axis=0, block_size=int(group))
+            else:  # Gemm, stored [C_out, C_in]
+                if gran == "channel":
+                    attrs["axis"] = 0
+                elif gran == "group":
+                    attrs.update(axis=1, block_size=int(group))
+            if fmt == "int4" and gran != "group":
+                raise QDQError(f"{name}: INT4 weights must be block-quantized (granularity 'group') for TensorRT")
+            wq = _quant_initializer(f"{name}.weight_quantized", codes, fmt)
+            ws = _scale(f"{name}.weight_scale", s_np, dtype)
+            out = gs.Variable(f"{name}/weight_dequantized", dtype=dtype, shape=list(codes.shape))
+            if fmt == "fp8_e4m3" and use_trt:
+                dq = gs.Node("TRT_FP8DequantizeLinear", name=f"{name}/weight_dq", domain="trt", inputs=[wq, ws], outputs=[out], attrs=attrs)
+            else:
+                dq = gs.Node("DequantizeLinear", name=f"{name}/weight_dq", inputs=[wq, ws], outputs=[out], attrs=attrs)
+            graph.nodes.append(dq)
+            node.inputs[1] = out
+    return graph.cleanup().toposort()

@@ -1,0 +1,87 @@
+"""TensorRT for RTX parses every exported precision of the tiny and the reference model and
+builds a serialized engine (strongly typed, CPU-only build). W4A8 is the documented exception:
+parsed, refused by the builder (TensorRT has no INT4 x INT8 GEMM)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtq.export.api import ExportConfig, build_graph
+from dtq.export.onnx_export import export_torch
+from dtq.export.writer import write_model
+from dtq.runtime.checkpoint import load_checkpoint
+from dtq.runtime.zoo import load_builtin
+
+from export_recipes import make_recipe
+
+try:
+    import tensorrt_rtx  # noqa: F401
+    HAVE_TRT = True
+except ImportError:
+    HAVE_TRT = False
+
+pytestmark = pytest.mark.skipif(not HAVE_TRT, reason="tensorrt_rtx not importable: pip install tensorrt-rtx==1.7.1.116")
+
+REFERENCE = Path("/work/shared/reference/dit-s2-fmnist/model.safetensors")
+PRECISIONS = ["fp32", "fp16", "int8", "fp8", "w4a16", "w4a8"]
+OPSET = 21
+
+
+def _load(which):
+    if which == "tiny":
+        return load_builtin("dit-tiny-fmnist")
+    if not REFERENCE.is_file():
+        pytest.skip(f"reference model absent: {REFERENCE}")
+    return load_checkpoint(REFERENCE)
+
+
+@pytest.fixture(scope="module", params=["tiny", "reference"])
+def exported(request, tmp_path_factory):
+    """Every precision of one model written to disk (one FP export per dtype, reused)."""
+    model = _load(request.param)
+    fp = {dt: export_torch(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET, max_batch=4)
+          for dt in ("fp32", "fp16")}
+    out_dir = tmp_path_factory.mktemp(request.param)
+    paths = {}
+    for p in PRECISIONS:
+        dtype = p if p in ("fp32", "fp16") else "fp16"
+        cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=4).resolved()
+        recipe = None if p in ("fp32", "fp16") else make_recipe(model, p, group=32, calib_batch=2)
+        proto = build_graph(model, cfg, recipe, fp[dtype])
+        paths[p] = write_model(proto, out_dir / f"{p}.onnx")
+    return request.param, paths
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_trt_rtx_parses_and_builds(exported, precision):
+    from dtq.engines.trt_rtx import build_rtx_engine
+
+    which, paths = exported
+    result = build_rtx_engine(paths[precision], min_batch=1, opt_batch=2, max_batch=4)
+    assert result.parsed, result.errors
+    if precision == "w4a8":
+        # TensorRT-RTX 1.7.1: Myelin internal error CHECK(is_constant()) when an INT8 activation Q/DQ
+        # meets a blocked INT4 weight; if a later release builds it, this assert says so.
+        assert not result.built, "TensorRT-RTX now builds W4A8: update export/qdq.py docs"
+        return
+    assert result.built, result.errors
+    assert len(result.plan) > 100_000
+
+
+def test_trt_fp8_ops_option(tmp_path):
+    """fp8_ops="trt": TensorRT's trt::TRT_FP8QuantizeLinear/DequantizeLinear instead of opset-19 Q/DQ."""
+    import onnx
+
+    from dtq.engines.trt_rtx import build_rtx_engine
+    from dtq.export.api import export_model
+
+    model = load_builtin("dit-tiny-fmnist")
+    res = export_model(ExportConfig(out=str(tmp_path / "fp8trt.onnx"), model="m", precision="fp8", fp8_ops="trt",
+                                    max_batch=4), model=model, recipe=make_recipe(model, "fp8", calib_batch=2))
+    proto = onnx.load(str(res.path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"} <= ops and "QuantizeLinear" not in ops
+    assert res.report.ok and res.report.checked_nodes == 3 * 4 * model.config.depth
+    result = build_rtx_engine(res.path, 1, 2, 4)
+    assert result.parsed and result.built, result.errors
