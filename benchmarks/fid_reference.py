@@ -39,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, help="checkpoint (default: the built-in dit-tiny-fmnist, for smoke tests)")
     p.add_argument("--steps", default="100,50", help="respaced DDPM step counts, comma-separated (default 100,50)")
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR", help="a recipe setting (repeatable)")
+    p.add_argument("--calibrate", action="append", default=[], metavar="NAME=METHOD:WBITS:ABITS[:GRAN]",
+                   help="calibrate a recipe here first (dtq.calibrate, default calibration set) and sample it, e.g. "
+                        "w8a8=ditas:8:8:channel or w4a8=ditas:4:8:group128; the recipe is saved to OUT/recipes/NAME")
+    p.add_argument("--cali-n", type=int, default=32, help="calibration samples per recorded timestep (dtq default)")
+    p.add_argument("--cali-steps", type=int, default=25, help="recorded timesteps (dtq default)")
+    p.add_argument("--cali-sampler-steps", type=int, default=100, help="steps of the calibration trajectory")
     p.add_argument("--per-class", type=int, default=1000, help="samples per class (default 1000: FID-10k)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
@@ -89,10 +95,33 @@ def main(argv=None) -> int:
 
         settings.append((name, apply_recipe(model, load_recipe(directory, model))))
     args.out.mkdir(parents=True, exist_ok=True)
+    calibrated = {}
+    for spec in args.calibrate:
+        name, _, how = spec.partition("=")
+        parts = how.split(":")
+        if len(parts) not in (3, 4):
+            print(f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN], got {spec!r}", file=sys.stderr)
+            return 2
+        from dtq.calibrate.api import calibrate
+        from dtq.calibrate.config import CalibConfig, CalibDataConfig
+        from dtq.calibrate.data import collect_calibration_set
+        from dtq.runtime.recipe import apply_recipe
+
+        t0 = time.time()
+        cal = CalibConfig(method=parts[0], weight_bits=int(parts[1]), act_bits=int(parts[2]),
+                          weight_granularity=parts[3] if len(parts) == 4 else "channel", device=args.device,
+                          progress=False)
+        data = collect_calibration_set(model.to(args.device), CalibDataConfig(
+            cali_steps=args.cali_steps, cali_n=args.cali_n, steps=args.cali_sampler_steps), device=args.device)
+        recipe = calibrate(model, data, cal)
+        recipe.save(args.out / "recipes" / name)
+        settings.append((name, apply_recipe(model, recipe)))
+        calibrated[name] = {"spec": how, "seconds": round(time.time() - t0, 1)}
+        print(f"calibrated {name} ({how}) in {time.time() - t0:.0f} s", flush=True)
     meta = {"ckpt": str(ckpt), "per_class": args.per_class, "cfg_scale": args.cfg_scale, "seed": args.seed,
             "autocast": args.autocast, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "settings": {}}
+            "torch": torch.__version__, "calibrated": calibrated, "recipes": args.recipe, "settings": {}}
     for name, net in settings:
         denoiser = TorchDenoiser(net, args.device, dtype, autocast=dtype != torch.float32)
         for n in steps:
