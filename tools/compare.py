@@ -76,7 +76,7 @@ class CompareConfig:
     input_alignment: Literal["auto", "none", "channel"] = field(default="auto", metadata=_meta(
         "layer inputs rescaled per channel by balancing (SmoothQuant-style) differ from the FP ones by a gain: "
         "'channel' compares them after the best per-channel gain, 'none' as they are, 'auto' aligns the layers a "
-        "recipe candidate balances (give 'channel' for a Q/DQ graph exported from a balancing recipe)"))
+        "recipe candidate balances and those whose raw input SQNR is 3 dB below their output SQNR"))
     top_k: int = field(default=5, metadata=_meta("layers to name as candidates for higher precision"))
     suggest_below: float = field(default=30.0, metadata=_meta(
         "name a layer for higher precision only if the noise it adds itself has an SQNR (dB) below this"))
@@ -268,15 +268,21 @@ def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, step
              else ref.balanced_layers() | cand.balanced_layers())
     per_layer = []
     for order, layer in enumerate(layers):
-        s_in, s_out = [], []
+        s_raw, s_aligned, s_out = [], [], []
         for r_it, c_it in zip(ref_iters, cand_iters):
             r_in, c_in = np.asarray(r_it[probe_key(layer, "in")]), np.asarray(c_it[probe_key(layer, "in")])
-            s_in.append(_aligned_sqnr(r_in, c_in) if layer in align else metrics.sqnr_db(r_in, c_in))
+            s_raw.append(metrics.sqnr_db(r_in, c_in))
+            s_aligned.append(_aligned_sqnr(r_in, c_in))
             s_out.append(metrics.sqnr_db(r_it[probe_key(layer, "out")], c_it[probe_key(layer, "out")]))
-        sin, sout = _mean_db(s_in), _mean_db(s_out)
+        sout = _mean_db(s_out)
+        # auto: an input that looks 3 dB worse than the output it produces differs by a gain the
+        # layer's weights undo (balancing folded upstream); propagated noise seldom shrinks that much
+        aligned = layer in align or (cfg.input_alignment == "auto" and _mean_db(s_raw) < sout - 3.0)
+        sin = _mean_db(s_aligned if aligned else s_raw)
         drop = (sin - sout) if math.isfinite(sin) else (math.inf if math.isfinite(sout) else 0.0)
         per_layer.append({"layer": layer, "order": order, "in_sqnr_db": sin, "out_sqnr_db": sout, "sqnr_drop_db": drop,
-                          "added_sqnr_db": added_noise_sqnr(sin, sout), "input_aligned": layer in align,
+                          "added_sqnr_db": added_noise_sqnr(sin, sout), "input_aligned": aligned,
+                          "in_sqnr_db_raw": _mean_db(s_raw),
                           "out_sqnr_db_per_step": s_out})
     ranked = sorted(per_layer, key=lambda d: (d["added_sqnr_db"], d["out_sqnr_db"]))
     return {"layers": per_layer, "ranking": [d["layer"] for d in ranked],

@@ -116,15 +116,27 @@ def _onnx_linears(model) -> dict[str, tuple[str, str, bool]]:
     for name, site in find_linears(graph).items():
         node = nodes[site.node]
         act = node.inputs[0]
-        # walk back over the activation's DequantizeLinear <- QuantizeLinear and a run-time Mul
+        # walk back over the activation's DequantizeLinear <- QuantizeLinear and the run-time
+        # balancing Mul (export names it "<layer>/input_mul"; its second input is a constant vector).
+        # Not over any other Mul: a decomposed GELU ends in one.
         for op in ("DequantizeLinear", "QuantizeLinear", "Mul"):
-            if act.inputs and act.inputs[0].op == op and not isinstance(act.inputs[0].inputs[0], gs.Constant):
-                act = act.inputs[0].inputs[0]
+            prod = act.inputs[0] if act.inputs else None
+            if prod is None or prod.op != op or isinstance(prod.inputs[0], gs.Constant):
+                continue
+            if op == "Mul" and not (prod.name == f"{name}/input_mul" or _is_channel_vector(prod.inputs[1])):
+                continue
+            act = prod.inputs[0]
         result = nodes[site.bias_node].outputs[0] if site.bias_node else node.outputs[0]
         w = node.inputs[1]
         quantized = bool(w.inputs) and w.inputs[0].op == "DequantizeLinear"
         out[name] = (act.name, result.name, quantized)
     return out
+
+
+def _is_channel_vector(tensor) -> bool:
+    import onnx_graphsurgeon as gs
+
+    return isinstance(tensor, gs.Constant) and len(tensor.shape) == 1 and tensor.shape[0] > 1
 
 
 def onnx_runner(path: str | Path, *, probe_layers: list[str] | None = None, providers=None, name: str | None = None):
