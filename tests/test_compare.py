@@ -1,0 +1,131 @@
+"""dtq-compare on the built-in tiny DiT: an identical graph passes, a deliberately broken weight
+scale fails with exit code 1 and the layerwise ranking names the broken layer; usage errors exit 2."""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dtq.export.onnx_export import export_torch
+from dtq.runtime.zoo import load_builtin
+from dtq.tools import compare
+from dtq.tools.capture import capture_inputs, default_step_indices, step_indices_for_timesteps
+from dtq.runtime.diffusion import GaussianDiffusion
+from dtq.runtime.denoiser import TorchDenoiser
+
+from _qdq import weight_qdq
+
+BROKEN = "blocks.2.mlp.fc1"
+FAST = ["--steps", "4", "--num-images", "2", "--e2e-images", "2"]
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("graphs")
+    model = load_builtin("dit-tiny-fmnist")
+    fp = export_torch(model, max_batch=16)
+    onnx.save(fp, d / "fp32.onnx")
+    blocks = [n for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2") for _ in [0]]
+    layers = [f"blocks.{i}.{r}" for i in range(model.config.depth) for r in blocks]
+    onnx.save(weight_qdq(fp, layers), d / "w8.onnx")
+    onnx.save(weight_qdq(fp, layers, broken={BROKEN: 4.0}), d / "w8_broken.onnx")
+    return d
+
+
+def _report(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_capture_steps_and_feeds():
+    model = load_builtin("dit-tiny-fmnist")
+    diffusion = GaussianDiffusion.dit(10)
+    assert default_step_indices(10) == [0, 5, 9]
+    assert step_indices_for_timesteps(diffusion, [999, 0]) == [0, 9]
+    g = torch.Generator().manual_seed(0)
+    steps = capture_inputs(TorchDenoiser(model), diffusion, torch.randn(2, 1, 32, 32, generator=g),
+                           torch.tensor([1, 2]), [0, 9], cfg_scale=1.5, null_class=model.config.null_class)
+    assert [s.index for s in steps] == [0, 9] and [s.timestep for s in steps] == [999, 0]
+    feed = steps[0].feed()
+    assert list(feed) == ["x", "t", "y"] and feed["x"].shape == (4, 1, 32, 32)  # guidance doubles the batch
+    assert feed["y"].tolist() == [1, 2, 10, 10] and feed["t"].dtype == np.int64
+    # the captured input at step 0 is the initial noise itself
+    assert np.array_equal(feed["x"][:2], torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)).numpy())
+
+
+def test_identical_graph_passes(graphs, tmp_path):
+    out = tmp_path / "same"
+    rc = compare.main(["--reference", str(graphs / "fp32.onnx"), "--candidate", str(graphs / "fp32.onnx"),
+                       "--min-sqnr", "60", "--min-cosine", "0.999999", "--max-abs", "0", "--out", str(out), *FAST])
+    assert rc == 0
+    rep = _report(out)
+    assert rep["passed"] and rep["step"]["polygraphy_passed"]
+    assert len(rep["step"]["rows"]) == 3 and all(r["sqnr_db"] == "inf" and r["max_abs"] == 0 for r in rep["step"]["rows"])
+    assert rep["e2e"]["n_identical"] == 2 and rep["e2e"]["mean_ssim"] == pytest.approx(1.0)
+    assert rep["layerwise"]["keep_in_higher_precision"] == []
+    for name in ("report.json", "report.md", "layer_sqnr.png", "e2e_grid.png", "e2e_samples.npz"):
+        assert (out / name).is_file(), name
+
+
+def test_broken_scale_fails_and_is_found(graphs, tmp_path):
+    out = tmp_path / "broken"
+    rc = compare.main(["--reference", "torch", "--candidate", str(graphs / "w8_broken.onnx"),
+                       "--min-sqnr", "20", "--out", str(out), *FAST])
+    assert rc == 1
+    rep = _report(out)
+    assert not rep["passed"] and not rep["step"]["passed"]
+    assert min(r["sqnr_db"] for r in rep["step"]["rows"]) < 20
+    lw = rep["layerwise"]
+    # the ranking covers exactly the quantized Linears, and the broken one is first by far
+    assert len(lw["layers"]) == 24 and lw["ranking"][0] == BROKEN
+    by = {d["layer"]: d for d in lw["layers"]}
+    assert by[BROKEN]["out_sqnr_db"] < 10  # 4x weight: out = 4 y, SQNR ~ -9.5 dB
+    assert by[BROKEN]["added_sqnr_db"] < 0 and by[BROKEN]["added_sqnr_db"] < by[lw["ranking"][1]]["added_sqnr_db"] - 5
+    # upstream of the broken layer everything is clean (int8 weights: > 25 dB)
+    assert all(by[f"blocks.{i}.{r}"]["out_sqnr_db"] > 25 for i in (0, 1) for r in ("attn.qkv", "mlp.fc2"))
+    assert by[BROKEN]["sqnr_drop_db"] > 20
+    assert lw["keep_in_higher_precision"][0] == BROKEN
+    assert "FAIL" in (out / "report.md").read_text().splitlines()[0]
+
+
+def test_correct_int8_weights_pass(graphs, tmp_path):
+    out = tmp_path / "w8"
+    rc = compare.main(["--reference", str(graphs / "fp32.onnx"), "--candidate", str(graphs / "w8.onnx"),
+                       "--min-sqnr", "20", "--no-layerwise", "--out", str(out), *FAST])
+    rep = _report(out)
+    assert rc == 0, rep["step"]["rows"]
+    sq = [r["sqnr_db"] for r in rep["step"]["rows"]]
+    assert all(25 < s < 80 for s in sq), sq  # quantization noise is there, but small
+    assert 20 < rep["e2e"]["mean_psnr_db"] < 80 and rep["e2e"]["mean_ssim"] > 0.9
+    # a tolerance the candidate cannot meet turns the same run into a failure
+    assert compare.main(["--reference", str(graphs / "fp32.onnx"), "--candidate", str(graphs / "w8.onnx"),
+                         "--min-sqnr", "90", "--no-layerwise", "--no-e2e", "--out", str(tmp_path / "strict"),
+                         *FAST]) == 1
+
+
+def test_usage_errors_exit_2(graphs, tmp_path, capsys):
+    assert compare.main(["--out", str(tmp_path / "x")]) == 2  # no candidate
+    assert compare.main(["--candidate", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x")]) == 2
+    assert compare.main(["--candidate", "torch", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert compare.main(["--candidate", "torch", "--timesteps", "1200", *FAST, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--candidate is required" in err and "missing.onnx" in err
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--candidate", "torch", "--min-sqnr", "abc"])
+    assert exc.value.code == 2
+
+
+def test_torch_fp32_vs_bf16(tmp_path):
+    """Two PyTorch endpoints of one model in different dtypes (no shared state between them)."""
+    out = tmp_path / "bf16"
+    rc = compare.main(["--reference", "torch", "--candidate", "torch:bf16", "--min-sqnr", "15", "--out", str(out),
+                       "--steps", "4", "--num-images", "2", "--e2e-images", "2", "--top-k", "3"])
+    rep = _report(out)
+    assert rc == 0, rep["step"]["rows"]
+    sq = [r["sqnr_db"] for r in rep["step"]["rows"]]
+    assert all(15 < s < 60 for s in sq), sq  # bf16 rounding: clearly not FP32-exact
+    # every Linear is probed when neither endpoint is quantized
+    assert len(rep["layerwise"]["layers"]) == len([n for n in rep["layerwise"]["ranking"]]) > 24
+    assert compare.main(["--candidate", "torch:int3", "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,133 @@
+"""FID: the Frechet distance against closed forms, precision/recall on synthetic features, and the
+Inception pipeline on a few hundred Fashion-MNIST images: a set against itself is ~0 and FID grows
+with added noise. (Inception-v3 at 299px runs ~0.1-0.3 s/image on a CPU core: sets stay small.)"""
+
+import json
+
+import numpy as np
+import pytest
+
+from dtq.tools import fid, fid_cli
+
+N = 64  # images per Inception-featured set in these tests
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    d = 16
+    a_var, b_var = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+    a, b = fid.Stats(mu_a, np.diag(a_var), 10), fid.Stats(mu_b, np.diag(b_var), 10)
+    expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(a_var) - np.sqrt(b_var)) ** 2).sum()
+    assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    # a full (non-diagonal) covariance against itself: 0; rotated: invariant
+    m = rng.standard_normal((d, d))
+    s = m @ m.T + np.eye(d)
+    assert abs(fid.frechet_distance(fid.Stats(mu_a, s, 10), fid.Stats(mu_a, s, 10))) < 1e-8
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    d1 = fid.frechet_distance(fid.Stats(mu_a, s, 10), fid.Stats(mu_b, 2 * s, 10))
+    d2 = fid.frechet_distance(fid.Stats(q @ mu_a, q @ s @ q.T, 10), fid.Stats(q @ mu_b, 2 * q @ s @ q.T, 10))
+    assert d1 == pytest.approx(d2, rel=1e-7)
+    # scalar case: (sqrt(2) - 1)^2 * trace(s) when only the scale of the covariance differs
+    assert fid.frechet_distance(fid.Stats(mu_a, s, 10), fid.Stats(mu_a, 2 * s, 10)) == pytest.approx(
+        (np.sqrt(2) - 1) ** 2 * np.trace(s), rel=1e-7)
+
+
+def test_precision_recall_synthetic():
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((300, 8))
+    same = rng.standard_normal((300, 8))
+    far = rng.standard_normal((300, 8)) + 20
+    p, r = fid.precision_recall(real, same)
+    assert p > 0.85 and r > 0.85
+    assert fid.precision_recall(real, far) == (0.0, 0.0)
+    # a collapsed generator (all samples near one real point): precise, but no recall
+    collapsed = real[:1] + 0.01 * rng.standard_normal((300, 8))
+    p, r = fid.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.05
+
+
+def test_stats_roundtrip_and_reference_kinds(tmp_path):
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((50, 2048))
+    st = fid.Stats.of(feats)
+    path = st.save(tmp_path / "s.npz")
+    back, feats_back = fid.reference_stats(path)
+    assert feats_back is None and back.n == 50
+    assert np.allclose(back.mu, st.mu, atol=1e-6) and np.allclose(back.sigma, st.sigma, atol=1e-5)
+    # images: ADM .npz (arr_0 NHWC uint8) and a folder of PNGs load to the same array
+    imgs = rng.integers(0, 256, (5, 32, 32, 1)).astype(np.uint8)
+    np.savez(tmp_path / "batch.npz", imgs, np.arange(5))
+    assert np.array_equal(fid.load_images(tmp_path / "batch.npz"), imgs)
+    from PIL import Image
+
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im[..., 0]).save(tmp_path / "folder" / f"{i:03d}.png")
+    assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs)
+    with pytest.raises(ValueError):
+        fid.as_nhwc_uint8(imgs.astype(np.float32))
+    with pytest.raises(FileNotFoundError):
+        fid.load_images(tmp_path / "nope")
+
+
+@pytest.fixture(scope="module")
+def fmnist_sets():
+    from dtq.tools.fmnist import load_fmnist
+
+    try:
+        images, _ = load_fmnist("test")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    clean = images[:N]
+    rng = np.random.default_rng(0)
+
+    def noisy(sigma):
+        return np.clip(clean.astype(np.float64) + rng.normal(0, sigma, clean.shape), 0, 255).round().astype(np.uint8)
+
+    ex = fid.FeatureExtractor(batch_size=32)
+    return {"clean": ex(clean), "noise8": ex(noisy(8)), "noise32": ex(noisy(32)), "extractor": ex, "images": clean}
+
+
+def test_fid_self_is_zero_and_grows_with_noise(fmnist_sets):
+    s = {k: fid.Stats.of(v) for k, v in fmnist_sets.items() if k.startswith(("clean", "noise"))}
+    self_fid = fid.frechet_distance(s["clean"], s["clean"])
+    f8 = fid.frechet_distance(s["clean"], s["noise8"])
+    f32 = fid.frechet_distance(s["clean"], s["noise32"])
+    assert abs(self_fid) < 1e-2, self_fid
+    assert 1.0 < f8 < f32, (f8, f32)
+    assert f32 > 1.5 * f8
+
+
+def test_feature_protocol(fmnist_sets):
+    ex, imgs, feats = fmnist_sets["extractor"], fmnist_sets["images"][:4], fmnist_sets["clean"][:4]
+    # grayscale is repeated to 3 channels: [N,H,W], [N,H,W,1] and [N,H,W,3] give the same features
+    rgb = np.repeat(imgs[..., None], 3, axis=-1)
+    assert np.allclose(ex(imgs), feats, atol=1e-4) and np.allclose(ex(rgb), feats, atol=1e-4)
+    assert feats.shape == (4, 2048) and (feats >= 0).all()  # pooled post-ReLU features
+    # and they are what fid-helper's own stat path computes (pixels to [0,1], nv_bilinear, TF range)
+    helper = ex.helper
+    helper.begin_eval_stat()
+    import torch
+
+    helper.update_eval_stat(torch.from_numpy(rgb).permute(0, 3, 1, 2), data_range=(0, 255))
+    theirs = np.stack(helper.eval_feats_list)
+    helper.finish_eval_stat()
+    assert np.allclose(theirs, feats, atol=1e-4)
+
+
+def test_dtq_fid_cli(fmnist_sets, tmp_path):
+    imgs = fmnist_sets["images"]
+    np.savez(tmp_path / "a.npz", imgs[:48, :, :, None], np.zeros(48))
+    fid.Stats.of(fmnist_sets["clean"][:48]).save(tmp_path / "ref_stats.npz")
+    rc = fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "ref_stats.npz"),
+                       "--out", str(tmp_path / "r.json"), "--no-progress", "--max-fid", "0.01"])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert res["n_samples"] == 48 and abs(res["fid"]) < 0.01
+    # against a different half of the set: a positive FID, and --max-fid turns it into exit code 1
+    fid.Stats.of(fmnist_sets["clean"][48:]).save(tmp_path / "other.npz")
+    assert fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "other.npz"),
+                         "--no-progress", "--max-fid", "1"]) == 1
+    assert fid_cli.main(["--reference", "fmnist-test"]) == 2  # no samples
+    assert fid_cli.main(["--samples", str(tmp_path / "missing.npz"), "--no-progress"]) == 2

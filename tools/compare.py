@@ -1,0 +1,451 @@
+"""dtq-compare: accuracy of a candidate denoiser (Q/DQ ONNX, TensorRT engine, quantized recipe)
+against a reference (FP ONNX or PyTorch) on real inputs captured from the FP sampler.
+
+Three parts, one output directory:
+1. Step level: the same captured ``(x_t, t, y)`` (early/middle/late steps) through both, via
+   polygraphy's ``Comparator.run`` (OnnxrtRunner / TrtRunner / our TorchRunner); per output and
+   timestep max/mean abs error, cosine, SQNR; pass/fail against the given tolerances (and
+   polygraphy's ``SnrCompareFunc`` at the same SQNR threshold as a cross-check).
+2. Layerwise: the inputs and outputs of every quantized Linear marked as outputs in both; layers
+   ranked by SQNR drop, measured as the SQNR of the noise each layer adds itself (output minus
+   input noise-to-signal ratio, in power); a bar chart of per-layer output SQNR.
+3. End to end: the same noise and labels through the full sampler with both; PSNR and SSIM per
+   image (data range 255 on the uint8 images) and their means; a side-by-side grid.
+
+Files in ``--out``: ``report.json``, ``report.md``, ``layer_sqnr.png``, ``e2e_grid.png``,
+``e2e_samples.npz`` (reference and candidate uint8 images).
+Exit codes: 0 pass, 1 a check failed, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..runtime.checkpoint import load_checkpoint
+from ..runtime.denoiser import TorchDenoiser
+from ..runtime.diffusion import GaussianDiffusion
+from ..runtime.images import to_uint8
+from ..runtime.model import DiT
+from ..runtime.sampler import sample
+from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
+from . import metrics
+from .capture import CapturedStep, capture_inputs, default_step_indices, step_indices_for_timesteps
+from .cli import EXIT_CHECK_FAILED, EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
+from .runners import OUTPUT, TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _meta(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class CompareConfig:
+    candidate: str | None = field(default=None, metadata=_meta(
+        "what to test: an .onnx file, an engine directory (engine.plan), a recipe directory (recipe.json), or "
+        "'torch' / 'torch:fp16' / 'torch:bf16' (the PyTorch model in --torch-dtype or the named dtype)"))
+    reference: str = field(default="torch", metadata=_meta("the reference, same kinds as --candidate"))
+    ckpt: Path | None = field(default=None, metadata=_meta(
+        "DiT checkpoint (.safetensors/.pt); default: the built-in dit-tiny-fmnist"))
+    out: Path = field(default=Path("compare-out"), metadata=_meta("output directory"))
+    steps: int = field(default=50, metadata=_meta("respaced DDPM steps of the capturing / end-to-end sampler"))
+    timesteps: list[int] | None = field(default=None, metadata=_meta(
+        "original timesteps (0..999) to compare at, nearest respaced step (default: first, middle, last step)"))
+    num_images: int = field(default=4, metadata=_meta("images per captured batch (guidance doubles the batch)"))
+    cfg_scale: float = field(default=1.5, metadata=_meta("classifier-free guidance scale"))
+    seed: int = field(default=0, metadata=_meta("seed of labels, noise and sampler noise"))
+    torch_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata=_meta(
+        "dtype of 'torch' (without :dtype) and recipe endpoints"))
+    device: str = field(default="cpu", metadata=_meta("device of PyTorch endpoints and the capturing sampler"))
+    min_sqnr: float = field(default=20.0, metadata=_meta("fail below this SQNR (dB) at any timestep"))
+    min_cosine: float | None = field(default=None, metadata=_meta("fail below this cosine similarity"))
+    max_abs: float | None = field(default=None, metadata=_meta("fail above this max abs error"))
+    layerwise: bool = field(default=True, metadata=_meta("rank quantized Linears by SQNR drop"))
+    input_alignment: Literal["auto", "none", "channel"] = field(default="auto", metadata=_meta(
+        "layer inputs rescaled per channel by balancing (SmoothQuant-style) differ from the FP ones by a gain: "
+        "'channel' compares them after the best per-channel gain, 'none' as they are, 'auto' aligns the layers a "
+        "recipe candidate balances and those whose raw input SQNR is 3 dB below their output SQNR"))
+    top_k: int = field(default=5, metadata=_meta("layers to name as candidates for higher precision"))
+    suggest_below: float = field(default=30.0, metadata=_meta(
+        "name a layer for higher precision only if the noise it adds itself has an SQNR (dB) below this"))
+    e2e: bool = field(default=True, metadata=_meta("end-to-end PSNR/SSIM of full sampling runs"))
+    e2e_images: int = field(default=8, metadata=_meta("images of the end-to-end comparison"))
+    min_psnr: float | None = field(default=None, metadata=_meta("fail when the mean end-to-end PSNR (dB) is below"))
+
+    def __post_init__(self) -> None:
+        if not self.candidate:
+            raise ValueError("--candidate is required (an .onnx file, engine dir, recipe dir or 'torch')")
+        if self.steps < 1 or self.steps > 1000:
+            raise ValueError(f"--steps must be in 1..1000, got {self.steps}")
+        if self.num_images < 1 or self.e2e_images < 1:
+            raise ValueError("--num-images and --e2e-images must be positive")
+        self.out = Path(self.out)
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+@dataclass
+class Endpoint:
+    """A resolved --reference / --candidate."""
+
+    spec: str
+    kind: str  # torch | recipe | onnx | engine
+    model: torch.nn.Module | None = None  # torch / recipe
+    path: Path | None = None  # onnx / engine
+    balanced: tuple[str, ...] = ()  # layers whose input a recipe rescales per channel
+    dtype: str | None = None  # torch:<dtype>; None = --torch-dtype
+
+    def balanced_layers(self) -> set[str]:
+        if self.kind == "recipe":
+            return set(self.balanced)
+        return set()
+
+    def quantized_layers(self) -> list[str]:
+        if self.kind == "recipe":
+            from ..runtime.recipe import quant_layers
+
+            return list(quant_layers(self.model))
+        if self.kind == "onnx":
+            import onnx
+
+            return onnx_quantized_layers(onnx.load(str(self.path), load_external_data=False))
+        return []
+
+    def torch_dtype(self, cfg: CompareConfig) -> torch.dtype:
+        return DTYPES[self.dtype or cfg.torch_dtype]
+
+    def runner(self, cfg: CompareConfig, name: str, probe_layers: list[str] | None = None):
+        if self.kind in ("torch", "recipe"):
+            return TorchRunner(copy.deepcopy(self.model), device=cfg.device, dtype=self.torch_dtype(cfg),
+                               probe_layers=probe_layers, name=name)
+        if self.kind == "onnx":
+            return onnx_runner(self.path, probe_layers=probe_layers, name=name)
+        if probe_layers:
+            raise ValueError("layerwise diagnosis of an engine needs its ONNX file: pass that as --candidate")
+        return trt_runner(self.path, name=name)
+
+    def denoiser(self, cfg: CompareConfig):
+        if self.kind in ("torch", "recipe"):
+            return TorchDenoiser(copy.deepcopy(self.model), cfg.device, self.torch_dtype(cfg))
+        if self.kind == "onnx":
+            return OnnxDenoiser(self.path)
+        raise ValueError("end-to-end sampling through an engine directory needs TensorRT; use --no-e2e here")
+
+
+class OnnxDenoiser:
+    """Minimal ONNX Runtime denoiser ``(x, t, y) -> out`` for dtq graphs (inputs x, t, y). An adapter
+    of ours until the engines branch's backends are merged; it runs on the CPU provider."""
+
+    def __init__(self, path: str | Path, providers=None):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+
+    def __call__(self, x, t, y):
+        out = self.session.run([OUTPUT], {"x": x.detach().float().cpu().numpy(),
+                                          "t": t.detach().cpu().numpy().astype(np.int64),
+                                          "y": y.detach().cpu().numpy().astype(np.int64)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
+    if spec == "torch" or spec.startswith("torch:"):
+        dtype = spec.partition(":")[2] or None
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"{spec!r}: use torch, or torch:DTYPE with DTYPE one of {', '.join(DTYPES)}")
+        return Endpoint(spec, "torch", model=model, dtype=dtype)
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".onnx":
+        return Endpoint(spec, "onnx", path=path)
+    if path.is_dir() and (path / "recipe.json").is_file():
+        from ..runtime.recipe import apply_recipe, load_recipe
+
+        recipe = load_recipe(path, model)
+        return Endpoint(spec, "recipe", model=apply_recipe(model, recipe),
+                        balanced=tuple(n for n, lr in recipe.layers.items() if lr.balance is not None))
+    if path.is_dir() and (path / "engine.plan").is_file():
+        return Endpoint(spec, "engine", path=path)
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return Endpoint(spec, "onnx", path=path / "model.onnx")
+    raise ValueError(f"{spec!r}: not 'torch', an .onnx file, a recipe directory (recipe.json) "
+                     "or an engine directory (engine.plan)")
+
+
+def load_model(cfg: CompareConfig) -> DiT:
+    path = cfg.ckpt if cfg.ckpt is not None else builtin_checkpoint(DEFAULT_MODEL)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    return load_checkpoint(path)
+
+
+# -- the three comparisons -------------------------------------------------------------------------
+def _inputs(cfg: CompareConfig, model: DiT, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mc = model.config
+    gen = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.arange(n) % mc.num_classes
+    noise = torch.randn(n, mc.in_channels, mc.input_size, mc.input_size, generator=gen)
+    return noise, labels
+
+
+def capture(cfg: CompareConfig, model: DiT) -> list[CapturedStep]:
+    diffusion = GaussianDiffusion.dit(cfg.steps)
+    idx = (step_indices_for_timesteps(diffusion, cfg.timesteps) if cfg.timesteps
+           else default_step_indices(cfg.steps))
+    noise, labels = _inputs(cfg, model, cfg.num_images)
+    cfg_scale = cfg.cfg_scale if model.config.null_class is not None else 1.0
+    return capture_inputs(TorchDenoiser(model, cfg.device), diffusion, noise.to(cfg.device), labels.to(cfg.device),
+                          idx, cfg_scale=cfg_scale, null_class=model.config.null_class, seed=cfg.seed,
+                          clip_denoised=model.config.space == "pixel")
+
+
+def _run(runners, feeds):
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        return Comparator.run(runners, data_loader=feeds)
+
+
+def step_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, steps: list[CapturedStep]) -> dict:
+    from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SnrCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    runners = [ref.runner(cfg, "reference"), cand.runner(cfg, "candidate")]
+    results = _run(runners, [s.feed() for s in steps])
+    (_, ref_iters), (_, cand_iters) = list(results.items())
+    rows = []
+    for step, r_it, c_it in zip(steps, ref_iters, cand_iters):
+        for name in r_it.keys():
+            m = metrics.tensor_report(r_it[name], c_it[name])
+            fails = []
+            if not m["sqnr_db"] >= cfg.min_sqnr:
+                fails.append(f"sqnr {m['sqnr_db']:.2f} < {cfg.min_sqnr}")
+            if cfg.min_cosine is not None and not m["cosine"] >= cfg.min_cosine:
+                fails.append(f"cosine {m['cosine']:.6f} < {cfg.min_cosine}")
+            if cfg.max_abs is not None and not m["max_abs"] <= cfg.max_abs:
+                fails.append(f"max_abs {m['max_abs']:.4g} > {cfg.max_abs}")
+            if not np.isfinite(np.asarray(c_it[name])).all():
+                fails.append("non-finite values")
+            rows.append({"output": name, "step_index": step.index, "timestep": step.timestep, **m,
+                         "passed": not fails, "failures": fails})
+    funcs = [SnrCompareFunc(snr_threshold=cfg.min_sqnr)]
+    if cfg.min_cosine is not None:
+        funcs.append(CosineSimilarityCompareFunc(cosine_similarity_threshold=cfg.min_cosine))
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        poly = Comparator.compare_accuracy(results, compare_func=funcs)
+    return {"rows": rows, "passed": all(r["passed"] for r in rows), "polygraphy_passed": bool(poly),
+            "runners": {"reference": type(runners[0]).__name__, "candidate": type(runners[1]).__name__}}
+
+
+def _aligned_sqnr(ref: np.ndarray, cand: np.ndarray) -> float:
+    """SQNR after the least-squares gain per channel (last axis): balancing (SmoothQuant-style)
+    legitimately rescales a Linear's input per channel, so only the remaining noise counts."""
+    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    c = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
+    den = (c * c).sum(0)
+    gain = np.where(den > 0, (r * c).sum(0) / np.where(den > 0, den, 1), 1.0)
+    return metrics.sqnr_db(r, c * gain)
+
+
+def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, steps: list[CapturedStep],
+                         all_layers: list[str]) -> dict:
+    layers = cand.quantized_layers() or ref.quantized_layers() or all_layers
+    runners = [ref.runner(cfg, "reference", probe_layers=layers), cand.runner(cfg, "candidate", probe_layers=layers)]
+    results = _run(runners, [s.feed() for s in steps])
+    (_, ref_iters), (_, cand_iters) = list(results.items())
+    align = ({*layers} if cfg.input_alignment == "channel" else set() if cfg.input_alignment == "none"
+             else ref.balanced_layers() | cand.balanced_layers())
+    per_layer = []
+    for order, layer in enumerate(layers):
+        s_raw, s_aligned, s_out = [], [], []
+        for r_it, c_it in zip(ref_iters, cand_iters):
+            r_in, c_in = np.asarray(r_it[probe_key(layer, "in")]), np.asarray(c_it[probe_key(layer, "in")])
+            s_raw.append(metrics.sqnr_db(r_in, c_in))
+            s_aligned.append(_aligned_sqnr(r_in, c_in))
+            s_out.append(metrics.sqnr_db(r_it[probe_key(layer, "out")], c_it[probe_key(layer, "out")]))
+        sout = _mean_db(s_out)
+        # auto: an input that looks 3 dB worse than the output it produces differs by a gain the
+        # layer's weights undo (balancing folded upstream); propagated noise seldom shrinks that much
+        aligned = layer in align or (cfg.input_alignment == "auto" and _mean_db(s_raw) < sout - 3.0)
+        sin = _mean_db(s_aligned if aligned else s_raw)
+        drop = (sin - sout) if math.isfinite(sin) else (math.inf if math.isfinite(sout) else 0.0)
+        per_layer.append({"layer": layer, "order": order, "in_sqnr_db": sin, "out_sqnr_db": sout, "sqnr_drop_db": drop,
+                          "added_sqnr_db": added_noise_sqnr(sin, sout), "input_aligned": aligned,
+                          "in_sqnr_db_raw": _mean_db(s_raw),
+                          "out_sqnr_db_per_step": s_out})
+    ranked = sorted(per_layer, key=lambda d: (d["added_sqnr_db"], d["out_sqnr_db"]))
+    return {"layers": per_layer, "ranking": [d["layer"] for d in ranked],
+            "keep_in_higher_precision": [d["layer"] for d in ranked if d["added_sqnr_db"] < cfg.suggest_below][:cfg.top_k]}
+
+
+def added_noise_sqnr(in_db: float, out_db: float) -> float:
+    """SQNR (dB) of the noise a layer adds itself: its output noise-to-signal ratio minus the
+    input's, in the power domain (noises from independent sources add in power). This is the SQNR
+    drop made independent of how clean the input already was: the first quantized layer drops from
+    ~130 dB (FP rounding) to ~45 dB without being worse than a later layer going from 40 to 38 dB.
+    +inf when the layer adds no noise (output as clean as its input, or cleaner)."""
+    if not math.isfinite(out_db):
+        return math.inf
+    added = 10 ** (-out_db / 10) - (10 ** (-in_db / 10) if math.isfinite(in_db) else 0.0)
+    return math.inf if added <= 0 else -10 * math.log10(added)
+
+
+def _mean_db(values: list[float]) -> float:
+    """Mean in dB of finite values; +inf if all are +inf."""
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        return float(np.mean(finite))
+    return values[0] if values else math.nan
+
+
+def e2e_comparison(cfg: CompareConfig, model: DiT, ref: Endpoint, cand: Endpoint) -> tuple[dict, np.ndarray, np.ndarray]:
+    diffusion = GaussianDiffusion.dit(cfg.steps)
+    noise, labels = _inputs(cfg, model, cfg.e2e_images)
+    mc = model.config
+    guided = mc.null_class is not None and cfg.cfg_scale != 1.0
+    images = []
+    for ep in (ref, cand):
+        x = sample(ep.denoiser(cfg), diffusion, noise.clone(), labels, sampler="ddpm",
+                   cfg_scale=cfg.cfg_scale if guided else 1.0, null_class=mc.null_class,
+                   clip_denoised=mc.space == "pixel", generator=torch.Generator().manual_seed(cfg.seed + 1))
+        images.append(to_uint8(x))
+    rep = metrics.image_pair_report(images[0], images[1])
+    rep["labels"] = labels.tolist()
+    rep["passed"] = cfg.min_psnr is None or rep["mean_psnr_db"] >= cfg.min_psnr
+    return rep, images[0], images[1]
+
+
+# -- report ----------------------------------------------------------------------------------------
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run every enabled comparison, write the report files into ``cfg.out``, return the report."""
+    t0 = time.time()
+    model = load_model(cfg)
+    ref, cand = resolve_endpoint(cfg.reference, model), resolve_endpoint(cfg.candidate, model)
+    steps = capture(cfg, model)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+              "reference": {"spec": ref.spec, "kind": ref.kind}, "candidate": {"spec": cand.spec, "kind": cand.kind},
+              "captured": [{"step_index": s.index, "timestep": s.timestep, "batch": int(s.x.shape[0])} for s in steps]}
+    report["step"] = step_comparison(cfg, ref, cand, steps)
+    passed = report["step"]["passed"] and report["step"]["polygraphy_passed"]
+    if cfg.layerwise and "engine" not in (ref.kind, cand.kind):
+        from ..export.onnx_export import linear_names
+
+        report["layerwise"] = layerwise_comparison(cfg, ref, cand, steps, linear_names(model))
+        lw = report["layerwise"]
+        from .plots import bar_chart_png
+
+        bar_chart_png([d["layer"] for d in lw["layers"]], [d["out_sqnr_db"] for d in lw["layers"]],
+                      out / "layer_sqnr.png", title="per-layer output SQNR (dB), mean over captured steps; "
+                      "red: layers to keep in higher precision", highlight=set(lw["keep_in_higher_precision"]), threshold=cfg.min_sqnr)
+    if cfg.e2e:
+        rep, ref_img, cand_img = e2e_comparison(cfg, model, ref, cand)
+        report["e2e"] = rep
+        passed = passed and rep["passed"]
+        from .plots import side_by_side_png
+
+        diff = np.clip(np.abs(ref_img.astype(np.int16) - cand_img.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
+        side_by_side_png([ref_img, cand_img, diff], out / "e2e_grid.png")
+        np.savez(out / "e2e_samples.npz", reference=ref_img, candidate=cand_img, labels=np.asarray(rep["labels"]))
+    report["passed"] = bool(passed)
+    report["seconds"] = round(time.time() - t0, 2)
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    (out / "report.md").write_text(markdown_report(report))
+    return report
+
+
+def _jsonable(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else ("inf" if obj > 0 else "-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _jsonable(obj.item())
+    return obj
+
+
+def markdown_report(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# dtq-compare: {'PASS' if report['passed'] else 'FAIL'}", "",
+             f"reference `{report['reference']['spec']}` ({report['reference']['kind']}), "
+             f"candidate `{report['candidate']['spec']}` ({report['candidate']['kind']}); "
+             f"{c['steps']} DDPM steps, guidance {c['cfg_scale']}, seed {c['seed']}", "",
+             f"## Step level (min SQNR {c['min_sqnr']} dB"
+             + (f", min cosine {c['min_cosine']}" if c["min_cosine"] is not None else "")
+             + (f", max abs {c['max_abs']}" if c["max_abs"] is not None else "") + ")", "",
+             "| output | step | timestep | max abs | mean abs | cosine | SQNR dB | |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["step"]["rows"]:
+        lines.append(f"| {r['output']} | {r['step_index']} | {r['timestep']} | {r['max_abs']:.4g} | {r['mean_abs']:.4g} "
+                     f"| {r['cosine']:.6f} | {r['sqnr_db']:.2f} | {'ok' if r['passed'] else 'FAIL: ' + '; '.join(r['failures'])} |")
+    lines += ["", f"polygraphy SnrCompareFunc at the same threshold: {'pass' if report['step']['polygraphy_passed'] else 'FAIL'}", ""]
+    if "layerwise" in report:
+        lw = report["layerwise"]
+        lines += ["## Layerwise", "",
+                  "Ranked by the SQNR of the noise each layer adds itself (output minus input noise-to-signal, "
+                  "in power): the SQNR drop, independent of how clean the layer's input was.", "",
+                  "Keep in higher precision first: " + (", ".join(f"`{n}`" for n in lw["keep_in_higher_precision"]) or "none"),
+                  "", "![per-layer SQNR](layer_sqnr.png)", "",
+                  "| rank | layer | in SQNR dB | out SQNR dB | drop dB | added-noise SQNR dB |", "|---|---|---|---|---|---|"]
+        by = {d["layer"]: d for d in lw["layers"]}
+        for i, name in enumerate(lw["ranking"][:20]):
+            d = by[name]
+            lines.append(f"| {i + 1} | `{name}` | {d['in_sqnr_db']:.2f} | {d['out_sqnr_db']:.2f} | {d['sqnr_drop_db']:.2f} "
+                         f"| {d['added_sqnr_db']:.2f} |")
+        lines.append("")
+    if "e2e" in report:
+        e = report["e2e"]
+        lines += ["## End to end (uint8 images, data range 255)", "",
+                  f"mean PSNR {e['mean_psnr_db']:.2f} dB over {len(e['psnr_db']) - e['n_identical']} differing images "
+                  f"({e['n_identical']} identical), mean SSIM {e['mean_ssim']:.4f}", "",
+                  "rows: reference, candidate, |difference| x4", "", "![side by side](e2e_grid.png)", ""]
+    lines.append(f"({report['seconds']} s)")
+    return "\n".join(lines) + "\n"
+
+
+EPILOG = """examples:
+  dtq-compare --candidate model_int8.onnx --reference model_fp32.onnx --out cmp
+  dtq-compare --ckpt dit-s2/model.safetensors --candidate recipes/w8a8 --min-sqnr 25 --out cmp
+  dtq-compare --candidate model_int8.onnx --timesteps 999,500,20 --min-cosine 0.999 --out cmp
+
+exit codes: 0 pass, 1 a check failed, 2 bad usage or input."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtq-compare", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, CompareConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def _run_main() -> int:
+        cfg = dataclass_from_args(CompareConfig, build_parser().parse_args(argv))
+        report = run_compare(cfg)
+        worst = min((r["sqnr_db"] for r in report["step"]["rows"]), default=math.nan)
+        msg = f"{'PASS' if report['passed'] else 'FAIL'}: worst step SQNR {worst:.2f} dB"
+        if "e2e" in report:
+            msg += f", e2e mean PSNR {report['e2e']['mean_psnr_db']:.2f} dB, SSIM {report['e2e']['mean_ssim']:.4f}"
+        if report.get("layerwise", {}).get("keep_in_higher_precision"):
+            msg += f"; worst layer {report['layerwise']['keep_in_higher_precision'][0]}"
+        print(msg + f"; report in {cfg.out}")
+        return EXIT_OK if report["passed"] else EXIT_CHECK_FAILED
+
+    return run_cli(_run_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
