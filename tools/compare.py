@@ -37,6 +37,7 @@ from ..runtime.denoiser import TorchDenoiser
 from ..runtime.diffusion import GaussianDiffusion
 from ..runtime.images import to_uint8
 from ..runtime.model import DiT
+from ..runtime.backends import OnnxDenoiser, TensorRTDenoiser
 from ..runtime.sampler import sample
 from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
 from . import metrics
@@ -140,23 +141,7 @@ class Endpoint:
             return TorchDenoiser(copy.deepcopy(self.model), cfg.device, self.torch_dtype(cfg))
         if self.kind == "onnx":
             return OnnxDenoiser(self.path)
-        raise ValueError("end-to-end sampling through an engine directory needs TensorRT; use --no-e2e here")
-
-
-class OnnxDenoiser:
-    """Minimal ONNX Runtime denoiser ``(x, t, y) -> out`` for dtq graphs (inputs x, t, y). An adapter
-    of ours until the engines branch's backends are merged; it runs on the CPU provider."""
-
-    def __init__(self, path: str | Path, providers=None):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-
-    def __call__(self, x, t, y):
-        out = self.session.run([OUTPUT], {"x": x.detach().float().cpu().numpy(),
-                                          "t": t.detach().cpu().numpy().astype(np.int64),
-                                          "y": y.detach().cpu().numpy().astype(np.int64)})[0]
-        return torch.from_numpy(out).to(x.device)
+        return TensorRTDenoiser(self.path)  # refuses an engine built for another GPU / TensorRT
 
 
 def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
