@@ -8,8 +8,13 @@ on other rows (another seed). Reports, per candidate, SQNR of the noise+variance
 FP model, and the Q/DQ placement (which Linears get input/weight quantizers, where smoothing sits):
 - ModelOpt INT8_SMOOTHQUANT_CFG as shipped (every Linear it matches), and restricted to the DiT
   block Linears dtq quantizes (qkv, proj, fc1, fc2), fake-quant in torch;
-- dtq smoothquant recipe (dtq.calibrate) exported to an fp32-based Q/DQ ONNX graph, run in ONNX
-  Runtime (basic optimizations), and dtq's own simulation of it.
+- dtq recipes (dtq.calibrate; ``DTQ_CANDIDATES``: minmax, smoothquant variants, ptq4dit, ditas)
+  exported to an fp32-based Q/DQ ONNX graph, run in ONNX Runtime (basic optimizations), and dtq's
+  own simulation of it;
+- ModelOpt's calibration transplanted into a dtq recipe and exported the same way.
+SQNR is reported overall and at three recorded timesteps (first, middle, last). Separate runs of
+one protocol can be merged with ``--merge a.json b.json --out all.json``. Results and commands:
+docs/export.md ("Parity with NVIDIA ModelOpt").
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ from dtq.runtime.quant import sqnr_db
 from dtq.runtime.recipe import apply_recipe
 
 REFERENCE = "/work/shared/reference/dit-s2-fmnist/model.safetensors"
+# dtq candidates, one CalibConfig each (same calibration rows, same export, same evaluation)
+DTQ_CANDIDATES = {
+    "minmax": dict(method="minmax"),
+    "smoothquant-a0.5-nofc2": dict(method="smoothquant", alpha=0.5, smooth_fc2=False),  # dtq before this change
+    "smoothquant-a0.5": dict(method="smoothquant", alpha=0.5),
+    "smoothquant-a1.0-nofc2": dict(method="smoothquant", alpha=1.0, smooth_fc2=False),
+    "smoothquant-a1.0": dict(method="smoothquant", alpha=1.0),
+    "smoothquant": dict(method="smoothquant"),  # CalibConfig defaults
+    "smoothquant-mse": dict(method="smoothquant", alpha=1.0, weight_search="mse", act_search="mse"),  # clip search too
+    "ptq4dit": dict(method="ptq4dit"),
+    "ditas": dict(method="ditas"),
+}
 BLOCK_ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -49,6 +66,20 @@ def run_onnx(path, rows, batch=16):
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     outs = [sess.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0] for x, t, y in rows.batches(batch)]
     return torch.from_numpy(np.concatenate(outs))
+
+
+def sqnr_by_step(ref, out, rows, picks=3):
+    """SQNR overall and at ``picks`` recorded timesteps (first, middle, last). Outputs are in the
+    order of ``rows.batches`` (rows sorted by trajectory step)."""
+    order = torch.argsort(rows.step, stable=True)
+    step, t = rows.step[order], rows.t[order]
+    recorded = rows.recorded_steps()
+    chosen = [recorded[round(i * (len(recorded) - 1) / (picks - 1))] for i in range(picks)]
+    res = {"overall": round(sqnr_db(ref, out), 2)}
+    for k in chosen:
+        m = step == k
+        res[f"t={int(t[m][0])}"] = round(sqnr_db(ref[m], out[m]), 2)
+    return res
 
 
 def modelopt_candidate(model, calib, restrict: bool):
@@ -120,10 +151,22 @@ def main() -> int:
     ap.add_argument("--cali-n", type=int, default=8)
     ap.add_argument("--cali-steps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--only", choices=["dtq", "modelopt"], help="run one side only")
+    ap.add_argument("--methods", nargs="+", default=list(DTQ_CANDIDATES), choices=list(DTQ_CANDIDATES),
+                    help="dtq candidates to run")
+    ap.add_argument("--skip-shipped", action="store_true", help="skip ModelOpt's as-shipped (all modules) config")
+    ap.add_argument("--merge", nargs="+", help="merge result JSONs of separate runs (same protocol) and exit")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        merged = {k: v for part in parts for k, v in part.items() if k != "candidates"}
+        merged["candidates"] = {k: v for part in parts for k, v in part["candidates"].items()}
+        text = json.dumps(merged, indent=1, default=str)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     torch.manual_seed(0)
     model = load_checkpoint(args.ckpt).eval()
     t0 = time.perf_counter()
@@ -135,16 +178,18 @@ def main() -> int:
     ref = run_torch(model, evalset)
     results = {"model": args.ckpt, "calib_rows": len(calib), "eval_rows": len(evalset), "candidates": {}}
 
-    for method in ("smoothquant", "minmax") if args.only != "modelopt" else ():
+    for method in args.methods if args.only != "modelopt" else ():
         t1 = time.perf_counter()
-        recipe = calibrate(model, calib, CalibConfig(method=method, alpha=args.alpha, progress=False))
+        recipe = calibrate(model, calib, CalibConfig(**DTQ_CANDIDATES[method], progress=False))
         with tempfile.TemporaryDirectory() as tmp:
             res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
                                             max_batch=64), model=model, recipe=recipe)
             out = run_onnx(res.path, evalset)
         sim = run_torch(apply_recipe(model, recipe), evalset)
         results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"] = {
-            "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
+            "config": DTQ_CANDIDATES[method], "recipe_options": recipe.options, "recipe_info": recipe.info,
+            "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
+            "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
             "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "seconds": round(time.perf_counter() - t1, 1),
             "qdq_nodes": res.report.checked_nodes, "placement": summarize_placement(dtq_placement(recipe))}
         print(method, results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"]["sqnr_vs_fp_db"], file=sys.stderr)
@@ -157,11 +202,12 @@ def main() -> int:
         results["modelopt"] = f"not importable: {exc}"
     else:
         results["modelopt_version"] = modelopt.__version__
-        for restrict in (False, True) if args.only != "modelopt" else (True,):
+        for restrict in (True,) if args.skip_shipped else (False, True):
             qmodel, placement, seconds = modelopt_candidate(model, calib, restrict)
             out = run_torch(qmodel, evalset)
             key = "modelopt INT8_SMOOTHQUANT_CFG" + (" (block Linears only)" if restrict else " (as shipped)")
-            results["candidates"][key] = {"sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "seconds": round(seconds, 1),
+            results["candidates"][key] = {"sqnr_vs_fp_db": round(sqnr_db(ref, out), 2),
+                                          "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset), "seconds": round(seconds, 1),
                                           "quantized_modules": len(placement),
                                           "placement": summarize_placement(placement)}
             print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
@@ -174,7 +220,8 @@ def main() -> int:
                 sim = run_torch(apply_recipe(model, recipe), evalset)
                 key = "dtq export of ModelOpt's calibration (ONNX Q/DQ, ORT)"
                 results["candidates"][key] = {
-                    "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
+                    "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
+                    "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
                     "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "qdq_nodes": res.report.checked_nodes,
                     "placement": summarize_placement(dtq_placement(recipe))}
                 print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)

@@ -54,7 +54,8 @@ class CalibConfig:
     act_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for activation scales"))
     percentile: float = field(default=99.99, metadata=_h("percentile of |x| for the percentile search"))
     lp: float = field(default=2.0, metadata=_h("p of the Lp error minimised by the mse search (PTQ4DiT: 2.4)"))
-    alpha: float = field(default=0.5, metadata=_h("SmoothQuant migration strength"))
+    alpha: float = field(default=1.0, metadata=_h("SmoothQuant migration strength (the paper: 0.5; ModelOpt: 1.0)"))
+    smooth_fc2: bool = field(default=True, metadata=_h("smoothquant: also smooth fc2 (after GELU) with a run-time Mul"))
     alpha_grid_step: float = field(default=0.05, metadata=_h("DiTAS alpha grid step over [0, 1]"))
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
                               metadata=_h("layer roles in each block to quantize"))
