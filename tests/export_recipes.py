@@ -8,19 +8,12 @@ import torch
 from dtq.runtime import quant
 from dtq.runtime.recipe import LayerRecipe, Recipe, balanced_model, model_fingerprint
 
+from conftest import dit_inputs as inputs  # noqa: F401  (re-exported for the export tests)
+
 ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 FOLD = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
 FORMATS = {"int8": ("int8", "int8"), "fp8": ("fp8_e4m3", "fp8_e4m3"), "w4a16": ("int4", "none"),
            "w4a8": ("int4", "int8")}
-
-
-def inputs(model, batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, c.num_classes + 1, (batch,), generator=g)
-    return x, t, y
 
 
 def make_recipe(model, precision: str, balance: bool = True, group: int = 32, seed: int = 0,
