@@ -10,10 +10,7 @@ from dtq.runtime.recipe import LayerRecipe, Recipe, balanced_model, model_finger
 
 from conftest import dit_inputs as inputs  # noqa: F401  (re-exported for the export tests)
 
-ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-FOLD = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
-FORMATS = {"int8": ("int8", "int8"), "fp8": ("fp8_e4m3", "fp8_e4m3"), "w4a16": ("int4", "none"),
-           "w4a8": ("int4", "int8")}
+from dtq.tools.quick_recipe import FOLD, FORMATS, ROLES  # noqa: F401  (the layer tables shared with the engine tests)
 
 
 def make_recipe(model, precision: str, balance: bool = True, group: int = 32, seed: int = 0,

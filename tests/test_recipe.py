@@ -12,8 +12,7 @@ from dtq.runtime.recipe import (LayerRecipe, Recipe, RecipeError, apply_recipe, 
 
 from conftest import dit_inputs
 
-ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-FOLD = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
+from dtq.tools.quick_recipe import FOLD, ROLES
 
 
 def _random_balance_recipe(model, act_format="none", weight_format="none", seed=0, spread=3.0):

@@ -38,15 +38,13 @@ from ..runtime.diffusion import GaussianDiffusion
 from ..runtime.images import to_uint8
 from ..runtime.model import DiT
 from ..runtime.backends import OnnxDenoiser, TensorRTDenoiser
+from ..runtime.pipeline import DTYPES
 from ..runtime.sampler import sample
 from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
 from . import metrics
 from .capture import CapturedStep, capture_inputs, default_step_indices, step_indices_for_timesteps
 from .cli import EXIT_CHECK_FAILED, EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
-from .runners import OUTPUT, TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from .runners import TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
 
 def _meta(text: str) -> dict:
     return {"help": text}
