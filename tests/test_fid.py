@@ -131,3 +131,22 @@ def test_dtq_fid_cli(fmnist_sets, tmp_path):
                          "--no-progress", "--max-fid", "1"]) == 1
     assert fid_cli.main(["--reference", "fmnist-test"]) == 2  # no samples
     assert fid_cli.main(["--samples", str(tmp_path / "missing.npz"), "--no-progress"]) == 2
+
+
+def test_dtq_fid_cli_several_sets_with_precision_recall_on_a_cached_builtin(fmnist_sets, tmp_path, monkeypatch):
+    """Precision/recall need the reference's features: scoring several sets against a built-in
+    reference whose statistics are already cached must still compute them (once)."""
+    imgs = fmnist_sets["images"]
+    monkeypatch.setenv("DTQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "builtin_images", lambda name: imgs[:12])
+    fid.reference_stats("fmnist-test", fmnist_sets["extractor"])  # caches the statistics
+    assert fid.builtin_stats_path("fmnist-test").is_file()
+    np.savez(tmp_path / "a.npz", imgs[12:18, :, :, None], np.zeros(6))
+    np.savez(tmp_path / "b.npz", imgs[:6, :, :, None], np.zeros(6))
+    rc = fid_cli.main(["--samples", f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}", "--reference", "fmnist-test",
+                       "--precision-recall", "--no-progress", "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["n_reference"] for r in res] == [12, 12]
+    assert all(r["precision"] is not None and 0 <= r["recall"] <= 1 for r in res)
+    assert res[1]["precision"] == 1.0  # b's images are reference images: all inside the manifold

@@ -195,13 +195,15 @@ def builtin_stats_path(name: str) -> Path:
 
 
 def reference_stats(reference: str | os.PathLike, extractor: FeatureExtractor | None = None,
-                    progress: bool = False, limit: int | None = None) -> tuple[Stats, np.ndarray | None]:
+                    progress: bool = False, limit: int | None = None,
+                    need_features: bool = False) -> tuple[Stats, np.ndarray | None]:
     """Statistics (and features, when computed here) of a reference: a built-in name, a stats .npz,
-    an ADM .npz of images, or a folder. Built-in statistics are computed once and cached."""
+    an ADM .npz of images, or a folder. Built-in statistics are computed once and cached;
+    ``need_features`` (precision/recall) computes the features even when the statistics are cached."""
     ref = str(reference)
     if ref in BUILTIN_REFERENCES:
         cached = builtin_stats_path(ref)
-        if cached.is_file() and limit is None:
+        if cached.is_file() and limit is None and not need_features:
             return Stats.load(cached), None
         images = builtin_images(ref)[:limit]
         feats = (extractor or FeatureExtractor())(images, progress=progress)
@@ -234,9 +236,11 @@ class FidResult:
 def evaluate(samples: str | os.PathLike | np.ndarray, reference: str | os.PathLike, *,
              device: str = "cpu", batch_size: int = 50, precision_recall_k: int | None = None,
              progress: bool = False, limit: int | None = None, extractor: FeatureExtractor | None = None,
-             save_stats: str | os.PathLike | None = None) -> FidResult:
+             save_stats: str | os.PathLike | None = None,
+             reference_data: tuple[Stats, np.ndarray | None] | None = None) -> FidResult:
     """FID of ``samples`` (images or a path) against ``reference``; with ``precision_recall_k``
-    also improved precision/recall (needs reference images, not just statistics)."""
+    also improved precision/recall (needs reference images, not just statistics).
+    ``reference_data``: ``reference_stats``'s result, to score several sets against one reference."""
     t0 = time.time()
     extractor = extractor or FeatureExtractor(device, batch_size)
     images = samples if isinstance(samples, np.ndarray) else load_images(samples)
@@ -245,7 +249,8 @@ def evaluate(samples: str | os.PathLike | np.ndarray, reference: str | os.PathLi
     stats = Stats.of(feats)
     if save_stats is not None:
         stats.save(save_stats)
-    ref_stats, ref_feats = reference_stats(reference, extractor, progress=progress)
+    ref_stats, ref_feats = reference_data or reference_stats(reference, extractor, progress=progress,
+                                                             need_features=bool(precision_recall_k))
     result = FidResult(frechet_distance(stats, ref_stats), len(images), ref_stats.n)
     if precision_recall_k:
         if ref_feats is None:

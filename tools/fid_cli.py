@@ -58,10 +58,12 @@ def run_fid(cfg: FidConfig) -> dict:
         return {"reference": cfg.reference, "n": stats.n, "stats_file": str(where) if where else None,
                 "protocol": fid.PROTOCOL}
     results = []
+    reference = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress,
+                                    need_features=cfg.precision_recall)  # once for every sample set
     for spec in cfg.samples:
         r = fid.evaluate(spec, cfg.reference, device=cfg.device, batch_size=cfg.batch_size,
                          precision_recall_k=3 if cfg.precision_recall else None, progress=cfg.progress,
-                         limit=cfg.limit, extractor=extractor, save_stats=cfg.save_stats)
+                         limit=cfg.limit, extractor=extractor, save_stats=cfg.save_stats, reference_data=reference)
         results.append({"samples": spec, **asdict(r)})
     return {"reference": cfg.reference, "results": results}
 
