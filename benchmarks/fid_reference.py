@@ -39,9 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, help="checkpoint (default: the built-in dit-tiny-fmnist, for smoke tests)")
     p.add_argument("--steps", default="100,50", help="respaced DDPM step counts, comma-separated (default 100,50)")
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR", help="a recipe setting (repeatable)")
-    p.add_argument("--calibrate", action="append", default=[], metavar="NAME=METHOD:WBITS:ABITS[:GRAN]",
+    p.add_argument("--calibrate", action="append", default=[], metavar="NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...]",
                    help="calibrate a recipe here first (dtq.calibrate, default calibration set) and sample it, e.g. "
-                        "w8a8=ditas:8:8:channel or w4a8=ditas:4:8:group128; the recipe is saved to OUT/recipes/NAME")
+                        "w8a8=ditas:8:8:channel or w4a8=ditas:4:8:group128:weight_search=mse (KEY: any CalibConfig "
+                        "field); the recipe is saved to OUT/recipes/NAME. Names GROUP/CANDIDATE: of the candidates of "
+                        "one group only the best by held-out noise SQNR is sampled (as GROUP-<steps>.npz)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks of each setting before sampling (faster fake quant)")
     p.add_argument("--cali-n", type=int, default=32, help="calibration samples per recorded timestep (dtq default)")
     p.add_argument("--cali-steps", type=int, default=25, help="recorded timesteps (dtq default)")
     p.add_argument("--cali-sampler-steps", type=int, default=100, help="steps of the calibration trajectory")
@@ -78,6 +82,72 @@ def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args) -> tuple
     return np.concatenate(out), time.time() - t0
 
 
+def parse_calibrations(specs: list[str]) -> dict | None:
+    """``{name: {"spec", "config": CalibConfig kwargs}}`` from NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...]."""
+    import dataclasses
+
+    from dtq.calibrate.config import CalibConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(CalibConfig)}
+    out = {}
+    for spec in specs:
+        name, _, how = spec.partition("=")
+        parts = how.split(":")
+        plain = [x for x in parts if "=" not in x]
+        extra = dict(x.split("=", 1) for x in parts if "=" in x)
+        if len(plain) not in (3, 4) or not name or any(k not in types for k in extra):
+            print(f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...] with KEY a CalibConfig "
+                  f"field, got {spec!r}", file=sys.stderr)
+            return None
+        conf = dict(method=plain[0], weight_bits=int(plain[1]), act_bits=int(plain[2]),
+                    weight_granularity=plain[3] if len(plain) == 4 else "channel")
+        for k, v in extra.items():
+            t = str(types[k])
+            conf[k] = (v.lower() in ("1", "true", "yes")) if "bool" in t else float(v) if "float" in t else \
+                int(v) if t.startswith("int") else v
+        out[name] = {"spec": how, "config": conf}
+    return out
+
+
+def calibrate_candidates(model, calibrated: dict, args) -> list:
+    """Calibrate every spec on one calibration set, score each by held-out noise SQNR, and keep the
+    best candidate of each GROUP/ name (plain names are kept as they are)."""
+    from dtq.calibrate.api import calibrate, statistics
+    from dtq.calibrate.config import CalibConfig, CalibDataConfig
+    from dtq.calibrate.data import collect_calibration_set
+    from dtq.calibrate.evaluate import noise_sqnr, predict
+    from dtq.runtime.recipe import apply_recipe
+
+    model = model.to(args.device)
+    t0 = time.time()
+    data_cfg = dict(cali_steps=args.cali_steps, steps=args.cali_sampler_steps)
+    cali = collect_calibration_set(model, CalibDataConfig(cali_n=args.cali_n, seed=0, **data_cfg), device=args.device)
+    held = collect_calibration_set(model, CalibDataConfig(cali_n=8, seed=1, **data_cfg), device=args.device)
+    fp_eps = predict(model, held, 256, args.device)
+    stats = statistics(model, cali, CalibConfig(device=args.device, progress=False))
+    print(f"calibration set + statistics in {time.time() - t0:.0f} s", flush=True)
+    best: dict[str, tuple[float, str, object]] = {}
+    for name, entry in calibrated.items():
+        t1 = time.time()
+        recipe = calibrate(model, stats, CalibConfig(device=args.device, progress=False, **entry["config"]))
+        recipe.save(args.out / "recipes" / name.replace("/", "_"))
+        sim = apply_recipe(model, recipe)
+        entry["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in
+                                          noise_sqnr(model, sim, held, batch_size=256, device=args.device,
+                                                     fp_out=fp_eps).items()}
+        entry["seconds"] = round(time.time() - t1, 1)
+        group = name.split("/")[0]
+        score = entry["heldout_noise_sqnr_db"]["all"]
+        print(f"calibrated {name} ({entry['spec']}): held-out noise SQNR {entry['heldout_noise_sqnr_db']} "
+              f"in {entry['seconds']} s", flush=True)
+        if group not in best or score > best[group][0]:
+            best[group] = (score, name, sim)
+    for group, (score, name, _) in best.items():
+        calibrated[name]["sampled_as"] = group
+        print(f"{group}: sampling {name} ({score} dB)", flush=True)
+    return [(group, sim) for group, (_, _, sim) in best.items()]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt = args.ckpt or builtin_checkpoint("dit-tiny-fmnist")
@@ -95,34 +165,20 @@ def main(argv=None) -> int:
 
         settings.append((name, apply_recipe(model, load_recipe(directory, model))))
     args.out.mkdir(parents=True, exist_ok=True)
-    calibrated = {}
-    for spec in args.calibrate:
-        name, _, how = spec.partition("=")
-        parts = how.split(":")
-        if len(parts) not in (3, 4):
-            print(f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN], got {spec!r}", file=sys.stderr)
-            return 2
-        from dtq.calibrate.api import calibrate
-        from dtq.calibrate.config import CalibConfig, CalibDataConfig
-        from dtq.calibrate.data import collect_calibration_set
-        from dtq.runtime.recipe import apply_recipe
-
-        t0 = time.time()
-        cal = CalibConfig(method=parts[0], weight_bits=int(parts[1]), act_bits=int(parts[2]),
-                          weight_granularity=parts[3] if len(parts) == 4 else "channel", device=args.device,
-                          progress=False)
-        data = collect_calibration_set(model.to(args.device), CalibDataConfig(
-            cali_steps=args.cali_steps, cali_n=args.cali_n, steps=args.cali_sampler_steps), device=args.device)
-        recipe = calibrate(model, data, cal)
-        recipe.save(args.out / "recipes" / name)
-        settings.append((name, apply_recipe(model, recipe)))
-        calibrated[name] = {"spec": how, "seconds": round(time.time() - t0, 1)}
-        print(f"calibrated {name} ({how}) in {time.time() - t0:.0f} s", flush=True)
+    calibrated = parse_calibrations(args.calibrate)
+    if calibrated is None:
+        return 2
+    if calibrated:
+        settings += calibrate_candidates(model, calibrated, args)
     meta = {"ckpt": str(ckpt), "per_class": args.per_class, "cfg_scale": args.cfg_scale, "seed": args.seed,
             "autocast": args.autocast, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "calibrated": calibrated, "recipes": args.recipe, "settings": {}}
+            "torch": torch.__version__, "compile": args.compile, "calibrated": calibrated, "recipes": args.recipe, "settings": {}}
     for name, net in settings:
+        if args.compile and args.device.startswith("cuda"):
+            from dtq.runtime.qengine import compile_blocks
+
+            compile_blocks(net)
         denoiser = TorchDenoiser(net, args.device, dtype, autocast=dtype != torch.float32)
         for n in steps:
             images, seconds = sample_set(denoiser, model, n, labels, args)

@@ -39,3 +39,22 @@ def test_fid_reference_script_smoke(tmp_path):
     # same noise and labels, different weights: close but not identical images
     diff = np.abs(fp.astype(int) - w4.astype(int))
     assert 0 < diff.mean() < 40
+
+
+def test_fid_reference_picks_best_candidate_by_heldout_sqnr(tmp_path):
+    """Of two candidates in one group, the one with the higher held-out noise SQNR is sampled (W8A8 must
+    beat W4A8 per channel), KEY=VAL options reach CalibConfig, and a bad key is a usage error."""
+    mod = _script()
+    common = ["--steps", "2", "--per-class", "1", "--batch-size", "10", "--device", "cpu", "--autocast", "none",
+              "--no-fp", "--cali-n", "2", "--cali-steps", "2", "--cali-sampler-steps", "4"]
+    out = tmp_path / "out"
+    rc = mod.main(common + ["--calibrate", "q/w4=minmax:4:8:channel", "--calibrate", "q/w8=minmax:8:8:channel:lp=2.4",
+                            "--out", str(out)])
+    assert rc == 0
+    meta = json.loads((out / "fid_reference.json").read_text())
+    cal = meta["calibrated"]
+    assert cal["q/w8"]["heldout_noise_sqnr_db"]["all"] > cal["q/w4"]["heldout_noise_sqnr_db"]["all"] + 3
+    assert cal["q/w8"]["sampled_as"] == "q" and "sampled_as" not in cal["q/w4"]
+    assert cal["q/w8"]["config"]["lp"] == 2.4
+    assert set(meta["settings"]) == {"q-2"} and (out / "recipes" / "q_w4" / "recipe.json").is_file()
+    assert mod.main(common + ["--calibrate", "q=minmax:8:8:channel:nokey=1", "--out", str(tmp_path / "bad")]) == 2
