@@ -1,4 +1,4 @@
-"""``torch.ops.dtq.int8_mm`` / ``torch.ops.dtq.w4a16_mm``: the Triton GEMMs as custom ops, so that
+"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``w4a16_mm`` / ``w4a8_mm``: the Triton GEMMs as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -18,6 +18,17 @@ def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: to
 @int8_mm.register_fake
 def _(a, w, a_scale, w_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dtq::mm8_gelu_quant", mutates_args=())
+def mm8_gelu_quant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+    return kernels.mm8_gelu_quant(a, w, a_scale, w_scale, bias, q_mul, q_scale)
+
+
+@mm8_gelu_quant.register_fake
+def _(a, w, a_scale, w_scale, bias, q_mul, q_scale):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=a.dtype)
 
 
 @torch.library.custom_op("dtq::w4a16_mm", mutates_args=())

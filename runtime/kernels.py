@@ -1,5 +1,7 @@
 """Triton GEMMs for the quantized PyTorch engine (``runtime.qengine``), CUDA only.
 
+- :func:`mm8_gelu_quant`: the same GEMM for int8 or FP8 E4M3 operands, whose epilogue applies
+  GELU(tanh), the next layer's balancing Mul and its input quantization (8-bit codes out).
 - :func:`int8_mm`: ``A int8 [M, K]`` x ``W int8 [N, K]`` -> int32 accumulate, epilogue
   ``acc * a_scale * w_scale[n] (+ bias[n])`` -> bf16/fp16. ``a_scale`` is one static per-tensor
   activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
@@ -32,7 +34,7 @@ from .kernels_ref import pack_int4, unpack_int4  # noqa: F401  (the packed layou
 def _configs(int8: bool):
     """Tile shapes of Triton's matmul tutorial for Hopper (int8/fp8 there: BLOCK_K 128)."""
     if int8:
-        shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (256, 64, 128, 4, 4), (64, 256, 128, 4, 4),
+        shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 4, 8), (256, 64, 128, 4, 4), (64, 256, 128, 4, 4),
                   (128, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     else:
         shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 4, 4),
@@ -69,10 +71,11 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"])
 @triton.jit
-def _int8_mm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
-                    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
+                K: tl.constexpr, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+                FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # 8-bit x 8-bit GEMM: INT8 (int32 accumulate) or FP8 E4M3 (FP8=True, fp32 accumulate)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,15 +84,16 @@ def _int8_mm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, 
     w_cols = tl.where(offs_n < N, offs_n, 0)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N], K-major
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    ACC: tl.constexpr = tl.float32 if FP8 else tl.int32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:  # compile-time: no masks (DiT's K are multiples of 64)
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0 if FP8 else 0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0 if FP8 else 0)
+        acc = tl.dot(a, w, acc, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     a_scale = tl.load(a_scale_ptr)
@@ -97,8 +101,56 @@ def _int8_mm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, 
     c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GELU_QUANT:  # the next Linear's input, quantized here: GELU(tanh), its balancing Mul, 8-bit codes
+        c = c * tl.sigmoid(1.5957691216057308 * (c + 0.044715 * c * c * c))  # = 0.5 c (1 + tanh(...))
+        if HAS_QMUL:
+            c = c * tl.load(q_mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if FP8:  # saturate, round to the E4M3 grid here: the store's cast is then exact
+            c = _round_to_e4m3(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -448.0), 448.0))
+        else:
+            c = _round_half_even(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -129.0), 128.0))
+            c = tl.minimum(tl.maximum(c, -128.0), 127.0)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round / QuantizeLinear rounding, exact for |x| < 2**22 (the caller clamps first)."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r % 2.0) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """Round float32 to the nearest FP8 E4M3 value, ties to even (torch's ``.to(float8_e4m3fn)``) for
+    |x| <= 448: 3 mantissa bits, so the grid step is 2**(exponent - 3), and 2**-9 below 2**-6
+    (subnormals). Exponent and step by bit manipulation: exact, unlike log2/exp2."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(x / step) * step
+
+
+def mm8_gelu_quant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+    """A DiT MLP's fc1 with the fc2 input made in its epilogue: ``quant(GELU_tanh(a @ w.T * a_scale *
+    w_scale + bias) * q_mul / q_scale)``. ``a``, ``w``: both int8 (-> int8 codes, round half to even,
+    saturate) or both float8_e4m3fn (-> E4M3 codes, saturate at 448). Saves writing fc1's output in
+    bf16 and the separate GELU + quantize pass over it."""
+    M, K = a.shape
+    N, K2 = w.shape
+    fp8 = a.dtype == torch.float8_e4m3fn
+    assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
+                      q_mul if q_mul is not None else w_scale, q_scale, M, N, K, _m_bucket(M),
+                      a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+                      FP8=fp8, HAS_BIAS=bias is not None, GELU_QUANT=True, HAS_QMUL=q_mul is not None)
+    return c
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -110,9 +162,9 @@ def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: to
     assert K == K2 and a.dtype == torch.int8 and w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _int8_mm_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, M, N, K, _m_bucket(M),
-                          a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
-                          HAS_BIAS=bias is not None)
+    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, w_scale, a_scale,
+                      M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
+                      c.stride(1), FP8=False, HAS_BIAS=bias is not None, GELU_QUANT=False, HAS_QMUL=False)
     return c
 
 

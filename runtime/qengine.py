@@ -13,7 +13,10 @@ fp8        ``FP8Linear``           ``torch._scaled_mm``: static per-tensor FP8 E
                                    where the row-wise kernel is unavailable), bf16 out
 int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the dequant epilogue fused
                                    (``runtime.kernels.int8_mm``); static per-tensor activation scale
-                                   (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``
+                                   (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``.
+fp8/int8   ``FusedMlp``            the MLP's fc1 as a Triton 8-bit GEMM that also applies GELU and
+                                   quantizes fc2's input in its epilogue (``mm8_gelu_quant``): 8-bit
+                                   codes out, no bf16 pass over the 4x-hidden tensor
 w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
                                    registers, bf16 MMA): 4-bit weight memory, bf16 compute
 w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: weight tiles unpacked to
@@ -136,37 +139,56 @@ class FP8Linear(EngineLinear):
         self.register_buffer("weight_fp8", q.quantized_weight().contiguous())  # [N, K] row-major
         self.register_buffer("w_scale_row", _per_channel(q.weight_scale.float(), q.out_features).reshape(1, -1))
         self.register_buffer("one", torch.ones((), dtype=torch.float32))
-        self.scaling = "tensorwise"  # or "rowwise": set by build_qengine for the GPU (probe_rowwise)
+        self.scaling = "tensorwise"  # or "rowwise"[+bias]: set by build_qengine for the GPU (probe_rowwise)
 
     def weight_codes(self) -> torch.Tensor:
         return self.weight_fp8
 
+    def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
+        return (self._balanced_float(x2) / self.act_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        xq = (self._balanced_float(x2) / self.act_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM on E4M3 codes of this layer's (balanced) input -> ``dtype``."""
         w_t = self.weight_fp8.t()  # [K, N] column-major, as _scaled_mm wants
-        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if self.scaling == "rowwise":
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.scaling.startswith("rowwise"):
             a_scale = self.act_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+            if self.scaling == "rowwise+bias" and self.bias is not None:  # bias in the GEMM's epilogue
+                return torch._scaled_mm(xq, w_t, scale_a=a_scale, scale_b=self.w_scale_row,
+                                        bias=self.bias.to(out_dtype), out_dtype=out_dtype).to(dtype)
             out = torch._scaled_mm(xq, w_t, scale_a=a_scale, scale_b=self.w_scale_row, out_dtype=out_dtype)
         else:
             out = torch._scaled_mm(xq, w_t, scale_a=self.act_scale, scale_b=self.one, out_dtype=torch.float32)
             out = out * self.w_scale_row
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x2.dtype)
+        return out.to(dtype)
+
+    def w_scale_n(self) -> torch.Tensor:
+        return self.w_scale_row.reshape(-1)
 
 
 @functools.lru_cache(maxsize=None)
 def probe_rowwise(device: torch.device) -> str:
-    """Row-wise scaled FP8 GEMM where torch has it for this GPU (Hopper+), else tensor-wise."""
+    """Row-wise scaled FP8 GEMM where torch has it for this GPU (Hopper+), else tensor-wise;
+    ``rowwise+bias`` where it also adds a bias in its epilogue (checked against the unfused sum:
+    saves a pass over the output, and after qkv the copies that SDPA's layout then needs)."""
     try:
-        a = torch.zeros(16, 32, device=device, dtype=torch.float8_e4m3fn)
-        b = torch.zeros(16, 32, device=device, dtype=torch.float8_e4m3fn).t()
-        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
-                         out_dtype=torch.bfloat16)
-        return "rowwise"
+        a = torch.ones(16, 32, device=device, dtype=torch.float8_e4m3fn)
+        b = torch.ones(16, 32, device=device, dtype=torch.float8_e4m3fn).t()
+        sa, sb = torch.ones(16, 1, device=device), torch.full((1, 16), 0.5, device=device)
+        torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError):
         return "tensorwise"
+    try:
+        bias = torch.arange(16, device=device, dtype=torch.bfloat16)
+        out = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
+        return "rowwise+bias" if torch.equal(out.float(), (16.0 + bias.float()).expand(16, 16)) else "rowwise"
+    except (RuntimeError, NotImplementedError):
+        return "rowwise"
 
 
 class Int8Linear(EngineLinear):
@@ -186,17 +208,59 @@ class Int8Linear(EngineLinear):
     def kernel_name(self) -> str:
         return "reference" if self.kernel == "reference" else f"Int8Linear[{self.int8_kernel}]"
 
+    def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
+
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        xq = torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
-        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM on INT8 codes of this layer's (balanced) input -> ``dtype``."""
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self.int8_kernel == "int_mm":
             acc = torch._int_mm(xq, self.weight_int8.t())
             out = acc.float() * (self.act_scale * self.w_scale_n)
             if self.bias is not None:
                 out = out + self.bias
-            return out.to(x2.dtype)
+            return out.to(dtype)
         return torch.ops.dtq.int8_mm(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
-                                     out_dtype).to(x2.dtype)
+                                     out_dtype).to(dtype)
+
+
+class FusedMlp(nn.Module):
+    """A DiT MLP (``fc1 -> GELU(tanh) -> fc2``) whose layers are both INT8 (Triton) or both FP8 engine
+    layers: on the GPU, fc1 runs as a Triton 8-bit GEMM whose epilogue applies GELU, fc2's run-time
+    balancing Mul and fc2's input quantization and writes 8-bit codes, so fc1's output never exists
+    in bf16 (one write + read of a 4x-hidden tensor and one elementwise pass fewer per block); fc2
+    is the layer's own GEMM on those codes. The arithmetic is the simulation's up to where it rounds:
+    fc1's output and the GELU stay in float32 instead of passing through bf16. On the CPU it is
+    ``fc2(act(fc1(x)))``, bit-identical to the simulation."""
+
+    def __init__(self, fc1: EngineLinear, act: nn.Module, fc2: EngineLinear):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    @staticmethod
+    def fusable(mlp: nn.Module) -> bool:
+        fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
+        int8 = all(isinstance(m, Int8Linear) and m.int8_kernel == "triton" for m in (fc1, fc2))
+        fp8 = all(isinstance(m, FP8Linear) for m in (fc1, fc2))
+        return ((int8 or fp8) and fc1.kernel == fc2.kernel == "auto"
+                and isinstance(act, nn.GELU) and act.approximate == "tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fused_forward(x)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The GPU path (any device that runs the Triton kernels: the tests use the interpreter)."""
+        shape = x.shape
+        fc1, fc2 = self.fc1, self.fc2
+        w_scale = fc1.w_scale_n() if isinstance(fc1, FP8Linear) else fc1.w_scale_n
+        h = torch.ops.dtq.mm8_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc1.weight_codes(),
+                                         fc1.act_scale, w_scale, fc1.bias, fc2.input_mul, fc2.act_scale)
+        return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
 
 
 class Int4Linear(EngineLinear):
@@ -261,10 +325,11 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "tr
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "triton",
-                  check: bool = True) -> nn.Module:
+                  fuse_mlp: bool = True, check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
-    bit-identical to ``apply_recipe(model, recipe)``)."""
+    bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: INT8 MLPs become
+    :class:`FusedInt8Mlp` (GELU + fc2's input quantization in fc1's GEMM epilogue)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -280,6 +345,12 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
             if isinstance(layer, FP8Linear):
                 layer.scaling = scaling
             setattr(parent, attr, layer)
+    if fuse_mlp:
+        for name, mlp in list(engine.named_modules()):
+            if FusedMlp.fusable(mlp):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
+                        FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
     return engine.to(device=device, dtype=dtype).eval()
 
 

@@ -94,6 +94,53 @@ def test_triton_kernels_in_interpreter():
             assert (c - ref).abs().max() <= 1e-5 * ref.abs().max(), (K, (c - ref).abs().max())
         c2 = kernels.int8_mm(a, w, sa, sw, None, out_dtype=torch.float32)
         assert torch.allclose(c2, ref - b, rtol=1e-5, atol=1e-4)
+        # fc1 with GELU + fc2's balancing Mul + INT8 quantization in the epilogue: the same codes as torch
+        K = 96
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        sw, qm, qs = torch.rand(N) * 0.002 + 1e-4, torch.rand(N) + 0.5, torch.tensor(0.01)
+        h = (a.int() @ w.int().T).float() * sa * sw + b
+        for mul in (qm, None):
+            codes = kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, qs)
+            g = torch.nn.functional.gelu(h, approximate="tanh") * (1 if mul is None else mul)
+            want = torch.round(g / qs).clamp(-128, 127).to(torch.int8)
+            diff = (codes.int() - want.int()).abs()
+            assert codes.dtype == torch.int8 and diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()
+            assert want.min() < -10 and want.max() == 127  # negative GELU tail and saturation both exercised
+        # FP8 E4M3 operands: E4M3 codes out, equal to torch's conversion
+        a = (torch.randn(M, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        w = (torch.randn(N, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        qs = torch.tensor(0.004)
+        codes = kernels.mm8_gelu_quant(a, w, sa, sw, b, qm, qs)
+        g = torch.nn.functional.gelu((a.float() @ w.float().T) * sa * sw + b, approximate="tanh") * qm / qs
+        want = g.clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert codes.dtype == torch.float8_e4m3fn and torch.equal(codes.float(), want.float())
+        assert want.float().max() == 448 and want.float().min() < -30
+        # its rounding: half to even, like torch.round and QuantizeLinear
+        import triton, triton.language as tl
+        @triton.jit
+        def rne(x_ptr, y_ptr, n: tl.constexpr):
+            o = tl.arange(0, n)
+            tl.store(y_ptr + o, kernels._round_half_even(tl.load(x_ptr + o)))
+        x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.5, 0.49999997, 3.2, -3.7, 7.0, 2.5000002,
+                          -0.50000006, 101.5, -128.5])
+        y = torch.empty_like(x)
+        rne[(1,)](x, y, 16)
+        assert torch.equal(y, torch.round(x)), (y, torch.round(x))
+        @triton.jit
+        def e4m3(x_ptr, y_ptr, n: tl.constexpr):
+            o = tl.arange(0, n)
+            tl.store(y_ptr + o, kernels._round_to_e4m3(tl.load(x_ptr + o)))
+        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = grid[grid.isfinite()].unique()
+        mids = (grid[1:] + grid[:-1]) / 2  # exact ties between neighbours: to the even code
+        x = torch.cat([grid, mids, mids + 1e-6 * mids.abs().clamp_min(1e-3), torch.randn(64) * 100,
+                       torch.rand(64) * 2 ** -6])
+        x = x.clamp(-448, 448)
+        x = torch.cat([x, torch.zeros(1024 - len(x))])
+        y = torch.empty_like(x)
+        e4m3[(1,)](x, y, 1024)
+        assert torch.equal(y, x.to(torch.float8_e4m3fn).float()), (x[y != x.to(torch.float8_e4m3fn).float()])
         K = 96
         a8, sa8 = torch.randint(-128, 128, (M, K), dtype=torch.int8), torch.tensor(0.03)
         q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
@@ -125,7 +172,7 @@ def test_gpu_layer_paths_in_interpreter():
         import torch
         from dtq.runtime import kernel_ops, quant
         from dtq.runtime.model import DiT, DiTConfig
-        from dtq.runtime.qengine import build_qengine, engine_layers
+        from dtq.runtime.qengine import FusedMlp, build_qengine, engine_layers
         from dtq.tools.quick_recipe import minmax_recipe
         torch.manual_seed(0)
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
@@ -137,20 +184,27 @@ def test_gpu_layer_paths_in_interpreter():
                     assert lin.kernel_name() == "Int4Linear[w4a8 int8-MMA]", lin.kernel_name()
                 x = torch.randn(20, lin.in_features, dtype=torch.float16 if p.startswith("w4") else torch.float32)
                 ref = lin.reference(x)
-                modes = ["tensorwise", "rowwise"] if p == "fp8" else [None]
+                modes = ["tensorwise", "rowwise", "rowwise+bias"] if p == "fp8" else [None]
                 for mode in modes:
                     if mode:
                         lin.scaling = mode
                     try:
                         got = lin.kernel_forward(x)
                     except (RuntimeError, NotImplementedError) as exc:
-                        if mode == "rowwise":
+                        if mode.startswith("rowwise"):
                             print("rowwise unsupported on CPU:", str(exc)[:80])
                             continue
                         raise
                     s = quant.sqnr_db(ref.float(), got.float())
                     assert got.shape == ref.shape and got.dtype == x.dtype
                     assert s > 40, (p, name, mode, s)
+            mlps = [mod for mod in eng.modules() if isinstance(mod, FusedMlp)]
+            assert len(mlps) == (m.config.depth if p in ("int8", "fp8") else 0), (p, len(mlps))
+            for mlp in mlps:  # fc1 + GELU + fc2-input quantization in one kernel vs fc2(act(fc1(x)))
+                assert mlp.fc2.input_mul is not None  # balance=True: the run-time Mul is in the epilogue
+                x = torch.randn(3, 7, mlp.fc1.in_features)
+                ref, got = mlp(x), mlp.fused_forward(x)
+                assert got.shape == ref.shape and quant.sqnr_db(ref, got) > 40, quant.sqnr_db(ref, got)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
