@@ -14,8 +14,8 @@ fp8        ``FP8Linear``           ``torch._scaled_mm``: static per-tensor FP8 E
 int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the dequant epilogue fused
                                    (``runtime.kernels.int8_mm``); static per-tensor activation scale
                                    (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``.
-fp8/int8   ``FusedMlp``            the MLP's fc1 as a Triton 8-bit GEMM that also applies GELU and
-                                   quantizes fc2's input in its epilogue (``mm8_gelu_quant``): 8-bit
+int8 (fp8  ``FusedMlp``            the MLP's fc1 as a Triton 8-bit GEMM that also applies GELU and
+opt-in)                            quantizes fc2's input in its epilogue (``mm8_gelu_quant``): 8-bit
                                    codes out, no bf16 pass over the 4x-hidden tensor
 w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
                                    registers, bf16 MMA): 4-bit weight memory, bf16 compute
@@ -241,10 +241,10 @@ class FusedMlp(nn.Module):
         self.fc1, self.act, self.fc2 = fc1, act, fc2
 
     @staticmethod
-    def fusable(mlp: nn.Module) -> bool:
+    def fusable(mlp: nn.Module, formats: tuple[str, ...] = ("int8",)) -> bool:
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
-        int8 = all(isinstance(m, Int8Linear) and m.int8_kernel == "triton" for m in (fc1, fc2))
-        fp8 = all(isinstance(m, FP8Linear) for m in (fc1, fc2))
+        int8 = "int8" in formats and all(isinstance(m, Int8Linear) and m.int8_kernel == "triton" for m in (fc1, fc2))
+        fp8 = "fp8" in formats and all(isinstance(m, FP8Linear) for m in (fc1, fc2))
         return ((int8 or fp8) and fc1.kernel == fc2.kernel == "auto"
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
@@ -325,11 +325,13 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "tr
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "triton",
-                  fuse_mlp: bool = True, check: bool = True) -> nn.Module:
+                  fuse_mlp: tuple[str, ...] = ("int8",), check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
-    bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: INT8 MLPs become
-    :class:`FusedInt8Mlp` (GELU + fc2's input quantization in fc1's GEMM epilogue)."""
+    bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the formats ("int8", "fp8")
+    whose MLPs become :class:`FusedMlp` (GELU + fc2's input quantization in fc1's GEMM epilogue).
+    FP8 is off by default: on an H200 the Triton FP8 GEMM ran fc1 at about half cuBLAS's rate,
+    losing more than the fusion saves (docs/engines.md)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -347,7 +349,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
             setattr(parent, attr, layer)
     if fuse_mlp:
         for name, mlp in list(engine.named_modules()):
-            if FusedMlp.fusable(mlp):
+            if FusedMlp.fusable(mlp, tuple(fuse_mlp)):
                 parent_name, _, attr = name.rpartition(".")
                 setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
                         FusedMlp(mlp.fc1, mlp.act, mlp.fc2))

@@ -178,7 +178,8 @@ def test_gpu_layer_paths_in_interpreter():
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         for p in ["int8", "w4a16", "w4a8", "fp8"]:
-            eng = build_qengine(m, minmax_recipe(m, p, group=64 if p == "w4a8" else 32, balance=True))
+            eng = build_qengine(m, minmax_recipe(m, p, group=64 if p == "w4a8" else 32, balance=True),
+                                fuse_mlp=("int8", "fp8"))
             for name, lin in engine_layers(eng).items():
                 if p == "w4a8":
                     assert lin.kernel_name() == "Int4Linear[w4a8 int8-MMA]", lin.kernel_name()

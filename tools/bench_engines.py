@@ -272,7 +272,8 @@ def build_backend(name: str, base, fingerprint: str):
     precision = name.split("-")[0]  # "int8-intmm": INT8 through torch._int_mm instead of Triton
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
-                        int8_kernel="int_mm" if name == "int8-intmm" else "triton")
+                        int8_kernel="int_mm" if name == "int8-intmm" else "triton",
+                        fuse_mlp=(precision,) if name.endswith("-fusedmlp") else ("int8",) if name == "int8" else ())
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
@@ -453,7 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--batches", default="64,32,8,1", help="images per sampling run (the denoiser sees 2x)")
     ap.add_argument("--backends", default=",".join(BACKENDS),
-                    help=f"comma list of {', '.join(BACKENDS)}, int8-intmm (INT8 via torch._int_mm)")
+                    help=f"comma list of {', '.join(BACKENDS)}, int8-intmm (INT8 via torch._int_mm), "
+                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2, help="timed sampling runs per point (median)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip remaining end-to-end points after this")
