@@ -150,3 +150,22 @@ def test_dtq_fid_cli_several_sets_with_precision_recall_on_a_cached_builtin(fmni
     assert [r["n_reference"] for r in res] == [12, 12]
     assert all(r["precision"] is not None and 0 <= r["recall"] <= 1 for r in res)
     assert res[1]["precision"] == 1.0  # b's images are reference images: all inside the manifold
+
+
+def test_fmnist_test_split_alone_is_enough(tmp_path):
+    """A folder with only the t10k-* files (what an FID run needs) loads the test split and names
+    the missing train-* files for the train split."""
+    from dtq.tools import fmnist
+
+    try:
+        src = fmnist.find_fmnist(split="test")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    import shutil
+
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(fmnist._file(src, stem), tmp_path)
+    images, labels = fmnist.load_fmnist("test", tmp_path)
+    assert images.shape == (10000, 32, 32) and labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
+    with pytest.raises(FileNotFoundError, match="train-"):
+        fmnist.load_fmnist("train", tmp_path)

@@ -22,14 +22,16 @@ _SEARCH = (
 )
 
 
-def find_fmnist(directory: str | os.PathLike | None = None) -> Path:
-    """The first directory holding the IDX files; FileNotFoundError naming where it looked."""
+def find_fmnist(directory: str | os.PathLike | None = None, split: str = "train") -> Path:
+    """The first directory holding the split's IDX files (``train-*`` or ``t10k-*``: a copy of the
+    test set alone is enough to score FID); FileNotFoundError naming where it looked."""
     candidates = [str(directory)] if directory else [c for c in _SEARCH if c]
+    prefix = "train" if split == "train" else "t10k"
     for cand in candidates:
-        if cand and any(Path(cand).glob("train-images-idx3-ubyte*")):
+        if cand and any(Path(cand).glob(f"{prefix}-images-idx3-ubyte*")):
             return Path(cand)
     raise FileNotFoundError(
-        "Fashion-MNIST IDX files not found in " + ", ".join(candidates)
+        f"Fashion-MNIST {prefix}-* IDX files not found in " + ", ".join(candidates)
         + " (set DTQ_FMNIST_DIR or install Debian's dataset-fashion-mnist)"
     )
 
@@ -55,7 +57,7 @@ def load_fmnist(split: str = "train", directory: str | os.PathLike | None = None
     """Images as uint8 ``[N, 32, 32]`` (zero-padded) and labels as int64 ``[N]``."""
     if split not in ("train", "test"):
         raise ValueError("split must be 'train' or 'test'")
-    root = find_fmnist(directory)
+    root = find_fmnist(directory, split)
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_file(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
