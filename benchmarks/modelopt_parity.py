@@ -11,7 +11,10 @@ FP model, and the Q/DQ placement (which Linears get input/weight quantizers, whe
 - dtq recipes (dtq.calibrate; ``DTQ_CANDIDATES``: minmax, smoothquant variants, ptq4dit, ditas)
   exported to an fp32-based Q/DQ ONNX graph, run in ONNX Runtime (basic optimizations), and dtq's
   own simulation of it;
-- ModelOpt's calibration transplanted into a dtq recipe and exported the same way.
+- ModelOpt's calibration transplanted into a dtq recipe and exported the same way;
+- ModelOpt's own ONNX export of its block-Linears model (TorchScript exporter, ``dynamo=False``,
+  where its TensorQuantizer symbolics emit QuantizeLinear/DequantizeLinear), run in ONNX Runtime.
+Q/DQ placement of every exported graph is read from the ONNX file itself (``onnx_placement``).
 SQNR is reported overall and at three recorded timesteps (first, middle, last). Separate runs of
 one protocol can be merged with ``--merge a.json b.json --out all.json``. Results and commands:
 docs/export.md ("Parity with NVIDIA ModelOpt").
@@ -145,6 +148,111 @@ def summarize_placement(placement):
     return {role: {"count": len(es), **es[0]} for role, es in roles.items()}
 
 
+def _layer_of(node_name: str) -> str:
+    """Module name of a MatMul/Gemm node: dtq names ``blocks.0.attn.qkv/MatMul``, the TorchScript
+    exporter ``/blocks.0/attn/qkv/MatMul``."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1])
+
+
+def onnx_placement(path) -> dict:
+    """Q/DQ placement read from an ONNX graph (not from the torch model): per MatMul/Gemm, whether
+    its activation input is Q->DQ (per tensor or per axis), whether a run-time Mul by a constant
+    vector sits before that Q (smoothing), and the weight's DQ (axis, and whether the weight is
+    stored quantized or quantized at run time by a QuantizeLinear on a float initializer)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    const_out = {o for n in g.node if n.op_type == "Constant" for o in n.output}
+
+    def src(name):
+        n = prod.get(name)
+        while n is not None and n.op_type in ("Transpose", "Cast", "Reshape", "Identity"):
+            n = prod.get(n.input[0])
+        return n
+
+    def attr(n, key, default=None):
+        for a in n.attribute:
+            if a.name == key:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def is_const(name):
+        return name in inits or name in const_out
+
+    def scale_shape(name):
+        if name in inits:
+            return list(inits[name].dims)
+        n = prod.get(name)
+        return list(onnx.helper.get_attribute_value(n.attribute[0]).dims) if n is not None and n.op_type == "Constant" else None
+
+    rows = {}
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, w = src(n.input[0]), src(n.input[1])
+        row = {"op": n.op_type, "input": None, "smoothing_mul": False, "weight": None}
+        if a is not None and a.op_type == "DequantizeLinear" and prod.get(a.input[0]) is not None \
+                and prod[a.input[0]].op_type == "QuantizeLinear":
+            q = prod[a.input[0]]
+            shape = scale_shape(q.input[1])
+            row["input"] = "Q/DQ per tensor" if shape in ([], [1], None) and attr(q, "axis") is None else f"Q/DQ axis {attr(q, 'axis')}"
+            pre = prod.get(q.input[0])
+            row["smoothing_mul"] = bool(pre is not None and pre.op_type == "Mul" and any(is_const(i) for i in pre.input))
+        if w is not None and w.op_type == "DequantizeLinear":
+            wq = prod.get(w.input[0])
+            stored = "int8 initializer" if w.input[0] in inits else (
+                "QuantizeLinear of the float weight at run time" if wq is not None and wq.op_type == "QuantizeLinear" else "other")
+            weight_src = w.input[0] if w.input[0] in inits else (wq.input[0] if wq is not None else None)
+            dims = list(inits[weight_src].dims) if weight_src in inits else None
+            axis = attr(w, "axis", 1)
+            # the DQ'd tensor is [C_out, C_in] when the MatMul reads it through a Transpose (ModelOpt)
+            # or a Gemm reads it with transB=1 (dtq's 2-D Linears); [C_in, C_out] when a MatMul reads it
+            # directly (dtq's W^T initializers)
+            transposed = prod.get(n.input[1]) is not None and prod[n.input[1]].op_type == "Transpose"
+            out_axis = 0 if (transposed or (n.op_type == "Gemm" and attr(n, "transB", 0))) else 1
+            row["weight"] = {"dq_axis": axis, "weight_shape": dims, "stored": stored,
+                             "per": "output channel" if axis == out_axis else "input channel"}
+        if row["input"] or row["weight"]:
+            rows[_layer_of(n.name)] = row
+    counts = {}
+    for n in g.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return {"layers": rows, "op_counts": {k: counts.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")},
+            "smoothing_muls": sum(r["smoothing_mul"] for r in rows.values())}
+
+
+def summarize_onnx_placement(pl: dict) -> dict:
+    roles = {}
+    for name, row in pl["layers"].items():
+        if not name.startswith("blocks."):
+            roles.setdefault(name, []).append(row)
+            continue
+        roles.setdefault(".".join(name.split(".")[2:]), []).append(row)
+    out = {}
+    for role, rs in roles.items():
+        distinct = {json.dumps(r, sort_keys=True) for r in rs}
+        out[role] = {"count": len(rs), **(rs[0] if len(distinct) == 1 else {"rows_differ": sorted(distinct)})}
+    return {"by_role": out, "op_counts": pl["op_counts"], "smoothing_muls": pl["smoothing_muls"]}
+
+
+def export_modelopt_onnx(qmodel, sample, path, opset: int = 17) -> float:
+    """ModelOpt's own ONNX export: the TorchScript exporter (``dynamo=False``), where ModelOpt's
+    TensorQuantizer autograd functions emit QuantizeLinear/DequantizeLinear through their
+    ``symbolic`` (modelopt.torch.quantization.export_onnx.export_int8). No export-mode context is
+    needed for INT8 (``export_torch_mode`` is for torch.export); pre_quant_scale stays a Mul."""
+    x, t, y = sample
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        torch.onnx.export(qmodel, (x, t, y), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x", "t", "y"], output_names=["out"],
+                          dynamic_axes={k: {0: "batch"} for k in ("x", "t", "y", "out")})
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=REFERENCE)
@@ -156,11 +264,14 @@ def main() -> int:
                     help="dtq candidates to run")
     ap.add_argument("--skip-shipped", action="store_true", help="skip ModelOpt's as-shipped (all modules) config")
     ap.add_argument("--merge", nargs="+", help="merge result JSONs of separate runs (same protocol) and exit")
+    ap.add_argument("--modelopt-opset", type=int, default=17, help="opset of ModelOpt's TorchScript ONNX export")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         merged = {k: v for part in parts for k, v in part.items() if k != "candidates"}
+        if "modelopt_version" in merged:  # one part ran ModelOpt: drop another part's "skipped" note
+            merged.pop("modelopt", None)
         merged["candidates"] = {k: v for part in parts for k, v in part["candidates"].items()}
         text = json.dumps(merged, indent=1, default=str)
         print(text)
@@ -177,6 +288,7 @@ def main() -> int:
     print(f"calibration rows {len(calib)}, eval rows {len(evalset)} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     ref = run_torch(model, evalset)
     results = {"model": args.ckpt, "calib_rows": len(calib), "eval_rows": len(evalset), "candidates": {}}
+    t_start = t0
 
     for method in args.methods if args.only != "modelopt" else ():
         t1 = time.perf_counter()
@@ -185,8 +297,10 @@ def main() -> int:
             res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
                                             max_batch=64), model=model, recipe=recipe)
             out = run_onnx(res.path, evalset)
+            graph_placement = summarize_onnx_placement(onnx_placement(res.path))
         sim = run_torch(apply_recipe(model, recipe), evalset)
         results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"] = {
+            "onnx_placement": graph_placement,
             "config": DTQ_CANDIDATES[method], "recipe_options": recipe.options, "recipe_info": recipe.info,
             "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
             "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
@@ -217,14 +331,37 @@ def main() -> int:
                     res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
                                                     max_batch=64), model=model, recipe=recipe)
                     out = run_onnx(res.path, evalset)
+                    graph_placement = summarize_onnx_placement(onnx_placement(res.path))
                 sim = run_torch(apply_recipe(model, recipe), evalset)
                 key = "dtq export of ModelOpt's calibration (ONNX Q/DQ, ORT)"
                 results["candidates"][key] = {
+                    "onnx_placement": graph_placement,
                     "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
                     "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
                     "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "qdq_nodes": res.report.checked_nodes,
                     "placement": summarize_placement(dtq_placement(recipe))}
                 print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
+                key = "modelopt INT8_SMOOTHQUANT_CFG (block Linears only), ModelOpt's ONNX export (TorchScript, ORT)"
+                modelopt_fq = run_torch(qmodel, evalset)
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "modelopt.onnx"
+                    try:
+                        seconds = export_modelopt_onnx(qmodel, next(iter(evalset.batches(16))), path,
+                                                       opset=args.modelopt_opset)
+                        out = run_onnx(path, evalset)
+                    except Exception as exc:  # record the exact failure in the results
+                        results["candidates"][key] = {"error": f"{type(exc).__name__}: {exc}"}
+                    else:
+                        results["candidates"][key] = {
+                            "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2),
+                            "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
+                            "onnx_vs_modelopt_torch_db": round(sqnr_db(modelopt_fq, out), 2),
+                            "export": f"torch.onnx.export(dynamo=False, opset_version={args.modelopt_opset})",
+                            "export_seconds": round(seconds, 1), "onnx_bytes": path.stat().st_size,
+                            "onnx_placement": summarize_onnx_placement(onnx_placement(path))}
+                print(key, results["candidates"][key].get("sqnr_vs_fp_db", results["candidates"][key].get("error")),
+                      file=sys.stderr)
+    results["seconds_total"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(results, indent=1, default=str)
     print(text)
     if args.out:

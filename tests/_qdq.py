@@ -37,3 +37,66 @@ def weight_qdq(model: onnx.ModelProto, layers: list[str], broken: dict[str, floa
     out_model = gs.export_onnx(graph.cleanup().toposort())
     out_model.ir_version = model.ir_version
     return out_model
+
+
+def tie_aligned_comparison(sim, proto: onnx.ModelProto, x, t, y, eps: float = 1e-4):
+    """End-to-end graph vs simulation with rounding ties resolved the graph's way.
+
+    Runs ``proto`` in ONNX Runtime with every activation ``L/input_dq`` exposed, then the simulation
+    with each activation quantizer computing its own codes (``quant.fake_quant``, x / scale, round
+    half to even, saturate) and taking the graph's code only where the two differ and the graph's
+    code is what the simulation's quantizer gives for an input within ``eps * (|x / scale| + 1)``
+    steps of its own (a rounding tie that fp32 noise in an upstream op may legitimately flip). Any
+    other difference is counted as ``real``. Returns ``(sim_out, graph_out, ties, real, total)``:
+    ``total`` quantized activation values compared."""
+    import onnxruntime as ort
+    import torch
+    import torch.nn.functional as F
+
+    from dtq.runtime import quant
+
+    graph = gs.import_onnx(proto)
+    nodes = {n.name: n for n in graph.nodes}
+    names = [n[:-len("/input_dq")] for n in nodes if n.endswith("/input_dq")]
+    taps = [nodes[f"{n}/input_dq"].outputs[0] for n in names]
+    for v in taps:
+        v.dtype = np.float32
+    graph.outputs = graph.outputs + taps
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(gs.export_onnx(graph).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = sess.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
+    graph_out, dq = torch.from_numpy(values[0]), {n: torch.from_numpy(v) for n, v in zip(names, values[1:])}
+    stats = {"ties": 0, "real": 0, "total": 0}
+
+    def pre_quant_hook(name):
+        def hook(mod, args):
+            xx = args[0] if mod.input_mul is None else args[0] * mod.input_mul
+            s, fmt = mod.act_scale, mod.act_format
+            mine, theirs = quant.fake_quant(xx, s, fmt), dq[name]
+            differ = mine != theirs
+            if differ.any():
+                v = xx / s
+                delta = eps * (v.abs() + 1)
+                tie = differ & ((theirs == quant.fake_quant((v - delta) * s, s, fmt))
+                                | (theirs == quant.fake_quant((v + delta) * s, s, fmt)))
+                stats["ties"] += int(tie.sum())
+                stats["real"] += int((differ & ~tie).sum())
+                mine = torch.where(tie, theirs, mine)
+            stats["total"] += mine.numel()
+            return mine
+        return hook
+
+    hooks = []
+    for name in names:
+        mod = sim.get_submodule(name)
+        # the hook hands forward the aligned dequantized input; the layer then only does the GEMM
+        hooks.append(mod.register_forward_hook(
+            lambda m, args, out, h=pre_quant_hook(name): F.linear(h(m, args), m.fake_quant_weight(), m.bias)))
+    try:
+        with torch.no_grad():
+            sim_out = sim(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sim_out, graph_out, stats["ties"], stats["real"], stats["total"]

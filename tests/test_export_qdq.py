@@ -10,11 +10,13 @@ import torch
 from dtq.export import qdq, rules, surgery
 from dtq.export.api import ExportConfig, build_graph
 from dtq.export.onnx_export import export_torch, find_linears
+from dtq.runtime import quant
 from dtq.runtime.quant import sqnr_db
 from dtq.runtime.recipe import apply_recipe, balanced_model
 from dtq.runtime.zoo import load_builtin
 
 from export_recipes import inputs, make_recipe
+from _qdq import tie_aligned_comparison
 
 PRECISIONS = ["int8", "fp8", "w4a16", "w4a8"]
 
@@ -138,15 +140,18 @@ def _layer_io(proto, names):
     taps = {}
     for name in names:
         first = nodes.get(f"{name}/input_mul") or nodes.get(f"{name}/input_q") or nodes[f"{name}/MatMul"]
-        taps[name] = (first.inputs[0], nodes[f"{name}/Add"].outputs[0])
+        dq = nodes[f"{name}/input_dq"].outputs[0] if f"{name}/input_dq" in nodes else None
+        taps[name] = (first.inputs[0], nodes[f"{name}/Add"].outputs[0], dq)
     extra = []
-    for a, b in taps.values():
-        for v in (a, b):
+    for vs in taps.values():
+        for v in vs:
+            if v is None:
+                continue
             if v not in graph.outputs and v not in extra:
                 v.dtype = np.float32
                 extra.append(v)
     graph.outputs = graph.outputs + extra
-    return gs.export_onnx(graph), {k: (a.name, b.name) for k, (a, b) in taps.items()}
+    return gs.export_onnx(graph), {k: tuple(v and v.name for v in vs) for k, vs in taps.items()}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -161,17 +166,28 @@ def test_each_layer_matches_simulation(tiny, recipes, graphs, precision):
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})))
     worst = 1e9
-    for name, (a, b) in taps.items():
+    for name, (a, b, dq) in taps.items():
+        mod = sim.get_submodule(name)
         with torch.no_grad():
-            ref = sim.get_submodule(name)(torch.from_numpy(values[a]))
+            ref = mod(torch.from_numpy(values[a]))
         worst = min(worst, sqnr_db(ref, torch.from_numpy(values[b])))
+        if dq is not None:  # same input -> the very same activation codes (x / scale, half to even, saturate)
+            xin = torch.from_numpy(values[a])
+            xin = xin if mod.input_mul is None else xin * mod.input_mul
+            mine = quant.fake_quant(xin, mod.act_scale, mod.act_format)
+            assert torch.equal(mine, torch.from_numpy(values[dq])), \
+                f"{name}: {(mine != torch.from_numpy(values[dq])).sum()} activation codes differ"
     assert worst > 90, f"{precision}: worst per-layer SQNR {worst:.1f} dB"
 
 
-# End-to-end SQNR of the Q/DQ graph vs the simulated model on the same inputs. Activation
-# quantization makes both sensitive to accumulation order (a rounding tie that flips moves a value
-# by a whole step, and the flips spread): the simulation against itself with batch 4 vs 4 x batch 1
-# gives ~48 dB for int8 and ~41 dB for fp8 on this model. Weight-only w4a16 has no such floor.
+# End-to-end SQNR of the Q/DQ graph vs the simulated model, free running. Activation quantizers
+# make both sides chaotic: LayerNorm, GELU, softmax, SiLU and GEMMs with K > 128 differ between
+# ONNX Runtime and PyTorch in the last fp32 bit, an input within an ulp of a rounding tie then
+# quantizes one step apart, and each step error pushes more inputs across ties downstream. So this
+# number sits at a floor, not at a semantic difference: ~40 dB int8, ~37 fp8 on 512 rows
+# (benchmarks/export_vs_simulation.py), and the simulation against itself with only fp32 rounding
+# changed (batch 8 vs 1, or PyTorch's fused vs math attention) gives 43-44 dB int8, 39-40 fp8.
+# The bit-level checks are per layer (same codes for the same input) and the tie-aligned test below.
 E2E_MIN_DB = {"int8": 35.0, "fp8": 33.0, "w4a16": 100.0, "w4a8": 35.0}
 
 
@@ -186,6 +202,32 @@ def test_end_to_end_sqnr_vs_simulation(tiny, recipes, graphs, precision):
     assert s >= E2E_MIN_DB[precision], f"{precision}: {s:.1f} dB"
     # and the graph is far closer to the simulation than the simulation is to FP
     assert s > sqnr_db(fp, ref) + 2
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_end_to_end_matches_simulation_up_to_rounding_ties(tiny, recipes, graphs, precision):
+    """Resolve only rounding ties (the graph's code is what the simulation's quantizer gives for
+    an input within 1e-4 relative of its own) the graph's way, and the graph is the simulation end
+    to end: no other code differs, and the outputs agree at fp32 rounding level. 32 rows, t spread
+    over 0..999. The wrong-GELU test below shows the check has teeth."""
+    sim = apply_recipe(tiny, recipes[precision])
+    x, t, y = inputs(tiny, 32, seed=1234)
+    ref, out, ties, real, total = tie_aligned_comparison(sim, graphs[precision], x, t, y)
+    assert real <= 1e-6 * total, f"{precision}: {real} of {total} activation codes differ beyond a rounding tie"
+    assert ties <= 1e-4 * max(total, 1), f"{precision}: {ties} rounding ties of {total}"
+    s = sqnr_db(ref, out)
+    assert s >= 100, f"{precision}: {s:.1f} dB with ties aligned"
+
+
+def test_tie_alignment_does_not_hide_a_wrong_op(tiny, recipes, graphs):
+    """A simulation with the erf GELU instead of the graph's tanh GELU (differences of ~1e-3, not
+    ties) fails the tie-aligned comparison: millions of real code differences, < 40 dB."""
+    sim = apply_recipe(tiny, recipes["int8"])
+    for block in sim.blocks:
+        block.mlp.act = torch.nn.GELU()
+    x, t, y = inputs(tiny, 8, seed=1234)
+    ref, out, ties, real, total = tie_aligned_comparison(sim, graphs["int8"], x, t, y)
+    assert real > 1e-2 * total and sqnr_db(ref, out) < 40
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
