@@ -10,7 +10,6 @@ that quantize it replace or wrap its ``nn.Linear`` modules from the outside.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -102,14 +101,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=None)
-def timestep_frequencies(half: int, max_period: float = 10000.0) -> torch.Tensor:
-    """``exp(-ln(max_period) * i / half)``, i < half, computed in float64 and rounded once to float32
-    (correctly rounded, so the same on every device and in every exported graph)."""
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)
-    return torch.from_numpy(freqs.astype(np.float32)).to("cpu")
-
-
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -120,12 +111,14 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """Sinusoidal embedding, cos half first, as in DiT. The frequency table is a constant
-        (``timestep_frequencies``), not computed per call: DiT's ``torch.exp`` in float32 differs
-        from NumPy's (which the ONNX exporter folds the table with) and from CUDA's by one ulp in
-        about 40 % of the entries, and times t ~ 1000 that is ~6e-5 in the sin/cos arguments."""
+        """Sinusoidal embedding, cos half first, as in DiT. The frequency table is computed in
+        float64 and rounded once to float32: DiT's ``torch.exp`` in float32 differs from NumPy's
+        (which the ONNX exporter folds the table with) and from CUDA's by one ulp in about 40 % of
+        the entries, and times t ~ 1000 that is ~6e-5 in the sin/cos arguments. (Computed per call
+        from constants, so tracing and export fold it; a cached tensor broke dynamo export.)"""
         half = dim // 2
-        freqs = timestep_frequencies(half, max_period).to(t.device)
+        exponent = torch.arange(half, dtype=torch.float64, device=t.device) * (-math.log(max_period) / half)
+        freqs = torch.exp(exponent).to(torch.float32)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
