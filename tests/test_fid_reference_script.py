@@ -31,6 +31,7 @@ def test_fid_reference_script_smoke(tmp_path):
     assert rc == 0
     meta = json.loads((out / "fid_reference.json").read_text())
     assert set(meta["settings"]) == {"fp-3", "w4-3"}
+    assert meta["uint8"] == "trunc"  # ADM truncation: the README's FID numbers were made so
     with np.load(out / "fp-3.npz") as z:
         fp, labels = z["arr_0"], z["arr_1"]
     with np.load(out / "w4-3.npz") as z:
