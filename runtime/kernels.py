@@ -134,38 +134,48 @@ def _round_to_e4m3(x):
     return _round_half_even(x / step) * step
 
 
+def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+         bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue."""
+    M, K = a.shape
+    N, K2 = w.shape
+    assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
+                      q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
+                      M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
+                      c.stride(1), FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
+                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None)
+    return c
+
+
 def mm8_gelu_quant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
     """A DiT MLP's fc1 with the fc2 input made in its epilogue: ``quant(GELU_tanh(a @ w.T * a_scale *
     w_scale + bias) * q_mul / q_scale)``. ``a``, ``w``: both int8 (-> int8 codes, round half to even,
     saturate) or both float8_e4m3fn (-> E4M3 codes, saturate at 448). Saves writing fc1's output in
     bf16 and the separate GELU + quantize pass over it."""
-    M, K = a.shape
-    N, K2 = w.shape
-    fp8 = a.dtype == torch.float8_e4m3fn
-    assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
-                      q_mul if q_mul is not None else w_scale, q_scale, M, N, K, _m_bucket(M),
-                      a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
-                      FP8=fp8, HAS_BIAS=bias is not None, GELU_QUANT=True, HAS_QMUL=q_mul is not None)
-    return c
+    c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
+    return _mm8(a, w, c, a_scale, w_scale, bias, q_mul, q_scale)
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``(a @ w.T) * a_scale * w_scale + bias``: a int8 [M, K], w int8 [N, K], a_scale float32 [],
     w_scale float32 [N], bias [N] or None -> [M, N] ``out_dtype``."""
-    M, K = a.shape
-    N, K2 = w.shape
-    assert K == K2 and a.dtype == torch.int8 and w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, w_scale, a_scale,
-                      M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
-                      c.stride(1), FP8=False, HAS_BIAS=bias is not None, GELU_QUANT=False, HAS_QMUL=False)
-    return c
+    assert a.dtype == torch.int8, a.dtype
+    c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=out_dtype)
+    return _mm8(a, w, c, a_scale, w_scale, bias)
+
+
+@triton.jit
+def _unpack_int4_tile(packed, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed ``[BLOCK_K/2, BLOCK_N]`` uint8 (row j: element 2j low nibble, 2j+1 high, stored +8)
+    -> int32 codes ``[BLOCK_K, BLOCK_N]`` in -8..7, rows 2j and 2j+1 interleaved back."""
+    p = packed.to(tl.int32)
+    lo = (p & 0xF) - 8
+    hi = ((p >> 4) & 0xF) - 8
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(False), key=["M_BUCKET", "N", "K"])
@@ -187,10 +197,7 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs)
-        p = tl.load(w_ptrs).to(tl.int32)
-        lo = (p & 0xF) - 8
-        hi = ((p >> 4) & 0xF) - 8
-        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # rows 2j, 2j+1
+        q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)
         if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale row
             s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
             w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
@@ -251,10 +258,7 @@ def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs)
-        p = tl.load(w_ptrs).to(tl.int32)
-        lo = (p & 0xF) - 8
-        hi = ((p >> 4) & 0xF) - 8
-        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(tl.int8)
+        q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N).to(tl.int8)
         part = tl.dot(a, q, out_dtype=tl.int32)
         s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
         acc += part.to(tl.float32) * s[None, :]
