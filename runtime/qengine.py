@@ -167,7 +167,8 @@ class FP8Linear(EngineLinear):
             out = out + self.bias
         return out.to(dtype)
 
-    def w_scale_n(self) -> torch.Tensor:
+    def channel_scales(self) -> torch.Tensor:
+        """Per-output-channel weight scales ``[N]`` (what ``FusedMlp``'s kernel takes)."""
         return self.w_scale_row.reshape(-1)
 
 
@@ -207,6 +208,9 @@ class Int8Linear(EngineLinear):
 
     def kernel_name(self) -> str:
         return "reference" if self.kernel == "reference" else f"Int8Linear[{self.int8_kernel}]"
+
+    def channel_scales(self) -> torch.Tensor:
+        return self.w_scale_n
 
     def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
@@ -257,9 +261,8 @@ class FusedMlp(nn.Module):
         """The GPU path (any device that runs the Triton kernels: the tests use the interpreter)."""
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
-        w_scale = fc1.w_scale_n() if isinstance(fc1, FP8Linear) else fc1.w_scale_n
         h = torch.ops.dtq.mm8_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc1.weight_codes(),
-                                         fc1.act_scale, w_scale, fc1.bias, fc2.input_mul, fc2.act_scale)
+                                         fc1.act_scale, fc1.channel_scales(), fc1.bias, fc2.input_mul, fc2.act_scale)
         return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
 
 
