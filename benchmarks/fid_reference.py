@@ -88,29 +88,43 @@ def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args) -> tuple
 
 
 def parse_calibrations(specs: list[str]) -> dict | None:
-    """``{name: {"spec", "config": CalibConfig kwargs}}`` from NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...]."""
-    import dataclasses
+    """``{name: {"spec", "config": CalibConfig kwargs}}`` from NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...].
+    Values are parsed by dtq-calibrate's own options (``tools.cli`` over ``CalibConfig``): the same
+    types, choices and ``--x/--no-x`` booleans."""
+    import argparse
+    import typing
 
     from dtq.calibrate.config import CalibConfig
+    from dtq.tools.cli import add_dataclass_arguments
 
-    types = {f.name: f.type for f in dataclasses.fields(CalibConfig)}
+    parser = argparse.ArgumentParser(prog="--calibrate", add_help=False)
+    add_dataclass_arguments(parser, CalibConfig)
+    hints = typing.get_type_hints(CalibConfig)
     out = {}
     for spec in specs:
         name, _, how = spec.partition("=")
         parts = how.split(":")
         plain = [x for x in parts if "=" not in x]
-        extra = dict(x.split("=", 1) for x in parts if "=" in x)
-        if len(plain) not in (3, 4) or not name or any(k not in types for k in extra):
-            print(f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...] with KEY a CalibConfig "
-                  f"field, got {spec!r}", file=sys.stderr)
+        given = dict(zip(("method", "weight_bits", "act_bits", "weight_granularity"), plain))
+        given.update(x.split("=", 1) for x in parts if "=" in x)
+        argv = []
+        for key, value in given.items():
+            flag = "--" + key.replace("_", "-")
+            if hints.get(key) is bool:
+                argv.append(flag if value.lower() in ("1", "true", "yes") else "--no-" + key.replace("_", "-"))
+            else:
+                argv += [flag, value]
+        usage = (f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...] with KEY a CalibConfig "
+                 f"field, got {spec!r}")
+        if len(plain) not in (3, 4) or not name or any(k not in hints for k in given):
+            print(usage, file=sys.stderr)
             return None
-        conf = dict(method=plain[0], weight_bits=int(plain[1]), act_bits=int(plain[2]),
-                    weight_granularity=plain[3] if len(plain) == 4 else "channel")
-        for k, v in extra.items():
-            t = str(types[k])
-            conf[k] = (v.lower() in ("1", "true", "yes")) if "bool" in t else float(v) if "float" in t else \
-                int(v) if t.startswith("int") else v
-        out[name] = {"spec": how, "config": conf}
+        try:
+            ns = parser.parse_args(argv)
+        except SystemExit:  # argparse has printed which value it refused
+            print(usage, file=sys.stderr)
+            return None
+        out[name] = {"spec": how, "config": {"weight_granularity": "channel"} | {k: getattr(ns, k) for k in given}}
     return out
 
 
