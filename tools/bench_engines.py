@@ -273,7 +273,7 @@ def build_backend(name: str, base, fingerprint: str):
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
                         int8_kernel="int_mm" if name == "int8-intmm" else "triton",
-                        fuse_mlp=(precision,) if name.endswith("-fusedmlp") else ("int8",) if name == "int8" else ())
+                        fuse_mlp=(precision,) if name.endswith("-fusedmlp") else () if name.endswith("-unfused") else ("int8",))
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
