@@ -253,6 +253,21 @@ def export_modelopt_onnx(qmodel, sample, path, opset: int = 17) -> float:
     return time.perf_counter() - t0
 
 
+def dtq_onnx_result(model, recipe, evalset, ref) -> dict:
+    """Export ``recipe`` as dtq's int8 Q/DQ graph, run it in ORT and its simulation in torch: the
+    SQNRs, Q/DQ counts and placement one candidate row reports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
+                                        max_batch=64), model=model, recipe=recipe)
+        out = run_onnx(res.path, evalset)
+        graph_placement = summarize_onnx_placement(onnx_placement(res.path))
+    sim = run_torch(apply_recipe(model, recipe), evalset)
+    return {"onnx_placement": graph_placement,
+            "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
+            "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2), "onnx_vs_sim_db": round(sqnr_db(sim, out), 2),
+            "qdq_nodes": res.report.checked_nodes, "placement": summarize_placement(dtq_placement(recipe))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=REFERENCE)
@@ -293,19 +308,10 @@ def main() -> int:
     for method in args.methods if args.only != "modelopt" else ():
         t1 = time.perf_counter()
         recipe = calibrate(model, calib, CalibConfig(**DTQ_CANDIDATES[method], progress=False))
-        with tempfile.TemporaryDirectory() as tmp:
-            res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
-                                            max_batch=64), model=model, recipe=recipe)
-            out = run_onnx(res.path, evalset)
-            graph_placement = summarize_onnx_placement(onnx_placement(res.path))
-        sim = run_torch(apply_recipe(model, recipe), evalset)
         results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"] = {
-            "onnx_placement": graph_placement,
+            **dtq_onnx_result(model, recipe, evalset, ref),
             "config": DTQ_CANDIDATES[method], "recipe_options": recipe.options, "recipe_info": recipe.info,
-            "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
-            "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
-            "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "seconds": round(time.perf_counter() - t1, 1),
-            "qdq_nodes": res.report.checked_nodes, "placement": summarize_placement(dtq_placement(recipe))}
+            "seconds": round(time.perf_counter() - t1, 1)}
         print(method, results["candidates"][f"dtq-{method} (ONNX Q/DQ, ORT)"]["sqnr_vs_fp_db"], file=sys.stderr)
 
     try:
@@ -318,31 +324,19 @@ def main() -> int:
         results["modelopt_version"] = modelopt.__version__
         for restrict in (True,) if args.skip_shipped else (False, True):
             qmodel, placement, seconds = modelopt_candidate(model, calib, restrict)
-            out = run_torch(qmodel, evalset)
+            modelopt_fq = run_torch(qmodel, evalset)
             key = "modelopt INT8_SMOOTHQUANT_CFG" + (" (block Linears only)" if restrict else " (as shipped)")
-            results["candidates"][key] = {"sqnr_vs_fp_db": round(sqnr_db(ref, out), 2),
-                                          "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset), "seconds": round(seconds, 1),
+            results["candidates"][key] = {"sqnr_vs_fp_db": round(sqnr_db(ref, modelopt_fq), 2),
+                                          "sqnr_by_timestep_db": sqnr_by_step(ref, modelopt_fq, evalset),
+                                          "seconds": round(seconds, 1),
                                           "quantized_modules": len(placement),
                                           "placement": summarize_placement(placement)}
             print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
             if restrict:  # the export layer at parity: ModelOpt's own calibration through dtq's export
-                recipe = recipe_from_modelopt(model, qmodel)
-                with tempfile.TemporaryDirectory() as tmp:
-                    res = export_model(ExportConfig(out=f"{tmp}/m.onnx", model="ref", precision="int8", dtype="fp32",
-                                                    max_batch=64), model=model, recipe=recipe)
-                    out = run_onnx(res.path, evalset)
-                    graph_placement = summarize_onnx_placement(onnx_placement(res.path))
-                sim = run_torch(apply_recipe(model, recipe), evalset)
                 key = "dtq export of ModelOpt's calibration (ONNX Q/DQ, ORT)"
-                results["candidates"][key] = {
-                    "onnx_placement": graph_placement,
-                    "sqnr_vs_fp_db": round(sqnr_db(ref, out), 2), "sqnr_by_timestep_db": sqnr_by_step(ref, out, evalset),
-                    "sim_sqnr_vs_fp_db": round(sqnr_db(ref, sim), 2),
-                    "onnx_vs_sim_db": round(sqnr_db(sim, out), 2), "qdq_nodes": res.report.checked_nodes,
-                    "placement": summarize_placement(dtq_placement(recipe))}
+                results["candidates"][key] = dtq_onnx_result(model, recipe_from_modelopt(model, qmodel), evalset, ref)
                 print(key, results["candidates"][key]["sqnr_vs_fp_db"], file=sys.stderr)
                 key = "modelopt INT8_SMOOTHQUANT_CFG (block Linears only), ModelOpt's ONNX export (TorchScript, ORT)"
-                modelopt_fq = run_torch(qmodel, evalset)
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "modelopt.onnx"
                     try:
