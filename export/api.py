@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..runtime.checkpoint import load_checkpoint
-from ..runtime.recipe import Recipe, load_recipe
+from ..runtime.recipe import Recipe, load_recipe, rescaled_output_layers
 from . import qdq, rules, surgery
 from .onnx_export import IR_VERSION, MIN_OPSET, export_torch, find_linears
 from .writer import write_model
@@ -160,6 +160,7 @@ def export_model(config: ExportConfig, model: nn.Module | None = None, recipe: R
         "opset": cfg.opset,
         "recipe_sha256": recipe_sha256(recipe) if recipe is not None else "",
         "recipe_method": recipe.method if recipe is not None else "",
+        "rescaled_outputs": rescaled_output_layers(recipe) if recipe is not None else [],
         "inputs": {"x": ["batch", c.in_channels, c.input_size, c.input_size], "t": ["batch"], "y": ["batch"]},
         "outputs": {"out": ["batch", c.out_channels, c.input_size, c.input_size]},
         "batch_range": [cfg.min_batch, cfg.max_batch],

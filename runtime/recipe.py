@@ -162,6 +162,13 @@ class Recipe:
         return load_recipe(directory, model)
 
 
+def rescaled_output_layers(recipe: Recipe) -> list[str]:
+    """Layers whose output rows a fold rescales per channel: qkv, when proj's balance folds into
+    its V rows (the next layer undoes the gain, so only comparisons of that output see it)."""
+    return [name.removesuffix("attn.proj") + "attn.qkv" for name, layer in recipe.layers.items()
+            if layer.balance_fold == "v"]
+
+
 def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) -> Recipe:
     """Read a recipe directory; with ``model``, refuse a recipe made for another checkpoint."""
     directory = Path(directory)

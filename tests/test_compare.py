@@ -129,3 +129,40 @@ def test_torch_fp32_vs_bf16(tmp_path):
     # every Linear is probed when neither endpoint is quantized
     assert len(rep["layerwise"]["layers"]) == len([n for n in rep["layerwise"]["ranking"]]) > 24
     assert compare.main(["--candidate", "torch:int3", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_fold_rescaled_outputs_are_aligned(tmp_path):
+    """proj's balancing folded into qkv's V rows rescales qkv's output per channel (the next layer
+    undoes it): the layerwise diagnosis must not blame qkv for that gain, only for its noise."""
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    model = load_builtin("dit-tiny-fmnist")
+    recipe = minmax_recipe(model, "int8", balance=True)
+    recipe.save(tmp_path / "recipe")
+    qkv = [f"blocks.{i}.attn.qkv" for i in range(model.config.depth)]
+
+    def qkv_out_sqnr(alignment):
+        out = tmp_path / alignment
+        compare.main(["--candidate", str(tmp_path / "recipe"), "--no-e2e", "--input-alignment", alignment,
+                      "--out", str(out), *FAST])
+        by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}
+        return [by[n]["out_sqnr_db"] for n in qkv], [by[n]["output_aligned"] for n in qkv]
+
+    aligned, flags = qkv_out_sqnr("auto")
+    raw, raw_flags = qkv_out_sqnr("none")
+    assert all(flags) and not any(raw_flags)
+    # blocks.0's input is exact: INT8 noise alone (measured 38 dB) vs the V-row gain counted as
+    # error (18 dB); later blocks inherit upstream noise, yet the gain still costs several dB
+    assert aligned[0] > 30 and raw[0] < 20, (aligned, raw)
+    assert all(a > r + 5 for a, r in zip(aligned, raw)), (aligned, raw)
+
+    # the Q/DQ ONNX export of the recipe carries the same knowledge in its metadata
+    from dtq.export.api import ExportConfig, export_model
+
+    onnx_path = tmp_path / "w8.onnx"
+    export_model(ExportConfig(out=str(onnx_path), model="dit-tiny-fmnist", precision="int8", dtype="fp32",
+                              recipe=str(tmp_path / "recipe"), max_batch=16))
+    out = tmp_path / "onnx"
+    compare.main(["--candidate", str(onnx_path), "--no-e2e", "--out", str(out), *FAST])
+    by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}
+    assert all(by[n]["output_aligned"] for n in qkv) and by[qkv[0]]["out_sqnr_db"] > 30

@@ -73,9 +73,11 @@ class CompareConfig:
     max_abs: float | None = field(default=None, metadata=_meta("fail above this max abs error"))
     layerwise: bool = field(default=True, metadata=_meta("rank quantized Linears by SQNR drop"))
     input_alignment: Literal["auto", "none", "channel"] = field(default="auto", metadata=_meta(
-        "layer inputs rescaled per channel by balancing (SmoothQuant-style) differ from the FP ones by a gain: "
-        "'channel' compares them after the best per-channel gain, 'none' as they are, 'auto' aligns the layers a "
-        "recipe candidate balances and those whose raw input SQNR is 3 dB below their output SQNR"))
+        "layer inputs rescaled per channel by balancing (SmoothQuant-style), and the outputs of layers whose rows "
+        "absorb a balancing fold (qkv under proj's V fold), differ from the FP ones by a gain: 'channel' compares "
+        "them after the best per-channel gain, 'none' as they are, 'auto' aligns what a recipe candidate rescales, "
+        "and inputs whose raw SQNR is 3 dB below their output's; outputs only where the recipe (or dtq-export's "
+        "metadata) says a fold rescales them"))
     top_k: int = field(default=5, metadata=_meta("layers to name as candidates for higher precision"))
     suggest_below: float = field(default=30.0, metadata=_meta(
         "name a layer for higher precision only if the noise it adds itself has an SQNR (dB) below this"))
@@ -103,12 +105,20 @@ class Endpoint:
     model: torch.nn.Module | None = None  # torch / recipe
     path: Path | None = None  # onnx / engine
     balanced: tuple[str, ...] = ()  # layers whose input a recipe rescales per channel
+    rescaled_out: tuple[str, ...] = ()  # layers whose output rows a fold rescales (qkv under proj's V fold)
     dtype: str | None = None  # torch:<dtype>; None = --torch-dtype
 
     def balanced_layers(self) -> set[str]:
         if self.kind == "recipe":
             return set(self.balanced)
         return set()
+
+    def rescaled_outputs(self) -> set[str]:
+        if self.kind == "onnx":  # dtq-export records them (metadata dtq.rescaled_outputs)
+            from ..export.writer import read_metadata
+
+            return set(json.loads(read_metadata(self.path).get("rescaled_outputs", "[]")))
+        return set(self.rescaled_out)
 
     def quantized_layers(self) -> list[str]:
         if self.kind == "recipe":
@@ -152,11 +162,12 @@ def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
     if path.is_file() and path.suffix == ".onnx":
         return Endpoint(spec, "onnx", path=path)
     if path.is_dir() and (path / "recipe.json").is_file():
-        from ..runtime.recipe import apply_recipe, load_recipe
+        from ..runtime.recipe import apply_recipe, load_recipe, rescaled_output_layers
 
         recipe = load_recipe(path, model)
         return Endpoint(spec, "recipe", model=apply_recipe(model, recipe),
-                        balanced=tuple(n for n, lr in recipe.layers.items() if lr.balance is not None))
+                        balanced=tuple(n for n, lr in recipe.layers.items() if lr.balance is not None),
+                        rescaled_out=tuple(rescaled_output_layers(recipe)))
     if path.is_dir() and (path / "engine.plan").is_file():
         return Endpoint(spec, "engine", path=path)
     if path.is_dir() and (path / "model.onnx").is_file():
@@ -247,17 +258,26 @@ def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, step
     runners = [ref.runner(cfg, "reference", probe_layers=layers), cand.runner(cfg, "candidate", probe_layers=layers)]
     results = _run(runners, [s.feed() for s in steps])
     (_, ref_iters), (_, cand_iters) = list(results.items())
-    align = ({*layers} if cfg.input_alignment == "channel" else set() if cfg.input_alignment == "none"
+    channel = cfg.input_alignment == "channel"
+    align = ({*layers} if channel else set() if cfg.input_alignment == "none"
              else ref.balanced_layers() | cand.balanced_layers())
+    align_out = ({*layers} if channel else set() if cfg.input_alignment == "none"
+                 else ref.rescaled_outputs() | cand.rescaled_outputs())
     per_layer = []
     for order, layer in enumerate(layers):
-        s_raw, s_aligned, s_out = [], [], []
+        s_raw, s_aligned, s_out, s_out_aligned = [], [], [], []
         for r_it, c_it in zip(ref_iters, cand_iters):
             r_in, c_in = np.asarray(r_it[probe_key(layer, "in")]), np.asarray(c_it[probe_key(layer, "in")])
+            r_out, c_out = np.asarray(r_it[probe_key(layer, "out")]), np.asarray(c_it[probe_key(layer, "out")])
             s_raw.append(metrics.sqnr_db(r_in, c_in))
             s_aligned.append(_aligned_sqnr(r_in, c_in))
-            s_out.append(metrics.sqnr_db(r_it[probe_key(layer, "out")], c_it[probe_key(layer, "out")]))
-        sout = _mean_db(s_out)
+            s_out.append(metrics.sqnr_db(r_out, c_out))
+            s_out_aligned.append(_aligned_sqnr(r_out, c_out))
+        # a balancing vector folded into a layer's rows (proj's into qkv's V rows) rescales its
+        # output per channel and the next layer's weights undo it. Only known folds are aligned:
+        # a gain heuristic would also hide a wrong weight scale (which is a per-channel gain too)
+        out_aligned = layer in align_out
+        sout = _mean_db(s_out_aligned if out_aligned else s_out)
         # auto: an input that looks 3 dB worse than the output it produces differs by a gain the
         # layer's weights undo (balancing folded upstream); propagated noise seldom shrinks that much
         aligned = layer in align or (cfg.input_alignment == "auto" and _mean_db(s_raw) < sout - 3.0)
@@ -265,8 +285,9 @@ def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, step
         drop = (sin - sout) if math.isfinite(sin) else (math.inf if math.isfinite(sout) else 0.0)
         per_layer.append({"layer": layer, "order": order, "in_sqnr_db": sin, "out_sqnr_db": sout, "sqnr_drop_db": drop,
                           "added_sqnr_db": added_noise_sqnr(sin, sout), "input_aligned": aligned,
-                          "in_sqnr_db_raw": _mean_db(s_raw),
-                          "out_sqnr_db_per_step": s_out})
+                          "output_aligned": out_aligned, "in_sqnr_db_raw": _mean_db(s_raw),
+                          "out_sqnr_db_raw": _mean_db(s_out),
+                          "out_sqnr_db_per_step": s_out_aligned if out_aligned else s_out})
     ranked = sorted(per_layer, key=lambda d: (d["added_sqnr_db"], d["out_sqnr_db"]))
     return {"layers": per_layer, "ranking": [d["layer"] for d in ranked],
             "keep_in_higher_precision": [d["layer"] for d in ranked if d["added_sqnr_db"] < cfg.suggest_below][:cfg.top_k]}
