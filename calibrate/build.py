@@ -7,6 +7,8 @@ inputs ``X / b``, and writes the ``Recipe``.
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from torch import nn
 
@@ -23,6 +25,19 @@ FOLD_BY_ROLE = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.
 def quant_layer_names(model: nn.Module, roles: list[str]) -> list[str]:
     """``blocks.N.<role>`` for every block, in model order."""
     return [f"blocks.{i}.{r}" for i in range(len(model.blocks)) for r in roles]
+
+
+def kept_layers(names: list[str], patterns: list[str]) -> set[str]:
+    """The layers ``patterns`` (names or fnmatch patterns) keep unquantized. A pattern that
+    matches nothing is an error: a typo would otherwise quantize the layer it meant to keep."""
+    kept = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise ValueError(f"keep: {pattern!r} matches no quantizable layer (e.g. {names[0]!r}, "
+                             f"roles {sorted({n.split('.', 2)[2] for n in names})})")
+        kept.update(hits)
+    return kept
 
 
 def weight_salience(model: nn.Module, name: str) -> torch.Tensor:
@@ -54,7 +69,9 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
     weight_search = weight_search or config.weight_search
     act_search = act_search or config.act_search
     gran, group = config.granularity
-    names = quant_layer_names(model, config.layers)
+    all_names = quant_layer_names(model, config.layers)
+    kept = kept_layers(all_names, config.keep)
+    names = [n for n in all_names if n not in kept]
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerRecipe] = {}
     for name in names:
@@ -66,7 +83,7 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
         layers[name] = layer
     opts = {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "weight_format": config.wfmt,
             "act_format": config.afmt, "weight_granularity": config.weight_granularity,
-            "weight_search": weight_search, "act_search": act_search, **(options or {})}
+            "weight_search": weight_search, "act_search": act_search, "kept": sorted(kept), **(options or {})}
     recipe = Recipe(method, model_fingerprint(model), layers, tensors, opts, model.config.to_dict(), dict(info or {}))
     folded = balanced_model(model, recipe, check=False)  # weights as the simulated model will hold them
     for name, layer in layers.items():

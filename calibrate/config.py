@@ -59,6 +59,9 @@ class CalibConfig:
     alpha_grid_step: float = field(default=0.05, metadata=_h("DiTAS alpha grid step over [0, 1]"))
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
                               metadata=_h("layer roles in each block to quantize"))
+    keep: list[str] = field(default_factory=list, metadata=_h(
+        "layers left unquantized (FP16 in the engine): names or fnmatch patterns, comma-separated, e.g. "
+        "dtq-compare's 'keep in higher precision' list: blocks.11.attn.proj,blocks.10.attn.proj"))
     sample_tokens: int = field(default=64, metadata=_h("tokens per layer and timestep kept for searches"))
     hist_bins: int = field(default=2048, metadata=_h("bins of the |x| histogram per layer"))
     batch_size: int = field(default=64, metadata=_h("rows per calibration forward"))

@@ -273,3 +273,31 @@ def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup):
     _, no_fc2 = run(smooth_fc2=False)
     assert new > old + 3.0, (new, old)
     assert new > no_fc2 + 1.5, (new, no_fc2)  # fc2 smoothing helps at alpha 1.0
+
+
+def test_keep_leaves_layers_unquantized(tiny_setup, tmp_path):
+    """``keep`` (dtq-compare's suggestions) drops layers from the recipe: they stay FP in the
+    simulation and the export, and the error they caused goes with them. Measured on this setup
+    (noise SQNR, all rows): ditas 27.3 dB, keeping every fc1 (this model's worst inputs) and one
+    proj 35.2 dB."""
+    from torch import nn
+
+    from dtq.export.api import ExportConfig, export_model
+
+    model, _, held, stats, fp = tiny_setup
+    base = calibrate(model, stats, CalibConfig(method="ditas", progress=False))
+    kept = calibrate(model, stats, CalibConfig(method="ditas", keep=["blocks.*.mlp.fc1", "blocks.0.attn.proj"],
+                                               progress=False))
+    gone = {f"blocks.{i}.mlp.fc1" for i in range(model.config.depth)} | {"blocks.0.attn.proj"}
+    assert set(base.layers) - set(kept.layers) == gone and kept.options["kept"] == sorted(gone)
+    sim = apply_recipe(model, kept)
+    assert all(type(sim.get_submodule(n)) is nn.Linear for n in gone)
+    s_base = noise_sqnr(model, apply_recipe(model, base), held, fp_out=fp)["all"]
+    s_kept = noise_sqnr(model, sim, held, fp_out=fp)["all"]
+    assert s_kept > s_base + 3.0, (s_base, s_kept)
+    kept.save(tmp_path / "kept")
+    res = export_model(ExportConfig(out=str(tmp_path / "kept.onnx"), model="dit-tiny-fmnist", precision="int8",
+                                    recipe=str(tmp_path / "kept")))
+    assert res.report.ok
+    with pytest.raises(ValueError, match="matches no quantizable layer"):
+        calibrate(model, stats, CalibConfig(method="ditas", keep=["blocks.*.mlp.fc3"], progress=False))

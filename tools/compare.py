@@ -401,7 +401,9 @@ def markdown_report(report: dict) -> str:
         lines += ["## Layerwise", "",
                   "Ranked by the SQNR of the noise each layer adds itself (output minus input noise-to-signal, "
                   "in power): the SQNR drop, independent of how clean the layer's input was.", "",
-                  "Keep in higher precision first: " + (", ".join(f"`{n}`" for n in lw["keep_in_higher_precision"]) or "none"),
+                  "Keep in higher precision first: " + (", ".join(f"`{n}`" for n in lw["keep_in_higher_precision"]) or "none")
+                  + (f" (recalibrate with `dtq-calibrate --keep {','.join(lw['keep_in_higher_precision'])}`)"
+                     if lw["keep_in_higher_precision"] else ""),
                   "", "![per-layer SQNR](layer_sqnr.png)", "",
                   "| rank | layer | in SQNR dB | out SQNR dB | drop dB | added-noise SQNR dB |", "|---|---|---|---|---|---|"]
         by = {d["layer"]: d for d in lw["layers"]}
