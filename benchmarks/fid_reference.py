@@ -189,7 +189,8 @@ def main(argv=None) -> int:
         return 2
     if calibrated:
         settings += calibrate_candidates(model, calibrated, args)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ckpt": str(ckpt), "per_class": args.per_class, "cfg_scale": args.cfg_scale, "seed": args.seed,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ckpt": str(ckpt),
+            "per_class": args.per_class, "cfg_scale": args.cfg_scale, "seed": args.seed,
             "autocast": args.autocast, "uint8": UINT8_MODE, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "compile": args.compile, "calibrated": calibrated, "recipes": args.recipe, "settings": {}}

@@ -21,7 +21,8 @@ def load(raw: Path) -> tuple[list[dict], dict]:
     # recipes saved by one run's --calibrate (recipes/<name with / as _>) and sampled by another's --recipe
     saved = {k.replace("/", "_"): {"candidate": k, **v} for m in metas.values() for k, v in (m.get("calibrated") or {}).items()}
     for path, meta in metas.items():
-        runs[path.stem.removeprefix("fid_reference_")] = {k: meta[k] for k in
+        run = path.stem.removeprefix("fid_reference_")
+        runs[run] = {k: meta[k] for k in
                                                           ("device_name", "torch", "compile", "uint8", "autocast",
                                                            "per_class", "cfg_scale", "seed")}
         calibrated = meta.get("calibrated") or {}
@@ -30,7 +31,7 @@ def load(raw: Path) -> tuple[list[dict], dict]:
         for key, s in meta["settings"].items():
             name = key.rsplit("-", 1)[0]
             sampled[s["file"]] = {"setting": name, "steps": s["steps"], "sampling_s": s["seconds"],
-                                  "run": path.stem.removeprefix("fid_reference_"),
+                                  "run": run,
                                   "calibration": by_group.get(name) or saved.get(Path(recipes.get(name, "")).name),
                                   "recipe_dir": recipes.get(name)}
     rows = []

@@ -34,8 +34,8 @@ def kept_layers(names: list[str], patterns: list[str]) -> set[str]:
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise ValueError(f"keep: {pattern!r} matches no quantizable layer (e.g. {names[0]!r}, "
-                             f"roles {sorted({n.split('.', 2)[2] for n in names})})")
+            raise ValueError(f"keep: {pattern!r} matches no quantizable layer (they are blocks.N.ROLE with "
+                             f"ROLE in {sorted({n.split('.', 2)[2] for n in names})})")
         kept.update(hits)
     return kept
 

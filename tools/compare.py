@@ -265,6 +265,10 @@ def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, step
                  else ref.rescaled_outputs() | cand.rescaled_outputs())
     per_layer = []
     for order, layer in enumerate(layers):
+        # a balancing vector folded into a layer's rows (proj's into qkv's V rows) rescales its
+        # output per channel and the next layer's weights undo it. Only known folds are aligned:
+        # a gain heuristic would also hide a wrong weight scale (which is a per-channel gain too)
+        out_aligned = layer in align_out
         s_raw, s_aligned, s_out, s_out_aligned = [], [], [], []
         for r_it, c_it in zip(ref_iters, cand_iters):
             r_in, c_in = np.asarray(r_it[probe_key(layer, "in")]), np.asarray(c_it[probe_key(layer, "in")])
@@ -272,11 +276,8 @@ def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, step
             s_raw.append(metrics.sqnr_db(r_in, c_in))
             s_aligned.append(_aligned_sqnr(r_in, c_in))
             s_out.append(metrics.sqnr_db(r_out, c_out))
-            s_out_aligned.append(_aligned_sqnr(r_out, c_out))
-        # a balancing vector folded into a layer's rows (proj's into qkv's V rows) rescales its
-        # output per channel and the next layer's weights undo it. Only known folds are aligned:
-        # a gain heuristic would also hide a wrong weight scale (which is a per-channel gain too)
-        out_aligned = layer in align_out
+            if out_aligned:
+                s_out_aligned.append(_aligned_sqnr(r_out, c_out))
         sout = _mean_db(s_out_aligned if out_aligned else s_out)
         # auto: an input that looks 3 dB worse than the output it produces differs by a gain the
         # layer's weights undo (balancing folded upstream); propagated noise seldom shrinks that much
