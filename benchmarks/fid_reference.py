@@ -30,6 +30,7 @@ import torch
 from dtq.runtime.checkpoint import load_checkpoint
 from dtq.runtime.denoiser import TorchDenoiser
 from dtq.runtime.diffusion import GaussianDiffusion
+from dtq.runtime.distributed import SINGLE, data_parallel, map_batches, rank_device
 from dtq.runtime.images import save_npz, to_uint8
 from dtq.runtime.sampler import sample
 from dtq.runtime.zoo import builtin_checkpoint
@@ -65,26 +66,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 UINT8_MODE = "trunc"
 
 
-def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args) -> tuple[np.ndarray, float]:
-    """All images of one setting; the same noise (from --seed) for every setting."""
+def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args, ctx=SINGLE) -> tuple[np.ndarray | None, float]:
+    """All images of one setting; the same noise (from --seed) for every setting. Under torchrun
+    the batches are shared among the ranks and rank 0 gets them all (the others get None)."""
     mc = model.config
     diffusion = GaussianDiffusion.dit(steps)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(labels), mc.in_channels, mc.input_size, mc.input_size, generator=gen)
-    out = []
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
-    for start in range(0, len(labels), args.batch_size):
-        sl = slice(start, start + args.batch_size)
+
+    def run_batch(start: int, sl: slice) -> torch.Tensor:
         step_gen = torch.Generator(device=args.device).manual_seed(args.seed * 1_000_003 + start)
         x = sample(denoiser, diffusion, noise[sl].to(args.device), labels[sl].to(args.device), sampler="ddpm",
                    cfg_scale=args.cfg_scale, null_class=mc.null_class, clip_denoised=mc.space == "pixel",
                    generator=step_gen)
-        out.append(to_uint8(x, mode=UINT8_MODE))
+        return torch.from_numpy(to_uint8(x, mode=UINT8_MODE))
+
+    images = map_batches(len(labels), args.batch_size, run_batch, ctx)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return np.concatenate(out), time.time() - t0
+    return (images.numpy() if images is not None else None), time.time() - t0
 
 
 def parse_calibrations(specs: list[str]) -> dict | None:
@@ -169,6 +172,16 @@ def calibrate_candidates(model, calibrated: dict, args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with data_parallel(torch.device(args.device)) as ctx:
+        args.device = str(rank_device(torch.device(args.device), ctx))
+        return _main(args, ctx)
+
+
+def _main(args: argparse.Namespace, ctx) -> int:
+    if ctx.active and args.calibrate:
+        print("error: --calibrate runs in a single process; calibrate first, then sample the recipes with "
+              "--recipe under torchrun", file=sys.stderr)
+        return 2
     ckpt = args.ckpt or builtin_checkpoint("dit-tiny-fmnist")
     model = load_checkpoint(ckpt)
     steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
@@ -183,7 +196,8 @@ def main(argv=None) -> int:
         from dtq.runtime.recipe import apply_recipe, load_recipe
 
         settings.append((name, apply_recipe(model, load_recipe(directory, model))))
-    args.out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
     calibrated = parse_calibrations(args.calibrate)
     if calibrated is None:
         return 2
@@ -201,13 +215,18 @@ def main(argv=None) -> int:
             compile_blocks(net)
         denoiser = TorchDenoiser(net, args.device, dtype, autocast=dtype != torch.float32)
         for n in steps:
-            images, seconds = sample_set(denoiser, model, n, labels, args)
+            images, seconds = sample_set(denoiser, model, n, labels, args, ctx)
+            if not ctx.is_main:
+                continue
             path = args.out / f"{name}-{n}.npz"
             save_npz(images, labels.numpy(), path)
             meta["settings"][f"{name}-{n}"] = {"file": path.name, "steps": n, "n": len(images),
                                                "seconds": round(seconds, 1)}
             print(f"{name}-{n}: {len(images)} images in {seconds:.1f} s -> {path}", flush=True)
         del denoiser
+    if not ctx.is_main:
+        return 0
+    meta["world_size"] = ctx.world_size
     (args.out / "fid_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0
 

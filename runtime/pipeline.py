@@ -21,6 +21,7 @@ import torch
 from .checkpoint import load_checkpoint, read_config_json
 from .denoiser import Denoiser, TorchDenoiser
 from .diffusion import GaussianDiffusion
+from .distributed import DistContext, data_parallel, map_batches, rank_device
 from .images import make_grid, save_npz, save_png, to_uint8
 from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
 from .sampler import sample
@@ -97,7 +98,7 @@ class SampleConfig:
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # decoded images in [-1, 1], [N, C, H, W] (latents when not decoded)
+    images: torch.Tensor | None  # decoded images in [-1, 1], [N, C, H, W] (latents when not decoded); None off rank 0
     labels: torch.Tensor
     out: Path
     files: list[Path]
@@ -220,8 +221,18 @@ def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generato
 
 def generate(cfg: SampleConfig, denoiser: Denoiser | None = None, model: DiT | None = None) -> SampleResult:
     """Run a sampling job and write its files. ``denoiser`` replaces the PyTorch model as the
-    network (ONNX Runtime, TensorRT, quantized backends); ``model`` still describes it."""
+    network (ONNX Runtime, TensorRT, quantized backends); ``model`` still describes it.
+
+    Under ``torchrun`` the batches are shared among the ranks (``distributed.map_batches``), rank
+    0 gathers and writes the same files a single process writes, and the other ranks return a
+    result with ``images=None`` and no files."""
     device = resolve_device(cfg.device)
+    with data_parallel(device) as ctx:
+        return _generate(cfg, rank_device(device, ctx), ctx, denoiser, model)
+
+
+def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoiser: Denoiser | None,
+              model: DiT | None) -> SampleResult:
     model = model if model is not None else resolve_model(cfg)
     mc = model.config
     if denoiser is None:
@@ -239,20 +250,18 @@ def generate(cfg: SampleConfig, denoiser: Denoiser | None = None, model: DiT | N
     labels, ncols = choose_labels(cfg, mc.num_classes, gen)
     noise = torch.randn(len(labels), mc.in_channels, mc.input_size, mc.input_size, generator=gen)
     diffusion = GaussianDiffusion.dit(cfg.steps)
-    outputs = []
-    batches = range(0, len(labels), cfg.batch_size)
-    if cfg.progress and len(batches) > 1:
-        from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="batches", unit="batch")
-    for start in batches:
-        sl = slice(start, start + cfg.batch_size)
+    def run_batch(start: int, sl: slice) -> torch.Tensor:
+        # per-step noise seeded by the batch start: a batch gives the same images on any rank
         step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
         x = sample(denoiser, diffusion, noise[sl].to(device), labels[sl].to(device), sampler=cfg.sampler,
                    cfg_scale=cfg.cfg_scale, null_class=mc.null_class, guidance_channels=cfg.guidance_channels,
-                   eta=cfg.eta, clip_denoised=clip, generator=step_gen, progress=cfg.progress)
-        outputs.append((decoder(x) if decoder else x).cpu())
-    images = torch.cat(outputs)
+                   eta=cfg.eta, clip_denoised=clip, generator=step_gen, progress=cfg.progress and ctx.is_main)
+        return (decoder(x) if decoder else x).cpu()
+
+    images = map_batches(len(labels), cfg.batch_size, run_batch, ctx, progress=cfg.progress)
+    if not ctx.is_main:
+        return SampleResult(None, labels, cfg.out, [])
     files = write_outputs(cfg, images, labels, ncols, decoded=mc.space == "pixel" or decoder is not None)
     return SampleResult(images, labels, cfg.out, files)
 

@@ -16,9 +16,12 @@ EPILOG = """examples:
   dtq-sample --recipe recipes/int8 --device cuda --dtype bf16 --compile --cuda-graphs   # quantized PyTorch engine
   dtq-sample --onnx model-int8.onnx --device cpu                                       # ONNX Runtime
   dtq-sample --engine engines/int8 --device cuda --cuda-graphs                         # TensorRT
+  torchrun --nproc-per-node 8 -m dtq.tools.sample --ckpt ... --num-images 50000 --device cuda  # 8 GPUs
 
 outputs in --out: grid.png, images/*.png, samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels),
 sample_config.json; latent models without --vae write latents.npz instead of images.
+under torchrun the batches are shared among the ranks (batch i on rank i % N) and rank 0 writes
+the same files a single process writes for the same seed.
 exit codes: 0 success, 2 bad usage or input."""
 
 
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:  # an optional backend that is not installed (TensorRT, ONNX Runtime)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"wrote {len(result.labels)} samples to {result.out}: " + ", ".join(p.name for p in result.files))
+        if result.files:  # under torchrun only rank 0 writes
+            print(f"wrote {len(result.labels)} samples to {result.out}: " + ", ".join(p.name for p in result.files))
         return EXIT_OK
 
     return run_cli(_run)
