@@ -20,7 +20,7 @@ from .qdq import PRECISIONS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtq-export", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="DiT checkpoint (.pt/.safetensors, facebookresearch layout)")
+    src.add_argument("--ckpt", help="DiT checkpoint (.pt/.safetensors, facebookresearch layout) or diffusers DiT folder")
     src.add_argument("--model", help="a built-in model name (e.g. dit-tiny-fmnist)")
     p.add_argument("--recipe", help="recipe directory from dtq-calibrate (required for quantized precisions)")
     p.add_argument("--precision", default="fp16", choices=list(PRECISIONS))

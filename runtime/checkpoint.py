@@ -60,6 +60,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_config_json(path: str | os.PathLike) -> dict:
     """The ``config.json`` beside a checkpoint, or ``{}`` when there is none."""
     path = Path(path)
+    if path.is_dir():  # a diffusers folder: its configs are read by diffusers_dit
+        return {}
     cfg_path = path if path.suffix == ".json" else path.parent / "config.json"
     if not cfg_path.is_file():
         return {}
@@ -104,9 +106,12 @@ def infer_config(state_dict: dict[str, torch.Tensor], hints: dict | None = None)
         learn_sigma=out_channels == 2 * in_channels,
         class_dropout_prob=hints.get("class_dropout_prob", 0.1),
         space=hints.get("space", "latent"),
+        time_freq_shift=hints.get("time_freq_shift", 0.0),  # non-default only for models from diffusers
+        mlp_norm_eps=hints.get("mlp_norm_eps", 1e-6),
     )
+    taken = ("class_dropout_prob", "space", "num_heads", "time_freq_shift", "mlp_norm_eps")
     for key, value in hints.items():
-        if key in inferred and key not in ("class_dropout_prob", "space", "num_heads") and inferred[key] != value:
+        if key in inferred and key not in taken and inferred[key] != value:
             raise CheckpointError(f"config.json says {key}={value!r} but the weights say {inferred[key]!r}")
     return DiTConfig(**inferred)
 
@@ -141,7 +146,10 @@ def build_model(config: DiTConfig, state_dict: dict[str, torch.Tensor] | None = 
 def load_checkpoint(
     path: str | os.PathLike, expected: DiTConfig | None = None, dtype: torch.dtype = torch.float32
 ) -> DiT:
-    """Load a DiT from ``path``. With ``expected``, the checkpoint must match it exactly."""
+    """Load a DiT from ``path``: a checkpoint file, or a local diffusers folder (pipeline or
+    transformer, see ``diffusers_dit``). With ``expected``, the checkpoint must match it exactly."""
+    if Path(path).is_dir():
+        return _load_diffusers(path, expected, dtype)
     state_dict = read_state_dict(path)
     hints = read_config_json(path)
     if expected is not None:
@@ -154,6 +162,24 @@ def load_checkpoint(
     else:
         config = infer_config(state_dict, hints)
     return build_model(config, state_dict, dtype)
+
+
+def _load_diffusers(path, expected: DiTConfig | None, dtype: torch.dtype) -> DiT:
+    from .diffusers_dit import DiffusersModelError, is_diffusers_folder, load_diffusers_dit
+
+    if not is_diffusers_folder(path):
+        raise CheckpointError(f"{path} is a directory but not a diffusers model folder (no model_index.json or config.json)")
+    try:
+        model = load_diffusers_dit(path, dtype)
+    except DiffusersModelError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if expected is not None:
+        mine, want = model.config.to_dict(), expected.to_dict()
+        diff = {k: (mine[k], want[k]) for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                                                 "num_heads", "num_classes", "learn_sigma") if mine[k] != want[k]}
+        if diff:
+            raise CheckpointError(f"{path}: the diffusers model does not match --model (folder vs expected: {diff})")
+    return model
 
 
 def save_checkpoint(model: DiT, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16,

@@ -26,8 +26,10 @@ class LatentDecoder:
             raise ImportError("decoding latents needs diffusers: pip install 'dtq[vae]'") from exc
         self.vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(device, dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
+        # the VAE's own latent scale when its config records one (diffusers pipelines do)
+        self.scale = float(getattr(self.vae.config, "scaling_factor", None) or LATENT_SCALE)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / LATENT_SCALE).to(self.device, self.dtype)
+        z = (latents / self.scale).to(self.device, self.dtype)
         return self.vae.decode(z).sample.float().clamp(-1, 1)

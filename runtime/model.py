@@ -34,6 +34,9 @@ class DiTConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1  # > 0 means the embedding table has a null-class row
     space: str = "latent"  # "latent" (decode with a VAE) or "pixel"
+    # Two arithmetic variants of diffusers' DiT port (runtime/diffusers_dit.py); DiT's values by default.
+    time_freq_shift: float = 0.0  # timestep frequencies exp(-ln(1e4) i / (half - shift)); diffusers' DiT: 1
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP; diffusers' DiT: its norm_eps (1e-5)
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -102,22 +105,24 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
         """Sinusoidal embedding, cos half first, as in DiT. The frequency table is computed in
         float64 and rounded once to float32: DiT's ``torch.exp`` in float32 differs from NumPy's
         (which the ONNX exporter folds the table with) and from CUDA's by one ulp in about 40 % of
         the entries, and times t ~ 1000 that is ~6e-5 in the sin/cos arguments. (Computed per call
-        from constants, so tracing and export fold it; a cached tensor broke dynamo export.)"""
+        from constants, so tracing and export fold it; a cached tensor broke dynamo export.)
+        ``freq_shift=1`` divides by ``half - 1`` as diffusers' DiT port does."""
         half = dim // 2
-        exponent = torch.arange(half, dtype=torch.float64, device=t.device) * (-math.log(max_period) / half)
+        exponent = torch.arange(half, dtype=torch.float64, device=t.device) * (-math.log(max_period) / (half - freq_shift))
         freqs = torch.exp(exponent).to(torch.float32)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -126,7 +131,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        emb = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -177,11 +182,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -212,11 +217,11 @@ class DiT(nn.Module):
         self.config = config
         c = config
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size, freq_shift=c.time_freq_shift)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         # Fixed sin-cos table, stored as a frozen parameter as the original does (it is in checkpoints).
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp_norm_eps) for _ in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         if not self.pos_embed.is_meta:  # a model built on "meta" gets its tensors from a checkpoint
             self.initialize_weights()

@@ -40,7 +40,8 @@ class SampleConfig:
         f"built-in model ({', '.join(BUILTIN_MODELS)}; the default when no --ckpt) or a DiT config name "
         "(DiT-XL/2 ...): with --ckpt the checkpoint must match it, without it needs --random-weights"))
     ckpt: Path | None = field(default=None, metadata=_meta(
-        ".pt or .safetensors DiT checkpoint (facebookresearch layout); config.json beside it is read"))
+        ".pt or .safetensors DiT checkpoint (facebookresearch layout; config.json beside it is read), or a "
+        "local diffusers DiT folder (DiTPipeline with transformer/, vae/, scheduler/, or a bare transformer)"))
     random_weights: bool = field(default=False, metadata=_meta(
         "use random weights for --model CONFIG (speed tests; the images are noise)"))
     image_size: int | None = field(default=None, metadata=_meta(
@@ -240,10 +241,11 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
     if cfg.cfg_scale != 1.0 and mc.null_class is None:
         raise ValueError("this model has no null class: use --cfg-scale 1")
     decoder = None
-    if mc.space == "latent" and cfg.vae is not None:
+    vae = cfg.vae or _folder_vae(cfg.ckpt)
+    if mc.space == "latent" and vae is not None:
         from .decode import LatentDecoder
 
-        decoder = LatentDecoder(cfg.vae, device)
+        decoder = LatentDecoder(vae, device)
     clip = cfg.clip_denoised if cfg.clip_denoised is not None else mc.space == "pixel"
 
     gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same images on any device
@@ -264,6 +266,15 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
         return SampleResult(None, labels, cfg.out, [])
     files = write_outputs(cfg, images, labels, ncols, decoded=mc.space == "pixel" or decoder is not None)
     return SampleResult(images, labels, cfg.out, files)
+
+
+def _folder_vae(ckpt: Path | None) -> Path | None:
+    """A diffusers pipeline folder's own ``vae/`` (the default decoder of its latents)."""
+    if ckpt is None or not Path(ckpt).is_dir():
+        return None
+    from .diffusers_dit import vae_dir
+
+    return vae_dir(ckpt)
 
 
 def write_outputs(cfg: SampleConfig, images: torch.Tensor, labels: torch.Tensor, ncols: int, decoded: bool) -> list[Path]:

@@ -36,7 +36,7 @@ EPILOG = """examples:
 
 @dataclass
 class CalibrateJob:
-    ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read)"})
+    ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read) or diffusers DiT folder"})
     model: str | None = field(default=None, metadata={"help": f"built-in model when no --ckpt ({', '.join(BUILTIN_MODELS)})"})
     cali_data: Path | None = field(default=None, metadata={"help": "reuse a saved calibration set instead of sampling one"})
     eval_n: int = field(default=4, metadata={"help": "held-out samples (seed+1) for the SQNR report; 0: none"})
