@@ -1,4 +1,4 @@
-"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``w4a16_mm`` / ``w4a8_mm``: the Triton GEMMs as custom ops, so that
+"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``w4a16_mm`` / ``w4a8_mm`` / ``w4a8_progressive_mm``: the Triton GEMMs as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -50,4 +50,15 @@ def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group
 
 @w4a8_mm.register_fake
 def _(a, w_packed, scales, group, a_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dtq::w4a8_progressive_mm", mutates_args=())
+def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int, s1: torch.Tensor,
+                        a_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return kernels.w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, out_dtype)
+
+
+@w4a8_progressive_mm.register_fake
+def _(a, w_packed, s2, group, s1, a_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=out_dtype)

@@ -221,21 +221,29 @@ def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, grou
     N = w_packed.shape[0]
     assert w_packed.shape[1] * 2 == K and scales.shape == (N, K // group), (a.shape, w_packed.shape, scales.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-
-    def grid(meta):
-        assert K % meta["BLOCK_K"] == 0, (K, meta["BLOCK_K"])
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _w4a16_mm_kernel[grid](a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
-                           a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1),
-                           scales.stride(0), scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+    _w4a16_mm_kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
+        a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
+        a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0), scales.stride(1),
+        c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
     return c
 
 
+def _int4_grid(M: int, N: int, K: int, group: int, one_group_per_tile: bool):
+    """Launch grid of the INT4-weight kernels (one program per output tile), checking the K tiling."""
+    def grid(meta):
+        assert K % meta["BLOCK_K"] == 0, (K, meta["BLOCK_K"])
+        assert not one_group_per_tile or group % meta["BLOCK_K"] == 0, (group, meta["BLOCK_K"])
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return grid
+
+
 def _prune_w4a8(configs, named_args, **kwargs):
+    """INT4 kernels: K tiles that divide K, preferably inside one group (one scale row per tile)."""
     group = named_args.get("GROUP", kwargs.get("GROUP"))
-    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
-    return kept or configs
+    K = named_args.get("K", kwargs.get("K"))
+    fits = [c for c in configs if K is None or K % c.kwargs["BLOCK_K"] == 0]
+    kept = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0]
+    return kept or fits or configs
 
 
 @triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"],
@@ -279,12 +287,65 @@ def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group
     N = w_packed.shape[0]
     assert a.dtype == torch.int8 and w_packed.shape[1] * 2 == K and scales.shape == (N, K // group)
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-
-    def grid(meta):
-        assert K % meta["BLOCK_K"] == 0 and group % meta["BLOCK_K"] == 0, (K, group, meta["BLOCK_K"])
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _w4a8_mm_kernel[grid](a, w_packed, scales, c, a_scale, bias if bias is not None else scales, M, N, K, _m_bucket(M),
+    _w4a8_mm_kernel[_int4_grid(M, N, K, group, one_group_per_tile=True)](a, w_packed, scales, c, a_scale, bias if bias is not None else scales, M, N, K, _m_bucket(M),
                           group, a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0),
                           scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+    return c
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_w4a8})
+@triton.jit
+def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
+                             M_BUCKET, GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn,
+                             stride_sg, stride_cm, stride_cn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # requires K % BLOCK_K == 0; GROUP % BLOCK_K == 0 is the fast path (one s2 row per K tile)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_K // 2)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_cols = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)  # int32 in -8..7
+        if GROUP % BLOCK_K == 0:
+            s2 = tl.load(s2_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg).to(tl.int32)
+            w = (q * s2[None, :]).to(tl.int8)  # exact: |q4 * s2| <= 128
+        else:
+            g = (k0 + offs_k) // GROUP
+            s2 = tl.load(s2_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg).to(tl.int32)
+            w = (q * s2).to(tl.int8)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)  # int32 across the whole K: no per-group float work
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    s1 = tl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
+    c = acc.to(tl.float32) * (tl.load(a_scale_ptr) * s1)[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int, s1: torch.Tensor,
+                        a_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Two-level INT4 weights (``quant.progressive_int4``): ``(a @ (q4 * s2).T) * a_scale * s1[n] + bias``
+    with a int8 [M, K], q4 packed ``[N, K/2]``, s2 int8 ``[N, K/group]`` in [1, 16], s1 float32 [N],
+    a_scale float32 [] -> [M, N] ``out_dtype``. The integer part is exact (int32 accumulation);
+    only the epilogue rounds."""
+    M, K = a.shape
+    N = w_packed.shape[0]
+    assert a.dtype == torch.int8 and s2.dtype == torch.int8, (a.dtype, s2.dtype)
+    assert w_packed.shape[1] * 2 == K and s2.shape == (N, K // group) and s1.shape == (N,), (w_packed.shape, s2.shape, s1.shape)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    _w4a8_progressive_kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
+        a, w_packed, s2, s1, c, a_scale, bias if bias is not None else s1, M, N, K, _m_bucket(M), group,
+        a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), s2.stride(0), s2.stride(1),
+        c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
     return c

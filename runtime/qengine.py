@@ -23,6 +23,9 @@ w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: we
                                    int8, int8 MMA per K tile, group scales applied per tile (group a
                                    multiple of 64; else as w4a16 after fake-quantizing the activation).
                                    TensorRT has no such kernel: it runs W4A8 graphs weight-only
+w4a8       ``Int4Progressive-      ``build_qengine(w4a8="progressive")``: weights requantized to two-level
+(opt-in)   Linear``                INT4 (integer group scales); ``q4 * s2`` unpacked to int8 in registers,
+                                   int8 MMAs accumulate in int32 over the whole K, one float epilogue
 =========  ======================  =====================================================================
 
 On the CPU (and with ``kernel="reference"``) each layer computes with exactly the simulation's
@@ -314,11 +317,61 @@ class Int4Linear(EngineLinear):
         return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
 
 
+class Int4ProgressiveLinear(EngineLinear):
+    """W4A8 with two-level INT4 weights (QServe's progressive quantization, symmetric): the recipe's
+    INT4 weight (its dequantized simulation weight) is requantized at build time to
+    ``s1[n] * s2[n, g] * q4`` with integer ``s2`` in [1, 16] (``quant.progressive_int4``), so the GPU
+    kernel unpacks ``q4 * s2`` to exact int8 in registers and accumulates int8 MMAs in int32 over the
+    whole K; one float epilogue applies ``a_scale * s1[n]`` and the bias. The weights differ from the
+    simulation's by that requantization (layer weight SQNR vs the simulation: docs/engines.md); the
+    CPU / reference path computes with the requantized weight, so it is this engine's exact reference."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+        super().__init__(q, kernel)
+        if not self.eligible(q):
+            raise ValueError(f"two-level W4A8 needs INT4 weights, INT8 activations and C_in % {W4_MIN_K} == 0")
+        from .kernels_ref import pack_int4
+
+        self.group = q.weight_group_size if q.weight_granularity == "group" else q.in_features
+        q4, s1, s2 = quant.progressive_int4(q.fake_quant_weight().detach().float(), self.group)
+        self.register_buffer("weight_packed", pack_int4(q4))
+        self.register_buffer("w_s1", s1)
+        self.register_buffer("w_s2", s2.contiguous())
+
+    @staticmethod
+    def eligible(q: QuantLinear) -> bool:
+        return q.weight_format == "int4" and q.act_format == "int8" and q.in_features % W4_MIN_K == 0
+
+    def weight_codes(self) -> torch.Tensor:
+        from .kernels_ref import unpack_int4
+
+        return unpack_int4(self.weight_packed)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return quant.dequantize_progressive(self.weight_codes(), self.w_s1, self.w_s2)
+
+    def kernel_name(self) -> str:
+        return "reference" if self.kernel == "reference" else "Int4ProgressiveLinear[w4a8 int8-MMA, int32 over K]"
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xq = torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
+        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return torch.ops.dtq.w4a8_progressive_mm(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
+                                                 self.act_scale, self.bias, out_dtype).to(x2.dtype)
+
+
+W4A8Kernel = Literal["group", "progressive"]
+
 ENGINE_LAYERS = {("fp8_e4m3", "fp8_e4m3"): FP8Linear, ("int8", "int8"): Int8Linear,
                  ("int4", "none"): Int4Linear, ("int4", "int8"): Int4Linear}
 
 
-def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton") -> EngineLinear:
+def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton",
+                 w4a8: W4A8Kernel = "group") -> EngineLinear:
+    if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
+        return Int4ProgressiveLinear(q, kernel)
+    if w4a8 not in ("group", "progressive"):
+        raise ValueError(f"w4a8 must be 'group' or 'progressive', got {w4a8!r}")
     cls = ENGINE_LAYERS.get((q.weight_format, q.act_format))
     if cls is None:
         raise ValueError(f"no engine layer for weights {q.weight_format} / activations {q.act_format}; "
@@ -328,13 +381,17 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "tr
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "triton",
-                  fuse_mlp: tuple[str, ...] = ("int8",), check: bool = True) -> nn.Module:
+                  fuse_mlp: tuple[str, ...] = ("int8",), w4a8: W4A8Kernel = "group",
+                  check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the formats ("int8", "fp8")
     whose MLPs become :class:`FusedMlp` (GELU + fc2's input quantization in fc1's GEMM epilogue).
     FP8 is off by default: on an H200 the Triton FP8 GEMM ran fc1 at about half cuBLAS's rate,
-    losing more than the fusion saves (docs/engines.md)."""
+    losing more than the fusion saves (docs/engines.md). ``w4a8``: "group" runs W4A8 layers with the
+    recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
+    requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
+    accumulation over the whole K), which changes the weights slightly."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -346,7 +403,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
         if isinstance(q, QuantLinear) and q.weight_format != "none":
             parent_name, _, attr = name.rpartition(".")
             parent = engine.get_submodule(parent_name) if parent_name else engine
-            layer = engine_layer(q, kernel, int8_kernel)
+            layer = engine_layer(q, kernel, int8_kernel, w4a8)
             if isinstance(layer, FP8Linear):
                 layer.scaling = scaling
             setattr(parent, attr, layer)

@@ -125,3 +125,53 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     ref = reference.double()
     noise = (ref - test.double()).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
+
+
+# -- two-level INT4 weights (QServe's progressive quantization, symmetric) ------------------------------
+# w ~= s1[n] * s2[n, g] * q4 with q4 in [-8, 7] and an *integer* group scale s2 in [1, S2_MAX]: then
+# q4 * s2 lies in [-128, 112], an exact int8, so a GEMM can unpack INT4 weights to int8 in registers,
+# accumulate int8 x int8 MMAs in int32 over the whole K, and apply one float scale per output channel
+# at the end (no per-group float rescaling of partial sums). S2_MAX = 16 keeps -8 * 16 = -128 in int8.
+S2_MAX = 16
+_S1_BITS = 20  # s1 rounded to 20 significant bits: s1 * s2 (s2 <= 16: <= 4 bits) is exact in float32
+
+
+def _round_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
+    m, e = torch.frexp(x)  # float32 in, float32 out (exact: bits < 24)
+    return torch.ldexp(torch.round(m * 2.0 ** bits) / 2.0 ** bits, e.float())
+
+
+def progressive_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-level symmetric INT4 quantization of a ``[C_out, C_in]`` weight: ``(q4, s1, s2)`` with
+    ``q4`` int8 codes in [-8, 7] ``[C_out, C_in]``, ``s1`` float32 ``[C_out]`` and ``s2`` int8 in
+    [1, 16] ``[C_out, C_in / g]``. ``s1`` = channel amax / (7 * 16) (the largest group gets s2 = 16);
+    each group's ``s2`` is the integer in [1, 16] of least squared error (exhaustive: 16 candidates);
+    ``q4 = saturate(round(w / (s1 * s2)))``, one rounding from the float weight."""
+    g = _check_group(w, group_size)
+    wf = w.detach().float()
+    n, k = wf.shape
+    wg = wf.reshape(n, k // g, g)
+    s1 = _round_significand(scale_from_amax(wf.abs().amax(dim=1), "int4") / S2_MAX, _S1_BITS)
+    best_err = torch.full(wg.shape[:2], float("inf"), device=wf.device)
+    best = torch.ones(wg.shape[:2], dtype=torch.int8, device=wf.device)
+    lo, hi = INT_RANGE["int4"]
+    for s2 in range(1, S2_MAX + 1):
+        s = (s1 * s2)[:, None, None]
+        err = (torch.round(wg / s).clamp_(lo, hi) * s - wg).pow_(2).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = s2
+    scale = s1[:, None] * best.float()  # exact (see _S1_BITS)
+    q4 = quantize(wf, scale.repeat_interleave(g, dim=1), "int4")
+    return q4, s1, best
+
+
+def dequantize_progressive(q4: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """float32 ``s1[n] * s2[n, g] * q4`` (= ``q4 * (s1 * s2)``: the product scale is exact)."""
+    g = q4.shape[1] // s2.shape[1]
+    return q4.float() * (s1[:, None] * s2.float()).repeat_interleave(g, dim=1)
+
+
+def fake_quant_progressive(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Quantize-dequantize ``w`` with :func:`progressive_int4` (float32)."""
+    return dequantize_progressive(*progressive_int4(w, group_size))
