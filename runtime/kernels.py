@@ -169,21 +169,71 @@ def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: to
 
 
 @triton.jit
+def _int4_nibbles(packed):
+    """Packed uint8 ``[R, C]`` -> int32 codes (low nibble, high nibble), each ``[R, C]`` in -8..7."""
+    p = packed.to(tl.int32)
+    return (p & 0xF) - 8, ((p >> 4) & 0xF) - 8
+
+
+@triton.jit
 def _unpack_int4_tile(packed, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Packed ``[BLOCK_K/2, BLOCK_N]`` uint8 (row j: element 2j low nibble, 2j+1 high, stored +8)
     -> int32 codes ``[BLOCK_K, BLOCK_N]`` in -8..7, rows 2j and 2j+1 interleaved back."""
-    p = packed.to(tl.int32)
-    lo = (p & 0xF) - 8
-    hi = ((p >> 4) & 0xF) - 8
+    lo, hi = _int4_nibbles(packed)
     return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(False), key=["M_BUCKET", "N", "K"])
+def _w4a16_shapes(small_m: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT). Large M: the matmul tutorial's bf16
+    tiles. M <= 4096 (batch 1-8 with guidance: 512-4096 rows, 3456-4608 columns at most): big tiles
+    leave most of 132 SMs idle (512 x 1152 in 128 x 256 tiles = 20 programs), so smaller tiles and
+    a deeper K tile; each also with SPLIT_DOT (two half-K dots on the even / odd K columns of A,
+    no interleaving shuffle of the unpacked weight tile): the GPU's autotuner picks. Split-K is not
+    needed at these M: 64 x 64 tiles already give >= 144 programs for every DiT-XL/2 block GEMM at
+    512 rows."""
+    if not small_m:
+        return [(128, 256, 64, 3, 8, 0), (256, 128, 64, 3, 8, 0), (128, 128, 64, 4, 8, 0), (64, 256, 64, 4, 4, 0),
+                (64, 128, 64, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1)]
+    tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 3, 4), (128, 64, 128, 3, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (128, 128, 64, 4, 8)]
+    return [t + (split,) for t in tiles for split in (0, 1)]
+
+
+W4A16_SMALL_M = 4096  # M buckets up to this tune over the small-M candidates
+
+
+def _w4a16_configs():
+    seen, out = set(), []
+    for small in (True, False):
+        for m, n, k, st, wp, split in _w4a16_shapes(small):
+            if (m, n, k, st, wp, split) not in seen:
+                seen.add((m, n, k, st, wp, split))
+                out.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SPLIT_DOT": split},
+                                         num_stages=st, num_warps=wp))
+    return out
+
+
+def _prune_w4a16(configs, named_args, **kwargs):
+    """Only the candidates of the call's M range, with K tiles dividing K."""
+    m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
+    K = named_args.get("K", kwargs.get("K"))
+    want = {(m, n, k, st, wp, split) for m, n, k, st, wp, split in _w4a16_shapes(m_bucket <= W4A16_SMALL_M)}
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                   c.num_warps, c.kwargs["SPLIT_DOT"]) in want and K % c.kwargs["BLOCK_K"] == 0]
+    return kept or configs
+
+
+def _w4a16_interpret_configs():
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_DOT": 0})]
+
+
+@triton.autotune(configs=_w4a16_interpret_configs() if _INTERPRET else _w4a16_configs(), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_w4a16})
 @triton.jit
 def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET, GROUP: tl.constexpr,
                      stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg, stride_cm, stride_cn,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, SPLIT_DOT: tl.constexpr):
     # requires K % BLOCK_K == 0 (checked by the wrapper); any group size dividing K
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -193,20 +243,36 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
     a_rows = tl.where(offs_m < M, offs_m, 0)
     w_cols = tl.where(offs_n < N, offs_n, 0)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_even = a_ptr + a_rows[:, None] * stride_am + (2 * offs_kp)[None, :] * stride_ak  # SPLIT_DOT: K columns 2j
     w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn  # packed [BLOCK_K/2, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs)
-        q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)
-        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale row
-            s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
-            w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
+        if SPLIT_DOT:  # low nibbles (K = k0 + 2j) against A's even columns, high ones against the odd
+            a_lo = tl.load(a_even)
+            a_hi = tl.load(a_even + stride_ak)
+            lo, hi = _int4_nibbles(tl.load(w_ptrs))
+            if GROUP % BLOCK_K == 0:
+                s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)[None, :]
+                s_hi = s
+            else:
+                g = (k0 + 2 * offs_kp) // GROUP
+                s = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)
+                s_hi = tl.load(s_ptr + w_cols[None, :] * stride_sn + ((k0 + 2 * offs_kp + 1) // GROUP)[:, None] * stride_sg)
+            acc = tl.dot(a_lo, (lo.to(tl.float32) * s).to(a_lo.dtype), acc)
+            acc = tl.dot(a_hi, (hi.to(tl.float32) * s_hi).to(a_hi.dtype), acc)
         else:
-            g = (k0 + offs_k) // GROUP
-            s2 = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)  # [BLOCK_K, BLOCK_N]
-            w = (q.to(tl.float32) * s2).to(a.dtype)
-        acc = tl.dot(a, w, acc)
+            a = tl.load(a_ptrs)
+            q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)
+            if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale row
+                s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)
+                w = (q.to(tl.float32) * s[None, :]).to(a.dtype)
+            else:
+                g = (k0 + offs_k) // GROUP
+                s2 = tl.load(s_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg)  # [BLOCK_K, BLOCK_N]
+                w = (q.to(tl.float32) * s2).to(a.dtype)
+            acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak
+        a_even += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -215,16 +281,21 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
 
 
 def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
-             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ dequant(W).T + bias`` with W INT4 packed ``[N, K/2]`` and scales ``[N, K/group]`` (float32)."""
+             bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``a @ dequant(W).T + bias`` with W INT4 packed ``[N, K/2]`` and scales ``[N, K/group]`` (float32).
+    ``config``: launch with these meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``,
+    ``SPLIT_DOT``, optional ``num_warps``/``num_stages``) instead of the autotuned choice: benchmarks
+    and tests pin a candidate with it."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert w_packed.shape[1] * 2 == K and scales.shape == (N, K // group), (a.shape, w_packed.shape, scales.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    _w4a16_mm_kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
+    kernel = _w4a16_mm_kernel if config is None else _w4a16_mm_kernel.fn
+    meta = {} if config is None else dict(config)
+    kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
         a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
         a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0), scales.stride(1),
-        c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+        c.stride(0), c.stride(1), HAS_BIAS=bias is not None, **meta)
     return c
 
 

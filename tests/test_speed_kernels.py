@@ -1,5 +1,6 @@
-"""Two-level INT4 weights (QServe-style progressive quantization) and the W4A8 engine path that
-accumulates int8 MMAs in int32 over the whole K: quantizer, Triton kernel (interpreter), engine."""
+"""Speed-oriented kernels: two-level INT4 weights (QServe-style progressive quantization) and the
+W4A8 engine path that accumulates int8 MMAs in int32 over the whole K (quantizer, Triton kernel in
+the interpreter, engine); the W4A16 kernel's small-M / split-dot autotune candidates."""
 
 import os
 import subprocess
@@ -107,6 +108,17 @@ def test_progressive_kernel_in_interpreter():
             c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, s1, sa, b, out_dtype=torch.float32)
             ref = exact.double() * (sa.double() * s1.double()) + b.double()
             assert ((c.double() - ref).abs() / ref.abs().max()).max() < 1e-6, (K, g)
+        # W4A16 candidates pinned one by one (the GPU autotuner picks among them): split-dot and the
+        # interleaving unpack, a group inside one K tile and spanning K tiles
+        x, b = torch.randn(M, 128), torch.randn(N)
+        for g in (64, 16):
+            q = torch.randint(-8, 8, (N, 128), dtype=torch.int8)
+            s = torch.rand(N, 128 // g) * 0.1
+            ref = x @ (q.float() * s.repeat_interleave(g, 1)).T + b
+            for bm, bn, bk, split in ((16, 16, 32, 1), (32, 16, 64, 1), (16, 32, 64, 0)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split)
+                c = kernels.w4a16_mm(x, pack_int4(q), s, g, b, config=cfg)
+                assert (c - ref).abs().max() < 1e-4, (g, cfg, (c - ref).abs().max())
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         eng = build_qengine(m, minmax_recipe(m, "w4a8", group=32, balance=True), w4a8="progressive")
@@ -121,3 +133,20 @@ def test_progressive_kernel_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_w4a16_candidates_by_m():
+    """Batch 1-8 with guidance (512-4096 rows) tunes over small tiles, each with and without
+    split-dot; large M over the big tiles; K tiles always divide K."""
+    from dtq.runtime import kernels
+
+    every = kernels._w4a16_configs()
+    small = kernels._prune_w4a16(every, {"M_BUCKET": 512, "K": 1152})
+    large = kernels._prune_w4a16(every, {"M_BUCKET": 32768, "K": 4608})
+    assert small and large and len(small) + len(large) <= len(every) + 4  # a few shapes serve both ranges
+    assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in small) == 128 * 128
+    assert {c.kwargs["SPLIT_DOT"] for c in small} == {0, 1} and any(c.kwargs["BLOCK_K"] == 128 for c in small)
+    assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in large) == 128 * 256
+    assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small)
+    assert all(192 % c.kwargs["BLOCK_K"] == 0 for c in kernels._prune_w4a16(every, {"M_BUCKET": 1024, "K": 192}))
