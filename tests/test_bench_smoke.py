@@ -9,15 +9,19 @@ from dtq.tools.bench_engines import main
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--batches", "1", "--steps", "1",
-                 "--repeats", "1", "--backends", "bf16-eager,int8,w4a16"]) == 0
+                 "--repeats", "1", "--backends", "bf16-eager,int8,w4a16,w4a8-progressive"]) == 0
     res = json.loads(out.read_text())
     assert {"date", "torch", "commit"} <= set(res["env"])
     backends = res["end_to_end"]["backends"]
-    assert set(backends) == {"bf16-eager", "int8", "w4a16"}
+    assert set(backends) == {"bf16-eager", "int8", "w4a16", "w4a8-progressive"}
     for name, entry in backends.items():
         assert "error" not in entry, entry.get("trace")
         assert entry["batches"]["1"]["images_per_s"] > 0
     assert backends["int8"]["quantized_layer_weights_vs_bf16"] < 0.55  # int8 codes + scales
     assert backends["w4a16"]["quantized_layer_weights_vs_bf16"] < 0.3
-    assert "w4a16_weight_memory_vs_bf16" in res["summary"]["targets"]
+    assert backends["w4a8-progressive"]["quantized_layer_weights_vs_bf16"] < 0.3  # 4-bit codes + int8 s2
+    targets = res["summary"]["targets"]
+    assert {"w4a16_weight_memory_vs_bf16", "int8_speedup_at_64", "w4a8-progressive_speedup_at_64",
+            "w4a16_speedup_at_1", "w4a16_speedup_at_8"} <= set(targets)
+    assert main(["--smoke", "--out", str(out), "--correctness", "w4a9", "--skip", "e2e"]) == 2
     assert "| w4a16 |" in capsys.readouterr().out
