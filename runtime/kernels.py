@@ -183,20 +183,35 @@ def _unpack_int4_tile(packed, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
+@triton.jit
+def _a_even_odd(a_ptrs, stride_ak, SPLIT_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A's K columns 2j and 2j+1 of one K tile (``a_ptrs``: the tile's first column, contiguous K),
+    to meet the INT4 tile's low and high nibbles without interleaving the weights: SPLIT_DOT 1 loads
+    them as two strided tiles, 2 loads the tile once and splits it in registers."""
+    offs = tl.arange(0, BLOCK_K // 2)
+    if SPLIT_DOT == 1:
+        a_lo = tl.load(a_ptrs + (2 * offs)[None, :] * stride_ak)
+        a_hi = tl.load(a_ptrs + (2 * offs + 1)[None, :] * stride_ak)
+    else:
+        a = tl.load(a_ptrs + tl.arange(0, BLOCK_K)[None, :] * stride_ak)
+        a_lo, a_hi = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+    return a_lo, a_hi
+
+
 def _w4a16_shapes(small_m: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT). Large M: the matmul tutorial's bf16
     tiles. M <= 4096 (batch 1-8 with guidance: 512-4096 rows, 3456-4608 columns at most): big tiles
     leave most of 132 SMs idle (512 x 1152 in 128 x 256 tiles = 20 programs), so smaller tiles and
-    a deeper K tile; each also with SPLIT_DOT (two half-K dots on the even / odd K columns of A,
-    no interleaving shuffle of the unpacked weight tile): the GPU's autotuner picks. Split-K is not
+    a deeper K tile; each also with SPLIT_DOT 1 / 2 (two half-K dots on the even / odd K columns of
+    A, no interleaving shuffle of the unpacked weight tile; see ``_a_even_odd``): the GPU's
+    autotuner picks. Split-K is not
     needed at these M: 64 x 64 tiles already give >= 144 programs for every DiT-XL/2 block GEMM at
     512 rows."""
     if not small_m:
         return [(128, 256, 64, 3, 8, 0), (256, 128, 64, 3, 8, 0), (128, 128, 64, 4, 8, 0), (64, 256, 64, 4, 4, 0),
-                (64, 128, 64, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1)]
-    tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 3, 4), (128, 64, 128, 3, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 128, 64, 4, 8)]
-    return [t + (split,) for t in tiles for split in (0, 1)]
+                (64, 128, 64, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 256, 64, 3, 8, 2), (128, 128, 64, 4, 8, 2)]
+    tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 3, 4), (128, 64, 128, 3, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 8)]
+    return [t + (split,) for t in tiles for split in (0, 1, 2)]
 
 
 W4A16_SMALL_M = 4096  # M buckets up to this tune over the small-M candidates
@@ -243,13 +258,12 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
     a_rows = tl.where(offs_m < M, offs_m, 0)
     w_cols = tl.where(offs_n < N, offs_n, 0)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    a_even = a_ptr + a_rows[:, None] * stride_am + (2 * offs_kp)[None, :] * stride_ak  # SPLIT_DOT: K columns 2j
+    a_row_ptrs = a_ptr + a_rows[:, None] * stride_am  # SPLIT_DOT: A's K columns by parity (_a_even_odd)
     w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn  # packed [BLOCK_K/2, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if SPLIT_DOT:  # low nibbles (K = k0 + 2j) against A's even columns, high ones against the odd
-            a_lo = tl.load(a_even)
-            a_hi = tl.load(a_even + stride_ak)
+            a_lo, a_hi = _a_even_odd(a_row_ptrs + k0 * stride_ak, stride_ak, SPLIT_DOT, BLOCK_M, BLOCK_K)
             lo, hi = _int4_nibbles(tl.load(w_ptrs))
             if GROUP % BLOCK_K == 0:
                 s = tl.load(s_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg)[None, :]
@@ -272,7 +286,6 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
                 w = (q.to(tl.float32) * s2).to(a.dtype)
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K * stride_ak
-        a_even += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -364,13 +377,24 @@ def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group
     return c
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"],
+def _progressive_configs():
+    """The INT8 GEMM's tiles (SPLIT_DOT 0: the weight tile interleaved back) plus the four largest
+    with SPLIT_DOT 1 / 2 (A split by K parity instead): the GPU's autotuner picks."""
+    base = _configs(True)
+    out = [triton.Config({**c.kwargs, "SPLIT_DOT": 0}, num_stages=c.num_stages, num_warps=c.num_warps) for c in base]
+    return out + [triton.Config({**c.kwargs, "SPLIT_DOT": split}, num_stages=c.num_stages, num_warps=c.num_warps)
+                  for c in base[:4] for split in (1, 2)]
+
+
+@triton.autotune(configs=[triton.Config({**c.kwargs, "SPLIT_DOT": 0}) for c in _interpret_configs()] if _INTERPRET
+                 else _progressive_configs(), key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_w4a8})
 @triton.jit
 def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
                              M_BUCKET, GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn,
                              stride_sg, stride_cm, stride_cn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                             SPLIT_DOT: tl.constexpr):
     # requires K % BLOCK_K == 0; GROUP % BLOCK_K == 0 is the fast path (one s2 row per K tile)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -381,18 +405,32 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
     w_cols = tl.where(offs_n < N, offs_n, 0)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    a_row_ptrs = a_ptr + a_rows[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs)
-        q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)  # int32 in -8..7
-        if GROUP % BLOCK_K == 0:
-            s2 = tl.load(s2_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg).to(tl.int32)
-            w = (q * s2[None, :]).to(tl.int8)  # exact: |q4 * s2| <= 128
+        if SPLIT_DOT:  # as in the W4A16 kernel: two half-K dots, no interleaving of the weight tile
+            a_lo, a_hi = _a_even_odd(a_row_ptrs + k0 * stride_ak, stride_ak, SPLIT_DOT, BLOCK_M, BLOCK_K)
+            lo, hi = _int4_nibbles(tl.load(w_ptrs))
+            if GROUP % BLOCK_K == 0:
+                s2 = tl.load(s2_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg).to(tl.int32)[None, :]
+                s2_hi = s2
+            else:
+                s2 = tl.load(s2_ptr + w_cols[None, :] * stride_sn + ((k0 + 2 * offs_kp) // GROUP)[:, None] * stride_sg)
+                s2_hi = tl.load(s2_ptr + w_cols[None, :] * stride_sn + ((k0 + 2 * offs_kp + 1) // GROUP)[:, None] * stride_sg)
+                s2, s2_hi = s2.to(tl.int32), s2_hi.to(tl.int32)
+            acc = tl.dot(a_lo, (lo * s2).to(tl.int8), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, (hi * s2_hi).to(tl.int8), acc, out_dtype=tl.int32)
         else:
-            g = (k0 + offs_k) // GROUP
-            s2 = tl.load(s2_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg).to(tl.int32)
-            w = (q * s2).to(tl.int8)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)  # int32 across the whole K: no per-group float work
+            a = tl.load(a_ptrs)
+            q = _unpack_int4_tile(tl.load(w_ptrs), BLOCK_K, BLOCK_N)  # int32 in -8..7
+            if GROUP % BLOCK_K == 0:
+                s2 = tl.load(s2_ptr + w_cols * stride_sn + (k0 // GROUP) * stride_sg).to(tl.int32)
+                w = (q * s2[None, :]).to(tl.int8)  # exact: |q4 * s2| <= 128
+            else:
+                g = (k0 + offs_k) // GROUP
+                s2 = tl.load(s2_ptr + w_cols[None, :] * stride_sn + g[:, None] * stride_sg).to(tl.int32)
+                w = (q * s2).to(tl.int8)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)  # int32 across the whole K: no per-group float work
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
     s1 = tl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -405,18 +443,19 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
 
 def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int, s1: torch.Tensor,
                         a_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                        out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
     """Two-level INT4 weights (``quant.progressive_int4``): ``(a @ (q4 * s2).T) * a_scale * s1[n] + bias``
     with a int8 [M, K], q4 packed ``[N, K/2]``, s2 int8 ``[N, K/group]`` in [1, 16], s1 float32 [N],
     a_scale float32 [] -> [M, N] ``out_dtype``. The integer part is exact (int32 accumulation);
-    only the epilogue rounds."""
+    only the epilogue rounds. ``config``: pinned meta-parameters, as for :func:`w4a16_mm`."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert a.dtype == torch.int8 and s2.dtype == torch.int8, (a.dtype, s2.dtype)
     assert w_packed.shape[1] * 2 == K and s2.shape == (N, K // group) and s1.shape == (N,), (w_packed.shape, s2.shape, s1.shape)
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    _w4a8_progressive_kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
+    kernel = _w4a8_progressive_kernel if config is None else _w4a8_progressive_kernel.fn
+    kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
         a, w_packed, s2, s1, c, a_scale, bias if bias is not None else s1, M, N, K, _m_bucket(M), group,
         a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), s2.stride(0), s2.stride(1),
-        c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+        c.stride(0), c.stride(1), HAS_BIAS=bias is not None, **({} if config is None else dict(config)))
     return c

@@ -108,6 +108,12 @@ def test_progressive_kernel_in_interpreter():
             c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, s1, sa, b, out_dtype=torch.float32)
             ref = exact.double() * (sa.double() * s1.double()) + b.double()
             assert ((c.double() - ref).abs() / ref.abs().max()).max() < 1e-6, (K, g)
+            for split, bk in ((1, 32), (2, 32), (2, 64)):  # the split-dot candidates, pinned
+                if K % bk == 0:
+                    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split)
+                    c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, torch.ones(N), torch.ones(()), None,
+                                                    out_dtype=torch.float32, config=cfg)
+                    assert torch.equal(c, exact.float()), (K, g, cfg)
         # W4A16 candidates pinned one by one (the GPU autotuner picks among them): split-dot and the
         # interleaving unpack, a group inside one K tile and spanning K tiles
         x, b = torch.randn(M, 128), torch.randn(N)
@@ -115,7 +121,7 @@ def test_progressive_kernel_in_interpreter():
             q = torch.randint(-8, 8, (N, 128), dtype=torch.int8)
             s = torch.rand(N, 128 // g) * 0.1
             ref = x @ (q.float() * s.repeat_interleave(g, 1)).T + b
-            for bm, bn, bk, split in ((16, 16, 32, 1), (32, 16, 64, 1), (16, 32, 64, 0)):
+            for bm, bn, bk, split in ((16, 16, 32, 1), (32, 16, 64, 2), (16, 32, 64, 0)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split)
                 c = kernels.w4a16_mm(x, pack_int4(q), s, g, b, config=cfg)
                 assert (c - ref).abs().max() < 1e-4, (g, cfg, (c - ref).abs().max())
@@ -146,7 +152,7 @@ def test_w4a16_candidates_by_m():
     large = kernels._prune_w4a16(every, {"M_BUCKET": 32768, "K": 4608})
     assert small and large and len(small) + len(large) <= len(every) + 4  # a few shapes serve both ranges
     assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in small) == 128 * 128
-    assert {c.kwargs["SPLIT_DOT"] for c in small} == {0, 1} and any(c.kwargs["BLOCK_K"] == 128 for c in small)
+    assert {c.kwargs["SPLIT_DOT"] for c in small} == {0, 1, 2} and any(c.kwargs["BLOCK_K"] == 128 for c in small)
     assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in large) == 128 * 256
     assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small)
     assert all(192 % c.kwargs["BLOCK_K"] == 0 for c in kernels._prune_w4a16(every, {"M_BUCKET": 1024, "K": 192}))
