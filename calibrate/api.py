@@ -2,18 +2,27 @@
 
 ``data`` is a ``CalibrationSet`` or any ModelOpt-style ``forward_loop(model)`` that runs the
 calibration inputs through the model; statistics are hooked from whatever it feeds.
+
+The pipeline stage around it, as ``export.api.export_model`` is export's:
+``calibrate_checkpoint(CalibrateJob(...), CalibConfig(...), CalibDataConfig(...)) -> Recipe``
+loads the checkpoint, samples (or reads) the calibration set, calibrates, measures the held-out
+noise SQNR and writes the recipe directory. ``dtq-calibrate`` only parses its command line into
+these three objects.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from ..runtime.recipe import Recipe
+from ..runtime.zoo import BUILTIN_MODELS
 from .build import quant_layer_names
-from .config import CalibConfig
+from .config import CalibConfig, CalibDataConfig
 from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
 from .stats import Statistics, collect_stats
@@ -37,4 +46,52 @@ def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics,
                         "method_seconds": round(time.perf_counter() - t1, 2)})
     if isinstance(data, CalibrationSet):
         recipe.info["calibration_set"] = data.info
+    return recipe
+
+
+@dataclass
+class CalibrateJob:
+    """What to calibrate and where the recipe goes (the stage's inputs and outputs)."""
+
+    ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read) or diffusers DiT folder"})
+    model: str | None = field(default=None, metadata={"help": f"built-in model when no --ckpt ({', '.join(BUILTIN_MODELS)})"})
+    cali_data: Path | None = field(default=None, metadata={"help": "reuse a saved calibration set instead of sampling one"})
+    eval_n: int = field(default=4, metadata={"help": "held-out samples (seed+1) for the SQNR report; 0: none"})
+    out: Path = field(default=Path("recipe"), metadata={"help": "recipe directory to write"})
+
+
+def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
+                         data_cfg: CalibDataConfig = CalibDataConfig()) -> Recipe:
+    """The calibration stage: checkpoint (or built-in model) -> recipe directory ``job.out``
+    (recipe.json + tensors.safetensors, and calibration_set.safetensors when it was sampled here,
+    reusable as ``cali_data``). ``config.device`` "auto" takes CUDA when there is one. Returns the
+    recipe; ``recipe.info["heldout_noise_sqnr_db"]`` holds the held-out SQNR when ``job.eval_n > 0``."""
+    import torch
+
+    from ..runtime.checkpoint import load_checkpoint
+    from ..runtime.recipe import apply_recipe
+    from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
+    from .data import collect_calibration_set
+    from .evaluate import noise_sqnr
+
+    if config.device == "auto":
+        config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
+    elif config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+    path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
+    model = load_checkpoint(path).to(config.device).eval()
+    if job.cali_data is not None:
+        data = CalibrationSet.load(job.cali_data)
+    else:
+        data = collect_calibration_set(model, data_cfg, device=config.device, progress=config.progress)
+    recipe = calibrate(model, data, config)
+    if job.eval_n > 0:
+        held_cfg = replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1)
+        held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
+        sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
+        recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
+    out = Path(job.out)
+    recipe.save(out)
+    if job.cali_data is None:
+        data.save(out / "calibration_set.safetensors")
     return recipe

@@ -5,7 +5,8 @@ sampler's ``(x, t, y) -> out`` interface, so ``sampler.sample`` runs any of them
   graph per batch size (static input buffers; the first call of a size warms up and captures).
 - :class:`OnnxDenoiser`: ONNX Runtime on the CPU, or its CUDA provider when that is installed.
 - :class:`TensorRTDenoiser`: an engine directory (``engines.engine_dir``): engine.json is checked
-  against this GPU and TensorRT, the plan deserialized, torch tensors bound as the I/O
+  against this GPU and TensorRT (:func:`open_engine_dir`, also used by dtq-compare), the plan
+  deserialized, torch tensors bound as the I/O
   (``set_tensor_address``), ``execute_async_v3`` on the current torch stream, optionally under a
   CUDA graph per batch size.
 """
@@ -121,24 +122,49 @@ def _has_float8(path: Path) -> bool:
     return any(t.data_type in f8 for t in model.graph.initializer)
 
 
+def open_engine_dir(engine_dir: str | os.PathLike, device: str | torch.device = "cuda", *,
+                    strict_gpu_name: bool = True, gpu: tuple[str, str] | None = None):
+    """Read ``engine_dir``'s engine.json, import the TensorRT flavour it names (``tensorrt`` or
+    ``tensorrt_rtx``) and check the engine against it and this GPU (``engine_dir.check_compatible``),
+    before any plan is deserialized. Returns ``(meta, backend)``.
+
+    ``gpu``: ``(name, "9.0")`` instead of asking torch (tests). Errors: EngineDirError (not an
+    engine directory), TensorRTUnavailable (one line naming the install command), EngineMismatch
+    (another TensorRT version or GPU), ValueError (no CUDA device)."""
+    from ..engines.engine_dir import check_compatible, read_meta
+    from ..engines.trt import BACKENDS, INSTALL, TensorRTUnavailable, load_backend
+
+    meta = read_meta(engine_dir)  # refuses what is not an engine directory
+    try:
+        backend = load_backend(meta.backend)
+    except TensorRTUnavailable as exc:
+        if meta.backend not in INSTALL:
+            raise
+        raise TensorRTUnavailable(f"{engine_dir} is a {meta.backend} engine and {BACKENDS[meta.backend]} cannot be "
+                                  f"imported here ({' '.join(str(exc).split())}); install it: "
+                                  f"{INSTALL[meta.backend]}") from None
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"TensorRT engines run on a CUDA device, not {device} (use an onnx: backend on the CPU)")
+    if gpu is None and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        gpu = (torch.cuda.get_device_name(index), f"{major}.{minor}")
+    # TensorRT version first, then the GPU (none visible: refused with that message)
+    check_compatible(meta, backend=backend.name, trt_version=backend.version, gpu_name=gpu[0] if gpu else None,
+                     compute_capability=gpu[1] if gpu else None, strict_gpu_name=strict_gpu_name)
+    return meta, backend
+
+
 class TensorRTDenoiser:
     """A dtq engine directory on this GPU (TensorRT or TensorRT-RTX, as engine.json says)."""
 
     def __init__(self, engine_dir: str | os.PathLike, device: str | torch.device = "cuda", cuda_graphs: bool = False,
                  strict_gpu_name: bool = True, verbose: bool = False):
-        from ..engines.engine_dir import PLAN, check_compatible, read_meta
-        from ..engines.trt import load_backend
+        from ..engines.engine_dir import PLAN
 
-        self.meta = read_meta(engine_dir)  # refuses what is not an engine directory
-        backend = load_backend(self.meta.backend)  # TensorRTUnavailable names what to install
+        self.meta, backend = open_engine_dir(engine_dir, device, strict_gpu_name=strict_gpu_name)
         self.device = torch.device(device)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError("TensorRT engines run on a CUDA GPU; none is available (use --onnx on the CPU)")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        check_compatible(self.meta, backend=backend.name, trt_version=backend.version,
-                         gpu_name=torch.cuda.get_device_name(index), compute_capability=f"{major}.{minor}",
-                         strict_gpu_name=strict_gpu_name)
         trt = backend.trt
         self.trt = trt
         self.runtime = trt.Runtime(backend.logger(verbose))

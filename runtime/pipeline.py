@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, read_config_json
-from .denoiser import Denoiser, TorchDenoiser
+from .denoiser import Denoiser
+from .denoiser_spec import parse_denoiser_spec
 from .diffusion import GaussianDiffusion
 from .distributed import DistContext, data_parallel, map_batches, rank_device
 from .images import make_grid, save_npz, save_png, to_uint8
 from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
+from .open import DTYPES, open_denoiser
 from .sampler import sample
 from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _meta(help_text: str) -> dict:
@@ -67,17 +67,16 @@ class SampleConfig:
         "clip predicted x0 to [-1, 1] (default: on for pixel-space models, off for latents as in DiT)"))
     vae: Path | None = field(default=None, metadata=_meta(
         "diffusers AutoencoderKL directory for latent models; without it latents are saved to latents.npz"))
-    engine: Path | None = field(default=None, metadata=_meta(
-        "sample with a TensorRT engine directory (dtq-build-engine output; checked against this GPU and TensorRT)"))
-    onnx: Path | None = field(default=None, metadata=_meta(
-        "sample with an ONNX model (dtq-export output) through ONNX Runtime (CPU, or its CUDA provider)"))
-    recipe: Path | None = field(default=None, metadata=_meta(
-        "sample with the quantized PyTorch engine built from this recipe directory (real FP8/INT8/INT4 GEMMs "
-        "on CUDA; on the CPU it computes exactly what the simulated model computes)"))
+    backend: str = field(default="torch", metadata=_meta(
+        "the denoiser: torch (the PyTorch model; torch:bf16 names the dtype), sim:DIR (a recipe's fake-quant "
+        "simulation), recipe:DIR (the quantized PyTorch engine: real FP8/INT8/INT4 GEMMs on CUDA, identical to "
+        "sim:DIR on the CPU), onnx:FILE (ONNX Runtime), trt:DIR (a TensorRT / TensorRT-RTX engine directory, "
+        "checked against this GPU and TensorRT); a bare path is an .onnx file, an engine directory (engine.plan) "
+        "or a recipe directory (recipe.json, the engine)"))
     compile: bool = field(default=False, metadata=_meta(
-        "torch.compile the DiT blocks (PyTorch and --recipe backends; CUDA)"))
+        "torch.compile the DiT blocks (torch, sim and recipe backends; CUDA)"))
     cuda_graphs: bool = field(default=False, metadata=_meta(
-        "replay the denoiser as one CUDA graph per batch size (--recipe, --engine and PyTorch backends on CUDA)"))
+        "replay the denoiser as one CUDA graph per batch size (torch, sim, recipe and trt backends on CUDA)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -92,9 +91,9 @@ class SampleConfig:
             raise ValueError("give either --classes or --num-images, not both")
         if self.ckpt is not None and self.random_weights:
             raise ValueError("--random-weights and --ckpt exclude each other")
-        backends = [f"--{n}" for n in ("engine", "onnx", "recipe") if getattr(self, n) is not None]
-        if len(backends) > 1:
-            raise ValueError(f"give at most one of --engine, --onnx, --recipe (got {', '.join(backends)})")
+        spec = parse_denoiser_spec(self.backend)  # a bad spec fails here, before any work
+        if spec.dtype is not None and self.dtype not in ("fp32", spec.dtype):
+            raise ValueError(f"--backend {self.backend} and --dtype {self.dtype} disagree; give one of them")
 
 
 @dataclass
@@ -152,56 +151,11 @@ def _check_image_size(config: DiTConfig, image_size: int | None) -> None:
         raise ValueError(f"--image-size {image_size} does not match the model, which makes {side}px images")
 
 
-def _check_model_config(source: str, recorded: str | dict | None, model: DiT) -> None:
-    """An ONNX/engine records the DiT config it was exported from; it must be the sampled model's."""
-    if not recorded:
-        return
-    data = json.loads(recorded) if isinstance(recorded, str) else recorded
-    mine = model.config.to_dict()
-    diff = {k: (v, mine.get(k)) for k, v in data.items() if k in mine and mine[k] != v}
-    if diff:
-        raise ValueError(f"{source} was exported from another DiT config than the model to sample "
-                         f"(recorded vs model: {diff}); pass the matching --ckpt/--model")
-
-
 def build_denoiser(cfg: SampleConfig, model: DiT, device: torch.device) -> Denoiser:
-    """The network the job samples with: PyTorch (default), --recipe (quantized engine), --onnx
-    (ONNX Runtime) or --engine (TensorRT). All run inside the same sampling loop."""
-    dtype = DTYPES[cfg.dtype]
-    if cfg.engine is not None:
-        from .backends import TensorRTDenoiser
-
-        den = TensorRTDenoiser(cfg.engine, device, cuda_graphs=cfg.cuda_graphs)
-        _check_model_config(str(cfg.engine), den.meta.onnx.get("metadata", {}).get("model_config"), model)
-        return den
-    if cfg.onnx is not None:
-        from .backends import OnnxDenoiser
-
-        den = OnnxDenoiser(cfg.onnx, device)
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(cfg.onnx), load_external_data=False).metadata_props}
-        _check_model_config(str(cfg.onnx), props.get("dtq.model_config"), model)
-        return den
-    if cfg.recipe is not None:
-        from .backends import GraphedDenoiser
-        from .qengine import build_qengine, compile_blocks
-        from .recipe import load_recipe
-
-        recipe = load_recipe(cfg.recipe, model)  # refuses a recipe made for another checkpoint
-        engine = build_qengine(model, recipe, device=device, dtype=dtype, check=False)
-        if cfg.compile:
-            compile_blocks(engine)
-        return GraphedDenoiser(engine, device, dtype, cuda_graphs=cfg.cuda_graphs)
-    if cfg.compile or cfg.cuda_graphs:
-        from .backends import GraphedDenoiser
-        from .qengine import compile_blocks
-
-        work = model.to(device, dtype).eval()
-        if cfg.compile:
-            compile_blocks(work)
-        return GraphedDenoiser(work, device, dtype, cuda_graphs=cfg.cuda_graphs)
-    return TorchDenoiser(model, device, dtype, autocast=cfg.autocast)
+    """The network the job samples with (``cfg.backend``, a denoiser spec; see ``open.open_denoiser``).
+    All run inside the same sampling loop."""
+    return open_denoiser(cfg.backend, model, device=device, dtype=DTYPES[cfg.dtype], compile=cfg.compile,
+                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast)
 
 
 def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:

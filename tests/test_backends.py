@@ -1,6 +1,8 @@
 """Denoiser backends in the one sampling loop: ONNX Runtime matches PyTorch on the tiny model;
-dtq-sample --onnx / --recipe / --engine; the quantized engine samples exactly what the simulated
-model samples on the CPU."""
+dtq-sample --backend onnx: / recipe: / sim: / trt:; the quantized engine samples exactly what the
+simulated model samples on the CPU."""
+
+import json
 
 import numpy as np
 import pytest
@@ -54,24 +56,31 @@ def test_ort_matches_torch_per_call_and_sampled(tiny, tiny_onnx):
 def test_cli_onnx_backend_matches_torch(tiny_onnx, tmp_path):
     common = ["--steps", "5", "--classes", "1,4", "--per-class", "2", "--seed", "3", "--no-progress"]
     assert sample_main(common + ["--out", str(tmp_path / "t")]) == 0
-    assert sample_main(common + ["--onnx", str(tiny_onnx), "--out", str(tmp_path / "o")]) == 0
+    assert sample_main(common + ["--backend", f"onnx:{tiny_onnx}", "--out", str(tmp_path / "o")]) == 0
     a = np.load(tmp_path / "t" / "samples.npz")["arr_0"].astype(int)
     b = np.load(tmp_path / "o" / "samples.npz")["arr_0"].astype(int)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_cli_recipe_backend_is_the_simulation(tiny, tmp_path):
-    """--recipe on the CPU samples bit-identically to the simulated (fake-quant) model."""
+    """--backend recipe:DIR (and the bare DIR) on the CPU samples bit-identically to the simulated
+    (fake-quant) model, --backend sim:DIR, and to the Python API with the simulation passed in."""
     from dtq.runtime.pipeline import SampleConfig, generate
 
     recipe = minmax_recipe(tiny, "int8", group=32, balance=True)
     recipe.save(tmp_path / "recipe")
     common = ["--steps", "4", "--classes", "2,5", "--per-class", "2", "--seed", "9", "--no-progress"]
-    assert sample_main(common + ["--recipe", str(tmp_path / "recipe"), "--out", str(tmp_path / "q")]) == 0
+    images = {}
+    for name, spec in (("q", f"recipe:{tmp_path / 'recipe'}"), ("bare", str(tmp_path / "recipe")),
+                       ("simcli", f"sim:{tmp_path / 'recipe'}")):
+        assert sample_main(common + ["--backend", spec, "--out", str(tmp_path / name)]) == 0
+        images[name] = np.load(tmp_path / name / "samples.npz")["arr_0"]
+    assert json.loads((tmp_path / "q" / "sample_config.json").read_text())["backend"] == f"recipe:{tmp_path / 'recipe'}"
     cfg = SampleConfig(steps=4, classes=[2, 5], per_class=2, seed=9, progress=False, out=tmp_path / "sim")
     generate(cfg, denoiser=TorchDenoiser(apply_recipe(tiny, recipe)), model=tiny)
-    q = np.load(tmp_path / "q" / "samples.npz")["arr_0"]
+    q = images["q"]
     assert np.array_equal(q, np.load(tmp_path / "sim" / "samples.npz")["arr_0"])
+    assert np.array_equal(q, images["bare"]) and np.array_equal(q, images["simcli"])
     fp_cfg = SampleConfig(steps=4, classes=[2, 5], per_class=2, seed=9, progress=False, out=tmp_path / "fp")
     generate(fp_cfg)
     assert not np.array_equal(q, np.load(tmp_path / "fp" / "samples.npz")["arr_0"])  # it is quantized
@@ -79,14 +88,19 @@ def test_cli_recipe_backend_is_the_simulation(tiny, tmp_path):
 
 def test_cli_refuses_mismatched_inputs(tiny_onnx, tmp_path, capsys):
     out = ["--out", str(tmp_path / "x"), "--no-progress", "--steps", "2"]
-    assert sample_main(["--onnx", str(tiny_onnx), "--recipe", str(tmp_path)] + out) == 2
-    assert "at most one of --engine, --onnx, --recipe" in capsys.readouterr().err
+    assert sample_main(["--backend", str(tmp_path / "nothing")] + out) == 2
+    err = capsys.readouterr().err
+    assert "no such file or directory" in err and "recipe:DIR" in err and "onnx:FILE" in err
+    assert sample_main(["--backend", "torch:bf16", "--dtype", "fp16"] + out) == 2
+    assert "disagree" in capsys.readouterr().err
     # an ONNX of the tiny model cannot sample another model
-    assert sample_main(["--onnx", str(tiny_onnx), "--model", "DiT-S/8", "--random-weights", "--image-size", "64",
-                        "--num-images", "1", "--num-classes", "3"] + out) == 2
+    assert sample_main(["--backend", f"onnx:{tiny_onnx}", "--model", "DiT-S/8", "--random-weights", "--image-size",
+                        "64", "--num-images", "1", "--num-classes", "3"] + out) == 2
     assert "exported from another DiT config" in capsys.readouterr().err
-    assert sample_main(["--recipe", str(tmp_path / "nope")] + out) == 2
+    assert sample_main(["--backend", f"recipe:{tmp_path / 'nope'}"] + out) == 2
     assert "not a recipe directory" in capsys.readouterr().err
+    assert sample_main(["--backend", f"onnx:{tiny_onnx}", "--compile"] + out) == 2
+    assert "compile does not apply to the onnx backend" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

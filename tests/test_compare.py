@@ -166,3 +166,21 @@ def test_fold_rescaled_outputs_are_aligned(tmp_path):
     compare.main(["--candidate", str(onnx_path), "--no-e2e", "--out", str(out), *FAST])
     by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}
     assert all(by[n]["output_aligned"] for n in qkv) and by[qkv[0]]["out_sqnr_db"] > 30
+
+
+def test_sim_and_recipe_endpoints_are_distinct_kinds_and_agree_on_cpu(tmp_path):
+    """The shared spec grammar: sim:DIR is the simulation, recipe:DIR (and the bare DIR) the
+    quantized engine; on the CPU the engine computes the simulation bit for bit, and both hook the
+    same quantized layers."""
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    model = load_builtin("dit-tiny-fmnist")
+    minmax_recipe(model, "int8", balance=True).save(tmp_path / "r")
+    out = tmp_path / "cmp"
+    assert compare.main(["--reference", f"sim:{tmp_path / 'r'}", "--candidate", str(tmp_path / "r"), "--no-e2e",
+                         "--out", str(out), *FAST]) == 0
+    rep = _report(out)
+    assert rep["reference"]["kind"] == "sim" and rep["candidate"]["kind"] == "recipe"
+    assert all(r["sqnr_db"] == "inf" and r["max_abs"] == 0 for r in rep["step"]["rows"]), rep["step"]["rows"]
+    layers = rep["layerwise"]["layers"]
+    assert len(layers) == 4 * model.config.depth and all(d["out_sqnr_db"] == "inf" for d in layers)

@@ -215,9 +215,9 @@ def test_loading_an_engine_on_this_machine_is_refused_clearly(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, TensorRTUnavailable), match="CUDA GPU|not installed"):
             TensorRTDenoiser(d, device="cuda")
-        assert sample_main(["--engine", str(d), "--steps", "2", "--out", str(tmp_path / "s"), "--no-progress",
+        assert sample_main(["--backend", f"trt:{d}", "--steps", "2", "--out", str(tmp_path / "s"), "--no-progress",
                             "--device", "cpu"]) == 2
         assert "error:" in capsys.readouterr().err
-    assert sample_main(["--engine", str(tmp_path / "nothing"), "--steps", "2", "--out", str(tmp_path / "s2"),
+    assert sample_main(["--backend", f"trt:{tmp_path / 'nothing'}", "--steps", "2", "--out", str(tmp_path / "s2"),
                         "--no-progress"]) == 2
     assert "not an engine directory" in capsys.readouterr().err

@@ -288,6 +288,25 @@ def build_backend(name: str, base, fingerprint: str):
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
+def is_artifact(name: str) -> bool:
+    """A --backends entry naming an artifact (a denoiser spec: trt:DIR, onnx:FILE, recipe:DIR, sim:DIR,
+    or a path) rather than one of the backends built here."""
+    return ":" in name or Path(name).exists()
+
+
+def open_artifact(spec: str, base):
+    """``spec`` through ``runtime.open.open_denoiser`` (the checks of dtq-sample: recipe fingerprint,
+    recorded DiT config, engine vs this TensorRT and GPU), bf16, compiled and CUDA-graphed where
+    the backend can be (on the GPU)."""
+    from dtq.runtime.denoiser_spec import parse_denoiser_spec
+    from dtq.runtime.open import open_denoiser
+
+    parsed = parse_denoiser_spec(spec)
+    cuda = DEV.type == "cuda"
+    return open_denoiser(parsed, base, device=DEV, dtype=torch.bfloat16, compile=cuda and parsed.is_module,
+                         cuda_graphs=cuda and parsed.kind != "onnx")
+
+
 def weight_report(module, base) -> dict:
     from dtq.runtime.qengine import engine_layers, weight_bytes
 
@@ -319,14 +338,20 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
 
         def make(name=name):
             t = time.perf_counter()
-            m = build_backend(name, base, fingerprint)
-            entry.update(weight_report(m, base))
+            if is_artifact(name):  # opened as dtq-sample opens it; made for this --model's weights
+                m = open_artifact(name, base)
+                module = getattr(m, "model", None)
+                entry.update(weight_report(module, base) if isinstance(module, torch.nn.Module) else {})
+            else:
+                m = build_backend(name, base, fingerprint)
+                entry.update(weight_report(m, base))
             entry["build_s"] = round(time.perf_counter() - t, 1)
             return m
 
         try:
             built[name] = make()
-            log(f"{name}: built ({entry['build_s']} s, weights {entry['weights_gb']} GB = {entry['weights_vs_bf16']}x bf16)")
+            log(f"{name}: built ({entry['build_s']} s, weights {entry.get('weights_gb', '?')} GB = "
+                f"{entry.get('weights_vs_bf16', '?')}x bf16)")
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
             entry["trace"] = traceback.format_exc()[-2000:]
@@ -346,8 +371,10 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
                 entry["batches"][str(B)] = {"skipped": f"time budget {budget_s} s reached"}
                 log(f"{name} batch {B}: skipped (time budget)")
                 continue
-            compiled = name != "bf16-eager"
-            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=compiled)
+            if is_artifact(name):
+                den = module  # already a denoiser (compiled / graphed where its backend can be)
+            else:
+                den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=name != "bf16-eager")
 
             def run(B=B, den=den):
                 sync()
@@ -387,7 +414,8 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
                      "forward_ms": round(fwd_ms, 3), "forward_images_per_s": round(2 * B / fwd_ms * 1e3, 1),
                      "warmup_s": round(warm, 1),
                      "peak_gpu_mem_gb": round((peak + entry.get("weights_gb", 0) * 1e9) / 1e9, 3)}
-                den.reset()
+                if hasattr(den, "reset"):
+                    den.reset()
                 return r
 
             guarded(entry["batches"], str(B), run)
@@ -485,7 +513,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help=f"comma list of {', '.join(BACKENDS)} (W4A8 with two-level INT4 weights), "
                          "int8-intmm (INT8 via torch._int_mm), "
-                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on)")
+                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on), or artifacts made for "
+                         "--model's random weights as denoiser specs (trt:DIR, onnx:FILE, recipe:DIR, sim:DIR; "
+                         "dtq-sample --backend's forms)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2, help="timed sampling runs per point (median)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip remaining end-to-end points after this")

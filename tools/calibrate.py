@@ -2,7 +2,8 @@
 
 The options are the fields of ``CalibConfig`` (what and how to quantize), ``CalibDataConfig``
 (how the calibration set is sampled) and ``CalibrateJob`` (model, input and output paths): the
-same objects the Python API takes (``dtq.calibrate.api.calibrate``).
+same objects the Python API takes (``dtq.calibrate.api.calibrate_checkpoint``, the stage; this
+module only parses the command line).
 """
 
 from __future__ import annotations
@@ -10,18 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from dtq.calibrate.api import calibrate
+from dtq.calibrate.api import CalibrateJob, calibrate_checkpoint
 from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import CalibrationSet, collect_calibration_set
-from dtq.calibrate.evaluate import noise_sqnr
-from dtq.runtime.checkpoint import load_checkpoint
-from dtq.runtime.recipe import apply_recipe
-from dtq.runtime.zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
 from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
 
 EPILOG = """examples:
@@ -34,15 +26,6 @@ EPILOG = """examples:
 --cali-data). exit codes: 0 success, 2 bad usage or input."""
 
 
-@dataclass
-class CalibrateJob:
-    ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read) or diffusers DiT folder"})
-    model: str | None = field(default=None, metadata={"help": f"built-in model when no --ckpt ({', '.join(BUILTIN_MODELS)})"})
-    cali_data: Path | None = field(default=None, metadata={"help": "reuse a saved calibration set instead of sampling one"})
-    eval_n: int = field(default=4, metadata={"help": "held-out samples (seed+1) for the SQNR report; 0: none"})
-    out: Path = field(default=Path("recipe"), metadata={"help": "recipe directory to write"})
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtq-calibrate", description=__doc__.split(":", 1)[1].strip().split("\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,43 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return device
-
-
-def run(job: CalibrateJob, config: CalibConfig, data_cfg: CalibDataConfig) -> dict:
-    """The CLI's work, callable from Python: returns the recipe's info dict."""
-    if job.ckpt is not None:
-        model = load_checkpoint(job.ckpt)
-    else:
-        model = load_checkpoint(builtin_checkpoint(job.model or DEFAULT_MODEL))
-    model = model.to(config.device).eval()
-    if job.cali_data is not None:
-        data = CalibrationSet.load(job.cali_data)
-    else:
-        data = collect_calibration_set(model, data_cfg, device=config.device, progress=config.progress)
-    recipe = calibrate(model, data, config)
-    if job.eval_n > 0:
-        held_cfg = CalibDataConfig(**{**data_cfg.__dict__, "cali_n": job.eval_n, "seed": data_cfg.seed + 1})
-        held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
-        sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
-        recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
-    recipe.save(job.out)
-    if job.cali_data is None:
-        data.save(job.out / "calibration_set.safetensors")
-    return recipe.info
-
-
 def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         args = build_parser().parse_args(argv)
         config = dataclass_from_args(CalibConfig, args)
-        config.device = resolve_device(config.device)
-        info = run(dataclass_from_args(CalibrateJob, args), config, dataclass_from_args(CalibDataConfig, args))
+        info = calibrate_checkpoint(dataclass_from_args(CalibrateJob, args), config,
+                                    dataclass_from_args(CalibDataConfig, args)).info
         print(f"wrote recipe ({config.method}, {config.wfmt} weights / {config.afmt} activations) to {args.out}")
         if "heldout_noise_sqnr_db" in info:
             print("held-out noise SQNR (dB): " + json.dumps(info["heldout_noise_sqnr_db"]))

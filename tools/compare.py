@@ -34,16 +34,17 @@ import torch
 
 from ..runtime.checkpoint import load_checkpoint
 from ..runtime.denoiser import TorchDenoiser
+from ..runtime.denoiser_spec import FORMS, DenoiserSpec, parse_denoiser_spec
 from ..runtime.diffusion import GaussianDiffusion
 from ..runtime.images import to_uint8
 from ..runtime.model import DiT
-from ..runtime.backends import OnnxDenoiser, TensorRTDenoiser
-from ..runtime.pipeline import DTYPES
+from ..runtime.open import DTYPES, check_model_config, onnx_model_config, open_denoiser, open_module, open_recipe
+from ..runtime.recipe import Recipe
 from ..runtime.sampler import sample
 from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
 from . import metrics
 from .capture import CapturedStep, capture_inputs, default_step_indices, step_indices_for_timesteps
-from .cli import EXIT_CHECK_FAILED, EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
+from .cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, add_dataclass_arguments, dataclass_from_args, run_cli
 from .runners import TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
 
 def _meta(text: str) -> dict:
@@ -53,9 +54,8 @@ def _meta(text: str) -> dict:
 @dataclass
 class CompareConfig:
     candidate: str | None = field(default=None, metadata=_meta(
-        "what to test: an .onnx file, an engine directory (engine.plan), a recipe directory (recipe.json), or "
-        "'torch' / 'torch:fp16' / 'torch:bf16' (the PyTorch model in --torch-dtype or the named dtype)"))
-    reference: str = field(default="torch", metadata=_meta("the reference, same kinds as --candidate"))
+        "what to test, a denoiser spec: " + FORMS + "; torch without a dtype runs in --torch-dtype"))
+    reference: str = field(default="torch", metadata=_meta("the reference, same forms as --candidate"))
     ckpt: Path | None = field(default=None, metadata=_meta(
         "DiT checkpoint (.safetensors/.pt); default: the built-in dit-tiny-fmnist"))
     out: Path = field(default=Path("compare-out"), metadata=_meta("output directory"))
@@ -66,7 +66,7 @@ class CompareConfig:
     cfg_scale: float = field(default=1.5, metadata=_meta("classifier-free guidance scale"))
     seed: int = field(default=0, metadata=_meta("seed of labels, noise and sampler noise"))
     torch_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata=_meta(
-        "dtype of 'torch' (without :dtype) and recipe endpoints"))
+        "dtype of 'torch' (without :dtype), sim and recipe endpoints"))
     device: str = field(default="cpu", metadata=_meta("device of PyTorch endpoints and the capturing sampler"))
     min_sqnr: float = field(default=20.0, metadata=_meta("fail below this SQNR (dB) at any timestep"))
     min_cosine: float | None = field(default=None, metadata=_meta("fail below this cosine similarity"))
@@ -87,7 +87,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if not self.candidate:
-            raise ValueError("--candidate is required (an .onnx file, engine dir, recipe dir or 'torch')")
+            raise ValueError(f"--candidate is required: {FORMS}")
         if self.steps < 1 or self.steps > 1000:
             raise ValueError(f"--steps must be in 1..1000, got {self.steps}")
         if self.num_images < 1 or self.e2e_images < 1:
@@ -98,33 +98,47 @@ class CompareConfig:
 # -- endpoints ---------------------------------------------------------------------------------------
 @dataclass
 class Endpoint:
-    """A resolved --reference / --candidate."""
+    """A resolved --reference / --candidate: its parsed spec (``runtime.denoiser_spec``), the FP
+    model it stands for, and for sim / recipe the (checked) recipe."""
 
-    spec: str
-    kind: str  # torch | recipe | onnx | engine
-    model: torch.nn.Module | None = None  # torch / recipe
-    path: Path | None = None  # onnx / engine
-    balanced: tuple[str, ...] = ()  # layers whose input a recipe rescales per channel
-    rescaled_out: tuple[str, ...] = ()  # layers whose output rows a fold rescales (qkv under proj's V fold)
-    dtype: str | None = None  # torch:<dtype>; None = --torch-dtype
+    spec: str  # as the user wrote it
+    parsed: DenoiserSpec
+    model: DiT
+    recipe: Recipe | None = None  # sim / recipe
+
+    @property
+    def kind(self) -> str:
+        return self.parsed.kind
+
+    @property
+    def path(self) -> Path | None:
+        return self.parsed.path
+
+    @property
+    def dtype(self) -> str | None:
+        return self.parsed.dtype
 
     def balanced_layers(self) -> set[str]:
-        if self.kind == "recipe":
-            return set(self.balanced)
-        return set()
+        """Layers whose input a recipe rescales per channel."""
+        if self.recipe is None:
+            return set()
+        return {n for n, lr in self.recipe.layers.items() if lr.balance is not None}
 
     def rescaled_outputs(self) -> set[str]:
+        """Layers whose output rows a fold rescales (qkv under proj's V fold)."""
         if self.kind == "onnx":  # dtq-export records them (metadata dtq.rescaled_outputs)
             from ..export.writer import read_metadata
 
             return set(json.loads(read_metadata(self.path).get("rescaled_outputs", "[]")))
-        return set(self.rescaled_out)
+        if self.recipe is not None:
+            from ..runtime.recipe import rescaled_output_layers
+
+            return set(rescaled_output_layers(self.recipe))
+        return set()
 
     def quantized_layers(self) -> list[str]:
-        if self.kind == "recipe":
-            from ..runtime.recipe import quant_layers
-
-            return list(quant_layers(self.model))
+        if self.recipe is not None:  # the recipe's layers, in model order (as apply_recipe replaces them)
+            return [n for n, _ in self.model.named_modules() if n in self.recipe.layers]
         if self.kind == "onnx":
             import onnx
 
@@ -134,46 +148,48 @@ class Endpoint:
     def torch_dtype(self, cfg: CompareConfig) -> torch.dtype:
         return DTYPES[self.dtype or cfg.torch_dtype]
 
+    def _device(self, cfg: CompareConfig) -> str:
+        # ONNX Runtime on its CPU provider, engines on the GPU; PyTorch endpoints on --device
+        return cfg.device if self.parsed.is_module else "cpu" if self.kind == "onnx" else "cuda"
+
+    def _base(self) -> DiT:
+        return copy.deepcopy(self.model) if self.kind == "torch" else self.model  # sim/recipe copy it themselves
+
     def runner(self, cfg: CompareConfig, name: str, probe_layers: list[str] | None = None):
-        if self.kind in ("torch", "recipe"):
-            return TorchRunner(copy.deepcopy(self.model), device=cfg.device, dtype=self.torch_dtype(cfg),
-                               probe_layers=probe_layers, name=name)
+        if self.parsed.is_module:
+            # the engine's fused MLP (CUDA) skips fc1's forward: keep the layers separate to hook them
+            module = open_module(self.parsed, self._base(), device=cfg.device, dtype=self.torch_dtype(cfg),
+                                 recipe=self.recipe, engine_options={"fuse_mlp": ()} if probe_layers else None)
+            return TorchRunner(module, device=cfg.device, dtype=self.torch_dtype(cfg), probe_layers=probe_layers,
+                               name=name)
         if self.kind == "onnx":
             return onnx_runner(self.path, probe_layers=probe_layers, name=name)
         if probe_layers:
             raise ValueError("layerwise diagnosis of an engine needs its ONNX file: pass that as --candidate")
-        return trt_runner(self.path, name=name)
+        return trt_runner(self.path, self.model, name=name)
 
     def denoiser(self, cfg: CompareConfig):
-        if self.kind in ("torch", "recipe"):
-            return TorchDenoiser(copy.deepcopy(self.model), cfg.device, self.torch_dtype(cfg))
-        if self.kind == "onnx":
-            return OnnxDenoiser(self.path)
-        return TensorRTDenoiser(self.path)  # refuses an engine built for another GPU / TensorRT
+        # an engine is refused when built for another GPU / TensorRT (runtime.open)
+        return open_denoiser(self.parsed, self._base(), device=self._device(cfg), dtype=self.torch_dtype(cfg))
 
 
 def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
-    if spec == "torch" or spec.startswith("torch:"):
-        dtype = spec.partition(":")[2] or None
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"{spec!r}: use torch, or torch:DTYPE with DTYPE one of {', '.join(DTYPES)}")
-        return Endpoint(spec, "torch", model=model, dtype=dtype)
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".onnx":
-        return Endpoint(spec, "onnx", path=path)
-    if path.is_dir() and (path / "recipe.json").is_file():
-        from ..runtime.recipe import apply_recipe, load_recipe, rescaled_output_layers
+    """``spec`` in the shared grammar (``runtime.denoiser_spec``: a bare recipe directory is the
+    quantized engine, ``sim:DIR`` the simulation), checked against ``model``."""
+    parsed = parse_denoiser_spec(spec)
+    recipe = None
+    if parsed.kind in ("sim", "recipe"):
+        recipe = open_recipe(parsed, model)  # refuses a recipe of another checkpoint
+    elif parsed.kind == "onnx":
+        if not parsed.path.is_file():
+            raise FileNotFoundError(f"{parsed.path}: no such ONNX file")
+        check_model_config(str(parsed.path), onnx_model_config(parsed.path), model)
+    elif parsed.kind == "trt":  # engine.json vs this TensorRT and GPU, before any sampling
+        from ..runtime.backends import open_engine_dir
 
-        recipe = load_recipe(path, model)
-        return Endpoint(spec, "recipe", model=apply_recipe(model, recipe),
-                        balanced=tuple(n for n, lr in recipe.layers.items() if lr.balance is not None),
-                        rescaled_out=tuple(rescaled_output_layers(recipe)))
-    if path.is_dir() and (path / "engine.plan").is_file():
-        return Endpoint(spec, "engine", path=path)
-    if path.is_dir() and (path / "model.onnx").is_file():
-        return Endpoint(spec, "onnx", path=path / "model.onnx")
-    raise ValueError(f"{spec!r}: not 'torch', an .onnx file, a recipe directory (recipe.json) "
-                     "or an engine directory (engine.plan)")
+        meta, _ = open_engine_dir(parsed.path, "cuda")
+        check_model_config(str(parsed.path), meta.onnx.get("metadata", {}).get("model_config"), model)
+    return Endpoint(spec, parsed, model, recipe)
 
 
 def load_model(cfg: CompareConfig) -> DiT:
@@ -345,7 +361,7 @@ def run_compare(cfg: CompareConfig) -> dict:
               "captured": [{"step_index": s.index, "timestep": s.timestep, "batch": int(s.x.shape[0])} for s in steps]}
     report["step"] = step_comparison(cfg, ref, cand, steps)
     passed = report["step"]["passed"] and report["step"]["polygraphy_passed"]
-    if cfg.layerwise and "engine" not in (ref.kind, cand.kind):
+    if cfg.layerwise and "trt" not in (ref.kind, cand.kind):
         from ..export.onnx_export import linear_names
 
         report["layerwise"] = layerwise_comparison(cfg, ref, cand, steps, linear_names(model))
@@ -425,7 +441,13 @@ def markdown_report(report: dict) -> str:
 
 EPILOG = """examples:
   dtq-compare --candidate model_int8.onnx --reference model_fp32.onnx --out cmp
-  dtq-compare --ckpt dit-s2/model.safetensors --candidate recipes/w8a8 --min-sqnr 25 --out cmp
+  dtq-compare --ckpt dit-s2/model.safetensors --candidate sim:recipes/w8a8 --min-sqnr 25 --out cmp
+  dtq-compare --reference sim:recipes/w8a8 --candidate recipe:recipes/w8a8 --device cuda --out cmp  # kernels
+  dtq-compare --reference int8.onnx --candidate trt:engines/int8 --no-layerwise --out cmp
+
+--reference / --candidate take the denoiser specs of dtq-sample --backend: torch[:DTYPE], sim:DIR,
+recipe:DIR, onnx:FILE, trt:DIR, or a bare path (an .onnx file, an engine directory, a recipe
+directory = recipe:DIR, the quantized engine).
   dtq-compare --candidate model_int8.onnx --timesteps 999,500,20 --min-cosine 0.999 --out cmp
 
 exit codes: 0 pass, 1 a check failed, 2 bad usage or input."""
@@ -441,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def _run_main() -> int:
         cfg = dataclass_from_args(CompareConfig, build_parser().parse_args(argv))
-        report = run_compare(cfg)
+        try:
+            report = run_compare(cfg)
+        except ImportError as exc:  # an optional backend that is not installed (TensorRT, ONNX Runtime)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         worst = min((r["sqnr_db"] for r in report["step"]["rows"]), default=math.nan)
         msg = f"{'PASS' if report['passed'] else 'FAIL'}: worst step SQNR {worst:.2f} dB"
         if "e2e" in report:

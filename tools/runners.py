@@ -8,8 +8,9 @@
   ``probe_layers`` the Linears' input/output tensors are marked as graph outputs and the results
   renamed to the same ``"<layer>:in"`` / ``"<layer>:out"`` keys, so a PyTorch model and an ONNX
   graph (FP or Q/DQ) can be compared layer by layer.
-- ``trt_runner``: polygraphy's ``TrtRunner`` on an engine directory (``engine.plan``); TensorRT
-  is imported lazily, so everything else works without it.
+- ``trt_runner``: an engine directory through ``runtime.open.open_denoiser`` (the TensorRT or
+  TensorRT-RTX module engine.json names, its compatibility check), wrapped as a runner
+  (:class:`DenoiserRunner`); TensorRT is imported lazily, so everything else works without it.
 
 A Linear's *input* is the activation before its Q/DQ pair (and before a run-time balancing
 ``Mul``); its *output* is after the bias ``Add``.
@@ -189,17 +190,44 @@ class _RenamingRunner(BaseRunner):
         self.inner.deactivate()
 
 
-def trt_runner(engine_dir: str | Path, name: str | None = None):
-    """Polygraphy ``TrtRunner`` for ``engine_dir/engine.plan`` (needs TensorRT)."""
-    plan = Path(engine_dir) / "engine.plan"
-    if not plan.is_file():
-        raise FileNotFoundError(f"{engine_dir}: not an engine directory (no engine.plan)")
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise ValueError(f"{engine_dir}: running a TensorRT engine needs the tensorrt Python package "
-                         "(a GPU machine with TensorRT); compare its ONNX file instead") from None
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+class DenoiserRunner(BaseRunner):
+    """Any dtq denoiser ``(x, t, y) -> out`` (``runtime.open.open_denoiser``) as a polygraphy runner:
+    one output, ``"out"``."""
 
-    return TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name=name)
+    def __init__(self, denoiser, config, name: str | None = None):
+        super().__init__(name=name, prefix="dtq-denoiser-runner")
+        self.denoiser = denoiser
+        self.config = config  # the DiT config: the input shapes
+
+    def activate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        c = self.config
+        meta = TensorMetadata()
+        meta.add("x", np.float32, (None, c.in_channels, c.input_size, c.input_size))
+        meta.add("t", np.int64, (None,))
+        meta.add("y", np.int64, (None,))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        x, t, y = (torch.from_numpy(np.asarray(feed_dict[k], dt)) for k, dt in (("x", np.float32), ("t", np.int64),
+                                                                              ("y", np.int64)))
+        start = time.perf_counter()
+        out = self.denoiser(x, t, y)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(OUTPUT, out.detach().float().cpu().numpy())])
+
+    def deactivate_impl(self):
+        pass
+
+
+def trt_runner(engine_dir: str | Path, model: nn.Module, name: str | None = None) -> DenoiserRunner:
+    """An engine directory as a runner, opened as dtq-sample opens it (``runtime.open``): engine.json
+    names TensorRT or TensorRT-RTX, and is checked against this TensorRT, this GPU and ``model``'s
+    config before the plan is deserialized."""
+    from ..runtime.denoiser_spec import DenoiserSpec
+    from ..runtime.open import open_denoiser
+
+    den = open_denoiser(DenoiserSpec("trt", Path(engine_dir)), model, device="cuda")
+    return DenoiserRunner(den, model.config, name=name)

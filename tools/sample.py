@@ -13,10 +13,14 @@ EPILOG = """examples:
   dtq-sample --ckpt dit-s2/model.safetensors --steps 100 --cfg-scale 1.5 --per-class 8 --out grid
   dtq-sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --classes 207,360,387 --dtype bf16
   dtq-sample --model DiT-XL/2 --random-weights --image-size 256 --num-images 8 --dtype bf16
-  dtq-sample --recipe recipes/int8 --device cuda --dtype bf16 --compile --cuda-graphs   # quantized PyTorch engine
-  dtq-sample --onnx model-int8.onnx --device cpu                                       # ONNX Runtime
-  dtq-sample --engine engines/int8 --device cuda --cuda-graphs                         # TensorRT
+  dtq-sample --backend recipe:recipes/int8 --device cuda --dtype bf16 --compile --cuda-graphs  # quantized engine
+  dtq-sample --backend sim:recipes/int8                                  # the recipe's fake-quant simulation
+  dtq-sample --backend onnx:model-int8.onnx --device cpu                 # ONNX Runtime
+  dtq-sample --backend trt:engines/int8 --device cuda --cuda-graphs      # TensorRT / TensorRT-RTX
   torchrun --nproc-per-node 8 -m dtq.tools.sample --ckpt ... --num-images 50000 --device cuda  # 8 GPUs
+
+--backend SPEC: torch | torch:fp16 | torch:bf16 | sim:DIR | recipe:DIR | onnx:FILE | trt:DIR, or a bare
+path (an .onnx file, an engine directory, a recipe directory = recipe:DIR).
 
 outputs in --out: grid.png, images/*.png, samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels),
 sample_config.json; latent models without --vae write latents.npz instead of images.

@@ -1,0 +1,144 @@
+"""``open_denoiser(spec, model, ...)``: the one way a tool turns a denoiser spec
+(``runtime.denoiser_spec``) into the sampler's ``(x, t, y) -> out`` callable.
+
+Every artifact is checked against the model it stands for before anything runs: a recipe's
+fingerprint against the checkpoint (``recipe.load_recipe``), an ONNX export's and an engine's
+recorded DiT config against the model's, an engine against this TensorRT and GPU
+(``backends.open_engine_dir``). dtq-sample, dtq-compare and dtq-bench all open through here, so a
+path means the same thing in each of them.
+
+Lower-level pieces for tools that need more than the callable: :func:`open_module` (the PyTorch
+module of a torch / sim / recipe spec, e.g. to hook its layers), :func:`open_recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .denoiser import Denoiser, TorchDenoiser
+from .denoiser_spec import DenoiserSpec, parse_denoiser_spec
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+META_MODEL_CONFIG = "dtq.model_config"  # TODO(artifacts): dtq.artifacts' ONNX metadata reader
+
+
+def resolve_dtype(spec: DenoiserSpec, dtype: torch.dtype | str) -> torch.dtype:
+    """The spec's own dtype (``torch:bf16``) or the caller's."""
+    if spec.dtype is not None:
+        return DTYPES[spec.dtype]
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def check_model_config(source: str, recorded: str | dict | None, model: nn.Module) -> None:
+    """An ONNX/engine records the DiT config it was exported from; it must be ``model``'s."""
+    if not recorded:
+        return
+    data = json.loads(recorded) if isinstance(recorded, str) else recorded
+    mine = model.config.to_dict()
+    diff = {k: (v, mine.get(k)) for k, v in data.items() if k in mine and mine[k] != v}
+    if diff:
+        raise ValueError(f"{source} was exported from another DiT config than the model "
+                         f"(recorded vs model: {diff}); pass the matching --ckpt/--model")
+
+
+def onnx_model_config(path: str | os.PathLike) -> str | None:
+    """The ``dtq.model_config`` metadata dtq-export writes (None for other ONNX files)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}.get(META_MODEL_CONFIG)
+
+
+def open_recipe(spec: str | DenoiserSpec, model: nn.Module):
+    """The recipe of a sim / recipe spec, refused when it was calibrated for another checkpoint."""
+    from .recipe import load_recipe
+
+    spec = parse_denoiser_spec(spec)
+    if spec.kind not in ("sim", "recipe"):
+        raise ValueError(f"{spec} is not a recipe (sim:DIR or recipe:DIR)")
+    return load_recipe(spec.path, model)
+
+
+def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str = torch.float32, recipe=None, engine_options: dict | None = None) -> nn.Module:
+    """The PyTorch module of a torch / sim / recipe spec, on ``device`` in ``dtype``.
+
+    ``torch`` is ``model`` itself (moved, not copied); sim and recipe leave ``model`` unchanged.
+    ``recipe``: the already loaded recipe of the spec. ``engine_options``: extra
+    ``build_qengine`` arguments (``fuse_mlp=()`` keeps fc1/fc2 separately hookable on CUDA)."""
+    spec = parse_denoiser_spec(spec)
+    device, dtype = torch.device(device), resolve_dtype(spec, dtype)
+    if spec.kind == "torch":
+        return model.to(device, dtype).eval()
+    if spec.kind not in ("sim", "recipe"):
+        raise ValueError(f"{spec} is not a PyTorch denoiser (torch, sim:DIR or recipe:DIR)")
+    recipe = recipe if recipe is not None else open_recipe(spec, model)
+    if spec.kind == "sim":
+        from .recipe import apply_recipe
+
+        return apply_recipe(model, recipe, check=False).to(device, dtype).eval()
+    from .qengine import build_qengine
+
+    return build_qengine(model, recipe, device=device, dtype=dtype, check=False, **(engine_options or {}))
+
+
+def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
+                  autocast: bool = False, threads: int | None = None) -> Denoiser:
+    """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
+
+    ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
+    overrides it). ``compile``: regional torch.compile of the DiT blocks (torch, sim, recipe).
+    ``cuda_graphs``: one CUDA graph per batch size (torch, sim, recipe, trt; CUDA only).
+    ``autocast``: fp32 weights, matmuls under autocast in ``dtype`` (torch, sim).
+    ``threads``: ONNX Runtime's intra-op threads."""
+    spec = parse_denoiser_spec(spec)
+    device = torch.device(device)
+    _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast)
+    if spec.kind == "onnx":
+        from .backends import OnnxDenoiser
+
+        if not Path(spec.path).is_file():
+            raise FileNotFoundError(f"{spec.path}: no such ONNX file")
+        check_model_config(str(spec.path), onnx_model_config(spec.path), model)
+        return OnnxDenoiser(spec.path, device, threads=threads)
+    if spec.kind == "trt":
+        from .backends import TensorRTDenoiser
+
+        den = TensorRTDenoiser(spec.path, device, cuda_graphs=cuda_graphs)
+        check_model_config(str(spec.path), den.meta.onnx.get("metadata", {}).get("model_config"), model)
+        return den
+    work_dtype = resolve_dtype(spec, dtype)
+    if autocast and work_dtype != torch.float32:
+        # TorchDenoiser keeps the weights in fp32 and casts under autocast
+        return TorchDenoiser(open_module(spec, model, device=device, dtype=torch.float32), device, work_dtype,
+                             autocast=True)
+    module = open_module(spec, model, device=device, dtype=work_dtype)
+    if compile:
+        from .qengine import compile_blocks
+
+        compile_blocks(module)
+    if compile or cuda_graphs or spec.kind == "recipe":
+        from .backends import GraphedDenoiser
+
+        return GraphedDenoiser(module, device, work_dtype, cuda_graphs=cuda_graphs)
+    return TorchDenoiser(module, device, work_dtype)
+
+
+def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool) -> None:
+    """Options a backend cannot honour are refused rather than silently ignored."""
+    bad = [name for name, on, kinds in (("compile", compile, ("torch", "sim", "recipe")),
+                                        ("cuda_graphs", cuda_graphs, ("torch", "sim", "recipe", "trt")),
+                                        ("autocast", autocast, ("torch", "sim"))) if on and spec.kind not in kinds]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")
+    if autocast and (compile or cuda_graphs):
+        raise ValueError("autocast runs the module eagerly: it does not combine with compile or cuda_graphs")
