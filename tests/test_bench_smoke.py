@@ -25,3 +25,27 @@ def test_bench_smoke(tmp_path, capsys):
             "w4a16_speedup_at_1", "w4a16_speedup_at_8"} <= set(targets)
     assert main(["--smoke", "--out", str(out), "--correctness", "w4a9", "--skip", "e2e"]) == 2
     assert "| w4a16 |" in capsys.readouterr().out
+
+
+def test_bench_opens_artifacts_through_open_denoiser(tmp_path, capsys):
+    """--backends takes denoiser specs (made for --model's random weights): opened by
+    runtime.open.open_denoiser with its checks; a recipe of other weights is a recorded failure."""
+    import torch
+
+    from dtq.tools import bench_engines
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    bench_engines.DEV = torch.device("cpu")
+    base = bench_engines.make_xl()  # the smoke run's model: the same seeded weights
+    minmax_recipe(base, "int8", group=32).save(tmp_path / "r")
+    minmax_recipe(bench_engines.make_xl(seed=1), "int8", group=32).save(tmp_path / "other")
+    out = tmp_path / "bench.json"
+    specs = [f"sim:{tmp_path / 'r'}", f"recipe:{tmp_path / 'r'}", f"recipe:{tmp_path / 'other'}"]
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--batches", "1", "--steps", "1",
+                 "--repeats", "1", "--backends", ",".join(specs)]) == 0
+    backends = json.loads(out.read_text())["end_to_end"]["backends"]
+    for spec in specs[:2]:
+        assert "error" not in backends[spec], backends[spec].get("trace")
+        assert backends[spec]["batches"]["1"]["images_per_s"] > 0
+    assert backends[specs[1]]["quantized_layer_weights_vs_bf16"] < 0.55  # the engine's int8 codes
+    assert "calibrated for a different checkpoint" in backends[specs[2]]["error"]
