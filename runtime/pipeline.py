@@ -30,8 +30,8 @@ from .sampler import sample
 from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
 
 
-def _meta(help_text: str) -> dict:
-    return {"help": help_text}
+def _meta(help_text: str, **extra) -> dict:
+    return {"help": help_text, **extra}
 
 
 @dataclass
@@ -72,7 +72,7 @@ class SampleConfig:
         "simulation), recipe:DIR (the quantized PyTorch engine: real FP8/INT8/INT4 GEMMs on CUDA, identical to "
         "sim:DIR on the CPU), onnx:FILE (ONNX Runtime), trt:DIR (a TensorRT / TensorRT-RTX engine directory, "
         "checked against this GPU and TensorRT); a bare path is an .onnx file, an engine directory (engine.plan) "
-        "or a recipe directory (recipe.json, the engine)"))
+        "or a recipe directory (recipe.json, the engine)", metavar="SPEC"))
     compile: bool = field(default=False, metadata=_meta(
         "torch.compile the DiT blocks (torch, sim and recipe backends; CUDA)"))
     cuda_graphs: bool = field(default=False, metadata=_meta(

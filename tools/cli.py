@@ -1,7 +1,8 @@
 """Build an argparse parser from a config dataclass, so a CLI and the Python API share one
 source of truth: each field becomes ``--field-name`` with its type, default and
 ``metadata["help"]``; ``Literal`` types become choices, ``bool`` fields ``--x/--no-x`` switches,
-``list[int]`` a comma-separated list, ``X | None`` an optional value.
+``list[int]`` a comma-separated list, ``X | None`` an optional value; ``metadata["metavar"]``
+names the value in the help.
 
 Exit codes shared by every dtq command: 0 success, 1 a check failed, 2 bad usage or input.
 """
@@ -66,6 +67,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs["type"] = tp
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {tp!r}")
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         if help_text and default is not None and tp is not bool:
             help_text += f" (default: {default})"
         elif help_text and optional and default is None:

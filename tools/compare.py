@@ -47,15 +47,15 @@ from .capture import CapturedStep, capture_inputs, default_step_indices, step_in
 from .cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, add_dataclass_arguments, dataclass_from_args, run_cli
 from .runners import TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
 
-def _meta(text: str) -> dict:
-    return {"help": text}
+def _meta(text: str, **extra) -> dict:
+    return {"help": text, **extra}
 
 
 @dataclass
 class CompareConfig:
     candidate: str | None = field(default=None, metadata=_meta(
-        "what to test, a denoiser spec: " + FORMS + "; torch without a dtype runs in --torch-dtype"))
-    reference: str = field(default="torch", metadata=_meta("the reference, same forms as --candidate"))
+        "what to test, a denoiser spec: " + FORMS + "; torch without a dtype runs in --torch-dtype", metavar="SPEC"))
+    reference: str = field(default="torch", metadata=_meta("the reference, same forms as --candidate", metavar="SPEC"))
     ckpt: Path | None = field(default=None, metadata=_meta(
         "DiT checkpoint (.safetensors/.pt); default: the built-in dit-tiny-fmnist"))
     out: Path = field(default=Path("compare-out"), metadata=_meta("output directory"))
