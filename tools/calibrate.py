@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,13 @@ from dtq.calibrate.config import CalibConfig, CalibDataConfig
 from dtq.calibrate.data import CalibrationSet, collect_calibration_set
 from dtq.calibrate.evaluate import noise_sqnr
 from dtq.runtime.checkpoint import load_checkpoint
-from dtq.runtime.recipe import apply_recipe
+from dtq.checks import check_output_path
+from dtq.runtime.recipe import RECIPE_JSON, apply_recipe
+from dtq.staging import staged_directory
 from dtq.runtime.zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
 from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
+
+CALI_FILE = "calibration_set.safetensors"
 
 EPILOG = """examples:
   dtq-calibrate --method ditas --out recipes/tiny-ditas-w8a8          # built-in model, W8A8
@@ -62,6 +67,7 @@ def resolve_device(device: str) -> str:
 
 def run(job: CalibrateJob, config: CalibConfig, data_cfg: CalibDataConfig) -> dict:
     """The CLI's work, callable from Python: returns the recipe's info dict."""
+    check_output_path(job.out, "dir", marker=RECIPE_JSON)  # before an hour of calibration, not after
     if job.ckpt is not None:
         model = load_checkpoint(job.ckpt)
     else:
@@ -77,9 +83,13 @@ def run(job: CalibrateJob, config: CalibConfig, data_cfg: CalibDataConfig) -> di
         held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
         sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
         recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
-    recipe.save(job.out)
-    if job.cali_data is None:
-        data.save(job.out / "calibration_set.safetensors")
+    # the recipe and its calibration set replace an old --out together, or not at all
+    with staged_directory(job.out, marker=RECIPE_JSON) as tmp:
+        recipe.write_files(tmp)
+        if job.cali_data is None:
+            data.save(tmp / CALI_FILE)
+        elif Path(job.cali_data).resolve() == (Path(job.out) / CALI_FILE).resolve():
+            shutil.copy2(job.cali_data, tmp / CALI_FILE)  # --cali-data out/...: keep it
     return recipe.info
 
 
