@@ -157,6 +157,12 @@ def _batch_profile(cfg: BuildConfig, facts: OnnxFacts) -> tuple[int, int, int]:
 
 def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
     """Every check that needs no TensorRT."""
+    if cfg.out.exists() and (not cfg.out.is_dir() or (any(cfg.out.iterdir()) and not (cfg.out / META).is_file())):
+        raise BuildUsageError(f"{cfg.out} exists and is not an engine directory; refusing to replace it")
+    try:
+        check_output_path(cfg.out, "dir", marker=META)  # a parent that is a file, no write permission
+    except ValueError as exc:
+        raise BuildUsageError(str(exc)) from exc
     facts = inspect_onnx(cfg.onnx)
     if not facts.inputs:
         raise BuildUsageError(f"{cfg.onnx}: the graph has no inputs")
@@ -170,12 +176,6 @@ def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
         raise BuildUsageError(f"opt_level must be 0..5, got {cfg.opt_level}")
     if cfg.workspace_gb is not None and not cfg.workspace_gb > 0:
         raise BuildUsageError(f"workspace_gb must be positive, got {cfg.workspace_gb}")
-    if cfg.out.exists() and (not cfg.out.is_dir() or (any(cfg.out.iterdir()) and not (cfg.out / META).is_file())):
-        raise BuildUsageError(f"{cfg.out} exists and is not an engine directory; refusing to replace it")
-    try:
-        check_output_path(cfg.out, "dir", marker=META)  # a parent that is a file, no write permission
-    except ValueError as exc:
-        raise BuildUsageError(str(exc)) from exc
     if cfg.timing_cache is not None and cfg.timing_cache.exists() and not cfg.timing_cache.is_file():
         raise BuildUsageError(f"timing cache {cfg.timing_cache} is not a file")
     for cc in cfg.compute_capability or []:

@@ -166,3 +166,26 @@ def test_fold_rescaled_outputs_are_aligned(tmp_path):
     compare.main(["--candidate", str(onnx_path), "--no-e2e", "--out", str(out), *FAST])
     by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}
     assert all(by[n]["output_aligned"] for n in qkv) and by[qkv[0]]["out_sqnr_db"] > 30
+
+
+def test_bad_out_and_non_finite_tolerances_exit_2_before_capture(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "capture", lambda *a, **k: pytest.fail("captured before the input was checked"))
+    (tmp_path / "f").write_text("x")
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--out", str(tmp_path / "f")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--out", str(tmp_path / "f" / "cmp")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    for flag in ("--min-sqnr", "--cfg-scale", "--max-abs"):
+        assert compare.main(["--candidate", "torch:bf16", *FAST, f"{flag}=nan", "--out", str(tmp_path / "x")]) == 2
+        assert f"{flag} must be a finite number" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_failure_after_capture_leaves_no_output_directory(tmp_path, monkeypatch):
+    """dtq-compare used to leave an empty --out behind when a comparison failed after the capture."""
+    def broken(*a, **k):
+        raise ValueError("comparison failed")
+
+    monkeypatch.setattr(compare, "step_comparison", broken)
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--no-e2e", "--out", str(tmp_path / "cmp")]) == 2
+    assert list(tmp_path.iterdir()) == []
