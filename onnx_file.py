@@ -31,9 +31,9 @@ def open_onnx(path: str | os.PathLike):
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # google.protobuf DecodeError, ...
-        raise OnnxFileError(f"{path} is not a readable ONNX model (truncated or damaged: {type(exc).__name__})") from exc
+        raise OnnxFileError(f"{path} is not a valid ONNX model (truncated or damaged: {type(exc).__name__})") from exc
     if not model.graph.node:
-        raise OnnxFileError(f"{path} is not a readable ONNX model (no graph)")
+        raise OnnxFileError(f"{path} is not a valid ONNX model (no graph)")
     sizes: dict[Path, int] = {}
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):

@@ -43,7 +43,7 @@ def onnx_files(tmp_path_factory):
     return files
 
 
-BAD = {"truncated-onnx": "is not a readable ONNX model", "truncated-data": "is truncated",
+BAD = {"truncated-onnx": "is not a valid ONNX model", "truncated-data": "is truncated",
        "missing-data": "is missing"}
 
 
