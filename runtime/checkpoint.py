@@ -194,8 +194,11 @@ def _is_dtq_checkpoint_dir(path: Path) -> bool:
 
 def _not_a_checkpoint_dir(path: Path) -> CheckpointError:
     inside = [p.name for p in sorted(Path(path).glob("*")) if p.suffix in CHECKPOINT_SUFFIXES]
-    hint = f" (it holds {', '.join(inside[:3])}: pass the file)" if inside else ""
-    return CheckpointError(f"{path} is a directory, not a checkpoint file or a diffusers model folder{hint}")
+    if inside:
+        return CheckpointError(f"{path} is a directory, not a checkpoint file (it holds {', '.join(inside[:3])}: "
+                               "pass the file)")
+    return CheckpointError(f"{path} is a directory, not a checkpoint file, and not a diffusers model folder "
+                           "(no model_index.json or config.json)")
 
 
 def _load_diffusers(path, expected: DiTConfig | None, dtype: torch.dtype) -> DiT:
