@@ -27,6 +27,8 @@ from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
 from .stats import Statistics, collect_stats
 
+CALI_FILE = "calibration_set.safetensors"  # beside the recipe, reusable as --cali-data
+
 
 def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig) -> Statistics:
     """Hook the quantizable layers named by ``config.layers`` and run the data through."""
@@ -66,14 +68,19 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
     (recipe.json + tensors.safetensors, and calibration_set.safetensors when it was sampled here,
     reusable as ``cali_data``). ``config.device`` "auto" takes CUDA when there is one. Returns the
     recipe; ``recipe.info["heldout_noise_sqnr_db"]`` holds the held-out SQNR when ``job.eval_n > 0``."""
+    import shutil
+
     import torch
 
+    from ..checks import check_output_path
     from ..runtime.checkpoint import load_checkpoint
-    from ..runtime.recipe import apply_recipe
+    from ..runtime.recipe import RECIPE_JSON, apply_recipe
+    from ..staging import staged_directory
     from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
     from .data import collect_calibration_set
     from .evaluate import noise_sqnr
 
+    check_output_path(job.out, "dir", marker=RECIPE_JSON)  # before an hour of calibration, not after
     if config.device == "auto":
         config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
     elif config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -90,8 +97,11 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
         held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
         sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
         recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
-    out = Path(job.out)
-    recipe.save(out)
-    if job.cali_data is None:
-        data.save(out / "calibration_set.safetensors")
+    # the recipe and its calibration set replace an old --out together, or not at all
+    with staged_directory(job.out, marker=RECIPE_JSON) as tmp:
+        recipe.write_files(tmp)
+        if job.cali_data is None:
+            data.save(tmp / CALI_FILE)
+        elif Path(job.cali_data).resolve() == (Path(job.out) / CALI_FILE).resolve():
+            shutil.copy2(job.cali_data, tmp / CALI_FILE)  # --cali-data out/...: keep it
     return recipe

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..checks import check_finite_fields
+
 MethodName = Literal["minmax", "percentile", "mse", "smoothquant", "ptq4dit", "ditas"]
 ScaleSearch = Literal["minmax", "percentile", "mse"]
 WeightGranularity = Literal["tensor", "channel", "group32", "group64", "group128"]
@@ -33,6 +35,7 @@ class CalibDataConfig:
     clip_denoised: bool = field(default=True, metadata=_h("clip predicted x0 to [-1, 1] (pixel-space models)"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not 1 <= self.cali_steps <= self.steps:
             raise ValueError(f"cali_steps must be in 1..steps ({self.steps}), got {self.cali_steps}")
         if self.cali_n < 1:
@@ -69,6 +72,7 @@ class CalibConfig:
     progress: bool = field(default=True, metadata=_h("progress bars"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # percentile, lp, alpha, alpha_grid_step
         if self.weight_bits == 4 and self.weight_format != "int":
             raise ValueError("4-bit weights are INT4 only")
         if self.weight_format == "fp8" and self.weight_bits != 8:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from .. import __version__ as DTQ_VERSION
-from .engine_dir import EngineDirError, EngineMeta, write_engine_dir
+from ..checks import check_finite_fields, check_output_path
+from .engine_dir import META, EngineDirError, EngineMeta, write_engine_dir
 from .trt import RTX_COMPUTE_CAPABILITIES, RTX_DEFAULT_TARGET, Backend, load_backend, query_gpu, sm_to_cc
 
 META_PREFIX = "dtq."
@@ -78,6 +79,7 @@ class BuildConfig:
     verbose: bool = field(default=False, metadata=_meta("TensorRT's INFO log"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         self.onnx, self.out = Path(self.onnx), Path(self.out)
         if self.timing_cache is not None:
             self.timing_cache = Path(self.timing_cache)
@@ -111,12 +113,15 @@ def inspect_onnx(path: Path) -> OnnxFacts:
     """Read and check the ONNX (external data included) without TensorRT."""
     import onnx
 
-    if not path.is_file():
-        raise BuildUsageError(f"{path}: no such ONNX file")
+    from ..onnx_file import OnnxFileError, open_onnx
+
+    try:
+        model = open_onnx(path)  # also a truncated or missing external data file
+    except OnnxFileError as exc:
+        raise BuildUsageError(str(exc)) from exc
     try:
         onnx.checker.check_model(str(path), full_check=False)
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError, ValidationError, ...
+    except Exception as exc:  # ValidationError, ...
         raise BuildUsageError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
     def shapes(values) -> dict[str, tuple[list, str]]:
@@ -152,6 +157,12 @@ def _batch_profile(cfg: BuildConfig, facts: OnnxFacts) -> tuple[int, int, int]:
 
 def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
     """Every check that needs no TensorRT."""
+    if cfg.out.exists() and (not cfg.out.is_dir() or (any(cfg.out.iterdir()) and not (cfg.out / META).is_file())):
+        raise BuildUsageError(f"{cfg.out} exists and is not an engine directory; refusing to replace it")
+    try:
+        check_output_path(cfg.out, "dir", marker=META)  # a parent that is a file, no write permission
+    except ValueError as exc:
+        raise BuildUsageError(str(exc)) from exc
     facts = inspect_onnx(cfg.onnx)
     if not facts.inputs:
         raise BuildUsageError(f"{cfg.onnx}: the graph has no inputs")
@@ -165,8 +176,6 @@ def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
         raise BuildUsageError(f"opt_level must be 0..5, got {cfg.opt_level}")
     if cfg.workspace_gb is not None and not cfg.workspace_gb > 0:
         raise BuildUsageError(f"workspace_gb must be positive, got {cfg.workspace_gb}")
-    if cfg.out.exists() and (not cfg.out.is_dir() or (any(cfg.out.iterdir()) and not (cfg.out / "engine.json").is_file())):
-        raise BuildUsageError(f"{cfg.out} exists and is not an engine directory; refusing to replace it")
     if cfg.timing_cache is not None and cfg.timing_cache.exists() and not cfg.timing_cache.is_file():
         raise BuildUsageError(f"timing cache {cfg.timing_cache} is not a file")
     for cc in cfg.compute_capability or []:

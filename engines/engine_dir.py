@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..staging import staged_directory
 
 PLAN, META = "engine.plan", "engine.json"
 SCHEMA, SCHEMA_VERSION = "dtq.engine", 1
@@ -108,28 +109,12 @@ def check_compatible(meta: EngineMeta, *, backend: str, trt_version: str, gpu_na
 
 
 def write_engine_dir(directory: str | os.PathLike, plan: bytes, meta: EngineMeta) -> Path:
-    """Write ``engine.plan`` + ``engine.json`` atomically: both go into a temporary sibling directory,
-    which replaces ``directory`` in one rename (an old engine directory is moved aside first and
-    removed after). A reader never sees a plan without its description or a half-written plan."""
+    """Write ``engine.plan`` + ``engine.json`` atomically (:func:`dtq.staging.staged_directory`): a
+    reader never sees a plan without its description or a half-written plan."""
     directory = Path(directory)
-    if directory.exists() and not (directory / META).is_file() and any(directory.iterdir()):
+    if directory.exists() and not (directory / META).is_file() and (not directory.is_dir() or any(directory.iterdir())):
         raise EngineDirError(f"{directory} exists and is not an engine directory; refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(directory, marker=META) as tmp:
         (tmp / PLAN).write_bytes(plan)
-        (tmp / META).write_text(json.dumps(meta.to_json(), indent=1) + "\n")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    except BaseException:
-        if old.exists() and not directory.exists():
-            os.replace(old, directory)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        (tmp / META).write_text(json.dumps(meta.to_json(), indent=1, allow_nan=False) + "\n")
     return directory

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
+from ..checks import check_output_path
 from ..runtime.checkpoint import load_checkpoint
 from ..runtime.recipe import Recipe, load_recipe, rescaled_output_layers
 from . import qdq, rules, surgery
@@ -129,6 +130,7 @@ def export_model(config: ExportConfig, model: nn.Module | None = None, recipe: R
     """Export per ``config``; ``model``/``recipe`` objects may be passed instead of being loaded."""
     t0 = time.perf_counter()
     cfg = config.resolved()
+    check_output_path(cfg.out, "file")  # before the model is loaded and exported
     if model is None:
         if cfg.ckpt is not None:
             model = load_checkpoint(cfg.ckpt, dtype=torch.float32)

@@ -77,13 +77,12 @@ class OnnxDenoiser:
     """ONNX Runtime session over a dtq ONNX export (inputs x float32, t/y int64)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ImportError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
+        from ..extras import require
+        from ..onnx_file import OnnxFileError, open_onnx
+
+        ort = require("onnxruntime")
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
+        open_onnx(path)  # a truncated model or external-data file: a clear OnnxFileError naming it
         self.device = torch.device(device)
         available = ort.get_available_providers()
         if self.device.type == "cuda":
@@ -101,7 +100,11 @@ class OnnxDenoiser:
             # ORT's extended optimizations move a Transpose between an FP8 QuantizeLinear and its
             # DequantizeLinear, and then reject the graph (Transpose has no float8 kernel)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf ...
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise OnnxFileError(f"{path}: ONNX Runtime cannot load it ({first[:300]})") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         if self.input_names != ["x", "t", "y"]:
             raise ValueError(f"{path}: expected inputs x, t, y (a dtq export), got {self.input_names}")

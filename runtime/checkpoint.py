@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +25,9 @@ from .model import DIT_CONFIGS, DiT, DiTConfig
 _HEADS_BY_HIDDEN = {cfg.hidden_size: cfg.num_heads for cfg in DIT_CONFIGS.values()}
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as (or does not match) the expected DiT."""
 
@@ -30,6 +35,8 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint file without building a model."""
     path = Path(path)
+    if path.is_dir():
+        raise _not_a_checkpoint_dir(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -38,18 +45,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise CheckpointError(f"{path} is not a DiT checkpoint (not a readable safetensors file: {exc})") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: tensors and plain containers only; dtq never unpickles arbitrary objects
+        with warnings.catch_warnings():  # its pickle-protocol warning is noise before our one-line error
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False: never repeat that
+        raise CheckpointError(f"{path} is not a DiT checkpoint (not a PyTorch file of tensors: its pickle is "
+                              "unreadable or holds Python objects other than tensors, which dtq does not load)") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+        what = ("a damaged or truncated PyTorch zip archive" if "zip archive" in str(exc)
+                else "not a PyTorch checkpoint file")
+        raise CheckpointError(f"{path} is not a DiT checkpoint ({what})") from exc
     if isinstance(obj, dict):
         for key in ("ema", "model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (or a dict with 'ema'/'model'), got {type(obj).__name__}")
+        raise CheckpointError(f"{path} is not a DiT checkpoint (expected a state_dict of tensors, or a dict holding "
+                              f"one under 'ema'/'model', got {type(obj).__name__})")
     # checkpoints saved from DataParallel / torch.compile wrappers carry a prefix
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
@@ -164,11 +180,32 @@ def load_checkpoint(
     return build_model(config, state_dict, dtype)
 
 
+def _is_dtq_checkpoint_dir(path: Path) -> bool:
+    """A folder holding a dtq/facebookresearch checkpoint file and dtq's config.json (no diffusers ``_class_name``)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return False
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and "_class_name" not in cfg
+
+
+def _not_a_checkpoint_dir(path: Path) -> CheckpointError:
+    inside = [p.name for p in sorted(Path(path).glob("*")) if p.suffix in CHECKPOINT_SUFFIXES]
+    if inside:
+        return CheckpointError(f"{path} is a directory, not a checkpoint file (it holds {', '.join(inside[:3])}: "
+                               "pass the file)")
+    return CheckpointError(f"{path} is a directory, not a checkpoint file, and not a diffusers model folder "
+                           "(no model_index.json or config.json)")
+
+
 def _load_diffusers(path, expected: DiTConfig | None, dtype: torch.dtype) -> DiT:
     from .diffusers_dit import DiffusersModelError, is_diffusers_folder, load_diffusers_dit
 
-    if not is_diffusers_folder(path):
-        raise CheckpointError(f"{path} is a directory but not a diffusers model folder (no model_index.json or config.json)")
+    if not is_diffusers_folder(path) or _is_dtq_checkpoint_dir(path):
+        raise _not_a_checkpoint_dir(path)
     try:
         model = load_diffusers_dit(path, dtype)
     except DiffusersModelError as exc:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..checks import check_finite_fields, check_output_path
+from ..staging import staged_directory
 from .checkpoint import load_checkpoint, read_config_json
 from .denoiser import Denoiser
 from .denoiser_spec import parse_denoiser_spec
@@ -81,6 +81,9 @@ class SampleConfig:
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)  # --cfg-scale nan sampled black images and wrote invalid JSON
+        if self.eta < 0:
+            raise ValueError(f"--eta must be >= 0, got {self.eta}")
         if self.steps < 1 or self.steps > 1000:
             raise ValueError(f"--steps must be in 1..1000, got {self.steps}")
         if self.batch_size < 1 or self.per_class < 1:
@@ -181,6 +184,7 @@ def generate(cfg: SampleConfig, denoiser: Denoiser | None = None, model: DiT | N
     Under ``torchrun`` the batches are shared among the ranks (``distributed.map_batches``), rank
     0 gathers and writes the same files a single process writes, and the other ranks return a
     result with ``images=None`` and no files."""
+    check_output_path(cfg.out, "dir")  # before the model is loaded, not after the sampling run
     device = resolve_device(cfg.device)
     with data_parallel(device) as ctx:
         return _generate(cfg, rank_device(device, ctx), ctx, denoiser, model)
@@ -232,13 +236,9 @@ def _folder_vae(ckpt: Path | None) -> Path | None:
 
 
 def write_outputs(cfg: SampleConfig, images: torch.Tensor, labels: torch.Tensor, ncols: int, decoded: bool) -> list[Path]:
-    """Write into a temporary sibling directory, then move into place: never a half-written output."""
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Write into a temporary sibling directory, then move into place: never a half-written output
+    (other files already in ``cfg.out`` are kept)."""
+    with staged_directory(cfg.out, mode="merge") as tmp:
         names = []
         if decoded:
             arr = to_uint8(images)
@@ -252,14 +252,6 @@ def write_outputs(cfg: SampleConfig, images: torch.Tensor, labels: torch.Tensor,
             np.savez(tmp / "latents.npz", images.numpy().astype(np.float32), labels.numpy())
             names = ["latents.npz"]
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-        (tmp / "sample_config.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "sample_config.json").write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
         names.append("sample_config.json")
-        out.mkdir(exist_ok=True)
-        for name in names:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [out / n for n in names]
+    return [Path(cfg.out) / n for n in names]

@@ -5,6 +5,7 @@ recipe.json::
 
     {"schema": "dtq.recipe", "schema_version": 1, "method": "ptq4dit", "options": {...},
      "model": {"fingerprint": "sha256:...", "config": {...DiTConfig...}},
+     "tensors_sha256": "...",  # of tensors.safetensors: load refuses a recipe.json beside foreign tensors
      "layers": {"blocks.0.attn.qkv": {"weight_format": "int8", "weight_granularity": "channel",
                 "weight_group_size": null, "act_format": "int8", "act_scale": 0.0123,
                 "weight_scale": "blocks.0.attn.qkv.weight_scale",
@@ -33,10 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..staging import staged_directory
 from . import quant
 from .qlinear import QuantLinear
 
 SCHEMA = "dtq.recipe"
+RECIPE_JSON, TENSORS_FILE = "recipe.json", "tensors.safetensors"
 SCHEMA_VERSION = 1
 FOLDS = ("adaLN", "v", "runtime")
 # where a balancing vector can fold without run-time cost, by the layer's role in a DiT block
@@ -70,7 +73,7 @@ class LayerRecipe:
             raise RecipeError(f"{name}: unknown weight granularity {self.weight_granularity!r}")
         if self.weight_granularity == "group" and not self.weight_group_size:
             raise RecipeError(f"{name}: granularity 'group' needs weight_group_size")
-        if self.act_format != "none" and (self.act_scale is None or not self.act_scale > 0):
+        if self.act_format != "none" and (self.act_scale is None or not 0 < self.act_scale < float("inf")):
             raise RecipeError(f"{name}: quantized activation needs a positive act_scale, got {self.act_scale}")
         if (self.balance is None) != (self.balance_fold is None):
             raise RecipeError(f"{name}: balance and balance_fold go together")
@@ -147,15 +150,22 @@ class Recipe:
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
+        """Write the recipe directory whole or not at all: into a temporary sibling that replaces
+        ``directory`` by rename (:func:`dtq.staging.staged_directory`), so an interrupted save
+        leaves an existing recipe as it was. recipe.json records the sha256 of its tensors file."""
+        with staged_directory(directory, marker=RECIPE_JSON) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+    def write_files(self, directory: Path) -> None:
+        """Write recipe.json and tensors.safetensors into an existing (staging) directory."""
         from safetensors.torch import save_file
 
         self.validate()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()},
-                  str(directory / "tensors.safetensors"))
-        (directory / "recipe.json").write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        return directory
+                  str(directory / TENSORS_FILE))
+        data = {**self.to_json(), "tensors_sha256": file_sha256(directory / TENSORS_FILE)}
+        (directory / RECIPE_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "Recipe":
@@ -172,7 +182,7 @@ def rescaled_output_layers(recipe: Recipe) -> list[str]:
 def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) -> Recipe:
     """Read a recipe directory; with ``model``, refuse a recipe made for another checkpoint."""
     directory = Path(directory)
-    jpath, tpath = directory / "recipe.json", directory / "tensors.safetensors"
+    jpath, tpath = directory / RECIPE_JSON, directory / TENSORS_FILE
     if not jpath.is_file():
         raise RecipeError(f"{directory}: not a recipe directory (no recipe.json)")
     try:
@@ -184,11 +194,7 @@ def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) ->
     if data.get("schema_version") != SCHEMA_VERSION:
         raise RecipeError(f"{jpath}: recipe schema version {data.get('schema_version')} is not supported "
                           f"(this dtq reads version {SCHEMA_VERSION}); re-run dtq-calibrate")
-    tensors = {}
-    if tpath.is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(tpath))
+    tensors = _load_tensors(jpath, tpath, data.get("tensors_sha256"))
     known = {f.name for f in dataclasses.fields(LayerRecipe)}
     layers = {}
     for name, spec in data.get("layers", {}).items():
@@ -203,6 +209,32 @@ def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) ->
         check_recipe_matches(recipe, model, source=str(directory))
     recipe.validate(model)
     return recipe
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_tensors(jpath: Path, tpath: Path, recorded: str | None) -> dict[str, torch.Tensor]:
+    """tensors.safetensors, refused unless it is the file recipe.json was written with."""
+    if not recorded:
+        raise RecipeError(f"{jpath}: no tensors_sha256 (written by an older dtq, or edited); re-run dtq-calibrate")
+    if not tpath.is_file():
+        raise RecipeError(f"{tpath.parent}: recipe.json without its {TENSORS_FILE}; re-run dtq-calibrate")
+    actual = file_sha256(tpath)
+    if actual != recorded:
+        raise RecipeError(f"{tpath} does not belong to {jpath.name} (sha256 {actual[:12]}..., recipe.json records "
+                          f"{str(recorded)[:12]}...): a mixed or damaged recipe; re-run dtq-calibrate")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(tpath))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise RecipeError(f"{tpath}: not a readable safetensors file ({exc})") from exc
 
 
 # -- the model a recipe belongs to ----------------------------------------------------------------

@@ -89,3 +89,49 @@ def test_fp16_checkpoint_loads_in_fp32(tmp_path, small_model):
     ref = DiT(small_model.config)
     ref.load_state_dict({k: v.half().float() for k, v in small_model.state_dict().items()})
     assert torch.equal(_outputs(loaded), _outputs(ref.eval()))
+
+
+class _Payload:
+    """A pickle that would run code when unpickled unsafely: creates the file it names."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_directory_is_not_a_checkpoint(tmp_path, small_model):
+    """A directory that is no diffusers folder is named as such (main's loader reads diffusers folders),
+    and a folder holding a dtq checkpoint names the file to pass."""
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file, and not a diffusers model folder \(no model_index.json"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(small_model, tmp_path / "model.safetensors")  # with dtq's config.json beside it
+    for read in (load_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file \(it holds model.safetensors: pass the file\)$"):
+            read(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["random", "text", "truncated", "pickle-of-objects", "zip-of-objects"])
+def test_garbage_is_not_a_dit_checkpoint_and_never_unpickled(tmp_path, small_model, kind):
+    import os
+    import pickle
+
+    path, marker = tmp_path / "bad.pt", tmp_path / "code-ran"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "text":
+        path.write_text("hello world\n")
+    elif kind == "truncated":
+        torch.save(small_model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "pickle-of-objects":
+        path.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    else:
+        torch.save({"model": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path} is not a DiT checkpoint (") and "\n" not in msg, msg
+    assert "weights_only" not in msg and "arbitrary code" not in msg
+    assert not marker.exists()  # nothing was unpickled unsafely

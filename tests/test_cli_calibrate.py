@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from dtq.calibrate.config import CalibConfig, CalibDataConfig
@@ -46,3 +47,39 @@ def test_cli_bad_usage_exits_2(tmp_path, capsys):
     assert "INT4" in capsys.readouterr().err
     assert main(["--ckpt", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x"), *SMALL]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_calibrate_keeps_the_old_recipe(tmp_path, monkeypatch, capsys):
+    """SIGINT during dtq-calibrate --out <existing recipe> (here: while the calibration set is being
+    written, after the new tensors): exit 130, the old recipe whole and loadable, nothing else left."""
+    from dtq.calibrate.data import CalibrationSet
+
+    out = tmp_path / "r"
+    assert main(["--method", "minmax", "--out", str(out), *SMALL]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CalibrationSet, "save", interrupted)
+    assert main(["--method", "ptq4dit", "--out", str(out), *SMALL]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert load_recipe(out, load_builtin("dit-tiny-fmnist")).method == "minmax"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_cli_refuses_an_unwritable_out_before_calibrating(tmp_path, monkeypatch, capsys):
+    import dtq.runtime.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file"), *SMALL]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "file" / "r"), *SMALL]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert main(["--out", str(tmp_path / "notes"), *SMALL]) == 2
+    assert "no recipe.json" in capsys.readouterr().err
+    assert main(["--alpha", "nan", "--out", str(tmp_path / "x"), *SMALL]) == 2
+    assert "--alpha must be a finite number" in capsys.readouterr().err

@@ -38,6 +38,12 @@ def test_cli_parses_into_the_api_config():
     (["--steps", "0"], "--steps must be in 1..1000"),
     (["--image-size", "64"], "does not match the model, which makes 32px"),
     (["--classes", "1", "--num-images", "3"], "either --classes or --num-images"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+    (["--cfg-scale=-inf"], "--cfg-scale must be a finite number, got -inf"),
+    (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number"),
+    (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+    (["--ckpt", "."], ". is a directory, not a checkpoint file"),
 ])
 def test_cli_bad_input_exits_2_with_message(tmp_path, capsys, args, message):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
@@ -59,3 +65,51 @@ def test_help_explains(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--cfg-scale" in text and "samples.npz" in text and "exit codes" in text
+
+
+def test_api_refuses_non_finite_floats_alike():
+    from dtq.runtime.pipeline import SampleConfig
+
+    with pytest.raises(ValueError, match="--cfg-scale must be a finite number"):
+        SampleConfig(cfg_scale=float("nan"))
+
+
+@pytest.mark.parametrize("bad", ["file", "under-file"])
+def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, bad):
+    """--out an existing regular file (or a path below one): exit 2 at once, not a traceback after sampling."""
+    import dtq.runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_model", lambda cfg: pytest.fail("model loaded before --out was checked"))
+    (tmp_path / "f").write_text("keep me")
+    out = tmp_path / "f" if bad == "file" else tmp_path / "f" / "run"
+    assert main(["--steps", "2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "f").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_sample_config_json_is_strict_json(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--steps", "2", "--classes", "1", "--per-class", "2", "--out", str(out), "--no-progress"]) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in sample_config.json")
+
+    json.loads((out / "sample_config.json").read_text(), parse_constant=no_constants)
+
+
+def test_recipe_with_foreign_tensors_is_refused(tmp_path, capsys):
+    """A recipe.json beside another recipe's tensors (an interrupted overwrite before recipes were
+    staged) is refused, not sampled with."""
+    from dtq.runtime.zoo import load_builtin
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    model = load_builtin("dit-tiny-fmnist")
+    a, b = (minmax_recipe(model, "int8", balance=True, seed=s) for s in (0, 1))
+    a.save(tmp_path / "a"), b.save(tmp_path / "b")
+    (tmp_path / "a" / "tensors.safetensors").write_bytes((tmp_path / "b" / "tensors.safetensors").read_bytes())
+    assert main(["--recipe", str(tmp_path / "a"), "--device", "cpu", "--steps", "2", "--classes", "1",
+                 "--per-class", "1", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "does not belong to recipe.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -184,3 +184,26 @@ def test_sim_and_recipe_endpoints_are_distinct_kinds_and_agree_on_cpu(tmp_path):
     assert all(r["sqnr_db"] == "inf" and r["max_abs"] == 0 for r in rep["step"]["rows"]), rep["step"]["rows"]
     layers = rep["layerwise"]["layers"]
     assert len(layers) == 4 * model.config.depth and all(d["out_sqnr_db"] == "inf" for d in layers)
+
+
+def test_bad_out_and_non_finite_tolerances_exit_2_before_capture(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "capture", lambda *a, **k: pytest.fail("captured before the input was checked"))
+    (tmp_path / "f").write_text("x")
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--out", str(tmp_path / "f")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--out", str(tmp_path / "f" / "cmp")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    for flag in ("--min-sqnr", "--cfg-scale", "--max-abs"):
+        assert compare.main(["--candidate", "torch:bf16", *FAST, f"{flag}=nan", "--out", str(tmp_path / "x")]) == 2
+        assert f"{flag} must be a finite number" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_failure_after_capture_leaves_no_output_directory(tmp_path, monkeypatch):
+    """dtq-compare used to leave an empty --out behind when a comparison failed after the capture."""
+    def broken(*a, **k):
+        raise ValueError("comparison failed")
+
+    monkeypatch.setattr(compare, "step_comparison", broken)
+    assert compare.main(["--candidate", "torch:bf16", *FAST, "--no-e2e", "--out", str(tmp_path / "cmp")]) == 2
+    assert list(tmp_path.iterdir()) == []

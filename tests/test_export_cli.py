@@ -74,3 +74,32 @@ def test_rule_failure_exits_1_and_writes_nothing(tmp_path, int8_recipe_dir, caps
     assert "opset" in capsys.readouterr().err
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("bad", ["directory", "under-a-file"])
+def test_unwritable_out_exits_2_before_loading(tmp_path, capsys, monkeypatch, bad):
+    import dtq.export.api as api
+
+    monkeypatch.setattr(api, "load_checkpoint", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
+    monkeypatch.setattr("dtq.runtime.zoo.load_builtin", lambda *a, **k: pytest.fail("model loaded first"))
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d.onnx").mkdir()
+    out = tmp_path / "d.onnx" if bad == "directory" else tmp_path / "f" / "m.onnx"
+    assert main(["--model", "dit-tiny-fmnist", "--precision", "fp32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "f"] and not any((tmp_path / "d.onnx").iterdir())
+
+
+def test_recipe_with_foreign_tensors_exits_2(tmp_path, int8_recipe_dir, capsys):
+    """recipe.json beside another recipe's tensors (an interrupted overwrite) is refused, not exported."""
+    rdir, _ = int8_recipe_dir
+    mixed = tmp_path / "mixed"
+    other = make_recipe(load_builtin("dit-tiny-fmnist"), "int8", seed=1).save(tmp_path / "other")
+    (mixed).mkdir()
+    (mixed / "recipe.json").write_bytes((rdir / "recipe.json").read_bytes())
+    (mixed / "tensors.safetensors").write_bytes((other / "tensors.safetensors").read_bytes())
+    out = tmp_path / "m.onnx"
+    assert main(["--model", "dit-tiny-fmnist", "--recipe", str(mixed), "--precision", "int8", "--out", str(out)]) == 2
+    assert "does not belong to recipe.json" in capsys.readouterr().err
+    assert not out.exists()

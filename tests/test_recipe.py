@@ -180,3 +180,76 @@ def test_recipe_of_tiny_model_refused_for_reference_model(tmp_path, reference_ck
     load_recipe(tmp_path / "r", tiny)  # its own model is accepted
     with pytest.raises(RecipeError, match="config differs.*hidden_size"):
         load_recipe(tmp_path / "r", load_checkpoint(reference_ckpt))
+
+
+def _no_staging_leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
+def test_interrupted_save_leaves_the_old_recipe_whole(tmp_path, small_dit, monkeypatch, interrupt):
+    """SIGINT (or a full disk) while the new tensors are written: the old recipe is untouched and
+    loads, and no temporary directory is left behind."""
+    import safetensors.torch
+
+    old = _random_balance_recipe(small_dit, seed=0)
+    old.save(tmp_path / "r")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    real_save = safetensors.torch.save_file
+
+    def save_then_fail(tensors, path, *a, **kw):
+        real_save(tensors, path, *a, **kw)  # the new tensors are on disk (in the staging directory)...
+        raise interrupt("interrupted")  # ... and recipe.json is not yet written
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    with pytest.raises(interrupt):
+        _random_balance_recipe(small_dit, seed=1).save(tmp_path / "r")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    back = load_recipe(tmp_path / "r", small_dit)
+    assert all(torch.equal(back.tensors[k], old.tensors[k]) for k in old.tensors)
+    assert _no_staging_leftovers(tmp_path) == []
+    # a complete save replaces it
+    new = _random_balance_recipe(small_dit, seed=1)
+    new.save(tmp_path / "r")
+    back = load_recipe(tmp_path / "r", small_dit)
+    assert all(torch.equal(back.tensors[k], new.tensors[k]) for k in new.tensors)
+    assert _no_staging_leftovers(tmp_path) == []
+
+
+def test_recipe_json_with_foreign_tensors_is_refused(tmp_path, small_dit):
+    """recipe.json records the sha256 of its tensors file: a mixed directory does not load."""
+    a = _random_balance_recipe(small_dit, seed=0).save(tmp_path / "a")
+    b = _random_balance_recipe(small_dit, seed=1).save(tmp_path / "b")
+    assert json.loads((a / "recipe.json").read_text())["tensors_sha256"] != \
+        json.loads((b / "recipe.json").read_text())["tensors_sha256"]
+    (a / "tensors.safetensors").write_bytes((b / "tensors.safetensors").read_bytes())
+    with pytest.raises(RecipeError, match="does not belong to recipe.json"):
+        load_recipe(a, small_dit)
+    (b / "tensors.safetensors").unlink()
+    with pytest.raises(RecipeError, match="without its tensors.safetensors"):
+        load_recipe(b)
+    data = json.loads((a / "recipe.json").read_text())
+    del data["tensors_sha256"]
+    (a / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(RecipeError, match="no tensors_sha256"):
+        load_recipe(a)
+
+
+def test_save_refuses_to_replace_what_is_not_a_recipe(tmp_path, small_dit):
+    keep = tmp_path / "photos"
+    keep.mkdir()
+    (keep / "holiday.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no recipe.json"):
+        _random_balance_recipe(small_dit).save(keep)
+    assert [p.name for p in keep.iterdir()] == ["holiday.png"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        _random_balance_recipe(small_dit).save(tmp_path / "file")
+
+
+def test_non_finite_act_scale_is_refused(small_dit):
+    recipe = _random_balance_recipe(small_dit, act_format="int8")
+    next(iter(recipe.layers.values())).act_scale = float("inf")
+    with pytest.raises(RecipeError, match="act_scale"):
+        recipe.validate()

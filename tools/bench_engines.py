@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -42,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dtq.checks import check_output_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -530,6 +533,13 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="dry run on the CPU: tiny model, reference layers, no GEMM stage (checks the script itself)")
     args = ap.parse_args(argv)
+    try:  # before minutes of benchmarking, not after
+        check_output_path(args.out, "file")
+        if not math.isfinite(args.budget_s):
+            raise ValueError(f"--budget-s must be a finite number, got {args.budget_s}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     global DEV
     if args.smoke:
         DEV = torch.device("cpu")

@@ -83,11 +83,24 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **extra: Any) ->
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Turn dtq's user-facing errors into exit code 2 with a one-line message, not a traceback."""
+    """Turn dtq's user-facing errors into exit code 2 with a one-line message, not a traceback:
+    bad input (ValueError and its subclasses: config, checkpoint, recipe, ONNX file, output path)
+    and a missing optional dependency (the message names the extra to install)."""
     import sys
+
+    from ..extras import MissingExtra, missing_extra_message
 
     try:
         return main()
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:  # an optional dependency imported where it is used
+        msg = missing_extra_message(exc.name or "")
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, FileNotFoundError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)

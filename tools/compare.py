@@ -32,6 +32,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..checks import check_finite_fields, check_output_path
+from ..extras import require
+from ..onnx_file import open_onnx
 from ..runtime.checkpoint import load_checkpoint
 from ..runtime.denoiser import TorchDenoiser
 from ..runtime.denoiser_spec import FORMS, DenoiserSpec, parse_denoiser_spec
@@ -42,10 +45,10 @@ from ..runtime.open import DTYPES, check_model_config, onnx_model_config, open_d
 from ..runtime.recipe import Recipe
 from ..runtime.sampler import sample
 from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
+from ..staging import staged_directory
 from . import metrics
 from .capture import CapturedStep, capture_inputs, default_step_indices, step_indices_for_timesteps
 from .cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, add_dataclass_arguments, dataclass_from_args, run_cli
-from .runners import TorchRunner, onnx_quantized_layers, onnx_runner, probe_key, trt_runner
 
 def _meta(text: str, **extra) -> dict:
     return {"help": text, **extra}
@@ -86,6 +89,7 @@ class CompareConfig:
     min_psnr: float | None = field(default=None, metadata=_meta("fail when the mean end-to-end PSNR (dB) is below"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not self.candidate:
             raise ValueError(f"--candidate is required: {FORMS}")
         if self.steps < 1 or self.steps > 1000:
@@ -140,9 +144,9 @@ class Endpoint:
         if self.recipe is not None:  # the recipe's layers, in model order (as apply_recipe replaces them)
             return [n for n, _ in self.model.named_modules() if n in self.recipe.layers]
         if self.kind == "onnx":
-            import onnx
+            from .runners import onnx_quantized_layers
 
-            return onnx_quantized_layers(onnx.load(str(self.path), load_external_data=False))
+            return onnx_quantized_layers(open_onnx(self.path))
         return []
 
     def torch_dtype(self, cfg: CompareConfig) -> torch.dtype:
@@ -156,6 +160,8 @@ class Endpoint:
         return copy.deepcopy(self.model) if self.kind == "torch" else self.model  # sim/recipe copy it themselves
 
     def runner(self, cfg: CompareConfig, name: str, probe_layers: list[str] | None = None):
+        from .runners import TorchRunner, onnx_runner, trt_runner  # polygraphy: the onnx extra
+
         if self.parsed.is_module:
             # the engine's fused MLP (CUDA) skips fc1's forward: keep the layers separate to hook them
             module = open_module(self.parsed, self._base(), device=cfg.device, dtype=self.torch_dtype(cfg),
@@ -183,6 +189,7 @@ def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
     elif parsed.kind == "onnx":
         if not parsed.path.is_file():
             raise FileNotFoundError(f"{parsed.path}: no such ONNX file")
+        open_onnx(parsed.path)  # a truncated model or external data is refused before the capture run
         check_model_config(str(parsed.path), onnx_model_config(parsed.path), model)
     elif parsed.kind == "trt":  # engine.json vs this TensorRT and GPU, before any sampling
         from ..runtime.backends import open_engine_dir
@@ -270,6 +277,8 @@ def _aligned_sqnr(ref: np.ndarray, cand: np.ndarray) -> float:
 
 def layerwise_comparison(cfg: CompareConfig, ref: Endpoint, cand: Endpoint, steps: list[CapturedStep],
                          all_layers: list[str]) -> dict:
+    from .runners import probe_key
+
     layers = cand.quantized_layers() or ref.quantized_layers() or all_layers
     runners = [ref.runner(cfg, "reference", probe_layers=layers), cand.runner(cfg, "candidate", probe_layers=layers)]
     results = _run(runners, [s.feed() for s in steps])
@@ -351,11 +360,20 @@ def e2e_comparison(cfg: CompareConfig, model: DiT, ref: Endpoint, cand: Endpoint
 def run_compare(cfg: CompareConfig) -> dict:
     """Run every enabled comparison, write the report files into ``cfg.out``, return the report."""
     t0 = time.time()
+    check_output_path(cfg.out, "dir")  # before the model loads and the capture runs
+    require("polygraphy")  # the onnx extra: say so before any work, not after the capture
+
     model = load_model(cfg)
     ref, cand = resolve_endpoint(cfg.reference, model), resolve_endpoint(cfg.candidate, model)
     steps = capture(cfg, model)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the report files appear together when every comparison has run, or not at all
+    with staged_directory(cfg.out, mode="merge") as out:
+        report = _compare_into(cfg, model, ref, cand, steps, out, t0)
+    return report
+
+
+def _compare_into(cfg: CompareConfig, model: DiT, ref: Endpoint, cand: Endpoint, steps: list[CapturedStep],
+                  out: Path, t0: float) -> dict:
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "reference": {"spec": ref.spec, "kind": ref.kind}, "candidate": {"spec": cand.spec, "kind": cand.kind},
               "captured": [{"step_index": s.index, "timestep": s.timestep, "batch": int(s.x.shape[0])} for s in steps]}
@@ -382,7 +400,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         np.savez(out / "e2e_samples.npz", reference=ref_img, candidate=cand_img, labels=np.asarray(rep["labels"]))
     report["passed"] = bool(passed)
     report["seconds"] = round(time.time() - t0, 2)
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     return report
 

