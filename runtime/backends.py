@@ -32,10 +32,13 @@ class GraphedDenoiser:
     ``cuda_graphs=False``, it simply calls the model."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 cuda_graphs: bool = True, warmup: int = 2):
+                 cuda_graphs: bool = True, warmup: int = 2, autocast: torch.dtype | None = None):
         self.model = model.eval()
         self.device = torch.device(device)
         self.dtype = dtype
+        # autocast: the model keeps fp32 weights and residual stream, matmuls run in this dtype
+        # (the reference protocol's numerics); the context wraps warm-up, capture and eager calls
+        self.autocast = autocast
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.warmup = warmup
         self._graphs: dict[int, tuple] = {}
@@ -46,19 +49,23 @@ class GraphedDenoiser:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):  # compile, autotune and allocator warm-up happen here
-                self.model(sx, st, sy)
+                self._forward(sx, st, sy)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.model(sx, st, sy)
+            out = self._forward(sx, st, sy)
         return graph, sx, st, sy, out
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self.model(x, t, y)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xi = x.to(self.device, self.dtype)
         ti, yi = t.to(self.device), y.to(self.device)
         if not self.cuda_graphs:
-            return _as_float_out(self.model(xi, ti, yi), x)
+            return _as_float_out(self._forward(xi, ti, yi), x)
         key = xi.shape[0]
         if key not in self._graphs:
             self._graphs[key] = self._capture(xi, ti, yi)

@@ -98,7 +98,8 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
     overrides it). ``compile``: regional torch.compile of the DiT blocks (torch, sim, recipe).
     ``cuda_graphs``: one CUDA graph per batch size (torch, sim, recipe, trt; CUDA only).
-    ``autocast``: fp32 weights, matmuls under autocast in ``dtype`` (torch, sim).
+    ``autocast``: fp32 weights and residual stream, matmuls under autocast in ``dtype`` (torch, sim,
+    recipe: the engine's layers then take fp32 inputs and return fp32, their GEMMs unchanged).
     ``threads``: ONNX Runtime's intra-op threads."""
     spec = parse_denoiser_spec(spec)
     device = torch.device(device)
@@ -117,11 +118,9 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
         check_model_config(str(spec.path), den.meta.onnx.get("metadata", {}).get("model_config"), model)
         return den
     work_dtype = resolve_dtype(spec, dtype)
-    if autocast and work_dtype != torch.float32:
-        # TorchDenoiser keeps the weights in fp32 and casts under autocast
-        return TorchDenoiser(open_module(spec, model, device=device, dtype=torch.float32), device, work_dtype,
-                             autocast=True)
-    module = open_module(spec, model, device=device, dtype=work_dtype)
+    # autocast: fp32 weights and residual stream, matmuls (and the engine's GEMM outputs) in work_dtype
+    amp = work_dtype if autocast and work_dtype != torch.float32 else None
+    module = open_module(spec, model, device=device, dtype=torch.float32 if amp else work_dtype)
     if compile:
         from .qengine import compile_blocks
 
@@ -129,16 +128,15 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     if compile or cuda_graphs or spec.kind == "recipe":
         from .backends import GraphedDenoiser
 
-        return GraphedDenoiser(module, device, work_dtype, cuda_graphs=cuda_graphs)
-    return TorchDenoiser(module, device, work_dtype)
+        return GraphedDenoiser(module, device, torch.float32 if amp else work_dtype, cuda_graphs=cuda_graphs,
+                               autocast=amp)
+    return TorchDenoiser(module, device, work_dtype, autocast=amp is not None)
 
 
 def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool) -> None:
     """Options a backend cannot honour are refused rather than silently ignored."""
     bad = [name for name, on, kinds in (("compile", compile, ("torch", "sim", "recipe")),
                                         ("cuda_graphs", cuda_graphs, ("torch", "sim", "recipe", "trt")),
-                                        ("autocast", autocast, ("torch", "sim"))) if on and spec.kind not in kinds]
+                                        ("autocast", autocast, ("torch", "sim", "recipe"))) if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")
-    if autocast and (compile or cuda_graphs):
-        raise ValueError("autocast runs the module eagerly: it does not combine with compile or cuda_graphs")

@@ -117,6 +117,22 @@ def test_torch_sim_and_recipe(tiny, recipe_dir):
     assert len(engine_layers(open_module(f"sim:{recipe_dir}", tiny))) == 0
 
 
+def test_autocast_keeps_fp32_weights_for_torch_sim_and_the_engine(tiny, recipe_dir):
+    """--autocast (the reference protocol: fp32 weights and residual stream, bf16 matmuls) for every
+    PyTorch backend, also with CUDA graphs asked for: the engine under autocast computes what the
+    simulation under autocast computes, and autocast really changes the numbers."""
+    inputs = random_inputs(tiny, 4, seed=3)
+    bf = dict(dtype="bf16", autocast=True)
+    sim_amp = _out(open_denoiser(f"sim:{recipe_dir}", tiny, **bf), inputs)
+    eng_amp = _out(open_denoiser(f"recipe:{recipe_dir}", tiny, cuda_graphs=True, **bf), inputs)
+    sim_fp32 = _out(open_denoiser(f"sim:{recipe_dir}", tiny), inputs)
+    assert torch.equal(sim_amp, eng_amp)
+    assert 20 < quant.sqnr_db(sim_fp32, sim_amp) < 80  # bf16 matmuls: close to fp32, not equal
+    assert next(tiny.parameters()).dtype == torch.float32
+    fp_amp = _out(open_denoiser("torch", tiny, cuda_graphs=True, **bf), inputs)
+    assert torch.equal(fp_amp, _out(TorchDenoiser(tiny, dtype=torch.bfloat16, autocast=True), inputs))
+
+
 def test_onnx_is_close_to_the_simulation(tiny, recipe_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from dtq.export.api import ExportConfig, export_model
