@@ -47,14 +47,11 @@ def check_model_config(source: str, recorded: str | dict | None, model: nn.Modul
 
 
 def onnx_model_config(path: str | os.PathLike) -> str | None:
-    """The ``dtq.model_config`` metadata dtq-export writes (None for other ONNX files)."""
-    import onnx
+    """The ``dtq.model_config`` metadata dtq-export writes (None for other ONNX files), after
+    ``onnx_file.open_onnx`` has refused a truncated model or external-data file."""
+    from ..onnx_file import open_onnx
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
-        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}.get(META_MODEL_CONFIG)
+    return {p.key: p.value for p in open_onnx(path).metadata_props}.get(META_MODEL_CONFIG)
 
 
 def open_recipe(spec: str | DenoiserSpec, model: nn.Module):

@@ -74,7 +74,7 @@ def test_dtq_sample_refuses(onnx_files, tmp_path, capsys, kind):
     from dtq.tools.sample import main
 
     out = tmp_path / "s"
-    assert main(["--onnx", str(onnx_files[kind]), "--device", "cpu", "--steps", "2", "--classes", "1",
+    assert main(["--backend", f"onnx:{onnx_files[kind]}", "--device", "cpu", "--steps", "2", "--classes", "1",
                  "--per-class", "1", "--out", str(out), "--no-progress"]) == 2
     assert BAD[kind] in _one_line_error(capsys.readouterr().err)
     assert not out.exists()

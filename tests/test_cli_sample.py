@@ -109,7 +109,7 @@ def test_recipe_with_foreign_tensors_is_refused(tmp_path, capsys):
     a, b = (minmax_recipe(model, "int8", balance=True, seed=s) for s in (0, 1))
     a.save(tmp_path / "a"), b.save(tmp_path / "b")
     (tmp_path / "a" / "tensors.safetensors").write_bytes((tmp_path / "b" / "tensors.safetensors").read_bytes())
-    assert main(["--recipe", str(tmp_path / "a"), "--device", "cpu", "--steps", "2", "--classes", "1",
+    assert main(["--backend", f"recipe:{tmp_path / 'a'}", "--device", "cpu", "--steps", "2", "--classes", "1",
                  "--per-class", "1", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "does not belong to recipe.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

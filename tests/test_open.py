@@ -169,7 +169,7 @@ def test_recipe_of_another_checkpoint_is_refused(tiny, recipe_dir):
 def test_truncated_onnx_is_bad_input(tiny, tmp_path):
     bad = tmp_path / "cut.onnx"
     bad.write_bytes(b"\x08\x07\x12\x03abc\x1a")
-    with pytest.raises(ValueError, match="not a readable ONNX file"):
+    with pytest.raises(ValueError, match="is not a valid ONNX model"):
         open_denoiser(str(bad), tiny)
 
 

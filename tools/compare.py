@@ -189,7 +189,7 @@ def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
     elif parsed.kind == "onnx":
         if not parsed.path.is_file():
             raise FileNotFoundError(f"{parsed.path}: no such ONNX file")
-        open_onnx(parsed.path)  # a truncated model or external data is refused before the capture run
+        # onnx_model_config refuses a truncated model or external data before the capture run
         check_model_config(str(parsed.path), onnx_model_config(parsed.path), model)
     elif parsed.kind == "trt":  # engine.json vs this TensorRT and GPU, before any sampling
         from ..runtime.backends import open_engine_dir
