@@ -65,7 +65,8 @@ def refine_weights(model: nn.Module, recipe: Recipe, forward_loop: ForwardLoop |
             return quant.fake_quant_weight(w, s, fmt, gran, group), s
 
         w = folded.get_submodule(name).weight.detach().float()
-        scale = recipe.weight_scale(name).to(w.device)
+        scale = recipe.weight_scale(name)  # none stored: min-max, as QuantLinear.set_quant takes it
+        scale = quant.weight_scale(w, fmt, gran, group) if scale is None else scale.to(w.device)
         if config.lowrank_rank > 0:
             lr = lowrank_decompose(w, quantizer, min(config.lowrank_rank, *w.shape), config.lowrank_iters)
             w, scale = lr.residual, lr.scale

@@ -257,3 +257,26 @@ def test_cli_exposes_the_options():
     assert (cfg.gptq, cfg.gptq_act_order, cfg.gptq_damp, cfg.lowrank_rank, cfg.lowrank_iters) == (True, True, 0.02, 32, 5)
     with pytest.raises(ValueError):
         CalibConfig(lowrank_rank=-1)
+
+
+# -- TensorRT-RTX ------------------------------------------------------------------------------------
+def test_rtx_builds_w4a16_with_lowrank_branch(tmp_path):
+    """What TensorRT can build (W4A16: INT4 weight-only) builds with the FP16 side branch too."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not importable (pip install tensorrt-rtx==1.7.1.116)")
+    from dtq.calibrate.weights import refine_weights
+    from dtq.engines.build import BuildConfig, build_engine
+    from dtq.engines.engine_dir import read_meta
+    from dtq.export.api import ExportConfig, export_model
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    model = load_builtin("dit-tiny-fmnist")
+    recipe = minmax_recipe(model, "w4a16", group=32, balance=True)
+    refine_weights(model, recipe, None, CalibConfig(weight_bits=4, act_bits=16, weight_granularity="group32",
+                                                    lowrank_rank=8, lowrank_iters=3, progress=False))
+    assert all(layer.lowrank_up for layer in recipe.layers.values())
+    cfg = ExportConfig(out=str(tmp_path / "lr.onnx"), model="dit-tiny-fmnist", precision="w4a16", max_batch=4)
+    path = export_model(cfg, model=model, recipe=recipe).path
+    out = tmp_path / "engine"
+    build_engine(BuildConfig(onnx=path, out=out, backend="tensorrt-rtx", max_batch=4, opt_batch=2, opt_level=0),
+                 log=lambda s: None)
+    assert read_meta(out).precision == "w4a16" and (out / "engine.plan").stat().st_size > 100_000
