@@ -65,6 +65,15 @@ class CalibConfig:
     keep: list[str] = field(default_factory=list, metadata=_h(
         "layers left unquantized (FP16 in the engine): names or fnmatch patterns, comma-separated, e.g. "
         "dtq-compare's 'keep in higher precision' list: blocks.11.attn.proj,blocks.10.attn.proj"))
+    # weight-side refinements, after any method, on the balanced weight W diag(b) (calibrate/weights.py)
+    gptq: bool = field(default=False, metadata=_h(
+        "GPTQ weight rounding (Hessian of the balanced layer inputs, all calibration timesteps pooled)"))
+    gptq_block: int = field(default=128, metadata=_h("GPTQ lazy-batch block (columns)"))
+    gptq_damp: float = field(default=0.01, metadata=_h("GPTQ damping, a fraction of mean(diag H)"))
+    gptq_act_order: bool = field(default=False, metadata=_h("GPTQ: quantize columns by decreasing diag(H)"))
+    lowrank_rank: int = field(default=0, metadata=_h(
+        "DiTAS training-free low-rank branch rank (0: none): W ~ quant(W - L R) + L R, L R in FP16"))
+    lowrank_iters: int = field(default=10, metadata=_h("low-rank: alternations of quantize / rank-r SVD"))
     sample_tokens: int = field(default=64, metadata=_h("tokens per layer and timestep kept for searches"))
     hist_bins: int = field(default=2048, metadata=_h("bins of the |x| histogram per layer"))
     batch_size: int = field(default=64, metadata=_h("rows per calibration forward"))
@@ -81,6 +90,8 @@ class CalibConfig:
             raise ValueError("INT4 weights need per-channel or group granularity")
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
+        if self.lowrank_rank < 0 or self.lowrank_iters < 1 or self.gptq_block < 1 or self.gptq_damp < 0:
+            raise ValueError("lowrank_rank must be >= 0, lowrank_iters and gptq_block >= 1, gptq_damp >= 0")
         unknown = [r for r in self.layers if r not in DEFAULT_LAYERS]
         if unknown:
             raise ValueError(f"unknown layer roles {unknown}; known: {DEFAULT_LAYERS}")

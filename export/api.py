@@ -2,7 +2,8 @@
 same :class:`ExportConfig`.
 
 Pipeline: load the fp32 model -> (recipe: load with fingerprint check, formats must match the
-precision) -> torch export in the graph's float type -> fold balancing (surgery) -> Q/DQ -> ONNX
+precision) -> torch export in the graph's float type -> fold balancing, recipe weights (GPTQ),
+low-rank side branches (surgery) -> Q/DQ -> ONNX
 checker + TensorRT rule check -> atomic write with metadata. Nothing is written when a check
 fails.
 """
@@ -114,6 +115,7 @@ def build_graph(model: nn.Module, cfg: ExportConfig, recipe: Recipe | None = Non
     del proto
     master = surgery.MasterWeights.from_model(model, find_linears(graph))
     graph = surgery.apply_balancing(graph, master, recipe)
+    graph = surgery.apply_recipe_weights(graph, master, recipe)
     graph = qdq.insert_qdq(graph, master, recipe, fp8_ops=cfg.fp8_ops)
     if cfg.fp8_ops == "trt":
         graph.import_domains = None

@@ -175,8 +175,10 @@ def insert_input_mul(graph: gs.Graph, master: MasterWeights, balances: dict[str,
 
 def add_lora(graph: gs.Graph, name: str, down: np.ndarray, up: np.ndarray) -> gs.Graph:
     """Low-rank side branch ``Y += (X R^T) L^T`` in the float dtype, with ``down`` = R
-    ``[r, C_in]`` and ``up`` = L ``[C_out, r]``. X is the layer's unquantized input (tapped before
-    any Q/DQ that is inserted later on the MatMul's input), added after the bias Add."""
+    ``[r, C_in]`` and ``up`` = L ``[C_out, r]``. X is the MatMul's input at the time of the call:
+    after ``apply_balancing`` the balanced input (after a run-time ``Mul``), and unquantized as long
+    as Q/DQ is inserted later (``insert_qdq`` requantizes only the MatMul's own input). The branch's
+    Add follows the bias Add: ``QuantLinear.forward``'s order."""
     site = _site(find_linears(graph), name)
     if site.op != "MatMul" or site.bias_node is None:
         raise SurgeryError(f"{name}: LoRA branches are supported on MatMul+Add Linears")
@@ -218,4 +220,23 @@ def apply_balancing(graph: gs.Graph, master: MasterWeights, recipe: Recipe) -> g
         if layer.balance_fold not in _FOLDS:
             raise SurgeryError(f"{name}: unknown balance fold {layer.balance_fold!r}")
         _FOLDS[layer.balance_fold](graph, master, sites, name, b.detach().float().cpu().numpy().astype(np.float32))
+    return graph.cleanup().toposort()
+
+
+def apply_recipe_weights(graph: gs.Graph, master: MasterWeights, recipe: Recipe) -> gs.Graph:
+    """Pass (after ``apply_balancing``): a recipe layer's ``weight`` (GPTQ's weight, or the residual
+    ``W diag(b) - L R`` of a low-rank branch) replaces the folded weight in the master copy, which
+    ``qdq.insert_qdq`` quantizes; then each low-rank branch as a side path (``add_lora``)."""
+    sites = find_linears(graph)
+    for name in recipe.layers:
+        w = recipe.weight(name)
+        if w is not None:
+            site = _site(sites, name)
+            w = w.detach().float().cpu().numpy()
+            master.set(graph, site.weight, np.ascontiguousarray(w.T) if site.op == "MatMul" else w.copy())
+    for name in recipe.layers:
+        lr = recipe.lowrank(name)
+        if lr is not None:
+            up, down = (t.detach().float().cpu().numpy() for t in lr)
+            graph = add_lora(graph, name, down, up)
     return graph.cleanup().toposort()

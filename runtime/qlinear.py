@@ -9,7 +9,10 @@ It is an ``nn.Linear`` subclass so the state-dict names stay those of the DiT
 - ``weight_scale``: per-tensor ``[]``, per-channel ``[C_out]`` or per-group ``[C_out, C_in/g]``
   scale of ``weight``, which is already the balanced weight ``W diag(b)``.
 
-Forward = ``linear(fq_act(x * input_mul), fq_w(weight), bias)``, nothing else.
+- ``lowrank_down`` R ``[r, C_in]`` and ``lowrank_up`` L ``[C_out, r]`` (optional): DiTAS' FP16 side
+  branch on the balanced, unquantized input ``x' = x * input_mul``.
+
+Forward = ``linear(fq_act(x'), fq_w(weight), bias) [+ linear(linear(x', R), L)]``, nothing else.
 """
 
 from __future__ import annotations
@@ -36,20 +39,29 @@ class QuantLinear(nn.Linear):
         self.register_buffer("act_scale", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_mul", None)
+        self.register_buffer("lowrank_down", None)
+        self.register_buffer("lowrank_up", None)
         self._wq: torch.Tensor | None = None  # cached fake-quantized weight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, weight_format: str = "none", weight_granularity: str = "channel",
                     weight_group_size: int | None = None, act_format: str = "none",
                     weight_scale: torch.Tensor | None = None, act_scale: torch.Tensor | float | None = None,
-                    input_mul: torch.Tensor | None = None) -> "QuantLinear":
-        w = linear.weight
+                    input_mul: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> "QuantLinear":
+        """``weight``: replaces the Linear's (balanced) weight (a recipe's GPTQ / residual weight);
+        ``lowrank``: ``(L [C_out, r], R [r, C_in])`` of the side branch."""
+        w = linear.weight if weight is None else weight.to(linear.weight.device, linear.weight.dtype)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format=weight_format,
                 weight_granularity=weight_granularity, weight_group_size=weight_group_size, act_format=act_format,
                 device="meta")
         q.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         q.set_quant(weight_scale=weight_scale, act_scale=act_scale, input_mul=input_mul)
+        if lowrank is not None:
+            up, down = lowrank
+            q.lowrank_up = up.detach().float().to(w.device)
+            q.lowrank_down = down.detach().float().to(w.device)
         return q
 
     def set_quant(self, *, weight_scale=None, act_scale=None, input_mul=None) -> None:
@@ -85,13 +97,18 @@ class QuantLinear(nn.Linear):
         dtype = x.dtype
         if self.input_mul is not None:
             x = x * self.input_mul.to(dtype)
+        xb = x
         if self.act_format != "none":
             x = quant.fake_quant(x, self.act_scale, self.act_format)
         w = self.fake_quant_weight() if self.weight_format != "none" else self.weight
         b = self.bias
-        return F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype)).to(dtype)
+        y = F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype))
+        if self.lowrank_up is not None:  # the graph's order: (quantized path + bias) + branch
+            y = y + F.linear(F.linear(xb.to(w.dtype), self.lowrank_down.to(w.dtype)), self.lowrank_up.to(w.dtype))
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
         return (f"{super().extra_repr()}, w={self.weight_format}/{g}, a={self.act_format}"
-                f"{', input_mul' if self.input_mul is not None else ''}")
+                f"{', input_mul' if self.input_mul is not None else ''}"
+                f"{f', lowrank={self.lowrank_up.shape[1]}' if self.lowrank_up is not None else ''}")

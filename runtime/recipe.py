@@ -17,6 +17,12 @@ Conventions (export relies on them):
   adaLN rows (qkv, fc1), the V rows of qkv (proj), or a run-time ``Mul`` by ``1 / b`` ("runtime").
 - ``weight_scale`` is the scale of the *balanced* weight ``W diag(b)``; ``act_scale`` the per-tensor
   scale of the *balanced* input ``X / b``.
+- ``weight`` (optional, ``[C_out, C_in]``) replaces ``W diag(b)`` as the weight the layer's quantizer
+  sees (GPTQ's dequantized weight, or ``W diag(b) - L R`` with a low-rank branch); ``weight_scale``
+  is its scale, and ``quant.quantize_weight(weight, weight_scale)`` gives the codes.
+- ``lowrank_up`` L ``[C_out, r]`` and ``lowrank_down`` R ``[r, C_in]`` (optional, together): an FP16
+  side branch ``Y = fq(X') fq(weight)^T + bias + (X' R^T) L^T``, where ``X'`` is the balanced,
+  *unquantized* input (after a run-time balancing ``Mul``, before the activation quantizer).
 - ``balanced_model(model, recipe)`` gives the folded FP model, ``apply_recipe(model, recipe)`` the
   simulated model (the folded model with ``QuantLinear`` layers): the numerical reference for ONNX.
 """
@@ -63,6 +69,9 @@ class LayerRecipe:
     weight_scale: str | None = None
     balance: str | None = None
     balance_fold: str | None = None  # adaLN | v | runtime
+    weight: str | None = None  # the quantization-ready balanced weight (GPTQ / low-rank residual)
+    lowrank_up: str | None = None  # L [C_out, r] of the FP16 branch (X' R^T) L^T
+    lowrank_down: str | None = None  # R [r, C_in]
 
     def validate(self, name: str) -> None:
         quant.check_format(self.weight_format)
@@ -77,6 +86,8 @@ class LayerRecipe:
             raise RecipeError(f"{name}: quantized activation needs a positive act_scale, got {self.act_scale}")
         if (self.balance is None) != (self.balance_fold is None):
             raise RecipeError(f"{name}: balance and balance_fold go together")
+        if (self.lowrank_up is None) != (self.lowrank_down is None):
+            raise RecipeError(f"{name}: lowrank_up and lowrank_down go together")
         if self.balance_fold is not None:
             role = layer_role(name)
             allowed = _FOLDABLE.get(role, ("runtime",))
@@ -111,6 +122,16 @@ class Recipe:
         key = self.layers[name].balance
         return None if key is None else self.tensors[key]
 
+    def weight(self, name: str) -> torch.Tensor | None:
+        """The quantization-ready weight replacing ``W diag(b)``, if the recipe holds one."""
+        key = self.layers[name].weight
+        return None if key is None else self.tensors[key]
+
+    def lowrank(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L [C_out, r], R [r, C_in])`` of the layer's FP16 branch, if any."""
+        layer = self.layers[name]
+        return None if layer.lowrank_up is None else (self.tensors[layer.lowrank_up], self.tensors[layer.lowrank_down])
+
     def validate(self, model: nn.Module | None = None) -> None:
         if self.schema_version != SCHEMA_VERSION:
             raise RecipeError(f"recipe schema version {self.schema_version} is not supported "
@@ -118,7 +139,7 @@ class Recipe:
         modules = dict(model.named_modules()) if model is not None else None
         for name, layer in self.layers.items():
             layer.validate(name)
-            for attr in ("weight_scale", "balance"):
+            for attr in ("weight_scale", "balance", "weight", "lowrank_up", "lowrank_down"):
                 key = getattr(layer, attr)
                 if key is not None and key not in self.tensors:
                     raise RecipeError(f"{name}: {attr} refers to tensor {key!r}, absent from tensors.safetensors")
@@ -130,6 +151,16 @@ class Recipe:
             b = self.balance(name)
             if b is not None and tuple(b.shape) != (mod.in_features,):
                 raise RecipeError(f"{name}: balance has shape {tuple(b.shape)}, expected ({mod.in_features},)")
+            w = self.weight(name)
+            if w is not None and tuple(w.shape) != tuple(mod.weight.shape):
+                raise RecipeError(f"{name}: weight has shape {tuple(w.shape)}, expected {tuple(mod.weight.shape)}")
+            lr = self.lowrank(name)
+            if lr is not None:
+                up, down = lr
+                if (up.ndim != 2 or down.ndim != 2 or up.shape[0] != mod.out_features
+                        or down.shape[1] != mod.in_features or up.shape[1] != down.shape[0]):
+                    raise RecipeError(f"{name}: low-rank branch shapes {tuple(up.shape)} x {tuple(down.shape)} do "
+                                      f"not make a [{mod.out_features}, {mod.in_features}] weight")
             s = self.weight_scale(name)
             if s is not None:
                 expected = tuple(quant.weight_amax(mod.weight[:, :], layer.weight_granularity,
@@ -345,7 +376,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, check: bool = True, inplac
         q = QuantLinear.from_linear(
             lin, weight_format=layer.weight_format, weight_granularity=layer.weight_granularity,
             weight_group_size=layer.weight_group_size, act_format=layer.act_format,
-            weight_scale=recipe.weight_scale(name), act_scale=layer.act_scale, input_mul=input_mul)
+            weight_scale=recipe.weight_scale(name), act_scale=layer.act_scale, input_mul=input_mul,
+            weight=recipe.weight(name), lowrank=recipe.lowrank(name))
         setattr(parent, attr, q)
     return out.eval()
 

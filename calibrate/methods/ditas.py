@@ -3,7 +3,8 @@
 s(X_j) = max_t s_t(X_j); s_j = s(X_j)^alpha / s(W_j)^(1-alpha); per layer, alpha in
 {0, step, ..., 1} minimising the MSE between the quantized and the FP layer output on token
 samples from all timesteps. qkv and fc1 fold into adaLN, proj into V, fc2 (after GELU) needs a
-run-time multiply ("runtime" fold). The training-free LoRA of DiTAS is not implemented.
+run-time multiply ("runtime" fold). DiTAS' training-free low-rank branch is a weight-side option
+of every method (``--lowrank-rank``, calibrate/weights.py).
 """
 
 from __future__ import annotations
