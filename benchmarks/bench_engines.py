@@ -1,6 +1,6 @@
 """GPU benchmark of dtq's engines: see ``dtq.tools.bench_engines`` (also installed as ``dtq-bench``).
 
-    mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/dtq && export PYTHONPATH=/tmp/pkg
+    pip install -e .   # once, in the repository
     python benchmarks/bench_engines.py --out docs/results/bench_engines.json
 """
 

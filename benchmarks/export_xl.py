@@ -1,7 +1,7 @@
 """Export DiT-XL/2 (random weights) at one precision; print time and peak memory.
 
-    PYTHONPATH=... python benchmarks/export_xl.py --precision fp16 --out /tmp/xl/fp16.onnx
-    PYTHONPATH=... python benchmarks/export_xl.py --precision int8 --out /tmp/xl/int8.onnx
+    python benchmarks/export_xl.py --precision fp16 --out /tmp/xl/fp16.onnx
+    python benchmarks/export_xl.py --precision int8 --out /tmp/xl/int8.onnx
 
 int8 uses a min-max recipe (random balancing vectors at every foldable place, activation scales
 from one calibration batch) made with the recipe API, as the export tests do.

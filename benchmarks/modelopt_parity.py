@@ -1,7 +1,7 @@
 """Parity with NVIDIA ModelOpt's INT8 SmoothQuant on the reference DiT-S/2 (ModelOpt is not a dtq
 dependency). Run in an environment where ``import modelopt`` works (CPU torch is enough):
 
-    PYTHONPATH=... python benchmarks/modelopt_parity.py [--ckpt PATH] [--out results.json]
+    python benchmarks/modelopt_parity.py   # dtq installed with pip install -e . [--ckpt PATH] [--out results.json]
 
 Same calibration rows (the FP sampler's denoiser inputs, dtq.calibrate.data) for both; evaluated
 on other rows (another seed). Reports, per candidate, SQNR of the noise+variance prediction vs the
@@ -42,7 +42,8 @@ from dtq.runtime.checkpoint import load_checkpoint
 from dtq.runtime.quant import sqnr_db
 from dtq.runtime.recipe import apply_recipe
 
-REFERENCE = "/work/shared/reference/dit-s2-fmnist/model.safetensors"
+# the reference DiT-S/2 in ../shared, beside the repository
+REFERENCE = str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "dit-s2-fmnist" / "model.safetensors")
 # dtq candidates, one CalibConfig each (same calibration rows, same export, same evaluation)
 DTQ_CANDIDATES = {
     "minmax": dict(method="minmax"),

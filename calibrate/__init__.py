@@ -1,1 +1,1 @@
-"""Calibration and post-training quantization methods producing recipes (see METHODS.md)."""
+"""Calibration and post-training quantization methods producing recipes (see docs/calibration.md)."""

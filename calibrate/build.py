@@ -18,7 +18,8 @@ from .config import CalibConfig
 from .search import search_act_amax, search_act_amax_samples, search_weight_scale
 from .stats import LayerStats, Statistics
 
-# where each role's balancing folds (METHODS.md "Folding")
+# where each role's balancing folds: a recipe layer's balance_fold (docs/calibration.md), done by
+# runtime.recipe.fold_balance
 FOLD_BY_ROLE = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
 
 

@@ -1,4 +1,4 @@
-"""Check a Q/DQ graph against TensorRT's explicit-quantization rules (DESIGN.md).
+"""Check a Q/DQ graph against TensorRT's explicit-quantization rules (docs/export.md).
 
 Every finding names the node and a stable rule id:
 

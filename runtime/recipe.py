@@ -367,7 +367,8 @@ def balanced_model(model: nn.Module, recipe: Recipe, *, check: bool = True, inpl
 
 def apply_recipe(model: nn.Module, recipe: Recipe, *, check: bool = True, inplace: bool = False) -> nn.Module:
     """The simulated (fake-quant) model: ``balanced_model`` with each recipe layer a ``QuantLinear``
-    carrying the recipe's weight and activation scales. ``model`` itself is left unchanged."""
+    carrying the recipe's weight and activation scales. A copy of ``model`` unless ``inplace``, which
+    folds and swaps the layers of ``model`` itself (saves the copy for a large model) and returns it."""
     out = balanced_model(model, recipe, check=check, inplace=inplace)
     for name, layer in recipe.layers.items():
         parent, attr = _parent(out, name)

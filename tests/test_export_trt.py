@@ -2,8 +2,6 @@
 builds a serialized engine (strongly typed, CPU-only build). W4A8 is the documented exception:
 parsed, refused by the builder (TensorRT has no INT4 x INT8 GEMM)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from dtq.export.writer import write_model
 from dtq.runtime.checkpoint import load_checkpoint
 from dtq.runtime.zoo import load_builtin
 
+from conftest import REFERENCE_CKPT as REFERENCE
 from export_recipes import make_recipe
 
 try:
@@ -23,7 +22,6 @@ except ImportError:
 
 pytestmark = pytest.mark.skipif(not HAVE_TRT, reason="tensorrt_rtx not importable: pip install tensorrt-rtx==1.7.1.116")
 
-REFERENCE = Path("/work/shared/reference/dit-s2-fmnist/model.safetensors")
 PRECISIONS = ["fp32", "fp16", "int8", "fp8", "w4a16", "w4a8"]
 OPSET = 21
 

@@ -1,15 +1,35 @@
 """FID: the Frechet distance against closed forms, precision/recall on synthetic features, and the
-Inception pipeline on a few hundred Fashion-MNIST images: a set against itself is ~0 and FID grows
-with added noise. (Inception-v3 at 299px runs ~0.1-0.3 s/image on a CPU core: sets stay small.)"""
+Inception pipeline on a few dozen Fashion-MNIST images: a set against itself is ~0 and FID grows
+with added noise. (Inception-v3 at 299px runs ~0.1-0.3 s/image on a CPU core: sets stay small, and
+every test gets an empty statistics cache so no cost hides behind ~/.cache.)"""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dtq.tools import fid, fid_cli
+from dtq.tools import fid, fid_cli, fmnist
 
-N = 64  # images per Inception-featured set in these tests
+N = 32  # images per Inception-featured set in these tests
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    """A private, empty DTQ_CACHE_DIR: a test that needed the 10k-image fmnist-test statistics would
+    compute them (minutes) instead of silently reading a cache left by an earlier run."""
+    cache = tmp_path / "dtq-cache"
+    monkeypatch.setenv("DTQ_CACHE_DIR", str(cache))
+    return cache
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTQ_CACHE_DIR", str(tmp_path / "c"))
+    assert fid.builtin_stats_path("fmnist-test").parent == tmp_path / "c" / "fid"
+    monkeypatch.delenv("DTQ_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fid.cache_dir() == tmp_path / "home" / ".cache" / "dtq" / "fid"
 
 
 def test_frechet_distance_closed_form():
@@ -116,28 +136,69 @@ def test_feature_protocol(fmnist_sets):
     assert np.allclose(theirs, feats, atol=1e-4)
 
 
-def test_dtq_fid_cli(fmnist_sets, tmp_path):
+def test_dtq_fid_cli_against_a_small_builtin_reference(fmnist_sets, tmp_path, empty_cache):
+    """The CLI end to end on real images: the first N fmnist-test images scored against the
+    built-in reference limited to its first N images (the same images: FID ~0, nothing cached),
+    then a prefix of them against the noisy set's statistics (the library's number, exit 1)."""
     imgs = fmnist_sets["images"]
-    np.savez(tmp_path / "a.npz", imgs[:48, :, :, None], np.zeros(48))
-    fid.Stats.of(fmnist_sets["clean"][:48]).save(tmp_path / "ref_stats.npz")
-    rc = fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "ref_stats.npz"),
+    np.savez(tmp_path / "a.npz", imgs[:, :, :, None], np.zeros(N))
+    rc = fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--reference", "fmnist-test", "--reference-limit", str(N),
                        "--out", str(tmp_path / "r.json"), "--no-progress", "--max-fid", "0.01"])
     assert rc == 0
     res = json.loads((tmp_path / "r.json").read_text())["results"][0]
-    assert res["n_samples"] == 48 and abs(res["fid"]) < 0.01
-    # against a different half of the set: a positive FID, and --max-fid turns it into exit code 1
-    fid.Stats.of(fmnist_sets["clean"][48:]).save(tmp_path / "other.npz")
-    assert fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "other.npz"),
-                         "--no-progress", "--max-fid", "1"]) == 1
-    assert fid_cli.main(["--reference", "fmnist-test"]) == 2  # no samples
-    assert fid_cli.main(["--samples", str(tmp_path / "missing.npz"), "--no-progress"]) == 2
+    assert res["n_samples"] == N and res["n_reference"] == N and abs(res["fid"]) < 0.01
+    assert not empty_cache.exists()  # a limited reference is never cached
+    # against other images' statistics: the FID the library computes, and --max-fid turns it into exit code 1
+    fid.Stats.of(fmnist_sets["noise32"]).save(tmp_path / "noisy.npz")
+    expected = fid.frechet_distance(fid.Stats.of(fmnist_sets["clean"][:16]), fid.Stats.load(tmp_path / "noisy.npz"))
+    assert expected > 10
+    assert fid_cli.main(["--samples", str(tmp_path / "a.npz"), "--limit", "16", "--reference", str(tmp_path / "noisy.npz"),
+                         "--out", str(tmp_path / "r2.json"), "--no-progress", "--max-fid", "1"]) == 1
+    res = json.loads((tmp_path / "r2.json").read_text())["results"][0]
+    assert res["n_samples"] == 16 and res["fid"] == pytest.approx(expected, rel=1e-3)
+
+
+class _NoFeatures:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("Inception features computed before the arguments were checked")
+
+
+def test_dtq_fid_cli_checks_every_argument_before_any_features(tmp_path, monkeypatch, capsys, empty_cache):
+    """Bad input is exit 2 with a one-line message, found before the (minutes-long) reference
+    statistics: a missing sample file used to cost the 10k-image fmnist-test statistics first."""
+    monkeypatch.setattr(fid, "FeatureExtractor", _NoFeatures)
+    monkeypatch.setattr(fmnist, "_SEARCH", (str(tmp_path / "no-data"),))
+    good = tmp_path / "a.npz"
+    np.savez(good, np.zeros((4, 32, 32, 1), np.uint8), np.zeros(4))
+    stats = str(fid.Stats.of(np.random.default_rng(0).standard_normal((5, 8))).save(tmp_path / "stats.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "no samples": ["--reference", "fmnist-test"],
+        "missing samples": ["--samples", str(tmp_path / "missing.npz")],
+        "one of several missing": ["--samples", f"{good},{tmp_path / 'missing'}", "--reference", stats],
+        "samples are statistics": ["--samples", stats, "--reference", stats],
+        "samples not an npz": ["--samples", str(tmp_path / "junk.npz"), "--reference", stats],
+        "folder without images": ["--samples", str(tmp_path / "empty"), "--reference", stats],
+        "unknown reference": ["--samples", str(good), "--reference", "fmnist-tset"],
+        "built-in reference without its data": ["--samples", str(good), "--reference", "fmnist-train"],
+        "precision/recall need reference images": ["--samples", str(good), "--reference", stats, "--precision-recall"],
+        "a limit on statistics": ["--samples", str(good), "--reference", stats, "--reference-limit", "8"],
+        "--out under a file": ["--samples", str(good), "--reference", stats, "--out", str(good / "r.json")],
+        "--save-stats is a folder": ["--samples", str(good), "--reference", stats, "--save-stats", str(tmp_path)],
+        "--limit 0": ["--samples", str(good), "--reference", stats, "--limit", "0"],
+    }
+    for name, argv in cases.items():
+        assert fid_cli.main(argv + ["--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
+    assert not empty_cache.exists() and not (tmp_path / "r.json").exists()
 
 
 def test_dtq_fid_cli_several_sets_with_precision_recall_on_a_cached_builtin(fmnist_sets, tmp_path, monkeypatch):
     """Precision/recall need the reference's features: scoring several sets against a built-in
     reference whose statistics are already cached must still compute them (once)."""
     imgs = fmnist_sets["images"]
-    monkeypatch.setenv("DTQ_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "builtin_images", lambda name: imgs[:12])
     fid.reference_stats("fmnist-test", fmnist_sets["extractor"])  # caches the statistics
     assert fid.builtin_stats_path("fmnist-test").is_file()

@@ -1,6 +1,6 @@
 """GPU benchmark of dtq's PyTorch engines: one command, one GPU, one run.
 
-    mkdir -p /tmp/pkg && ln -sfn $PWD /tmp/pkg/dtq && export PYTHONPATH=/tmp/pkg
+    pip install -e .   # once, in the repository
     python benchmarks/bench_engines.py --out docs/results/bench_engines.json   # or: dtq-bench --out ...
 
 1. correctness: on a small DiT (hidden 384, depth 2, balancing folded at every place) each quantized

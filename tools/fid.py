@@ -176,6 +176,66 @@ def load_images(source: str | os.PathLike) -> np.ndarray:
     raise FileNotFoundError(f"{source}: not an .npz file or a folder of images")
 
 
+def check_image_source(source: str | os.PathLike, what: str = "samples") -> Path:
+    """Raise FileNotFoundError / ValueError unless ``source`` is an ADM-style ``.npz`` with an image
+    array or a folder with images. Cheap (reads the .npz's list of arrays, not the arrays), so a
+    command checks all of its inputs before it spends minutes on Inception features."""
+    path = Path(source)
+    if path.suffix == ".npz" and path.is_file():
+        keys = _npz_keys(path)
+        if "arr_0" not in keys and "images" not in keys:
+            stats = " (a statistics file: use it as --reference)" if {"mu", "sigma"} <= keys else ""
+            raise ValueError(f"{what} {path}: no image array ('arr_0' or 'images'){stats}; keys {sorted(keys)}")
+        return path
+    if path.is_dir():
+        if not any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*")):
+            raise ValueError(f"{what} {path}: no images ({', '.join(IMAGE_EXTS)})")
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {source}: no such file or folder")
+    raise ValueError(f"{what} {source}: not an .npz file or a folder of images")
+
+
+def check_reference(reference: str | os.PathLike, *, need_images: bool = False, limit: int | None = None) -> None:
+    """Raise FileNotFoundError / ValueError unless ``reference`` can be scored against: a built-in name
+    whose statistics are cached or whose data is found, a statistics .npz (not when ``need_images``
+    or ``limit`` asks for the images), an ADM .npz of images or a folder."""
+    ref = str(reference)
+    if ref in BUILTIN_REFERENCES:
+        if limit is None and not need_images and builtin_stats_path(ref).is_file():
+            return
+        from .fmnist import find_fmnist
+
+        find_fmnist(split=ref.removeprefix("fmnist-"))  # FileNotFoundError naming where it looked
+        return
+    path = Path(ref)
+    if path.suffix == ".npz" and path.is_file() and _is_stats_file(_npz_keys(path)):
+        if need_images or limit is not None:
+            raise ValueError(f"reference {path} holds statistics (mu, sigma), not images: precision/recall and a "
+                             "reference limit need images")
+        return
+    if not path.exists() and path.suffix != ".npz":
+        raise FileNotFoundError(f"reference {ref!r}: not {' or '.join(BUILTIN_REFERENCES)}, and no such file or folder")
+    check_image_source(path, "reference")
+
+
+def _is_stats_file(keys: set[str]) -> bool:
+    return {"mu", "sigma"} <= keys and "arr_0" not in keys
+
+
+def _npz_keys(path: Path) -> set[str]:
+    """The array names in an .npz (its zip directory only); ValueError for anything else."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz archive")
+    try:
+        with np.load(path) as z:
+            return set(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a readable .npz ({exc})") from None
+
+
 def builtin_images(name: str) -> np.ndarray:
     from .fmnist import load_fmnist
 
@@ -215,7 +275,7 @@ def reference_stats(reference: str | os.PathLike, extractor: FeatureExtractor | 
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as z:
             keys = set(z.keys())
-        if {"mu", "sigma"} <= keys and "arr_0" not in keys:
+        if _is_stats_file(keys):
             return Stats.load(path), None
     images = load_images(path)[:limit]
     feats = (extractor or FeatureExtractor())(images, progress=progress)

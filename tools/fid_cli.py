@@ -2,7 +2,8 @@
 
 Samples: an ADM-style .npz (arr_0 uint8 NHWC, as dtq-sample and benchmarks/fid_reference.py
 write) or a folder of images. Reference: fmnist-test / fmnist-train (statistics cached under
-~/.cache/dtq/fid on first use), a folder, an ADM .npz of images, or a statistics .npz (mu, sigma).
+$DTQ_CACHE_DIR/fid, default ~/.cache/dtq/fid, on first use), a folder, an ADM .npz of images, or a
+statistics .npz (mu, sigma). Every argument is checked before any Inception features are computed.
 Protocol and comparability with ADM's evaluator: see dtq/tools/fid.py.
 """
 
@@ -34,6 +35,8 @@ class FidConfig:
     save_stats: Path | None = field(default=None, metadata=_meta(
         "write the statistics (mu, sigma as float32) of the reference (--make-reference) or of the one sample set"))
     limit: int | None = field(default=None, metadata=_meta("use only the first N images of each sample set"))
+    reference_limit: int | None = field(default=None, metadata=_meta(
+        "use only the first N reference images (a built-in name, .npz of images or folder; not cached)"))
     precision_recall: bool = field(default=False, metadata=_meta(
         "also improved precision/recall (k=3; needs reference images, not statistics)"))
     device: str = field(default="cpu", metadata=_meta("device of the Inception network (cpu, cuda)"))
@@ -48,22 +51,36 @@ class FidConfig:
             raise ValueError("give --samples (or --make-reference)")
         if self.save_stats is not None and not self.make_reference and len(self.samples or []) != 1:
             raise ValueError("--save-stats needs --make-reference or exactly one --samples set")
+        for name in ("limit", "reference_limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_inputs(cfg: FidConfig) -> None:
+    """Every argument, before any feature is computed (the fmnist-* statistics take 10k Inception
+    passes, ~20 minutes on a CPU): sample sets, reference, and that the output files can be written."""
+    for spec in cfg.samples or []:
+        fid.check_image_source(spec)
+    fid.check_reference(cfg.reference, need_images=cfg.precision_recall, limit=cfg.reference_limit)
+    for path in (cfg.out, cfg.save_stats):
+        if path is not None:
+            check_output_path(path, "file")
 
 
 def run_fid(cfg: FidConfig) -> dict:
-    for path in (cfg.out, cfg.save_stats):  # before an hour of Inception features
-        if path is not None:
-            check_output_path(path, "file")
+    check_inputs(cfg)
     extractor = fid.FeatureExtractor(cfg.device, cfg.batch_size)
     if cfg.make_reference:
-        stats, _ = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress)
-        where = fid.builtin_stats_path(cfg.reference) if cfg.reference in fid.BUILTIN_REFERENCES else None
+        stats, _ = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress, limit=cfg.reference_limit)
+        cached = cfg.reference in fid.BUILTIN_REFERENCES and cfg.reference_limit is None
+        where = fid.builtin_stats_path(cfg.reference) if cached else None
         if cfg.save_stats is not None:
             where = stats.save(cfg.save_stats)
         return {"reference": cfg.reference, "n": stats.n, "stats_file": str(where) if where else None,
                 "protocol": fid.PROTOCOL}
     results = []
-    reference = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress,
+    reference = fid.reference_stats(cfg.reference, extractor, progress=cfg.progress, limit=cfg.reference_limit,
                                     need_features=cfg.precision_recall)  # once for every sample set
     for spec in cfg.samples:
         r = fid.evaluate(spec, cfg.reference, device=cfg.device, batch_size=cfg.batch_size,
@@ -75,7 +92,9 @@ def run_fid(cfg: FidConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtq-fid", description=__doc__.split("\n\n")[0],
-                                     epilog="exit codes: 0 success, 1 an FID above --max-fid, 2 bad usage or input.",
+                                     epilog="reference statistics of fmnist-test / fmnist-train are cached in "
+                                            "$DTQ_CACHE_DIR/fid (default ~/.cache/dtq/fid).\n"
+                                            "exit codes: 0 success, 1 an FID above --max-fid, 2 bad usage or input.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, FidConfig)
     return parser
