@@ -49,3 +49,24 @@ def test_bench_opens_artifacts_through_open_denoiser(tmp_path, capsys):
         assert backends[spec]["batches"]["1"]["images_per_s"] > 0
     assert backends[specs[1]]["quantized_layer_weights_vs_bf16"] < 0.55  # the engine's int8 codes
     assert "calibrated for a different checkpoint" in backends[specs[2]]["error"]
+
+
+def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys):
+    """--points runs (batch, backend) pairs in the given order (the time budget cuts the tail) and
+    records which GEMM int8_kernel="auto" picked at each point's rows; a malformed spec exits 2."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--steps", "1", "--repeats", "1",
+                 "--points", "2:int8;1:int8-triton,int8", "--gemm-kernels", "int8_triton",
+                 "--gemm-timing", "cudagraph"]) == 0
+    res = json.loads(out.read_text())
+    e2e = res["end_to_end"]
+    assert e2e["points"] == ["2:int8", "1:int8-triton", "1:int8"] and res["batches"] == [1, 2]
+    assert set(e2e["backends"]) == {"int8", "int8-triton"}
+    assert set(e2e["backends"]["int8-triton"]["batches"]) == {"1"}
+    # 2 x 256 tokens x batch rows: auto takes torch._int_mm for all 8 INT8 layers; pinned Triton stays
+    assert e2e["backends"]["int8"]["batches"]["1"]["int8_gemm_kernels"] == {"int_mm": 8}
+    assert e2e["backends"]["int8"]["batches"]["2"]["int8_gemm_kernels"] == {"int_mm": 8}
+    assert e2e["backends"]["int8-triton"]["batches"]["1"]["int8_gemm_kernels"] == {"triton": 8}
+    for bad in ("64", "x:int8", "8:int8;8:int8", "0:int8"):
+        assert main(["--smoke", "--out", str(out), "--points", bad]) == 2
+    assert "--points" in capsys.readouterr().err
