@@ -218,7 +218,7 @@ def gemms(M: int, peaks: dict | None, kernels: set | None = None) -> dict:
     from dtq.runtime.kernels_ref import pack_int4
     from dtq.runtime.quant import progressive_int4
 
-    dev = torch.device("cuda")
+    dev = DEV  # cuda (main runs this stage on the GPU only; tests drive it on the CPU interpreter)
     res = {"M": M, "timing": GEMM_TIMING}
     for lname, (N, K) in BLOCK_GEMMS.items():
         flops = 2 * M * N * K
@@ -252,6 +252,13 @@ def gemms(M: int, peaks: dict | None, kernels: set | None = None) -> dict:
         ws = torch.rand(N, device=dev) * 1e-3
         rec("int8_triton", lambda: torch.ops.dtq.int8_mm(ai, wi, one, ws, bias, torch.bfloat16), "int8")
         rec("int8_torch_int_mm", lambda: torch._int_mm(ai, wi.t()), "int8")
+        if "ms" in row.get("int8_triton", {}):  # the autotuned config's numbers, against cuBLAS's exact int32
+            ref = torch._int_mm(ai, wi.t()).double() * (ws.double() * float(one)) + bias.double()
+            got = torch.ops.dtq.int8_mm(ai, wi, one, ws, bias, torch.bfloat16).double()
+            err = float((got - ref).abs().max() / ref.abs().max())
+            row["int8_triton"]["max_rel_err"] = err
+            if not err <= 2**-7:  # bf16 output rounding (round to nearest) is <= 2**-8 of the largest value
+                row["int8_triton"]["error"] = f"wrong result: max error {err:.3g} of the largest output"
         wp = pack_int4(torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8))
         gs = torch.rand(N, K // 128, device=dev) * 1e-2
         rec("int4_w4a16_triton", lambda: torch.ops.dtq.w4a16_mm(a, wp, gs, 128, bias), "bf16")
