@@ -7,7 +7,18 @@
 #
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh            # the GPU run (OUT defaults to ./speed_out)
 #   OUT=/tmp/dry benchmarks/run_speed_gpu.sh --dry-run      # CPU dry run of the same pipeline (tiny model)
+#   OUT=/path/to/out benchmarks/run_speed_gpu.sh --e2e-only [--dry-run]   # about 4 minutes, see below
 #
+# --e2e-only: no correctness stage; the GEMM table for INT8 only (bf16, FP8 tensor-wise, Triton INT8
+# with its result checked against torch._int_mm, torch._int_mm) at $GEMM_M, timed from CUDA graphs
+# (no host launch overhead: the engine runs graphed), then end-to-end points in priority order
+# ($POINTS, one timed sampling run each); points that start after $BUDGET_S s are skipped (listed
+# as SKIPPED), the whole run is killed at $TIMEOUT_S s. Time estimate from bench_speed_h200_8a3a937.log
+# (warm-ups 6-21 s per backend, Triton autotuning ~1.5 s per new candidate): start-up ~10 s; table
+# ~35 s (its INT8 autotuning at M=32768 is reused by the int8 point); batch 64 bf16/fp8/int8 ~45 s;
+# batch 8 (recompile for a dynamic batch + W4A16 small-M autotuning) ~70 s; batch 1 ~20 s;
+# w4a8-progressive at 64 ~55 s (autotuning 17 candidates x 2 K); then int8-triton at 8 and w4a8 at
+# 64 if time is left. GEMM_M= (empty) skips the table.
 # Writes $OUT/bench_speed.json (every measurement, failures as data, autotuner choices),
 # $OUT/bench_speed.log and $OUT/check.txt. Exit 1 when anything failed (a backend that did not build,
 # an end-to-end point or GEMM that raised, an engine below its SQNR floor), after writing everything.
@@ -22,7 +33,37 @@ python -c "import dtq, os, sys; sys.exit(os.path.realpath(os.path.dirname(dtq.__
     || { echo "FAILED: dtq does not import from this checkout" >&2; exit 1; }
 
 BACKENDS=bf16-compile,fp8,int8,w4a16,w4a8,w4a8-progressive
-if [[ "${1:-}" == "--dry-run" ]]; then
+E2E_ONLY=0 DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --e2e-only) E2E_ONLY=1 ;;
+        --dry-run) DRY=1 ;;
+        *) echo "usage: $0 [--e2e-only] [--dry-run]" >&2; exit 2 ;;
+    esac
+done
+if [[ $E2E_ONLY == 1 ]]; then
+    # int8 = int8_kernel "auto" (torch._int_mm at <= 4096 rows); int8-triton pins Triton for comparison
+    POINTS=${POINTS:-"64:bf16-compile,fp8,int8;8:bf16-compile,int8,fp8,w4a16;1:bf16-compile,int8,fp8,w4a16;64:w4a8-progressive;8:int8-triton;64:w4a8"}
+    GEMM_M=${GEMM_M-32768,4096,512}
+    BUDGET_S=${BUDGET_S:-175}
+    TIMEOUT_S=${TIMEOUT_S:-235}
+    REPEATS=${REPEATS:-1}
+    GEMM_ARGS=(--skip correctness,gemms)
+    if [[ -n "$GEMM_M" ]]; then
+        GEMM_ARGS=(--skip correctness --gemm-m "$GEMM_M" --gemm-timing cudagraph
+                   --gemm-kernels fp8_scaled_mm_tensorwise,int8_triton,int8_torch_int_mm)
+    fi
+    if [[ $DRY == 1 ]]; then  # the same options on the CPU (tiny model; no GEMM stage there)
+        POINTS=$(sed -E "s/(^|;)64:/\\13:/g; s/(^|;)8:/\\12:/g" <<< "$POINTS")  # batches 64 / 8 / 1 -> 3 / 2 / 1
+        ARGS=(--smoke --steps 1 --repeats 1 --points "$POINTS" "${GEMM_ARGS[@]}" --budget-s 600)
+        LIMIT=900
+    else
+        python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "FAILED: no CUDA GPU" >&2; exit 1; }
+        nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > "$OUT/check.txt" || true
+        ARGS=(--points "$POINTS" "${GEMM_ARGS[@]}" --repeats "$REPEATS" --budget-s "$BUDGET_S")
+        LIMIT=$TIMEOUT_S
+    fi
+elif [[ $DRY == 1 ]]; then
     ARGS=(--smoke --batches 1 --steps 1 --repeats 1 --backends bf16-compile,w4a16,w4a8-progressive
           --correctness w4a8-progressive)
     LIMIT=600

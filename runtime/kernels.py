@@ -43,6 +43,56 @@ def _configs(int8: bool):
             for m, n, k, s, w in shapes]
 
 
+# INT8 / FP8 8-bit GEMM (``_mm8_kernel``) candidates per M range: (BLOCK_M, BLOCK_N, BLOCK_K, stages,
+# warps). DiT-XL/2's block GEMMs (N, K): qkv (3456, 1152), proj (1152, 1152), fc1 (4608, 1152),
+# fc2 (1152, 4608); H200: 132 SMs, 228 KB shared memory per SM. Programs per GEMM = cdiv(M, BM) x
+# cdiv(N, BN); a "wave" is one program on every SM (more where shared memory and registers allow).
+INT8_SMALL_M = 4096  # M buckets up to this (batch <= 8 with guidance) tune over the small-M tiles
+_INT8_LARGE = [
+    # M = 32768 (batch 64): the previous winners (256x128x128 s3 qkv/fc2, s4 proj; 128x256x128 s4 fc1) ...
+    (256, 128, 128, 3, 8), (256, 128, 128, 4, 8), (128, 256, 128, 4, 8), (128, 256, 128, 3, 8),
+    # ... proj (K = 1152: 9 K steps per tile) ran at 0.77x bf16 with 256x128 tiles: 1152 programs = 8.7
+    # waves of ONE 192 KB CTA per SM, so each tile's pipeline fill and epilogue (scale, bf16 store of
+    # 64 KB) run with nothing overlapping them. 128x128x128 at 3 stages needs 96 KB: two CTAs per SM,
+    # 2304 programs = 8.7 waves of 264, one CTA's epilogue under the other's MMAs (4 stages: 128 KB,
+    # one CTA, the deeper pipeline instead). 128x256 wastes the half-empty 5th column tile of N=1152.
+    (128, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+    # BLOCK_K 64 halves the per-stage footprint (128x256x64: 24 KB a stage) for deeper pipelines
+    (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8),
+    # the fused fc1 (GELU + quantize epilogue, int8 out) chose the small tile at M = 32768
+    (64, 128, 64, 4, 4),
+]
+_INT8_SMALL = [
+    # M = 512 (batch 1): proj in 128x128 tiles = 36 programs on 132 SMs; 64x64 gives 144 (fc1 576,
+    # qkv 432). M = 4096 (batch 8): proj 64x64 = 1152 programs, 64 KB each at 4 stages (3 per SM).
+    (64, 64, 128, 4, 4), (64, 64, 128, 6, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
+    # the previous autotuner's picks at M = 512 / 4096 (bench_speed_h200_8a3a937.json)
+    (64, 128, 64, 4, 4), (128, 128, 128, 4, 4), (64, 256, 128, 4, 4), (256, 64, 128, 4, 4),
+    (256, 128, 128, 3, 8), (128, 256, 128, 3, 8),
+]
+
+
+def _int8_shapes(small_m: bool):
+    return _INT8_SMALL if small_m else _INT8_LARGE
+
+
+def _int8_configs():
+    """Both ranges' candidates, each once (``_prune_int8`` keeps the call's range)."""
+    shapes = list(dict.fromkeys(_INT8_SMALL + _INT8_LARGE))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, k, s, w in shapes]
+
+
+def _prune_int8(configs, named_args, **kwargs):
+    """The candidates of the call's M range, K tiles dividing K (the unmasked loop)."""
+    m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
+    K = named_args.get("K", kwargs.get("K"))
+    want = set(_int8_shapes(m_bucket <= INT8_SMALL_M))
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                   c.num_warps) in want and K % c.kwargs["BLOCK_K"] == 0]
+    return kept or configs
+
+
 def _interpret_configs():
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2})]
 
@@ -69,7 +119,8 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_int8})
 @triton.jit
 def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
                 K: tl.constexpr, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
@@ -135,37 +186,43 @@ def _round_to_e4m3(x):
 
 
 def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-         bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue."""
+         bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue. ``config``:
+    pinned meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optional
+    ``num_warps``/``num_stages``) instead of the autotuned choice, as for :func:`w4a16_mm`."""
     M, K = a.shape
     N, K2 = w.shape
     assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _mm8_kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
+    kernel = _mm8_kernel if config is None else _mm8_kernel.fn
+    kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
                       q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
                       M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
                       c.stride(1), FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None)
+                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, **({} if config is None else dict(config)))
     return c
 
 
 def mm8_gelu_quant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+                   bias: torch.Tensor | None, q_mul: torch.Tensor | None, q_scale: torch.Tensor,
+                   config: dict | None = None) -> torch.Tensor:
     """A DiT MLP's fc1 with the fc2 input made in its epilogue: ``quant(GELU_tanh(a @ w.T * a_scale *
     w_scale + bias) * q_mul / q_scale)``. ``a``, ``w``: both int8 (-> int8 codes, round half to even,
     saturate) or both float8_e4m3fn (-> E4M3 codes, saturate at 448). Saves writing fc1's output in
     bf16 and the separate GELU + quantize pass over it."""
     c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
-    return _mm8(a, w, c, a_scale, w_scale, bias, q_mul, q_scale)
+    return _mm8(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config)
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+            config: dict | None = None) -> torch.Tensor:
     """``(a @ w.T) * a_scale * w_scale + bias``: a int8 [M, K], w int8 [N, K], a_scale float32 [],
-    w_scale float32 [N], bias [N] or None -> [M, N] ``out_dtype``."""
+    w_scale float32 [N], bias [N] or None -> [M, N] ``out_dtype``. ``config``: see ``_mm8``."""
     assert a.dtype == torch.int8, a.dtype
     c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=out_dtype)
-    return _mm8(a, w, c, a_scale, w_scale, bias)
+    return _mm8(a, w, c, a_scale, w_scale, bias, config=config)
 
 
 @triton.jit

@@ -13,7 +13,9 @@ fp8        ``FP8Linear``           ``torch._scaled_mm``: static per-tensor FP8 E
                                    where the row-wise kernel is unavailable), bf16 out
 int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the dequant epilogue fused
                                    (``runtime.kernels.int8_mm``); static per-tensor activation scale
-                                   (TensorRT's rule). ``int8_kernel="int_mm"`` uses ``torch._int_mm``.
+                                   (TensorRT's rule). ``int8_kernel="auto"`` (default): ``torch._int_mm``
+                                   at M <= ``INT8_INT_MM_MAX_M`` rows (Triton elsewhere); "triton" /
+                                   "int_mm" pin one kernel (docs/engines.md: the measurements)
 int8 (fp8  ``FusedMlp``            the MLP's fc1 as a Triton 8-bit GEMM that also applies GELU and
 opt-in)                            quantizes fc2's input in its epilogue (``mm8_gelu_quant``): 8-bit
                                    codes out, no bf16 pass over the 4x-hidden tensor
@@ -59,6 +61,12 @@ from .recipe import Recipe, apply_recipe
 
 Kernel = Literal["auto", "reference"]
 W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
+# int8_kernel="auto": torch._int_mm (cuBLAS) up to this many rows, the Triton GEMM above. Measured on an
+# H200 (bench_speed_h200_8a3a937.json, event-timed, DiT-XL/2 block GEMMs): at M = 512 / 4096 _int_mm
+# ran at 0.75-0.88x bf16, Triton at 0.16-0.9x (old candidates); at M = 32768 Triton 0.77-1.54x,
+# _int_mm 0.82-1.24x. Re-decide from the CUDA-graph-timed table (run_speed_gpu.sh --e2e-only).
+INT8_INT_MM_MAX_M = 4096
+INT8_KERNELS = ("auto", "triton", "int_mm")
 
 
 class EngineLinear(nn.Module):
@@ -235,8 +243,10 @@ def probe_rowwise(device: torch.device) -> str:
 class Int8Linear(EngineLinear):
     """INT8 W8A8: static per-tensor activation, per-channel weight; Triton GEMM (or ``torch._int_mm``)."""
 
-    def __init__(self, q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton"):
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto"):
         super().__init__(q, kernel)
+        if int8_kernel not in INT8_KERNELS:
+            raise ValueError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
         if q.weight_granularity == "group":
             raise ValueError("INT8 weights take per-tensor or per-channel scales")
         self.register_buffer("weight_int8", q.quantized_weight().contiguous())  # [N, K]
@@ -252,6 +262,14 @@ class Int8Linear(EngineLinear):
     def channel_scales(self) -> torch.Tensor:
         return self.w_scale_n
 
+    def kernel_for_rows(self, m: int) -> str:
+        """The GEMM the GPU path runs on ``m`` input rows: "int_mm" or "triton" (``int8_kernel="auto"``
+        picks by ``INT8_INT_MM_MAX_M``; torch._int_mm needs more than 16 rows, K and N multiples of 8)."""
+        if self.int8_kernel != "auto":
+            return self.int8_kernel
+        fits = 16 < m <= INT8_INT_MM_MAX_M and self.in_features % 8 == 0 and self.out_features % 8 == 0
+        return "int_mm" if fits else "triton"
+
     def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
 
@@ -261,7 +279,7 @@ class Int8Linear(EngineLinear):
     def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The GEMM on INT8 codes of this layer's (balanced) input -> ``dtype``."""
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if self.int8_kernel == "int_mm":
+        if self.kernel_for_rows(xq.shape[0]) == "int_mm":  # (under torch.compile: a guard on the rows)
             acc = torch._int_mm(xq, self.weight_int8.t())
             out = acc.float() * (self.act_scale * self.w_scale_n)
             if self.bias is not None:
@@ -287,7 +305,7 @@ class FusedMlp(nn.Module):
     @staticmethod
     def fusable(mlp: nn.Module, formats: tuple[str, ...] = ("int8",)) -> bool:
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
-        int8 = "int8" in formats and all(isinstance(m, Int8Linear) and m.int8_kernel == "triton" for m in (fc1, fc2))
+        int8 = "int8" in formats and all(isinstance(m, Int8Linear) and m.int8_kernel != "int_mm" for m in (fc1, fc2))
         fp8 = "fp8" in formats and all(isinstance(m, FP8Linear) for m in (fc1, fc2))
         return ((int8 or fp8) and fc1.kernel == fc2.kernel == "auto"
                 and fc1.lowrank_up is None and fc2.lowrank_up is None  # the fused path has no branch
@@ -299,9 +317,13 @@ class FusedMlp(nn.Module):
         return self.fused_forward(x)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The GPU path (any device that runs the Triton kernels: the tests use the interpreter)."""
+        """The GPU path (any device that runs the Triton kernels: the tests use the interpreter).
+        INT8 with ``int8_kernel="auto"`` at rows where fc1 would run on ``torch._int_mm``: unfused."""
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
+        rows = x.numel() // shape[-1]
+        if isinstance(fc1, Int8Linear) and fc1.kernel_for_rows(rows) == "int_mm":
+            return fc2(self.act(fc1(x)))
         h = torch.ops.dtq.mm8_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc1.weight_codes(),
                                          fc1.act_scale, fc1.channel_scales(), fc1.bias, fc2.input_mul, fc2.act_scale)
         return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
@@ -404,7 +426,7 @@ ENGINE_LAYERS = {("fp8_e4m3", "fp8_e4m3"): FP8Linear, ("int8", "int8"): Int8Line
                  ("int4", "none"): Int4Linear, ("int4", "int8"): Int4Linear}
 
 
-def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "triton",
+def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto",
                  w4a8: W4A8Kernel = "group") -> EngineLinear:
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel)
@@ -418,7 +440,7 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "tr
 
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "triton",
+                  dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = ("int8",), w4a8: W4A8Kernel = "group",
                   check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the

@@ -49,3 +49,52 @@ def test_bench_opens_artifacts_through_open_denoiser(tmp_path, capsys):
         assert backends[spec]["batches"]["1"]["images_per_s"] > 0
     assert backends[specs[1]]["quantized_layer_weights_vs_bf16"] < 0.55  # the engine's int8 codes
     assert "calibrated for a different checkpoint" in backends[specs[2]]["error"]
+
+
+def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys):
+    """--points runs (batch, backend) pairs in the given order (the time budget cuts the tail) and
+    records which GEMM int8_kernel="auto" picked at each point's rows; a malformed spec exits 2."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--steps", "1", "--repeats", "1",
+                 "--points", "2:int8;1:int8-triton,int8", "--gemm-kernels", "int8_triton",
+                 "--gemm-timing", "cudagraph"]) == 0
+    res = json.loads(out.read_text())
+    e2e = res["end_to_end"]
+    assert e2e["points"] == ["2:int8", "1:int8-triton", "1:int8"] and res["batches"] == [1, 2]
+    assert set(e2e["backends"]) == {"int8", "int8-triton"}
+    assert set(e2e["backends"]["int8-triton"]["batches"]) == {"1"}
+    # 2 x 256 tokens x batch rows: auto takes torch._int_mm for all 8 INT8 layers; pinned Triton stays
+    assert e2e["backends"]["int8"]["batches"]["1"]["int8_gemm_kernels"] == {"int_mm": 8}
+    assert e2e["backends"]["int8"]["batches"]["2"]["int8_gemm_kernels"] == {"int_mm": 8}
+    assert e2e["backends"]["int8-triton"]["batches"]["1"]["int8_gemm_kernels"] == {"triton": 8}
+    for bad in ("64", "x:int8", "8:int8;8:int8", "0:int8"):
+        assert main(["--smoke", "--out", str(out), "--points", bad]) == 2
+    assert "--points" in capsys.readouterr().err
+
+
+def test_gemm_table_columns_and_int8_check_in_interpreter():
+    """The GEMM stage (run by main on the GPU only) driven on the CPU with Triton's interpreter at
+    small shapes: --gemm-kernels keeps bf16 + the named columns; the Triton INT8 result is checked
+    against torch._int_mm's exact int32 (bf16 output rounding only)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest = __import__("pytest")
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from dtq.tools import bench_engines as be
+        be.DEV = torch.device("cpu")
+        be.BLOCK_GEMMS = {"qkv": (96, 128), "fc2": (48, 256)}
+        res = be.gemms(40, None, {"int8_triton", "int8_torch_int_mm"})
+        for name in be.BLOCK_GEMMS:
+            row = res[name]
+            assert set(row) == {"N", "K", "bf16", "int8_triton", "int8_torch_int_mm"}, row.keys()
+            assert "error" not in row["int8_triton"] and 0 < row["int8_triton"]["max_rel_err"] < 2**-7, row
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

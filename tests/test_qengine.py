@@ -179,7 +179,7 @@ def test_gpu_layer_paths_in_interpreter():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         for p in ["int8", "w4a16", "w4a8", "fp8"]:
             eng = build_qengine(m, minmax_recipe(m, p, group=64 if p == "w4a8" else 32, balance=True),
-                                fuse_mlp=("int8", "fp8"))
+                                fuse_mlp=("int8", "fp8"), int8_kernel="triton")  # auto: _int_mm at 20 rows
             for name, lin in engine_layers(eng).items():
                 if p == "w4a8":
                     assert lin.kernel_name() == "Int4Linear[w4a8 int8-MMA]", lin.kernel_name()
@@ -211,3 +211,33 @@ def test_gpu_layer_paths_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_int8_auto_dispatch_by_rows(small_model):
+    """int8_kernel="auto": torch._int_mm up to INT8_INT_MM_MAX_M rows (more than 16: cuBLAS's limit),
+    Triton above; the _int_mm path (run here through torch's CPU _int_mm) matches the reference, and
+    a fused MLP runs unfused where fc1 would take _int_mm. Pinned kernels stay pinned."""
+    from dtq.runtime.qengine import INT8_INT_MM_MAX_M, FusedMlp
+
+    recipe = minmax_recipe(small_model, "int8", balance=True)
+    eng = build_qengine(small_model, recipe)
+    lin = engine_layers(eng)["blocks.0.mlp.fc2"]
+    assert lin.int8_kernel == "auto" and lin.input_mul is not None
+    assert [lin.kernel_for_rows(m) for m in (16, 17, INT8_INT_MM_MAX_M, INT8_INT_MM_MAX_M + 1)] == \
+        ["triton", "int_mm", "int_mm", "triton"]
+    pinned = build_qengine(small_model, recipe, int8_kernel="triton")
+    assert engine_layers(pinned)["blocks.0.mlp.fc2"].kernel_for_rows(512) == "triton"
+    assert engine_layers(build_qengine(small_model, recipe, int8_kernel="int_mm"))["blocks.0.mlp.fc2"] \
+        .kernel_for_rows(10**6) == "int_mm"
+    with pytest.raises(ValueError, match="int8_kernel"):
+        build_qengine(small_model, recipe, int8_kernel="cutlass")
+    x = torch.randn(40, lin.in_features) * 3
+    ref, got = lin.reference(x), lin.kernel_forward(x)  # 40 rows: the _int_mm branch
+    assert quant.sqnr_db(ref, got) > 60, quant.sqnr_db(ref, got)
+    mlps = [m for m in eng.modules() if isinstance(m, FusedMlp)]
+    assert mlps and not [m for m in build_qengine(small_model, recipe, int8_kernel="int_mm").modules()
+                         if isinstance(m, FusedMlp)]
+    mlp = mlps[0]
+    x = torch.randn(2, 20, mlp.fc1.in_features)
+    # 40 rows: fc2(act(fc1(x))), on the CPU the layers' references (a Triton launch would raise here)
+    assert torch.equal(mlp.fused_forward(x), mlp(x))

@@ -156,3 +156,62 @@ def test_w4a16_candidates_by_m():
     assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in large) == 128 * 256
     assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small)
     assert all(192 % c.kwargs["BLOCK_K"] == 0 for c in kernels._prune_w4a16(every, {"M_BUCKET": 1024, "K": 192}))
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_int8_candidates_bit_exact_in_interpreter():
+    """Every INT8 GEMM autotune candidate (both M ranges), pinned one by one in Triton's interpreter,
+    equals the integer GEMM bit for bit (unit scales, float32 out: |acc| < 2**24) on ragged M / N with
+    several M and N tiles (the GROUP_M swizzle) and a K of two 128-steps; the fused GELU + quantize
+    epilogue (fc1) gives the same codes under every candidate. (The interpreter ignores num_warps /
+    num_stages: those are the GPU autotuner's to judge.)"""
+    code = textwrap.dedent("""
+        import torch
+        from dtq.runtime import kernels
+        torch.manual_seed(0)
+        M, N, K = 130, 136, 256  # 64-tiles: 3 x 3 programs, 128: 2 x 2 (ragged), 256: one
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        a[0], w[0] = -128, -128  # the largest product, K times
+        exact = (a.long() @ w.long().T)
+        assert int(exact.abs().max()) == 128 * 128 * K < 2 ** 24
+        sa, sw, b = torch.tensor(0.02), torch.rand(N) * 0.002 + 1e-4, torch.randn(N)
+        ref_codes = None
+        configs = kernels._int8_configs()
+        assert len(configs) >= 15
+        for c in configs:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            got = kernels.int8_mm(a, w, torch.ones(()), torch.ones(N), None, out_dtype=torch.float32, config=cfg)
+            assert torch.equal(got, exact.float()), (cfg, (got - exact.float()).abs().max())
+            codes = kernels.mm8_gelu_quant(a, w, sa, sw, b, None, torch.tensor(0.01), config=cfg)
+            if ref_codes is None:
+                ref_codes = codes
+                h = exact.float() * sa * sw + b
+                want = torch.round(torch.nn.functional.gelu(h, approximate="tanh") / 0.01).clamp(-128, 127)
+                assert (codes.float() - want).abs().max() <= 1 and want.max() == 127 and want.min() < -10
+            assert torch.equal(codes, ref_codes), cfg  # same fp32 epilogue on the same int32 sums
+        print("ok", len(configs))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_int8_candidates_by_m():
+    """Batch 1-8 with guidance (M <= 4096) tunes over small tiles, batch 64 over the large ones
+    (with 128x128x128 / 128x256x64 for the short-K proj); <= 12 each; GROUP_M swizzle everywhere."""
+    from dtq.runtime import kernels
+
+    every = kernels._int8_configs()
+    small = kernels._prune_int8(every, {"M_BUCKET": 512, "K": 1152})
+    large = kernels._prune_int8(every, {"M_BUCKET": 32768, "K": 4608})
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)  # noqa: E731
+    assert 6 <= len(small) <= 12 and 6 <= len(large) <= 12
+    assert kernels._prune_int8(every, {"M_BUCKET": 4096, "K": 1152}) == small
+    assert min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in small) == 64 * 64
+    assert max(c.num_stages for c in small) > 4
+    assert {(128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (256, 128, 128, 4, 8)} <= {shape(c) for c in large}
+    assert all(c.kwargs["GROUP_M"] == 8 for c in every)
+    assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small + large)
+    assert kernels._prune_int8(every, {"M_BUCKET": 512, "K": 96}) == every  # no K tile divides: all (masked loop)

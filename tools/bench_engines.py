@@ -104,6 +104,9 @@ def env_info() -> dict:
     return info
 
 
+GEMM_TIMING = "events"  # --gemm-timing: "cudagraph" times the GEMM table without host launch overhead
+
+
 def bench_ms(fn, warmup_ms=25, rep_ms=100) -> float:
     if DEV.type != "cuda":
         times = []
@@ -198,13 +201,25 @@ def correctness(precisions) -> dict:
 
 
 # -- 2. GEMMs ---------------------------------------------------------------------------------------------
-def gemms(M: int, peaks: dict | None) -> dict:
+def time_gemm(fn) -> float:
+    """One GEMM's median time. "events": triton's do_bench (L2 flushed, each call launched from Python:
+    a kernel shorter than its launch path, e.g. an eager custom op + Triton autotuner dispatch, is timed
+    with the host overhead the engine's CUDA graphs do not have); "cudagraph": do_bench_cudagraph
+    (the calls replayed from a CUDA graph, as the engine runs them)."""
+    if GEMM_TIMING == "cudagraph":
+        import triton.testing
+
+        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+    return bench_ms(fn)
+
+
+def gemms(M: int, peaks: dict | None, kernels: set | None = None) -> dict:
     from dtq.runtime import kernel_ops  # noqa: F401
     from dtq.runtime.kernels_ref import pack_int4
     from dtq.runtime.quant import progressive_int4
 
-    dev = torch.device("cuda")
-    res = {"M": M}
+    dev = DEV  # cuda (main runs this stage on the GPU only; tests drive it on the CPU interpreter)
+    res = {"M": M, "timing": GEMM_TIMING}
     for lname, (N, K) in BLOCK_GEMMS.items():
         flops = 2 * M * N * K
         row = {"N": N, "K": K}
@@ -213,9 +228,11 @@ def gemms(M: int, peaks: dict | None) -> dict:
         bias = torch.randn(N, device=dev)
 
         def rec(name, fn, peak_key):
+            if kernels is not None and name != "bf16" and name not in kernels:  # --gemm-kernels
+                return
             try:
-                fn()
-                ms = bench_ms(fn)
+                fn()  # autotunes (never inside a graph capture)
+                ms = time_gemm(fn)
                 tf = flops / ms / 1e9
                 row[name] = {"ms": round(ms, 4), "tflops": round(tf, 1),
                              "of_peak": round(tf / peaks[peak_key], 3) if peaks else None}
@@ -235,6 +252,13 @@ def gemms(M: int, peaks: dict | None) -> dict:
         ws = torch.rand(N, device=dev) * 1e-3
         rec("int8_triton", lambda: torch.ops.dtq.int8_mm(ai, wi, one, ws, bias, torch.bfloat16), "int8")
         rec("int8_torch_int_mm", lambda: torch._int_mm(ai, wi.t()), "int8")
+        if "ms" in row.get("int8_triton", {}):  # the autotuned config's numbers, against cuBLAS's exact int32
+            ref = torch._int_mm(ai, wi.t()).double() * (ws.double() * float(one)) + bias.double()
+            got = torch.ops.dtq.int8_mm(ai, wi, one, ws, bias, torch.bfloat16).double()
+            err = float((got - ref).abs().max() / ref.abs().max())
+            row["int8_triton"]["max_rel_err"] = err
+            if not err <= 2**-7:  # bf16 output rounding (round to nearest) is <= 2**-8 of the largest value
+                row["int8_triton"]["error"] = f"wrong result: max error {err:.3g} of the largest output"
         wp = pack_int4(torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8))
         gs = torch.rand(N, K // 128, device=dev) * 1e-2
         rec("int4_w4a16_triton", lambda: torch.ops.dtq.w4a16_mm(a, wp, gs, 128, bias), "bf16")
@@ -282,10 +306,10 @@ def build_backend(name: str, base, fingerprint: str):
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m)
         return m
-    precision = name.split("-")[0]  # "int8-intmm": INT8 through torch._int_mm instead of Triton
+    precision = name.split("-")[0]  # "int8-intmm" / "int8-triton": INT8 pinned to torch._int_mm / Triton
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
-                        int8_kernel="int_mm" if name == "int8-intmm" else "triton",
+                        int8_kernel={"int8-intmm": "int_mm", "int8-triton": "triton"}.get(name, "auto"),
                         fuse_mlp=(precision,) if name.endswith("-fusedmlp") else () if name.endswith("-unfused") else ("int8",),
                         w4a8="progressive" if name == "w4a8-progressive" else "group")
     return compile_blocks(eng) if DEV.type == "cuda" else eng
@@ -323,8 +347,34 @@ def weight_report(module, base) -> dict:
             "quantized_layer_weights_vs_bf16": round(codes / bf16_same, 3) if bf16_same else None}
 
 
+def int8_dispatch(module, rows: int) -> dict | None:
+    """Which GEMM each INT8 layer runs at ``rows`` (``Int8Linear.kernel_for_rows``: int8_kernel="auto"
+    picks by rows): {"int_mm": n layers, "triton": n layers}, or None without INT8 layers."""
+    from dtq.runtime.qengine import Int8Linear
+
+    picks = [m.kernel_for_rows(rows) for m in module.modules() if isinstance(m, Int8Linear)] \
+        if isinstance(module, torch.nn.Module) else []
+    return {k: picks.count(k) for k in sorted(set(picks))} or None
+
+
+def parse_points(spec: str) -> list[tuple[int, str]]:
+    """``--points "64:bf16-compile,int8;8:int8"`` -> [(64, "bf16-compile"), (64, "int8"), (8, "int8")]:
+    end-to-end points in the order to run them (the time budget cuts the tail)."""
+    points = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        batch, sep, names = part.partition(":")
+        if not sep or not batch.strip().isdigit() or int(batch) < 1 or not names.strip():
+            raise ValueError(f"--points takes 'BATCH:backend,backend;BATCH:...', got {part!r}")
+        points += [(int(batch), n.strip()) for n in names.split(",") if n.strip()]
+    if len(set(points)) != len(points):
+        raise ValueError(f"--points lists a point twice: {spec!r}")
+    return points
+
+
 def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name="DiT-XL/2",
-               on_point=lambda: None) -> None:
+               on_point=lambda: None, points=None) -> None:
+    """``points``: (batch, backend) pairs in run order (default: every backend at every batch,
+    batch by batch)."""
     from dtq.runtime.backends import GraphedDenoiser
     from dtq.runtime.diffusion import GaussianDiffusion
     from dtq.runtime.sampler import sample
@@ -364,70 +414,78 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
     cuda = DEV.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-    gen = torch.Generator().manual_seed(0)
-    for B in batches:
+    points = points or [(B, name) for B in batches for name in backends]
+    e2e["points"] = [f"{B}:{name}" for B, name in points]
+    for B, name in points:
+        if name not in built:  # its build failed (recorded)
+            continue
+        module = built[name]
+        gen = torch.Generator().manual_seed(B)
         noise = torch.randn(B, 4, 32, 32, generator=gen).to(DEV)
         labels = torch.randint(0, 1000, (B,), generator=gen).to(DEV)
-        for name, module in built.items():
-            entry = e2e["backends"][name]
-            if time.perf_counter() - T0 > budget_s:
-                entry["batches"][str(B)] = {"skipped": f"time budget {budget_s} s reached"}
-                log(f"{name} batch {B}: skipped (time budget)")
-                continue
-            if is_artifact(name):
-                den = module  # already a denoiser (compiled / graphed where its backend can be)
-            else:
-                den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=name != "bf16-eager")
+        entry = e2e["backends"][name]
+        if time.perf_counter() - T0 > budget_s:
+            entry["batches"][str(B)] = {"skipped": f"time budget {budget_s} s reached"}
+            log(f"{name} batch {B}: skipped (time budget)")
+            continue
+        if is_artifact(name):
+            den = module  # already a denoiser (compiled / graphed where its backend can be)
+        else:
+            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=name != "bf16-eager")
 
-            def run(B=B, den=den):
-                sync()
-                gc.collect()
-                base_mem = 0
+        def run(B=B, den=den):
+            sync()
+            gc.collect()
+            base_mem = 0
+            if cuda:
+                torch.cuda.empty_cache()
+                base_mem = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            xin = torch.randn(2 * B, 4, 32, 32, device=DEV)
+            tin = torch.full((2 * B,), 500, device=DEV, dtype=torch.long)
+            yin = torch.cat([labels, torch.full_like(labels, 1000)])
+            den(xin, tin, yin)  # compile (first batch size), autotune, capture
+            sync()
+            warm = time.perf_counter() - t
+            fwd_ms = bench_ms(lambda: den(xin, tin, yin), warmup_ms=10, rep_ms=60)
+            times = []
+            for _ in range(repeats):
+                g = torch.Generator(device=DEV).manual_seed(1)
                 if cuda:
-                    torch.cuda.empty_cache()
-                    base_mem = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                t = time.perf_counter()
-                xin = torch.randn(2 * B, 4, 32, 32, device=DEV)
-                tin = torch.full((2 * B,), 500, device=DEV, dtype=torch.long)
-                yin = torch.cat([labels, torch.full_like(labels, 1000)])
-                den(xin, tin, yin)  # compile (first batch size), autotune, capture
-                sync()
-                warm = time.perf_counter() - t
-                fwd_ms = bench_ms(lambda: den(xin, tin, yin), warmup_ms=10, rep_ms=60)
-                times = []
-                for _ in range(repeats):
-                    g = torch.Generator(device=DEV).manual_seed(1)
-                    if cuda:
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                    t1 = time.perf_counter()
-                    sample(den, diffusion, noise, labels, sampler="ddpm", cfg_scale=4.0, null_class=1000,
-                           generator=g)
-                    if cuda:
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end) / 1e3)
-                    else:
-                        times.append(time.perf_counter() - t1)
-                times.sort()
-                sec = times[len(times) // 2]
-                peak = torch.cuda.max_memory_allocated() - base_mem if cuda else 0
-                r = {"images_per_s": round(B / sec, 2), "sample_s": round(sec, 3), "all_s": [round(v, 3) for v in times],
-                     "forward_ms": round(fwd_ms, 3), "forward_images_per_s": round(2 * B / fwd_ms * 1e3, 1),
-                     "warmup_s": round(warm, 1),
-                     "peak_gpu_mem_gb": round((peak + entry.get("weights_gb", 0) * 1e9) / 1e9, 3)}
-                if hasattr(den, "reset"):
-                    den.reset()
-                return r
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                t1 = time.perf_counter()
+                sample(den, diffusion, noise, labels, sampler="ddpm", cfg_scale=4.0, null_class=1000,
+                       generator=g)
+                if cuda:
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+                else:
+                    times.append(time.perf_counter() - t1)
+            times.sort()
+            sec = times[len(times) // 2]
+            peak = torch.cuda.max_memory_allocated() - base_mem if cuda else 0
+            r = {"images_per_s": round(B / sec, 2), "sample_s": round(sec, 3), "all_s": [round(v, 3) for v in times],
+                 "forward_ms": round(fwd_ms, 3), "forward_images_per_s": round(2 * B / fwd_ms * 1e3, 1),
+                 "warmup_s": round(warm, 1),
+                 "peak_gpu_mem_gb": round((peak + entry.get("weights_gb", 0) * 1e9) / 1e9, 3)}
+            tokens = getattr(getattr(module, "config", None), "num_tokens", None)
+            picks = int8_dispatch(module, 2 * B * tokens) if tokens else None
+            if picks:  # int8_kernel="auto" is a rule by rows: which kernel this point ran
+                r["int8_gemm_kernels"] = picks
+            if hasattr(den, "reset"):
+                den.reset()
+            return r
 
-            guarded(entry["batches"], str(B), run)
-            on_point()  # the JSON on disk is never more than one point behind
-            r = entry["batches"][str(B)]
-            if "images_per_s" in r:
-                log(f"{name} batch {B}: {r['images_per_s']} img/s (50 steps, CFG), forward {r['forward_ms']} ms "
-                    f"@{2 * B}, peak {r['peak_gpu_mem_gb']} GB, warm-up {r['warmup_s']} s")
-            del den
+        guarded(entry["batches"], str(B), run)
+        on_point()  # the JSON on disk is never more than one point behind
+        r = entry["batches"][str(B)]
+        if "images_per_s" in r:
+            log(f"{name} batch {B}: {r['images_per_s']} img/s (50 steps, CFG), forward {r['forward_ms']} ms "
+                f"@{2 * B}, peak {r['peak_gpu_mem_gb']} GB, warm-up {r['warmup_s']} s")
+        del den
     built.clear()
     gc.collect()
 
@@ -529,18 +587,29 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm-m", default=None,
                     help="comma list of GEMM row counts for the per-GEMM stage (default: 2 x 256 x the largest "
                          "batch); e.g. 32768,4096,512 = batches 64, 8, 1 with guidance")
+    ap.add_argument("--points", default=None,
+                    help="end-to-end points in run order, 'BATCH:backend,backend;BATCH:...' (replaces --batches x "
+                         "--backends; the time budget cuts the tail), e.g. '64:bf16-compile,int8;8:bf16-compile,int8'")
+    ap.add_argument("--gemm-kernels", default=None,
+                    help="comma list of the GEMM table's columns to measure (bf16 always), e.g. "
+                         "int8_triton,int8_torch_int_mm,fp8_scaled_mm_tensorwise (default: all)")
+    ap.add_argument("--gemm-timing", choices=("events", "cudagraph"), default="events",
+                    help="GEMM table timing: per-call events (do_bench) or calls replayed from a CUDA graph "
+                         "(do_bench_cudagraph: no host launch overhead, as in the engine)")
     ap.add_argument("--model", default="DiT-XL/2", help="DiT config of the end-to-end runs")
     ap.add_argument("--smoke", action="store_true",
                     help="dry run on the CPU: tiny model, reference layers, no GEMM stage (checks the script itself)")
     args = ap.parse_args(argv)
     try:  # before minutes of benchmarking, not after
         check_output_path(args.out, "file")
+        points = parse_points(args.points) if args.points is not None else None
         if not math.isfinite(args.budget_s):
             raise ValueError(f"--budget-s must be a finite number, got {args.budget_s}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    global DEV
+    global DEV, GEMM_TIMING
+    GEMM_TIMING = args.gemm_timing
     if args.smoke:
         DEV = torch.device("cpu")
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -559,6 +628,10 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(b) for b in args.batches.split(",")]
     backends = [b for b in args.backends.split(",") if b]
+    if points:
+        batches = list(dict.fromkeys(B for B, _ in points))
+        backends = list(dict.fromkeys(name for _, name in points))
+    gemm_kernels = set(filter(None, args.gemm_kernels.split(","))) if args.gemm_kernels is not None else None
     results = {"env": env_info(), "batches": sorted(batches), "args": vars(args) | {"out": str(args.out)}}
     log(f"GPU {results['env'].get('gpu')}, torch {torch.__version__}, triton {results['env'].get('triton')}")
 
@@ -579,13 +652,15 @@ def main(argv=None) -> int:
         save()
     if "gemms" not in skip and DEV.type == "cuda":
         gemm_ms = [int(m) for m in args.gemm_m.split(",")] if args.gemm_m else [2 * max(batches) * 256]
-        guarded(results, "gemms", lambda: gemms(gemm_ms[0], results["env"].get("peak_tflops")))
+        guarded(results, "gemms", lambda: gemms(gemm_ms[0], results["env"].get("peak_tflops"), gemm_kernels))
         for m in gemm_ms[1:]:
-            guarded(results.setdefault("gemms_more", {}), str(m), lambda m=m: gemms(m, results["env"].get("peak_tflops")))
+            guarded(results.setdefault("gemms_more", {}), str(m),
+                    lambda m=m: gemms(m, results["env"].get("peak_tflops"), gemm_kernels))
         save()
     if "e2e" not in skip:
         try:
-            end_to_end(backends, batches, args.steps, args.repeats, args.budget_s, results, args.model, on_point=save)
+            end_to_end(backends, batches, args.steps, args.repeats, args.budget_s, results, args.model, on_point=save,
+                       points=points)
         except Exception as exc:
             results.setdefault("end_to_end", {})["error"] = f"{type(exc).__name__}: {exc}"[:500]
             log(f"end to end FAILED: {exc}")
