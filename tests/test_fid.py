@@ -53,6 +53,22 @@ def test_frechet_distance_closed_form():
         (np.sqrt(2) - 1) ** 2 * np.trace(s), rel=1e-7)
 
 
+def test_low_rank_trace_equals_sqrtm():
+    """Fewer images than features: the n x n eigenvalue form of Tr sqrt(S_a S_b) is the sqrtm one
+    (both sides small, one small, and against a stats file's full covariance)."""
+    rng = np.random.default_rng(3)
+    d = 48
+    mix = rng.standard_normal((d, d))
+    fa, fb = rng.standard_normal((20, d)) @ mix, rng.standard_normal((300, d)) @ (0.7 * mix) + 0.3
+    fc = rng.standard_normal((12, d)) @ mix + 1
+    a, b, c = fid.Stats.of(fa), fid.Stats.of(fb), fid.Stats.of(fc)
+    assert a.factor is not None and c.factor is not None and b.factor is None
+    full = lambda st: fid.Stats(st.mu, st.sigma, st.n)  # noqa: E731  (what a saved stats file gives)
+    for x, y in ((a, b), (b, a), (a, c), (c, full(b))):
+        fast, slow = fid.frechet_distance(x, y), fid.frechet_distance(full(x), full(y))
+        assert fast == pytest.approx(slow, rel=1e-6, abs=1e-6) and fast > 1
+
+
 def test_precision_recall_synthetic():
     rng = np.random.default_rng(1)
     real = rng.standard_normal((300, 8))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +90,18 @@ class Stats:
     mu: np.ndarray  # [D] float64
     sigma: np.ndarray  # [D, D] float64
     n: int
+    # centred features / sqrt(n - 1) when n < D (sigma = factor^T factor, rank < D): lets
+    # frechet_distance take Tr sqrt(S_a S_b) from an n x n eigenproblem instead of a D x D sqrtm
+    factor: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, features: np.ndarray) -> "Stats":
         f = np.asarray(features, dtype=np.float64)
         if len(f) < 2:
             raise ValueError("statistics need at least 2 images")
-        return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
+        mu = f.mean(0)
+        factor = (f - mu) / np.sqrt(len(f) - 1) if len(f) < f.shape[1] else None
+        return cls(mu, np.cov(f, rowvar=False), len(f), factor)
 
     def save(self, path: str | os.PathLike, protocol: str = PROTOCOL) -> Path:
         """float32 ``mu``/``sigma`` (half the size; FID changes by < 1e-3), written atomically."""
@@ -118,10 +123,17 @@ class Stats:
 
 def frechet_distance(a: Stats, b: Stats, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)); a singular product gets ``eps`` on the
-    diagonal (as TTUR/ADM do)."""
+    diagonal (as TTUR/ADM do). When one side has fewer images than feature dimensions (its
+    ``factor`` F, S = F^T F), the nonzero eigenvalues of S_a S_b are those of the small symmetric
+    F S_other F^T, so the trace of the square root is exact from an n x n ``eigvalsh``."""
+    diff = a.mu - b.mu
+    small, other = (a, b) if a.factor is not None else (b, a)
+    if small.factor is not None:
+        ev = np.linalg.eigvalsh(small.factor @ other.sigma @ small.factor.T)
+        tr_covmean = float(np.sqrt(np.clip(ev, 0, None)).sum())
+        return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
     from scipy import linalg
 
-    diff = a.mu - b.mu
     covmean = linalg.sqrtm(a.sigma.dot(b.sigma))
     if not np.isfinite(covmean).all():
         offset = np.eye(a.sigma.shape[0]) * eps
