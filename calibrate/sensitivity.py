@@ -47,6 +47,7 @@ PRECISIONS = {
     "w4a16": ((4, 16, "int", "int"), ("int4", "none")),
     "w4a8": ((4, 8, "int", "int"), ("int4", "int8")),
 }
+PrecisionName = Literal["int8", "fp8", "w8a16", "w4a16", "w4a8"]
 Unit = Literal["layer", "block"]
 BudgetUnit = Literal["fraction", "layers"]
 
@@ -267,3 +268,43 @@ def pick_overrides(sens: Sensitivity, budget: float, budget_unit: BudgetUnit = "
 def overrides_layers(overrides: list[str]) -> list[str]:
     """The layer names of ``NAME=PRECISION`` strings (``pick_overrides``' output)."""
     return [o.split("=", 1)[0] for o in overrides]
+
+
+# -- one call: calibrate, sweep, pick, merge --------------------------------------------------------
+@dataclass
+class MixedConfig:
+    """The sweep and the pick (``dtq-sensitivity``'s options beside CalibConfig's)."""
+
+    high_precision: PrecisionName = field(default="int8", metadata={"help": "precision the picked layers get"})
+    budget: float = field(default=0.1, metadata={"help": "fraction of the quantized weight parameters (budget-unit "
+                                                         "fraction) or number of layers (layers) raised"})
+    budget_unit: BudgetUnit = field(default="fraction", metadata={"help": "fraction of parameters, or layers"})
+    unit: Unit = field(default="layer", metadata={"help": "sweep unit: one layer, or all quantized layers of a block"})
+    groups: int = field(default=4, metadata={"help": "timestep groups the metrics are reported for"})
+
+    def __post_init__(self) -> None:
+        if self.high_precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.high_precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.groups < 1:
+            raise ValueError("groups must be >= 1")
+        pick_units(Sensitivity("", "", [], {}, {}), self.budget, self.budget_unit)  # validates the budget
+
+
+def mixed_calibrate(model: nn.Module, data: CalibrationSet, held_out: CalibrationSet, config: CalibConfig,
+                    mixed: MixedConfig = MixedConfig()) -> tuple[Recipe, Sensitivity, list[str]]:
+    """Calibrate ``config`` (the low precision) and its matched ``mixed.high_precision`` recipe on one
+    set of statistics, sweep, pick under the budget: (mixed recipe, sweep, overrides)."""
+    from .api import calibrate, statistics
+
+    stats = statistics(model, data, config)
+    low = calibrate(model, stats, config)
+    high = matched_high_recipe(model, stats, low, config_for_precision(config, mixed.high_precision))
+    sens = layer_sensitivity(model, low, high, held_out, unit=mixed.unit, groups=mixed.groups,
+                             batch_size=config.batch_size, device=config.device, progress=config.progress)
+    overrides = pick_overrides(sens, mixed.budget, mixed.budget_unit)
+    recipe = mixed_recipe(low, high, overrides_layers(overrides))
+    recipe.info["sensitivity"] = {"budget": mixed.budget, "budget_unit": mixed.budget_unit, "unit": mixed.unit,
+                                  "sweep_seconds": round(sens.seconds, 2),
+                                  "low_sqnr_mean_db": round(sens.low["sqnr_mean_db"], 3),
+                                  "high_sqnr_mean_db": round(sens.high["sqnr_mean_db"], 3)}
+    return recipe, sens, overrides

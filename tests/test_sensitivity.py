@@ -155,3 +155,23 @@ def test_unmatched_recipes_are_refused(setup):
         layer_sensitivity(model, other, high, held)
     with pytest.raises(ValueError, match="not in the recipe"):
         mixed_recipe(low, high, ["blocks.99.attn.qkv"])
+
+
+def test_cli_writes_mixed_recipe_and_report(tmp_path, capsys):
+    import json
+
+    from dtq.runtime.recipe import load_recipe
+    from dtq.tools.sensitivity import main
+
+    out = tmp_path / "mixed"
+    rc = main(["--weight-bits", "4", "--weight-granularity", "group128", "--budget", "2", "--budget-unit", "layers",
+               "--cali-n", "1", "--cali-steps", "2", "--steps", "4", "--eval-n", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "sensitivity.json").read_text())
+    raised = overrides_layers(report["overrides"])
+    assert len(raised) == 2 and raised == report["ranking"][:2]
+    recipe = load_recipe(out)
+    assert sorted(n for n, l in recipe.layers.items() if l.weight_format == "int8") == sorted(raised)
+    assert sum(l.weight_format == "int4" for l in recipe.layers.values()) == 22
+    assert "overrides (2)" in capsys.readouterr().out
+    assert main(["--budget", "1.5", "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
