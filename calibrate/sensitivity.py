@@ -73,18 +73,27 @@ def config_for_precision(config: CalibConfig, precision: str) -> CalibConfig:
     return replace(config, weight_bits=wb, act_bits=ab, weight_format=wf, act_format=af, weight_granularity=gran)
 
 
-def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe, config_high: CalibConfig) -> Recipe:
+def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe, config_high: CalibConfig,
+                        forward_loop=None) -> Recipe:
     """The high-precision recipe on ``recipe_low``'s balancing vectors, method and searches: the same
-    folded model, only formats and scales differ (what the sweep and ``mixed_recipe`` need)."""
+    folded model, only formats and scales differ (what the sweep and ``mixed_recipe`` need). The
+    config's weight refinements (GPTQ, low-rank) run too; GPTQ needs ``forward_loop``."""
+    from .weights import refine_weights, wants_refinement
+
     opts = recipe_low.options
     balances = {n: recipe_low.balance(n) for n in recipe_low.layers if recipe_low.balance(n) is not None}
     config_high = replace(config_high, keep=list(opts.get("kept", [])))
     extra = {k: v for k, v in opts.items() if k not in ("weight_bits", "act_bits", "weight_format", "act_format",
                                                         "weight_granularity", "weight_search", "act_search", "kept")}
     extra["balances_from"] = "low-precision recipe (mixed-precision sweep)"
-    return assemble_recipe(model, stats, config_high, recipe_low.method, balances, extra,
-                           weight_search=opts.get("weight_search"), act_search=opts.get("act_search"),
-                           info={"matched_to": {k: opts.get(k) for k in ("weight_format", "act_format")}})
+    recipe = assemble_recipe(model, stats, config_high, recipe_low.method, balances, extra,
+                             weight_search=opts.get("weight_search"), act_search=opts.get("act_search"),
+                             info={"matched_to": {k: opts.get(k) for k in ("weight_format", "act_format")}})
+    if wants_refinement(config_high):
+        if config_high.gptq and forward_loop is None:
+            raise ValueError("GPTQ needs the calibration data: pass forward_loop=")
+        refine_weights(model, recipe, forward_loop, config_high)
+    return recipe
 
 
 def check_matched(recipe_low: Recipe, recipe_high: Recipe) -> None:
@@ -113,7 +122,10 @@ def mixed_recipe(recipe_low: Recipe, recipe_high: Recipe, raised: list[str]) -> 
     for name in raised:
         layer = copy.deepcopy(recipe_high.layers[name])
         out.layers[name] = layer
-        out.tensors[layer.weight_scale] = recipe_high.tensors[layer.weight_scale].clone()
+        for attr in ("weight_scale", "weight", "lowrank_up", "lowrank_down"):  # every tensor of the layer
+            key = getattr(layer, attr)
+            if key is not None:
+                out.tensors[key] = recipe_high.tensors[key].clone()
     hi = recipe_high.layers[raised[0]] if raised else None
     if hi is not None:
         p = precision_of(hi.weight_format, hi.act_format)
@@ -297,8 +309,9 @@ def mixed_calibrate(model: nn.Module, data: CalibrationSet, held_out: Calibratio
     from .api import calibrate, statistics
 
     stats = statistics(model, data, config)
-    low = calibrate(model, stats, config)
-    high = matched_high_recipe(model, stats, low, config_for_precision(config, mixed.high_precision))
+    loop = data.forward_loop(config.batch_size, config.device, config.progress)
+    low = calibrate(model, stats, config, forward_loop=loop)
+    high = matched_high_recipe(model, stats, low, config_for_precision(config, mixed.high_precision), loop)
     sens = layer_sensitivity(model, low, high, held_out, unit=mixed.unit, groups=mixed.groups,
                              batch_size=config.batch_size, device=config.device, progress=config.progress)
     overrides = pick_overrides(sens, mixed.budget, mixed.budget_unit)
