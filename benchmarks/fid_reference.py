@@ -41,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, help="checkpoint (default: the built-in dit-tiny-fmnist, for smoke tests)")
     p.add_argument("--steps", default="100,50", help="respaced DDPM step counts, comma-separated (default 100,50)")
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR", help="a recipe setting (repeatable)")
-    p.add_argument("--calibrate", action="append", default=[], metavar="NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...]",
+    p.add_argument("--calibrate", action="append", default=[], metavar="NAME=METHOD:PRECISION[:GRAN][:KEY=VAL...]",
                    help="calibrate a recipe here first (dtq.calibrate, default calibration set) and sample it, e.g. "
-                        "w8a8=ditas:8:8:channel or w4a8=ditas:4:8:group128:weight_search=mse (KEY: any CalibConfig "
+                        "w8a8=ditas:int8:channel or w4a8=ditas:w4a8:group128:weight_search=mse (KEY: any CalibConfig "
                         "field); the recipe is saved to OUT/recipes/NAME. Names GROUP/CANDIDATE: of the candidates of "
                         "one group only the best by held-out noise SQNR is sampled (as GROUP-<steps>.npz)")
     p.add_argument("--compile", action="store_true",
@@ -91,7 +91,8 @@ def sample_set(denoiser, model, steps: int, labels: torch.Tensor, args, ctx=SING
 
 
 def parse_calibrations(specs: list[str]) -> dict | None:
-    """``{name: {"spec", "config": CalibConfig kwargs}}`` from NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...].
+    """``{name: {"spec", "config": CalibConfig kwargs}}`` from NAME=METHOD:PRECISION[:GRAN][:KEY=VAL...]
+    (PRECISION: dtq.formats' quantized precisions; ``overrides=`` values take no ``:GRANULARITY``).
     Values are parsed by dtq-calibrate's own options (``tools.cli`` over ``CalibConfig``): the same
     types, choices and ``--x/--no-x`` booleans."""
     import argparse
@@ -108,7 +109,7 @@ def parse_calibrations(specs: list[str]) -> dict | None:
         name, _, how = spec.partition("=")
         parts = how.split(":")
         plain = [x for x in parts if "=" not in x]
-        given = dict(zip(("method", "weight_bits", "act_bits", "weight_granularity"), plain))
+        given = dict(zip(("method", "precision", "weight_granularity"), plain))
         given.update(x.split("=", 1) for x in parts if "=" in x)
         argv = []
         for key, value in given.items():
@@ -117,9 +118,9 @@ def parse_calibrations(specs: list[str]) -> dict | None:
                 argv.append(flag if value.lower() in ("1", "true", "yes") else "--no-" + key.replace("_", "-"))
             else:
                 argv += [flag, value]
-        usage = (f"error: --calibrate expects NAME=METHOD:WBITS:ABITS[:GRAN][:KEY=VAL...] with KEY a CalibConfig "
+        usage = (f"error: --calibrate expects NAME=METHOD:PRECISION[:GRAN][:KEY=VAL...] with KEY a CalibConfig "
                  f"field, got {spec!r}")
-        if len(plain) not in (3, 4) or not name or any(k not in hints for k in given):
+        if len(plain) not in (2, 3) or not name or any(k not in hints for k in given):
             print(usage, file=sys.stderr)
             return None
         try:
@@ -127,7 +128,7 @@ def parse_calibrations(specs: list[str]) -> dict | None:
         except SystemExit:  # argparse has printed which value it refused
             print(usage, file=sys.stderr)
             return None
-        out[name] = {"spec": how, "config": {"weight_granularity": "channel"} | {k: getattr(ns, k) for k in given}}
+        out[name] = {"spec": how, "config": {k: getattr(ns, k) for k in given}}
     return out
 
 

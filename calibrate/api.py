@@ -21,7 +21,7 @@ from torch import nn
 
 from ..runtime.recipe import Recipe
 from ..runtime.zoo import BUILTIN_MODELS
-from .build import quant_layer_names
+from .build import layer_precisions, quant_layer_names
 from .config import CalibConfig, CalibDataConfig
 from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
@@ -103,6 +103,7 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
         raise ValueError(f"device {config.device!r} requested but CUDA is not available")
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
+    layer_precisions(model, config)  # an override matching no layer fails before any sampling
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:

@@ -7,38 +7,35 @@ inputs ``X / b``, and writes the ``Recipe``.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
+from .. import formats
 from ..runtime import quant
 from ..runtime.recipe import LayerRecipe, Recipe, balanced_model, layer_role, model_fingerprint
-from .config import CalibConfig
+from .config import CalibConfig, LayerPrecision
 from .search import search_act_amax, search_act_amax_samples, search_weight_scale
 from .stats import LayerStats, Statistics
 
 # where each role's balancing folds: a recipe layer's balance_fold (docs/calibration.md), done by
-# runtime.recipe.fold_balance
-FOLD_BY_ROLE = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
+# runtime.recipe.fold_balance; the table is dtq.formats'
+FOLD_BY_ROLE = formats.FOLD_BY_ROLE
 
 
 def quant_layer_names(model: nn.Module, roles: list[str]) -> list[str]:
     """``blocks.N.<role>`` for every block, in model order."""
-    return [f"blocks.{i}.{r}" for i in range(len(model.blocks)) for r in roles]
+    return formats.layer_names(len(model.blocks), roles)
 
 
-def kept_layers(names: list[str], patterns: list[str]) -> set[str]:
-    """The layers ``patterns`` (names or fnmatch patterns) keep unquantized. A pattern that
-    matches nothing is an error: a typo would otherwise quantize the layer it meant to keep."""
-    kept = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(names, pattern)
-        if not hits:
-            raise ValueError(f"keep: {pattern!r} matches no quantizable layer (they are blocks.N.ROLE with "
-                             f"ROLE in {sorted({n.split('.', 2)[2] for n in names})})")
-        kept.update(hits)
-    return kept
+def layer_precisions(model: nn.Module, config: CalibConfig) -> dict[str, LayerPrecision]:
+    """Every layer ``config.layers`` names, with its precision after ``config.overrides``."""
+    return config.layer_precisions(quant_layer_names(model, config.layers))
+
+
+def quantized_layers(model: nn.Module, config: CalibConfig, roles=None) -> dict[str, LayerPrecision]:
+    """The layers (of ``roles``, default all configured) that get quantized, with their precision."""
+    roles = config.layers if roles is None else roles
+    return {n: lp for n, lp in layer_precisions(model, config).items() if lp.quantized and layer_role(n) in roles}
 
 
 def weight_salience(model: nn.Module, name: str) -> torch.Tensor:
@@ -46,18 +43,19 @@ def weight_salience(model: nn.Module, name: str) -> torch.Tensor:
     return model.get_submodule(name).weight.detach().float().abs().amax(dim=0).cpu()
 
 
-def act_amax(st: LayerStats, b: torch.Tensor | None, config: CalibConfig, search: str) -> float:
-    """Clip range of the (balanced) input of a layer. Its exact maximum comes from the
-    per-channel maxima: max |X / b| = max_j s(X_j) / b_j."""
+def act_amax(st: LayerStats, b: torch.Tensor | None, config: CalibConfig, search: str, afmt: str | None = None) -> float:
+    """Clip range of the (balanced) input of a layer in activation format ``afmt`` (default: the
+    config's). Its exact maximum comes from the per-channel maxima: max |X / b| = max_j s(X_j) / b_j."""
+    afmt = afmt or config.afmt
     sx = st.channel_amax_all()
     if b is None:
         if search == "minmax":
             return float(sx.max())
-        return search_act_amax(st.hist, config.afmt, search, config.percentile, config.lp)
+        return search_act_amax(st.hist, afmt, search, config.percentile, config.lp)
     exact = float((sx / b).max())
     if search == "minmax":
         return exact
-    return search_act_amax_samples(st.token_samples() / b, config.afmt, search, config.percentile, config.lp,
+    return search_act_amax_samples(st.token_samples() / b, afmt, search, config.percentile, config.lp,
                                    amax=exact)
 
 
@@ -69,32 +67,36 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
     balances = balances or {}
     weight_search = weight_search or config.weight_search
     act_search = act_search or config.act_search
-    gran, group = config.granularity
-    all_names = quant_layer_names(model, config.layers)
-    kept = kept_layers(all_names, config.keep)
-    names = [n for n in all_names if n not in kept]
+    precisions = layer_precisions(model, config)  # each layer in its own precision (overrides)
+    kept = sorted(n for n, lp in precisions.items() if not lp.quantized)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerRecipe] = {}
-    for name in names:
+    for name, lp in precisions.items():
+        if not lp.quantized:
+            continue
+        gran, group = lp.granularity
         layer = LayerRecipe(weight_format="none", weight_granularity=gran, weight_group_size=group, act_format="none")
         b = balances.get(name)
         if b is not None:
             tensors[f"{name}.balance"] = b.detach().float().cpu()
             layer.balance, layer.balance_fold = f"{name}.balance", FOLD_BY_ROLE[layer_role(name)]
         layers[name] = layer
-    opts = {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "weight_format": config.wfmt,
-            "act_format": config.afmt, "weight_granularity": config.weight_granularity,
-            "weight_search": weight_search, "act_search": act_search, "kept": sorted(kept), **(options or {})}
-    recipe = Recipe(method, model_fingerprint(model), layers, tensors, opts, model.config.to_dict(), dict(info or {}))
+    opts = {"precision": config.precision, "weight_granularity": config.weight_granularity,
+            "overrides": list(config.overrides), "weight_search": weight_search, "act_search": act_search,
+            "kept": kept, **(options or {})}
+    recipe = Recipe(method, model_fingerprint(model), layers, tensors, opts, model.config.to_dict(), dict(info or {}),
+                    precision=config.precision)
     folded = balanced_model(model, recipe, check=False)  # weights as the simulated model will hold them
     for name, layer in layers.items():
+        lp = precisions[name]
         w = folded.get_submodule(name).weight
         tensors[f"{name}.weight_scale"] = search_weight_scale(
-            w, config.wfmt, gran, group, weight_search, config.percentile, config.lp).cpu()
-        layer.weight_format, layer.weight_scale = config.wfmt, f"{name}.weight_scale"
-        if config.afmt != "none":
+            w, lp.wfmt, layer.weight_granularity, layer.weight_group_size, weight_search, config.percentile,
+            config.lp).cpu()
+        layer.weight_format, layer.weight_scale = lp.wfmt, f"{name}.weight_scale"
+        if lp.afmt != "none":
             b = tensors.get(f"{name}.balance")
-            amax = act_amax(stats[name], b, config, act_search)
-            layer.act_format, layer.act_scale = config.afmt, float(quant.scale_from_amax(amax, config.afmt))
+            amax = act_amax(stats[name], b, config, act_search, lp.afmt)
+            layer.act_format, layer.act_scale = lp.afmt, float(quant.scale_from_amax(amax, lp.afmt))
     recipe.validate(model)
     return recipe

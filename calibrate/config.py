@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .. import formats
 from ..checks import check_finite_fields
 
 MethodName = Literal["minmax", "percentile", "mse", "smoothquant", "ptq4dit", "ditas"]
 ScaleSearch = Literal["minmax", "percentile", "mse"]
+# the choices are the precision table's (dtq.formats); the tests check the two agree
+PrecisionName = Literal["int8", "fp8", "w8a16", "w4a16", "w4a8"]
 WeightGranularity = Literal["tensor", "channel", "group32", "group64", "group128"]
-WeightFormat = Literal["int", "fp8"]
-DEFAULT_LAYERS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+DEFAULT_LAYERS = list(formats.ROLES)
 
 
 def _h(text: str, **kw) -> dict:
@@ -47,12 +49,11 @@ class CalibConfig:
     """What to quantize and how. ``calibrate(model, data, CalibConfig(...)) -> Recipe``."""
 
     method: MethodName = field(default="minmax", metadata=_h("PTQ method"))
-    weight_bits: Literal[4, 8] = field(default=8, metadata=_h("weight bits (4: INT4 weight-only blocks)"))
-    act_bits: Literal[8, 16] = field(default=8, metadata=_h("activation bits (16: activations not quantized)"))
-    weight_format: WeightFormat = field(default="int", metadata=_h("int, or fp8 (E4M3; with --weight-bits 8)"))
-    act_format: WeightFormat = field(default="int", metadata=_h("int, or fp8 (E4M3) activations"))
-    weight_granularity: WeightGranularity = field(
-        default="channel", metadata=_h("weight scale granularity: per tensor, per output channel, per C_in group"))
+    precision: PrecisionName = field(default="int8", metadata=_h(
+        "weights x activations: int8 (W8A8), fp8 (W8A8 E4M3), w8a16 / w4a16 (weight-only), w4a8"))
+    weight_granularity: WeightGranularity | None = field(default=None, metadata=_h(
+        "weight scale granularity: per tensor, per output channel, per C_in group (int8/fp8/w8a16: channel or "
+        "tensor; w4a16/w4a8: group128/64/32); default: the precision's first"))
     weight_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for weight scales"))
     act_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for activation scales"))
     percentile: float = field(default=99.99, metadata=_h("percentile of |x| for the percentile search"))
@@ -62,9 +63,9 @@ class CalibConfig:
     alpha_grid_step: float = field(default=0.05, metadata=_h("DiTAS alpha grid step over [0, 1]"))
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
                               metadata=_h("layer roles in each block to quantize"))
-    keep: list[str] = field(default_factory=list, metadata=_h(
-        "layers left unquantized (FP16 in the engine): names or fnmatch patterns, comma-separated, e.g. "
-        "dtq-compare's 'keep in higher precision' list: blocks.11.attn.proj,blocks.10.attn.proj"))
+    overrides: list[str] = field(default_factory=list, metadata=_h(
+        "per-layer precisions, comma-separated PATTERN=PRECISION[:GRANULARITY] (fnmatch over layer names, later "
+        "wins; fp16 = left unquantized), e.g. 'blocks.11.*=fp16,*.mlp.fc2=w8a16'"))
     # weight-side refinements, after any method, on the balanced weight W diag(b) (calibrate/weights.py)
     gptq: bool = field(default=False, metadata=_h(
         "GPTQ weight rounding (Hessian of the balanced layer inputs, all calibration timesteps pooled)"))
@@ -82,12 +83,17 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         check_finite_fields(self)  # percentile, lp, alpha, alpha_grid_step
-        if self.weight_bits == 4 and self.weight_format != "int":
-            raise ValueError("4-bit weights are INT4 only")
-        if self.weight_format == "fp8" and self.weight_bits != 8:
-            raise ValueError("fp8 weights need weight_bits 8")
-        if self.weight_bits == 4 and self.weight_granularity == "tensor":
-            raise ValueError("INT4 weights need per-channel or group granularity")
+        if self.precision not in formats.QUANTIZED_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(formats.QUANTIZED_PRECISIONS)} "
+                             f"(fp32/fp16 take no calibration), got {self.precision!r}")
+        p = formats.get_precision(self.precision)
+        if self.weight_granularity is None:
+            self.weight_granularity = p.default_granularity
+        if self.weight_granularity not in p.granularities:
+            raise ValueError(f"precision {self.precision} takes weight granularity {', '.join(p.granularities)}; "
+                             f"got {self.weight_granularity!r}")
+        for text in self.overrides:
+            formats.parse_override(text)  # syntax and precision names; patterns are matched at calibration
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
         if self.lowrank_rank < 0 or self.lowrank_iters < 1 or self.gptq_block < 1 or self.gptq_damp < 0:
@@ -99,13 +105,43 @@ class CalibConfig:
     # -- derived --------------------------------------------------------------------------------
     @property
     def wfmt(self) -> str:
-        return "int4" if self.weight_bits == 4 else ("fp8_e4m3" if self.weight_format == "fp8" else "int8")
+        """Weight format of the default precision."""
+        return formats.get_precision(self.precision).weight_format
 
     @property
     def afmt(self) -> str:
-        return "none" if self.act_bits == 16 else ("fp8_e4m3" if self.act_format == "fp8" else "int8")
+        """Activation format of the default precision."""
+        return formats.get_precision(self.precision).act_format
 
     @property
     def granularity(self) -> tuple[str, int | None]:
-        g = self.weight_granularity
-        return ("group", int(g[5:])) if g.startswith("group") else (g, None)
+        return formats.parse_granularity(self.weight_granularity)
+
+    def layer_precisions(self, names: list[str]) -> dict[str, "LayerPrecision"]:
+        """Each named layer's precision after the overrides (``fp16`` ones: left unquantized)."""
+        resolved = formats.resolve_layer_precisions(names, self.precision, self.weight_granularity, self.overrides)
+        return {n: LayerPrecision(p, g) for n, (p, g) in resolved.items()}
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One layer's precision and weight granularity, as the methods and ``assemble_recipe`` use it."""
+
+    precision: str
+    weight_granularity: str | None
+
+    @property
+    def quantized(self) -> bool:
+        return formats.get_precision(self.precision).quantized
+
+    @property
+    def wfmt(self) -> str:
+        return formats.get_precision(self.precision).weight_format
+
+    @property
+    def afmt(self) -> str:
+        return formats.get_precision(self.precision).act_format
+
+    @property
+    def granularity(self) -> tuple[str, int | None]:
+        return formats.parse_granularity(self.weight_granularity)

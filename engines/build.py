@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from .. import __version__ as DTQ_VERSION
+from .. import artifacts, formats
 from ..checks import check_finite_fields, check_output_path
 from .engine_dir import META, EngineDirError, EngineMeta, write_engine_dir
 from .trt import RTX_COMPUTE_CAPABILITIES, RTX_DEFAULT_TARGET, Backend, load_backend, query_gpu, sm_to_cc
 
-META_PREFIX = "dtq."
 
 
 def _meta(text: str) -> dict:
@@ -101,14 +101,6 @@ class OnnxFacts:
     sha256: str
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inspect_onnx(path: Path) -> OnnxFacts:
     """Read and check the ONNX (external data included) without TensorRT."""
     import onnx
@@ -133,9 +125,20 @@ def inspect_onnx(path: Path) -> OnnxFacts:
         return out
 
     inits = {i.name for i in model.graph.initializer}
-    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    meta = artifacts.read_onnx_metadata(model)
     return OnnxFacts(shapes(v for v in model.graph.input if v.name not in inits), shapes(model.graph.output),
-                     meta, _file_sha256(path))
+                     meta, artifacts.file_sha256(path))
+
+
+def _tensorrt_refusals(metadata: dict[str, str]) -> list[str]:
+    """What the precision table says TensorRT refuses among the graph's layer precisions (dtq-export
+    records them; a graph without the key, e.g. from elsewhere, is left to the builder)."""
+    try:
+        layer_precisions = artifacts.metadata_json(metadata, artifacts.META_LAYER_PRECISIONS, {})
+    except ValueError:
+        return []
+    known = [p for p in set(layer_precisions.values()) if p in formats.PRECISIONS]
+    return formats.tensorrt_refusals(known)
 
 
 def _batch_profile(cfg: BuildConfig, facts: OnnxFacts) -> tuple[int, int, int]:
@@ -171,6 +174,9 @@ def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
             raise BuildUsageError(f"{cfg.onnx}: input {name!r} is a scalar; dtq engines batch along dim 0")
         if any(d < 0 for d in shape[1:]):
             raise BuildUsageError(f"{cfg.onnx}: input {name!r} has dynamic non-batch dims {shape}")
+    refused = _tensorrt_refusals(facts.metadata)
+    if refused:
+        raise BuildUsageError(f"{cfg.onnx}: TensorRT cannot build this graph's precision: " + "; ".join(refused))
     profile = _batch_profile(cfg, facts)
     if not 0 <= cfg.opt_level <= 5:
         raise BuildUsageError(f"opt_level must be 0..5, got {cfg.opt_level}")
@@ -277,7 +283,7 @@ def build_engine(cfg: BuildConfig, log: Callable[[str], None] = print, backend: 
     plan, inputs, outputs = built.plan, built.inputs, built.outputs
     seconds = time.perf_counter() - t0
     meta = EngineMeta(
-        backend=backend.name, trt_version=backend.version, precision=facts.metadata.get("precision", "unknown"),
+        backend=backend.name, trt_version=backend.version, precision=facts.metadata.get(artifacts.META_PRECISION, "unknown"),
         target={"gpu_name": gpu_name, "compute_capabilities": [sm_to_cc(t) for t in targets]},
         inputs=inputs, outputs=outputs,
         onnx={"path": str(cfg.onnx.resolve()), "sha256": facts.sha256, "metadata": facts.metadata},

@@ -23,10 +23,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..artifacts import ENGINE_JSON as META, ENGINE_PLAN as PLAN, ENGINE_SCHEMA as SCHEMA
 from ..staging import staged_directory
 
-PLAN, META = "engine.plan", "engine.json"
-SCHEMA, SCHEMA_VERSION = "dtq.engine", 1
+SCHEMA_VERSION = 1
 
 
 class EngineDirError(ValueError):

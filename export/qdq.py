@@ -1,4 +1,5 @@
-"""Q/DQ insertion from a recipe, per precision.
+"""Q/DQ insertion from a recipe, per layer in the layer's own precision (``dtq.formats``), so a
+recipe with per-layer overrides exports as a mixed-format graph.
 
 - Weights: stored as quantized initializers (INT8 / FLOAT8E4M3FN / packed INT4) with a
   ``DequantizeLinear`` in front of the MatMul: per output channel (1-D scale, ``axis`` = the
@@ -17,10 +18,17 @@ INT4 x INT8 GEMM (its INT4 is weight-only with FP16/BF16 activations; NVIDIA's W
 and only in TensorRT-LLM). Measured with TensorRT-RTX 1.7.1: the parser accepts the graph and the
 builder fails (Myelin internal error ``CHECK(is_constant())``: it tries to fuse the INT8
 activation Q/DQ into an INT8 GEMM whose weight is not an INT8 constant). For TensorRT deploy the
-same recipe as w4a16 (weights identical, activation Q/DQ dropped).
+same recipe as w4a16 (``weight_only_fallback``: weights identical, activation Q/DQ dropped);
+``dtq-export --precision w4a16`` on a w4a8 recipe does that, and ``dtq-build-engine`` refuses a
+W4A8 graph with this explanation (``formats.PRECISIONS["w4a8"].tensorrt_note``).
+
+W8A16 (INT8 per-channel/tensor weight, no activation Q/DQ) is TensorRT's INT8 weight-only form.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import ml_dtypes
 import numpy as np
@@ -30,22 +38,13 @@ import torch
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from .. import formats
 from ..runtime import quant
 from ..runtime.recipe import Recipe
 from .onnx_export import find_linears
 from .surgery import MasterWeights
 
-# precision -> (weight format, activation format) the recipe's layers must have
-PRECISIONS = {
-    "fp32": None,
-    "fp16": None,
-    "int8": ("int8", "int8"),
-    "fp8": ("fp8_e4m3", "fp8_e4m3"),
-    "w4a16": ("int4", "none"),
-    "w4a8": ("int4", "int8"),
-}
-# smallest ai.onnx opset each precision needs
-MIN_OPSET = {"fp32": 18, "fp16": 18, "int8": 19, "fp8": 19, "w4a16": 21, "w4a8": 21}
+PRECISIONS = formats.PRECISIONS
 _NP = {"int8": np.int8, "int4": ml_dtypes.int4, "fp8_e4m3": ml_dtypes.float8_e4m3fn}
 _FP16_TINY = float(np.finfo(np.float16).tiny)
 
@@ -54,17 +53,18 @@ class QDQError(ValueError):
     pass
 
 
-def check_recipe_precision(recipe: Recipe, precision: str) -> None:
-    """Every recipe layer must use the precision's formats (layers left FP are 'none'/'none')."""
-    want = PRECISIONS.get(precision)
-    if want is None:
-        raise QDQError(f"precision {precision!r} takes no recipe" if precision in PRECISIONS
-                       else f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+def weight_only_fallback(recipe: Recipe, precision: str) -> Recipe:
+    """The recipe as TensorRT deploys it when the recipe's precision is one TensorRT refuses and
+    ``precision`` is its documented fallback (w4a8 -> w4a16): every layer of a precision whose
+    ``tensorrt_fallback`` is ``precision`` loses its activation quantization; weights stay."""
+    out = copy.copy(recipe)
+    out.layers = {}
     for name, layer in recipe.layers.items():
-        got = (layer.weight_format, layer.act_format)
-        if got not in (want, ("none", "none")):
-            raise QDQError(f"recipe layer {name} is {got[0]} weights / {got[1]} activations, "
-                           f"but precision {precision} means {want[0]} / {want[1]}")
+        if formats.get_precision(layer.precision).tensorrt_fallback == precision:
+            layer = dataclasses.replace(layer, act_format="none", act_scale=None)
+        out.layers[name] = layer
+    out.precision = precision
+    return out
 
 
 def _quant_initializer(name: str, codes: torch.Tensor, fmt: str) -> gs.Constant:

@@ -18,7 +18,8 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from ..runtime.recipe import Recipe, layer_role
+from ..formats import ROLE_FOLDS, layer_role
+from ..runtime.recipe import Recipe
 from .onnx_export import LinearSite, find_linears
 
 
@@ -96,8 +97,8 @@ def _fold_adaln(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, 
     rows and bias ``/ b``; scale rows ``/ b`` and scale bias ``(bias + 1) / b - 1``), then
     ``W' = W diag(b)`` for the layer itself."""
     role = layer_role(name)
-    if role not in ("attn.qkv", "mlp.fc1"):
-        raise SurgeryError(f"{name}: adaLN folding applies to attn.qkv and mlp.fc1 only")
+    if "adaLN" not in ROLE_FOLDS.get(role, ()):
+        raise SurgeryError(f"{name}: adaLN folding applies to {', '.join(r for r, f in ROLE_FOLDS.items() if 'adaLN' in f)} only")
     ada = _site(sites, f"{_block(name)}.adaLN_modulation.1")
     if ada.op != "Gemm":
         raise SurgeryError(f"{ada.name}: expected a Gemm (weight [C_out, C_in])")
@@ -117,7 +118,7 @@ def _fold_adaln(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, 
 def _fold_v(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, b: np.ndarray) -> None:
     """Divide proj's input (attention-weighted V) by ``b``: V's output channels of qkv (columns
     ``2C:3C`` of the MatMul weight ``W^T``, and the bias) ``/ b``; then ``W diag(b)`` for proj."""
-    if layer_role(name) != "attn.proj":
+    if "v" not in ROLE_FOLDS.get(layer_role(name), ()):
         raise SurgeryError(f"{name}: V folding applies to attn.proj only")
     qkv = _site(sites, f"{_block(name)}.attn.qkv")
     c = b.shape[0]

@@ -10,7 +10,6 @@ target is untouched and the temporary files are removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -22,10 +21,10 @@ import onnx
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from .. import __version__ as DTQ_VERSION
+from ..artifacts import META_PREFIX, META_VERSION
 
 # above this many bytes of weights, they go to an external data file (protobuf's hard limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-META_PREFIX = "dtq."
 
 
 class WriteError(RuntimeError):
@@ -47,19 +46,6 @@ def set_metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
         entry.key, entry.value = key, props[key]
 
 
-def read_metadata(path_or_model) -> dict[str, str]:
-    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model), load_external_data=False)
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -73,7 +59,7 @@ def write_model(
     if path.suffix != ".onnx":
         raise WriteError(f"output must end in .onnx: {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    set_metadata(model, {"version": DTQ_VERSION, **(metadata or {})})
+    set_metadata(model, {META_VERSION: DTQ_VERSION, **(metadata or {})})
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     old_data = _external_files(path) if path.exists() else set()

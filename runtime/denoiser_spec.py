@@ -27,11 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..engines.engine_dir import PLAN
-
-# TODO(artifacts): take these names from dtq.artifacts once it has landed
-RECIPE_JSON = "recipe.json"
-ONNX_IN_DIR = "model.onnx"
+from ..artifacts import ENGINE_PLAN as PLAN, ONNX_IN_DIR, RECIPE_JSON
 
 Kind = Literal["torch", "sim", "recipe", "onnx", "trt"]
 KINDS: tuple[str, ...] = ("torch", "sim", "recipe", "onnx", "trt")

@@ -24,7 +24,6 @@ from .denoiser import Denoiser, TorchDenoiser
 from .denoiser_spec import DenoiserSpec, parse_denoiser_spec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-META_MODEL_CONFIG = "dtq.model_config"  # TODO(artifacts): dtq.artifacts' ONNX metadata reader
 
 
 def resolve_dtype(spec: DenoiserSpec, dtype: torch.dtype | str) -> torch.dtype:
@@ -49,9 +48,10 @@ def check_model_config(source: str, recorded: str | dict | None, model: nn.Modul
 def onnx_model_config(path: str | os.PathLike) -> str | None:
     """The ``dtq.model_config`` metadata dtq-export writes (None for other ONNX files), after
     ``onnx_file.open_onnx`` has refused a truncated model or external-data file."""
+    from .. import artifacts
     from ..onnx_file import open_onnx
 
-    return {p.key: p.value for p in open_onnx(path).metadata_props}.get(META_MODEL_CONFIG)
+    return artifacts.read_onnx_metadata(open_onnx(path)).get(artifacts.META_MODEL_CONFIG)
 
 
 def open_recipe(spec: str | DenoiserSpec, model: nn.Module):

@@ -19,6 +19,8 @@ int8       ``Int8Linear``          Triton int8 x int8 -> int32 GEMM with the deq
 int8 (fp8  ``FusedMlp``            the MLP's fc1 as a Triton 8-bit GEMM that also applies GELU and
 opt-in)                            quantizes fc2's input in its epilogue (``mm8_gelu_quant``): 8-bit
                                    codes out, no bf16 pass over the 4x-hidden tensor
+w8a16      ``Int8WeightOnlyLinear`` int8 weight codes converted per call, dense bf16 GEMM, per-channel
+                                   scale on the output (weight memory halved; no fused kernel)
 w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
                                    registers, bf16 MMA): 4-bit weight memory, bf16 compute
 w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: weight tiles unpacked to
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import formats
 from . import quant
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
@@ -420,22 +423,49 @@ class Int4ProgressiveLinear(EngineLinear):
                                                  self.act_scale, self.bias, out_dtype).to(x2.dtype)
 
 
+class Int8WeightOnlyLinear(EngineLinear):
+    """INT8 weight-only (W8A16): int8 codes (half the bf16 weight memory), per-channel or per-tensor
+    scale applied to the GEMM's output. The CUDA path converts the codes to the activation type per
+    call and runs a dense GEMM (no fused weight-only kernel yet: memory, not speed)."""
+
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+        super().__init__(q, kernel)
+        if q.weight_granularity == "group":
+            raise ValueError("INT8 weights take per-tensor or per-channel scales")
+        self.register_buffer("weight_int8", q.quantized_weight().contiguous())  # [N, K]
+        self.register_buffer("w_scale_n", _per_channel(q.weight_scale.float(), q.out_features))
+
+    def weight_codes(self) -> torch.Tensor:
+        return self.weight_int8
+
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        a = self._balanced_float(x2).to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        out = F.linear(a, self.weight_int8.to(a.dtype)).float() * self.w_scale_n
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x2.dtype)
+
+
 W4A8Kernel = Literal["group", "progressive"]
 
-ENGINE_LAYERS = {("fp8_e4m3", "fp8_e4m3"): FP8Linear, ("int8", "int8"): Int8Linear,
-                 ("int4", "none"): Int4Linear, ("int4", "int8"): Int4Linear}
+# one engine layer per quantized precision of the table (dtq.formats.PRECISIONS); w4a8 may instead
+# take Int4ProgressiveLinear (build_qengine(w4a8="progressive"))
+ENGINE_LAYERS = {"fp8": FP8Linear, "int8": Int8Linear, "w8a16": Int8WeightOnlyLinear,
+                 "w4a16": Int4Linear, "w4a8": Int4Linear}
+assert set(ENGINE_LAYERS) == set(formats.QUANTIZED_PRECISIONS), "a precision without an engine layer"
 
 
 def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto",
                  w4a8: W4A8Kernel = "group") -> EngineLinear:
+    """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel)
     if w4a8 not in ("group", "progressive"):
         raise ValueError(f"w4a8 must be 'group' or 'progressive', got {w4a8!r}")
-    cls = ENGINE_LAYERS.get((q.weight_format, q.act_format))
+    precision = formats.precision_of(q.weight_format, q.act_format)
+    cls = ENGINE_LAYERS.get(precision)
     if cls is None:
-        raise ValueError(f"no engine layer for weights {q.weight_format} / activations {q.act_format}; "
-                         f"supported: {', '.join(f'w {w} a {a}' for w, a in ENGINE_LAYERS)}")
+        raise ValueError(f"no engine layer for precision {precision}; supported: {', '.join(ENGINE_LAYERS)}")
     return cls(q, kernel, int8_kernel) if cls is Int8Linear else cls(q, kernel)
 
 

@@ -12,15 +12,11 @@ Scale shapes by granularity (what ``DequantizeLinear`` takes for a ``[C_out, C_i
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-QFormat = Literal["int8", "int4", "fp8_e4m3", "none"]
-Granularity = Literal["tensor", "channel", "group"]
+from ..formats import FORMATS  # the format names are the precision table's (dtq.formats)
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "none")
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group")  # scale layouts; dtq.formats names group sizes (group128)
 # largest representable magnitude used to turn an amax into a scale (symmetric: 127, not 128)
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
 # saturation range of the integer formats, as ONNX QuantizeLinear clamps

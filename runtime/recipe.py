@@ -3,7 +3,7 @@
 
 recipe.json::
 
-    {"schema": "dtq.recipe", "schema_version": 1, "method": "ptq4dit", "options": {...},
+    {"schema": "dtq.recipe", "schema_version": 1, "method": "ptq4dit", "precision": "int8", "options": {...},
      "model": {"fingerprint": "sha256:...", "config": {...DiTConfig...}},
      "tensors_sha256": "...",  # of tensors.safetensors: load refuses a recipe.json beside foreign tensors
      "layers": {"blocks.0.attn.qkv": {"weight_format": "int8", "weight_granularity": "channel",
@@ -12,6 +12,9 @@ recipe.json::
                 "balance": "blocks.0.attn.qkv.balance", "balance_fold": "adaLN"}, ...}}
 
 Conventions (export relies on them):
+- ``precision`` is the recipe's default precision (a name of ``dtq.formats.PRECISIONS``); each layer's
+  formats name its own precision (``Recipe.layer_precisions``), so a recipe with per-layer overrides
+  is mixed. Recipes written before the field existed get the precision most of their layers have.
 - Layer names are module names of the DiT (``blocks.N.attn.qkv``); tensors are referenced by key.
 - ``balance`` is b (``[C_in]``): the layer sees ``X / b`` and uses ``W diag(b)``; it folds into the
   adaLN rows (qkv, fc1), the V rows of qkv (proj), or a run-time ``Mul`` by ``1 / b`` ("runtime").
@@ -40,17 +43,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import artifacts, formats
 from ..staging import staged_directory
 from . import quant
 from .qlinear import QuantLinear
 
-SCHEMA = "dtq.recipe"
-RECIPE_JSON, TENSORS_FILE = "recipe.json", "tensors.safetensors"
+SCHEMA = artifacts.RECIPE_SCHEMA
+RECIPE_JSON, TENSORS_FILE = artifacts.RECIPE_JSON, artifacts.RECIPE_TENSORS
 SCHEMA_VERSION = 1
-FOLDS = ("adaLN", "v", "runtime")
-# where a balancing vector can fold without run-time cost, by the layer's role in a DiT block
-_FOLDABLE = {"attn.qkv": ("adaLN", "runtime"), "mlp.fc1": ("adaLN", "runtime"),
-             "attn.proj": ("v", "runtime"), "mlp.fc2": ("runtime",)}
+FOLDS = formats.FOLDS
+layer_role = formats.layer_role
 
 
 class RecipeError(ValueError):
@@ -74,14 +76,20 @@ class LayerRecipe:
     lowrank_down: str | None = None  # R [r, C_in]
 
     def validate(self, name: str) -> None:
-        quant.check_format(self.weight_format)
-        quant.check_format(self.act_format)
-        if self.act_format == "int4":
-            raise RecipeError(f"{name}: INT4 activations are not supported (INT4 is weight-only)")
+        try:
+            precision = self.precision
+        except ValueError as exc:
+            raise RecipeError(f"{name}: {exc}") from None
         if self.weight_granularity not in quant.GRANULARITIES:
             raise RecipeError(f"{name}: unknown weight granularity {self.weight_granularity!r}")
         if self.weight_granularity == "group" and not self.weight_group_size:
             raise RecipeError(f"{name}: granularity 'group' needs weight_group_size")
+        if formats.get_precision(precision).quantized:
+            gran = formats.granularity_name(self.weight_granularity, self.weight_group_size)
+            try:
+                formats.check_granularity(precision, gran)
+            except ValueError as exc:
+                raise RecipeError(f"{name}: {exc}") from None
         if self.act_format != "none" and (self.act_scale is None or not 0 < self.act_scale < float("inf")):
             raise RecipeError(f"{name}: quantized activation needs a positive act_scale, got {self.act_scale}")
         if (self.balance is None) != (self.balance_fold is None):
@@ -90,16 +98,15 @@ class LayerRecipe:
             raise RecipeError(f"{name}: lowrank_up and lowrank_down go together")
         if self.balance_fold is not None:
             role = layer_role(name)
-            allowed = _FOLDABLE.get(role, ("runtime",))
+            allowed = formats.ROLE_FOLDS.get(role, ("runtime",))
             if self.balance_fold not in allowed:
                 raise RecipeError(f"{name}: balancing of a {role or 'this'} layer folds into {allowed}, "
                                   f"not {self.balance_fold!r}")
 
-
-def layer_role(name: str) -> str:
-    """``blocks.3.attn.qkv`` -> ``attn.qkv``."""
-    parts = name.split(".")
-    return ".".join(parts[2:]) if len(parts) >= 4 and parts[0] == "blocks" else name
+    @property
+    def precision(self) -> str:
+        """This layer's precision name (``fp16``: not quantized); ValueError for a pair no precision has."""
+        return formats.precision_of(self.weight_format, self.act_format)
 
 
 @dataclass
@@ -112,6 +119,31 @@ class Recipe:
     model_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # free-form facts (timings, measured SQNR, ...)
     schema_version: int = SCHEMA_VERSION
+    precision: str = ""  # the default precision (dtq.formats); "" = the one most layers have (fp16: none)
+
+    def __post_init__(self) -> None:
+        if not self.precision:
+            self.precision = self._majority_precision()
+
+    def _majority_precision(self) -> str:
+        counts: dict[str, int] = {}
+        for layer in self.layers.values():
+            try:
+                p = layer.precision
+            except ValueError:
+                continue  # validate() reports it
+            if p != formats.UNQUANTIZED:
+                counts[p] = counts.get(p, 0) + 1
+        return max(counts, key=counts.get) if counts else formats.UNQUANTIZED  # balancing only
+
+    @property
+    def layer_precisions(self) -> dict[str, str]:
+        """Each recipe layer's precision name (``fp16`` for a layer the recipe leaves unquantized)."""
+        return {name: layer.precision for name, layer in self.layers.items()}
+
+    @property
+    def mixed(self) -> bool:
+        return any(p != self.precision for p in self.layer_precisions.values())
 
     # -- accessors export uses ------------------------------------------------------------------
     def weight_scale(self, name: str) -> torch.Tensor | None:
@@ -136,6 +168,9 @@ class Recipe:
         if self.schema_version != SCHEMA_VERSION:
             raise RecipeError(f"recipe schema version {self.schema_version} is not supported "
                               f"(this dtq reads version {SCHEMA_VERSION})")
+        allowed = (*formats.QUANTIZED_PRECISIONS, formats.UNQUANTIZED)  # fp16: a balancing-only recipe
+        if self.precision not in allowed:
+            raise RecipeError(f"recipe precision {self.precision!r} is not one of {', '.join(allowed)}")
         modules = dict(model.named_modules()) if model is not None else None
         for name, layer in self.layers.items():
             layer.validate(name)
@@ -174,6 +209,7 @@ class Recipe:
             "schema": SCHEMA,
             "schema_version": self.schema_version,
             "method": self.method,
+            "precision": self.precision,
             "options": self.options,
             "model": {"fingerprint": self.model_fingerprint, "config": self.model_config},
             "layers": {k: dataclasses.asdict(v) for k, v in self.layers.items()},
@@ -195,7 +231,7 @@ class Recipe:
         self.validate()
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()},
                   str(directory / TENSORS_FILE))
-        data = {**self.to_json(), "tensors_sha256": file_sha256(directory / TENSORS_FILE)}
+        data = {**self.to_json(), "tensors_sha256": artifacts.file_sha256(directory / TENSORS_FILE)}
         (directory / RECIPE_JSON).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
     @classmethod
@@ -215,7 +251,7 @@ def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) ->
     directory = Path(directory)
     jpath, tpath = directory / RECIPE_JSON, directory / TENSORS_FILE
     if not jpath.is_file():
-        raise RecipeError(f"{directory}: not a recipe directory (no recipe.json)")
+        raise RecipeError(f"{directory}: not a recipe directory (no {RECIPE_JSON})")
     try:
         data = json.loads(jpath.read_text())
     except json.JSONDecodeError as exc:
@@ -235,19 +271,12 @@ def load_recipe(directory: str | os.PathLike, model: nn.Module | None = None) ->
         layers[name] = LayerRecipe(**spec)
     recipe = Recipe(method=data["method"], model_fingerprint=data["model"]["fingerprint"], layers=layers,
                     tensors=tensors, options=data.get("options", {}), model_config=data["model"].get("config", {}),
-                    info=data.get("info", {}), schema_version=data["schema_version"])
+                    info=data.get("info", {}), schema_version=data["schema_version"],
+                    precision=data.get("precision", ""))
     if model is not None:
         check_recipe_matches(recipe, model, source=str(directory))
     recipe.validate(model)
     return recipe
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_tensors(jpath: Path, tpath: Path, recorded: str | None) -> dict[str, torch.Tensor]:
@@ -256,7 +285,7 @@ def _load_tensors(jpath: Path, tpath: Path, recorded: str | None) -> dict[str, t
         raise RecipeError(f"{jpath}: no tensors_sha256 (written by an older dtq, or edited); re-run dtq-calibrate")
     if not tpath.is_file():
         raise RecipeError(f"{tpath.parent}: recipe.json without its {TENSORS_FILE}; re-run dtq-calibrate")
-    actual = file_sha256(tpath)
+    actual = artifacts.file_sha256(tpath)
     if actual != recorded:
         raise RecipeError(f"{tpath} does not belong to {jpath.name} (sha256 {actual[:12]}..., recipe.json records "
                           f"{str(recorded)[:12]}...): a mixed or damaged recipe; re-run dtq-calibrate")

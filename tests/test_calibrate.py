@@ -1,5 +1,7 @@
 """Calibration: data collection through sampler callbacks, statistics, scale search, methods."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,15 +241,16 @@ def test_balancing_methods_beat_minmax_w8a8(tiny_setup):
 def test_w4_group_and_weight_only(tiny_setup):
     model, _, held, stats, fp = tiny_setup
     out = {}
-    for gran, abits in (("channel", 16), ("group32", 16), ("group32", 8)):
-        cfg = CalibConfig(method="minmax", weight_bits=4, act_bits=abits, weight_granularity=gran, progress=False)
+    for gran, precision in (("group128", "w4a16"), ("group32", "w4a16"), ("group32", "w4a8")):
+        cfg = CalibConfig(method="minmax", precision=precision, weight_granularity=gran, progress=False)
         r = calibrate(model, stats, cfg)
         layer = r.layers["blocks.0.mlp.fc2"]
-        assert layer.weight_format == "int4" and (layer.act_format == "none") == (abits == 16)
-        out[(gran, abits)] = noise_sqnr(model, apply_recipe(model, r), held, fp_out=fp)["all"]
+        assert layer.weight_format == "int4" and (layer.act_format == "none") == (precision == "w4a16")
+        assert r.precision == precision
+        out[(gran, precision)] = noise_sqnr(model, apply_recipe(model, r), held, fp_out=fp)["all"]
     assert r.weight_scale("blocks.0.mlp.fc2").shape == (128, 512 // 32)
-    assert out[("group32", 16)] > out[("channel", 16)] + 1.0, out  # smaller blocks, smaller error
-    assert out[("group32", 16)] > out[("group32", 8)], out  # quantizing activations costs
+    assert out[("group32", "w4a16")] > out[("group128", "w4a16")] + 1.0, out  # smaller blocks, smaller error
+    assert out[("group32", "w4a16")] > out[("group32", "w4a8")], out  # quantizing activations costs
 
 
 def test_bad_method_name_is_refused(tiny_setup):
@@ -275,8 +278,8 @@ def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup):
     assert new > no_fc2 + 1.5, (new, no_fc2)  # fc2 smoothing helps at alpha 1.0
 
 
-def test_keep_leaves_layers_unquantized(tiny_setup, tmp_path):
-    """``keep`` (dtq-compare's suggestions) drops layers from the recipe: they stay FP in the
+def test_fp16_overrides_leave_layers_unquantized(tiny_setup, tmp_path):
+    """``PATTERN=fp16`` overrides (dtq-compare's suggestions) drop layers from the recipe: they stay FP in the
     simulation and the export, and the error they caused goes with them. Measured on this setup
     (noise SQNR, all rows): ditas 27.3 dB, keeping every fc1 (this model's worst inputs) and one
     proj 35.2 dB."""
@@ -286,8 +289,8 @@ def test_keep_leaves_layers_unquantized(tiny_setup, tmp_path):
 
     model, _, held, stats, fp = tiny_setup
     base = calibrate(model, stats, CalibConfig(method="ditas", progress=False))
-    kept = calibrate(model, stats, CalibConfig(method="ditas", keep=["blocks.*.mlp.fc1", "blocks.0.attn.proj"],
-                                               progress=False))
+    kept = calibrate(model, stats, CalibConfig(method="ditas", overrides=["blocks.*.mlp.fc1=fp16",
+                                                                          "blocks.0.attn.proj=fp16"], progress=False))
     gone = {f"blocks.{i}.mlp.fc1" for i in range(model.config.depth)} | {"blocks.0.attn.proj"}
     assert set(base.layers) - set(kept.layers) == gone and kept.options["kept"] == sorted(gone)
     sim = apply_recipe(model, kept)
@@ -298,6 +301,7 @@ def test_keep_leaves_layers_unquantized(tiny_setup, tmp_path):
     kept.save(tmp_path / "kept")
     res = export_model(ExportConfig(out=str(tmp_path / "kept.onnx"), model="dit-tiny-fmnist", precision="int8",
                                     recipe=str(tmp_path / "kept")))
-    assert res.report.ok
+    assert res.report.ok and res.metadata["precision"] == "int8"
+    assert json.loads(json.dumps(res.metadata["layer_precisions"])) == kept.layer_precisions
     with pytest.raises(ValueError, match="matches no quantizable layer"):
-        calibrate(model, stats, CalibConfig(method="ditas", keep=["blocks.*.mlp.fc3"], progress=False))
+        calibrate(model, stats, CalibConfig(method="ditas", overrides=["blocks.*.mlp.fc3=fp16"], progress=False))

@@ -15,10 +15,13 @@ SMALL = ["--cali-steps", "3", "--cali-n", "2", "--steps", "10", "--eval-n", "2",
 
 
 def test_cli_parses_into_the_api_config():
-    args = build_parser().parse_args(["--method", "ditas", "--weight-bits", "4", "--weight-granularity", "group64",
+    args = build_parser().parse_args(["--method", "ditas", "--precision", "w4a16", "--weight-granularity", "group64",
                                       "--alpha-grid-step", "0.1", "--layers", "attn.qkv,mlp.fc1", "--cali-n", "8"])
     assert dataclass_from_args(CalibConfig, args) == CalibConfig(
-        method="ditas", weight_bits=4, weight_granularity="group64", alpha_grid_step=0.1, layers=["attn.qkv", "mlp.fc1"])
+        method="ditas", precision="w4a16", weight_granularity="group64", alpha_grid_step=0.1,
+        layers=["attn.qkv", "mlp.fc1"])
+    overrides = build_parser().parse_args(["--overrides", "blocks.1.*=fp16,*.mlp.fc2=w8a16"])
+    assert dataclass_from_args(CalibConfig, overrides).overrides == ["blocks.1.*=fp16", "*.mlp.fc2=w8a16"]
     assert dataclass_from_args(CalibDataConfig, args) == CalibDataConfig(cali_n=8)
     assert dataclass_from_args(CalibrateJob, args) == CalibrateJob()
 
@@ -31,6 +34,7 @@ def test_cli_writes_recipe_and_reuses_calibration_set(tmp_path, capsys):
     model = load_builtin("dit-tiny-fmnist")
     recipe = load_recipe(out, model)
     assert recipe.method == "ptq4dit" and recipe.layers["blocks.0.attn.qkv"].balance_fold == "adaLN"
+    assert json.loads((out / "recipe.json").read_text())["precision"] == "int8" == recipe.precision
     assert recipe.info["calibration_set"]["cali_n"] == 2
     assert recipe.info["heldout_noise_sqnr_db"]["all"] > 15
     assert (out / "calibration_set.safetensors").is_file()
@@ -43,8 +47,10 @@ def test_cli_writes_recipe_and_reuses_calibration_set(tmp_path, capsys):
 
 
 def test_cli_bad_usage_exits_2(tmp_path, capsys):
-    assert main(["--weight-bits", "4", "--weight-format", "fp8", "--out", str(tmp_path / "x"), *SMALL]) == 2
-    assert "INT4" in capsys.readouterr().err
+    assert main(["--precision", "w4a8", "--weight-granularity", "tensor", "--out", str(tmp_path / "x"), *SMALL]) == 2
+    assert "precision w4a8 takes weight granularity group128, group64, group32; got 'tensor'" in capsys.readouterr().err
+    assert main(["--overrides", "blocks.9.*=fp16", "--out", str(tmp_path / "x"), *SMALL]) == 2
+    assert "matches no quantizable layer" in capsys.readouterr().err
     assert main(["--ckpt", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x"), *SMALL]) == 2
     assert not (tmp_path / "x").exists()
 

@@ -6,8 +6,9 @@ import onnx
 import pytest
 
 from dtq.export.api import recipe_sha256
+from dtq.artifacts import read_onnx_metadata as read_metadata
+from dtq.export.api import ExportConfig
 from dtq.export.cli import build_parser, config_from_args, main
-from dtq.export.writer import read_metadata
 from dtq.runtime.zoo import load_builtin
 
 from export_recipes import make_recipe
@@ -25,18 +26,23 @@ def test_parser_fills_the_api_config():
                                       "--max-batch", "8", "--out", "m.onnx"])
     cfg = config_from_args(args).resolved()
     assert (cfg.precision, cfg.opset, cfg.dtype, cfg.max_batch, cfg.recipe) == ("w4a16", 21, "fp16", 8, "r")
+    # the parser is ExportConfig's fields: defaults and switches come from the dataclass
+    args = build_parser().parse_args(["--model", "m", "--out", "m.onnx", "--no-rule-check", "--external-data"])
+    assert config_from_args(args) == ExportConfig(out="m.onnx", model="m", rule_check=False, external_data=True)
+    assert config_from_args(args).resolved().precision == "fp16"  # no recipe: fp16 by default
 
 
 def test_int8_export_and_metadata(tmp_path, int8_recipe_dir, capsys):
     rdir, recipe = int8_recipe_dir
     out = tmp_path / "int8.onnx"
-    rc = main(["--model", "dit-tiny-fmnist", "--recipe", str(rdir), "--precision", "int8", "--max-batch", "4",
-               "--out", str(out)])
+    rc = main(["--model", "dit-tiny-fmnist", "--recipe", str(rdir), "--max-batch", "4",
+               "--out", str(out)])  # the precision comes from the recipe
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["qdq_nodes"] == 3 * len(recipe.layers)
     meta = read_metadata(out)
     assert meta["precision"] == "int8" and meta["dtype"] == "fp16" and meta["opset"] == "19"
+    assert set(json.loads(meta["layer_precisions"]).values()) == {"int8"}
     assert meta["recipe_sha256"] == recipe_sha256(recipe) == summary["recipe_sha256"]
     assert json.loads(meta["inputs"])["x"] == ["batch", 1, 32, 32]
     assert json.loads(meta["batch_range"]) == [1, 4]
@@ -56,10 +62,12 @@ def test_bad_usage_exits_2(tmp_path, argv):
     assert not out.exists()
 
 
-def test_recipe_of_other_precision_exits_2(tmp_path, int8_recipe_dir):
+def test_recipe_of_other_precision_exits_2(tmp_path, int8_recipe_dir, capsys):
     rdir, _ = int8_recipe_dir
     out = tmp_path / "m.onnx"
     assert main(["--model", "dit-tiny-fmnist", "--recipe", str(rdir), "--precision", "fp8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the recipe is precision int8 (recipe.json), but --precision fp8 was given" in err
     assert not out.exists()
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dtq.export.onnx_export import ExportError, export_torch, find_linears, linear_names, weight_matrix
-from dtq.export.writer import read_metadata, write_model
+from dtq.artifacts import read_onnx_metadata as read_metadata
+from dtq.export.writer import write_model
 from dtq.runtime.zoo import load_builtin
 
 

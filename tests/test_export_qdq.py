@@ -18,7 +18,9 @@ from dtq.runtime.zoo import load_builtin
 from export_recipes import inputs, make_recipe
 from _qdq import tie_aligned_comparison
 
-PRECISIONS = ["int8", "fp8", "w4a16", "w4a8"]
+from dtq import formats
+
+PRECISIONS = list(formats.QUANTIZED_PRECISIONS)  # int8, fp8, w8a16, w4a16, w4a8
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_weight_integers_are_the_simulations(tiny, recipes, graphs, precision):
         if recipes[precision].layers[name].act_format != "none":
             act = onnx.numpy_helper.to_array(inits[f"{name}.input_scale"])
             assert act.shape == () and act == sim.get_submodule(name).act_scale.numpy()
-    expected_type = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN,
+    expected_type = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN, "w8a16": onnx.TensorProto.INT8,
                      "w4a16": onnx.TensorProto.INT4, "w4a8": onnx.TensorProto.INT4}[precision]
     assert inits["blocks.0.attn.qkv.weight_quantized"].data_type == expected_type
     if expected_type == onnx.TensorProto.INT4:  # packed: two values per byte
@@ -188,7 +190,7 @@ def test_each_layer_matches_simulation(tiny, recipes, graphs, precision):
 # (benchmarks/export_vs_simulation.py), and the simulation against itself with only fp32 rounding
 # changed (batch 8 vs 1, or PyTorch's fused vs math attention) gives 43-44 dB int8, 39-40 fp8.
 # The bit-level checks are per layer (same codes for the same input) and the tie-aligned test below.
-E2E_MIN_DB = {"int8": 35.0, "fp8": 33.0, "w4a16": 100.0, "w4a8": 35.0}
+E2E_MIN_DB = {"int8": 35.0, "fp8": 33.0, "w8a16": 100.0, "w4a16": 100.0, "w4a8": 35.0}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -242,7 +244,7 @@ def test_fp16_graphs_check_and_run(tiny, recipes, fp_exports, precision):
     onnx.checker.check_model(proto, full_check=True)
     report = rules.check_model(proto)
     assert report.ok, report.format()
-    assert report.checked_nodes == len(recipes[precision].layers) * (1 if precision == "w4a16" else 3)
+    assert report.checked_nodes == len(recipes[precision].layers) * (1 if formats.PRECISIONS[precision].weight_only else 3)
     assert {f.rule for f in report.warnings} == ({"int4-int8-mix"} if precision == "w4a8" else set())
     sim = apply_recipe(tiny, recipes[precision])
     x, t, y = inputs(tiny, 2, seed=5)
@@ -253,8 +255,18 @@ def test_fp16_graphs_check_and_run(tiny, recipes, fp_exports, precision):
 
 
 def test_recipe_of_another_precision_refused(recipes):
-    with pytest.raises(qdq.QDQError, match="precision int8"):
-        qdq.check_recipe_precision(recipes["fp8"], "int8")
+    from dtq.export.api import ExportUsageError
+
+    cfg = ExportConfig(out="x.onnx", model="m", precision="int8")
+    with pytest.raises(ExportUsageError, match="the recipe is precision fp8"):
+        cfg.resolved(recipes["fp8"])
+    assert cfg.precision_for(recipes["int8"]) == ("int8", None)
+    # w4a8's documented TensorRT fallback is allowed and drops only the activation quantization
+    assert ExportConfig(out="x.onnx", model="m", precision="w4a16").precision_for(recipes["w4a8"]) == ("w4a16", "w4a16")
+    fb = qdq.weight_only_fallback(recipes["w4a8"], "w4a16")
+    assert fb.precision == "w4a16" and set(fb.layer_precisions.values()) == {"w4a16"}
+    assert all(fb.layers[n].weight_scale == lr.weight_scale for n, lr in recipes["w4a8"].layers.items())
+    assert recipes["w4a8"].precision == "w4a8"  # the original is untouched
 
 
 def test_lora_branch(tiny, fp_exports):

@@ -1,6 +1,6 @@
 """TensorRT for RTX parses every exported precision of the tiny and the reference model and
-builds a serialized engine (strongly typed, CPU-only build). W4A8 is the documented exception:
-parsed, refused by the builder (TensorRT has no INT4 x INT8 GEMM)."""
+builds a serialized engine (strongly typed, CPU-only build). W4A8 is the documented exception
+(``formats.PRECISIONS["w4a8"].tensorrt``): parsed, refused by the builder (no INT4 x INT8 GEMM)."""
 
 import pytest
 import torch
@@ -22,7 +22,9 @@ except ImportError:
 
 pytestmark = pytest.mark.skipif(not HAVE_TRT, reason="tensorrt_rtx not importable: pip install tensorrt-rtx==1.7.1.116")
 
-PRECISIONS = ["fp32", "fp16", "int8", "fp8", "w4a16", "w4a8"]
+from dtq import formats
+
+PRECISIONS = list(formats.PRECISIONS)  # fp32, fp16, int8, fp8, w8a16, w4a16, w4a8
 OPSET = 21
 
 
@@ -58,7 +60,7 @@ def test_trt_rtx_parses_and_builds(exported, precision):
     which, paths = exported
     result = build_rtx_engine(paths[precision], min_batch=1, opt_batch=2, max_batch=4)
     assert result.parsed, result.errors
-    if precision == "w4a8":
+    if formats.PRECISIONS[precision].tensorrt == formats.TRT_REFUSED:  # w4a8
         # TensorRT-RTX 1.7.1: Myelin internal error CHECK(is_constant()) when an INT8 activation Q/DQ
         # meets a blocked INT4 weight; if a later release builds it, this assert says so.
         assert not result.built, "TensorRT-RTX now builds W4A8: update export/qdq.py docs"

@@ -22,7 +22,8 @@ def _script():
 
 def test_fid_reference_script_smoke(tmp_path):
     model = load_builtin("dit-tiny-fmnist")
-    layers = {f"blocks.{i}.mlp.fc1": LayerRecipe(weight_format="int4", weight_granularity="channel", act_format="none")
+    layers = {f"blocks.{i}.mlp.fc1": LayerRecipe(weight_format="int4", weight_granularity="group", weight_group_size=128,
+                                                 act_format="none")
               for i in range(model.config.depth)}
     Recipe("manual", model_fingerprint(model), layers=layers, model_config=model.config.to_dict()).save(tmp_path / "w4")
     out = tmp_path / "out"
@@ -44,12 +45,12 @@ def test_fid_reference_script_smoke(tmp_path):
 
 def test_fid_reference_picks_best_candidate_by_heldout_sqnr(tmp_path):
     """Of two candidates in one group, the one with the higher held-out noise SQNR is sampled (W8A8 must
-    beat W4A8 per channel), KEY=VAL options reach CalibConfig, and a bad key is a usage error."""
+    beat W4A8 group128), KEY=VAL options reach CalibConfig, and a bad key is a usage error."""
     mod = _script()
     common = ["--steps", "2", "--per-class", "1", "--batch-size", "10", "--device", "cpu", "--autocast", "none",
               "--no-fp", "--cali-n", "2", "--cali-steps", "2", "--cali-sampler-steps", "4"]
     out = tmp_path / "out"
-    rc = mod.main(common + ["--calibrate", "q/w4=minmax:4:8:channel", "--calibrate", "q/w8=minmax:8:8:channel:lp=2.4",
+    rc = mod.main(common + ["--calibrate", "q/w4=minmax:w4a8:group128", "--calibrate", "q/w8=minmax:int8:channel:lp=2.4",
                             "--out", str(out)])
     assert rc == 0
     meta = json.loads((out / "fid_reference.json").read_text())
@@ -58,4 +59,4 @@ def test_fid_reference_picks_best_candidate_by_heldout_sqnr(tmp_path):
     assert cal["q/w8"]["sampled_as"] == "q" and "sampled_as" not in cal["q/w4"]
     assert cal["q/w8"]["config"]["lp"] == 2.4
     assert set(meta["settings"]) == {"q-2"} and (out / "recipes" / "q_w4" / "recipe.json").is_file()
-    assert mod.main(common + ["--calibrate", "q=minmax:8:8:channel:nokey=1", "--out", str(tmp_path / "bad")]) == 2
+    assert mod.main(common + ["--calibrate", "q=minmax:int8:channel:nokey=1", "--out", str(tmp_path / "bad")]) == 2

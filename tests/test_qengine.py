@@ -11,14 +11,16 @@ import torch
 
 from dtq.runtime import quant
 from dtq.runtime.kernels_ref import pack_int4, unpack_int4
-from dtq.runtime.qengine import FP8Linear, Int4Linear, Int8Linear, build_qengine, engine_layers, weight_bytes
+from dtq.runtime.qengine import (FP8Linear, Int4Linear, Int8Linear, Int8WeightOnlyLinear, build_qengine, engine_layers,
+                                 weight_bytes)
 from dtq.runtime.recipe import apply_recipe
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
 
-LAYER_TYPES = {"int8": Int8Linear, "fp8": FP8Linear, "w4a16": Int4Linear, "w4a8": Int4Linear}
+LAYER_TYPES = {"int8": Int8Linear, "fp8": FP8Linear, "w8a16": Int8WeightOnlyLinear, "w4a16": Int4Linear,
+               "w4a8": Int4Linear}
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp8", "w4a16", "w4a8"])
+@pytest.mark.parametrize("precision", list(LAYER_TYPES))
 def test_cpu_engine_is_the_simulation(small_model, precision):
     recipe = minmax_recipe(small_model, precision, group=32, balance=True)
     sim = apply_recipe(small_model, recipe)
@@ -47,6 +49,10 @@ def test_engine_layers_hold_real_codes(small_model):
     l8 = engine_layers(eng8)["blocks.0.attn.qkv"]
     assert l8.weight_fp8.dtype == torch.float8_e4m3fn and l8.act_scale.dtype == torch.float32
     assert eng8.blocks[0].adaLN_modulation[1].weight.dtype == torch.float16
+    # W8A16: int8 codes, no activation quantization, half the bf16 weight memory (plus per-channel scales)
+    w8 = engine_layers(build_qengine(small_model, minmax_recipe(small_model, "w8a16")))["blocks.1.mlp.fc1"]
+    assert w8.weight_int8.dtype == torch.int8 and w8.act_format == "none" and w8.act_scale is None
+    assert w8.weight_bytes() - w8.bias.numel() * 4 <= 0.51 * w8.weight_int8.numel() * 2 + w8.out_features * 8
 
 
 def test_int4_memory(small_model):
@@ -177,7 +183,7 @@ def test_gpu_layer_paths_in_interpreter():
         torch.manual_seed(0)
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
-        for p in ["int8", "w4a16", "w4a8", "fp8"]:
+        for p in ["int8", "w8a16", "w4a16", "w4a8", "fp8"]:
             eng = build_qengine(m, minmax_recipe(m, p, group=64 if p == "w4a8" else 32, balance=True),
                                 fuse_mlp=("int8", "fp8"), int8_kernel="triton")  # auto: _int_mm at 20 rows
             for name, lin in engine_layers(eng).items():

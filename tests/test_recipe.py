@@ -163,10 +163,35 @@ def test_bad_schema_is_refused(tmp_path, small_dit):
     with pytest.raises(RecipeError, match="not a recipe directory"):
         load_recipe(tmp_path / "nothing")
     data["schema_version"] = 1
-    data["layers"]["blocks.0.attn.qkv"]["act_format"] = "int8"  # no act_scale
+    data["layers"]["blocks.0.attn.qkv"]["act_format"] = "int8"  # none weights x int8 activations: no precision
+    (d / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(RecipeError, match="blocks.0.attn.qkv: no precision has none weights with int8 activations; "
+                                          "valid: int8 .*w8a16"):
+        load_recipe(d)
+    data["layers"]["blocks.0.attn.qkv"]["weight_format"] = "int8"  # W8A8, but no act_scale
     (d / "recipe.json").write_text(json.dumps(data))
     with pytest.raises(RecipeError, match="act_scale"):
         load_recipe(d)
+    data["layers"]["blocks.0.attn.qkv"].update(weight_format="int4", act_format="none")  # INT4 per channel
+    (d / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(RecipeError, match="precision w4a16 takes weight granularity group128 / group64 / group32"):
+        load_recipe(d)
+
+
+def test_recipe_records_its_precision(tmp_path, small_dit):
+    """recipe.json has "precision"; a recipe written before the field gets its layers' majority."""
+    recipe = _random_balance_recipe(small_dit, act_format="int8", weight_format="int8")
+    assert recipe.precision == "int8" and set(recipe.layer_precisions.values()) == {"int8"} and not recipe.mixed
+    recipe.layers["blocks.0.attn.qkv"].act_format = "none"  # one W8A16 layer: mixed
+    recipe.layers["blocks.0.attn.qkv"].act_scale = None
+    assert recipe.mixed and recipe.layer_precisions["blocks.0.attn.qkv"] == "w8a16"
+    d = recipe.save(tmp_path / "r")
+    data = json.loads((d / "recipe.json").read_text())
+    assert data["precision"] == "int8"
+    del data["precision"]
+    (d / "recipe.json").write_text(json.dumps(data))
+    assert load_recipe(d, small_dit).precision == "int8"
+    assert _random_balance_recipe(small_dit).precision == "fp16"  # balancing only: nothing quantized
 
 
 def test_recipe_of_tiny_model_refused_for_reference_model(tmp_path, reference_ckpt):

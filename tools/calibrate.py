@@ -12,18 +12,24 @@ import argparse
 import json
 import sys
 
+from dtq import formats
 from dtq.calibrate.api import CalibrateJob, calibrate_checkpoint
 from dtq.calibrate.config import CalibConfig, CalibDataConfig
 from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
 
 EPILOG = """examples:
   dtq-calibrate --method ditas --out recipes/tiny-ditas-w8a8          # built-in model, W8A8
-  dtq-calibrate --ckpt dit-s2/model.safetensors --method ptq4dit --weight-bits 4 \\
+  dtq-calibrate --ckpt dit-s2/model.safetensors --method ptq4dit --precision w4a16 \\
       --weight-granularity group128 --cali-steps 25 --cali-n 32 --steps 100 --device cuda --out r
   dtq-calibrate --cali-data r/calibration_set.safetensors --method smoothquant --alpha 0.6 --out r2
+  dtq-calibrate --precision w4a16 --overrides '*.attn.qkv=int8,blocks.5.*=fp16' --out mixed   # per layer
+
+precisions (dtq.formats; --overrides PATTERN=PRECISION[:GRANULARITY] takes these and fp16 = unquantized):
+{table}
 
 --out receives recipe.json + tensors.safetensors and calibration_set.safetensors (reusable with
---cali-data). exit codes: 0 success, 2 bad usage or input."""
+--cali-data). exit codes: 0 success, 2 bad usage or input.""".format(table="\n".join(
+    line for line in formats.describe().splitlines() if line.split()[0] in formats.QUANTIZED_PRECISIONS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclass_from_args(CalibConfig, args)
         info = calibrate_checkpoint(dataclass_from_args(CalibrateJob, args), config,
                                     dataclass_from_args(CalibDataConfig, args)).info
-        print(f"wrote recipe ({config.method}, {config.wfmt} weights / {config.afmt} activations) to {args.out}")
+        mixed = f", {len(config.overrides)} override(s)" if config.overrides else ""
+        print(f"wrote recipe ({config.method}, {config.precision}: {config.wfmt} weights / {config.afmt} activations"
+              f"{mixed}) to {args.out}")
         if "heldout_noise_sqnr_db" in info:
             print("held-out noise SQNR (dB): " + json.dumps(info["heldout_noise_sqnr_db"]))
         return EXIT_OK

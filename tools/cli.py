@@ -55,6 +55,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True  # a field without a default is a required option
         if typing.get_origin(tp) is Literal:
             kwargs.update(choices=list(typing.get_args(tp)), type=type(typing.get_args(tp)[0]))
         elif tp is bool:

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .. import artifacts, formats
 from ..checks import check_finite_fields, check_output_path
 from ..extras import require
 from ..onnx_file import open_onnx
@@ -131,9 +132,8 @@ class Endpoint:
     def rescaled_outputs(self) -> set[str]:
         """Layers whose output rows a fold rescales (qkv under proj's V fold)."""
         if self.kind == "onnx":  # dtq-export records them (metadata dtq.rescaled_outputs)
-            from ..export.writer import read_metadata
-
-            return set(json.loads(read_metadata(self.path).get("rescaled_outputs", "[]")))
+            meta = artifacts.read_onnx_metadata(self.path)
+            return set(artifacts.metadata_json(meta, artifacts.META_RESCALED_OUTPUTS, []))
         if self.recipe is not None:
             from ..runtime.recipe import rescaled_output_layers
 
@@ -177,6 +177,11 @@ class Endpoint:
     def denoiser(self, cfg: CompareConfig):
         # an engine is refused when built for another GPU / TensorRT (runtime.open)
         return open_denoiser(self.parsed, self._base(), device=self._device(cfg), dtype=self.torch_dtype(cfg))
+
+
+def keep_overrides(layers: list[str]) -> str:
+    """dtq-calibrate's ``--overrides`` value that leaves ``layers`` unquantized."""
+    return ",".join(f"{n}={formats.UNQUANTIZED}" for n in layers)
 
 
 def resolve_endpoint(spec: str, model: DiT) -> Endpoint:
@@ -437,7 +442,7 @@ def markdown_report(report: dict) -> str:
                   "Ranked by the SQNR of the noise each layer adds itself (output minus input noise-to-signal, "
                   "in power): the SQNR drop, independent of how clean the layer's input was.", "",
                   "Keep in higher precision first: " + (", ".join(f"`{n}`" for n in lw["keep_in_higher_precision"]) or "none")
-                  + (f" (recalibrate with `dtq-calibrate --keep {','.join(lw['keep_in_higher_precision'])}`)"
+                  + (f" (recalibrate with `dtq-calibrate --overrides {keep_overrides(lw['keep_in_higher_precision'])}`)"
                      if lw["keep_in_higher_precision"] else ""),
                   "", "![per-layer SQNR](layer_sqnr.png)", "",
                   "| rank | layer | in SQNR dB | out SQNR dB | drop dB | added-noise SQNR dB |", "|---|---|---|---|---|---|"]

@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dtq import formats
 from dtq.runtime import quant
 from dtq.runtime.recipe import LayerRecipe, Recipe, balanced_model, model_fingerprint
 
-ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-FOLD = {"attn.qkv": "adaLN", "mlp.fc1": "adaLN", "attn.proj": "v", "mlp.fc2": "runtime"}
-FORMATS = {"int8": ("int8", "int8"), "fp8": ("fp8_e4m3", "fp8_e4m3"), "w4a16": ("int4", "none"),
-           "w4a8": ("int4", "int8")}
+ROLES = formats.ROLES
+FOLD = formats.FOLD_BY_ROLE
+# precision -> (weight format, activation format), from the precision table
+FORMATS = {n: (p.weight_format, p.act_format) for n, p in formats.PRECISIONS.items() if p.quantized}
 
 
 def random_inputs(model: nn.Module, batch: int, seed: int = 0, device="cpu"):
@@ -51,7 +52,7 @@ def minmax_recipe(model: nn.Module, precision: str, *, group: int = 128, balance
             tensors[f"{name}.balance"] = b
             layers[name].balance, layers[name].balance_fold = f"{name}.balance", FOLD[role]
     fp = fingerprint or model_fingerprint(model)
-    recipe = Recipe("minmax-quick", fp, layers, tensors, model_config=model.config.to_dict())
+    recipe = Recipe("minmax-quick", fp, layers, tensors, model_config=model.config.to_dict(), precision=precision)
     if af != "none":
         bal = balanced_model(model, recipe, check=False)
         amax: dict[str, float] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..build import assemble_recipe, quant_layer_names
+from ..build import assemble_recipe, quantized_layers
 from ..search import search_weight_scale
 from ...runtime import quant
 from . import register
@@ -53,15 +53,15 @@ def alpha_grid(step: float) -> list[float]:
 def ditas(model, stats, config):
     roles = [r for r in config.layers if r in SMOOTHED]
     alphas = alpha_grid(config.alpha_grid_step)
-    gran, group = config.granularity
     balances, chosen = {}, {}
-    for name in quant_layer_names(model, roles):
+    for name, lp in quantized_layers(model, config, roles).items():
+        gran, group = lp.granularity  # each layer searched in its own precision
         st = stats[name]
         sx = st.channel_amax_all()
         w = model.get_submodule(name).weight.detach().float()
         # the search runs where the model is (DiT-XL/2: 21 alphas x 112 layers of matmuls)
-        a, _ = tas_alpha_search(st.token_samples().to(w.device), sx, w, alphas, wfmt=config.wfmt,
-                                afmt=config.afmt, granularity=gran, group_size=group)
+        a, _ = tas_alpha_search(st.token_samples().to(w.device), sx, w, alphas, wfmt=lp.wfmt,
+                                afmt=lp.afmt, granularity=gran, group_size=group)
         balances[name] = smoothing_factor(sx, w.abs().amax(dim=0).cpu(), a)
         chosen[name] = a
     return assemble_recipe(model, stats, config, "ditas", balances,

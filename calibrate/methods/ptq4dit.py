@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..build import assemble_recipe, quant_layer_names, weight_salience
+from ..build import assemble_recipe, quantized_layers, weight_salience
 from . import register
 
 BALANCED = ("attn.qkv", "attn.proj", "mlp.fc1")
@@ -53,7 +53,7 @@ def csb_balance(sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
 def ptq4dit(model, stats, config):
     roles = [r for r in config.layers if r in BALANCED]
     balances, rhos = {}, {}
-    for name in quant_layer_names(model, roles):
+    for name in quantized_layers(model, config, roles):
         sw = weight_salience(model, name)
         per_t = stats[name].channel_amax_per_t()
         eta, rho = ssc_weights(per_t, sw)

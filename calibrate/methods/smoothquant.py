@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..build import assemble_recipe, quant_layer_names, weight_salience
+from ..build import assemble_recipe, quantized_layers, weight_salience
 from . import register
 
 SMOOTHED = ("attn.qkv", "attn.proj", "mlp.fc1")  # the inputs whose smoothing folds for free
@@ -23,5 +23,5 @@ def smoothing_factor(sx: torch.Tensor, sw: torch.Tensor, alpha: float) -> torch.
 def smoothquant(model, stats, config):
     roles = [r for r in config.layers if r in SMOOTHED or (config.smooth_fc2 and r in RUNTIME)]
     balances = {n: smoothing_factor(stats[n].channel_amax_all(), weight_salience(model, n), config.alpha)
-                for n in quant_layer_names(model, roles)}
+                for n in quantized_layers(model, config, roles)}
     return assemble_recipe(model, stats, config, "smoothquant", balances, {"alpha": config.alpha, "smoothed": roles})
