@@ -26,8 +26,8 @@ from ..checks import check_output_path
 from ..runtime.checkpoint import load_checkpoint
 from ..runtime.recipe import Recipe, load_recipe, rescaled_output_layers
 from . import qdq, rules, surgery
-from .config import DTYPE_NAMES, ExportConfig, ExportUsageError  # noqa: F401  (ExportConfig is the API's)
-from .onnx_export import IR_VERSION, MIN_OPSET, export_torch, find_linears
+from .config import ExportConfig, ExportUsageError  # noqa: F401  (re-exported: the API takes ExportConfig)
+from .onnx_export import IR_VERSION, export_torch, find_linears
 from .writer import write_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -18,7 +18,6 @@ from dtq.calibrate.data import collect_calibration_set
 from dtq.export import rules
 from dtq.export.api import ExportConfig, ExportUsageError, build_graph, export_model
 from dtq.export.onnx_export import export_torch
-from dtq.export.writer import write_model
 from dtq.runtime.model import DiT, DiTConfig
 from dtq.runtime.qengine import ENGINE_LAYERS, build_qengine, engine_layers
 from dtq.runtime.quant import sqnr_db
