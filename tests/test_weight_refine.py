@@ -112,7 +112,7 @@ def test_lowrank_lowers_weight_error_monotonically():
 
 
 # -- the tiny model, end to end ----------------------------------------------------------------------
-W4A8 = dict(method="minmax", weight_bits=4, act_bits=8, weight_granularity="group128", progress=False)
+W4A8 = dict(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_cli_exposes_the_options():
     from dtq.tools.cli import dataclass_from_args
 
     args = build_parser().parse_args(["--gptq", "--gptq-act-order", "--gptq-damp", "0.02", "--lowrank-rank", "32",
-                                      "--lowrank-iters", "5", "--weight-bits", "4", "--weight-granularity", "group128"])
+                                      "--lowrank-iters", "5", "--precision", "w4a8", "--weight-granularity", "group128"])
     cfg = dataclass_from_args(CalibConfig, args)
     assert (cfg.gptq, cfg.gptq_act_order, cfg.gptq_damp, cfg.lowrank_rank, cfg.lowrank_iters) == (True, True, 0.02, 32, 5)
     with pytest.raises(ValueError):
@@ -271,7 +271,7 @@ def test_rtx_builds_w4a16_with_lowrank_branch(tmp_path):
 
     model = load_builtin("dit-tiny-fmnist")
     recipe = minmax_recipe(model, "w4a16", group=32, balance=True)
-    refine_weights(model, recipe, None, CalibConfig(weight_bits=4, act_bits=16, weight_granularity="group32",
+    refine_weights(model, recipe, None, CalibConfig(precision="w4a16", weight_granularity="group32",
                                                     lowrank_rank=8, lowrank_iters=3, progress=False))
     assert all(layer.lowrank_up for layer in recipe.layers.values())
     cfg = ExportConfig(out=str(tmp_path / "lr.onnx"), model="dit-tiny-fmnist", precision="w4a16", max_batch=4)
