@@ -29,48 +29,28 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import formats
 from ..runtime import quant
 from ..runtime.recipe import Recipe, RecipeError, _parent, apply_recipe
 from .build import assemble_recipe
-from .config import CalibConfig
+from .config import CalibConfig, PrecisionName
 from .data import CalibrationSet
 from .evaluate import predict
 from .stats import Statistics
 
-# precision name -> (weight_bits, act_bits, weight_format, act_format) of CalibConfig, and the
-# recipe formats it gives. The names are those of dtq.formats / CalibConfig.overrides; once
-# CalibConfig takes ``precision`` this table is ``replace(config, precision=name)``.
-PRECISIONS = {
-    "int8": ((8, 8, "int", "int"), ("int8", "int8")),
-    "fp8": ((8, 8, "fp8", "fp8"), ("fp8_e4m3", "fp8_e4m3")),
-    "w8a16": ((8, 16, "int", "int"), ("int8", "none")),
-    "w4a16": ((4, 16, "int", "int"), ("int4", "none")),
-    "w4a8": ((4, 8, "int", "int"), ("int4", "int8")),
-}
-PrecisionName = Literal["int8", "fp8", "w8a16", "w4a16", "w4a8"]
 Unit = Literal["layer", "block"]
 BudgetUnit = Literal["fraction", "layers"]
-
-
-def precision_of(weight_format: str, act_format: str) -> str:
-    """The precision name of a recipe layer's (weight, activation) formats."""
-    for name, (_, fmts) in PRECISIONS.items():
-        if fmts == (weight_format, act_format):
-            return name
-    raise ValueError(f"no precision name for weights {weight_format} x activations {act_format}")
+precision_of = formats.precision_of  # a recipe layer's (weight, activation) formats -> precision name
 
 
 def config_for_precision(config: CalibConfig, precision: str) -> CalibConfig:
-    """``config`` with another precision (8-bit weights take per-channel scales, 4-bit keep groups)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    (wb, ab, wf, af), _ = PRECISIONS[precision]
-    gran = config.weight_granularity
-    if wb == 8 and gran.startswith("group"):
-        gran = "channel"
-    elif wb == 4 and gran in ("tensor", "channel"):
-        gran = "group128"
-    return replace(config, weight_bits=wb, act_bits=ab, weight_format=wf, act_format=af, weight_granularity=gran)
+    """``config`` with another precision: its weight granularity where the precision takes it, else
+    the precision's default (8-bit weights per channel, 4-bit per group)."""
+    p = formats.get_precision(precision)
+    if not p.quantized:
+        raise ValueError(f"precision must be one of {', '.join(formats.QUANTIZED_PRECISIONS)}, got {precision!r}")
+    gran = config.weight_granularity if config.weight_granularity in p.granularities else p.default_granularity
+    return replace(config, precision=precision, weight_granularity=gran)
 
 
 def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe, config_high: CalibConfig,
@@ -82,13 +62,14 @@ def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe,
 
     opts = recipe_low.options
     balances = {n: recipe_low.balance(n) for n in recipe_low.layers if recipe_low.balance(n) is not None}
-    config_high = replace(config_high, keep=list(opts.get("kept", [])))
-    extra = {k: v for k, v in opts.items() if k not in ("weight_bits", "act_bits", "weight_format", "act_format",
-                                                        "weight_granularity", "weight_search", "act_search", "kept")}
+    # the same layers as the low recipe: every layer it leaves unquantized stays so
+    config_high = replace(config_high, overrides=[f"{n}={formats.UNQUANTIZED}" for n in opts.get("kept", [])])
+    extra = {k: v for k, v in opts.items() if k not in ("precision", "overrides", "weight_granularity", "weight_search",
+                                                        "act_search", "kept")}
     extra["balances_from"] = "low-precision recipe (mixed-precision sweep)"
     recipe = assemble_recipe(model, stats, config_high, recipe_low.method, balances, extra,
                              weight_search=opts.get("weight_search"), act_search=opts.get("act_search"),
-                             info={"matched_to": {k: opts.get(k) for k in ("weight_format", "act_format")}})
+                             info={"matched_to": {"precision": recipe_low.precision}})
     if wants_refinement(config_high):
         if config_high.gptq and forward_loop is None:
             raise ValueError("GPTQ needs the calibration data: pass forward_loop=")
@@ -295,8 +276,8 @@ class MixedConfig:
     groups: int = field(default=4, metadata={"help": "timestep groups the metrics are reported for"})
 
     def __post_init__(self) -> None:
-        if self.high_precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.high_precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.high_precision not in formats.QUANTIZED_PRECISIONS:
+            raise ValueError(f"unknown precision {self.high_precision!r}; known: {', '.join(formats.QUANTIZED_PRECISIONS)}")
         if self.groups < 1:
             raise ValueError("groups must be >= 1")
         pick_units(Sensitivity("", "", [], {}, {}), self.budget, self.budget_unit)  # validates the budget

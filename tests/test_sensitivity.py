@@ -28,7 +28,7 @@ def setup():
     dc = CalibDataConfig(cali_n=2, cali_steps=4, steps=20)
     cali = collect_calibration_set(model, dc)
     held = collect_calibration_set(model, replace(dc, seed=1))
-    cfg = CalibConfig(method="smoothquant", alpha=0.5, weight_bits=4, act_bits=8, weight_granularity="group128",
+    cfg = CalibConfig(method="smoothquant", alpha=0.5, precision="w4a8", weight_granularity="group128",
                       progress=False)
     stats = statistics(model, cali, cfg)
     low = calibrate(model, stats, cfg)
@@ -164,7 +164,7 @@ def test_cli_writes_mixed_recipe_and_report(tmp_path, capsys):
     from dtq.tools.sensitivity import main
 
     out = tmp_path / "mixed"
-    rc = main(["--weight-bits", "4", "--weight-granularity", "group128", "--budget", "2", "--budget-unit", "layers",
+    rc = main(["--precision", "w4a8", "--weight-granularity", "group128", "--budget", "2", "--budget-unit", "layers",
                "--cali-n", "1", "--cali-steps", "2", "--steps", "4", "--eval-n", "1", "--no-progress", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "sensitivity.json").read_text())

@@ -22,8 +22,8 @@ from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args,
 
 REPORT = "sensitivity.json"
 EPILOG = """examples:
-  dtq-sensitivity --weight-bits 4 --weight-granularity group128 --budget 0.1 --out recipes/tiny-mixed
-  dtq-sensitivity --ckpt dit-s2/model.safetensors --method smoothquant --alpha 0.5 --weight-bits 4 \\
+  dtq-sensitivity --precision w4a8 --weight-granularity group128 --budget 0.1 --out recipes/tiny-mixed
+  dtq-sensitivity --ckpt dit-s2/model.safetensors --method smoothquant --alpha 0.5 --precision w4a8 \\
       --weight-granularity group128 --budget 4 --budget-unit layers --eval-n 8 --out r
 
 --out receives the mixed recipe (recipe.json + tensors.safetensors), sensitivity.json and
