@@ -32,12 +32,12 @@ PROTO="--dtype bf16 --autocast --compile --cuda-graphs"  # fp32 weights, bf16 ma
 # 1. recipes; the first run's calibration set is shared by the others (--cali-data)
 stamp cal-w8a8 $CAL --method ditas --act-search mse --out $O/r/w8a8
 CD="--cali-data $O/r/w8a8/calibration_set.safetensors"
-W4="--method smoothquant --alpha 0.5 --no-smooth-fc2 --weight-bits 4 --act-bits 8 --weight-granularity group128"
+W4="--method smoothquant --alpha 0.5 --no-smooth-fc2 --precision w4a8 --weight-granularity group128"
 stamp cal-w4a8 $CAL $CD $W4 --out $O/r/w4a8
 stamp cal-w4a8-gptq $CAL $CD $W4 --gptq --out $O/r/w4a8-gptq
 stamp cal-w4a8-gptq-lr $CAL $CD $W4 --gptq --lowrank-rank 32 --out $O/r/w4a8-gptq-lr
 stamp cal-w4a8-lr $CAL $CD $W4 --lowrank-rank 32 --out $O/r/w4a8-lr
-stamp cal-fp8 $CAL $CD --method ditas --weight-format fp8 --act-format fp8 --act-search mse --out $O/r/fp8
+stamp cal-fp8 $CAL $CD --method ditas --precision fp8 --act-search mse --out $O/r/fp8
 stamp cal-w4a8-gptq-mixed25 python -m dtq.tools.sensitivity --ckpt $CKPT --device $DEV --eval-n 8 --no-progress $CALI \
     $CD $W4 --gptq --high-precision int8 --budget 0.25 --out $O/r/w4a8-gptq-mixed25
 grep -H "held-out" $O/log/cal-*.log
