@@ -9,8 +9,11 @@
 #   CKPT=.../model.safetensors DTQ_FMNIST_DIR=<t10k files> O=/tmp/q bash benchmarks/run_quality_gpu.sh
 #
 # Knobs for a CPU rehearsal: CKPT, O, PER_CLASS, S50, S100, DEV, CALI (extra dtq-calibrate args),
-# STREAMS (sampling jobs side by side). Writes $O/times.tsv (each step's exit code and seconds),
-# $O/log/*.log, $O/s/<set>/samples.npz, $O/pairs.json, $O/fid.json.
+# ENGINE / PROTO (dtq-sample options of the two kinds of run), FIDARGS (extra dtq-fid args).
+# Writes $O/times.tsv (each step's exit code and seconds), $O/log/*.log, $O/s/<set>/samples.npz,
+# $O/pairs.json, $O/fid.json. On one H200 the calibrations take 2.9 min and each 50-step set 1.8-3.3
+# min with two streams sharing the GPU, so the whole list needs ~25 min: more than one 10-minute
+# call (session 4 ran it in the background and scored the first eight sets; docs/results/quality_s4.md).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 CKPT=${CKPT:?checkpoint}; O=${O:-/tmp/q}; PER_CLASS=${PER_CLASS:-1000}
@@ -26,8 +29,9 @@ stamp() {  # stamp NAME CMD...: run, log, and record exit code and seconds
 }
 CAL="python -m dtq.tools.calibrate --ckpt $CKPT --device $DEV --eval-n 8 --no-progress $CALI"
 SAMPLE="python -m dtq.tools.sample --ckpt $CKPT --per-class $PER_CLASS --batch-size 1000 --device $DEV --no-progress"
-ENGINE="--dtype bf16 --compile --cuda-graphs"          # the engine as a user runs it for speed
-PROTO="--dtype bf16 --autocast --compile --cuda-graphs"  # fp32 weights, bf16 matmuls (reference protocol)
+ENGINE=${ENGINE:-"--dtype bf16 --compile --cuda-graphs"}          # the engine as a user runs it for speed
+PROTO=${PROTO:-"--dtype bf16 --autocast --compile --cuda-graphs"}  # fp32 weights, bf16 matmuls (reference protocol)
+FIDARGS=${FIDARGS:-}
 
 # 1. recipes; the first run's calibration set is shared by the others (--cali-data)
 stamp cal-w8a8 $CAL --method ditas --act-search mse --out $O/r/w8a8
@@ -70,6 +74,6 @@ stamp pairs python benchmarks/pair_psnr.py --out $O/pairs.json --pair "$(P w8a8-
     --pair "$(P w4a8-gptq-lr-eng-$S50 w4a8-gptq-lr-sim-$S50)" --pair "$(P w4a8-gptq-lr-sim-$S50 fp-$S50)"
 SETS=$(ls $O/s/*/samples.npz | paste -sd,)
 stamp fid python -m dtq.tools.fid_cli --samples "$SETS" --reference fmnist-test --device $DEV --batch-size 500 \
-    --precision-recall --out $O/fid.json
+    --precision-recall $FIDARGS --out $O/fid.json
 cat $T
 echo JOB-DONE
