@@ -4,6 +4,7 @@ and dtq.staging.staged_directory writes a directory whole or not at all."""
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from dtq.checks import check_finite_fields, check_output_path
@@ -85,9 +86,11 @@ def test_fid_refuses_its_out_before_extracting_features(tmp_path, capsys, monkey
 
     monkeypatch.setattr(fid, "FeatureExtractor", lambda *a, **k: pytest.fail("features before --out was checked"))
     (tmp_path / "d").mkdir()
-    assert fid_cli.main(["--samples", str(tmp_path), "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    samples = tmp_path / "s.npz"  # valid samples: only --out is wrong
+    np.savez(samples, np.zeros((4, 32, 32, 1), np.uint8), np.arange(4))
+    assert fid_cli.main(["--samples", str(samples), "--out", str(tmp_path / "d"), "--no-progress"]) == 2
     assert "is an existing directory" in capsys.readouterr().err
-    assert fid_cli.main(["--samples", str(tmp_path), "--max-fid", "nan", "--no-progress"]) == 2
+    assert fid_cli.main(["--samples", str(samples), "--max-fid", "nan", "--no-progress"]) == 2
     assert "--max-fid must be a finite number" in capsys.readouterr().err
 
 
