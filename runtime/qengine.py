@@ -65,10 +65,10 @@ from .recipe import Recipe, apply_recipe
 Kernel = Literal["auto", "reference"]
 W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
 # int8_kernel="auto": torch._int_mm (cuBLAS) up to this many rows, the Triton GEMM above. Measured on an
-# H200 (bench_speed_h200_8a3a937.json, event-timed, DiT-XL/2 block GEMMs): at M = 512 / 4096 _int_mm
-# ran at 0.75-0.88x bf16, Triton at 0.16-0.9x (old candidates); at M = 32768 Triton 0.77-1.54x,
-# _int_mm 0.82-1.24x. Re-decide from the CUDA-graph-timed table (run_speed_gpu.sh --e2e-only).
-INT8_INT_MM_MAX_M = 4096
+# H200 with CUDA-graph timing (bench_speed_h200_e2e_88e4fae.json, DiT-XL/2 block GEMMs): the Triton
+# kernel with its small-M candidates beat _int_mm at M = 4096 (0.86-1.22x vs 0.78-0.91x of bf16) and
+# M = 512 (0.88-1.04x vs 0.58-0.87x), as at M = 32768, so no row count takes _int_mm by default.
+INT8_INT_MM_MAX_M = 0
 INT8_KERNELS = ("auto", "triton", "int_mm")
 
 

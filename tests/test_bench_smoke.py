@@ -51,9 +51,12 @@ def test_bench_opens_artifacts_through_open_denoiser(tmp_path, capsys):
     assert "calibrated for a different checkpoint" in backends[specs[2]]["error"]
 
 
-def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys):
+def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys, monkeypatch):
     """--points runs (batch, backend) pairs in the given order (the time budget cuts the tail) and
     records which GEMM int8_kernel="auto" picked at each point's rows; a malformed spec exits 2."""
+    from dtq.runtime import qengine
+
+    monkeypatch.setattr(qengine, "INT8_INT_MM_MAX_M", 4096)  # a window for _int_mm (the default has none)
     out = tmp_path / "bench.json"
     assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--steps", "1", "--repeats", "1",
                  "--points", "2:int8;1:int8-triton,int8", "--gemm-kernels", "int8_triton",

@@ -219,18 +219,22 @@ def test_gpu_layer_paths_in_interpreter():
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
-def test_int8_auto_dispatch_by_rows(small_model):
+def test_int8_auto_dispatch_by_rows(small_model, monkeypatch):
     """int8_kernel="auto": torch._int_mm up to INT8_INT_MM_MAX_M rows (more than 16: cuBLAS's limit),
     Triton above; the _int_mm path (run here through torch's CPU _int_mm) matches the reference, and
     a fused MLP runs unfused where fc1 would take _int_mm. Pinned kernels stay pinned."""
-    from dtq.runtime.qengine import INT8_INT_MM_MAX_M, FusedMlp
+    from dtq.runtime import qengine
+    from dtq.runtime.qengine import FusedMlp
 
     recipe = minmax_recipe(small_model, "int8", balance=True)
+    lin0 = engine_layers(build_qengine(small_model, recipe))["blocks.0.mlp.fc2"]
+    # the measured default: Triton at every row count (the graph-timed H200 table)
+    assert [lin0.kernel_for_rows(m) for m in (17, 512, 4096, 32768)] == ["triton"] * 4
+    monkeypatch.setattr(qengine, "INT8_INT_MM_MAX_M", 4096)  # the rule itself, with a window
     eng = build_qengine(small_model, recipe)
     lin = engine_layers(eng)["blocks.0.mlp.fc2"]
     assert lin.int8_kernel == "auto" and lin.input_mul is not None
-    assert [lin.kernel_for_rows(m) for m in (16, 17, INT8_INT_MM_MAX_M, INT8_INT_MM_MAX_M + 1)] == \
-        ["triton", "int_mm", "int_mm", "triton"]
+    assert [lin.kernel_for_rows(m) for m in (16, 17, 4096, 4097)] == ["triton", "int_mm", "int_mm", "triton"]
     pinned = build_qengine(small_model, recipe, int8_kernel="triton")
     assert engine_layers(pinned)["blocks.0.mlp.fc2"].kernel_for_rows(512) == "triton"
     assert engine_layers(build_qengine(small_model, recipe, int8_kernel="int_mm"))["blocks.0.mlp.fc2"] \
