@@ -104,18 +104,17 @@ class CalibConfig:
 
     # -- derived --------------------------------------------------------------------------------
     @property
+    def default_layer(self) -> "LayerPrecision":
+        """A layer with no override: the default precision and granularity."""
+        return LayerPrecision(self.precision, self.weight_granularity)
+
+    @property
     def wfmt(self) -> str:
-        """Weight format of the default precision."""
-        return formats.get_precision(self.precision).weight_format
+        return self.default_layer.wfmt
 
     @property
     def afmt(self) -> str:
-        """Activation format of the default precision."""
-        return formats.get_precision(self.precision).act_format
-
-    @property
-    def granularity(self) -> tuple[str, int | None]:
-        return formats.parse_granularity(self.weight_granularity)
+        return self.default_layer.afmt
 
     def layer_precisions(self, names: list[str]) -> dict[str, "LayerPrecision"]:
         """Each named layer's precision after the overrides (``fp16`` ones: left unquantized)."""
