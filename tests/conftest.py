@@ -15,6 +15,16 @@ SHARED = REPO.parent / "shared"
 REFERENCE_CKPT = SHARED / "reference" / "dit-s2-fmnist" / "model.safetensors"
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, to test its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture
 def reference_ckpt() -> Path:
     if not REFERENCE_CKPT.is_file():

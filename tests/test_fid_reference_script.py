@@ -1,23 +1,18 @@
 """benchmarks/fid_reference.py (the GPU sampling script) as a CPU smoke test on the tiny model:
 the files and layout dtq-fid reads, same noise for every setting, a recipe setting."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
 from dtq.runtime.recipe import LayerRecipe, Recipe, model_fingerprint
 from dtq.runtime.zoo import load_builtin
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fid_reference.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fid_reference", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fid_reference")
 
 
 def test_fid_reference_script_smoke(tmp_path):

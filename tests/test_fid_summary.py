@@ -1,20 +1,17 @@
 """benchmarks/fid_summary.py: the committed FID results are what the committed raw outputs give."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fid_summary", ROOT / "benchmarks" / "fid_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fid_summary")
 
 
 def test_committed_results_follow_from_raw_outputs(tmp_path):

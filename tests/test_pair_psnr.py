@@ -1,20 +1,15 @@
 """benchmarks/pair_psnr.py: per-image agreement of same-seed sample sets."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pair_psnr.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pair_psnr", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("pair_psnr")
 
 
 def test_pair_psnr_numbers_and_label_check(tmp_path):
