@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..artifacts import CALIBRATION_SET
 from ..runtime.recipe import Recipe
 from ..runtime.zoo import BUILTIN_MODELS
 from .build import layer_precisions, quant_layer_names
@@ -27,8 +28,6 @@ from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
 from .stats import Statistics, collect_stats
 from .weights import refine_weights, wants_refinement
-
-CALI_FILE = "calibration_set.safetensors"  # beside the recipe, reusable as --cali-data
 
 
 def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig) -> Statistics:
@@ -118,7 +117,7 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
     with staged_directory(job.out, marker=RECIPE_JSON) as tmp:
         recipe.write_files(tmp)
         if job.cali_data is None:
-            data.save(tmp / CALI_FILE)
-        elif Path(job.cali_data).resolve() == (Path(job.out) / CALI_FILE).resolve():
-            shutil.copy2(job.cali_data, tmp / CALI_FILE)  # --cali-data out/...: keep it
+            data.save(tmp / CALIBRATION_SET)
+        elif Path(job.cali_data).resolve() == (Path(job.out) / CALIBRATION_SET).resolve():
+            shutil.copy2(job.cali_data, tmp / CALIBRATION_SET)  # --cali-data out/...: keep it
     return recipe

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         import torch
 
-        from dtq.calibrate.api import CALI_FILE
+        from dtq.artifacts import CALIBRATION_SET
         from dtq.calibrate.data import CalibrationSet, collect_calibration_set
         from dtq.calibrate.sensitivity import mixed_calibrate
         from dtq.checks import check_output_path
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe.write_files(tmp)
             (tmp / REPORT).write_text(json.dumps({**sens.to_json(), "overrides": overrides}, indent=1) + "\n")
             if job.cali_data is None:
-                data.save(tmp / CALI_FILE)
+                data.save(tmp / CALIBRATION_SET)
         print(f"sweep: {len(sens.units)} {mixed.unit}s in {sens.seconds:.1f} s; held-out noise SQNR mean over "
               f"timestep groups: all-low {sens.low['sqnr_mean_db']:.2f} dB, all-{mixed.high_precision} "
               f"{sens.high['sqnr_mean_db']:.2f} dB")
