@@ -160,3 +160,20 @@ def test_reference_quantization_is_the_library_kernel():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_attention_bench_smoke(tmp_path):
+    """benchmarks/attention_bench.py end to end on the CPU: DiT-XL/2's attention shape, SDPA and the
+    SageAttention reference measured against fp32 attention; bad input is exit 2."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("attention_bench")
+    out = tmp_path / "attention.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    import json
+
+    (row,) = json.loads(out.read_text())["batches"]
+    assert row["shape_bnhd"] == [1, 256, 16, 72]
+    assert row["sdpa_auto"]["sqnr_db"] > 45  # bf16 inputs, fp32 SDPA on the CPU: only reduction order differs
+    assert 33 < row["sage_reference"]["sqnr_db"] < 45 and row["sage_reference"]["cosine"] > 0.999
+    assert bench.main(["--batches", "0"]) == 2
