@@ -145,7 +145,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
 def sage_attention_library(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """sageattention for any head dim <= 128 (``[B, N, H, D]``): smooth k, zero-pad q / k / v to the
     kernel's head dim, call it with the softmax scale of the true head dim, slice the padding away."""
-    _import_sageattn()  # the install message before any work
+    if not torch.compiler.is_compiling():  # (traced: checked when the graph was built, no import in the graph)
+        _import_sageattn()  # the install message before any work
     d = q.shape[-1]
     width = sage_head_dim(d)
     qp = pad_head_dim(q, width)
@@ -185,6 +186,8 @@ def use_attention(model: nn.Module, backend: AttentionBackend) -> nn.Module:
     from .model import Attention
 
     check_backend(backend)
+    if backend == "sage" and any(p.is_cuda for p in model.parameters()):
+        _import_sageattn()  # a missing package fails here, not minutes later inside a compiled forward
     for name, mod in list(model.named_modules()):
         if isinstance(mod, EngineAttention):
             mod.backend = backend

@@ -82,6 +82,9 @@ def test_library_path_pads_smooths_and_passes_the_true_scale(monkeypatch):
     got = sage_attention_library(nhd(q), nhd(k), nhd(v), 72 ** -0.5)
     assert calls == [(96, 72 ** -0.5)] and got.shape == nhd(q).shape
     assert sqnr_db(sage_attention_reference(q, k, v), nhd(got)) > 60  # (k smoothed twice: a few rounding flips)
+    # traced as the compiled engine traces it: the library call is one opaque custom op with a fake
+    compiled = torch.compile(sage_attention_library, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(nhd(q), nhd(k), nhd(v), 72 ** -0.5), got) and len(calls) == 2
 
 
 def test_missing_sageattention_names_the_install(monkeypatch):
