@@ -110,11 +110,14 @@ def sage_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _import_sageattn():
+    """``sageattention.sageattn``, or :class:`dtq.extras.MissingExtra` (the CLIs' exit 2) naming the install."""
+    from ..extras import MissingExtra
+
     try:
         from sageattention import sageattn
     except ImportError as exc:
-        raise RuntimeError(f"attention='sage' needs the sageattention package on CUDA: {SAGE_INSTALL} "
-                           f"(it needs triton; pure Python, no build)") from exc
+        raise MissingExtra(f"sageattention is not installed (attention='sage' on CUDA): {SAGE_INSTALL} "
+                           f"(or pip install 'dtq[sage]'; pure Python, needs triton)") from exc
     return sageattn
 
 

@@ -90,7 +90,9 @@ def test_library_path_pads_smooths_and_passes_the_true_scale(monkeypatch):
 def test_missing_sageattention_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails
     q, k, v = (t.transpose(1, 2) for t in qkv(n=8))
-    with pytest.raises(RuntimeError, match=r"pip install sageattention==1\.0\.6"):
+    from dtq.extras import MissingExtra
+
+    with pytest.raises(MissingExtra, match=r"pip install sageattention==1\.0\.6"):
         sage_attention_library(q, k, v, 72 ** -0.5)
 
 
