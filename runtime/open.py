@@ -89,7 +89,7 @@ def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | tor
 
 def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
-                  autocast: bool = False, threads: int | None = None) -> Denoiser:
+                  autocast: bool = False, threads: int | None = None, attention: str = "sdpa") -> Denoiser:
     """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
 
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
@@ -97,10 +97,14 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     ``cuda_graphs``: one CUDA graph per batch size (torch, sim, recipe, trt; CUDA only).
     ``autocast``: fp32 weights and residual stream, matmuls under autocast in ``dtype`` (torch, sim,
     recipe: the engine's layers then take fp32 inputs and return fp32, their GEMMs unchanged).
-    ``threads``: ONNX Runtime's intra-op threads."""
+    ``threads``: ONNX Runtime's intra-op threads. ``attention``: the DiT blocks' attention kernel
+    (``runtime.attention``: "sdpa" or "sage"; torch, sim, recipe)."""
+    from .attention import check_backend, use_attention
+
     spec = parse_denoiser_spec(spec)
     device = torch.device(device)
-    _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast)
+    check_backend(attention)
+    _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention)
     if spec.kind == "onnx":
         from .backends import OnnxDenoiser
 
@@ -118,6 +122,7 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     # autocast: fp32 weights and residual stream, matmuls (and the engine's GEMM outputs) in work_dtype
     amp = work_dtype if autocast and work_dtype != torch.float32 else None
     module = open_module(spec, model, device=device, dtype=torch.float32 if amp else work_dtype)
+    use_attention(module, attention)  # (before compiling: the compiled blocks call the chosen kernel)
     if compile:
         from .qengine import compile_blocks
 
@@ -130,10 +135,13 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     return TorchDenoiser(module, device, work_dtype, autocast=amp is not None)
 
 
-def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool) -> None:
+def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool,
+                   attention: str = "sdpa") -> None:
     """Options a backend cannot honour are refused rather than silently ignored."""
     bad = [name for name, on, kinds in (("compile", compile, ("torch", "sim", "recipe")),
                                         ("cuda_graphs", cuda_graphs, ("torch", "sim", "recipe", "trt")),
-                                        ("autocast", autocast, ("torch", "sim", "recipe"))) if on and spec.kind not in kinds]
+                                        ("autocast", autocast, ("torch", "sim", "recipe")),
+                                        (f"attention={attention}", attention != "sdpa", ("torch", "sim", "recipe")))
+           if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")

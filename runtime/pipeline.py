@@ -18,6 +18,7 @@ import torch
 
 from ..checks import check_finite_fields, check_output_path
 from ..staging import staged_directory
+from .attention import AttentionBackend
 from .checkpoint import load_checkpoint, read_config_json
 from .denoiser import Denoiser
 from .denoiser_spec import parse_denoiser_spec
@@ -77,6 +78,10 @@ class SampleConfig:
         "torch.compile the DiT blocks (torch, sim and recipe backends; CUDA)"))
     cuda_graphs: bool = field(default=False, metadata=_meta(
         "replay the denoiser as one CUDA graph per batch size (torch, sim, recipe and trt backends on CUDA)"))
+    attention: AttentionBackend = field(default="sdpa", metadata=_meta(
+        "the DiT blocks' attention kernel (torch, sim and recipe backends): sdpa (torch's, bf16 flash on CUDA) or "
+        "sage (SageAttention 1.0.6: INT8 QK^T, fp16 PV, head dim zero-padded to 64/96/128; CUDA, "
+        "pip install sageattention==1.0.6; on the CPU its torch reference)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -158,7 +163,7 @@ def build_denoiser(cfg: SampleConfig, model: DiT, device: torch.device) -> Denoi
     """The network the job samples with (``cfg.backend``, a denoiser spec; see ``open.open_denoiser``).
     All run inside the same sampling loop."""
     return open_denoiser(cfg.backend, model, device=device, dtype=DTYPES[cfg.dtype], compile=cfg.compile,
-                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast)
+                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention)
 
 
 def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:

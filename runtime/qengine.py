@@ -59,6 +59,7 @@ from torch import nn
 
 from .. import formats
 from . import quant
+from .attention import AttentionBackend, check_backend, use_attention
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
 
@@ -472,7 +473,7 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = ("int8",), w4a8: W4A8Kernel = "group",
-                  check: bool = True) -> nn.Module:
+                  attention: AttentionBackend = "sdpa", check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the formats ("int8", "fp8")
@@ -481,7 +482,11 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     losing more than the fusion saves (docs/engines.md). ``w4a8``: "group" runs W4A8 layers with the
     recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
-    accumulation over the whole K), which changes the weights slightly."""
+    accumulation over the whole K), which changes the weights slightly. ``attention``: the blocks'
+    attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
+    "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
+    its torch reference)."""
+    check_backend(attention)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -503,6 +508,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                 parent_name, _, attr = name.rpartition(".")
                 setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
                         FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
+    use_attention(engine, attention)
     return engine.to(device=device, dtype=dtype).eval()
 
 

