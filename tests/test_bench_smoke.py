@@ -118,3 +118,33 @@ def test_bench_attention_ablation_and_check(tmp_path):
     assert "error" not in backends["int8-sage"], backends["int8-sage"].get("trace")
     ablation = res["summary"]["attention_ablation"]["int8-sage@1"]
     assert ablation["images_per_s"] > 0 and ablation["sdpa_images_per_s"] > 0
+
+
+def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
+    """Backend names map to build_qengine options (the epilogue ablation among them); an unknown name
+    exits 2 before anything runs; the summary's fused-vs-unfused ratio pairs X with X-unfused."""
+    from dtq.tools.bench_engines import engine_options, summarize
+
+    opts = engine_options("w4a8-progressive-unfused")
+    assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
+                    "fuse_residual": ()}
+    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8") == engine_options("int8")["fuse_mlp"]
+    assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
+    assert engine_options("fp8-fusedmlp")["fuse_mlp"] == ("fp8",)
+    assert engine_options("fp8-fused")["fuse_residual"] == ("fp8",) == engine_options("fp8-fused")["fuse_mlp"]
+    assert engine_options("w4a8-progressive-fused")["fuse_residual"] == ("w4a8",)
+    assert engine_options("int8-unfused-sage")["fuse_mlp"] == ()  # -sage: build_backend's attention ablation
+    for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused"):
+        try:
+            engine_options(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--points", "1:int8-bogus"]) == 2
+    assert main(["--smoke", "--out", str(out), "--backends", "int8,fp9"]) == 2
+    assert "unknown backend" in capsys.readouterr().err and not out.exists()
+    e2e = {"int8": {"batches": {"64": {"images_per_s": 30.0}, "8": {"images_per_s": 10.0}}},
+           "int8-unfused": {"batches": {"64": {"images_per_s": 24.0}, "1": {"images_per_s": 3.0}}}}
+    summary = summarize({"batches": [1, 8, 64], "end_to_end": {"backends": e2e}})
+    assert summary["epilogue_fusion_speedup"] == {"int8@64": 1.25}
