@@ -77,8 +77,9 @@ def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys, monkeypatch):
 
 def test_gemm_table_columns_and_int8_check_in_interpreter():
     """The GEMM stage (run by main on the GPU only) driven on the CPU with Triton's interpreter at
-    small shapes: --gemm-kernels keeps bf16 + the named columns; the Triton INT8 result is checked
-    against torch._int_mm's exact int32 (bf16 output rounding only)."""
+    small shapes: --gemm-kernels keeps bf16 + the named columns (the fused-epilogue columns on fc1 /
+    proj / fc2 only); the Triton INT8 result is checked against torch._int_mm's exact int32 (bf16
+    output rounding only)."""
     import os
     import subprocess
     import sys
@@ -90,12 +91,14 @@ def test_gemm_table_columns_and_int8_check_in_interpreter():
         import torch
         from dtq.tools import bench_engines as be
         be.DEV = torch.device("cpu")
-        be.BLOCK_GEMMS = {"qkv": (96, 128), "fc2": (48, 256)}
-        res = be.gemms(40, None, {"int8_triton", "int8_torch_int_mm"})
+        be.BLOCK_GEMMS = {"qkv": (96, 128), "fc1": (64, 128), "fc2": (48, 256)}
+        epi = {"int8_triton_epilogue", "int4_w4a8_progressive_epilogue"}  # fc1: GELU+quantize, fc2: gated residual
+        res = be.gemms(40, None, {"int8_triton", "int8_torch_int_mm"} | epi)
         for name in be.BLOCK_GEMMS:
             row = res[name]
-            assert set(row) == {"N", "K", "bf16", "int8_triton", "int8_torch_int_mm"}, row.keys()
+            assert set(row) == {"N", "K", "bf16", "int8_triton", "int8_torch_int_mm"} | (epi if name != "qkv" else set()), row.keys()
             assert "error" not in row["int8_triton"] and 0 < row["int8_triton"]["max_rel_err"] < 2**-7, row
+            assert all("error" not in row[k] for k in epi & set(row)), row
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -313,6 +313,20 @@ def gemms(M: int, peaks: dict | None, kernels: set | None = None) -> dict:
         wpp = pack_int4(q4)
         rec("int4_w4a8_progressive_triton",
             lambda: torch.ops.dtq.w4a8_progressive_mm(ai, wpp, s2, 128, s1, one, bias, torch.bfloat16), "int8")
+        # the fused epilogues the engine runs on this GEMM (fc1: GELU + fc2's INT8 quantization, int8 out;
+        # proj / fc2: the adaLN-gated residual add, bf16 out): against the plain columns, the epilogue's cost
+        tokens = 256 if M % 256 == 0 else M  # DiT-XL/2 at 256 px: one gate row per 256 rows
+        gate = torch.randn(M // tokens, 6 * N, device=dev, dtype=torch.bfloat16).chunk(6, dim=1)[2]
+        res_in = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        qs = torch.tensor(0.05, device=dev)
+        if lname == "fc1":
+            rec("int8_triton_epilogue", lambda: torch.ops.dtq.mm8_gelu_quant(ai, wi, one, ws, bias, None, qs), "int8")
+            rec("int4_w4a8_progressive_epilogue", lambda: torch.ops.dtq.w4a8_progressive_gelu_quant(
+                ai, wpp, s2, 128, s1, one, bias, None, qs), "int8")
+        elif lname in ("proj", "fc2"):
+            rec("int8_triton_epilogue", lambda: torch.ops.dtq.mm8_gate_residual(ai, wi, one, ws, bias, gate, res_in), "int8")
+            rec("int4_w4a8_progressive_epilogue", lambda: torch.ops.dtq.w4a8_progressive_gate_residual(
+                ai, wpp, s2, 128, s1, one, bias, gate, res_in), "int8")
         b = row["bf16"].get("ms")
         for k, v in row.items():
             if isinstance(v, dict) and "ms" in v and b:
