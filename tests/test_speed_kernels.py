@@ -291,7 +291,7 @@ def test_fused_epilogues_in_interpreter():
                 if p == "int8":  # the CPU path is still the simulation's, bit for bit
                     assert torch.equal(eng(x, t, y), apply_recipe(m, recipe)(x, t, y))
                 assert torch.equal(eng(x, t, y), unfused(x, t, y))
-                h = eng.x_embedder(x) + eng.pos_embed
+                h = hf = eng.x_embedder(x) + eng.pos_embed
                 c = eng.t_embedder(t) + eng.y_embedder(y)
                 for blk in eng.blocks:
                     ref = blk(h, c)  # CPU: DiTBlock's forward
@@ -302,7 +302,15 @@ def test_fused_epilogues_in_interpreter():
                                for op in ops), (p, sorted(set(n for n in names if n.startswith("dtq::"))))
                     s = quant.sqnr_db(ref, got)
                     assert got.shape == ref.shape and s > 40, (p, s)
-                    h = ref
+                    h, hf = ref, blk.fused_forward(hf, c)
+                # the whole model with fused blocks: as far from the simulation / the FP model as the engine
+                fused_out = eng.unpatchify(eng.final_layer(hf, c))
+                sim_out, eng_out, fp_out = apply_recipe(m, recipe)(x, t, y), eng(x, t, y), m(x, t, y)
+                assert quant.sqnr_db(eng_out, fused_out) > 40, (p, quant.sqnr_db(eng_out, fused_out))
+                d_eng, d_fused = quant.sqnr_db(sim_out, eng_out), quant.sqnr_db(sim_out, fused_out)
+                assert d_fused > 40 if p == "int8" else abs(d_fused - d_eng) < 0.5, (p, d_eng, d_fused)
+                assert abs(quant.sqnr_db(fp_out, fused_out) - quant.sqnr_db(fp_out, eng_out)) < 0.1
+                print(p, "model SQNR vs simulation: engine", round(min(d_eng, 999), 2), "fused", round(d_fused, 2))
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
