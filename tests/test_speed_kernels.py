@@ -311,6 +311,11 @@ def test_fused_epilogues_in_interpreter():
                 assert d_fused > 40 if p == "int8" else abs(d_fused - d_eng) < 0.5, (p, d_eng, d_fused)
                 assert abs(quant.sqnr_db(fp_out, fused_out) - quant.sqnr_db(fp_out, eng_out)) < 0.1
                 print(p, "model SQNR vs simulation: engine", round(min(d_eng, 999), 2), "fused", round(d_fused, 2))
+                if p == "int8":  # torch.compile traces the fused block whole (fake impls of the ops), two batch sizes
+                    f = torch.compile(eng.blocks[0].fused_forward, backend="aot_eager", fullgraph=True)
+                    for n in (3, 5):
+                        hn, cn = torch.randn(n, *h.shape[1:]), torch.randn(n, c.shape[1])
+                        assert torch.equal(f(hn, cn), eng.blocks[0].fused_forward(hn, cn))
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
