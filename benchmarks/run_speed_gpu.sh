@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue #13 speed measurements, one H200, one call, under 9 minutes (timeout 530 s, budget 400 s for
+# Issue #13 speed measurements, one H200, one call, under 9 minutes (timeout 530 s, budget 430 s for
 # starting end-to-end points): engine-vs-simulation SQNR of the fused-epilogue engines (INT8,
-# W4A8-progressive; fused GEMM epilogues included) first, then end to end (DiT-XL/2 random weights,
+# W4A8-progressive; fused GEMM epilogues included; CORRECTNESS= skips it, saving its Triton autotuning
+# for the small DiT's shapes) first, then end to end (DiT-XL/2 random weights,
 # 256 px, DDPM 50 steps, CFG, regional torch.compile + CUDA graphs) in priority order, batch 64, then
 # 8, then 1, each: bf16 torch.compile, INT8 (fused epilogues: fc1 GELU+quantize, proj/fc2 gated
 # residual), INT8 unfused, W4A8-progressive fused / unfused, FP8, W4A16. The "-unfused" points are the
@@ -12,10 +13,13 @@
 #   OUT=/tmp/dry benchmarks/run_speed_gpu.sh --dry-run      # CPU dry run of the same pipeline (tiny model)
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh --e2e-only [--dry-run]   # about 4 minutes, see below
 #
-# Time estimate (bench_speed_h200_*.log: warm-ups 6-21 s per backend, Triton autotuning ~1.5 s per new
-# candidate, ~3 s of sampling at batch 64): start-up + 6 engine builds ~60 s, correctness ~40 s, batch 64
-# 7 points ~150 s, batch 8 (dynamic-batch recompiles, small-M autotuning) ~120 s, batch 1 ~60 s. Points
-# that would start after $BUDGET_S are skipped and listed as SKIPPED in check.txt.
+# Time estimate (bench_speed_h200_*.log: warm-ups 6-33 s per point, Triton compiles ~1.5 s per new
+# (candidate, K, epilogue) triple, ~3 s of sampling at batch 64): start-up + 6 engine builds ~60 s,
+# correctness ~90 s (INT8: 10 candidates, W4A8-progressive: 17, for each epilogue and K), batch 64
+# 7 points ~200 s (the fused INT8 / W4A8 points compile every epilogue's candidates), batch 8 ~120 s
+# (dynamic-batch recompiles, INT8's small-M candidates), batch 1 ~40 s: close to the budget, so the
+# order is by priority and points that would start after $BUDGET_S are skipped and listed as SKIPPED
+# in check.txt (rerun those with POINTS=... CORRECTNESS= benchmarks/run_speed_gpu.sh).
 #
 # --e2e-only: no correctness stage; the GEMM table for INT8 only (bf16, FP8 tensor-wise, Triton INT8
 # with its result checked against torch._int_mm, torch._int_mm) at $GEMM_M, timed from CUDA graphs
@@ -68,21 +72,24 @@ if [[ $E2E_ONLY == 1 ]]; then
 else
     EACH=bf16-compile,int8,int8-unfused,w4a8-progressive,w4a8-progressive-unfused,fp8,w4a16
     POINTS=${POINTS:-"64:$EACH;8:$EACH;1:$EACH"}
-    BUDGET_S=${BUDGET_S:-400}
+    BUDGET_S=${BUDGET_S:-430}
     TIMEOUT_S=${TIMEOUT_S:-530}
     REPEATS=${REPEATS:-1}
-    GEMM_M=${GEMM_M-}
-    GEMM_ARGS=(--skip gemms)
-    [[ -n "$GEMM_M" ]] && GEMM_ARGS=(--gemm-m "$GEMM_M" --gemm-timing cudagraph)
+    CORRECTNESS=${CORRECTNESS-int8,w4a8-progressive}  # empty: no correctness stage
+    GEMM_M=${GEMM_M-}                                  # e.g. 32768,4096,512: add the GEMM table
+    SKIP=()
+    [[ -z "$CORRECTNESS" ]] && SKIP+=(correctness)
+    [[ -z "$GEMM_M" ]] && SKIP+=(gemms)
+    STAGE_ARGS=(--skip "$(IFS=,; echo "${SKIP[*]}")" --correctness "$CORRECTNESS")
+    [[ -n "$GEMM_M" ]] && STAGE_ARGS+=(--gemm-m "$GEMM_M" --gemm-timing cudagraph)
     if [[ $DRY == 1 ]]; then  # the same points on the CPU (tiny model, batches 3 / 2 / 1, no GEMM stage)
         POINTS=$(sed -E "s/(^|;)64:/\\13:/g; s/(^|;)8:/\\12:/g" <<< "$POINTS")
-        ARGS=(--smoke --steps 1 --repeats 1 --points "$POINTS" --correctness int8,w4a8-progressive --budget-s 600)
+        ARGS=(--smoke --steps 1 --repeats 1 --points "$POINTS" "${STAGE_ARGS[@]}" --budget-s 600)
         LIMIT=900
     else
         python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "FAILED: no CUDA GPU" >&2; exit 1; }
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > "$OUT/check.txt" || true
-        ARGS=(--points "$POINTS" --correctness int8,w4a8-progressive "${GEMM_ARGS[@]}" --repeats "$REPEATS"
-              --budget-s "$BUDGET_S")
+        ARGS=(--points "$POINTS" "${STAGE_ARGS[@]}" --repeats "$REPEATS" --budget-s "$BUDGET_S")
         LIMIT=$TIMEOUT_S
     fi
 fi

@@ -122,7 +122,12 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"],
+# the epilogue flags are part of the autotune key: a plain and a gated-residual GEMM of one shape (same
+# output dtype) would otherwise share one tuning, whichever ran first (the fused/unfused ablation)
+_EPILOGUE_KEY = ["GELU_QUANT", "GATE_RESIDUAL"]
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
                  prune_configs_by={"early_config_prune": _prune_int8})
 @triton.jit
 def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
@@ -502,7 +507,7 @@ def _progressive_configs():
 
 
 @triton.autotune(configs=[triton.Config({**c.kwargs, "SPLIT_DOT": 0}) for c in _interpret_configs()] if _INTERPRET
-                 else _progressive_configs(), key=["M_BUCKET", "N", "K"],
+                 else _progressive_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
                  prune_configs_by={"early_config_prune": _prune_w4a8})
 @triton.jit
 def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
