@@ -291,7 +291,7 @@ def test_fused_epilogues_in_interpreter():
                 if p == "int8":  # the CPU path is still the simulation's, bit for bit
                     assert torch.equal(eng(x, t, y), apply_recipe(m, recipe)(x, t, y))
                 assert torch.equal(eng(x, t, y), unfused(x, t, y))
-                h = hf = eng.x_embedder(x) + eng.pos_embed
+                h = hf = h0 = eng.x_embedder(x) + eng.pos_embed
                 c = eng.t_embedder(t) + eng.y_embedder(y)
                 for blk in eng.blocks:
                     ref = blk(h, c)  # CPU: DiTBlock's forward
@@ -316,6 +316,11 @@ def test_fused_epilogues_in_interpreter():
                     for n in (3, 5):
                         hn, cn = torch.randn(n, *h.shape[1:]), torch.randn(n, c.shape[1])
                         assert torch.equal(f(hn, cn), eng.blocks[0].fused_forward(hn, cn))
+                    # another attention backend (EngineAttention, SageAttention's CPU reference): fused the same way
+                    sage = build_qengine(m, recipe, attention="sage")
+                    blk = sage.blocks[0]
+                    assert isinstance(blk, FusedResidualBlock) and type(blk.attn).__name__ == "EngineAttention"
+                    assert quant.sqnr_db(blk(h0, c), blk.fused_forward(h0, c)) > 40
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
