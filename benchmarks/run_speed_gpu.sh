@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# Issue #13 speed measurements, one H200, about 6 minutes: per-GEMM micro-benchmark at M = 32768 /
-# 4096 / 512 (DiT-XL/2 batch 64 / 8 / 1 with guidance) and end-to-end dtq-bench at batches 64, 8, 1
-# for bf16 torch.compile, FP8, INT8, W4A16, W4A8 (per-tile group rescale) and W4A8-progressive
-# (two-level INT4, int32 accumulation over K), all in one process and one run; engine-vs-simulation
-# SQNR for the two changed INT4 kernels first.
+# Issue #13 speed measurements, one H200, one call, under 9 minutes (timeout 530 s, budget 430 s for
+# starting end-to-end points): engine-vs-simulation SQNR of the fused-epilogue engines (INT8,
+# W4A8-progressive; fused GEMM epilogues included; CORRECTNESS= skips it, saving its Triton autotuning
+# for the small DiT's shapes) first, then end to end (DiT-XL/2 random weights,
+# 256 px, DDPM 50 steps, CFG, regional torch.compile + CUDA graphs) in priority order, batch 64, then
+# 8, then 1, each: bf16 torch.compile, INT8 (fused epilogues: fc1 GELU+quantize, proj/fc2 gated
+# residual), INT8 unfused, W4A8-progressive fused / unfused, FP8, W4A16. The "-unfused" points are the
+# epilogue ablation (summary.epilogue_fusion_speedup). No GEMM table (see --e2e-only or dtq-bench
+# --gemm-m); $GEMM_M=32768,... adds one.
 #
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh            # the GPU run (OUT defaults to ./speed_out)
 #   OUT=/tmp/dry benchmarks/run_speed_gpu.sh --dry-run      # CPU dry run of the same pipeline (tiny model)
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh --e2e-only [--dry-run]   # about 4 minutes, see below
 #
+# Time estimate (bench_speed_h200_*.log: warm-ups 6-33 s per point, Triton compiles ~1.5 s per new
+# (candidate, K, epilogue) triple, ~3 s of sampling at batch 64): start-up + 6 engine builds ~60 s,
+# correctness ~90 s (INT8: 10 candidates, W4A8-progressive: 17, for each epilogue and K), batch 64
+# 7 points ~200 s (the fused INT8 / W4A8 points compile every epilogue's candidates), batch 8 ~120 s
+# (dynamic-batch recompiles, INT8's small-M candidates), batch 1 ~40 s: close to the budget, so the
+# order is by priority and points that would start after $BUDGET_S are skipped and listed as SKIPPED
+# in check.txt (rerun those with POINTS=... CORRECTNESS= benchmarks/run_speed_gpu.sh).
+#
 # --e2e-only: no correctness stage; the GEMM table for INT8 only (bf16, FP8 tensor-wise, Triton INT8
 # with its result checked against torch._int_mm, torch._int_mm) at $GEMM_M, timed from CUDA graphs
 # (no host launch overhead: the engine runs graphed), then end-to-end points in priority order
 # ($POINTS, one timed sampling run each); points that start after $BUDGET_S s are skipped (listed
-# as SKIPPED), the whole run is killed at $TIMEOUT_S s. Time estimate from bench_speed_h200_8a3a937.log
-# (warm-ups 6-21 s per backend, Triton autotuning ~1.5 s per new candidate): start-up ~10 s; table
-# ~35 s (its INT8 autotuning at M=32768 is reused by the int8 point); batch 64 bf16/fp8/int8 ~45 s;
-# batch 8 (recompile for a dynamic batch + W4A16 small-M autotuning) ~70 s; batch 1 ~20 s;
-# w4a8-progressive at 64 ~55 s (autotuning 17 candidates x 2 K); then int8-triton at 8 and w4a8 at
-# 64 if time is left. GEMM_M= (empty) skips the table.
+# as SKIPPED), the whole run is killed at $TIMEOUT_S s. GEMM_M= (empty) skips the table.
 # Writes $OUT/bench_speed.json (every measurement, failures as data, autotuner choices),
 # $OUT/bench_speed.log and $OUT/check.txt. Exit 1 when anything failed (a backend that did not build,
 # an end-to-end point or GEMM that raised, an engine below its SQNR floor), after writing everything.
@@ -32,7 +39,6 @@ export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import dtq, os, sys; sys.exit(os.path.realpath(os.path.dirname(dtq.__file__)) != os.path.realpath('$PWD'))" \
     || { echo "FAILED: dtq does not import from this checkout" >&2; exit 1; }
 
-BACKENDS=bf16-compile,fp8,int8,w4a16,w4a8,w4a8-progressive
 E2E_ONLY=0 DRY=0
 for arg in "$@"; do
     case "$arg" in
@@ -63,16 +69,29 @@ if [[ $E2E_ONLY == 1 ]]; then
         ARGS=(--points "$POINTS" "${GEMM_ARGS[@]}" --repeats "$REPEATS" --budget-s "$BUDGET_S")
         LIMIT=$TIMEOUT_S
     fi
-elif [[ $DRY == 1 ]]; then
-    ARGS=(--smoke --batches 1 --steps 1 --repeats 1 --backends bf16-compile,w4a16,w4a8-progressive
-          --correctness w4a8-progressive)
-    LIMIT=600
 else
-    python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "FAILED: no CUDA GPU" >&2; exit 1; }
-    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > "$OUT/check.txt" || true
-    ARGS=(--backends "$BACKENDS" --correctness w4a16,w4a8-progressive --gemm-m 32768,4096,512
-          --batches 64,8,1 --repeats 2 --budget-s 330)
-    LIMIT=560
+    EACH=bf16-compile,int8,int8-unfused,w4a8-progressive,w4a8-progressive-unfused,fp8,w4a16
+    POINTS=${POINTS:-"64:$EACH;8:$EACH;1:$EACH"}
+    BUDGET_S=${BUDGET_S:-430}
+    TIMEOUT_S=${TIMEOUT_S:-530}
+    REPEATS=${REPEATS:-1}
+    CORRECTNESS=${CORRECTNESS-int8,w4a8-progressive}  # empty: no correctness stage
+    GEMM_M=${GEMM_M-}                                  # e.g. 32768,4096,512: add the GEMM table
+    SKIP=()
+    [[ -z "$CORRECTNESS" ]] && SKIP+=(correctness)
+    [[ -z "$GEMM_M" ]] && SKIP+=(gemms)
+    STAGE_ARGS=(--skip "$(IFS=,; echo "${SKIP[*]}")" --correctness "$CORRECTNESS")
+    [[ -n "$GEMM_M" ]] && STAGE_ARGS+=(--gemm-m "$GEMM_M" --gemm-timing cudagraph)
+    if [[ $DRY == 1 ]]; then  # the same points on the CPU (tiny model, batches 3 / 2 / 1, no GEMM stage)
+        POINTS=$(sed -E "s/(^|;)64:/\\13:/g; s/(^|;)8:/\\12:/g" <<< "$POINTS")
+        ARGS=(--smoke --steps 1 --repeats 1 --points "$POINTS" "${STAGE_ARGS[@]}" --budget-s 600)
+        LIMIT=900
+    else
+        python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "FAILED: no CUDA GPU" >&2; exit 1; }
+        nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > "$OUT/check.txt" || true
+        ARGS=(--points "$POINTS" "${STAGE_ARGS[@]}" --repeats "$REPEATS" --budget-s "$BUDGET_S")
+        LIMIT=$TIMEOUT_S
+    fi
 fi
 rc=0
 timeout "$LIMIT" python -m dtq.tools.bench_engines --out "$OUT/bench_speed.json" "${ARGS[@]}" 2>&1 \
@@ -114,6 +133,8 @@ for w in warn:
     print("SKIPPED", w)
 for b in bad:
     print("FAILED", b)
+for k, v in res.get("summary", {}).get("epilogue_fusion_speedup", {}).items():
+    print(f"fused epilogues vs unfused {k}: {v}x images/s")
 print("CHECK", "FAILED" if bad else "OK", f"({len(bad)} failures, {len(warn)} skipped points)")
 sys.exit(1 if bad else 0)
 PY

@@ -169,14 +169,18 @@ class EngineAttention(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``proj`` (``model.Attention.attend``'s contract: the engine's fused blocks
+        call ``proj`` with the gated residual in its epilogue themselves)."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         if self.backend == "sage":
-            out = sage_attention(*qkv.unbind(2))  # [B, N, H, D]: heads merge without a transpose
-            return self.proj(out.reshape(b, n, c))
+            return sage_attention(*qkv.unbind(2)).reshape(b, n, c)  # [B, N, H, D]: heads merge without a transpose
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return out.transpose(1, 2).reshape(b, n, c)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, attention={self.backend}"

@@ -1,4 +1,5 @@
-"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``w4a16_mm`` / ``w4a8_mm`` / ``w4a8_progressive_mm``: the Triton GEMMs as custom ops, so that
+"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
+``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``): the Triton GEMMs as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -62,3 +63,38 @@ def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tenso
 @w4a8_progressive_mm.register_fake
 def _(a, w_packed, s2, group, s1, a_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dtq::mm8_gate_residual", mutates_args=())
+def mm8_gate_residual(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return kernels.mm8_gate_residual(a, w, a_scale, w_scale, bias, gate, residual)
+
+
+@mm8_gate_residual.register_fake
+def _(a, w, a_scale, w_scale, bias, gate, residual):
+    return residual.new_empty((a.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("dtq::w4a8_progressive_gelu_quant", mutates_args=())
+def w4a8_progressive_gelu_quant(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int,
+                                s1: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None,
+                                q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+    return kernels.w4a8_progressive_gelu_quant(a, w_packed, s2, group, s1, a_scale, bias, q_mul, q_scale)
+
+
+@w4a8_progressive_gelu_quant.register_fake
+def _(a, w_packed, s2, group, s1, a_scale, bias, q_mul, q_scale):
+    return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=torch.int8)
+
+
+@torch.library.custom_op("dtq::w4a8_progressive_gate_residual", mutates_args=())
+def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int,
+                                   s1: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None,
+                                   gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return kernels.w4a8_progressive_gate_residual(a, w_packed, s2, group, s1, a_scale, bias, gate, residual)
+
+
+@w4a8_progressive_gate_residual.register_fake
+def _(a, w_packed, s2, group, s1, a_scale, bias, gate, residual):
+    return residual.new_empty((a.shape[0], w_packed.shape[0]))

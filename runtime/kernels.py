@@ -2,6 +2,9 @@
 
 - :func:`mm8_gelu_quant`: the same GEMM for int8 or FP8 E4M3 operands, whose epilogue applies
   GELU(tanh), the next layer's balancing Mul and its input quantization (8-bit codes out).
+- :func:`mm8_gate_residual`: the same GEMM whose epilogue adds a DiT block's adaLN-gated residual
+  (``residual + gate * out``) and writes the new residual stream (attention proj, MLP fc2). The
+  two-level W4A8 GEMM (:func:`w4a8_progressive_mm`) shares both epilogues (``_epilogue_store``).
 - :func:`int8_mm`: ``A int8 [M, K]`` x ``W int8 [N, K]`` -> int32 accumulate, epilogue
   ``acc * a_scale * w_scale[n] (+ bias[n])`` -> bf16/fp16. ``a_scale`` is one static per-tensor
   activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
@@ -119,12 +122,19 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"],
+# the epilogue flags are part of the autotune key: a plain and a gated-residual GEMM of one shape (same
+# output dtype) would otherwise share one tuning, whichever ran first (the fused/unfused ablation)
+_EPILOGUE_KEY = ["GELU_QUANT", "GATE_RESIDUAL"]
+
+
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
                  prune_configs_by={"early_config_prune": _prune_int8})
 @triton.jit
 def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
                 K: tl.constexpr, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+                gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                 FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
+                GATE_RESIDUAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # 8-bit x 8-bit GEMM: INT8 (int32 accumulate) or FP8 E4M3 (FP8=True, fp32 accumulate)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -150,19 +160,40 @@ def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_p
     a_scale = tl.load(a_scale_ptr)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
+    _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
+
+
+@triton.jit
+def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
+                    FP8_CODES: tl.constexpr, GATE_RESIDUAL: tl.constexpr):
+    """The epilogue the 8-bit GEMMs share, on the dequantized float32 tile ``c``: + bias, then one of
+    (GELU_QUANT) the next Linear's input: GELU(tanh), its balancing Mul, 8-bit codes (E4M3 when
+    FP8_CODES), or (GATE_RESIDUAL) a DiT block's adaLN-gated residual add ``res + gate[row // rows_per_gate]
+    * c`` (gate ``[B, N]``, any strides: a chunk of the adaLN output), then the store."""
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
     if HAS_BIAS:
-        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU_QUANT:  # the next Linear's input, quantized here: GELU(tanh), its balancing Mul, 8-bit codes
         c = c * tl.sigmoid(1.5957691216057308 * (c + 0.044715 * c * c * c))  # = 0.5 c (1 + tanh(...))
         if HAS_QMUL:
-            c = c * tl.load(q_mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        if FP8:  # saturate, round to the E4M3 grid here: the store's cast is then exact
+            c = c * tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if FP8_CODES:  # saturate, round to the E4M3 grid here: the store's cast is then exact
             c = _round_to_e4m3(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -448.0), 448.0))
         else:
             c = _round_half_even(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -129.0), 128.0))
             c = tl.minimum(tl.maximum(c, -128.0), 127.0)
+    if GATE_RESIDUAL:  # one float32 multiply-add, one rounding (unfused: three bf16 roundings)
+        b = tl.where(offs_m < M, offs_m, 0) // rows_per_gate
+        gate = tl.load(gate_ptr + b[:, None] * stride_gb + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+        c = res.to(tl.float32) + gate.to(tl.float32) * c
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,12 +216,31 @@ def _round_to_e4m3(x):
     return _round_half_even(x / step) * step
 
 
+def _gate_residual_args(c: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor | None) -> dict:
+    """Kernel arguments of ``_epilogue_store``'s gated residual (absent: placeholders, GATE_RESIDUAL off).
+    ``residual`` ``[M, N]``, ``gate`` ``[B, N]`` with M a multiple of B: rows ``b*T .. b*T+T-1`` (one
+    sample's tokens) take gate row ``b``."""
+    if gate is None:
+        return dict(gate_ptr=c, res_ptr=c, stride_gb=0, stride_gn=0, stride_rm=0, stride_rn=0, rows_per_gate=1,
+                    GATE_RESIDUAL=False)
+    M, N = c.shape
+    assert residual is not None and residual.shape == (M, N) and gate.dim() == 2 and gate.shape[1] == N, \
+        (c.shape, None if residual is None else residual.shape, gate.shape)
+    assert gate.shape[0] > 0 and M % gate.shape[0] == 0, (M, gate.shape)
+    return dict(gate_ptr=gate, res_ptr=residual, stride_gb=gate.stride(0), stride_gn=gate.stride(1),
+                stride_rm=residual.stride(0), stride_rn=residual.stride(1), rows_per_gate=M // gate.shape[0],
+                GATE_RESIDUAL=True)
+
+
 def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
          bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
-    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue. ``config``:
+         config: dict | None = None, gate: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue; ``gate`` and
+    ``residual`` given: the gated residual epilogue (``_epilogue_store``). ``config``:
     pinned meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optional
     ``num_warps``/``num_stages``) instead of the autotuned choice, as for :func:`w4a16_mm`."""
+    assert q_scale is None or gate is None, "one epilogue: GELU + quantize or gated residual"
     M, K = a.shape
     N, K2 = w.shape
     assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
@@ -200,7 +250,8 @@ def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tenso
                       q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
                       M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
                       c.stride(1), FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, **({} if config is None else dict(config)))
+                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None,
+                      **_gate_residual_args(c, gate, residual), **({} if config is None else dict(config)))
     return c
 
 
@@ -213,6 +264,18 @@ def mm8_gelu_quant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_sc
     bf16 and the separate GELU + quantize pass over it."""
     c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
     return _mm8(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config)
+
+
+def mm8_gate_residual(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor,
+                      config: dict | None = None) -> torch.Tensor:
+    """A DiT block's attention proj / MLP fc2 with its adaLN-gated residual add in the epilogue:
+    ``residual + gate[b] * (a @ w.T * a_scale * w_scale + bias)`` -> a new tensor of ``residual``'s dtype
+    (the block's next residual stream). ``a``, ``w``: both int8 or both float8_e4m3fn ``[M, K]`` /
+    ``[N, K]``; ``residual`` ``[M, N]``; ``gate`` ``[B, N]`` (strided views are fine), M = B x tokens.
+    Saves writing the GEMM's output and the separate gate-multiply + add pass over it."""
+    c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=residual.dtype)
+    return _mm8(a, w, c, a_scale, w_scale, bias, config=config, gate=gate, residual=residual)
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -444,12 +507,15 @@ def _progressive_configs():
 
 
 @triton.autotune(configs=[triton.Config({**c.kwargs, "SPLIT_DOT": 0}) for c in _interpret_configs()] if _INTERPRET
-                 else _progressive_configs(), key=["M_BUCKET", "N", "K"],
+                 else _progressive_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
                  prune_configs_by={"early_config_prune": _prune_w4a8})
 @triton.jit
 def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
                              M_BUCKET, GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn,
-                             stride_sg, stride_cm, stride_cn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             stride_sg, stride_cm, stride_cn, q_mul_ptr, q_scale_ptr, gate_ptr, res_ptr, stride_gb,
+                             stride_gn, stride_rm, stride_rn, rows_per_gate, GELU_QUANT: tl.constexpr,
+                             HAS_QMUL: tl.constexpr, GATE_RESIDUAL: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                              SPLIT_DOT: tl.constexpr):
     # requires K % BLOCK_K == 0; GROUP % BLOCK_K == 0 is the fast path (one s2 row per K tile)
@@ -492,27 +558,57 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
         w_ptrs += (BLOCK_K // 2) * stride_wk
     s1 = tl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * (tl.load(a_scale_ptr) * s1)[None, :]
-    if HAS_BIAS:
-        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS, GELU_QUANT, HAS_QMUL, False, GATE_RESIDUAL)
 
 
 def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int, s1: torch.Tensor,
                         a_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                        out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+                        out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None, *,
+                        q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+                        gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Two-level INT4 weights (``quant.progressive_int4``): ``(a @ (q4 * s2).T) * a_scale * s1[n] + bias``
     with a int8 [M, K], q4 packed ``[N, K/2]``, s2 int8 ``[N, K/group]`` in [1, 16], s1 float32 [N],
     a_scale float32 [] -> [M, N] ``out_dtype``. The integer part is exact (int32 accumulation);
-    only the epilogue rounds. ``config``: pinned meta-parameters, as for :func:`w4a16_mm`."""
+    only the epilogue rounds. ``config``: pinned meta-parameters, as for :func:`w4a16_mm`. The epilogues
+    of the 8-bit GEMM (``_epilogue_store``): ``q_scale`` (and ``q_mul``) given: GELU + the next layer's
+    INT8 quantization, int8 codes out (``out_dtype`` ignored); ``gate`` and ``residual`` given: the
+    gated residual add, ``residual``'s dtype out (see :func:`w4a8_progressive_gelu_quant`,
+    :func:`w4a8_progressive_gate_residual`)."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert a.dtype == torch.int8 and s2.dtype == torch.int8, (a.dtype, s2.dtype)
     assert w_packed.shape[1] * 2 == K and s2.shape == (N, K // group) and s1.shape == (N,), (w_packed.shape, s2.shape, s1.shape)
+    assert q_scale is None or gate is None, "one epilogue: GELU + quantize or gated residual"
+    if q_scale is not None:
+        out_dtype = torch.int8
+    elif gate is not None:
+        out_dtype = residual.dtype
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     kernel = _w4a8_progressive_kernel if config is None else _w4a8_progressive_kernel.fn
     kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
         a, w_packed, s2, s1, c, a_scale, bias if bias is not None else s1, M, N, K, _m_bucket(M), group,
         a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), s2.stride(0), s2.stride(1),
-        c.stride(0), c.stride(1), HAS_BIAS=bias is not None, **({} if config is None else dict(config)))
+        c.stride(0), c.stride(1), q_mul if q_mul is not None else s1, q_scale if q_scale is not None else a_scale,
+        GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, HAS_BIAS=bias is not None,
+        **_gate_residual_args(c, gate, residual), **({} if config is None else dict(config)))
     return c
+
+
+def w4a8_progressive_gelu_quant(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int,
+                                s1: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None,
+                                q_mul: torch.Tensor | None, q_scale: torch.Tensor,
+                                config: dict | None = None) -> torch.Tensor:
+    """fc1 of a two-level W4A8 MLP with fc2's INT8 input made in the epilogue (as :func:`mm8_gelu_quant`):
+    ``quant(GELU_tanh(w4a8_progressive_mm(...)) * q_mul / q_scale)`` -> int8 codes."""
+    return w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, config=config, q_mul=q_mul, q_scale=q_scale)
+
+
+def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tensor, group: int,
+                                   s1: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None,
+                                   gate: torch.Tensor, residual: torch.Tensor,
+                                   config: dict | None = None) -> torch.Tensor:
+    """proj / fc2 of a two-level W4A8 block with the gated residual add in the epilogue (as
+    :func:`mm8_gate_residual`): ``residual + gate[b] * w4a8_progressive_mm(...)``."""
+    return w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, config=config, gate=gate, residual=residual)

@@ -161,11 +161,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``proj``: the heads' outputs ``[b, n, c]`` (a quantized engine fuses proj
+        with the block's gated residual add, so it calls the two parts itself)."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        return x.transpose(1, 2).reshape(b, n, c)
 
 
 class Mlp(nn.Module):

@@ -60,6 +60,7 @@ from torch import nn
 from .. import formats
 from . import quant
 from .attention import AttentionBackend, check_backend, use_attention
+from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
 
@@ -157,6 +158,23 @@ class EngineLinear(nn.Module):
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- fused GEMM epilogues (FusedMlp, FusedResidualBlock) ----------------------------------------------
+    # A layer whose GPU kernel is a Triton GEMM of ours names its epilogue family ("int8", "fp8",
+    # "w4a8"); build_qengine's fuse_mlp / fuse_residual pick families. Such a layer implements
+    # quantize_input, codes_forward, codes_gelu_quant and codes_gate_residual.
+    epilogue_format: str | None = None
+
+    def fuses_epilogue(self, rows: int | None = None) -> bool:
+        """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
+        some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM)."""
+        return self.epilogue_format is not None and self.kernel == "auto" and self.lowrank_up is None
+
+    def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
+        with the add in its epilogue: ``x`` ``[B, T, K]``, ``gate`` ``[B, N]``, ``residual`` ``[B, T, N]``."""
+        xq = self.quantize_input(x.reshape(-1, x.shape[-1]))
+        return self.codes_gate_residual(xq, gate, residual.reshape(-1, self.out_features)).reshape(residual.shape)
+
     def _balanced_float(self, x2: torch.Tensor) -> torch.Tensor:
         xf = x2.float()
         return xf * self.input_mul if self.input_mul is not None else xf
@@ -223,6 +241,17 @@ class FP8Linear(EngineLinear):
         """Per-output-channel weight scales ``[N]`` (what ``FusedMlp``'s kernel takes)."""
         return self.w_scale_row.reshape(-1)
 
+    # the fused epilogues run the Triton FP8 GEMM instead of cuBLAS's (opt-in: fuse_mlp / fuse_residual)
+    epilogue_format = "fp8"
+
+    def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.mm8_gelu_quant(xq, self.weight_fp8, self.act_scale, self.channel_scales(), self.bias,
+                                            q_mul, q_scale)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_fp8, self.act_scale, self.channel_scales(), self.bias,
+                                               gate, residual)
+
 
 @functools.lru_cache(maxsize=None)
 def probe_rowwise(device: torch.device) -> str:
@@ -274,6 +303,21 @@ class Int8Linear(EngineLinear):
         fits = 16 < m <= INT8_INT_MM_MAX_M and self.in_features % 8 == 0 and self.out_features % 8 == 0
         return "int_mm" if fits else "triton"
 
+    epilogue_format = "int8"
+
+    def fuses_epilogue(self, rows: int | None = None) -> bool:
+        """Triton at these rows (``torch._int_mm`` has no custom epilogue)."""
+        triton_rows = self.int8_kernel != "int_mm" if rows is None else self.kernel_for_rows(rows) == "triton"
+        return super().fuses_epilogue(rows) and triton_rows
+
+    def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.mm8_gelu_quant(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
+                                            q_mul, q_scale)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
+                                               gate, residual)
+
     def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
 
@@ -294,8 +338,8 @@ class Int8Linear(EngineLinear):
 
 
 class FusedMlp(nn.Module):
-    """A DiT MLP (``fc1 -> GELU(tanh) -> fc2``) whose layers are both INT8 (Triton) or both FP8 engine
-    layers: on the GPU, fc1 runs as a Triton 8-bit GEMM whose epilogue applies GELU, fc2's run-time
+    """A DiT MLP (``fc1 -> GELU(tanh) -> fc2``) whose layers share a fused-epilogue family (both INT8 on
+    Triton, both two-level W4A8, or both FP8): on the GPU, fc1 runs as a Triton GEMM whose epilogue applies GELU, fc2's run-time
     balancing Mul and fc2's input quantization and writes 8-bit codes, so fc1's output never exists
     in bf16 (one write + read of a 4x-hidden tensor and one elementwise pass fewer per block); fc2
     is the layer's own GEMM on those codes. The arithmetic is the simulation's up to where it rounds:
@@ -309,10 +353,9 @@ class FusedMlp(nn.Module):
     @staticmethod
     def fusable(mlp: nn.Module, formats: tuple[str, ...] = ("int8",)) -> bool:
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
-        int8 = "int8" in formats and all(isinstance(m, Int8Linear) and m.int8_kernel != "int_mm" for m in (fc1, fc2))
-        fp8 = "fp8" in formats and all(isinstance(m, FP8Linear) for m in (fc1, fc2))
-        return ((int8 or fp8) and fc1.kernel == fc2.kernel == "auto"
-                and fc1.lowrank_up is None and fc2.lowrank_up is None  # the fused path has no branch
+        return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear)
+                and fc1.epilogue_format in formats and fc1.epilogue_format == fc2.epilogue_format
+                and fc1.fuses_epilogue() and fc2.fuses_epilogue()  # a Triton kernel, no low-rank branch
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,17 +363,75 @@ class FusedMlp(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, gate: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
         """The GPU path (any device that runs the Triton kernels: the tests use the interpreter).
-        INT8 with ``int8_kernel="auto"`` at rows where fc1 would run on ``torch._int_mm``: unfused."""
+        ``gate`` and ``residual`` given: ``residual + gate.unsqueeze(1) * mlp(x)`` with the add in fc2's
+        epilogue (``FusedResidualBlock``). INT8 with ``int8_kernel="auto"`` at rows where fc1 would run on
+        ``torch._int_mm``: unfused."""
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
         rows = x.numel() // shape[-1]
-        if isinstance(fc1, Int8Linear) and fc1.kernel_for_rows(rows) == "int_mm":
-            return fc2(self.act(fc1(x)))
-        h = torch.ops.dtq.mm8_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc1.weight_codes(),
-                                         fc1.act_scale, fc1.channel_scales(), fc1.bias, fc2.input_mul, fc2.act_scale)
-        return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
+        if not (fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows)):
+            y = fc2(self.act(fc1(x)))
+            return y if gate is None else residual + gate.unsqueeze(1) * y
+        h = fc1.codes_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc2.input_mul, fc2.act_scale)
+        if gate is None:
+            return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
+        return fc2.codes_gate_residual(h, gate, residual.reshape(-1, fc2.out_features)).reshape(residual.shape)
+
+
+class FusedResidualBlock(DiTBlock):
+    """A DiT block whose attention proj and / or MLP fc2 add the adaLN-gated residual in their GEMM's
+    epilogue (``x + gate * layer(h)`` written once, as the new residual stream, instead of the layer's
+    output in bf16 followed by a multiply and an add). Takes over the block's submodules (same names,
+    same state); on the CPU its forward is ``DiTBlock``'s, bit-identical to the simulation. The
+    arithmetic is the block's up to rounding: the gated add runs in float32 before one rounding."""
+
+    def __init__(self, block: DiTBlock, proj: bool, fc2: bool):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.fuse_proj, self.fuse_fc2 = proj, fc2
+
+    @staticmethod
+    def fusable(block: nn.Module, formats: tuple[str, ...]) -> tuple[bool, bool]:
+        """(proj, fc2): which of the block's two gated residual adds can move into a GEMM epilogue."""
+        if type(block) is not DiTBlock or not hasattr(block.attn, "attend"):  # attend: attention before proj
+            return False, False
+        proj, mlp = block.attn.proj, block.mlp
+        fc2 = getattr(mlp, "fc2", None)
+        ok = lambda lin: isinstance(lin, EngineLinear) and lin.epilogue_format in formats and lin.fuses_epilogue()  # noqa: E731
+        return ok(proj), ok(fc2) and (type(mlp) is Mlp or isinstance(mlp, FusedMlp))  # fc2(act(fc1(h)))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().forward(x, c)
+        return self.fused_forward(x, c)
+
+    def fused_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The GPU path (the tests run it in Triton's interpreter). A layer that cannot fuse at these
+        rows (INT8 on ``torch._int_mm``) takes the block's own formula."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        rows = x.numel() // x.shape[-1]
+        h = self.attn.attend(modulate(self.norm1(x), shift_msa, scale_msa))
+        proj = self.attn.proj
+        if self.fuse_proj and proj.fuses_epilogue(rows):
+            x = proj.fused_gate_residual(h, gate_msa, x)
+        else:
+            x = x + gate_msa.unsqueeze(1) * proj(h)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        mlp = self.mlp
+        if not self.fuse_fc2:
+            return x + gate_mlp.unsqueeze(1) * mlp(h)
+        if isinstance(mlp, FusedMlp):
+            return mlp.fused_forward(h, gate_mlp, x)
+        if mlp.fc2.fuses_epilogue(rows):
+            return mlp.fc2.fused_gate_residual(mlp.act(mlp.fc1(h)), gate_mlp, x)
+        return x + gate_mlp.unsqueeze(1) * mlp(h)
+
+    def extra_repr(self) -> str:
+        return f"fused gated residual: proj={self.fuse_proj}, fc2={self.fuse_fc2}"
 
 
 class Int4Linear(EngineLinear):
@@ -417,11 +518,26 @@ class Int4ProgressiveLinear(EngineLinear):
     def kernel_name(self) -> str:
         return "reference" if self.kernel == "reference" else "Int4ProgressiveLinear[w4a8 int8-MMA, int32 over K]"
 
+    epilogue_format = "w4a8"
+
+    def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
+
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        xq = torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
-        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return torch.ops.dtq.w4a8_progressive_mm(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
-                                                 self.act_scale, self.bias, out_dtype).to(x2.dtype)
+                                                 self.act_scale, self.bias, out_dtype).to(dtype)
+
+    def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.w4a8_progressive_gelu_quant(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
+                                                         self.act_scale, self.bias, q_mul, q_scale)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dtq.w4a8_progressive_gate_residual(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
+                                                            self.act_scale, self.bias, gate, residual)
 
 
 class Int8WeightOnlyLinear(EngineLinear):
@@ -472,14 +588,18 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                  fuse_mlp: tuple[str, ...] = ("int8",), w4a8: W4A8Kernel = "group",
-                  attention: AttentionBackend = "sdpa", check: bool = True) -> nn.Module:
+                  fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
+                  fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
+                  check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
-    bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the formats ("int8", "fp8")
-    whose MLPs become :class:`FusedMlp` (GELU + fc2's input quantization in fc1's GEMM epilogue).
-    FP8 is off by default: on an H200 the Triton FP8 GEMM ran fc1 at about half cuBLAS's rate,
-    losing more than the fusion saves (docs/engines.md). ``w4a8``: "group" runs W4A8 layers with the
+    bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
+    "w4a8" = two-level W4A8, "fp8") whose MLPs become :class:`FusedMlp` (GELU + fc2's input
+    quantization in fc1's GEMM epilogue). ``fuse_residual``: the families whose attention proj / MLP
+    fc2 add the block's adaLN-gated residual in their GEMM epilogue (:class:`FusedResidualBlock`).
+    FP8 is off by default in both: it runs the Triton FP8 GEMM instead of cuBLAS's, which on an H200
+    ran fc1 at about half cuBLAS's rate, losing more than the fusion saves (docs/engines.md).
+    ``()`` for both: every epilogue unfused (the benchmark's ablation). ``w4a8``: "group" runs W4A8 layers with the
     recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
     accumulation over the whole K), which changes the weights slightly. ``attention``: the blocks'
@@ -508,7 +628,14 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                 parent_name, _, attr = name.rpartition(".")
                 setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
                         FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
-    use_attention(engine, attention)
+    use_attention(engine, attention)  # before the blocks are fused: theirs is the attention they call
+    if fuse_residual:
+        for name, block in list(engine.named_modules()):
+            proj, fc2 = FusedResidualBlock.fusable(block, tuple(fuse_residual))
+            if proj or fc2:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
+                        FusedResidualBlock(block, proj, fc2))
     return engine.to(device=device, dtype=dtype).eval()
 
 

@@ -77,8 +77,9 @@ def test_bench_points_in_order_and_int8_dispatch(tmp_path, capsys, monkeypatch):
 
 def test_gemm_table_columns_and_int8_check_in_interpreter():
     """The GEMM stage (run by main on the GPU only) driven on the CPU with Triton's interpreter at
-    small shapes: --gemm-kernels keeps bf16 + the named columns; the Triton INT8 result is checked
-    against torch._int_mm's exact int32 (bf16 output rounding only)."""
+    small shapes: --gemm-kernels keeps bf16 + the named columns (the fused-epilogue columns on fc1 /
+    proj / fc2 only); the Triton INT8 result is checked against torch._int_mm's exact int32 (bf16
+    output rounding only)."""
     import os
     import subprocess
     import sys
@@ -90,12 +91,14 @@ def test_gemm_table_columns_and_int8_check_in_interpreter():
         import torch
         from dtq.tools import bench_engines as be
         be.DEV = torch.device("cpu")
-        be.BLOCK_GEMMS = {"qkv": (96, 128), "fc2": (48, 256)}
-        res = be.gemms(40, None, {"int8_triton", "int8_torch_int_mm"})
+        be.BLOCK_GEMMS = {"qkv": (96, 128), "fc1": (64, 128), "fc2": (48, 256)}
+        epi = {"int8_triton_epilogue", "int4_w4a8_progressive_epilogue"}  # fc1: GELU+quantize, fc2: gated residual
+        res = be.gemms(40, None, {"int8_triton", "int8_torch_int_mm"} | epi)
         for name in be.BLOCK_GEMMS:
             row = res[name]
-            assert set(row) == {"N", "K", "bf16", "int8_triton", "int8_torch_int_mm"}, row.keys()
+            assert set(row) == {"N", "K", "bf16", "int8_triton", "int8_torch_int_mm"} | (epi if name != "qkv" else set()), row.keys()
             assert "error" not in row["int8_triton"] and 0 < row["int8_triton"]["max_rel_err"] < 2**-7, row
+            assert all("error" not in row[k] for k in epi & set(row)), row
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -118,3 +121,33 @@ def test_bench_attention_ablation_and_check(tmp_path):
     assert "error" not in backends["int8-sage"], backends["int8-sage"].get("trace")
     ablation = res["summary"]["attention_ablation"]["int8-sage@1"]
     assert ablation["images_per_s"] > 0 and ablation["sdpa_images_per_s"] > 0
+
+
+def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
+    """Backend names map to build_qengine options (the epilogue ablation among them); an unknown name
+    exits 2 before anything runs; the summary's fused-vs-unfused ratio pairs X with X-unfused."""
+    from dtq.tools.bench_engines import engine_options, summarize
+
+    opts = engine_options("w4a8-progressive-unfused")
+    assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
+                    "fuse_residual": ()}
+    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8") == engine_options("int8")["fuse_mlp"]
+    assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
+    assert engine_options("fp8-fusedmlp")["fuse_mlp"] == ("fp8",)
+    assert engine_options("fp8-fused")["fuse_residual"] == ("fp8",) == engine_options("fp8-fused")["fuse_mlp"]
+    assert engine_options("w4a8-progressive-fused")["fuse_residual"] == ("w4a8",)
+    assert engine_options("int8-unfused-sage")["fuse_mlp"] == ()  # -sage: build_backend's attention ablation
+    for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused"):
+        try:
+            engine_options(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--points", "1:int8-bogus"]) == 2
+    assert main(["--smoke", "--out", str(out), "--backends", "int8,fp9"]) == 2
+    assert "unknown backend" in capsys.readouterr().err and not out.exists()
+    e2e = {"int8": {"batches": {"64": {"images_per_s": 30.0}, "8": {"images_per_s": 10.0}}},
+           "int8-unfused": {"batches": {"64": {"images_per_s": 24.0}, "1": {"images_per_s": 3.0}}}}
+    summary = summarize({"batches": [1, 8, 64], "end_to_end": {"backends": e2e}})
+    assert summary["epilogue_fusion_speedup"] == {"int8@64": 1.25}

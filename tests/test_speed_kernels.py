@@ -215,3 +215,114 @@ def test_int8_candidates_by_m():
     assert all(c.kwargs["GROUP_M"] == 8 for c in every)
     assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small + large)
     assert kernels._prune_int8(every, {"M_BUCKET": 512, "K": 96}) == every  # no K tile divides: all (masked loop)
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fused_epilogues_in_interpreter():
+    """The GEMM epilogues of issue #13 in Triton's interpreter: the gated residual add (INT8, FP8 and
+    two-level W4A8; a strided gate view, ragged M and N, one gate row per sample's tokens) against a
+    float64 reference, the two-level W4A8 fc1 with GELU + fc2's INT8 quantization against torch's
+    codes; then INT8 and W4A8-progressive engines whose blocks run the fused path (the fused custom
+    ops are called) and match their reference (the CPU path, bit-identical to the simulation)."""
+    code = textwrap.dedent("""
+        import torch
+        from torch.profiler import profile
+        from dtq.runtime import kernel_ops, kernels, quant
+        from dtq.runtime.kernels_ref import pack_int4
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, build_qengine
+        from dtq.runtime.recipe import apply_recipe
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        B, T, N, K = 3, 13, 48, 96  # M = 39 rows: ragged against the 16-row interpreter tile
+        M = B * T
+        sa, b = torch.tensor(0.02), torch.randn(N)
+        gate = torch.randn(B, 6 * N).chunk(6, dim=1)[2]  # a strided view of the adaLN output, as blocks pass it
+        res = torch.randn(M, N)
+        def check_gate_res(got, out, name, res=res):
+            want = res.double() + gate.double().repeat_interleave(T, 0) * out
+            err = float((got.double() - want).abs().max() / want.abs().max())
+            assert got.dtype == res.dtype and got.shape == (M, N) and err < 1e-6, (name, err)
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        sw = torch.rand(N) * 0.01 + 1e-3
+        out = (a.int() @ w.int().T).double() * sa.double() * sw.double() + b.double()
+        check_gate_res(kernels.mm8_gate_residual(a, w, sa, sw, b, gate, res), out, "int8")
+        check_gate_res(torch.ops.dtq.mm8_gate_residual(a, w, sa, sw, None, gate, res), out - b.double(), "int8 op")
+        res16 = res.half()  # the residual's dtype is the output's; one rounding of the float32 sum
+        got = kernels.mm8_gate_residual(a, w, sa, sw, b, gate, res16)
+        want = (res16.double() + gate.double().repeat_interleave(T, 0) * out)
+        assert got.dtype == torch.float16 and float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+        af = (torch.randn(M, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        wf = (torch.randn(N, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        outf = (af.double() @ wf.double().T) * sa.double() * sw.double() + b.double()
+        check_gate_res(kernels.mm8_gate_residual(af, wf, sa, sw, b, gate, res), outf, "fp8")
+        for K2, g in ((96, 32), (128, 64)):
+            a = torch.randint(-128, 128, (M, K2), dtype=torch.int8)
+            q = torch.randint(-8, 8, (N, K2), dtype=torch.int8)
+            s2 = torch.randint(1, 17, (N, K2 // g), dtype=torch.int8)
+            exact = a.long() @ (q.long() * s2.long().repeat_interleave(g, 1)).T
+            s1 = (torch.rand(N) + 0.5) / (float(exact.double().std()) * sa)  # outputs of order 1
+            out = exact.double() * (sa.double() * s1.double()) + b.double()
+            check_gate_res(kernels.w4a8_progressive_gate_residual(a, pack_int4(q), s2, g, s1, sa, b, gate, res), out,
+                           ("w4a8", K2, g))
+            qm, qs = torch.rand(N) + 0.5, torch.tensor(0.02)  # saturates above ~2.5
+            for mul in (qm, None):
+                codes = torch.ops.dtq.w4a8_progressive_gelu_quant(a, pack_int4(q), s2, g, s1, sa, b, mul, qs)
+                h = torch.nn.functional.gelu(out, approximate="tanh") * (1 if mul is None else mul.double())
+                want = torch.round(h / qs.double()).clamp(-128, 127).to(torch.int8)
+                diff = (codes.int() - want.int()).abs()
+                assert codes.dtype == torch.int8 and diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()
+                assert want.min() < -5 and want.max() == 127  # negative GELU tail and saturation exercised
+        # engines: every block fused (proj and the MLP), the fused kernels called, vs the CPU reference
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 3])
+        for p, kw, ops in (("int8", {}, ("dtq::mm8_gate_residual", "dtq::mm8_gelu_quant")),
+                           ("w4a8", dict(w4a8="progressive"),
+                            ("dtq::w4a8_progressive_gate_residual", "dtq::w4a8_progressive_gelu_quant"))):
+            recipe = minmax_recipe(m, p, group=32, balance=True)
+            eng = build_qengine(m, recipe, **kw)
+            assert all(isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2
+                       and isinstance(blk.mlp, FusedMlp) for blk in eng.blocks), p
+            unfused = build_qengine(m, recipe, fuse_mlp=(), fuse_residual=(), **kw)
+            assert not any(isinstance(mod, (FusedResidualBlock, FusedMlp)) for mod in unfused.modules())
+            with torch.no_grad():
+                if p == "int8":  # the CPU path is still the simulation's, bit for bit
+                    assert torch.equal(eng(x, t, y), apply_recipe(m, recipe)(x, t, y))
+                assert torch.equal(eng(x, t, y), unfused(x, t, y))
+                h = hf = h0 = eng.x_embedder(x) + eng.pos_embed
+                c = eng.t_embedder(t) + eng.y_embedder(y)
+                for blk in eng.blocks:
+                    ref = blk(h, c)  # CPU: DiTBlock's forward
+                    with profile() as prof:
+                        got = blk.fused_forward(h, c)
+                    names = [e.name for e in prof.events()]
+                    assert all(names.count(op) == 2 * (op.endswith("gate_residual")) + op.endswith("gelu_quant")
+                               for op in ops), (p, sorted(set(n for n in names if n.startswith("dtq::"))))
+                    s = quant.sqnr_db(ref, got)
+                    assert got.shape == ref.shape and s > 40, (p, s)
+                    h, hf = ref, blk.fused_forward(hf, c)
+                # the whole model with fused blocks: as far from the simulation / the FP model as the engine
+                fused_out = eng.unpatchify(eng.final_layer(hf, c))
+                sim_out, eng_out, fp_out = apply_recipe(m, recipe)(x, t, y), eng(x, t, y), m(x, t, y)
+                assert quant.sqnr_db(eng_out, fused_out) > 40, (p, quant.sqnr_db(eng_out, fused_out))
+                d_eng, d_fused = quant.sqnr_db(sim_out, eng_out), quant.sqnr_db(sim_out, fused_out)
+                assert d_fused > 40 if p == "int8" else abs(d_fused - d_eng) < 0.5, (p, d_eng, d_fused)
+                assert abs(quant.sqnr_db(fp_out, fused_out) - quant.sqnr_db(fp_out, eng_out)) < 0.1
+                print(p, "model SQNR vs simulation: engine", round(min(d_eng, 999), 2), "fused", round(d_fused, 2))
+                if p == "int8":  # torch.compile traces the fused block whole (fake impls of the ops), two batch sizes
+                    f = torch.compile(eng.blocks[0].fused_forward, backend="aot_eager", fullgraph=True)
+                    for n in (3, 5):
+                        hn, cn = torch.randn(n, *h.shape[1:]), torch.randn(n, c.shape[1])
+                        assert torch.equal(f(hn, cn), eng.blocks[0].fused_forward(hn, cn))
+                    # another attention backend (EngineAttention, SageAttention's CPU reference): fused the same way
+                    sage = build_qengine(m, recipe, attention="sage")
+                    blk = sage.blocks[0]
+                    assert isinstance(blk, FusedResidualBlock) and type(blk.attn).__name__ == "EngineAttention"
+                    assert quant.sqnr_db(blk(h0, c), blk.fused_forward(h0, c)) > 40
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

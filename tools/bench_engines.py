@@ -189,6 +189,7 @@ def correctness(precisions) -> dict:
             kernels = sorted({m.kernel_name() + (f"/{m.scaling}" if getattr(m, "scaling", None) else "")
                               for m in engine_layers(eng).values()})
             res["kernels"] = kernels
+            res["fused_epilogues"] = epilogue_report(eng)
             worst_layer = min(layer.values())
             # layer: bf16 output rounding bounds it near 50 dB; model: bf16 activations flip some of the
             # simulation's rounding decisions. A wrong scale, layout or fold gives < 10 dB.
@@ -312,6 +313,20 @@ def gemms(M: int, peaks: dict | None, kernels: set | None = None) -> dict:
         wpp = pack_int4(q4)
         rec("int4_w4a8_progressive_triton",
             lambda: torch.ops.dtq.w4a8_progressive_mm(ai, wpp, s2, 128, s1, one, bias, torch.bfloat16), "int8")
+        # the fused epilogues the engine runs on this GEMM (fc1: GELU + fc2's INT8 quantization, int8 out;
+        # proj / fc2: the adaLN-gated residual add, bf16 out): against the plain columns, the epilogue's cost
+        tokens = 256 if M % 256 == 0 else M  # DiT-XL/2 at 256 px: one gate row per 256 rows
+        gate = torch.randn(M // tokens, 6 * N, device=dev, dtype=torch.bfloat16).chunk(6, dim=1)[2]
+        res_in = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        qs = torch.tensor(0.05, device=dev)
+        if lname == "fc1":
+            rec("int8_triton_epilogue", lambda: torch.ops.dtq.mm8_gelu_quant(ai, wi, one, ws, bias, None, qs), "int8")
+            rec("int4_w4a8_progressive_epilogue", lambda: torch.ops.dtq.w4a8_progressive_gelu_quant(
+                ai, wpp, s2, 128, s1, one, bias, None, qs), "int8")
+        elif lname in ("proj", "fc2"):
+            rec("int8_triton_epilogue", lambda: torch.ops.dtq.mm8_gate_residual(ai, wi, one, ws, bias, gate, res_in), "int8")
+            rec("int4_w4a8_progressive_epilogue", lambda: torch.ops.dtq.w4a8_progressive_gate_residual(
+                ai, wpp, s2, 128, s1, one, bias, gate, res_in), "int8")
         b = row["bf16"].get("ms")
         for k, v in row.items():
             if isinstance(v, dict) and "ms" in v and b:
@@ -339,6 +354,49 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
     return model.eval()
 
 
+ENGINE_PRECISIONS = ("fp8", "int8", "w4a16", "w4a8")
+EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
+
+
+def engine_options(name: str) -> dict:
+    """``build_qengine`` options of an engine backend name ``PRECISION[-progressive][-intmm|-triton][-ABLATION]``:
+    "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), and the
+    epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
+    epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
+    "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
+    precision, FP8 included: its proj / fc1 / fc2 then run our Triton FP8 GEMM instead of cuBLAS's).
+    Raises ValueError for anything else."""
+    precision, *tags = name.removesuffix("-sage").split("-")  # -sage: the attention ablation (build_backend)
+    allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
+    bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision]
+    ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
+    if precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(set(tags)) != len(tags):
+        raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
+                         f"[-intmm|-triton][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
+                         f"{', '.join(ENGINE_PRECISIONS)}, or an artifact spec")
+    family = "w4a8" if "progressive" in tags else precision  # build_qengine's epilogue family names
+    fuse_mlp, fuse_residual = ("int8", "w4a8"), ("int8", "w4a8")  # build_qengine's defaults
+    if ablation == ["unfused"]:
+        fuse_mlp, fuse_residual = (), ()
+    elif ablation == ["fusedmlp"]:
+        fuse_mlp = (family,)
+    elif ablation == ["fused"]:
+        fuse_mlp = fuse_residual = (family,)
+    return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
+            "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
+            "fuse_residual": fuse_residual}
+
+
+def epilogue_report(module) -> dict:
+    """How many fused epilogues an engine has: fc1 GELU + quantize (``FusedMlp``), gated residual in proj / fc2."""
+    from dtq.runtime.qengine import FusedMlp, FusedResidualBlock
+
+    mods = list(module.modules()) if isinstance(module, torch.nn.Module) else []
+    blocks = [m for m in mods if isinstance(m, FusedResidualBlock)]
+    return {"fc1_gelu_quant": sum(isinstance(m, FusedMlp) for m in mods),
+            "proj_gate_residual": sum(b.fuse_proj for b in blocks), "fc2_gate_residual": sum(b.fuse_fc2 for b in blocks)}
+
+
 def build_backend(name: str, base, fingerprint: str):
     """(module, dtype, compiled?) for a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU. A
     ``-sage`` suffix (e.g. ``int8-sage``, ``bf16-compile-sage``) runs the blocks' attention with
@@ -356,12 +414,10 @@ def build_backend(name: str, base, fingerprint: str):
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m)
         return m
-    precision = name.split("-")[0]  # "int8-intmm" / "int8-triton": INT8 pinned to torch._int_mm / Triton
+    opts = engine_options(name)
+    precision = opts.pop("precision")
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
-    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False,
-                        int8_kernel={"int8-intmm": "int_mm", "int8-triton": "triton"}.get(name, "auto"),
-                        fuse_mlp=(precision,) if name.endswith("-fusedmlp") else () if name.endswith("-unfused") else ("int8",),
-                        w4a8="progressive" if name == "w4a8-progressive" else "group", attention=attention)
+    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, **opts)
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
 
@@ -448,6 +504,8 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
             else:
                 m = build_backend(name, base, fingerprint)
                 entry.update(weight_report(m, base))
+                if not name.startswith("bf16"):
+                    entry["fused_epilogues"] = epilogue_report(m)
             entry["build_s"] = round(time.perf_counter() - t, 1)
             return m
 
@@ -591,6 +649,14 @@ def summarize(results: dict) -> dict:
                                            "forward_ms": r.get("forward_ms"), "sdpa_forward_ms": ref.get("forward_ms")}
     if ablation:
         summary["attention_ablation"] = ablation
+    # the epilogue ablation: images/s of X over X-unfused at each batch both ran
+    fusion = {}
+    for name, entry in e2e.items():
+        fused = e2e.get(name.removesuffix("-unfused"), {}).get("batches", {}) if name.endswith("-unfused") else {}
+        for b, r in entry.get("batches", {}).items():
+            if "images_per_s" in r and "images_per_s" in fused.get(b, {}):
+                fusion[f"{name.removesuffix('-unfused')}@{b}"] = round(fused[b]["images_per_s"] / r["images_per_s"], 3)
+    summary["epilogue_fusion_speedup"] = fusion
     return summary
 
 
@@ -625,6 +691,9 @@ def table(results: dict) -> str:
         f"({v.get('engine_bf16_vs_sim_db', v.get('sage_vs_fp32_db', v.get('error', '?')))} dB)"
         for p, v in c.items() if isinstance(v, dict) and p not in ("model",))]
     t = results.get("summary", {}).get("targets", {})
+    if results.get("summary", {}).get("epilogue_fusion_speedup"):
+        lines.append("fused epilogues vs unfused (images/s ratio): " + ", ".join(
+            f"{k}: {v}x" for k, v in results["summary"]["epilogue_fusion_speedup"].items()))
     lines.append("targets: " + ", ".join(f"{k}: {v['measured']} (target {v['target']}, {'met' if v['met'] else 'NOT met'})"
                                          for k, v in t.items()))
     return "\n".join(lines)
@@ -637,7 +706,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help=f"comma list of {', '.join(BACKENDS)} (W4A8 with two-level INT4 weights), "
                          "int8-intmm (INT8 via torch._int_mm), "
-                         "int8-unfused / fp8-fusedmlp (MLP epilogue fusion off / on), any of these + '-sage' "
+                         "the epilogue ablation int8-unfused / w4a8-progressive-unfused (no fused GEMM epilogue), "
+                         "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), any of these + '-sage' "
                          "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), or artifacts made for "
                          "--model's random weights as denoiser specs (trt:DIR, onnx:FILE, recipe:DIR, sim:DIR; "
                          "dtq-sample --backend's forms)")
@@ -668,6 +738,9 @@ def main(argv=None) -> int:
     try:  # before minutes of benchmarking, not after
         check_output_path(args.out, "file")
         points = parse_points(args.points) if args.points is not None else None
+        for name in [n for _, n in points or []] + args.backends.split(","):
+            if name and name.removesuffix("-sage") not in ("bf16-eager", "bf16-compile") and not is_artifact(name):
+                engine_options(name)  # unknown names: exit 2 now, not a failed build later
         if not math.isfinite(args.budget_s):
             raise ValueError(f"--budget-s must be a finite number, got {args.budget_s}")
     except ValueError as exc:
