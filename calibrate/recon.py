@@ -210,6 +210,7 @@ def reconstruct_blocks(model: nn.Module, recipe: Recipe, forward_loop: ForwardLo
             ada[n] = AdaRoundLinear(q, w, codes, config.recon_act_steps)
             _swap(train, n, ada[n])
         before = _block_mse(train, x_q, c, target, config.batch_size, hard=ada)
+        start = {n: [p.detach().clone() for p in a.parameters(recurse=False)] for n, a in ada.items()}
         v_params = [a.V for a in ada.values()]
         s_params = [a.log_act for a in ada.values() if a.learn_act]
         groups = [{"params": v_params, "lr": config.recon_lr}]
@@ -232,8 +233,15 @@ def reconstruct_blocks(model: nn.Module, recipe: Recipe, forward_loop: ForwardLo
             opt.step()
         soft = float(sum(((a.h() > 0.01) & (a.h() < 0.99)).sum() for a in ada.values())) / n_weights
         after = _block_mse(train, x_q, c, target, config.batch_size, hard=ada)
+        kept = after >= before  # the hard rounding lost to the start (too few iterations): keep the start
+        if kept:
+            with torch.no_grad():
+                for n, a in ada.items():
+                    for p, p0 in zip(a.parameters(recurse=False), start[n]):
+                        p.copy_(p0)
         for n, a in ada.items():
             w_hard, act = a.hard()
+            act = None if kept else act  # exp(log s) need not give s back bit for bit
             full = f"blocks.{k}.{n}"
             q = q_block.get_submodule(n)
             with torch.no_grad():
@@ -244,8 +252,8 @@ def reconstruct_blocks(model: nn.Module, recipe: Recipe, forward_loop: ForwardLo
             recipe.layers[full].weight = f"{full}.weight"
             if act is not None:
                 recipe.layers[full].act_scale = float(act)
-        report.append({"block": k, "rel_mse_before": round(before, 6), "rel_mse_after": round(after, 6),
-                       "soft_fraction": round(soft, 4)})
+        report.append({"block": k, "rel_mse_before": round(before, 6), "rel_mse_after": round(min(after, before), 6),
+                       "soft_fraction": round(soft, 4), "kept_start": kept})
         x_fp, x_q = target, _run_block(q_block, x_q, c, config.batch_size)
     recipe.options.update({"reconstruct": True, **{f: getattr(config, f) for f in RECON_FIELDS}})
     recipe.info.update({"recon_blocks": report, "recon_seconds": round(time.perf_counter() - t0, 2)})

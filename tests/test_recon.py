@@ -19,9 +19,11 @@ from dtq.runtime.zoo import load_builtin
 torch.set_num_threads(1)  # a shared 2-core box
 
 W4A8 = dict(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
-# tiny counts for the CPU (defaults: 1000 iterations of 32 rows), so larger steps than the defaults
-RECON_ITERS = 30
-RECON = dict(reconstruct=True, recon_iters=RECON_ITERS, recon_batch=2, recon_lr=5e-2, recon_act_lr=1e-2)
+# tiny counts for the CPU (defaults: 1000 iterations of 32 rows), so a larger step than the default
+RECON_ITERS = 40
+RECON = dict(reconstruct=True, recon_iters=RECON_ITERS, recon_batch=1, recon_lr=5e-2)
+# the LSQ activation steps too: a few iterations, for the plumbing (recipe, engine, ONNX)
+RECON_ACT = dict(reconstruct=True, recon_iters=8, recon_batch=1, recon_lr=5e-2, recon_act_steps=True, recon_act_lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -34,29 +36,38 @@ def setup():
     stats = statistics(model, cali, CalibConfig(**W4A8))
     plain = calibrate(model, stats, CalibConfig(**W4A8))
     recon = calibrate(model, stats, CalibConfig(**W4A8, **RECON), forward_loop=cali.forward_loop(64))
-    return model, cali, held, plain, recon
+    recon_act = calibrate(model, stats, CalibConfig(**W4A8, **RECON_ACT), forward_loop=cali.forward_loop(64))
+    return model, cali, held, plain, recon, recon_act
 
 
 def test_reconstruction_beats_plain_on_heldout_timesteps(setup):
     """Held-out noise SQNR (dB) on timesteps not calibrated on. Measured: see MARGIN."""
-    model, _, held, plain, recon = setup
+    model, _, held, plain, recon, _ = setup
     fp = predict(model, held)
     sq = {k: noise_sqnr(model, apply_recipe(model, r), held, fp_out=fp)["all"] for k, r in
           {"plain": plain, "recon": recon}.items()}
     print(sq, recon.info["recon_blocks"])
     assert sq["recon"] > sq["plain"] + MARGIN, sq
-    # every block's output error (hard rounding, its calibration rows) went down
-    assert all(b["rel_mse_after"] < b["rel_mse_before"] for b in recon.info["recon_blocks"]), recon.info
+    # no block's output error (hard rounding, its calibration rows) went up (a block whose fitted
+    # rounding loses to its start keeps the start), and most went down
+    blocks = recon.info["recon_blocks"]
+    assert all(b["rel_mse_after"] <= b["rel_mse_before"] for b in blocks), blocks
+    assert sum(b["rel_mse_after"] < 0.9 * b["rel_mse_before"] for b in blocks) >= 4, blocks
     assert recon.options["reconstruct"] and recon.options["recon_iters"] == RECON_ITERS
 
 
-MARGIN = 1.0
+# measured (W4A8 group 128, 5 x 8 calibration rows of a 20-step trajectory, 4 held-out timesteps x 8
+# rows; 40 iterations of 1 row per block): plain 30.95, reconstructed 31.48 (+0.53); blocks' relative
+# output MSE e.g. 0.0040 -> 0.0030, 0.0072 -> 0.0057
+MARGIN = 0.3
 
 
-def test_rounding_is_hard_and_on_the_int4_grid(setup):
+@pytest.mark.parametrize("which", ["weights", "weights+steps"])
+def test_rounding_is_hard_and_on_the_int4_grid(setup, which):
     """Every code is floor or ceil of W diag(b) / s, inside [-8, 7]; the stored weight is on the grid
-    of the unchanged weight scale; activation steps moved but stayed positive."""
-    model, _, _, plain, recon = setup
+    of the unchanged weight scale; learned activation steps moved and stayed positive."""
+    model, _, _, plain, recon, recon_act = setup
+    recon = recon if which == "weights" else recon_act
     folded = balanced_model(model, recon, check=False)
     changed_codes = changed_steps = 0
     for name, layer in recon.layers.items():
@@ -64,14 +75,19 @@ def test_rounding_is_hard_and_on_the_int4_grid(setup):
         assert torch.equal(s, plain.weight_scale(name))  # scales fixed
         assert torch.equal(quant.fake_quant_weight(w, s, "int4", "group", 128), w)  # on the grid
         full = quant.expand_weight_scale(s, w.shape, "group", 128)
-        codes = w / full
-        assert torch.equal(codes, codes.round()) and codes.min() >= -8 and codes.max() <= 7
+        codes = quant.quantize_weight(w, s, "int4", "group", 128).float()
+        assert torch.equal(codes * full, w) and codes.min() >= -8 and codes.max() <= 7  # exactly codes x scale
         ws = folded.get_submodule(name).weight.detach().float() / full
         assert bool(((codes == ws.floor()) | (codes == ws.ceil())).all()), name
         changed_codes += int((codes != ws.round()).sum())  # AdaRound departs from round-to-nearest
         assert layer.act_scale > 0
         changed_steps += layer.act_scale != plain.layers[name].act_scale
-    assert changed_codes > 100 and changed_steps == len(recon.layers), (changed_codes, changed_steps)
+    kept = sum(b["kept_start"] for b in recon.info["recon_blocks"])  # those hold their start steps
+    assert changed_codes > 100, changed_codes
+    if which == "weights":
+        assert changed_steps == 0
+    else:
+        assert changed_steps == len(recon.layers) - 4 * kept and kept < 6, (changed_steps, kept)
 
 
 def test_engine_and_onnx_run_the_reconstructed_recipe(setup):
@@ -83,7 +99,7 @@ def test_engine_and_onnx_run_the_reconstructed_recipe(setup):
     from dtq.export.api import ExportConfig, build_graph
     from dtq.runtime.qengine import build_qengine
 
-    model, _, held, _, r = setup
+    model, _, held, _, _, r = setup  # the one with learned activation steps
     x, t, y = held.x[:4], held.t[:4], held.y[:4]
     sim = apply_recipe(model, r)
     with torch.no_grad():
@@ -116,20 +132,20 @@ def test_adaround_starts_from_gptq_codes_and_anneals():
                                 act_format="int8", weight_scale=s, act_scale=0.05)
     full = quant.expand_weight_scale(s, lin.weight.shape, "group", 32)
     ws = lin.weight.detach() / full
-    codes = torch.where(torch.rand(ws.shape, generator=g) < 0.5, ws.floor(), ws.ceil())  # any floor/ceil choice
+    codes = torch.where(torch.rand(ws.shape, generator=g) < 0.5, ws.floor(), ws.ceil()).clamp(-8, 7)  # any choice
     a = AdaRoundLinear(q, lin.weight.detach(), codes, learn_act=True)
     w_hard, act = a.hard()
-    assert torch.equal(w_hard / full, codes) and float(act) == pytest.approx(0.05)
+    assert torch.equal(w_hard, codes * full) and float(act) == pytest.approx(0.05)
     rtn = AdaRoundLinear(q, lin.weight.detach(), None, learn_act=False)  # soft start: hard() = nearest
-    assert torch.equal(rtn.hard()[0] / full, ws.round().clamp(-8, 7)) and rtn.hard()[1] is None
+    assert torch.equal(rtn.hard()[0], ws.round().clamp(-8, 7) * full) and rtn.hard()[1] is None
     assert _beta(0, 100, 0.2) is None and _beta(19, 100, 0.2) is None
     assert _beta(20, 100, 0.2) == 20.0 and _beta(99, 100, 0.2) == pytest.approx(2.225)
 
 
 def test_reconstruction_needs_data(setup):
-    model, _, _, plain, _ = setup
+    model, cali, _, plain, _, _ = setup
     with pytest.raises(ValueError, match="block reconstruction needs"):
-        calibrate(model, statistics(model, lambda m: m(*[v[:2] for v in (setup[1].x, setup[1].t, setup[1].y)]),
+        calibrate(model, statistics(model, lambda m: m(cali.x[:2], cali.t[:2], cali.y[:2]),
                                     CalibConfig(**W4A8)), CalibConfig(**W4A8, reconstruct=True))
     with pytest.raises(ValueError, match="needs calibration data"):
         reconstruct_blocks(model, plain, None, CalibConfig(**W4A8, reconstruct=True))
@@ -150,3 +166,12 @@ def test_cli_flags_and_bad_values_exit_2(bad, tmp_path, capsys):
     assert main(["--reconstruct", *bad, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and not out.exists()
+
+
+def test_recon_time_benchmark_smoke():
+    """benchmarks/recon_time.py (the H200 timing) runs end to end on the CPU at toy size."""
+    from conftest import load_benchmark
+
+    res = load_benchmark("recon_time").run(config="DiT-S/8", depth=1, rows=4, iters=2, batch=2, device="cpu")
+    assert res["depth"] == 1 and res["full_depth"] == 12 and res["recon_seconds"] > 0
+    assert res["full_depth_minutes_estimate"] == pytest.approx(res["seconds_per_block"] * 12 / 60, abs=0.01)
