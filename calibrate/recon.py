@@ -14,7 +14,7 @@ rows and timesteps pooled (the adaLN conditioning ``c`` comes along with each ro
   ``sum 1 - |2 h(V) - 1|^beta``, off for the first ``warmup`` of the iterations, then ``beta``
   annealed 20 -> 2. ``W`` is the balanced weight ``W diag(b)`` (minus a low-rank branch ``L R``):
   the weight GPTQ works on; the per-group scales ``s`` stay as the method / GPTQ chose them. After
-  GPTQ, GPTQ's codes initialise the rounding (where they are ``floor`` or ``ceil`` of ``W / s``).
+  GPTQ, GPTQ's codes initialise the rounding (where they are ``floor(W / s)`` or that + 1).
 - Activations (``recon_act_steps``): the static per-tensor INT8 input step of each of the block's
   quantized Linears is learned with LSQ's straight-through gradient (Esser et al. 2020), as
   ``log s`` so one learning rate fits every layer's magnitude.
@@ -63,7 +63,7 @@ class AdaRoundLinear(nn.Module):
         self.register_buffer("w_floor", torch.floor(w_s))
         if init_codes is None:  # AdaRound: h(V0) = the fractional part, the soft start at W itself
             h0 = w_s - self.w_floor
-        else:  # GPTQ's choice where it is floor or ceil of W / s, else the nearer of the two
+        else:  # GPTQ's choice where it is floor(W / s) or that + 1, else the nearer of the two
             h0 = (init_codes.float() - self.w_floor).clamp(0, 1)
         h0 = h0.clamp(0.01, 0.99)  # V finite
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (h0 - GAMMA) - 1))
@@ -103,7 +103,7 @@ class AdaRoundLinear(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The hard-rounded weight (every code ``floor`` or ``ceil`` of ``W / s``, saturated to the
+        """The hard-rounded weight (every code ``floor(W / s)`` or that + 1, saturated to the
         format) and the learned activation step (None if not learned)."""
         codes = (self.w_floor + (self.h() >= 0.5).float()).clamp(self.lo, self.hi)
         return codes * self.s, (self.act_scale().detach().reshape(()) if self.learn_act else None)
