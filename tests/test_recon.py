@@ -192,3 +192,17 @@ def test_after_gptq_the_rounding_starts_at_gptq(setup):
         codes = quant.quantize_weight(r.weight(name), r.weight_scale(name), "int4", "group", 128).float()
         ws = folded.get_submodule(name).weight.detach().float() / full
         assert bool(((codes == ws.floor()) | (codes == ws.floor() + 1)).all()), name
+
+
+def test_cli_writes_a_reconstructed_recipe(tmp_path, capsys):
+    """dtq-calibrate --reconstruct end to end (toy counts): exit 0 and a recipe that loads for the model."""
+    from dtq.runtime.recipe import load_recipe
+    from dtq.tools.calibrate import main
+
+    out = tmp_path / "r"
+    assert main(["--precision", "w4a8", "--weight-granularity", "group128", "--reconstruct", "--recon-iters", "2",
+                 "--recon-batch", "1", "--cali-steps", "2", "--cali-n", "1", "--steps", "4", "--eval-n", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    r = load_recipe(out, load_builtin("dit-tiny-fmnist"))
+    assert r.options["reconstruct"] and len(r.info["recon_blocks"]) == 6
+    assert all(r.weight(n) is not None for n in r.layers)
