@@ -89,8 +89,9 @@ class CalibConfig:
     recon_act_steps: bool = field(default=False, metadata=_h(
         "reconstruction: also learn the INT8 activation steps (LSQ); off by default: on the tiny model it lowered "
         "the held-out-timestep SQNR (docs/calibration.md)"))
-    recon_reg: float = field(default=0.01, metadata=_h(
-        "reconstruction: weight of the rounding regularizer (per weight, against the relative output MSE)"))
+    recon_reg: float = field(default=1.0, metadata=_h(
+        "reconstruction: weight of the rounding regularizer (its mean over weights, against the relative output "
+        "MSE); tiny model, 200 iterations: 0.01 / 0.1 / 1 gave +1.06 / +1.17 / +1.26 dB held-out SQNR"))
     recon_warmup: float = field(default=0.2, metadata=_h(
         "reconstruction: fraction of iterations without the regularizer before beta anneals 20 -> 2"))
     sample_tokens: int = field(default=64, metadata=_h("tokens per layer and timestep kept for searches"))

@@ -57,9 +57,9 @@ def test_reconstruction_beats_plain_on_heldout_timesteps(setup):
 
 
 # measured (W4A8 group 128, 5 x 8 calibration rows of a 20-step trajectory, 4 held-out timesteps x 8
-# rows; 40 iterations of 1 row per block): plain 30.95, reconstructed 31.48 (+0.53); blocks' relative
-# output MSE e.g. 0.0040 -> 0.0030, 0.0072 -> 0.0057
-MARGIN = 0.3
+# rows; 40 iterations of 1 row per block, recon_reg 1): plain 30.95, reconstructed 31.73 (+0.78); blocks'
+# relative output MSE e.g. 0.0040 -> 0.0028, 0.0071 -> 0.0055
+MARGIN = 0.5
 
 
 @pytest.mark.parametrize("which", ["weights", "weights+steps"])
