@@ -27,6 +27,7 @@ from .config import CalibConfig, CalibDataConfig
 from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
 from .stats import Statistics, collect_stats
+from .recon import reconstruct_blocks
 from .weights import refine_weights, wants_refinement
 
 
@@ -46,21 +47,25 @@ def _forward_loop(data: CalibrationSet | ForwardLoop, config: CalibConfig) -> Fo
 def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics, config: CalibConfig = CalibConfig(),
               *, forward_loop: ForwardLoop | None = None) -> Recipe:
     """Statistics (unless given) then the method, then the weight-side refinements (GPTQ, low-rank
-    branch: ``calibrate.weights``) if the config asks: a recipe for ``model``. GPTQ runs the data
-    once more; with precomputed ``Statistics`` pass the data as ``forward_loop``."""
+    branch: ``calibrate.weights``) and block reconstruction (``calibrate.recon``) if the config
+    asks: a recipe for ``model``. GPTQ and reconstruction run the data once more; with precomputed
+    ``Statistics`` pass the data as ``forward_loop``."""
     method = get_method(config.method)  # fail on a bad name before any forward pass
-    if config.gptq and isinstance(data, Statistics) and forward_loop is None:
-        raise ValueError("GPTQ needs the calibration data: pass forward_loop= with precomputed statistics")
+    if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
+        what = "GPTQ" if config.gptq else "block reconstruction"
+        raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")
     t0 = time.perf_counter()
     stats = data if isinstance(data, Statistics) else statistics(model, data, config)
     t1 = time.perf_counter()
     recipe = method(model, stats, config)
     recipe.info.update({"calibration_rows": stats.rows, "stats_seconds": round(t1 - t0, 2),
                         "method_seconds": round(time.perf_counter() - t1, 2)})
+    loop = forward_loop if forward_loop is not None else (None if isinstance(data, Statistics)
+                                                          else _forward_loop(data, config))
     if wants_refinement(config):
-        loop = forward_loop if forward_loop is not None else (None if isinstance(data, Statistics)
-                                                              else _forward_loop(data, config))
         refine_weights(model, recipe, loop, config)
+    if config.reconstruct:  # last: it fits the rounding (and steps) of whatever came before
+        reconstruct_blocks(model, recipe, loop, config)
     if isinstance(data, CalibrationSet):
         recipe.info["calibration_set"] = data.info
     return recipe
