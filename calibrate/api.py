@@ -148,11 +148,11 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:
-        data = collect_calibration_set(model, data_cfg, device=config.device, progress=progress, ctx=ctx)
+        data = collect_calibration_set(model, data_cfg, device=config.device, progress=progress, shard=ctx)
     recipe = calibrate(model, data, replace(config, progress=progress), shard=ctx)
     if job.eval_n > 0:
         held_cfg = replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1)
-        held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, ctx=ctx)
+        held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, shard=ctx)
         if ctx.is_main:  # a report, not part of the recipe's numbers: one rank measures it
             sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size,
                               device=config.device)

@@ -120,6 +120,8 @@ class CalibConfig:
             formats.parse_override(text)  # syntax and precision names; patterns are matched at calibration
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
+        if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):
+            raise ValueError(f"hist_bins must be a power of two (exact histogram merges), got {self.hist_bins}")
         if self.lowrank_rank < 0 or self.lowrank_iters < 1 or self.gptq_block < 1 or self.gptq_damp < 0:
             raise ValueError("lowrank_rank must be >= 0, lowrank_iters and gptq_block >= 1, gptq_damp >= 0")
         if self.recon_iters < 1 or self.recon_batch < 1:

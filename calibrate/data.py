@@ -116,11 +116,11 @@ def recorded_indices(steps: int, cali_steps: int) -> list[int]:
 @torch.no_grad()
 def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDataConfig(), *,
                             device: str | torch.device = "cpu", progress: bool = False,
-                            ctx: DistContext = SINGLE) -> CalibrationSet:
+                            shard: DistContext = SINGLE) -> CalibrationSet:
     """Run the FP sampler and record the denoiser inputs at ``config.cali_steps`` positions.
 
     Samples run in batches of ``config.cali_batch`` (all in one by default); rows are ordered by
-    batch, then trajectory position. Under torchrun (``ctx``) the batches are shared by the ranks
+    batch, then trajectory position. Under torchrun (``shard``) the batches are shared by the ranks
     and every rank gets the whole set."""
     cfg = model.config
     diffusion = GaussianDiffusion.dit(config.steps)
@@ -144,10 +144,10 @@ def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDat
         sample(TorchDenoiser(model, device), diffusion, noise[sl].to(device), labels[sl], sampler=config.sampler,
                cfg_scale=config.cfg_scale, null_class=cfg.null_class if guided else None,
                clip_denoised=config.clip_denoised, generator=step_gen, on_step=record,
-               progress=progress and ctx.is_main)
+               progress=progress and shard.is_main)
         return tuple(torch.cat(parts) for parts in zip(*rows))
 
-    gathered = map_batches(config.cali_n, config.cali_batch or config.cali_n, run_batch, ctx)
-    x, t, y, step = broadcast_object(gathered, ctx)
+    gathered = map_batches(config.cali_n, config.cali_batch or config.cali_n, run_batch, shard)
+    x, t, y, step = broadcast_object(gathered, shard)
     info = {k: getattr(config, k) for k in ("cali_steps", "cali_n", "cali_batch", "steps", "sampler", "cfg_scale", "seed")}
     return CalibrationSet(x, t, y, step, config.steps, info)

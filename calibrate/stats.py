@@ -260,7 +260,32 @@ def collect_stats(model: nn.Module, forward_loop: ForwardLoop, layer_names: list
     with StatsCollector(model, layer_names, sample_tokens=sample_tokens, hist_bins=hist_bins, seed=seed,
                         shard=shard) as c:
         forward_loop(model)
+    if shard.active:
+        _drop_unkept_samples(c.stats, shard, sample_tokens)
     return merge_statistics(all_gather_objects(_to_cpu(c.stats), shard), sample_tokens)
+
+
+def _drop_unkept_samples(stats: Statistics, shard: DistContext, sample_tokens: int) -> None:
+    """Before the gather, drop the candidate tokens that ``merge_statistics`` would not keep (those
+    after the first ``sample_tokens`` in batch order over all ranks), so that what travels is about
+    one process's sample, not one per rank (DiT-XL/2: ~1.6 GB each). One small gather of
+    ``(layer, t) -> [(batch, count)]`` tells each rank which of its batches make the cut."""
+    mine = {(n, t): [(b, len(tok)) for b, tok in parts]
+            for n, st in stats.layers.items() for t, parts in st.sample_parts.items()}
+    counts: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for theirs in all_gather_objects(mine, shard):
+        for key, entries in theirs.items():
+            counts.setdefault(key, []).extend(entries)
+    for (n, t), entries in counts.items():
+        kept, total = set(), 0
+        for b, count in sorted(entries):
+            if total >= sample_tokens:
+                break
+            kept.add(b)
+            total += count
+        parts = stats.layers[n].sample_parts.get(t)
+        if parts is not None:
+            stats.layers[n].sample_parts[t] = [(b, tok) for b, tok in parts if b in kept]
 
 
 def _to_cpu(stats: Statistics) -> Statistics:
