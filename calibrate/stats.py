@@ -245,7 +245,8 @@ def merge_statistics(parts: list[Statistics], sample_tokens: int) -> Statistics:
             st.hist.cpu()
         for t in sorted(candidates):
             ordered = [tokens for _, tokens in sorted(candidates[t], key=lambda c: c[0])]
-            st.samples[t] = torch.cat(ordered)[:sample_tokens]
+            if ordered:  # a rank's share may have been dropped (_drop_unkept_samples), not all of them
+                st.samples[t] = torch.cat(ordered)[:sample_tokens]
         st.channel_amax = dict(sorted(st.channel_amax.items()))
     return out
 
