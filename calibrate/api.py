@@ -8,6 +8,14 @@ The pipeline stage around it, as ``export.api.export_model`` is export's:
 loads the checkpoint, samples (or reads) the calibration set, calibrates, measures the held-out
 noise SQNR and writes the recipe directory. ``dtq-calibrate`` only parses its command line into
 these three objects.
+
+Under ``torchrun`` (``calibrate_checkpoint``, or ``calibrate(..., shard=ctx)``) the two data
+passes are data-parallel: the ranks share the calibration set's sampler batches and the forward
+loops' batches (statistics, GPTQ's ``X^T X``) and reduce what they collected, so every rank holds
+the statistics one process would have. The method (scale searches, DiTAS' alpha grid, GPTQ's
+rounding) then runs on every rank on those same numbers, which keeps the code one path: no recipe
+is sent between ranks, and rank 0 alone writes. A ``forward_loop`` given instead of a
+``CalibrationSet`` is opaque: it runs whole on every rank and nothing is reduced.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Callable
 from torch import nn
 
 from ..artifacts import CALIBRATION_SET
+from ..runtime.distributed import SINGLE, DistContext, data_parallel, rank_device
 from ..runtime.recipe import Recipe
 from ..runtime.zoo import BUILTIN_MODELS
 from .build import layer_precisions, quant_layer_names
@@ -31,41 +40,55 @@ from .recon import reconstruct_blocks
 from .weights import refine_weights, wants_refinement
 
 
-def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig) -> Statistics:
-    """Hook the quantizable layers named by ``config.layers`` and run the data through."""
-    loop = _forward_loop(data, config)
+def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig,
+               shard: DistContext = SINGLE) -> Statistics:
+    """Hook the quantizable layers named by ``config.layers`` and run the data through (a
+    ``CalibrationSet`` shared among the ranks of ``shard``)."""
+    shard = _shard_of(data, shard)
     names = quant_layer_names(model, config.layers)
-    return collect_stats(model, loop, names, sample_tokens=config.sample_tokens, hist_bins=config.hist_bins)
+    return collect_stats(model, _forward_loop(data, config, shard), names, sample_tokens=config.sample_tokens,
+                         hist_bins=config.hist_bins, shard=shard)
 
 
-def _forward_loop(data: CalibrationSet | ForwardLoop, config: CalibConfig) -> ForwardLoop:
+def _shard_of(data, shard: DistContext) -> DistContext:
+    return shard if isinstance(data, CalibrationSet) else SINGLE  # an opaque loop runs whole on every rank
+
+
+def _forward_loop(data: CalibrationSet | ForwardLoop, config: CalibConfig, shard: DistContext = SINGLE) -> ForwardLoop:
     if isinstance(data, CalibrationSet):
-        return data.forward_loop(config.batch_size, config.device, config.progress)
+        return data.forward_loop(config.batch_size, config.device, config.progress, shard=shard)
     return data
 
 
 def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics, config: CalibConfig = CalibConfig(),
-              *, forward_loop: ForwardLoop | None = None) -> Recipe:
+              *, forward_loop: ForwardLoop | None = None, shard: DistContext = SINGLE) -> Recipe:
     """Statistics (unless given) then the method, then the weight-side refinements (GPTQ, low-rank
     branch: ``calibrate.weights``) and block reconstruction (``calibrate.recon``) if the config
     asks: a recipe for ``model``. GPTQ and reconstruction run the data once more; with precomputed
-    ``Statistics`` pass the data as ``forward_loop``."""
+    ``Statistics`` pass the data as ``forward_loop``. ``shard``: the rank context under torchrun
+    (``runtime.distributed.data_parallel``); every rank must call this with the same arguments and
+    gets the same recipe."""
     method = get_method(config.method)  # fail on a bad name before any forward pass
     if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
         what = "GPTQ" if config.gptq else "block reconstruction"
         raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")
     t0 = time.perf_counter()
-    stats = data if isinstance(data, Statistics) else statistics(model, data, config)
+    stats = data if isinstance(data, Statistics) else statistics(model, data, config, shard)
     t1 = time.perf_counter()
     recipe = method(model, stats, config)
     recipe.info.update({"calibration_rows": stats.rows, "stats_seconds": round(t1 - t0, 2),
                         "method_seconds": round(time.perf_counter() - t1, 2)})
-    loop = forward_loop if forward_loop is not None else (None if isinstance(data, Statistics)
-                                                          else _forward_loop(data, config))
+    if forward_loop is not None:
+        loop, loop_shard = forward_loop, SINGLE
+    else:
+        loop_shard = _shard_of(data, shard)
+        loop = None if isinstance(data, Statistics) else _forward_loop(data, config, loop_shard)
     if wants_refinement(config):
-        refine_weights(model, recipe, loop, config)
+        refine_weights(model, recipe, loop, config, loop_shard)
     if config.reconstruct:  # last: it fits the rounding (and steps) of whatever came before
-        reconstruct_blocks(model, recipe, loop, config)
+        # not data-parallel: every rank reconstructs on all the rows (the same result, no reduction)
+        whole = forward_loop if forward_loop is not None else _forward_loop(data, config)
+        reconstruct_blocks(model, recipe, whole, config)
     if isinstance(data, CalibrationSet):
         recipe.info["calibration_set"] = data.info
     return recipe
@@ -87,37 +110,55 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
     """The calibration stage: checkpoint (or built-in model) -> recipe directory ``job.out``
     (recipe.json + tensors.safetensors, and calibration_set.safetensors when it was sampled here,
     reusable as ``cali_data``). ``config.device`` "auto" takes CUDA when there is one. Returns the
-    recipe; ``recipe.info["heldout_noise_sqnr_db"]`` holds the held-out SQNR when ``job.eval_n > 0``."""
-    import shutil
+    recipe; ``recipe.info["heldout_noise_sqnr_db"]`` holds the held-out SQNR when ``job.eval_n > 0``.
 
+    Under ``torchrun --nproc-per-node N`` each rank takes ``cuda:LOCAL_RANK`` (or the CPU, gloo),
+    the sampling and forward passes are shared (module docstring), and rank 0 alone measures the
+    held-out SQNR and writes ``job.out``; the other ranks return the same recipe without it."""
     import torch
 
     from ..checks import check_output_path
-    from ..runtime.checkpoint import load_checkpoint
-    from ..runtime.recipe import RECIPE_JSON, apply_recipe
-    from ..staging import staged_directory
-    from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
-    from .data import collect_calibration_set
-    from .evaluate import noise_sqnr
+    from ..runtime.recipe import RECIPE_JSON
 
     check_output_path(job.out, "dir", marker=RECIPE_JSON)  # before an hour of calibration, not after
     if config.device == "auto":
         config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
     elif config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+    with data_parallel(torch.device(config.device)) as ctx:
+        device = rank_device(torch.device(config.device), ctx)
+        return _calibrate_checkpoint(job, replace(config, device=str(device)), data_cfg, ctx)
+
+
+def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: CalibDataConfig,
+                          ctx: DistContext) -> Recipe:
+    import shutil
+
+    from ..runtime.checkpoint import load_checkpoint
+    from ..runtime.recipe import RECIPE_JSON, apply_recipe
+    from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
+    from ..staging import staged_directory
+    from .data import collect_calibration_set
+    from .evaluate import noise_sqnr
+
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
     layer_precisions(model, config)  # an override matching no layer fails before any sampling
+    progress = config.progress and ctx.is_main
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:
-        data = collect_calibration_set(model, data_cfg, device=config.device, progress=config.progress)
-    recipe = calibrate(model, data, config)
+        data = collect_calibration_set(model, data_cfg, device=config.device, progress=progress, shard=ctx)
+    recipe = calibrate(model, data, replace(config, progress=progress), shard=ctx)
     if job.eval_n > 0:
         held_cfg = replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1)
-        held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
-        sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
-        recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
+        held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, shard=ctx)
+        if ctx.is_main:  # a report, not part of the recipe's numbers: one rank measures it
+            sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size,
+                              device=config.device)
+            recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
+    if not ctx.is_main:
+        return recipe
     # the recipe and its calibration set replace an old --out together, or not at all
     with staged_directory(job.out, marker=RECIPE_JSON) as tmp:
         recipe.write_files(tmp)

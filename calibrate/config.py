@@ -34,6 +34,9 @@ class CalibDataConfig:
     sampler: Literal["ddpm", "ddim"] = field(default="ddpm", metadata=_h("sampler of the FP trajectory"))
     cfg_scale: float = field(default=1.5, metadata=_h("classifier-free guidance scale (1 = none)"))
     seed: int = field(default=0, metadata=_h("seed of noise, labels and sampler noise"))
+    cali_batch: int = field(default=0, metadata=_h(
+        "samples per sampler batch (0: all cali_n in one); under torchrun batch i runs on rank i mod N, "
+        "and the set depends on this, not on N"))
     clip_denoised: bool = field(default=True, metadata=_h("clip predicted x0 to [-1, 1] (pixel-space models)"))
 
     def __post_init__(self) -> None:
@@ -42,6 +45,8 @@ class CalibDataConfig:
             raise ValueError(f"cali_steps must be in 1..steps ({self.steps}), got {self.cali_steps}")
         if self.cali_n < 1:
             raise ValueError("cali_n must be >= 1")
+        if self.cali_batch < 0:
+            raise ValueError("cali_batch must be >= 0 (0: one batch)")
 
 
 @dataclass
@@ -115,6 +120,8 @@ class CalibConfig:
             formats.parse_override(text)  # syntax and precision names; patterns are matched at calibration
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
+        if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):
+            raise ValueError(f"hist_bins must be a power of two (exact histogram merges), got {self.hist_bins}")
         if self.lowrank_rank < 0 or self.lowrank_iters < 1 or self.gptq_block < 1 or self.gptq_damp < 0:
             raise ValueError("lowrank_rank must be >= 0, lowrank_iters and gptq_block >= 1, gptq_damp >= 0")
         if self.recon_iters < 1 or self.recon_batch < 1:

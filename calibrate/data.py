@@ -3,6 +3,11 @@ random labels and a sampler callback records the denoiser inputs ``(x_t, t, y)``
 trajectory positions spread uniformly, ``cali_n`` samples each (guidance doubles the rows: the
 conditional and the null-label halves). No copy of the sampling loop: ``runtime.sampler.sample``
 with ``on_step``.
+
+Under ``torchrun`` both passes are data-parallel (``runtime.distributed``): the sampler batches
+(``cali_batch`` samples each) and the forward loop's batches are dealt to the ranks, batch ``i``
+to rank ``i % world_size``. A batch's noise, labels and per-step noise depend only on the seed
+and its start, so every world size records the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from ..runtime.denoiser import TorchDenoiser
+from ..runtime.distributed import SINGLE, DistContext, broadcast_object, map_batches
 from ..runtime.diffusion import GaussianDiffusion
 from ..runtime.sampler import StepInfo, sample
 from .config import CalibDataConfig
@@ -59,18 +65,20 @@ class CalibrationSet:
             yield self.x[idx], self.t[idx], self.y[idx]
 
     def forward_loop(self, batch_size: int = 64, device: str | torch.device = "cpu",
-                     progress: bool = False) -> ForwardLoop:
-        """A ModelOpt-style ``forward_loop(model)`` that runs every row through the model."""
+                     progress: bool = False, shard: DistContext = SINGLE) -> ForwardLoop:
+        """A ModelOpt-style ``forward_loop(model)`` that runs every row through the model; with
+        ``shard``, only batch ``i`` with ``i % world_size == rank`` (the caller reduces)."""
 
         def loop(model: nn.Module) -> None:
             batches = self.batches(batch_size)
-            if progress:
+            if progress and shard.is_main:
                 from tqdm.auto import tqdm
 
                 batches = tqdm(batches, total=-(-len(self) // batch_size), desc="calibration forward", leave=False)
             with torch.no_grad():
-                for x, t, y in batches:
-                    model(x.to(device), t.to(device), y.to(device))
+                for i, (x, t, y) in enumerate(batches):
+                    if i % shard.world_size == shard.rank:
+                        model(x.to(device), t.to(device), y.to(device))
 
         return loop
 
@@ -107,25 +115,39 @@ def recorded_indices(steps: int, cali_steps: int) -> list[int]:
 
 @torch.no_grad()
 def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDataConfig(), *,
-                            device: str | torch.device = "cpu", progress: bool = False) -> CalibrationSet:
-    """Run the FP sampler and record the denoiser inputs at ``config.cali_steps`` positions."""
+                            device: str | torch.device = "cpu", progress: bool = False,
+                            shard: DistContext = SINGLE) -> CalibrationSet:
+    """Run the FP sampler and record the denoiser inputs at ``config.cali_steps`` positions.
+
+    Samples run in batches of ``config.cali_batch`` (all in one by default); rows are ordered by
+    batch, then trajectory position. Under torchrun (``shard``) the batches are shared by the ranks
+    and every rank gets the whole set."""
     cfg = model.config
     diffusion = GaussianDiffusion.dit(config.steps)
     keep = set(recorded_indices(config.steps, config.cali_steps))
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.cali_n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
     labels = torch.randint(0, cfg.num_classes, (config.cali_n,), generator=gen)
-    rows: list[tuple[torch.Tensor, ...]] = []
-
-    def record(info: StepInfo) -> None:
-        if info.index in keep:
-            rows.append((info.x.float().cpu(), info.t.cpu(), info.y.cpu(),
-                         torch.full((info.x.shape[0],), info.index, dtype=torch.long)))
-
     guided = config.cfg_scale != 1.0
-    sample(TorchDenoiser(model, device), diffusion, noise.to(device), labels, sampler=config.sampler,
-           cfg_scale=config.cfg_scale, null_class=cfg.null_class if guided else None,
-           clip_denoised=config.clip_denoised, generator=gen, on_step=record, progress=progress)
-    x, t, y, step = (torch.cat(parts) for parts in zip(*rows))
-    info = {k: getattr(config, k) for k in ("cali_steps", "cali_n", "steps", "sampler", "cfg_scale", "seed")}
+
+    def run_batch(start: int, sl: slice) -> tuple[torch.Tensor, ...]:
+        rows: list[tuple[torch.Tensor, ...]] = []
+
+        def record(info: StepInfo) -> None:
+            if info.index in keep:
+                rows.append((info.x.float().cpu(), info.t.cpu(), info.y.cpu(),
+                             torch.full((info.x.shape[0],), info.index, dtype=torch.long)))
+
+        # batch 0 continues the generator of noise and labels (the one-batch set of earlier
+        # versions); a later batch's per-step noise is seeded by its start, as dtq-sample's
+        step_gen = gen if start == 0 else torch.Generator().manual_seed(config.seed * 1_000_003 + start)
+        sample(TorchDenoiser(model, device), diffusion, noise[sl].to(device), labels[sl], sampler=config.sampler,
+               cfg_scale=config.cfg_scale, null_class=cfg.null_class if guided else None,
+               clip_denoised=config.clip_denoised, generator=step_gen, on_step=record,
+               progress=progress and shard.is_main)
+        return tuple(torch.cat(parts) for parts in zip(*rows))
+
+    gathered = map_batches(config.cali_n, config.cali_batch or config.cali_n, run_batch, shard)
+    x, t, y, step = broadcast_object(gathered, shard)
+    info = {k: getattr(config, k) for k in ("cali_steps", "cali_n", "cali_batch", "steps", "sampler", "cfg_scale", "seed")}
     return CalibrationSet(x, t, y, step, config.steps, info)

@@ -12,19 +12,25 @@ exactly to the codes GPTQ chose with the recipe's ``weight_scale``.
 
 ``HessianCollector`` accumulates ``X^T X`` per layer with forward hooks over a ModelOpt-style
 ``forward_loop`` (the calibration set, all timesteps pooled): nothing grows with the data.
+Under torchrun each rank sums its share of the batches and ``collect_hessians`` all-reduces the
+sums. The sums are float64 (of each batch's float32 ``X^T X``), so summing in another order moves
+them by ~1e-16 relative and the float32 Hessian GPTQ reads is the one a single process gets (in
+the 2-rank test, bit for bit); with float32 sums a few GPTQ rounding decisions flipped.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..runtime import quant
+from ..runtime.distributed import SINGLE, DistContext
 from .data import ForwardLoop
 
 
 class HessianCollector:
-    """Context manager: ``X^T X`` (float32) and the token count of each named Linear's input.
+    """Context manager: ``X^T X`` (summed in float64) and the token count of each named Linear's input.
 
     The input is the one the quantizer sees: a ``QuantLinear`` with a run-time balancing ``Mul``
     (``input_mul``) is hooked *after* that multiply, so on ``balanced_model`` it is ``X / b``."""
@@ -53,20 +59,39 @@ class HessianCollector:
         x = x.detach().float().reshape(-1, x.shape[-1])
         if mul is not None:
             x = x * mul.float()
+        xtx = (x.T @ x).double()
         prev = self.xtx.get(name)
-        self.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
+        self.xtx[name] = xtx if prev is None else prev.add_(xtx)
         self.tokens[name] += x.shape[0]
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        """``H = X^T X / tokens`` per layer (the scale does not change GPTQ's result)."""
-        return {n: h / max(self.tokens[n], 1) for n, h in self.xtx.items()}
+        """``H = X^T X / tokens`` per layer, float32 (the scale does not change GPTQ's result)."""
+        return {n: (h / max(self.tokens[n], 1)).float() for n, h in self.xtx.items()}
 
 
-def collect_hessians(model: nn.Module, forward_loop: ForwardLoop, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """Run ``forward_loop(model)`` once with hooks: ``{layer: X^T X / tokens}`` on the model's device."""
+def collect_hessians(model: nn.Module, forward_loop: ForwardLoop, layer_names: list[str],
+                     shard: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+    """Run ``forward_loop(model)`` once with hooks: ``{layer: X^T X / tokens}`` on the model's device.
+    ``shard``: the loop ran this rank's share of the batches; the sums are all-reduced."""
     with HessianCollector(model, layer_names) as c:
         forward_loop(model)
+    if shard.active:
+        _all_reduce_sums(model, c)
     return c.hessians()
+
+
+def _all_reduce_sums(model: nn.Module, c: HessianCollector) -> None:
+    """Sum every rank's ``X^T X`` and token counts (a rank that ran no batch sends zeros)."""
+    device = next(model.parameters()).device
+    for name in c.names:  # the same order on every rank
+        n = model.get_submodule(name).in_features
+        xtx = c.xtx.get(name)
+        xtx = torch.zeros(n, n, dtype=torch.float64, device=device) if xtx is None else xtx
+        dist.all_reduce(xtx)
+        c.xtx[name] = xtx
+    tokens = torch.tensor([c.tokens[n] for n in c.names], dtype=torch.long, device=device)
+    dist.all_reduce(tokens)
+    c.tokens = {n: int(v) for n, v in zip(c.names, tokens.tolist())}
 
 
 @torch.no_grad()

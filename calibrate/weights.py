@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..runtime import quant
+from ..runtime.distributed import SINGLE, DistContext
 from ..runtime.recipe import Recipe, balanced_model
 from .config import CalibConfig
 from .data import ForwardLoop
@@ -43,8 +44,10 @@ def wants_refinement(config: CalibConfig) -> bool:
 
 
 @torch.no_grad()
-def refine_weights(model: nn.Module, recipe: Recipe, forward_loop: ForwardLoop | None, config: CalibConfig) -> Recipe:
-    """``recipe`` (edited in place and returned) with low-rank branches and/or GPTQ weights."""
+def refine_weights(model: nn.Module, recipe: Recipe, forward_loop: ForwardLoop | None, config: CalibConfig,
+                   shard: DistContext = SINGLE) -> Recipe:
+    """``recipe`` (edited in place and returned) with low-rank branches and/or GPTQ weights.
+    ``shard``: ``forward_loop`` runs this rank's share of the batches (GPTQ all-reduces ``X^T X``)."""
     if not wants_refinement(config):
         return recipe
     if config.gptq and forward_loop is None:
@@ -53,7 +56,7 @@ def refine_weights(model: nn.Module, recipe: Recipe, forward_loop: ForwardLoop |
     search = recipe.options.get("weight_search", config.weight_search)
     names = [n for n, layer in recipe.layers.items() if layer.weight_format != "none"]
     folded = balanced_model(model, recipe, check=False)
-    hessians = collect_hessians(folded, forward_loop, names) if config.gptq else {}
+    hessians = collect_hessians(folded, forward_loop, names, shard) if config.gptq else {}
     t1 = time.perf_counter()
     lowrank_errors = {}
     for name in names:

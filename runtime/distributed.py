@@ -1,5 +1,5 @@
-"""Data-parallel sampling under ``torchrun``: each rank runs a share of a job's batches and rank 0
-gathers them in order.
+"""Data-parallel sampling (and calibration) under ``torchrun``: each rank runs a share of a job's
+batches and rank 0 gathers them in order.
 
 A job is a list of batches, each fully determined by its start index (its slice of the job's
 noise and labels, and its per-step generator seeded from the start). Batch ``i`` runs on rank
@@ -12,7 +12,8 @@ Launch: ``torchrun --nproc-per-node N -m dtq.tools.sample ...``. torchrun's envi
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) is read; without it (or with ``WORLD_SIZE=1``) nothing
 here touches ``torch.distributed``. On CUDA each rank takes ``cuda:LOCAL_RANK`` and the group is
 ``cpu:gloo,cuda:nccl``: the gathered batches are CPU tensors, which object collectives then send
-through gloo, while NCCL is there for any CUDA collective.
+through gloo, while NCCL is there for any CUDA collective. Calibration (``dtq.calibrate``) deals
+its batches the same way and reduces statistics with ``all_gather_objects``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,11 @@ SINGLE = DistContext()
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """torchrun's ``RANK`` (0 without torchrun): for code that runs after the group is gone."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
@@ -83,21 +89,25 @@ def data_parallel(device: torch.device) -> Iterator[DistContext]:
             dist.destroy_process_group()
 
 
-def map_batches(total: int, batch_size: int, fn: Callable[[int, slice], torch.Tensor],
-                ctx: DistContext = SINGLE, progress: bool = False) -> torch.Tensor | None:
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def map_batches(total: int, batch_size: int, fn: Callable[[int, slice], Batch],
+                ctx: DistContext = SINGLE, progress: bool = False) -> Batch | None:
     """``torch.cat([fn(start, slice(start, start + batch_size)) for each batch])``, with batch ``i``
     computed on rank ``i % world_size``. Returns the concatenation on rank 0 and None elsewhere.
-    ``fn`` must return CPU tensors and depend only on its batch (not on what ran before)."""
+    ``fn`` must return CPU tensors (or a tuple of them, concatenated element-wise) and depend only
+    on its batch (not on what ran before)."""
     starts = list(range(0, total, batch_size))
     rounds = range(0, len(starts), ctx.world_size)
     if progress and ctx.is_main and len(starts) > 1:
         from tqdm.auto import tqdm
 
         rounds = tqdm(rounds, desc="batches" if not ctx.active else f"batches x{ctx.world_size} ranks", unit="round")
-    outputs: list[torch.Tensor] = []
+    outputs: list[Batch] = []
     for first in rounds:
         i = first + ctx.rank
-        mine = fn(starts[i], slice(starts[i], starts[i] + batch_size)).cpu() if i < len(starts) else None
+        mine = _cpu(fn(starts[i], slice(starts[i], starts[i] + batch_size))) if i < len(starts) else None
         if not ctx.active:
             outputs.append(mine)
             continue
@@ -105,4 +115,31 @@ def map_batches(total: int, batch_size: int, fn: Callable[[int, slice], torch.Te
         dist.gather_object(mine, gathered, dst=0)
         if ctx.is_main:
             outputs.extend(t for t in gathered if t is not None)  # rank order = batch order
-    return torch.cat(outputs) if ctx.is_main else None
+    if not ctx.is_main:
+        return None
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
+
+
+def _cpu(batch: Batch) -> Batch:
+    return tuple(t.cpu() for t in batch) if isinstance(batch, tuple) else batch.cpu()
+
+
+def all_gather_objects(obj: Any, ctx: DistContext = SINGLE) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process). Objects
+    travel pickled through the CPU group: give CPU tensors."""
+    if not ctx.active:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext = SINGLE) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    if not ctx.active:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

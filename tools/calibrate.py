@@ -15,6 +15,7 @@ import sys
 from dtq import formats
 from dtq.calibrate.api import CalibrateJob, calibrate_checkpoint
 from dtq.calibrate.config import CalibConfig, CalibDataConfig
+from dtq.runtime.distributed import env_rank
 from dtq.tools.cli import EXIT_OK, add_dataclass_arguments, dataclass_from_args, run_cli
 
 EPILOG = """examples:
@@ -23,6 +24,8 @@ EPILOG = """examples:
       --weight-granularity group128 --cali-steps 25 --cali-n 32 --steps 100 --device cuda --out r
   dtq-calibrate --cali-data r/calibration_set.safetensors --method smoothquant --alpha 0.6 --out r2
   dtq-calibrate --precision w4a16 --overrides '*.attn.qkv=int8,blocks.5.*=fp16' --out mixed   # per layer
+  torchrun --nproc-per-node 8 -m dtq.tools.calibrate --ckpt DiT-XL-2-256x256.pt --method ditas \
+      --cali-n 256 --cali-batch 32 --device cuda --out xl-w8a8   # 8 GPUs share the sampling and forwards
 
 precisions (dtq.formats; --overrides PATTERN=PRECISION[:GRANULARITY] takes these and fp16 = unquantized):
 {table}
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclass_from_args(CalibConfig, args)
         info = calibrate_checkpoint(dataclass_from_args(CalibrateJob, args), config,
                                     dataclass_from_args(CalibDataConfig, args)).info
+        if env_rank() != 0:
+            return EXIT_OK  # under torchrun, rank 0 wrote the recipe and reports it
         mixed = f", {len(config.overrides)} override(s)" if config.overrides else ""
         print(f"wrote recipe ({config.method}, {config.precision}: {config.wfmt} weights / {config.afmt} activations"
               f"{mixed}) to {args.out}")
