@@ -104,6 +104,18 @@ class PixArtDenoiser(nn.Module):
                                 encoder_attention_mask=mask.to(x.dtype),
                                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
+    def for_export(self) -> "PixArtDenoiser":
+        """A copy whose attention runs diffusers' ``AttnProcessor`` (explicit matmuls): with
+        ``AttnProcessor2_0`` torch.export cannot prove the shape of the mask view before SDPA
+        under a dynamic batch. Same function; the graph has MatMul/Softmax/MatMul either way."""
+        import copy
+
+        from diffusers.models.attention_processor import AttnProcessor
+
+        out = copy.deepcopy(self)
+        out.transformer.set_attn_processor(AttnProcessor())
+        return out.eval()
+
     def example_inputs(self, batch: int, tokens: int = 8) -> tuple[torch.Tensor, ...]:
         """Inputs of the right shapes (export traces with them); mask has its last token padded."""
         c = self.config
