@@ -74,6 +74,8 @@ class PixArtConfig:
     learn_sigma: bool
     diffusers: dict = field(default_factory=dict)
     family: str = "pixart"
+    space: str = "latent"
+    null_class: None = None  # guidance's null condition is the empty prompt (runtime/prompts.py)
 
     @classmethod
     def from_diffusers(cls, cfg) -> "PixArtConfig":
@@ -83,6 +85,10 @@ class PixArtConfig:
 
     def to_dict(self) -> dict:
         return {"family": self.family, **self.diffusers}
+
+    @property
+    def text_conditioned(self) -> bool:
+        return True
 
 
 class PixArtDenoiser(nn.Module):

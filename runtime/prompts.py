@@ -103,13 +103,16 @@ class PromptEmbeddings:
 class PromptDenoiser:
     """``(x, t, y) -> out`` over a ``(x, t, context, mask)`` model: y indexes the prompt table."""
 
-    def __init__(self, model, prompts: PromptEmbeddings, device: str | torch.device = "cpu"):
+    def __init__(self, model, prompts: PromptEmbeddings, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         self.model = model
         self.prompts = prompts
         self.device = torch.device(device)
+        self.dtype = dtype
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         context, mask = self.prompts.lookup(y)
-        out = self.model(x.to(self.device), t.to(self.device), context.to(self.device), mask.to(self.device))
+        dev, dt = self.device, self.dtype
+        out = self.model(x.to(dev, dt), t.to(dev), context.to(dev, dt), mask.to(dev, dt))
         return out.float().to(x.device)

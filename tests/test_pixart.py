@@ -214,3 +214,40 @@ def test_guided_sampling_with_prompt_embeddings(pixart, prompts, recipes):
     other = run(pixart, torch.tensor([1, 1]))
     assert fp.shape == (2, 4, 8, 8) and torch.isfinite(fp).all()
     assert sqnr_db(fp, q) > 25 and (fp - other).abs().max() > 1e-2  # the prompt matters
+
+
+@pytest.fixture(scope="module")
+def pixart_folder(pixart, prompts, tmp_path_factory):
+    """A diffusers transformer folder of the tiny PixArt and its prompt-embeddings file."""
+    root = tmp_path_factory.mktemp("pixart-folder")
+    pixart.transformer.save_pretrained(root / "transformer")
+    return root / "transformer", prompts.save(root / "prompts.safetensors")
+
+
+def test_pixart_folder_loads_as_the_same_model(pixart, pixart_folder):
+    from dtq.runtime.checkpoint import load_checkpoint
+    from dtq.runtime.recipe import model_fingerprint
+
+    model = load_checkpoint(pixart_folder[0])
+    assert isinstance(model, PixArtDenoiser) and model_fingerprint(model) == model_fingerprint(pixart)
+
+
+def test_dtq_sample_cli_with_prompt_embeddings(pixart_folder, recipes, exported, tmp_path):
+    """dtq-sample --ckpt <PixArt folder> --prompt-embeddings FILE, on torch, sim:DIR and onnx:FILE."""
+    from dtq.tools.sample import main
+
+    folder, emb = pixart_folder
+    rdir = recipes["smoothquant"].save(tmp_path / "recipe")
+    args = ["--ckpt", str(folder), "--prompt-embeddings", str(emb), "--steps", "3", "--sampler", "ddim",
+            "--cfg-scale", "2", "--classes", "0,2", "--per-class", "1", "--device", "cpu", "--no-progress"]
+    latents = {}
+    for backend in ("torch", f"sim:{rdir}", f"onnx:{exported.path}"):
+        out = tmp_path / backend.split(":")[0]
+        assert main([*args, "--backend", backend, "--out", str(out)]) == 0
+        latents[backend.split(":")[0]] = np.load(out / "latents.npz")["arr_0"]  # no vae/: latents
+    assert latents["torch"].shape == (2, 4, 8, 8)
+    sim, ort_out = torch.from_numpy(latents["sim"]), torch.from_numpy(latents["onnx"])
+    assert sqnr_db(torch.from_numpy(latents["torch"]), sim) > 25
+    assert (sim - ort_out).abs().max() < 1e-3  # ONNX Runtime samples what the simulation samples
+    # a text model without embeddings is bad usage (exit 2, one line)
+    assert main(["--ckpt", str(folder), "--steps", "2", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
