@@ -78,6 +78,9 @@ class CalibrateJob:
     ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read) or diffusers DiT folder"})
     model: str | None = field(default=None, metadata={"help": f"built-in model when no --ckpt ({', '.join(BUILTIN_MODELS)})"})
     cali_data: Path | None = field(default=None, metadata={"help": "reuse a saved calibration set instead of sampling one"})
+    prompt_embeddings: Path | None = field(default=None, metadata={"help": (
+        "text-conditioned models (diffusers PixArt folder): .safetensors of precomputed prompt embeddings the "
+        "calibration trajectories are sampled with (runtime/prompts.py)")})
     eval_n: int = field(default=4, metadata={"help": "held-out samples (seed+1) for the SQNR report; 0: none"})
     out: Path = field(default=Path("recipe"), metadata={"help": "recipe directory to write"})
 
@@ -108,14 +111,17 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
     layer_precisions(model, config)  # an override matching no layer fails before any sampling
+    prompts = _prompts(job, model)
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:
-        data = collect_calibration_set(model, data_cfg, device=config.device, progress=config.progress)
+        data = collect_calibration_set(model, data_cfg, device=config.device, progress=config.progress,
+                                       prompts=prompts)
     recipe = calibrate(model, data, config)
     if job.eval_n > 0:
         held_cfg = replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1)
-        held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress)
+        held = collect_calibration_set(model, held_cfg, device=config.device, progress=config.progress,
+                                       prompts=data.prompts)
         sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
         recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
     # the recipe and its calibration set replace an old --out together, or not at all
@@ -126,3 +132,19 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
         elif Path(job.cali_data).resolve() == (Path(job.out) / CALIBRATION_SET).resolve():
             shutil.copy2(job.cali_data, tmp / CALIBRATION_SET)  # --cali-data out/...: keep it
     return recipe
+
+
+def _prompts(job: CalibrateJob, model: nn.Module):
+    """The prompt embeddings a text-conditioned model calibrates with (None for a class model)."""
+    text = getattr(model.config, "text_conditioned", False)
+    if job.prompt_embeddings is not None and not text:
+        raise ValueError("prompt_embeddings is for text-conditioned models (PixArt); this model takes class labels")
+    if not text:
+        return None
+    if job.prompt_embeddings is None and job.cali_data is None:
+        raise ValueError("this model is text-conditioned: give prompt_embeddings (precomputed embeddings file)")
+    if job.prompt_embeddings is None:
+        return None  # the saved calibration set carries its prompts
+    from ..runtime.prompts import PromptEmbeddings
+
+    return PromptEmbeddings.load(job.prompt_embeddings)

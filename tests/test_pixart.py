@@ -251,3 +251,25 @@ def test_dtq_sample_cli_with_prompt_embeddings(pixart_folder, recipes, exported,
     assert (sim - ort_out).abs().max() < 1e-3  # ONNX Runtime samples what the simulation samples
     # a text model without embeddings is bad usage (exit 2, one line)
     assert main(["--ckpt", str(folder), "--steps", "2", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+
+
+def test_calibrate_and_export_clis_on_a_pixart_folder(pixart_folder, tmp_path):
+    """dtq-calibrate --ckpt <PixArt folder> --prompt-embeddings FILE, then dtq-export of its recipe."""
+    import onnx
+
+    from dtq.export.cli import main as export_main
+    from dtq.tools.calibrate import main as calibrate_main
+
+    folder, emb = pixart_folder
+    rdir = tmp_path / "recipe"
+    assert calibrate_main(["--ckpt", str(folder), "--prompt-embeddings", str(emb), "--method", "smoothquant",
+                           "--cali-steps", "2", "--cali-n", "2", "--steps", "4", "--eval-n", "1", "--out", str(rdir),
+                           "--no-progress"]) == 0
+    recipe = load_recipe(rdir)
+    assert recipe.info["heldout_noise_sqnr_db"]["all"] > 30 and len(recipe.layers) == 20
+    assert calibrate_main(["--ckpt", str(folder), "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    out = tmp_path / "p.onnx"
+    assert export_main(["--ckpt", str(folder), "--recipe", str(rdir), "--text-tokens", str(TOKENS),
+                        "--out", str(out)]) == 0
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") == 20
