@@ -195,8 +195,9 @@ def build_text_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch
     from .prompts import PromptDenoiser
 
     spec = parse_denoiser_spec(cfg.backend)
-    if cfg.compile or cfg.cuda_graphs or cfg.autocast:
-        raise ValueError("--compile, --cuda-graphs and --autocast do not apply to text-conditioned models yet")
+    if cfg.compile or cfg.cuda_graphs or cfg.autocast or cfg.attention != "sdpa":
+        raise ValueError("--compile, --cuda-graphs, --autocast and --attention do not apply to text-conditioned "
+                         "models yet")
     if spec.kind == "onnx":
         return PromptDenoiser(open_denoiser(spec, model, device=device), prompts, device)
     if spec.kind not in ("torch", "sim"):
