@@ -74,7 +74,7 @@ def graph_inputs(model: nn.Module, text_tokens: int) -> dict[str, list]:
 
 
 def _is_text_conditioned(model: nn.Module) -> bool:
-    return hasattr(model, "example_inputs")  # runtime.pixart.PixArtDenoiser: (x, t, context, mask)
+    return getattr(model.config, "text_conditioned", False)  # runtime.pixart.PixArtDenoiser: (x, t, context, mask)
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,7 @@ def drop_noop_squeezes(graph: gs.Graph) -> gs.Graph:
     """Bypass ``Squeeze`` nodes on an axis whose static size is not 1. torch's ``squeeze(dim)`` is a
     no-op there, but the exporter emits the Squeeze under a dynamic batch (PixArt's
     ``hidden_states.squeeze(1)`` on ``[batch, tokens, C]``), which ONNX shape inference rejects."""
+    dropped = 0
     for node in list(graph.nodes):
         if node.op != "Squeeze" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
             continue
@@ -215,7 +216,8 @@ def drop_noop_squeezes(graph: gs.Graph) -> gs.Graph:
                 graph.outputs[graph.outputs.index(out)] = src
                 src.name, out.name = out.name, src.name + "_unused"
             node.outputs.clear()
-    return graph.cleanup().toposort()
+            dropped += 1
+    return graph.cleanup().toposort() if dropped else graph  # a graph without one is left as it was
 
 
 def canonicalize_linears(graph: gs.Graph, names: list[str], scopes: dict[str, list[str]]) -> gs.Graph:
