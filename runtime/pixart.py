@@ -75,7 +75,7 @@ class PixArtConfig:
     diffusers: dict = field(default_factory=dict)
     family: str = "pixart"
     space: str = "latent"
-    null_class: None = None  # guidance's null condition is the empty prompt (runtime/prompts.py)
+    null_class: int | None = None  # always None: guidance's null condition is the empty prompt (runtime/prompts.py)
 
     @classmethod
     def from_diffusers(cls, cfg) -> "PixArtConfig":
