@@ -20,6 +20,7 @@ from typing import Callable
 from torch import nn
 
 from ..artifacts import CALIBRATION_SET
+from ..runtime.adapters import adapter_for
 from ..runtime.recipe import Recipe
 from ..runtime.zoo import BUILTIN_MODELS
 from .build import layer_precisions, quant_layer_names
@@ -51,6 +52,9 @@ def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics,
     asks: a recipe for ``model``. GPTQ and reconstruction run the data once more; with precomputed
     ``Statistics`` pass the data as ``forward_loop``."""
     method = get_method(config.method)  # fail on a bad name before any forward pass
+    if config.reconstruct and adapter_for(model).family != "dit":
+        raise ValueError(f"block reconstruction works on DiT blocks only, not on a {adapter_for(model).family} model "
+                         "(docs/model-adapters.md)")
     if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
         what = "GPTQ" if config.gptq else "block reconstruction"
         raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")

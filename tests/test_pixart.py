@@ -139,6 +139,11 @@ def test_quantized_simulation_tracks_fp(pixart, recipes, held, method, min_db, t
     assert min_db < db < 80, db  # quantized (not FP) and close to FP
 
 
+def test_block_reconstruction_refuses_pixart(pixart, cali):
+    with pytest.raises(ValueError, match="DiT blocks only"):
+        calibrate(pixart, cali, CalibConfig(method="minmax", reconstruct=True, progress=False))
+
+
 def test_wrong_activation_scales_fail_the_threshold(pixart, recipes, held):
     """The SQNR threshold is not vacuous: act scales 8x too small clip the activations."""
     import copy
