@@ -145,6 +145,10 @@ def describe() -> str:
 
 # -- layer roles and balancing folds ----------------------------------------------------------------
 ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# cross-attention of text-conditioned models (PixArt): queries from the image tokens, keys/values from
+# the text tokens, the output projection; a DiT has none (runtime/adapters.py)
+CROSS_ROLES = ("cross.q", "cross.kv", "cross.proj")
+ALL_ROLES = (*ROLES, *CROSS_ROLES)
 FOLDS = ("adaLN", "v", "runtime")
 # where each role's balancing vector may fold; the first is where methods fold it (free of run-time cost
 # where possible). fc2's input comes out of a GELU: only a run-time Mul reaches it.

@@ -28,6 +28,7 @@ from typing import Callable
 from torch import nn
 
 from ..artifacts import CALIBRATION_SET
+from ..runtime.adapters import adapter_for
 from ..runtime.distributed import SINGLE, DistContext, data_parallel, rank_device
 from ..runtime.recipe import Recipe
 from ..runtime.zoo import BUILTIN_MODELS
@@ -69,6 +70,9 @@ def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics,
     (``runtime.distributed.data_parallel``); every rank must call this with the same arguments and
     gets the same recipe."""
     method = get_method(config.method)  # fail on a bad name before any forward pass
+    if config.reconstruct and adapter_for(model).family != "dit":
+        raise ValueError(f"block reconstruction works on DiT blocks only, not on a {adapter_for(model).family} model "
+                         "(docs/model-adapters.md)")
     if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
         what = "GPTQ" if config.gptq else "block reconstruction"
         raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")
@@ -101,6 +105,9 @@ class CalibrateJob:
     ckpt: Path | None = field(default=None, metadata={"help": ".pt / .safetensors DiT checkpoint (config.json beside it is read) or diffusers DiT folder"})
     model: str | None = field(default=None, metadata={"help": f"built-in model when no --ckpt ({', '.join(BUILTIN_MODELS)})"})
     cali_data: Path | None = field(default=None, metadata={"help": "reuse a saved calibration set instead of sampling one"})
+    prompt_embeddings: Path | None = field(default=None, metadata={"help": (
+        "text-conditioned models (diffusers PixArt folder): .safetensors of precomputed prompt embeddings the "
+        "calibration trajectories are sampled with (runtime/prompts.py)")})
     eval_n: int = field(default=4, metadata={"help": "held-out samples (seed+1) for the SQNR report; 0: none"})
     out: Path = field(default=Path("recipe"), metadata={"help": "recipe directory to write"})
 
@@ -145,14 +152,17 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
     model = load_checkpoint(path).to(config.device).eval()
     layer_precisions(model, config)  # an override matching no layer fails before any sampling
     progress = config.progress and ctx.is_main
+    prompts = _prompts(job, model)
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:
-        data = collect_calibration_set(model, data_cfg, device=config.device, progress=progress, shard=ctx)
+        data = collect_calibration_set(model, data_cfg, device=config.device, progress=progress, shard=ctx,
+                                       prompts=prompts)
     recipe = calibrate(model, data, replace(config, progress=progress), shard=ctx)
     if job.eval_n > 0:
         held_cfg = replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1)
-        held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, shard=ctx)
+        held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, shard=ctx,
+                                       prompts=data.prompts)
         if ctx.is_main:  # a report, not part of the recipe's numbers: one rank measures it
             sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size,
                               device=config.device)
@@ -167,3 +177,19 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
         elif Path(job.cali_data).resolve() == (Path(job.out) / CALIBRATION_SET).resolve():
             shutil.copy2(job.cali_data, tmp / CALIBRATION_SET)  # --cali-data out/...: keep it
     return recipe
+
+
+def _prompts(job: CalibrateJob, model: nn.Module):
+    """The prompt embeddings a text-conditioned model calibrates with (None for a class model)."""
+    text = getattr(model.config, "text_conditioned", False)
+    if job.prompt_embeddings is not None and not text:
+        raise ValueError("prompt_embeddings is for text-conditioned models (PixArt); this model takes class labels")
+    if not text:
+        return None
+    if job.prompt_embeddings is None and job.cali_data is None:
+        raise ValueError("this model is text-conditioned: give prompt_embeddings (precomputed embeddings file)")
+    if job.prompt_embeddings is None:
+        return None  # the saved calibration set carries its prompts
+    from ..runtime.prompts import PromptEmbeddings
+
+    return PromptEmbeddings.load(job.prompt_embeddings)

@@ -12,19 +12,21 @@ from torch import nn
 
 from .. import formats
 from ..runtime import quant
-from ..runtime.recipe import LayerRecipe, Recipe, balanced_model, layer_role, model_fingerprint
+from ..runtime.adapters import adapter_for, quantizable_names
+from ..runtime.recipe import LayerRecipe, Recipe, balanced_model, model_fingerprint
 from .config import CalibConfig, LayerPrecision
 from .search import search_act_amax, search_act_amax_samples, search_weight_scale
 from .stats import LayerStats, Statistics
 
-# where each role's balancing folds: a recipe layer's balance_fold (docs/calibration.md), done by
-# runtime.recipe.fold_balance; the table is dtq.formats'
+# where each DiT role's balancing folds: a recipe layer's balance_fold (docs/calibration.md), done by
+# runtime.recipe.fold_balance; the table is dtq.formats'. Other families: their adapter's fold().
 FOLD_BY_ROLE = formats.FOLD_BY_ROLE
 
 
 def quant_layer_names(model: nn.Module, roles: list[str]) -> list[str]:
-    """``blocks.N.<role>`` for every block, in model order."""
-    return formats.layer_names(len(model.blocks), roles)
+    """The model's quantizable Linears of ``roles`` (its adapter's names: ``blocks.N.<role>`` for a
+    DiT), in model order; roles the model does not have are skipped."""
+    return quantizable_names(model, roles)
 
 
 def layer_precisions(model: nn.Module, config: CalibConfig) -> dict[str, LayerPrecision]:
@@ -35,7 +37,8 @@ def layer_precisions(model: nn.Module, config: CalibConfig) -> dict[str, LayerPr
 def quantized_layers(model: nn.Module, config: CalibConfig, roles=None) -> dict[str, LayerPrecision]:
     """The layers (of ``roles``, default all configured) that get quantized, with their precision."""
     roles = config.layers if roles is None else roles
-    return {n: lp for n, lp in layer_precisions(model, config).items() if lp.quantized and layer_role(n) in roles}
+    role = adapter_for(model).role
+    return {n: lp for n, lp in layer_precisions(model, config).items() if lp.quantized and role(n) in roles}
 
 
 def weight_salience(model: nn.Module, name: str) -> torch.Tensor:
@@ -65,6 +68,7 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
                     weight_search: str | None = None, act_search: str | None = None,
                     info: dict | None = None) -> Recipe:
     balances = balances or {}
+    adapter = adapter_for(model)
     weight_search = weight_search or config.weight_search
     act_search = act_search or config.act_search
     precisions = layer_precisions(model, config)  # each layer in its own precision (overrides)
@@ -79,7 +83,7 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
         b = balances.get(name)
         if b is not None:
             tensors[f"{name}.balance"] = b.detach().float().cpu()
-            layer.balance, layer.balance_fold = f"{name}.balance", FOLD_BY_ROLE[layer_role(name)]
+            layer.balance, layer.balance_fold = f"{name}.balance", adapter.fold(name)
         layers[name] = layer
     opts = {"precision": config.precision, "weight_granularity": config.weight_granularity,
             "overrides": list(config.overrides), "weight_search": weight_search, "act_search": act_search,

@@ -17,7 +17,7 @@ ScaleSearch = Literal["minmax", "percentile", "mse"]
 # the choices are the precision table's (dtq.formats); the tests check the two agree
 PrecisionName = Literal["int8", "fp8", "w8a16", "w4a16", "w4a8"]
 WeightGranularity = Literal["tensor", "channel", "group32", "group64", "group128"]
-DEFAULT_LAYERS = list(formats.ROLES)
+DEFAULT_LAYERS = list(formats.ALL_ROLES)  # a model quantizes the roles it has (runtime/adapters.py)
 
 
 def _h(text: str, **kw) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 from ..runtime.denoiser import TorchDenoiser
 from ..runtime.distributed import SINGLE, DistContext, broadcast_object, map_batches
 from ..runtime.diffusion import GaussianDiffusion
+from ..runtime.prompts import PromptDenoiser, PromptEmbeddings
 from ..runtime.sampler import StepInfo, sample
 from .config import CalibDataConfig
 
@@ -41,12 +42,14 @@ class CalibrationSet:
     step: torch.Tensor
     steps: int  # length of the trajectory the rows come from
     info: dict = field(default_factory=dict)
+    prompts: PromptEmbeddings | None = None  # text-conditioned models: y indexes these (runtime/prompts.py)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def select(self, mask: torch.Tensor) -> "CalibrationSet":
-        return CalibrationSet(self.x[mask], self.t[mask], self.y[mask], self.step[mask], self.steps, dict(self.info))
+        return CalibrationSet(self.x[mask], self.t[mask], self.y[mask], self.step[mask], self.steps, dict(self.info),
+                              self.prompts)
 
     def recorded_steps(self) -> list[int]:
         return sorted(set(self.step.tolist()))
@@ -77,8 +80,13 @@ class CalibrationSet:
                 batches = tqdm(batches, total=-(-len(self) // batch_size), desc="calibration forward", leave=False)
             with torch.no_grad():
                 for i, (x, t, y) in enumerate(batches):
-                    if i % shard.world_size == shard.rank:
+                    if i % shard.world_size != shard.rank:
+                        continue
+                    if self.prompts is None:
                         model(x.to(device), t.to(device), y.to(device))
+                    else:  # (x, t, context, mask) of the prompts the rows were sampled with
+                        context, mask = self.prompts.lookup(y)
+                        model(x.to(device), t.to(device), context.to(device), mask.to(device))
 
         return loop
 
@@ -89,8 +97,11 @@ class CalibrationSet:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "dtq.calibration_set", "version": "1", "steps": str(self.steps), "info": json.dumps(self.info)}
-        save_file({"x": self.x.contiguous().float(), "t": self.t.long().contiguous(), "y": self.y.long().contiguous(),
-                   "step": self.step.long().contiguous()}, str(path), metadata=meta)
+        tensors = {"x": self.x.contiguous().float(), "t": self.t.long().contiguous(), "y": self.y.long().contiguous(),
+                   "step": self.step.long().contiguous()}
+        if self.prompts is not None:
+            tensors.update({f"prompts.{k}": v for k, v in self.prompts.tensors().items()})
+        save_file(tensors, str(path), metadata=meta)
         return path
 
     @classmethod
@@ -105,7 +116,10 @@ class CalibrationSet:
             if meta.get("format") != "dtq.calibration_set":
                 raise ValueError(f"{path}: not a dtq calibration set")
             tensors = {k: f.get_tensor(k) for k in ("x", "t", "y", "step")}
-        return cls(**tensors, steps=int(meta["steps"]), info=json.loads(meta.get("info", "{}")))
+            prompt_keys = [k for k in f.keys() if k.startswith("prompts.")]
+            prompts = (PromptEmbeddings(**{k.removeprefix("prompts."): f.get_tensor(k) for k in prompt_keys})
+                       if prompt_keys else None)
+        return cls(**tensors, steps=int(meta["steps"]), info=json.loads(meta.get("info", "{}")), prompts=prompts)
 
 
 def recorded_indices(steps: int, cali_steps: int) -> list[int]:
@@ -116,19 +130,23 @@ def recorded_indices(steps: int, cali_steps: int) -> list[int]:
 @torch.no_grad()
 def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDataConfig(), *,
                             device: str | torch.device = "cpu", progress: bool = False,
-                            shard: DistContext = SINGLE) -> CalibrationSet:
+                            shard: DistContext = SINGLE, prompts: PromptEmbeddings | None = None) -> CalibrationSet:
     """Run the FP sampler and record the denoiser inputs at ``config.cali_steps`` positions.
 
     Samples run in batches of ``config.cali_batch`` (all in one by default); rows are ordered by
     batch, then trajectory position. Under torchrun (``shard``) the batches are shared by the ranks
-    and every rank gets the whole set."""
+    and every rank gets the whole set. ``prompts``: a text-conditioned model; ``y`` is then a random
+    prompt index (the empty prompt is guidance's null condition)."""
     cfg = model.config
     diffusion = GaussianDiffusion.dit(config.steps)
     keep = set(recorded_indices(config.steps, config.cali_steps))
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.cali_n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
-    labels = torch.randint(0, cfg.num_classes, (config.cali_n,), generator=gen)
+    num_classes = cfg.num_classes if prompts is None else prompts.num_prompts
+    null = cfg.null_class if prompts is None else prompts.null_index
+    labels = torch.randint(0, num_classes, (config.cali_n,), generator=gen)
     guided = config.cfg_scale != 1.0
+    denoiser = TorchDenoiser(model, device) if prompts is None else PromptDenoiser(model, prompts, device)
 
     def run_batch(start: int, sl: slice) -> tuple[torch.Tensor, ...]:
         rows: list[tuple[torch.Tensor, ...]] = []
@@ -141,8 +159,8 @@ def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDat
         # batch 0 continues the generator of noise and labels (the one-batch set of earlier
         # versions); a later batch's per-step noise is seeded by its start, as dtq-sample's
         step_gen = gen if start == 0 else torch.Generator().manual_seed(config.seed * 1_000_003 + start)
-        sample(TorchDenoiser(model, device), diffusion, noise[sl].to(device), labels[sl], sampler=config.sampler,
-               cfg_scale=config.cfg_scale, null_class=cfg.null_class if guided else None,
+        sample(denoiser, diffusion, noise[sl].to(device), labels[sl], sampler=config.sampler,
+               cfg_scale=config.cfg_scale, null_class=null if guided else None,
                clip_denoised=config.clip_denoised, generator=step_gen, on_step=record,
                progress=progress and shard.is_main)
         return tuple(torch.cat(parts) for parts in zip(*rows))
@@ -150,4 +168,4 @@ def collect_calibration_set(model: nn.Module, config: CalibDataConfig = CalibDat
     gathered = map_batches(config.cali_n, config.cali_batch or config.cali_n, run_batch, shard)
     x, t, y, step = broadcast_object(gathered, shard)
     info = {k: getattr(config, k) for k in ("cali_steps", "cali_n", "cali_batch", "steps", "sampler", "cfg_scale", "seed")}
-    return CalibrationSet(x, t, y, step, config.steps, info)
+    return CalibrationSet(x, t, y, step, config.steps, info, prompts)

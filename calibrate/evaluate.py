@@ -20,7 +20,11 @@ def predict(model: nn.Module, data: CalibrationSet, batch_size: int = 256, devic
     outs = []
     for i in range(0, len(data), batch_size):
         x, t, y = (v[i:i + batch_size].to(device) for v in (data.x, data.t, data.y))
-        outs.append(model(x, t, y).float().cpu())
+        if data.prompts is None:
+            outs.append(model(x, t, y).float().cpu())
+        else:  # a text-conditioned model: y indexes the set's prompt embeddings
+            context, mask = data.prompts.lookup(y)
+            outs.append(model(x, t, context.to(device), mask.to(device)).float().cpu())
     return torch.cat(outs)
 
 

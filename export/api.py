@@ -27,7 +27,7 @@ from ..runtime.checkpoint import load_checkpoint
 from ..runtime.recipe import Recipe, load_recipe, rescaled_output_layers
 from . import qdq, rules, surgery
 from .config import ExportConfig, ExportUsageError  # noqa: F401  (re-exported: the API takes ExportConfig)
-from .onnx_export import IR_VERSION, export_torch, find_linears
+from .onnx_export import IR_VERSION, export_torch, find_linears, graph_inputs
 from .writer import write_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -66,7 +66,7 @@ def build_graph(model: nn.Module, cfg: ExportConfig, recipe: Recipe | None = Non
     of ``model`` made with ``export_torch`` at the config's dtype and opset (a copy is edited)."""
     if fp_proto is None:
         proto = export_torch(model, dtype=DTYPES[cfg.dtype], opset=cfg.opset, min_batch=cfg.min_batch,
-                             max_batch=cfg.max_batch)
+                             max_batch=cfg.max_batch, text_tokens=cfg.text_tokens)
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(fp_proto)
@@ -133,7 +133,7 @@ def export_model(config: ExportConfig, model: nn.Module | None = None, recipe: R
         artifacts.META_RECIPE_SHA256: recipe_hash,
         artifacts.META_RECIPE_METHOD: recipe.method if recipe is not None else "",
         artifacts.META_RESCALED_OUTPUTS: rescaled_output_layers(recipe) if recipe is not None else [],
-        artifacts.META_INPUTS: {"x": ["batch", c.in_channels, c.input_size, c.input_size], "t": ["batch"], "y": ["batch"]},
+        artifacts.META_INPUTS: graph_inputs(model, cfg.text_tokens),
         artifacts.META_OUTPUTS: {"out": ["batch", c.out_channels, c.input_size, c.input_size]},
         artifacts.META_BATCH_RANGE: [cfg.min_batch, cfg.max_batch],
         artifacts.META_MODEL_CONFIG: c.to_dict(),

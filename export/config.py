@@ -42,6 +42,8 @@ class ExportConfig:
     opset: int | None = field(default=None, metadata=_h(
         "ai.onnx opset (default: the largest minimum of the graph's precisions: 18, int8/fp8/w8a16 19, w4a* 21)"))
     dtype: Literal["fp32", "fp16"] | None = field(default=None, metadata=_h("float type of a quantized graph (default fp16)"))
+    text_tokens: int = field(default=120, metadata=_h(
+        "text-conditioned models (PixArt): caption tokens of the graph's context input (PixArt-alpha 120, Sigma 300)"))
     min_batch: int = field(default=1, metadata=_h("smallest batch of the dynamic batch range"))
     max_batch: int = field(default=64, metadata=_h("largest batch of the dynamic batch range"))
     fp8_ops: Literal["onnx", "trt"] = field(default="onnx", metadata=_h(
@@ -81,6 +83,8 @@ class ExportConfig:
             raise ExportUsageError(f"unknown precision {self.precision!r}; known: {', '.join(formats.PRECISIONS)}")
         if not 1 <= self.min_batch <= self.max_batch:
             raise ExportUsageError(f"bad batch range {self.min_batch}..{self.max_batch}")
+        if self.text_tokens < 1:
+            raise ExportUsageError(f"text_tokens must be >= 1, got {self.text_tokens}")
         if (self.ckpt is None) == (self.model is None):
             raise ExportUsageError("give exactly one of ckpt (a checkpoint path) or model (a built-in name)")
         if not str(self.out).endswith(".onnx"):

@@ -56,6 +56,27 @@ class _ExportWrapper(nn.Module):
         return self.model(x.to(self.dtype), t, y).float()
 
 
+class _TextExportWrapper(_ExportWrapper):
+    """The same for a text-conditioned model: x, t, context float32 [B, tokens, D], mask [B, tokens]."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype), t, context.to(self.dtype), mask.to(self.dtype)).float()
+
+
+def graph_inputs(model: nn.Module, text_tokens: int) -> dict[str, list]:
+    """Input names and shapes (``"batch"`` for the dynamic dim) of the graph of ``model``."""
+    c = model.config
+    image = ["batch", c.in_channels, c.input_size, c.input_size]
+    if _is_text_conditioned(model):
+        return {"x": image, "t": ["batch"], "context": ["batch", text_tokens, c.caption_channels],
+                "mask": ["batch", text_tokens]}
+    return {"x": image, "t": ["batch"], "y": ["batch"]}
+
+
+def _is_text_conditioned(model: nn.Module) -> bool:
+    return getattr(model.config, "text_conditioned", False)  # runtime.pixart.PixArtDenoiser: (x, t, context, mask)
+
+
 @dataclass(frozen=True)
 class LinearSite:
     """Where a checkpoint Linear lives in the graph."""
@@ -84,9 +105,11 @@ def export_torch(
     min_batch: int = 1,
     max_batch: int = 64,
     example_batch: int = 2,
+    text_tokens: int = 120,
 ) -> onnx.ModelProto:
     """Export ``model`` (not modified; a cast copy is used for fp16) to an ONNX ModelProto with a
-    dynamic batch dimension named ``batch`` on x, t, y and out, then canonicalize Linear names."""
+    dynamic batch dimension named ``batch`` on every input (x, t, y; or x, t, context, mask of a
+    text-conditioned model, with ``text_tokens`` tokens) and out, then canonicalize Linear names."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: torch's dynamo exporter emits an invalid Split at opset 17")
     if not 1 <= min_batch <= max_batch:
@@ -95,17 +118,23 @@ def export_torch(
     example_batch = min(max(example_batch, min_batch, 2), max_batch)
     cfg = model.config
     work = model if next(model.parameters()).dtype == dtype else _cast_copy(model, dtype)
-    wrapper = _ExportWrapper(work.eval(), dtype).eval()
-    x = torch.randn(example_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    t = torch.arange(example_batch, dtype=torch.int64) * 7 % 1000
-    y = torch.arange(example_batch, dtype=torch.int64) % cfg.num_classes
+    if _is_text_conditioned(model):
+        wrapper = _TextExportWrapper(work.for_export(), dtype).eval()
+        args = model.example_inputs(example_batch, text_tokens)
+    else:
+        wrapper = _ExportWrapper(work.eval(), dtype).eval()
+        x = torch.randn(example_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        t = torch.arange(example_batch, dtype=torch.int64) * 7 % 1000
+        y = torch.arange(example_batch, dtype=torch.int64) % cfg.num_classes
+        args = (x, t, y)
+    names = list(graph_inputs(model, text_tokens))
     batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                wrapper, (x, t, y), dynamo=True, opset_version=opset, input_names=["x", "t", "y"],
-                output_names=["out"], dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
+                wrapper, args, dynamo=True, opset_version=opset, input_names=names,
+                output_names=["out"], dynamic_shapes={n: {0: batch} for n in names},
                 external_data=True, optimize=True, verbose=False,
             )
         except Exception as exc:  # the exporter raises many types
@@ -114,7 +143,7 @@ def export_torch(
     del program
     proto.ir_version = IR_VERSION
     scopes = node_scopes(proto, strip_prefix="model.")  # the wrapper's attribute name
-    graph = canonicalize_linears(gs.import_onnx(proto), linear_names(model), scopes)
+    graph = canonicalize_linears(drop_noop_squeezes(gs.import_onnx(proto)), linear_names(model), scopes)
     out = gs.export_onnx(graph, do_type_check=True)
     out.ir_version = IR_VERSION
     out.producer_name = "dtq"
@@ -122,6 +151,10 @@ def export_torch(
 
 
 def _cast_copy(model: DiT, dtype: torch.dtype) -> DiT:
+    if not isinstance(model, DiT):  # another family (PixArt): a plain cast copy
+        import copy as _copy
+
+        return _copy.deepcopy(model).to(dtype).eval()
     with torch.device("meta"):
         copy = DiT(model.config)
     copy.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True)
@@ -159,6 +192,32 @@ def node_scopes(proto: onnx.ModelProto, strip_prefix: str = "") -> dict[str, lis
                 except (ValueError, SyntaxError):
                     pass
     return out
+
+
+def drop_noop_squeezes(graph: gs.Graph) -> gs.Graph:
+    """Bypass ``Squeeze`` nodes on an axis whose static size is not 1. torch's ``squeeze(dim)`` is a
+    no-op there, but the exporter emits the Squeeze under a dynamic batch (PixArt's
+    ``hidden_states.squeeze(1)`` on ``[batch, tokens, C]``), which ONNX shape inference rejects."""
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op != "Squeeze" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        shape = src.shape
+        if shape is None or out.shape is None or list(shape) != list(out.shape):
+            continue
+        axes = [int(a) % len(shape) for a in np.asarray(node.inputs[1].values).ravel()]
+        if all(isinstance(shape[a], int) and shape[a] != 1 for a in axes):
+            for consumer in list(out.outputs):
+                for i, t in enumerate(list(consumer.inputs)):
+                    if t is out:
+                        consumer.inputs[i] = src
+            if out in graph.outputs:
+                graph.outputs[graph.outputs.index(out)] = src
+                src.name, out.name = out.name, src.name + "_unused"
+            node.outputs.clear()
+            dropped += 1
+    return graph.cleanup().toposort() if dropped else graph  # a graph without one is left as it was
 
 
 def canonicalize_linears(graph: gs.Graph, names: list[str], scopes: dict[str, list[str]]) -> gs.Graph:

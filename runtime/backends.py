@@ -81,7 +81,9 @@ class GraphedDenoiser:
 
 
 class OnnxDenoiser:
-    """ONNX Runtime session over a dtq ONNX export (inputs x float32, t/y int64)."""
+    """ONNX Runtime session over a dtq ONNX export (inputs x float32, t/y int64; a text-conditioned
+    export: x, t, context float32 [B, tokens, D], mask float32 [B, tokens], called as
+    ``(x, t, context, mask)``, e.g. behind ``runtime.prompts.PromptDenoiser``)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
         from ..extras import require
@@ -113,13 +115,20 @@ class OnnxDenoiser:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise OnnxFileError(f"{path}: ONNX Runtime cannot load it ({first[:300]})") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
-        if self.input_names != ["x", "t", "y"]:
-            raise ValueError(f"{path}: expected inputs x, t, y (a dtq export), got {self.input_names}")
+        if self.input_names not in (["x", "t", "y"], ["x", "t", "context", "mask"]):
+            raise ValueError(f"{path}: expected inputs x, t, y or x, t, context, mask (a dtq export), "
+                             f"got {self.input_names}")
+        self.text_conditioned = "context" in self.input_names
         self.providers = self.session.get_providers()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        feeds = {"x": x.detach().float().cpu().numpy(), "t": t.detach().cpu().numpy().astype(np.int64),
-                 "y": y.detach().cpu().numpy().astype(np.int64)}
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        feeds = {"x": x.detach().float().cpu().numpy(), "t": t.detach().cpu().numpy().astype(np.int64)}
+        if self.text_conditioned:
+            context, mask = cond
+            feeds.update(context=context.detach().float().cpu().numpy(), mask=mask.detach().float().cpu().numpy())
+        else:
+            (y,) = cond
+            feeds["y"] = y.detach().cpu().numpy().astype(np.int64)
         (out,) = self.session.run(None, feeds)
         return torch.from_numpy(out).float().to(x.device)
 

@@ -206,6 +206,12 @@ def _load_diffusers(path, expected: DiTConfig | None, dtype: torch.dtype) -> DiT
 
     if not is_diffusers_folder(path) or _is_dtq_checkpoint_dir(path):
         raise _not_a_checkpoint_dir(path)
+    from .pixart import is_pixart_folder, load_pixart
+
+    if is_pixart_folder(path):  # not a DiT: diffusers' own PixArt model behind its adapter (runtime/pixart.py)
+        if expected is not None:
+            raise CheckpointError(f"{path}: a PixArt folder does not match a DiT --model")
+        return load_pixart(path, dtype)
     try:
         model = load_diffusers_dit(path, dtype)
     except DiffusersModelError as exc:

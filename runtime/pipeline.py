@@ -66,6 +66,10 @@ class SampleConfig:
     autocast: bool = field(default=False, metadata=_meta("keep fp32 weights and run --dtype fp16/bf16 under autocast"))
     clip_denoised: bool | None = field(default=None, metadata=_meta(
         "clip predicted x0 to [-1, 1] (default: on for pixel-space models, off for latents as in DiT)"))
+    prompt_embeddings: Path | None = field(default=None, metadata=_meta(
+        "text-conditioned models (a diffusers PixArt folder): .safetensors of precomputed prompt embeddings "
+        "(embeddings [N, tokens, D], mask [N, tokens], null_embedding, null_mask: runtime/prompts.py); --classes "
+        "then picks prompt indices, and guidance uses the empty-prompt embedding"))
     vae: Path | None = field(default=None, metadata=_meta(
         "diffusers AutoencoderKL directory for latent models; without it latents are saved to latents.npz"))
     backend: str = field(default="torch", metadata=_meta(
@@ -166,6 +170,42 @@ def build_denoiser(cfg: SampleConfig, model: DiT, device: torch.device) -> Denoi
                          cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention)
 
 
+def load_prompts(cfg: SampleConfig, model: torch.nn.Module):
+    """The prompt embeddings of a text-conditioned model (None for a class-conditioned one)."""
+    text = getattr(model.config, "text_conditioned", False)
+    if text and cfg.prompt_embeddings is None:
+        raise ValueError("this model is text-conditioned: give --prompt-embeddings FILE (precomputed embeddings)")
+    if not text and cfg.prompt_embeddings is not None:
+        raise ValueError("--prompt-embeddings is for text-conditioned models (PixArt); this model takes class labels")
+    if not text:
+        return None
+    from .prompts import PromptEmbeddings
+
+    prompts = PromptEmbeddings.load(cfg.prompt_embeddings)
+    if prompts.dim != model.config.caption_channels:
+        raise ValueError(f"{cfg.prompt_embeddings}: embeddings have dim {prompts.dim}, the model's caption_channels "
+                         f"is {model.config.caption_channels}")
+    return prompts
+
+
+def build_text_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch.device, prompts) -> Denoiser:
+    """A text-conditioned model behind the (x, t, y) interface: y indexes ``prompts``. torch, sim:DIR
+    and onnx:FILE backends (the quantized engine and TensorRT take class models only, so far)."""
+    from .open import open_module
+    from .prompts import PromptDenoiser
+
+    spec = parse_denoiser_spec(cfg.backend)
+    if cfg.compile or cfg.cuda_graphs or cfg.autocast or cfg.attention != "sdpa":
+        raise ValueError("--compile, --cuda-graphs, --autocast and --attention do not apply to text-conditioned "
+                         "models yet")
+    if spec.kind == "onnx":
+        return PromptDenoiser(open_denoiser(spec, model, device=device), prompts, device)
+    if spec.kind not in ("torch", "sim"):
+        raise ValueError(f"text-conditioned models sample with the torch, sim:DIR and onnx:FILE backends, not {spec.kind}")
+    dtype = DTYPES[spec.dtype or cfg.dtype]
+    return PromptDenoiser(open_module(spec, model, device=device, dtype=dtype), prompts, device, dtype)
+
+
 def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """Labels to sample and the grid's column count."""
     if cfg.num_images is not None:
@@ -199,9 +239,13 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
               model: DiT | None) -> SampleResult:
     model = model if model is not None else resolve_model(cfg)
     mc = model.config
+    prompts = load_prompts(cfg, model)
+    num_classes, null_class = (mc.num_classes, mc.null_class) if prompts is None else (prompts.num_prompts,
+                                                                                        prompts.null_index)
     if denoiser is None:
-        denoiser = build_denoiser(cfg, model, device)
-    if cfg.cfg_scale != 1.0 and mc.null_class is None:
+        denoiser = build_denoiser(cfg, model, device) if prompts is None else build_text_denoiser(cfg, model, device,
+                                                                                                  prompts)
+    if cfg.cfg_scale != 1.0 and null_class is None:
         raise ValueError("this model has no null class: use --cfg-scale 1")
     decoder = None
     vae = cfg.vae or _folder_vae(cfg.ckpt)
@@ -212,7 +256,7 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
     clip = cfg.clip_denoised if cfg.clip_denoised is not None else mc.space == "pixel"
 
     gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same images on any device
-    labels, ncols = choose_labels(cfg, mc.num_classes, gen)
+    labels, ncols = choose_labels(cfg, num_classes, gen)
     noise = torch.randn(len(labels), mc.in_channels, mc.input_size, mc.input_size, generator=gen)
     diffusion = GaussianDiffusion.dit(cfg.steps)
 
@@ -220,7 +264,7 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
         # per-step noise seeded by the batch start: a batch gives the same images on any rank
         step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
         x = sample(denoiser, diffusion, noise[sl].to(device), labels[sl].to(device), sampler=cfg.sampler,
-                   cfg_scale=cfg.cfg_scale, null_class=mc.null_class, guidance_channels=cfg.guidance_channels,
+                   cfg_scale=cfg.cfg_scale, null_class=null_class, guidance_channels=cfg.guidance_channels,
                    eta=cfg.eta, clip_denoised=clip, generator=step_gen, progress=cfg.progress and ctx.is_main)
         return (decoder(x) if decoder else x).cpu()
 
