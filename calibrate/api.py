@@ -26,16 +26,22 @@ from .build import layer_precisions, quant_layer_names
 from .config import CalibConfig, CalibDataConfig
 from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
+from .rotation import attach_rotations, fc2_rotations, rotated_model
 from .stats import Statistics, collect_stats
 from .recon import reconstruct_blocks
 from .weights import refine_weights, wants_refinement
 
 
 def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig) -> Statistics:
-    """Hook the quantizable layers named by ``config.layers`` and run the data through."""
+    """Hook the quantizable layers named by ``config.layers`` and run the data through. With
+    ``config.rotate_fc2`` the fc2 inputs are recorded rotated (``Statistics.rotations``)."""
     loop = _forward_loop(data, config)
     names = quant_layer_names(model, config.layers)
-    return collect_stats(model, loop, names, sample_tokens=config.sample_tokens, hist_bins=config.hist_bins)
+    rotations = fc2_rotations(model, config)
+    target = rotated_model(model, rotations) if rotations else model
+    stats = collect_stats(target, loop, names, sample_tokens=config.sample_tokens, hist_bins=config.hist_bins)
+    stats.rotations = dict(rotations)
+    return stats
 
 
 def _forward_loop(data: CalibrationSet | ForwardLoop, config: CalibConfig) -> ForwardLoop:
@@ -54,10 +60,17 @@ def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics,
     if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
         what = "GPTQ" if config.gptq else "block reconstruction"
         raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")
+    rotations = fc2_rotations(model, config)
+    if isinstance(data, Statistics) and data.rotations != rotations:
+        raise ValueError(f"statistics recorded with input rotations {data.rotations or 'none'}, the config asks "
+                         f"for {rotations or 'none'}: collect them with statistics(model, data, config)")
     t0 = time.perf_counter()
     stats = data if isinstance(data, Statistics) else statistics(model, data, config)
     t1 = time.perf_counter()
-    recipe = method(model, stats, config)
+    # rotate_fc2: the method calibrates the rotated model; the recipe is then made the original's
+    recipe = method(rotated_model(model, rotations) if rotations else model, stats, config)
+    if rotations:
+        attach_rotations(recipe, model, rotations, config)
     recipe.info.update({"calibration_rows": stats.rows, "stats_seconds": round(t1 - t0, 2),
                         "method_seconds": round(time.perf_counter() - t1, 2)})
     loop = forward_loop if forward_loop is not None else (None if isinstance(data, Statistics)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..runtime.rotation import rotated_input
 from .data import ForwardLoop
 
 
@@ -99,6 +100,7 @@ class LayerStats:
 class Statistics:
     layers: dict[str, LayerStats]
     rows: int = 0
+    rotations: dict[str, int] = field(default_factory=dict)  # layers whose inputs were recorded rotated (block)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self.layers[name]
@@ -130,7 +132,9 @@ class StatsCollector:
         self._handles.append(self.model.register_forward_pre_hook(read_t, with_kwargs=True))
         for name in self.names:
             mod = self.model.get_submodule(name)
-            self._handles.append(mod.register_forward_hook(lambda m, i, o, n=name: self._observe(n, i[0])))
+            # a layer with an online input rotation is observed as its quantizer sees it: rotated
+            self._handles.append(mod.register_forward_hook(
+                lambda m, i, o, n=name: self._observe(n, rotated_input(m, i[0]))))
         return self
 
     def __exit__(self, *exc) -> None:
