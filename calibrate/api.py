@@ -121,6 +121,7 @@ def calibrate_checkpoint(job: CalibrateJob, config: CalibConfig = CalibConfig(),
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
     layer_precisions(model, config)  # an override matching no layer fails before any sampling
+    fc2_rotations(model, config)  # so does a rotation no power-of-two block fits
     if job.cali_data is not None:
         data = CalibrationSet.load(job.cali_data)
     else:

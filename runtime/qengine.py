@@ -38,6 +38,12 @@ layer's kernel, the second accumulating into the output (``addmm``) when the out
 FLOPs are ``r (K + N) / (K N)`` of the layer's (:meth:`EngineLinear.lowrank_flop_ratio`; rank 32 on
 DiT-XL/2: 5.6% for qkv-sized, 3.5% for fc1/fc2-sized layers).
 
+A recipe layer with an ``input_rotation`` (``--rotate-fc2``: fc2's block-Hadamard) rotates its input
+before the run-time ``Mul`` and the quantizer: on the GPU a torch matmul with the small ``H_k``
+(``runtime.rotation.rotate``) between GELU and the layer's input quantization, unfused (such an MLP
+is not a ``FusedMlp``). A Triton kernel fusing GELU + FWHT + quantize is future work; a GPU run must
+measure the rotation's share of the block time.
+
 On the CPU (and with ``kernel="reference"``) each layer computes with exactly the simulation's
 operations from its stored codes, so the engine's output is bit-identical to ``apply_recipe``'s:
 the codes, scales and folding are verified on any machine; the GPU kernels are compared with the

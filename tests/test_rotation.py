@@ -85,14 +85,21 @@ def tiny_setup():
     return model, cali, held, predict(model, held)
 
 
-def _calibrate(model, cali, **kw):
+@pytest.fixture(scope="module")
+def stats(tiny_setup):
+    """Statistics of every layer, with fc2 inputs plain and rotated (one pass each, shared)."""
+    model, cali, _, _ = tiny_setup
+    return {rot: statistics(model, cali, CalibConfig(progress=False, rotate_fc2=rot)) for rot in (False, True)}
+
+
+def _calibrate(model, stats, **kw):
     cfg = CalibConfig(progress=False, **kw)
-    return calibrate(model, statistics(model, cali, cfg), cfg)
+    return calibrate(model, stats[cfg.rotate_fc2], cfg)
 
 
-def test_recipe_records_the_rotation_and_fp_function_is_unchanged(tiny_setup, tmp_path):
+def test_recipe_records_the_rotation_and_fp_function_is_unchanged(tiny_setup, stats, tmp_path):
     model, cali, held, _ = tiny_setup
-    recipe = _calibrate(model, cali, method="smoothquant", precision="int8", rotate_fc2=True)
+    recipe = _calibrate(model, stats, method="smoothquant", precision="int8", rotate_fc2=True)
     depth = model.config.depth
     rotated = {n for n, layer in recipe.layers.items() if layer.input_rotation}
     assert rotated == {f"blocks.{i}.mlp.fc2" for i in range(depth)}
@@ -113,19 +120,21 @@ def test_recipe_records_the_rotation_and_fp_function_is_unchanged(tiny_setup, tm
     assert not torch.allclose(bal.get_submodule(FC2).weight, model.get_submodule(FC2).weight, atol=1e-3)
 
 
-def test_statistics_must_match_the_rotation(tiny_setup):
-    model, cali, _, _ = tiny_setup
-    plain = statistics(model, cali, CalibConfig(progress=False, layers=["mlp.fc2"]))
+def test_statistics_must_match_the_rotation(tiny_setup, stats):
+    model = tiny_setup[0]
+    plain, rot = stats[False], stats[True]
+    assert plain.rotations == {} and rot.rotations == {f"blocks.{i}.mlp.fc2": 512 for i in range(model.config.depth)}
     with pytest.raises(ValueError, match="rotation"):
-        calibrate(model, plain, CalibConfig(progress=False, layers=["mlp.fc2"], rotate_fc2=True))
-    rot = statistics(model, cali, CalibConfig(progress=False, layers=["mlp.fc2"], rotate_fc2=True))
+        calibrate(model, plain, CalibConfig(progress=False, rotate_fc2=True))
+    with pytest.raises(ValueError, match="rotation"):
+        calibrate(model, rot, CalibConfig(progress=False))
     # blocks.0's fc2 input has channel outliers: the rotation roughly halves its clip range
     assert rot[FC2].amax() < 0.7 * plain[FC2].amax(), (rot[FC2].amax(), plain[FC2].amax())
 
 
-def test_recipe_validation_refuses_bad_rotations(tiny_setup):
+def test_recipe_validation_refuses_bad_rotations(tiny_setup, stats):
     model, cali, _, _ = tiny_setup
-    recipe = _calibrate(model, cali, method="minmax", precision="int8", rotate_fc2=True, layers=["mlp.fc2"])
+    recipe = _calibrate(model, stats, method="minmax", precision="int8", rotate_fc2=True, layers=["mlp.fc2"])
     recipe.layers[FC2].input_rotation = 384
     with pytest.raises(RecipeError, match="power of two"):
         recipe.validate(model)
@@ -149,41 +158,41 @@ def test_recipe_validation_refuses_bad_rotations(tiny_setup):
 #     w4a8 minmax             18.52 / 18.61
 @pytest.mark.parametrize("precision,method,margin", [("int8", "smoothquant", 2.0), ("w4a8", "minmax", 0.2),
                                                      ("w4a8", "smoothquant_no_fc2", 0.3)])
-def test_rotation_improves_fc2_on_heldout_timesteps(tiny_setup, precision, method, margin):
+def test_rotation_improves_fc2_on_heldout_timesteps(tiny_setup, stats, precision, method, margin):
     """fc2 alone quantized, so the comparison isolates the rotated layer. w4a8 smoothquant is run
     with smooth_fc2 off under the rotation ("rotate instead of smoothing fc2") against smoothquant's
     default (smoothing fc2 with a run-time Mul, no rotation)."""
     model, cali, held, fp = tiny_setup
     kw = dict(precision=precision, layers=["mlp.fc2"])
     if method == "smoothquant_no_fc2":
-        base = _calibrate(model, cali, method="smoothquant", **kw)
-        rot = _calibrate(model, cali, method="smoothquant", smooth_fc2=False, rotate_fc2=True, **kw)
+        base = _calibrate(model, stats, method="smoothquant", **kw)
+        rot = _calibrate(model, stats, method="smoothquant", smooth_fc2=False, rotate_fc2=True, **kw)
     else:
-        base = _calibrate(model, cali, method=method, **kw)
-        rot = _calibrate(model, cali, method=method, rotate_fc2=True, **kw)
+        base = _calibrate(model, stats, method=method, **kw)
+        rot = _calibrate(model, stats, method=method, rotate_fc2=True, **kw)
     s_base = noise_sqnr(model, apply_recipe(model, base), held, fp_out=fp)["all"]
     s_rot = noise_sqnr(model, apply_recipe(model, rot), held, fp_out=fp)["all"]
     assert s_rot > s_base + margin, (s_rot, s_base)
 
 
-def test_gptq_and_lowrank_run_on_the_rotated_layer(tiny_setup):
+def test_gptq_runs_on_the_rotated_layer(tiny_setup, stats):
     """GPTQ's Hessian is of the rotated, balanced input (the hook rotates): with a wrong (unrotated)
     Hessian GPTQ would be worse than plain rounding; here it must help."""
     model, cali, held, fp = tiny_setup
     kw = dict(method="minmax", precision="w4a8", layers=["mlp.fc2"], rotate_fc2=True)
-    plain = _calibrate(model, cali, **kw)
+    plain = _calibrate(model, stats, **kw)
     cfg = CalibConfig(progress=False, gptq=True, **kw)
-    gptq = calibrate(model, cali, cfg)
+    gptq = calibrate(model, stats[True], cfg, forward_loop=cali.forward_loop(cfg.batch_size, "cpu", False))
     assert gptq.layers[FC2].input_rotation == 512 and gptq.weight(FC2) is not None
     s_plain = noise_sqnr(model, apply_recipe(model, plain), held, fp_out=fp)["all"]
     s_gptq = noise_sqnr(model, apply_recipe(model, gptq), held, fp_out=fp)["all"]
     assert s_gptq > s_plain + 0.5, (s_gptq, s_plain)
 
 
-def test_engine_matches_simulation_on_cpu(tiny_setup):
+def test_engine_matches_simulation_on_cpu(tiny_setup, stats):
     model, cali, held, _ = tiny_setup
     for precision in ("int8", "w4a8"):
-        recipe = _calibrate(model, cali, method="smoothquant", precision=precision, rotate_fc2=True)
+        recipe = _calibrate(model, stats, method="smoothquant", precision=precision, rotate_fc2=True)
         engine = build_qengine(model, recipe)
         assert engine_layers(engine)[FC2].input_rotation == 512
         assert not any(isinstance(m, FusedMlp) for m in engine.modules())  # no fused epilogue rotates
@@ -193,8 +202,16 @@ def test_engine_matches_simulation_on_cpu(tiny_setup):
             assert torch.equal(engine(x, t, y), sim(x, t, y)), precision
 
 
+@pytest.fixture(scope="module")
+def fp_export(tiny_setup):
+    pytest.importorskip("onnxruntime")
+    from dtq.export.onnx_export import export_torch
+
+    return export_torch(tiny_setup[0], dtype=torch.float32, opset=21, max_batch=16)
+
+
 @pytest.mark.parametrize("precision", ["int8", "w4a8"])
-def test_onnx_graph_matches_simulation(tiny_setup, precision):
+def test_onnx_graph_matches_simulation(tiny_setup, stats, fp_export, precision):
     """The graph's Shape/Reshape -> MatMul(H) -> Reshape before fc2's balancing Mul and Q/DQ, and
     ``W B^T diag(b)`` quantized in the initializer: ONNX Runtime computes the simulation (every
     activation code equal up to rounding ties), and TensorRT's Q/DQ rules still pass."""
@@ -206,10 +223,10 @@ def test_onnx_graph_matches_simulation(tiny_setup, precision):
     from dtq.export.api import ExportConfig, build_graph
 
     model, cali, held, _ = tiny_setup
-    recipe = _calibrate(model, cali, method="smoothquant", precision=precision, rotate_fc2=True)
+    recipe = _calibrate(model, stats, method="smoothquant", precision=precision, rotate_fc2=True)
     cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision=precision, dtype="fp32", opset=21,
                        max_batch=8).resolved()
-    proto = build_graph(model, cfg, recipe)
+    proto = build_graph(model, cfg, recipe, fp_export)
     report = rules.check_model(proto)
     assert report.ok, report.format()
     graph = gs.import_onnx(proto)
