@@ -238,6 +238,10 @@ def test_onnx_graph_matches_simulation(tiny_setup, stats, fp_export, precision):
     assert h.shape == (512, 512) and np.allclose(h @ h.T, np.eye(512), atol=1e-6)
     # rotation -> balancing Mul -> Q/DQ -> fc2's MatMul
     assert nodes[f"{FC2}/input_mul"].inputs[0].name == f"{FC2}/rotate_output"
+    # dtq-compare's layer probe is the unrotated input (the PyTorch model's fc2 input)
+    from dtq.tools.runners import onnx_linear_probes
+
+    assert onnx_linear_probes(proto)[FC2][0] == nodes[f"{FC2}/rotate_flat"].inputs[0].name
     sim = apply_recipe(model, recipe)
     x, t, y = held.x[:16], held.t[:16], held.y[:16]
     ref, out, ties, real, total = tie_aligned_comparison(sim, proto, x, t, y)
