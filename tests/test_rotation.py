@@ -247,3 +247,16 @@ def test_onnx_graph_matches_simulation(tiny_setup, stats, fp_export, precision):
     ref, out, ties, real, total = tie_aligned_comparison(sim, proto, x, t, y)
     assert real <= 1e-6 * total, f"{real} of {total} activation codes differ beyond a rounding tie"
     assert quant.sqnr_db(ref, out) > 70
+
+
+def test_matched_high_recipe_keeps_the_rotation(tiny_setup, stats):
+    """dtq-sensitivity's high-precision twin of a rotated recipe: same rotation, same folded weights."""
+    from dtq.calibrate.sensitivity import config_for_precision, matched_high_recipe
+
+    model = tiny_setup[0]
+    cfg = CalibConfig(progress=False, method="smoothquant", precision="w4a8", rotate_fc2=True, layers=["mlp.fc2"])
+    low = calibrate(model, stats[True], cfg)
+    high = matched_high_recipe(model, stats[True], low, config_for_precision(cfg, "int8"))
+    assert high.layers[FC2].input_rotation == 512 and high.layers[FC2].act_format == "int8"
+    assert torch.equal(balanced_model(model, high).get_submodule(FC2).weight,
+                       balanced_model(model, low).get_submodule(FC2).weight)
