@@ -36,6 +36,7 @@ from .build import layer_precisions, quant_layer_names
 from .config import CalibConfig, CalibDataConfig
 from .data import CalibrationSet, ForwardLoop
 from .methods import get_method
+from .rotation import attach_rotations, fc2_rotations, rotated_model
 from .stats import Statistics, collect_stats
 from .recon import reconstruct_blocks
 from .weights import refine_weights, wants_refinement
@@ -44,11 +45,16 @@ from .weights import refine_weights, wants_refinement
 def statistics(model: nn.Module, data: CalibrationSet | ForwardLoop, config: CalibConfig,
                shard: DistContext = SINGLE) -> Statistics:
     """Hook the quantizable layers named by ``config.layers`` and run the data through (a
-    ``CalibrationSet`` shared among the ranks of ``shard``)."""
+    ``CalibrationSet`` shared among the ranks of ``shard``). With ``config.rotate_fc2`` the fc2
+    inputs are recorded rotated (``Statistics.rotations``)."""
     shard = _shard_of(data, shard)
     names = quant_layer_names(model, config.layers)
-    return collect_stats(model, _forward_loop(data, config, shard), names, sample_tokens=config.sample_tokens,
-                         hist_bins=config.hist_bins, shard=shard)
+    rotations = fc2_rotations(model, config)
+    target = rotated_model(model, rotations) if rotations else model
+    stats = collect_stats(target, _forward_loop(data, config, shard), names, sample_tokens=config.sample_tokens,
+                          hist_bins=config.hist_bins, shard=shard)
+    stats.rotations = dict(rotations)
+    return stats
 
 
 def _shard_of(data, shard: DistContext) -> DistContext:
@@ -76,10 +82,17 @@ def calibrate(model: nn.Module, data: CalibrationSet | ForwardLoop | Statistics,
     if (config.gptq or config.reconstruct) and isinstance(data, Statistics) and forward_loop is None:
         what = "GPTQ" if config.gptq else "block reconstruction"
         raise ValueError(f"{what} needs the calibration data: pass forward_loop= with precomputed statistics")
+    rotations = fc2_rotations(model, config)
+    if isinstance(data, Statistics) and data.rotations != rotations:
+        raise ValueError(f"statistics recorded with input rotations {data.rotations or 'none'}, the config asks "
+                         f"for {rotations or 'none'}: collect them with statistics(model, data, config)")
     t0 = time.perf_counter()
     stats = data if isinstance(data, Statistics) else statistics(model, data, config, shard)
     t1 = time.perf_counter()
-    recipe = method(model, stats, config)
+    # rotate_fc2: the method calibrates the rotated model; the recipe is then made the original's
+    recipe = method(rotated_model(model, rotations) if rotations else model, stats, config)
+    if rotations:
+        attach_rotations(recipe, model, rotations, config)
     recipe.info.update({"calibration_rows": stats.rows, "stats_seconds": round(t1 - t0, 2),
                         "method_seconds": round(time.perf_counter() - t1, 2)})
     if forward_loop is not None:
@@ -151,6 +164,7 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
     layer_precisions(model, config)  # an override matching no layer fails before any sampling
+    fc2_rotations(model, config)  # so does a rotation no power-of-two block fits
     progress = config.progress and ctx.is_main
     prompts = _prompts(job, model)
     if job.cali_data is not None:

@@ -65,6 +65,12 @@ class CalibConfig:
     lp: float = field(default=2.0, metadata=_h("p of the Lp error minimised by the mse search (PTQ4DiT: 2.4)"))
     alpha: float = field(default=1.0, metadata=_h("SmoothQuant migration strength (the paper: 0.5; ModelOpt: 1.0)"))
     smooth_fc2: bool = field(default=True, metadata=_h("smoothquant: also smooth fc2 (after GELU) with a run-time Mul"))
+    rotate_fc2: bool = field(default=False, metadata=_h(
+        "rotate fc2's input (after GELU) by a block-diagonal normalized Hadamard, folded into fc2's weight "
+        "before any balancing, weight search, GPTQ or low-rank; activations are calibrated rotated"))
+    rotate_block: int = field(default=512, metadata=_h(
+        "largest Hadamard block of --rotate-fc2 (a power of two; each layer takes the largest power of two "
+        "dividing its C_in, up to this)"))
     alpha_grid_step: float = field(default=0.05, metadata=_h("DiTAS alpha grid step over [0, 1]"))
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
                               metadata=_h("layer roles in each block to quantize"))
@@ -118,6 +124,8 @@ class CalibConfig:
                              f"got {self.weight_granularity!r}")
         for text in self.overrides:
             formats.parse_override(text)  # syntax and precision names; patterns are matched at calibration
+        if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
+            raise ValueError(f"rotate_block must be a power of two >= 2, got {self.rotate_block}")
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
         if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..runtime import quant
 from ..runtime.distributed import SINGLE, DistContext
+from ..runtime.rotation import rotated_input
 from .data import ForwardLoop
 
 
@@ -33,7 +34,8 @@ class HessianCollector:
     """Context manager: ``X^T X`` (summed in float64) and the token count of each named Linear's input.
 
     The input is the one the quantizer sees: a ``QuantLinear`` with a run-time balancing ``Mul``
-    (``input_mul``) is hooked *after* that multiply, so on ``balanced_model`` it is ``X / b``."""
+    (``input_mul``) is hooked *after* that multiply (and after an ``input_rotation``), so on
+    ``balanced_model`` it is ``X / b`` (``(B X) / b`` for a rotated layer)."""
 
     def __init__(self, model: nn.Module, layer_names: list[str]):
         self.model = model
@@ -56,7 +58,7 @@ class HessianCollector:
     @torch.no_grad()
     def _observe(self, name: str, mod: nn.Module, x: torch.Tensor) -> None:
         mul = getattr(mod, "input_mul", None)
-        x = x.detach().float().reshape(-1, x.shape[-1])
+        x = rotated_input(mod, x.detach().float().reshape(-1, x.shape[-1]))
         if mul is not None:
             x = x * mul.float()
         xtx = (x.T @ x).double()

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..runtime import quant
 from ..runtime.qlinear import QuantLinear
+from ..runtime.rotation import rotated_input
 from ..runtime.recipe import Recipe, apply_recipe, balanced_model
 from .config import CalibConfig
 from .data import ForwardLoop
@@ -92,6 +93,7 @@ class AdaRoundLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q
+        x = rotated_input(q, x)  # --rotate-fc2: QuantLinear.forward's order, rotation then Mul
         if q.input_mul is not None:
             x = x * q.input_mul
         xb = x

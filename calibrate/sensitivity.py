@@ -33,6 +33,7 @@ from .. import formats
 from ..runtime import quant
 from ..runtime.recipe import Recipe, RecipeError, _parent, apply_recipe
 from .build import assemble_recipe
+from .rotation import attach_rotations, rotated_model
 from .config import CalibConfig, PrecisionName
 from .data import CalibrationSet
 from .evaluate import predict
@@ -67,9 +68,14 @@ def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe,
     extra = {k: v for k, v in opts.items() if k not in ("precision", "overrides", "weight_granularity", "weight_search",
                                                         "act_search", "kept")}
     extra["balances_from"] = "low-precision recipe (mixed-precision sweep)"
-    recipe = assemble_recipe(model, stats, config_high, recipe_low.method, balances, extra,
+    # fc2's Hadamard rotation (--rotate-fc2) is the low recipe's too: assemble on the rotated model
+    rotations = {n: layer.input_rotation for n, layer in recipe_low.layers.items() if layer.input_rotation}
+    recipe = assemble_recipe(rotated_model(model, rotations) if rotations else model, stats, config_high,
+                             recipe_low.method, balances, extra,
                              weight_search=opts.get("weight_search"), act_search=opts.get("act_search"),
                              info={"matched_to": {"precision": recipe_low.precision}})
+    if rotations:
+        attach_rotations(recipe, model, rotations, config_high)
     if wants_refinement(config_high):
         if config_high.gptq and forward_loop is None:
             raise ValueError("GPTQ needs the calibration data: pass forward_loop=")

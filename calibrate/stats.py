@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..runtime.distributed import SINGLE, DistContext, all_gather_objects
+from ..runtime.rotation import rotated_input
 from .data import ForwardLoop
 
 
@@ -141,6 +142,7 @@ class LayerStats:
 class Statistics:
     layers: dict[str, LayerStats]
     rows: int = 0
+    rotations: dict[str, int] = field(default_factory=dict)  # layers whose inputs were recorded rotated (block)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self.layers[name]
@@ -180,7 +182,9 @@ class StatsCollector:
         self._handles.append(self.model.register_forward_pre_hook(read_t, with_kwargs=True))
         for i, name in enumerate(self.names):
             mod = self.model.get_submodule(name)
-            self._handles.append(mod.register_forward_hook(lambda m, inp, o, n=name, i=i: self._observe(n, i, inp[0])))
+            # a layer with an online input rotation is observed as its quantizer sees it: rotated
+            self._handles.append(mod.register_forward_hook(
+                lambda m, inp, o, n=name, i=i: self._observe(n, i, rotated_input(m, inp[0]))))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,7 +2,8 @@
 same :class:`ExportConfig`.
 
 Pipeline: load the fp32 model -> (recipe: load with fingerprint check; the graph's precision is
-the recipe's, per layer) -> torch export in the graph's float type -> fold balancing, recipe weights
+the recipe's, per layer) -> torch export in the graph's float type -> online input rotations (fc2's
+Hadamard), fold balancing, recipe weights
 (GPTQ), low-rank side branches (surgery) -> Q/DQ per layer -> ONNX
 checker + TensorRT rule check -> atomic write with metadata. Nothing is written when a check
 fails.
@@ -75,6 +76,7 @@ def build_graph(model: nn.Module, cfg: ExportConfig, recipe: Recipe | None = Non
     graph = gs.import_onnx(proto)
     del proto
     master = surgery.MasterWeights.from_model(model, find_linears(graph))
+    graph = surgery.apply_rotations(graph, master, recipe)  # first: a run-time balancing Mul follows it
     graph = surgery.apply_balancing(graph, master, recipe)
     graph = surgery.apply_recipe_weights(graph, master, recipe)
     graph = qdq.insert_qdq(graph, master, recipe, fp8_ops=cfg.fp8_ops)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..formats import ROLE_FOLDS, layer_role
 from ..runtime.recipe import Recipe
+from ..runtime.rotation import hadamard, rotate
 from .onnx_export import LinearSite, find_linears
 
 
@@ -203,6 +204,44 @@ def add_lora(graph: gs.Graph, name: str, down: np.ndarray, up: np.ndarray) -> gs
         c.inputs = [merged if t is y else t for t in c.inputs]
     if y in graph.outputs:
         graph.outputs = [merged if t is y else t for t in graph.outputs]
+    return graph.cleanup().toposort()
+
+
+def _input_rotation(graph: gs.Graph, master: MasterWeights, sites: dict, name: str, k: int) -> None:
+    """The layer's input rotated by the block Hadamard ``B`` (block ``k``): ``Reshape [-1, k] ->
+    MatMul(H_k^T) -> Reshape`` back to the input's shape, and ``W B^T`` in the master weight (by
+    ``runtime.rotation.rotate`` on the float32 ``W``, as ``runtime.recipe.fold_rotation``: the same
+    numbers as the simulation). Before balancing: a run-time ``Mul`` then follows the rotation."""
+    site = _site(sites, name)
+    if site.op != "MatMul":
+        raise SurgeryError(f"{name}: input rotation is supported on MatMul Linears")
+    node = {n.name: n for n in graph.nodes}[site.node]
+    dtype = graph.tensors()[site.weight].dtype
+    x = node.inputs[0]
+    shape = gs.Variable(f"{name}/rotate_shape_output", dtype=np.int64)
+    flat = gs.Variable(f"{name}/rotate_flat_output", dtype=x.dtype)
+    turned = gs.Variable(f"{name}/rotate_matmul_output", dtype=x.dtype)
+    out = gs.Variable(f"{name}/rotate_output", dtype=x.dtype, shape=x.shape)
+    h_t = np.ascontiguousarray(hadamard(k, torch.float32).T.numpy()).astype(dtype)
+    graph.nodes += [
+        gs.Node("Shape", name=f"{name}/rotate_shape", inputs=[x], outputs=[shape]),
+        gs.Node("Reshape", name=f"{name}/rotate_flat",
+                inputs=[x, gs.Constant(f"{name}.rotate_flat_shape", np.array([-1, k], np.int64))], outputs=[flat]),
+        gs.Node("MatMul", name=f"{name}/rotate_matmul",
+                inputs=[flat, gs.Constant(f"{name}.input_rotation", h_t)], outputs=[turned]),
+        gs.Node("Reshape", name=f"{name}/rotate_unflat", inputs=[turned, shape], outputs=[out]),
+    ]
+    node.inputs[0] = out
+    w = torch.from_numpy(np.ascontiguousarray(master[site.weight].T))  # W [C_out, C_in], float32
+    master.set(graph, site.weight, np.ascontiguousarray(rotate(w, k).numpy().T))
+
+
+def apply_rotations(graph: gs.Graph, master: MasterWeights, recipe: Recipe) -> gs.Graph:
+    """Pass (before ``apply_balancing``): every recipe layer's ``input_rotation`` (``_input_rotation``)."""
+    sites = find_linears(graph)
+    for name, layer in recipe.layers.items():
+        if layer.input_rotation:
+            _input_rotation(graph, master, sites, name, int(layer.input_rotation))
     return graph.cleanup().toposort()
 
 

@@ -38,6 +38,12 @@ layer's kernel, the second accumulating into the output (``addmm``) when the out
 FLOPs are ``r (K + N) / (K N)`` of the layer's (:meth:`EngineLinear.lowrank_flop_ratio`; rank 32 on
 DiT-XL/2: 5.6% for qkv-sized, 3.5% for fc1/fc2-sized layers).
 
+A recipe layer with an ``input_rotation`` (``--rotate-fc2``: fc2's block-Hadamard) rotates its input
+before the run-time ``Mul`` and the quantizer: on the GPU a torch matmul with the small ``H_k``
+(``runtime.rotation.rotate``) between GELU and the layer's input quantization, unfused (such an MLP
+is not a ``FusedMlp``). A Triton kernel fusing GELU + FWHT + quantize is future work; a GPU run must
+measure the rotation's share of the block time.
+
 On the CPU (and with ``kernel="reference"``) each layer computes with exactly the simulation's
 operations from its stored codes, so the engine's output is bit-identical to ``apply_recipe``'s:
 the codes, scales and folding are verified on any machine; the GPU kernels are compared with the
@@ -63,6 +69,7 @@ from .attention import AttentionBackend, check_backend, use_attention
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
+from .rotation import rotate
 
 Kernel = Literal["auto", "reference"]
 W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
@@ -84,6 +91,9 @@ class EngineLinear(nn.Module):
         self.weight_format, self.act_format = q.weight_format, q.act_format
         self.weight_granularity, self.weight_group_size = q.weight_granularity, q.weight_group_size
         self.kernel = kernel
+        # online block-Hadamard rotation of the input (recipe input_rotation), before input_mul; on the
+        # GPU a torch matmul with the small H in the activation dtype (not fused into the GEMM yet)
+        self.input_rotation = q.input_rotation
         f32 = lambda t: None if t is None else t.detach().float().clone()  # noqa: E731
         self.register_buffer("bias", f32(q.bias))
         self.register_buffer("input_mul", f32(q.input_mul))
@@ -117,6 +127,8 @@ class EngineLinear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """``QuantLinear.forward``'s operations, in its order."""
         dtype = x.dtype
+        if self.input_rotation:
+            x = rotate(x, self.input_rotation)
         if self.input_mul is not None:
             x = x * self.input_mul.to(dtype)
         xb = x
@@ -134,6 +146,8 @@ class EngineLinear(nn.Module):
             return self.reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.input_rotation:
+            x2 = rotate(x2, self.input_rotation)
         out = self.kernel_forward(x2)
         if self.lowrank_up is not None:
             out = self.lowrank_forward(x2, out)
@@ -172,7 +186,10 @@ class EngineLinear(nn.Module):
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
         with the add in its epilogue: ``x`` ``[B, T, K]``, ``gate`` ``[B, N]``, ``residual`` ``[B, T, N]``."""
-        xq = self.quantize_input(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.input_rotation:  # fc2's Hadamard (a torch matmul) before the quantizing GEMM
+            x2 = rotate(x2, self.input_rotation)
+        xq = self.quantize_input(x2)
         return self.codes_gate_residual(xq, gate, residual.reshape(-1, self.out_features)).reshape(residual.shape)
 
     def _balanced_float(self, x2: torch.Tensor) -> torch.Tensor:
@@ -189,7 +206,8 @@ class EngineLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
         return (f"in={self.in_features}, out={self.out_features}, w={self.weight_format}/{g}, a={self.act_format}, "
-                f"kernel={self.kernel_name()}{', input_mul' if self.input_mul is not None else ''}")
+                f"kernel={self.kernel_name()}{', input_mul' if self.input_mul is not None else ''}"
+                f"{f', input_rotation={self.input_rotation}' if self.input_rotation else ''}")
 
     def kernel_name(self) -> str:
         return "reference" if self.kernel == "reference" else type(self).__name__
@@ -356,6 +374,7 @@ class FusedMlp(nn.Module):
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear)
                 and fc1.epilogue_format in formats and fc1.epilogue_format == fc2.epilogue_format
                 and fc1.fuses_epilogue() and fc2.fuses_epilogue()  # a Triton kernel, no low-rank branch
+                and not fc2.input_rotation  # nor a Hadamard rotation of fc2's input (yet)
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,11 @@ It is an ``nn.Linear`` subclass so the state-dict names stay those of the DiT
 - ``weight_scale``: per-tensor ``[]``, per-channel ``[C_out]`` or per-group ``[C_out, C_in/g]``
   scale of ``weight``, which is already the balanced weight ``W diag(b)``.
 
+- ``input_rotation`` (optional int ``k``): the input is first rotated by the block-diagonal normalized
+  Hadamard ``B`` of block ``k`` (``runtime.rotation``), before ``input_mul``; ``weight`` then holds
+  ``W B^T diag(b)``. The graph's Reshape -> MatMul(H) -> Reshape before the balancing ``Mul``.
 - ``lowrank_down`` R ``[r, C_in]`` and ``lowrank_up`` L ``[C_out, r]`` (optional): DiTAS' FP16 side
-  branch on the balanced, unquantized input ``x' = x * input_mul``.
+  branch on the balanced, unquantized input ``x' = rotate(x) * input_mul``.
 
 Forward = ``linear(fq_act(x'), fq_w(weight), bias) [+ linear(linear(x', R), L)]``, nothing else.
 """
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
+from .rotation import rotate
 
 
 class QuantLinear(nn.Linear):
@@ -41,6 +45,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("input_mul", None)
         self.register_buffer("lowrank_down", None)
         self.register_buffer("lowrank_up", None)
+        self.input_rotation: int | None = None  # Hadamard block size of the online input rotation
         self._wq: torch.Tensor | None = None  # cached fake-quantized weight
 
     @classmethod
@@ -48,9 +53,11 @@ class QuantLinear(nn.Linear):
                     weight_group_size: int | None = None, act_format: str = "none",
                     weight_scale: torch.Tensor | None = None, act_scale: torch.Tensor | float | None = None,
                     input_mul: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> "QuantLinear":
+                    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    input_rotation: int | None = None) -> "QuantLinear":
         """``weight``: replaces the Linear's (balanced) weight (a recipe's GPTQ / residual weight);
-        ``lowrank``: ``(L [C_out, r], R [r, C_in])`` of the side branch."""
+        ``lowrank``: ``(L [C_out, r], R [r, C_in])`` of the side branch; ``input_rotation``: the
+        Hadamard block of an online input rotation (the weight is already rotated)."""
         w = linear.weight if weight is None else weight.to(linear.weight.device, linear.weight.dtype)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format=weight_format,
                 weight_granularity=weight_granularity, weight_group_size=weight_group_size, act_format=act_format,
@@ -58,6 +65,7 @@ class QuantLinear(nn.Linear):
         q.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         q.set_quant(weight_scale=weight_scale, act_scale=act_scale, input_mul=input_mul)
+        q.input_rotation = input_rotation
         if lowrank is not None:
             up, down = lowrank
             q.lowrank_up = up.detach().float().to(w.device)
@@ -95,6 +103,8 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.input_rotation:
+            x = rotate(x, self.input_rotation)
         if self.input_mul is not None:
             x = x * self.input_mul.to(dtype)
         xb = x
@@ -110,5 +120,6 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
         return (f"{super().extra_repr()}, w={self.weight_format}/{g}, a={self.act_format}"
+                f"{f', input_rotation={self.input_rotation}' if self.input_rotation else ''}"
                 f"{', input_mul' if self.input_mul is not None else ''}"
                 f"{f', lowrank={self.lowrank_up.shape[1]}' if self.lowrank_up is not None else ''}")

@@ -26,6 +26,11 @@ Conventions (export relies on them):
 - ``lowrank_up`` L ``[C_out, r]`` and ``lowrank_down`` R ``[r, C_in]`` (optional, together): an FP16
   side branch ``Y = fq(X') fq(weight)^T + bias + (X' R^T) L^T``, where ``X'`` is the balanced,
   *unquantized* input (after a run-time balancing ``Mul``, before the activation quantizer).
+- ``input_rotation`` (optional int ``k``, a power of two dividing ``C_in``): the layer's input is first
+  rotated by the block-diagonal normalized Hadamard ``B`` (``runtime.rotation``), then balanced:
+  the layer sees ``(B x) / b`` and uses ``W B^T diag(b)``; ``balance``, ``weight_scale``,
+  ``act_scale``, ``weight`` and the low-rank branch all refer to the rotated layer. Only with a
+  run-time balance fold (or none): an adaLN / V fold would divide the input before the rotation.
 - ``balanced_model(model, recipe)`` gives the folded FP model, ``apply_recipe(model, recipe)`` the
   simulated model (the folded model with ``QuantLinear`` layers): the numerical reference for ONNX.
 """
@@ -47,6 +52,7 @@ from .. import artifacts, formats
 from ..staging import staged_directory
 from . import quant
 from .qlinear import QuantLinear
+from .rotation import rotate
 
 SCHEMA = artifacts.RECIPE_SCHEMA
 RECIPE_JSON, TENSORS_FILE = artifacts.RECIPE_JSON, artifacts.RECIPE_TENSORS
@@ -74,6 +80,7 @@ class LayerRecipe:
     weight: str | None = None  # the quantization-ready balanced weight (GPTQ / low-rank residual)
     lowrank_up: str | None = None  # L [C_out, r] of the FP16 branch (X' R^T) L^T
     lowrank_down: str | None = None  # R [r, C_in]
+    input_rotation: int | None = None  # Hadamard block of the online input rotation (before balancing)
 
     def validate(self, name: str) -> None:
         try:
@@ -102,6 +109,13 @@ class LayerRecipe:
             if self.balance_fold not in allowed:
                 raise RecipeError(f"{name}: balancing of a {role or 'this'} layer folds into {allowed}, "
                                   f"not {self.balance_fold!r}")
+        if self.input_rotation is not None:
+            k = self.input_rotation
+            if not isinstance(k, int) or k < 2 or k & (k - 1):
+                raise RecipeError(f"{name}: input_rotation must be a power of two >= 2, got {k!r}")
+            if self.balance_fold not in (None, "runtime"):
+                raise RecipeError(f"{name}: an input rotation composes only with a run-time balance fold "
+                                  f"(the {self.balance_fold!r} fold divides the input before the rotation)")
 
     @property
     def precision(self) -> str:
@@ -183,6 +197,9 @@ class Recipe:
             mod = modules.get(name)
             if not isinstance(mod, nn.Linear):
                 raise RecipeError(f"recipe layer {name!r} is not a Linear of this model")
+            if layer.input_rotation and mod.in_features % layer.input_rotation:
+                raise RecipeError(f"{name}: input_rotation {layer.input_rotation} does not divide "
+                                  f"{mod.in_features} input channels")
             b = self.balance(name)
             if b is not None and tuple(b.shape) != (mod.in_features,):
                 raise RecipeError(f"{name}: balance has shape {tuple(b.shape)}, expected ({mod.in_features},)")
@@ -378,8 +395,25 @@ def fold_balance(model: nn.Module, name: str, b: torch.Tensor, where: str) -> No
     layer.weight.copy_((layer.weight.float() * b[None, :]).to(layer.weight.dtype))
 
 
+@torch.no_grad()
+def fold_rotation(model: nn.Module, name: str, k: int) -> None:
+    """Rotate layer ``name``'s input online by the block Hadamard of block ``k`` and fold ``B^T``
+    into its weight columns (in place): the layer becomes a ``QuantLinear`` with ``input_rotation``.
+    Before any balancing of the layer (``fold_balance`` then scales the rotated columns)."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, QuantLinear) and (layer.input_rotation or layer.input_mul is not None):
+        raise RecipeError(f"{name}: already rotated or balanced; the rotation comes first")
+    if not isinstance(layer, QuantLinear):
+        parent, attr = _parent(model, name)
+        layer = QuantLinear.from_linear(layer)
+        setattr(parent, attr, layer)
+    layer.weight.copy_(rotate(layer.weight.float(), k).to(layer.weight.dtype))
+    layer.input_rotation = k
+
+
 def balanced_model(model: nn.Module, recipe: Recipe, *, check: bool = True, inplace: bool = False) -> nn.Module:
-    """The FP model with every balancing vector of ``recipe`` folded (adaLN / V rows / run-time Mul).
+    """The FP model with every input rotation and balancing vector of ``recipe`` folded (rotation:
+    ``W B^T`` + the online rotation; balancing: adaLN / V rows / run-time Mul), per layer in that order.
 
     In full precision it computes what ``model`` computes (up to rounding): the graph export
     writes, and the base of ``apply_recipe``."""
@@ -388,6 +422,8 @@ def balanced_model(model: nn.Module, recipe: Recipe, *, check: bool = True, inpl
         recipe.validate(model)
     out = model if inplace else copy.deepcopy(model)
     for name, layer in recipe.layers.items():
+        if layer.input_rotation:
+            fold_rotation(out, name, layer.input_rotation)
         b = recipe.balance(name)
         if b is not None:
             fold_balance(out, name, b, layer.balance_fold)
@@ -403,11 +439,12 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, check: bool = True, inplac
         parent, attr = _parent(out, name)
         lin = getattr(parent, attr)
         input_mul = lin.input_mul if isinstance(lin, QuantLinear) else None
+        rotation = lin.input_rotation if isinstance(lin, QuantLinear) else None
         q = QuantLinear.from_linear(
             lin, weight_format=layer.weight_format, weight_granularity=layer.weight_granularity,
             weight_group_size=layer.weight_group_size, act_format=layer.act_format,
             weight_scale=recipe.weight_scale(name), act_scale=layer.act_scale, input_mul=input_mul,
-            weight=recipe.weight(name), lowrank=recipe.lowrank(name))
+            weight=recipe.weight(name), lowrank=recipe.lowrank(name), input_rotation=rotation)
         setattr(parent, attr, q)
     return out.eval()
 

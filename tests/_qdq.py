@@ -54,6 +54,7 @@ def tie_aligned_comparison(sim, proto: onnx.ModelProto, x, t, y, eps: float = 1e
     import torch.nn.functional as F
 
     from dtq.runtime import quant
+    from dtq.runtime.rotation import rotated_input
 
     graph = gs.import_onnx(proto)
     nodes = {n.name: n for n in graph.nodes}
@@ -71,7 +72,8 @@ def tie_aligned_comparison(sim, proto: onnx.ModelProto, x, t, y, eps: float = 1e
 
     def pre_quant_hook(name):
         def hook(mod, args):
-            xx = args[0] if mod.input_mul is None else args[0] * mod.input_mul
+            xx = rotated_input(mod, args[0])  # an fc2 Hadamard rotation comes before the balancing Mul
+            xx = xx if mod.input_mul is None else xx * mod.input_mul
             s, fmt = mod.act_scale, mod.act_format
             mine, theirs = quant.fake_quant(xx, s, fmt), dq[name]
             differ = mine != theirs

@@ -127,6 +127,11 @@ def _onnx_linears(model) -> dict[str, tuple[str, str, bool]]:
             if op == "Mul" and not (prod.name == f"{name}/input_mul" or _is_channel_vector(prod.inputs[1])):
                 continue
             act = prod.inputs[0]
+        # and over fc2's Hadamard rotation (export's "<layer>/rotate_*" nodes): the Linear's input is
+        # the unrotated activation, as in the PyTorch model
+        prod = act.inputs[0] if act.inputs else None
+        if prod is not None and prod.name == f"{name}/rotate_unflat" and f"{name}/rotate_flat" in nodes:
+            act = nodes[f"{name}/rotate_flat"].inputs[0]
         result = nodes[site.bias_node].outputs[0] if site.bias_node else node.outputs[0]
         w = node.inputs[1]
         quantized = bool(w.inputs) and w.inputs[0].op == "DequantizeLinear"
