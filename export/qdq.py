@@ -61,7 +61,7 @@ def weight_only_fallback(recipe: Recipe, precision: str) -> Recipe:
     out.layers = {}
     for name, layer in recipe.layers.items():
         if formats.get_precision(layer.precision).tensorrt_fallback == precision:
-            layer = dataclasses.replace(layer, act_format="none", act_scale=None)
+            layer = dataclasses.replace(layer, act_format="none", act_scale=None, act_granularity="tensor")
         out.layers[name] = layer
     out.precision = precision
     return out
