@@ -30,6 +30,7 @@ GRANULARITIES = ("tensor", "channel", *(f"group{g}" for g in GROUP_SIZES))
 # "token" = ViDiT-Q's dynamic per-token scale, amax(|x| over channels) / qmax computed at run time
 ACT_GRANULARITIES = ("tensor", "token")
 _ACT_GRANS = ACT_GRANULARITIES
+TOKEN_MIN_OPSET = 21  # the per-token Q/DQ is blocked quantization (block = the channels)
 
 # what TensorRT (>= 10, and TensorRT-RTX) does with a precision's Q/DQ graph
 TRT_NATIVE = "native"  # quantized GEMMs (W8A8) or TensorRT's weight-only GEMMs (W4A16, W8A16)
