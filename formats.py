@@ -31,6 +31,12 @@ GRANULARITIES = ("tensor", "channel", *(f"group{g}" for g in GROUP_SIZES))
 ACT_GRANULARITIES = ("tensor", "token")
 _ACT_GRANS = ACT_GRANULARITIES
 TOKEN_MIN_OPSET = 21  # the per-token Q/DQ is blocked quantization (block = the channels)
+# what TensorRT does with per-token activations (measured with TensorRT-RTX 1.7.1; docs/export.md)
+TOKEN_TENSORRT_NOTE = (
+    "per-token dynamic activations compute their Q/DQ scale in the graph (ReduceMax(Abs(x))/qmax); TensorRT "
+    "fuses only constant-scale Q/DQ into INT8/FP8 GEMMs. TensorRT-RTX 1.7.1 parses such a graph and its builder "
+    "fails (Myelin CHECK(is_constant()), as for w4a8). For TensorRT calibrate with --act-granularity tensor "
+    "(static per-tensor scales); ONNX Runtime and the quantized PyTorch engine run per-token activations.")
 
 # what TensorRT (>= 10, and TensorRT-RTX) does with a precision's Q/DQ graph
 TRT_NATIVE = "native"  # quantized GEMMs (W8A8) or TensorRT's weight-only GEMMs (W4A16, W8A16)

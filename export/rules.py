@@ -43,7 +43,9 @@ RULE_IDS = (
 )
 DYNAMIC_SCALE_NOTE = (
     "activation scale computed at run time (per-token dynamic quantization): TensorRT fuses only Q/DQ with "
-    "constant scales into INT8/FP8 GEMMs, so it cannot run this MatMul as a quantized GEMM")
+    "constant scales into INT8/FP8 GEMMs, so it cannot run this MatMul as a quantized GEMM (TensorRT-RTX "
+    "1.7.1's builder fails on such a graph: Myelin CHECK(is_constant())); calibrate static per-tensor "
+    "activations for TensorRT")
 
 
 def _np_dtype_names() -> dict[str, str]:

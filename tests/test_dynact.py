@@ -261,3 +261,22 @@ def test_dynamic_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
+    """dtq-export writes the per-token graph and says what TensorRT will do with it; dtq-build-engine
+    exits 2 with that note before calling TensorRT (TensorRT-RTX 1.7.1's builder fails on it)."""
+    from dtq.export.cli import main as export_main
+    from dtq.tools.build_engine import main as build_main
+
+    minmax_recipe(tiny, "int8", balance=True, act_granularity="token").save(tmp_path / "recipe")
+    onnx_path = tmp_path / "g.onnx"
+    assert export_main(["--model", "dit-tiny-fmnist", "--recipe", str(tmp_path / "recipe"), "--out", str(onnx_path),
+                        "--dtype", "fp32", "--max-batch", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "TensorRT cannot build this graph" in err and "per-token dynamic activations" in err, err
+    engine = tmp_path / "engine"
+    assert build_main([str(onnx_path), "--out", str(engine)]) == 2
+    err = capsys.readouterr().err
+    assert "activation quantizers with computed scales" in err and "CHECK(is_constant())" in err, err
+    assert not engine.exists()
