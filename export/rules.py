@@ -19,8 +19,8 @@ Every finding names the node and a stable rule id:
                       for the features used (FP8 >= 19, INT4/block_size >= 21)
 - ``int4-int8-mix``   (warning) a MatMul whose weight is INT4 and activation INT8: no native
                       TensorRT kernel (see export/qdq.py for what TensorRT does with it)
-- ``act-dynamic-scale`` (warning) an activation Q/DQ whose scale is computed in the graph (dtq's
-                      per-token dynamic activations): TensorRT fuses only constant-scale Q/DQ into
+- ``act-dynamic-scale`` (warning) an activation Q/DQ whose scale is computed in the graph and
+                      blocked along the last axis (dtq's per-token dynamic activations): TensorRT fuses only constant-scale Q/DQ into
                       its quantized GEMMs (``DYNAMIC_SCALE_NOTE``); such a Q/DQ is exempt from
                       ``scale-constant`` / ``act-per-tensor`` / ``block-shape``, which it breaks by design
 """
@@ -186,8 +186,9 @@ def _check_node(node: gs.Node, opset: int, out: list[Finding]) -> None:
         out.append(Finding("opset", name, f"block_size needs opset >= 21 (model has {opset})"))
 
     # scale
-    if _computed(scale) and not (not is_q and isinstance(x, gs.Constant)):
-        # a dynamic activation quantizer (dtq's per-token Q/DQ): one finding, the static-scale rules skip it
+    if _computed(scale) and block and _last_axis(node) and not (not is_q and isinstance(x, gs.Constant)):
+        # a per-token dynamic activation quantizer (computed scale, one block = the last axis: dtq's
+        # export): one finding, the static-scale rules skip it; any other computed scale stays an error
         if is_q:
             out.append(Finding("act-dynamic-scale", name, DYNAMIC_SCALE_NOTE, "warning"))
             _check_pair(node, name, out)
@@ -263,6 +264,12 @@ def _check_node(node: gs.Node, opset: int, out: list[Finding]) -> None:
         return
     if svals.shape[0] != w.shape[axis]:
         out.append(Finding("weight-scale-shape", name, f"scale length {svals.shape[0]} != weight.shape[{axis}] = {w.shape[axis]}"))
+
+
+def _last_axis(node: gs.Node) -> bool:
+    axis = int(node.attrs.get("axis", 1))
+    shape = node.inputs[0].shape
+    return axis == -1 or (shape is not None and axis == len(shape) - 1)
 
 
 def _computed(tensor: gs.Tensor | None) -> bool:
