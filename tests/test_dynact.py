@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dtq import formats
-from dtq.calibrate.config import CalibConfig
+from dtq.calibrate.config import CalibConfig, LayerPrecision
 from dtq.export import rules
 from dtq.export.api import ExportConfig, build_graph
 from dtq.export.qdq import _token_qdq
@@ -42,7 +42,10 @@ def test_table_overrides_and_refusals():
         with pytest.raises(ValueError, match="no quantized activations"):
             formats.check_act_granularity(p, "token")
         with pytest.raises(ValueError, match="no quantized activations"):
-            CalibConfig(precision=p, act_granularity="token") if p != "fp16" else formats.parse_override(f"*=fp16/token")
+            formats.parse_override(f"*.mlp.fc2={p}/token")
+    for p in ("w8a16", "w4a16"):
+        with pytest.raises(ValueError, match="no quantized activations"):
+            CalibConfig(precision=p, act_granularity="token")
     with pytest.raises(ValueError, match="unknown activation granularity"):
         formats.check_act_granularity("int8", "channel")
     # the override grammar: PATTERN=PRECISION[:WEIGHT_GRAN][/ACT_GRAN]
@@ -55,15 +58,10 @@ def test_table_overrides_and_refusals():
                       overrides=["blocks.1.*=int8:channel/tensor", "*.attn.proj=w4a16", "blocks.0.mlp.fc2=int8"])
     lp = cfg.layer_precisions(names)
     assert lp["blocks.0.attn.qkv"].act_granularity == "token"
-    assert lp["blocks.0.mlp.fc2"] == formats_lp("int8", "channel", "token")  # no suffix: keeps the default
+    assert lp["blocks.0.mlp.fc2"] == LayerPrecision("int8", "channel", "token")  # no suffix: keeps the default
     assert lp["blocks.1.mlp.fc1"].act_granularity == "tensor"  # /tensor suffix
     assert lp["blocks.0.attn.proj"].act_granularity == "tensor"  # weight-only: nothing to scale
     assert CalibConfig().act_granularity == "tensor"  # the default stays static
-
-
-def formats_lp(p, g, a):
-    from dtq.calibrate.config import LayerPrecision
-    return LayerPrecision(p, g, a)
 
 
 def test_recipe_records_and_validates_it(tiny, tmp_path):
