@@ -166,7 +166,7 @@ def correctness(precisions) -> dict:
             w4a8 = "progressive" if prec == "w4a8-progressive" else "group"
             prec_name = prec
             prec = prec.split("-")[0]
-            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=engine_options(prec_name)["act_granularity"])
+            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=backend_act_granularity(prec_name))
             sim = apply_recipe(model, recipe).to(dev)
             with torch.no_grad():
                 ref = sim(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
@@ -388,7 +388,12 @@ def engine_options(name: str) -> dict:
         fuse_mlp = fuse_residual = (family,)
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
-            "fuse_residual": fuse_residual, "act_granularity": "token" if "token" in tags else "tensor"}
+            "fuse_residual": fuse_residual}
+
+
+def backend_act_granularity(name: str) -> str:
+    """"token" for an engine backend with the "-token" tag (per-token dynamic activations), else "tensor"."""
+    return "token" if "token" in name.removesuffix("-sage").split("-")[1:] else "tensor"
 
 
 def epilogue_report(module) -> dict:
@@ -419,9 +424,9 @@ def build_backend(name: str, base, fingerprint: str):
             compile_blocks(m)
         return m
     opts = engine_options(name)
-    precision, act_granularity = opts.pop("precision"), opts.pop("act_granularity")
+    precision = opts.pop("precision")
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint,
-                           act_granularity=act_granularity)
+                           act_granularity=backend_act_granularity(name))
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, **opts)
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
