@@ -26,6 +26,18 @@ ACT_FORMATS = (INT8, FP8_E4M3, NONE)  # INT4 is weight-only
 GROUP_SIZES = (32, 64, 128)
 GRANULARITIES = ("tensor", "channel", *(f"group{g}" for g in GROUP_SIZES))
 
+# activation scale granularity: "tensor" = one static scale calibrated per tensor (TensorRT's rule);
+# "token" = ViDiT-Q's dynamic per-token scale, amax(|x| over channels) / qmax computed at run time
+ACT_GRANULARITIES = ("tensor", "token")
+_ACT_GRANS = ACT_GRANULARITIES
+TOKEN_MIN_OPSET = 21  # the per-token Q/DQ is blocked quantization (block = the channels)
+# what TensorRT does with per-token activations (measured with TensorRT-RTX 1.7.1; docs/export.md)
+TOKEN_TENSORRT_NOTE = (
+    "per-token dynamic activations compute their Q/DQ scale in the graph (ReduceMax(Abs(x))/qmax); TensorRT "
+    "fuses only constant-scale Q/DQ into INT8/FP8 GEMMs. TensorRT-RTX 1.7.1 parses such a graph and its builder "
+    "fails (Myelin CHECK(is_constant()), as for w4a8). For TensorRT calibrate with --act-granularity tensor "
+    "(static per-tensor scales); ONNX Runtime and the quantized PyTorch engine run per-token activations.")
+
 # what TensorRT (>= 10, and TensorRT-RTX) does with a precision's Q/DQ graph
 TRT_NATIVE = "native"  # quantized GEMMs (W8A8) or TensorRT's weight-only GEMMs (W4A16, W8A16)
 TRT_REFUSED = "refused"  # the builder fails: deploy as ``tensorrt_fallback`` instead
@@ -42,6 +54,7 @@ class Precision:
     tensorrt_fallback: str | None = None  # the precision TensorRT deploys a refused one as
     tensorrt_note: str = ""  # what dtq-export / dtq-build-engine print about it
     summary: str = ""
+    act_granularities: tuple[str, ...] = ("tensor",)  # the first is the default; token: dynamic per row
 
     @property
     def quantized(self) -> bool:
@@ -68,12 +81,15 @@ _GROUPS = tuple(f"group{g}" for g in (128, 64, 32))
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", NONE, NONE, (), 18, summary="float32 graph, no recipe"),
     Precision("fp16", NONE, NONE, (), 18, summary="float16 graph, no recipe; as an override: layer left unquantized"),
-    Precision("int8", INT8, INT8, _CH, 19, summary="W8A8 INT8: per-channel/tensor weights, static per-tensor activations"),
-    Precision("fp8", FP8_E4M3, FP8_E4M3, _CH, 19, summary="W8A8 FP8 E4M3 (TensorRT runs it on Ada/Hopper+)"),
+    Precision("int8", INT8, INT8, _CH, 19, act_granularities=_ACT_GRANS,
+              summary="W8A8 INT8: per-channel/tensor weights, static per-tensor (or dynamic per-token) activations"),
+    Precision("fp8", FP8_E4M3, FP8_E4M3, _CH, 19, act_granularities=_ACT_GRANS,
+              summary="W8A8 FP8 E4M3 (TensorRT runs it on Ada/Hopper+)"),
     Precision("w8a16", INT8, NONE, _CH, 19, summary="INT8 weight-only, FP16 activations"),
     Precision("w4a16", INT4, NONE, _GROUPS, 21, summary="INT4 weight-only, blocked along C_in"),
     Precision("w4a8", INT4, INT8, _GROUPS, 21, tensorrt=TRT_REFUSED, tensorrt_fallback="w4a16",
-              tensorrt_note=_W4A8_NOTE, summary="INT4 blocked weights x INT8 activations"),
+              tensorrt_note=_W4A8_NOTE, act_granularities=_ACT_GRANS,
+              summary="INT4 blocked weights x INT8 activations"),
 )}
 FP_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if not p.quantized)
 QUANTIZED_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.quantized)
@@ -121,6 +137,17 @@ def check_granularity(precision: str, granularity: str) -> None:
                          f"not {granularity!r}")
 
 
+def check_act_granularity(precision: str, act_granularity: str) -> None:
+    """``token`` (dynamic per-token activation scales) needs a precision with quantized activations."""
+    if act_granularity not in ACT_GRANULARITIES:
+        raise ValueError(f"unknown activation granularity {act_granularity!r}; known: {', '.join(ACT_GRANULARITIES)}")
+    p = get_precision(precision)
+    if act_granularity not in p.act_granularities:
+        takes = [n for n, q in PRECISIONS.items() if act_granularity in q.act_granularities]
+        raise ValueError(f"precision {precision} has no quantized activations to scale per {act_granularity} "
+                         f"(activation granularity {act_granularity!r} needs one of {', '.join(takes)})")
+
+
 def min_opset(precisions) -> int:
     """The opset a graph holding layers of these precisions needs (the largest minimum)."""
     return max((get_precision(p).min_opset for p in precisions), default=PRECISIONS["fp16"].min_opset)
@@ -138,7 +165,8 @@ def describe() -> str:
     for p in PRECISIONS.values():
         gran = "/".join(p.granularities) or "-"
         trt = p.tensorrt if p.tensorrt_fallback is None else f"{p.tensorrt} (deploy as {p.tensorrt_fallback})"
-        rows.append(f"  {p.name:6s} w {p.weight_format:8s} a {p.act_format:8s} {gran:24s} opset>={p.min_opset}  "
+        agran = "/".join(p.act_granularities) if p.act_format != NONE else "-"
+        rows.append(f"  {p.name:6s} w {p.weight_format:8s} a {p.act_format:8s} {gran:24s} act {agran:12s} opset>={p.min_opset}  "
                     f"TensorRT: {trt}")
     return "\n".join(rows)
 
@@ -169,12 +197,14 @@ def layer_names(depth: int, roles=ROLES) -> list[str]:
 
 
 # -- per-layer overrides ------------------------------------------------------------------------------
-def parse_override(text: str) -> tuple[str, str, str | None]:
-    """``PATTERN=PRECISION[:GRANULARITY]`` -> (pattern, precision, granularity or None)."""
+def _split_override(text: str) -> tuple[str, str, str | None, str | None]:
+    """``PATTERN=PRECISION[:GRANULARITY][/ACT_GRANULARITY]`` -> its four parts, checked."""
     pattern, sep, value = text.partition("=")
+    value, slash, act = value.partition("/")
     precision, _, gran = value.partition(":")
-    if not sep or not pattern or not precision:
-        raise ValueError(f"override {text!r}: expected PATTERN=PRECISION[:GRANULARITY], e.g. 'blocks.11.*=fp16'")
+    if not sep or not pattern or not precision or (slash and not act):
+        raise ValueError(f"override {text!r}: expected PATTERN=PRECISION[:GRANULARITY][/ACT_GRANULARITY], "
+                         f"e.g. 'blocks.11.*=fp16' or '*.mlp.fc2=w4a8:group64/token'")
     if precision not in PRECISIONS or precision == "fp32":
         choices = ", ".join(n for n in PRECISIONS if n != "fp32")
         raise ValueError(f"override {text!r}: unknown precision {precision!r}; choices: {choices} "
@@ -183,7 +213,41 @@ def parse_override(text: str) -> tuple[str, str, str | None]:
         if precision == UNQUANTIZED:
             raise ValueError(f"override {text!r}: fp16 takes no granularity")
         check_granularity(precision, gran)
-    return pattern, precision, gran or None
+    if act:
+        try:
+            check_act_granularity(precision, act)
+        except ValueError as exc:
+            raise ValueError(f"override {text!r}: {exc}") from None
+    return pattern, precision, gran or None, act or None
+
+
+def parse_override(text: str) -> tuple[str, str, str | None]:
+    """``PATTERN=PRECISION[:GRANULARITY][/ACT_GRANULARITY]`` -> (pattern, precision, weight granularity
+    or None); the activation granularity is :func:`resolve_act_granularities`' business."""
+    return _split_override(text)[:3]
+
+
+def resolve_act_granularities(names: list[str], default: str, act_granularity: str,
+                              overrides: list[str]) -> dict[str, str]:
+    """Each layer's activation granularity ("tensor" / "token") from the default precision's and
+    the overrides' ``/ACT_GRANULARITY`` suffix (later wins). A layer whose precision has no
+    quantized activation is "tensor" (nothing to scale); an override without a suffix keeps the
+    default granularity where its precision takes it."""
+    import fnmatch
+
+    def pick(precision: str, act: str | None) -> str:
+        takes = get_precision(precision).act_granularities
+        if act is None:
+            act = act_granularity
+        return act if act in takes else "tensor"
+
+    check_act_granularity(default, act_granularity)
+    out = {n: pick(default, None) for n in names}
+    for text in overrides:
+        pattern, precision, _, act = _split_override(text)
+        for n in fnmatch.filter(names, pattern):
+            out[n] = pick(precision, act)
+    return out
 
 
 def resolve_layer_precisions(names: list[str], default: str, granularity: str | None,

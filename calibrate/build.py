@@ -86,7 +86,7 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
             layer.balance, layer.balance_fold = f"{name}.balance", adapter.fold(name)
         layers[name] = layer
     opts = {"precision": config.precision, "weight_granularity": config.weight_granularity,
-            "overrides": list(config.overrides), "weight_search": weight_search, "act_search": act_search,
+            "overrides": list(config.overrides), "act_granularity": config.act_granularity, "weight_search": weight_search, "act_search": act_search,
             "kept": kept, **(options or {})}
     recipe = Recipe(method, model_fingerprint(model), layers, tensors, opts, model.config.to_dict(), dict(info or {}),
                     precision=config.precision)
@@ -98,7 +98,9 @@ def assemble_recipe(model: nn.Module, stats: Statistics, config: CalibConfig, me
             w, lp.wfmt, layer.weight_granularity, layer.weight_group_size, weight_search, config.percentile,
             config.lp).cpu()
         layer.weight_format, layer.weight_scale = lp.wfmt, f"{name}.weight_scale"
-        if lp.afmt != "none":
+        if lp.afmt != "none" and lp.act_granularity == "token":  # scale computed per token at run time
+            layer.act_format, layer.act_granularity = lp.afmt, "token"
+        elif lp.afmt != "none":
             b = tensors.get(f"{name}.balance")
             amax = act_amax(stats[name], b, config, act_search, lp.afmt)
             layer.act_format, layer.act_scale = lp.afmt, float(quant.scale_from_amax(amax, lp.afmt))

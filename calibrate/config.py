@@ -17,6 +17,7 @@ ScaleSearch = Literal["minmax", "percentile", "mse"]
 # the choices are the precision table's (dtq.formats); the tests check the two agree
 PrecisionName = Literal["int8", "fp8", "w8a16", "w4a16", "w4a8"]
 WeightGranularity = Literal["tensor", "channel", "group32", "group64", "group128"]
+ActGranularity = Literal["tensor", "token"]  # dtq.formats.ACT_GRANULARITIES
 DEFAULT_LAYERS = list(formats.ALL_ROLES)  # a model quantizes the roles it has (runtime/adapters.py)
 
 
@@ -59,6 +60,9 @@ class CalibConfig:
     weight_granularity: WeightGranularity | None = field(default=None, metadata=_h(
         "weight scale granularity: per tensor, per output channel, per C_in group (int8/fp8/w8a16: channel or "
         "tensor; w4a16/w4a8: group128/64/32); default: the precision's first"))
+    act_granularity: ActGranularity = field(default="tensor", metadata=_h(
+        "activation scales: tensor = static per-tensor (calibrated; TensorRT's INT8 GEMMs), token = dynamic "
+        "per-token amax/qmax computed at run time (ViDiT-Q; int8/fp8/w4a8); overrides take a /token suffix"))
     weight_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for weight scales"))
     act_search: ScaleSearch = field(default="minmax", metadata=_h("clipping search for activation scales"))
     percentile: float = field(default=99.99, metadata=_h("percentile of |x| for the percentile search"))
@@ -75,7 +79,7 @@ class CalibConfig:
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS),
                               metadata=_h("layer roles in each block to quantize"))
     overrides: list[str] = field(default_factory=list, metadata=_h(
-        "per-layer precisions, comma-separated PATTERN=PRECISION[:GRANULARITY] (fnmatch over layer names, later "
+        "per-layer precisions, comma-separated PATTERN=PRECISION[:GRANULARITY][/ACT_GRANULARITY] (fnmatch over layer names, later "
         "wins; fp16 = left unquantized), e.g. 'blocks.11.*=fp16,*.mlp.fc2=w8a16'"))
     # weight-side refinements, after any method, on the balanced weight W diag(b) (calibrate/weights.py)
     gptq: bool = field(default=False, metadata=_h(
@@ -122,6 +126,7 @@ class CalibConfig:
         if self.weight_granularity not in p.granularities:
             raise ValueError(f"precision {self.precision} takes weight granularity {', '.join(p.granularities)}; "
                              f"got {self.weight_granularity!r}")
+        formats.check_act_granularity(self.precision, self.act_granularity)
         for text in self.overrides:
             formats.parse_override(text)  # syntax and precision names; patterns are matched at calibration
         if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
@@ -146,7 +151,7 @@ class CalibConfig:
     @property
     def default_layer(self) -> "LayerPrecision":
         """A layer with no override: the default precision and granularity."""
-        return LayerPrecision(self.precision, self.weight_granularity)
+        return LayerPrecision(self.precision, self.weight_granularity, self.act_granularity)
 
     @property
     def wfmt(self) -> str:
@@ -159,7 +164,8 @@ class CalibConfig:
     def layer_precisions(self, names: list[str]) -> dict[str, "LayerPrecision"]:
         """Each named layer's precision after the overrides (``fp16`` ones: left unquantized)."""
         resolved = formats.resolve_layer_precisions(names, self.precision, self.weight_granularity, self.overrides)
-        return {n: LayerPrecision(p, g) for n, (p, g) in resolved.items()}
+        acts = formats.resolve_act_granularities(names, self.precision, self.act_granularity, self.overrides)
+        return {n: LayerPrecision(p, g, acts[n]) for n, (p, g) in resolved.items()}
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class LayerPrecision:
 
     precision: str
     weight_granularity: str | None
+    act_granularity: str = "tensor"  # "token": dynamic per-token activation scale (no calibrated act_scale)
 
     @property
     def quantized(self) -> bool:

@@ -99,6 +99,7 @@ class OnnxFacts:
     outputs: dict[str, tuple[list, str]]
     metadata: dict[str, str]
     sha256: str
+    dynamic_act_qdq: int = 0  # QuantizeLinear nodes whose scale another node computes (per-token activations)
 
 
 def inspect_onnx(path: Path) -> OnnxFacts:
@@ -126,8 +127,11 @@ def inspect_onnx(path: Path) -> OnnxFacts:
 
     inits = {i.name for i in model.graph.initializer}
     meta = artifacts.read_onnx_metadata(model)
+    computed = {o for n in model.graph.node for o in n.output}
+    dynamic = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 1
+                  and n.input[1] in computed)
     return OnnxFacts(shapes(v for v in model.graph.input if v.name not in inits), shapes(model.graph.output),
-                     meta, artifacts.file_sha256(path))
+                     meta, artifacts.file_sha256(path), dynamic)
 
 
 def _tensorrt_refusals(metadata: dict[str, str]) -> list[str]:
@@ -175,6 +179,8 @@ def validate(cfg: BuildConfig) -> tuple[OnnxFacts, tuple[int, int, int]]:
         if any(d < 0 for d in shape[1:]):
             raise BuildUsageError(f"{cfg.onnx}: input {name!r} has dynamic non-batch dims {shape}")
     refused = _tensorrt_refusals(facts.metadata)
+    if facts.dynamic_act_qdq:
+        refused.append(f"{facts.dynamic_act_qdq} activation quantizers with computed scales: {formats.TOKEN_TENSORRT_NOTE}")
     if refused:
         raise BuildUsageError(f"{cfg.onnx}: TensorRT cannot build this graph's precision: " + "; ".join(refused))
     profile = _batch_profile(cfg, facts)

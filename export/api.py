@@ -121,6 +121,8 @@ def export_model(config: ExportConfig, model: nn.Module | None = None, recipe: R
             recipe = qdq.weight_only_fallback(recipe, fallback)
         elif refused:
             warnings += [f"TensorRT cannot build this graph (ONNX Runtime runs it): {m}" for m in refused]
+        if any(layer.act_granularity == "token" and layer.act_format != "none" for layer in recipe.layers.values()):
+            warnings.append(f"TensorRT cannot build this graph (ONNX Runtime runs it): {formats.TOKEN_TENSORRT_NOTE}")
     cfg = config.resolved(recipe, precision)
     proto = build_graph(model, cfg, recipe, fp_proto)
     report = rules.check_model(proto) if cfg.rule_check else rules.RuleReport()

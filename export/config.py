@@ -110,6 +110,8 @@ class ExportConfig:
         self.check_usage()
         graph_precisions = {precision} | (set(recipe.layer_precisions.values()) if recipe is not None else set())
         need = formats.min_opset(graph_precisions)  # fp32/fp16: 18 (the dynamo exporter's minimum)
+        if recipe is not None and any(layer.act_granularity == "token" for layer in recipe.layers.values()):
+            need = max(need, formats.TOKEN_MIN_OPSET)  # per-token Q/DQ: blocked along the channels
         opset = self.opset or need
         if opset < need:
             raise ExportUsageError(f"precision {precision} needs opset >= {need}, got {opset}")

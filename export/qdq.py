@@ -23,6 +23,13 @@ same recipe as w4a16 (``weight_only_fallback``: weights identical, activation Q/
 W4A8 graph with this explanation (``formats.PRECISIONS["w4a8"].tensorrt_note``).
 
 W8A16 (INT8 per-channel/tensor weight, no activation Q/DQ) is TensorRT's INT8 weight-only form.
+
+Per-token dynamic activations (a layer's ``act_granularity`` "token", ViDiT-Q): the scale is computed
+in the graph, ``Max(ReduceMax(Abs(x), axes=[-1], keepdims=1) / qmax, floor)`` (``[..., 1]``, the
+simulation's ``quant.token_scale`` op for op), and feeds an opset-21 blocked ``QuantizeLinear`` /
+``DequantizeLinear`` pair with ``axis=-1, block_size=C`` (one block per token; no zero point,
+``output_dtype`` names the type). ONNX Runtime runs it. TensorRT fuses only Q/DQ with constant
+scales into its quantized GEMMs: ``rules.check_model`` reports these under ``act-dynamic-scale``.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ def weight_only_fallback(recipe: Recipe, precision: str) -> Recipe:
     out.layers = {}
     for name, layer in recipe.layers.items():
         if formats.get_precision(layer.precision).tensorrt_fallback == precision:
-            layer = dataclasses.replace(layer, act_format="none", act_scale=None)
+            layer = dataclasses.replace(layer, act_format="none", act_scale=None, act_granularity="tensor")
         out.layers[name] = layer
     out.precision = precision
     return out
@@ -89,6 +96,36 @@ def _scale(name: str, values: np.ndarray, dtype) -> gs.Constant:
     return gs.Constant(name, np.array(values, dtype=dtype, order="C"))
 
 
+_ONNX_TYPE = {"int8": onnx.TensorProto.INT8, "fp8_e4m3": onnx.TensorProto.FLOAT8E4M3FN}
+
+
+def _token_qdq(graph: gs.Graph, name: str, x: gs.Variable, fmt: str, dtype) -> gs.Variable:
+    """``x`` quantized-dequantized with a scale per token computed from ``x`` (see the module doc);
+    returns the dequantized tensor."""
+    def var(suffix, dt=None, shape=None):
+        return gs.Variable(f"{name}/{suffix}", dtype=dt if dt is not None else x.dtype, shape=shape)
+
+    floor = _FP16_TINY if np.dtype(dtype) == np.float16 else quant._MIN_SCALE  # fp16: 1e-12 underflows
+    ab, amax, div, scale = var("input_abs", shape=x.shape), var("input_amax"), var("input_amax_div"), var("input_scale")
+    q_out = var("input_quantized", np.dtype(_NP[fmt]), x.shape)
+    dq_out = var("input_dequantized", shape=x.shape)
+    block = {"axis": -1, "block_size": int(x.shape[-1])}
+    graph.nodes += [
+        gs.Node("Abs", name=f"{name}/input_abs", inputs=[x], outputs=[ab]),
+        gs.Node("ReduceMax", name=f"{name}/input_amax", attrs={"keepdims": 1},
+                inputs=[ab, gs.Constant(f"{name}.input_amax_axes", np.array([-1], np.int64))], outputs=[amax]),
+        gs.Node("Div", name=f"{name}/input_amax_div",
+                inputs=[amax, gs.Constant(f"{name}.input_qmax", np.array(quant.QMAX[fmt], dtype=dtype))],
+                outputs=[div]),
+        gs.Node("Max", name=f"{name}/input_scale",
+                inputs=[div, gs.Constant(f"{name}.input_scale_floor", np.array(floor, dtype=dtype))], outputs=[scale]),
+        gs.Node("QuantizeLinear", name=f"{name}/input_q", attrs={**block, "output_dtype": _ONNX_TYPE[fmt]},
+                inputs=[x, scale], outputs=[q_out]),
+        gs.Node("DequantizeLinear", name=f"{name}/input_dq", attrs=block, inputs=[q_out, scale], outputs=[dq_out]),
+    ]
+    return dq_out
+
+
 def insert_qdq(graph: gs.Graph, master: MasterWeights, recipe: Recipe, fp8_ops: str = "onnx") -> gs.Graph:
     """Q/DQ for every recipe layer (weights and/or activation), returns the cleaned graph."""
     if fp8_ops not in ("onnx", "trt"):
@@ -102,7 +139,11 @@ def insert_qdq(graph: gs.Graph, master: MasterWeights, recipe: Recipe, fp8_ops: 
         node = nodes[site.node]
         dtype = graph.tensors()[site.weight].dtype  # the graph's float type (float32 / float16)
         use_trt = fp8_ops == "trt"
-        if layer.act_format != "none":
+        if layer.act_format != "none" and layer.act_granularity == "token":
+            if use_trt and layer.act_format == "fp8_e4m3":
+                raise QDQError(f"{name}: per-token FP8 activations need the ONNX Q/DQ ops (fp8_ops='onnx')")
+            node.inputs[0] = _token_qdq(graph, name, node.inputs[0], layer.act_format, dtype)
+        elif layer.act_format != "none":
             fmt = layer.act_format
             x = node.inputs[0]
             s = _scale(f"{name}.input_scale", np.float32(layer.act_scale), dtype)

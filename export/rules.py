@@ -19,6 +19,10 @@ Every finding names the node and a stable rule id:
                       for the features used (FP8 >= 19, INT4/block_size >= 21)
 - ``int4-int8-mix``   (warning) a MatMul whose weight is INT4 and activation INT8: no native
                       TensorRT kernel (see export/qdq.py for what TensorRT does with it)
+- ``act-dynamic-scale`` (warning) an activation Q/DQ whose scale is computed in the graph and
+                      blocked along the last axis (dtq's per-token dynamic activations): TensorRT fuses only constant-scale Q/DQ into
+                      its quantized GEMMs (``DYNAMIC_SCALE_NOTE``); such a Q/DQ is exempt from
+                      ``scale-constant`` / ``act-per-tensor`` / ``block-shape``, which it breaks by design
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ Q_OPS = {"QuantizeLinear", "TRT_FP8QuantizeLinear"}
 DQ_OPS = {"DequantizeLinear", "TRT_FP8DequantizeLinear"}
 RULE_IDS = (
     "zero-point", "scale-constant", "act-per-tensor", "weight-scale-shape", "block-shape",
-    "int4-even-dim", "int4-weight-only", "dtype", "qdq-pair", "opset", "int4-int8-mix",
+    "int4-even-dim", "int4-weight-only", "dtype", "qdq-pair", "opset", "int4-int8-mix", "act-dynamic-scale",
 )
+DYNAMIC_SCALE_NOTE = (
+    "activation scale computed at run time (per-token dynamic quantization): TensorRT fuses only Q/DQ with "
+    "constant scales into INT8/FP8 GEMMs, so it cannot run this MatMul as a quantized GEMM (TensorRT-RTX "
+    "1.7.1's builder fails on such a graph: Myelin CHECK(is_constant())); calibrate static per-tensor "
+    "activations for TensorRT")
 
 
 def _np_dtype_names() -> dict[str, str]:
@@ -177,6 +186,15 @@ def _check_node(node: gs.Node, opset: int, out: list[Finding]) -> None:
         out.append(Finding("opset", name, f"block_size needs opset >= 21 (model has {opset})"))
 
     # scale
+    if _computed(scale) and block and _last_axis(node) and not (not is_q and isinstance(x, gs.Constant)):
+        # a per-token dynamic activation quantizer (computed scale, one block = the last axis: dtq's
+        # export): one finding, the static-scale rules skip it; any other computed scale stays an error
+        if is_q:
+            out.append(Finding("act-dynamic-scale", name, DYNAMIC_SCALE_NOTE, "warning"))
+            _check_pair(node, name, out)
+        if qtype == "int4":
+            out.append(Finding("int4-weight-only", name, "INT4 on an activation: TensorRT supports INT4 only as weight-only blocked DequantizeLinear"))
+        return
     if scale is None or not isinstance(scale, gs.Constant):
         out.append(Finding("scale-constant", name, "scale is not a constant initializer (TensorRT needs static scales)"))
         svals = None
@@ -248,6 +266,17 @@ def _check_node(node: gs.Node, opset: int, out: list[Finding]) -> None:
         out.append(Finding("weight-scale-shape", name, f"scale length {svals.shape[0]} != weight.shape[{axis}] = {w.shape[axis]}"))
 
 
+def _last_axis(node: gs.Node) -> bool:
+    axis = int(node.attrs.get("axis", 1))
+    shape = node.inputs[0].shape
+    return axis == -1 or (shape is not None and axis == len(shape) - 1)
+
+
+def _computed(tensor: gs.Tensor | None) -> bool:
+    """A tensor some node of the graph produces (not an initializer, not a graph input)."""
+    return isinstance(tensor, gs.Variable) and bool(tensor.inputs)
+
+
 def _check_pair(node: gs.Node, name: str, out: list[Finding]) -> None:
     consumers = node.outputs[0].outputs
     if not consumers:
@@ -258,6 +287,8 @@ def _check_pair(node: gs.Node, name: str, out: list[Finding]) -> None:
             out.append(Finding("qdq-pair", name, f"QuantizeLinear feeds {c.op} {c.name!r}, not a DequantizeLinear"))
             continue
         cs = c.inputs[1] if len(c.inputs) > 1 else None
+        if _computed(scale) and cs is not scale:
+            out.append(Finding("qdq-pair", name, f"computed Q scale is not the scale of its DequantizeLinear {c.name!r}"))
         if isinstance(scale, gs.Constant) and isinstance(cs, gs.Constant):
             if _values(scale).shape != _values(cs).shape or not np.array_equal(_values(scale), _values(cs)):
                 out.append(Finding("qdq-pair", name, f"Q scale differs from the scale of its DequantizeLinear {c.name!r}"))

@@ -1,4 +1,4 @@
-"""``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
+"""``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
 ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``): the Triton GEMMs as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
@@ -98,3 +98,13 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
 @w4a8_progressive_gate_residual.register_fake
 def _(a, w_packed, s2, group, s1, a_scale, bias, gate, residual):
     return residual.new_empty((a.shape[0], w_packed.shape[0]))
+
+
+@torch.library.custom_op("dtq::quant_rows_int8", mutates_args=())
+def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.quant_rows_int8(x, mul)
+
+
+@quant_rows_int8.register_fake
+def _(x, mul):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)

@@ -134,7 +134,7 @@ def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_p
                 K: tl.constexpr, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
                 gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                 FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
-                GATE_RESIDUAL: tl.constexpr,
+                GATE_RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # 8-bit x 8-bit GEMM: INT8 (int32 accumulate) or FP8 E4M3 (FP8=True, fp32 accumulate)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -157,9 +157,13 @@ def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_p
         acc = tl.dot(a, w, acc, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    a_scale = tl.load(a_scale_ptr)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
+    if ROW_SCALE:  # dynamic per-token activation scales: one per row of A
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        c = acc.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
+    else:
+        a_scale = tl.load(a_scale_ptr)
+        c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
     _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
                     gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                     HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
@@ -250,7 +254,7 @@ def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tenso
                       q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
                       M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
                       c.stride(1), FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None,
+                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, ROW_SCALE=a_scale.dim() == 1,
                       **_gate_residual_args(c, gate, residual), **({} if config is None else dict(config)))
     return c
 
@@ -281,7 +285,8 @@ def mm8_gate_residual(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
             config: dict | None = None) -> torch.Tensor:
-    """``(a @ w.T) * a_scale * w_scale + bias``: a int8 [M, K], w int8 [N, K], a_scale float32 [],
+    """``(a @ w.T) * a_scale * w_scale + bias``: a int8 [M, K], w int8 [N, K], a_scale float32 [] (static)
+    or [M] (per-token: row m scaled by a_scale[m]),
     w_scale float32 [N], bias [N] or None -> [M, N] ``out_dtype``. ``config``: see ``_mm8``."""
     assert a.dtype == torch.int8, a.dtype
     c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=out_dtype)
@@ -455,8 +460,8 @@ def _prune_w4a8(configs, named_args, **kwargs):
 @triton.jit
 def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
                     GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg,
-                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # requires K % BLOCK_K == 0 and GROUP % BLOCK_K == 0 (one group scale per K tile)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -476,7 +481,10 @@ def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: 
         acc += part.to(tl.float32) * s[None, :]
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
-    acc = acc * tl.load(a_scale_ptr)
+    if ROW_SCALE:  # dynamic per-token activation scales
+        acc = acc * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    else:
+        acc = acc * tl.load(a_scale_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -486,14 +494,15 @@ def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: 
 def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int, a_scale: torch.Tensor,
             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``(a @ dequant(W).T) * a_scale + bias``: a int8 [M, K], W INT4 packed ``[N, K/2]``, scales
-    ``[N, K/group]`` float32, a_scale float32 [] -> [M, N] ``out_dtype``."""
+    ``[N, K/group]`` float32, a_scale float32 [] or [M] (per token) -> [M, N] ``out_dtype``."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert a.dtype == torch.int8 and w_packed.shape[1] * 2 == K and scales.shape == (N, K // group)
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     _w4a8_mm_kernel[_int4_grid(M, N, K, group, one_group_per_tile=True)](a, w_packed, scales, c, a_scale, bias if bias is not None else scales, M, N, K, _m_bucket(M),
                           group, a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0),
-                          scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None)
+                          scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
+                          ROW_SCALE=a_scale.dim() == 1)
     return c
 
 
@@ -612,3 +621,38 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
     """proj / fc2 of a two-level W4A8 block with the gated residual add in the epilogue (as
     :func:`mm8_gate_residual`): ``residual + gate[b] * w4a8_progressive_mm(...)``."""
     return w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, config=config, gate=gate, residual=residual)
+
+
+# -- per-token dynamic activation quantization ----------------------------------------------------------
+@triton.jit
+def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HAS_MUL: tl.constexpr,
+                       QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program per row: load it once, balance it, amax -> scale, round half to even, saturate
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MUL:
+        x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)
+    q = _round_half_even(tl.minimum(tl.maximum(x / scale, -129.0), 128.0))
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViDiT-Q's dynamic per-token INT8 quantization in one pass over ``x`` [M, K] (any float type):
+    ``x' = x.float() * mul`` (the layer's run-time balancing, optional), ``s[m] = max(amax|x'[m]| / 127,
+    1e-12)``, ``q = saturate(round_half_even(x' / s))`` -> (int8 [M, K], float32 [M]): the numbers of
+    ``quant.fake_quant_act(..., "token")`` and of the ONNX graph's per-token Q/DQ. Feeds ``int8_mm`` /
+    ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (one row per program, in registers)."""
+    M, K = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty((M, K), device=x.device, dtype=torch.int8)
+    s = torch.empty((M,), device=x.device, dtype=torch.float32)
+    if M:
+        _quant_rows_kernel[(M,)](x, mul if mul is not None else s, q, s, K, x.stride(0), q.stride(0),
+                                 HAS_MUL=mul is not None, QMAX=127.0, MIN_SCALE=1e-12,
+                                 BLOCK_K=triton.next_power_of_2(K))
+    return q, s

@@ -32,6 +32,18 @@ w4a8       ``Int4Progressive-      ``build_qengine(w4a8="progressive")``: weight
                                    int8 MMAs accumulate in int32 over the whole K, one float epilogue
 =========  ======================  =====================================================================
 
+Per-token dynamic activations (a recipe layer's ``act_granularity`` "token", ViDiT-Q): INT8 layers
+(int8, w4a8) quantize their input with ``runtime.kernels.quant_rows_int8``, one Triton pass that
+balances, takes each row's amax, and writes int8 codes plus a float32 scale per row; the GEMM's
+epilogue (``int8_mm`` / ``w4a8_mm``) scales row m by that scale instead of the static scalar. FP8
+layers compute the row scale in torch and give ``torch._scaled_mm`` row-wise ``scale_a``. Under
+``compile_blocks`` Inductor sees the model's LayerNorm + modulate in front of that op; the
+quantizer is a custom op, so it stays its own pass (one read of the activation, one int8 write).
+Per-token layers take no fused epilogue (``fuses_epilogue`` is False): ``FusedMlp``'s fc1 epilogue
+sees one N tile of a row, not the row's amax, so a per-token fc2 input cannot be made there, and the
+gated-residual epilogue (``FusedResidualBlock``) quantizes with the static scale (it could take the
+per-row scales ``int8_mm`` now accepts: not done). ``Int4ProgressiveLinear`` is static only.
+
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
 ``(x' R^T) L^T`` on the balanced unquantized input ``x'``: on the GPU two small FP16 GEMMs after the
 layer's kernel, the second accumulating into the output (``addmm``) when the output is FP16. Their
@@ -89,6 +101,7 @@ class EngineLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = q.in_features, q.out_features
         self.weight_format, self.act_format = q.weight_format, q.act_format
+        self.act_granularity = q.act_granularity  # "token": scale per row computed from the input
         self.weight_granularity, self.weight_group_size = q.weight_granularity, q.weight_group_size
         self.kernel = kernel
         # online block-Hadamard rotation of the input (recipe input_rotation), before input_mul; on the
@@ -133,7 +146,7 @@ class EngineLinear(nn.Module):
             x = x * self.input_mul.to(dtype)
         xb = x
         if self.act_format != "none":
-            x = quant.fake_quant(x, self.act_scale, self.act_format)
+            x = quant.fake_quant_act(x, self.act_scale, self.act_format, self.act_granularity)
         w = self.dequantized_weight()
         b = self.bias
         y = F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype))
@@ -180,8 +193,10 @@ class EngineLinear(nn.Module):
 
     def fuses_epilogue(self, rows: int | None = None) -> bool:
         """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
-        some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM)."""
-        return self.epilogue_format is not None and self.kernel == "auto" and self.lowrank_up is None
+        some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM), a
+        static activation scale (the fused paths quantize with it; per-token layers run unfused)."""
+        return (self.epilogue_format is not None and self.kernel == "auto" and self.lowrank_up is None
+                and self.act_granularity == "tensor")
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -195,6 +210,17 @@ class EngineLinear(nn.Module):
     def _balanced_float(self, x2: torch.Tensor) -> torch.Tensor:
         xf = x2.float()
         return xf * self.input_mul if self.input_mul is not None else xf
+
+    @property
+    def dynamic(self) -> bool:
+        return self.act_granularity == "token"
+
+    def int8_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """INT8 codes of the balanced input and their scale: the static scalar, or per token ``[M]``
+        from one Triton pass (``kernels.quant_rows_int8``)."""
+        if self.dynamic:
+            return torch.ops.dtq.quant_rows_int8(x2, self.input_mul)
+        return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8), self.act_scale
 
     def weight_bytes(self) -> int:
         """Codes + the kernel's scales + bias (``weight_scale`` is kept for the reference path only;
@@ -235,13 +261,33 @@ class FP8Linear(EngineLinear):
     def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
         return (self._balanced_float(x2) / self.act_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
-    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+    def fp8_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E4M3 codes of the balanced input and their scale (static ``[]`` or per token ``[M]``)."""
+        if not self.dynamic:
+            return self.quantize_input(x2), self.act_scale
+        xf = self._balanced_float(x2)
+        s = quant.token_scale(xf, self.act_format)
+        return (xf / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s.reshape(-1)
 
-    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The GEMM on E4M3 codes of this layer's (balanced) input -> ``dtype``."""
+    def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xq, a_scale = self.fp8_codes(x2)
+        return self.codes_forward(xq, x2.dtype, a_scale)
+
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype, a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM on E4M3 codes of this layer's (balanced) input -> ``dtype``; ``a_scale``: per-row
+        scales ``[M]`` of dynamic codes (default: the static scale)."""
         w_t = self.weight_fp8.t()  # [K, N] column-major, as _scaled_mm wants
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if a_scale is not None and a_scale.dim() == 1:  # per token: row-wise scale_a, or scale the output rows
+            if self.scaling.startswith("rowwise"):
+                out = torch._scaled_mm(xq, w_t, scale_a=a_scale.reshape(-1, 1).contiguous(), scale_b=self.w_scale_row,
+                                       out_dtype=out_dtype)
+            else:
+                out = torch._scaled_mm(xq, w_t, scale_a=self.one, scale_b=self.one, out_dtype=torch.float32)
+                out = out * a_scale.reshape(-1, 1) * self.w_scale_row
+            if self.bias is not None:
+                out = out + self.bias
+            return out.to(dtype)
         if self.scaling.startswith("rowwise"):
             a_scale = self.act_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
             if self.scaling == "rowwise+bias" and self.bias is not None:  # bias in the GEMM's epilogue
@@ -340,18 +386,21 @@ class Int8Linear(EngineLinear):
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
 
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+        xq, a_scale = self.int8_codes(x2)
+        return self.codes_forward(xq, x2.dtype, a_scale)
 
-    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The GEMM on INT8 codes of this layer's (balanced) input -> ``dtype``."""
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype, a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM on INT8 codes of this layer's (balanced) input -> ``dtype``; ``a_scale``: the
+        codes' scale, static ``[]`` (default: the layer's) or per row ``[M]`` (dynamic)."""
+        a_scale = self.act_scale if a_scale is None else a_scale
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self.kernel_for_rows(xq.shape[0]) == "int_mm":  # (under torch.compile: a guard on the rows)
             acc = torch._int_mm(xq, self.weight_int8.t())
-            out = acc.float() * (self.act_scale * self.w_scale_n)
+            out = acc.float() * (a_scale.reshape(-1, 1) * self.w_scale_n)
             if self.bias is not None:
                 out = out + self.bias
             return out.to(dtype)
-        return torch.ops.dtq.int8_mm(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
+        return torch.ops.dtq.int8_mm(xq, self.weight_int8, a_scale, self.w_scale_n, self.bias,
                                      out_dtype).to(dtype)
 
 
@@ -489,11 +538,11 @@ class Int4Linear(EngineLinear):
         xf = self._balanced_float(x2)
         out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self.w4a8_kernel():
-            xq = torch.round(xf / self.act_scale).clamp_(-128, 127).to(torch.int8)
-            return torch.ops.dtq.w4a8_mm(xq, self.weight_packed, self.w_scale_groups, self.group, self.act_scale,
+            xq, a_scale = self.int8_codes(x2)
+            return torch.ops.dtq.w4a8_mm(xq, self.weight_packed, self.w_scale_groups, self.group, a_scale,
                                          self.bias, out_dtype).to(x2.dtype)
         if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
-            xf = quant.fake_quant(xf, self.act_scale, self.act_format)
+            xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
         if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM
             b = None if self.bias is None else self.bias.to(a.dtype)
@@ -524,7 +573,8 @@ class Int4ProgressiveLinear(EngineLinear):
 
     @staticmethod
     def eligible(q: QuantLinear) -> bool:
-        return q.weight_format == "int4" and q.act_format == "int8" and q.in_features % W4_MIN_K == 0
+        return (q.weight_format == "int4" and q.act_format == "int8" and q.in_features % W4_MIN_K == 0
+                and q.act_granularity == "tensor")  # its kernel takes a static activation scale
 
     def weight_codes(self) -> torch.Tensor:
         from .kernels_ref import unpack_int4

@@ -5,7 +5,8 @@ It is an ``nn.Linear`` subclass so the state-dict names stay those of the DiT
 
 - ``input_mul`` (optional, ``[C_in]``): a run-time multiply of the input by ``1 / b`` where a
   balancing vector cannot be folded (fc2 after GELU); the ONNX ``Mul`` before the Q/DQ pair.
-- ``act_scale`` (``[]``): static per-tensor activation scale of the (balanced) input.
+- ``act_scale`` (``[]``): static per-tensor activation scale of the (balanced) input; None when
+  ``act_granularity`` is "token" (a scale per token, ``quant.token_scale``, computed in forward).
 - ``weight_scale``: per-tensor ``[]``, per-channel ``[C_out]`` or per-group ``[C_out, C_in/g]``
   scale of ``weight``, which is already the balanced weight ``W diag(b)``.
 
@@ -32,7 +33,7 @@ class QuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_format: str = "none", weight_granularity: str = "channel",
                  weight_group_size: int | None = None, act_format: str = "none",
-                 device=None, dtype=None):
+                 act_granularity: str = "tensor", device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         quant.check_format(weight_format)
         quant.check_format(act_format)
@@ -40,6 +41,9 @@ class QuantLinear(nn.Linear):
         self.weight_granularity = weight_granularity
         self.weight_group_size = weight_group_size
         self.act_format = act_format
+        if act_granularity not in quant.ACT_GRANULARITIES:
+            raise ValueError(f"unknown activation granularity {act_granularity!r}")
+        self.act_granularity = act_granularity
         self.register_buffer("act_scale", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_mul", None)
@@ -50,7 +54,7 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, weight_format: str = "none", weight_granularity: str = "channel",
-                    weight_group_size: int | None = None, act_format: str = "none",
+                    weight_group_size: int | None = None, act_format: str = "none", act_granularity: str = "tensor",
                     weight_scale: torch.Tensor | None = None, act_scale: torch.Tensor | float | None = None,
                     input_mul: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -61,7 +65,7 @@ class QuantLinear(nn.Linear):
         w = linear.weight if weight is None else weight.to(linear.weight.device, linear.weight.dtype)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format=weight_format,
                 weight_granularity=weight_granularity, weight_group_size=weight_group_size, act_format=act_format,
-                device="meta")
+                act_granularity=act_granularity, device="meta")
         q.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         q.set_quant(weight_scale=weight_scale, act_scale=act_scale, input_mul=input_mul)
@@ -78,8 +82,11 @@ class QuantLinear(nn.Linear):
         if self.weight_format != "none" and weight_scale is None:
             weight_scale = quant.weight_scale(self.weight, self.weight_format, self.weight_granularity,
                                               self.weight_group_size)
-        if self.act_format != "none" and act_scale is None:
+        dynamic = self.act_granularity == "token"
+        if self.act_format != "none" and not dynamic and act_scale is None:
             raise ValueError("a quantized activation needs a calibrated act_scale")
+        if dynamic and act_scale is not None:
+            raise ValueError("a per-token (dynamic) activation takes no static act_scale")
         self.weight_scale = None if weight_scale is None else torch.as_tensor(weight_scale).float().to(dev)
         self.act_scale = None if act_scale is None else torch.as_tensor(act_scale, dtype=torch.float32).reshape(()).to(dev)
         self.input_mul = None if input_mul is None else input_mul.detach().float().to(dev)
@@ -109,7 +116,7 @@ class QuantLinear(nn.Linear):
             x = x * self.input_mul.to(dtype)
         xb = x
         if self.act_format != "none":
-            x = quant.fake_quant(x, self.act_scale, self.act_format)
+            x = quant.fake_quant_act(x, self.act_scale, self.act_format, self.act_granularity)
         w = self.fake_quant_weight() if self.weight_format != "none" else self.weight
         b = self.bias
         y = F.linear(x.to(w.dtype), w, b if b is None else b.to(w.dtype))
@@ -120,6 +127,7 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
         return (f"{super().extra_repr()}, w={self.weight_format}/{g}, a={self.act_format}"
+                f"{'/token' if self.act_granularity == 'token' else ''}"
                 f"{f', input_rotation={self.input_rotation}' if self.input_rotation else ''}"
                 f"{', input_mul' if self.input_mul is not None else ''}"
                 f"{f', lowrank={self.lowrank_up.shape[1]}' if self.lowrank_up is not None else ''}")

@@ -64,6 +64,28 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     return dequantize(quantize(x, scale, fmt), scale)
 
 
+# -- activations -------------------------------------------------------------------------------------
+ACT_GRANULARITIES = ("tensor", "token")  # dtq.formats: static per-tensor | dynamic per-token
+
+
+def token_scale(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """ViDiT-Q's dynamic per-token scale: ``amax(|x| over the last axis) / qmax``, ``[..., 1]`` float32.
+    The ONNX graph computes the same ops (``ReduceMax(Abs(x)) / qmax``, then ``Max`` with the floor)."""
+    return scale_from_amax(x.float().abs().amax(dim=-1, keepdim=True), fmt)
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, fmt: str, granularity: str = "tensor") -> torch.Tensor:
+    """An activation's quantize-dequantize: with the static ``scale`` (``tensor``) or a scale per
+    token computed from ``x`` (``token``; ``scale`` unused)."""
+    if fmt == "none":
+        return x
+    if granularity == "token":
+        return fake_quant(x, token_scale(x, fmt), fmt)
+    if granularity != "tensor":
+        raise ValueError(f"unknown activation granularity {granularity!r}; known: {', '.join(ACT_GRANULARITIES)}")
+    return fake_quant(x, scale, fmt)
+
+
 # -- weights -----------------------------------------------------------------------------------------
 def _check_group(w: torch.Tensor, group_size: int | None) -> int:
     if not group_size or group_size <= 0:

@@ -19,7 +19,8 @@ Conventions (export relies on them):
 - ``balance`` is b (``[C_in]``): the layer sees ``X / b`` and uses ``W diag(b)``; it folds into the
   adaLN rows (qkv, fc1), the V rows of qkv (proj), or a run-time ``Mul`` by ``1 / b`` ("runtime").
 - ``weight_scale`` is the scale of the *balanced* weight ``W diag(b)``; ``act_scale`` the per-tensor
-  scale of the *balanced* input ``X / b``.
+  scale of the *balanced* input ``X / b``; a layer with ``act_granularity`` "token" has none: its input
+  scale is ``amax(|X / b| over channels) / qmax`` per token, computed at run time (ViDiT-Q).
 - ``weight`` (optional, ``[C_out, C_in]``) replaces ``W diag(b)`` as the weight the layer's quantizer
   sees (GPTQ's dequantized weight, or ``W diag(b) - L R`` with a low-rank branch); ``weight_scale``
   is its scale, and ``quant.quantize_weight(weight, weight_scale)`` gives the codes.
@@ -72,8 +73,8 @@ class LayerRecipe:
     weight_format: str = "int8"  # int8 | int4 | fp8_e4m3 | none
     weight_granularity: str = "channel"  # tensor | channel | group
     weight_group_size: int | None = None  # block size along C_in for "group" (32/64/128)
-    act_format: str = "int8"  # int8 | fp8_e4m3 | none (activations: per tensor, static)
-    act_scale: float | None = None
+    act_format: str = "int8"  # int8 | fp8_e4m3 | none
+    act_scale: float | None = None  # static per-tensor scale; None with act_granularity "token"
     weight_scale: str | None = None
     balance: str | None = None
     balance_fold: str | None = None  # adaLN | v | runtime
@@ -81,6 +82,7 @@ class LayerRecipe:
     lowrank_up: str | None = None  # L [C_out, r] of the FP16 branch (X' R^T) L^T
     lowrank_down: str | None = None  # R [r, C_in]
     input_rotation: int | None = None  # Hadamard block of the online input rotation (before balancing)
+    act_granularity: str = "tensor"  # tensor: static act_scale | token: per-token amax/qmax at run time
 
     def validate(self, name: str) -> None:
         try:
@@ -97,7 +99,14 @@ class LayerRecipe:
                 formats.check_granularity(precision, gran)
             except ValueError as exc:
                 raise RecipeError(f"{name}: {exc}") from None
-        if self.act_format != "none" and (self.act_scale is None or not 0 < self.act_scale < float("inf")):
+        try:
+            formats.check_act_granularity(precision, self.act_granularity)
+        except ValueError as exc:
+            raise RecipeError(f"{name}: {exc}") from None
+        if self.act_granularity == "token":
+            if self.act_scale is not None:
+                raise RecipeError(f"{name}: a per-token (dynamic) activation has no static act_scale")
+        elif self.act_format != "none" and (self.act_scale is None or not 0 < self.act_scale < float("inf")):
             raise RecipeError(f"{name}: quantized activation needs a positive act_scale, got {self.act_scale}")
         if (self.balance is None) != (self.balance_fold is None):
             raise RecipeError(f"{name}: balance and balance_fold go together")
@@ -443,6 +452,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, check: bool = True, inplac
         q = QuantLinear.from_linear(
             lin, weight_format=layer.weight_format, weight_granularity=layer.weight_granularity,
             weight_group_size=layer.weight_group_size, act_format=layer.act_format,
+            act_granularity=layer.act_granularity,
             weight_scale=recipe.weight_scale(name), act_scale=layer.act_scale, input_mul=input_mul,
             weight=recipe.weight(name), lowrank=recipe.lowrank(name), input_rotation=rotation)
         setattr(parent, attr, q)

@@ -305,3 +305,22 @@ def test_fp16_overrides_leave_layers_unquantized(tiny_setup, tmp_path):
     assert json.loads(json.dumps(res.metadata["layer_precisions"])) == kept.layer_precisions
     with pytest.raises(ValueError, match="matches no quantizable layer"):
         calibrate(model, stats, CalibConfig(method="ditas", overrides=["blocks.*.mlp.fc3=fp16"], progress=False))
+
+
+def test_dynamic_w4a8_smoothquant_beats_static_on_held_out_timesteps(tiny_setup):
+    """Per-token dynamic activations (ViDiT-Q, CalibConfig.act_granularity="token") vs static
+    per-tensor, on held-out rows. Measured on this setup, smoothquant alpha 0.5, W4A8 group32, noise
+    SQNR vs FP: static 20.86 dB all / 15.71 late, per-token 22.41 / 17.29 (+1.55 / +1.58). (alpha 1.0
+    moves the activation range into the INT4 weights, which then dominate: +0.16 dB; minmax: +4.2.)"""
+    model, _, held, stats, fp = tiny_setup
+    out = {}
+    for act in ("tensor", "token"):
+        cfg = CalibConfig(method="smoothquant", alpha=0.5, precision="w4a8", weight_granularity="group32",
+                          act_granularity=act, progress=False)
+        recipe = calibrate(model, stats, cfg)
+        assert {layer.act_granularity for layer in recipe.layers.values()} == {act}
+        assert recipe.options["act_granularity"] == act
+        assert all((layer.act_scale is None) == (act == "token") for layer in recipe.layers.values())
+        out[act] = noise_sqnr(model, apply_recipe(model, recipe), held, fp_out=fp)
+    assert out["token"]["all"] > out["tensor"]["all"] + 1.0, out
+    assert out["token"]["late"] > out["tensor"]["late"] + 1.0, out

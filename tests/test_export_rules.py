@@ -119,6 +119,27 @@ def test_w4a8_mix_is_a_warning():
     assert [f.rule for f in report.warnings] == ["int4-int8-mix"] and report.warnings[0].node == "mm"
 
 
+def test_per_token_dynamic_scale_is_a_warning():
+    """A computed scale blocked along the last axis (dtq's per-token export) is the warning
+    act-dynamic-scale, not a scale-constant error (a computed per-tensor scale stays one: above)."""
+    nodes = [helper.make_node("Abs", ["x"], ["ax"], name="abs"),
+             helper.make_node("ReduceMax", ["ax", "axes"], ["amax"], keepdims=1, name="amax"),
+             helper.make_node("Div", ["amax", "qmax"], ["s"], name="div"),
+             helper.make_node("QuantizeLinear", ["x", "s"], ["xq"], axis=-1, block_size=K,
+                              output_dtype=TensorProto.INT8, name="act_q"),
+             helper.make_node("DequantizeLinear", ["xq", "s"], ["xd"], axis=-1, block_size=K, name="act_dq"),
+             helper.make_node("MatMul", ["xd", "w"], ["y"], name="mm")]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [-1]),
+             helper.make_tensor("qmax", TensorProto.FLOAT, [], [127.0]),
+             helper.make_tensor("w", TensorProto.FLOAT, [K, N], [0.1] * (K * N))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, N])], inits,
+                          value_info=[helper.make_tensor_value_info("xq", TensorProto.INT8, [2, K])])
+    report = check_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+    assert report.ok, report.format()
+    assert [(f.rule, f.node) for f in report.warnings] == [("act-dynamic-scale", "act_q")], report.format()
+
+
 def test_rule_ids_covered():
-    covered = set(CASES) | {"int4-int8-mix"}
+    covered = set(CASES) | {"int4-int8-mix", "act-dynamic-scale"}
     assert covered == set(RULE_IDS)

@@ -58,7 +58,8 @@ PEAKS = {
 }
 BLOCK_GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4608, 1152), "fc2": (1152, 4608)}  # (N, K)
 BACKENDS = ("bf16-eager", "bf16-compile", "fp8", "int8", "w4a16", "w4a8", "w4a8-progressive")
-QUANTIZED = ("fp8", "int8", "w4a16", "w4a8", "w4a8-progressive")  # what the correctness stage can check
+QUANTIZED = ("fp8", "int8", "w4a16", "w4a8", "w4a8-progressive",  # what the correctness stage can check
+             "int8-token", "w4a8-token", "fp8-token")  # -token: per-token dynamic activations (ViDiT-Q)
 ATTENTION_CHECKS = ("attention-sage",)  # ... and the attention kernels (run when a backend has "-sage")
 T0 = time.perf_counter()
 DEV = torch.device("cuda")  # --smoke runs the whole script on the CPU with a tiny model (a dry run)
@@ -165,7 +166,7 @@ def correctness(precisions) -> dict:
             w4a8 = "progressive" if prec == "w4a8-progressive" else "group"
             prec_name = prec
             prec = prec.split("-")[0]
-            recipe = minmax_recipe(model, prec, group=128, balance=True)
+            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=backend_act_granularity(prec_name))
             sim = apply_recipe(model, recipe).to(dev)
             with torch.no_grad():
                 ref = sim(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
@@ -356,11 +357,13 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
 
 ENGINE_PRECISIONS = ("fp8", "int8", "w4a16", "w4a8")
 EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
+TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
 
 
 def engine_options(name: str) -> dict:
     """``build_qengine`` options of an engine backend name ``PRECISION[-progressive][-intmm|-triton][-ABLATION]``:
     "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), and the
+    "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static), the
     epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
     epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
@@ -368,7 +371,8 @@ def engine_options(name: str) -> dict:
     Raises ValueError for anything else."""
     precision, *tags = name.removesuffix("-sage").split("-")  # -sage: the attention ablation (build_backend)
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
-    bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision]
+    bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
+           and not (t == "token" and precision in TOKEN_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(set(tags)) != len(tags):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
@@ -385,6 +389,11 @@ def engine_options(name: str) -> dict:
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
             "fuse_residual": fuse_residual}
+
+
+def backend_act_granularity(name: str) -> str:
+    """"token" for an engine backend with the "-token" tag (per-token dynamic activations), else "tensor"."""
+    return "token" if "token" in name.removesuffix("-sage").split("-")[1:] else "tensor"
 
 
 def epilogue_report(module) -> dict:
@@ -416,7 +425,8 @@ def build_backend(name: str, base, fingerprint: str):
         return m
     opts = engine_options(name)
     precision = opts.pop("precision")
-    recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint)
+    recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint,
+                           act_granularity=backend_act_granularity(name))
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, **opts)
     return compile_blocks(eng) if DEV.type == "cuda" else eng
 
@@ -707,7 +717,9 @@ def main(argv=None) -> int:
                     help=f"comma list of {', '.join(BACKENDS)} (W4A8 with two-level INT4 weights), "
                          "int8-intmm (INT8 via torch._int_mm), "
                          "the epilogue ablation int8-unfused / w4a8-progressive-unfused (no fused GEMM epilogue), "
-                         "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), any of these + '-sage' "
+                         "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), int8-token / w4a8-token / "
+                         "fp8-token (per-token dynamic activations; a per-token layer takes no fused epilogue), "
+                         "any of these + '-sage' "
                          "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), or artifacts made for "
                          "--model's random weights as denoiser specs (trt:DIR, onnx:FILE, recipe:DIR, sim:DIR; "
                          "dtq-sample --backend's forms)")

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK  # under torchrun, rank 0 wrote the recipe and reports it
         mixed = f", {len(config.overrides)} override(s)" if config.overrides else ""
         print(f"wrote recipe ({config.method}, {config.precision}: {config.wfmt} weights / {config.afmt} activations"
+              f"{' per token' if config.act_granularity == 'token' else ''}"
               f"{mixed}) to {args.out}")
         if "heldout_noise_sqnr_db" in info:
             print("held-out noise SQNR (dB): " + json.dumps(info["heldout_noise_sqnr_db"]))

@@ -30,11 +30,14 @@ def random_inputs(model: nn.Module, batch: int, seed: int = 0, device="cpu"):
 @torch.no_grad()
 def minmax_recipe(model: nn.Module, precision: str, *, group: int = 128, balance: bool = False,
                   adaln: bool = False, calib_batch: int = 4, seed: int = 0,
-                  fingerprint: str | None = None) -> Recipe:
+                  fingerprint: str | None = None, act_granularity: str = "tensor") -> Recipe:
     """Per-channel (INT8/FP8) or per-group (INT4) min-max weight scales (``QuantLinear`` defaults),
     per-tensor min-max activation scales from one batch of random inputs. ``fingerprint``: pass a
-    precomputed ``model_fingerprint`` (hashing DiT-XL takes seconds)."""
+    precomputed ``model_fingerprint`` (hashing DiT-XL takes seconds). ``act_granularity="token"``:
+    dynamic per-token activation scales (no activation statistics pass)."""
     wf, af = FORMATS[precision]
+    formats.check_act_granularity(precision, act_granularity)
+    dynamic = act_granularity == "token"
     gen = torch.Generator().manual_seed(seed + 1)
     layers, tensors = {}, {}
     names = [f"blocks.{i}.{role}" for i in range(len(model.blocks)) for role in ROLES]
@@ -45,7 +48,8 @@ def minmax_recipe(model: nn.Module, precision: str, *, group: int = 128, balance
         gran = "group" if wf == "int4" else "channel"
         g = min(group, lin.in_features) if gran == "group" else None
         layers[name] = LayerRecipe(weight_format=wf, weight_granularity=gran, weight_group_size=g,
-                                   act_format=af, act_scale=1.0 if af != "none" else None)
+                                   act_format=af, act_scale=1.0 if af != "none" and not dynamic else None,
+                                   act_granularity=act_granularity)
         role = ".".join(name.split(".")[2:])
         if balance and role in FOLD:
             b = torch.exp(torch.empty(lin.in_features).uniform_(-0.5, 0.5, generator=gen))
@@ -53,7 +57,7 @@ def minmax_recipe(model: nn.Module, precision: str, *, group: int = 128, balance
             layers[name].balance, layers[name].balance_fold = f"{name}.balance", FOLD[role]
     fp = fingerprint or model_fingerprint(model)
     recipe = Recipe("minmax-quick", fp, layers, tensors, model_config=model.config.to_dict(), precision=precision)
-    if af != "none":
+    if af != "none" and not dynamic:
         bal = balanced_model(model, recipe, check=False)
         amax: dict[str, float] = {}
         hooks = []

@@ -22,12 +22,15 @@ SMOOTHED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 @torch.no_grad()
 def quantized_output_mse(x: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, wfmt: str,
-                         afmt: str, granularity: str, group_size: int | None) -> float:
+                         afmt: str, granularity: str, group_size: int | None, act_granularity: str = "tensor") -> float:
     """MSE of ``fq(X / s) fq(W diag(s))^T`` against ``X W^T`` (bias cancels). The activation clip
-    is the exact calibration maximum of ``X / s`` (from ``sx``), as the recipe will use."""
+    is the exact calibration maximum of ``X / s`` (from ``sx``), as the recipe will use, or each
+    token's own maximum with ``act_granularity`` "token"."""
     ref = x @ w.T
     xs, ws = x / s, w * s
-    if afmt != "none":
+    if afmt != "none" and act_granularity == "token":
+        xs = quant.fake_quant_act(xs, None, afmt, "token")
+    elif afmt != "none":
         xs = quant.fake_quant(xs, quant.scale_from_amax((sx / s).max(), afmt), afmt)
     wq = quant.fake_quant_weight(ws, search_weight_scale(ws, wfmt, granularity, group_size), wfmt, granularity,
                                  group_size)
@@ -61,7 +64,8 @@ def ditas(model, stats, config):
         w = model.get_submodule(name).weight.detach().float()
         # the search runs where the model is (DiT-XL/2: 21 alphas x 112 layers of matmuls)
         a, _ = tas_alpha_search(st.token_samples().to(w.device), sx, w, alphas, wfmt=lp.wfmt,
-                                afmt=lp.afmt, granularity=gran, group_size=group)
+                                afmt=lp.afmt, granularity=gran, group_size=group,
+                                act_granularity=lp.act_granularity)
         balances[name] = smoothing_factor(sx, w.abs().amax(dim=0).cpu(), a)
         chosen[name] = a
     return assemble_recipe(model, stats, config, "ditas", balances,
