@@ -68,7 +68,8 @@ class AdaRoundLinear(nn.Module):
             h0 = (init_codes.float() - self.w_floor).clamp(0, 1)
         h0 = h0.clamp(0.01, 0.99)  # V finite
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (h0 - GAMMA) - 1))
-        self.learn_act = learn_act and q.act_format in quant.INT_RANGE
+        # a per-token (dynamic) input has no static step to learn
+        self.learn_act = learn_act and q.act_format in quant.INT_RANGE and q.act_granularity == "tensor"
         if self.learn_act:
             self.log_act = nn.Parameter(torch.log(q.act_scale.detach().float().clone()))
 
@@ -85,8 +86,8 @@ class AdaRoundLinear(nn.Module):
         fmt = self.q.act_format
         if fmt == "none":
             return x
-        if not self.learn_act:
-            return quant.fake_quant(x, self.q.act_scale, fmt)
+        if not self.learn_act:  # the simulation's activation quantizer, per tensor or per token
+            return quant.fake_quant_act(x, self.q.act_scale, fmt, self.q.act_granularity)
         s = self.act_scale()
         lo, hi = quant.INT_RANGE[fmt]
         return _round_ste(x / s).clamp(lo, hi) * s  # LSQ: gradients to x (inside the range) and to s
