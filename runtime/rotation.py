@@ -51,13 +51,15 @@ def block_size(in_features: int, max_block: int = DEFAULT_MAX_BLOCK) -> int:
     return k
 
 
-def rotate(x: torch.Tensor, k: int) -> torch.Tensor:
+def rotate(x: torch.Tensor, k: int, h: torch.Tensor | None = None) -> torch.Tensor:
     """Each ``k``-segment of the last axis times ``H_k^T`` (in ``x``'s dtype): the online rotation of
-    an input ``[..., C]`` and, applied to ``W [C_out, C]``, the folded weight ``W B^T``."""
+    an input ``[..., C]`` and, applied to ``W [C_out, C]``, the folded weight ``W B^T``. ``h``: the
+    matrix already on ``x``'s device (an engine layer's buffer), so that a CUDA-graph capture or a
+    compiled graph makes no host-to-device copy."""
     c = x.shape[-1]
     if c % k:
         raise ValueError(f"last axis {c} is not a multiple of the Hadamard block {k}")
-    h = hadamard(k, x.dtype, x.device)
+    h = hadamard(k, x.dtype, x.device) if h is None else h.to(x.dtype)
     return (x.reshape(*x.shape[:-1], c // k, k) @ h.T).reshape(x.shape)
 
 

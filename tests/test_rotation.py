@@ -197,6 +197,9 @@ def test_engine_matches_simulation_on_cpu(tiny_setup, stats):
         recipe = _calibrate(model, stats, method="smoothquant", precision=precision, rotate_fc2=True)
         engine = build_qengine(model, recipe)
         assert engine_layers(engine)[FC2].input_rotation == 512
+        # H is a buffer of the layer (moves with .to(device)): a host-side H was copied to the GPU
+        # on every call, which CUDA-graph capture refuses (seen on the H200)
+        assert "rotation_matrix" in dict(engine_layers(engine)[FC2].named_buffers())
         assert not any(isinstance(m, FusedMlp) for m in engine.modules())  # no fused epilogue rotates
         sim = apply_recipe(model, recipe)
         x, t, y = held.x[:8], held.t[:8], held.y[:8]
