@@ -732,7 +732,8 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
 
 
 def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = ("int8", "w4a8"),
-                    fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa") -> nn.Module:
+                    fuse_residual: tuple[str, ...] = ("int8", "w4a8"),
+                    attention: AttentionBackend = "sdpa") -> nn.Module:
     """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp`, the attention
     backend, blocks to :class:`FusedResidualBlock` (``build_qengine`` documents the arguments)."""
     if fuse_mlp:

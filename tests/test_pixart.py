@@ -414,3 +414,26 @@ def test_dtq_sample_recipe_backend(pixart_folder, recipes, tmp_path):
     for bad in (["--backend", f"trt:{tmp_path}"], ["--backend", f"recipe:{rdir}", "--attention", "sage"]):
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
         assert not (tmp_path / "bad").exists()
+
+
+def test_open_denoiser_takes_prompts_for_text_models_only(pixart, prompts, recipes, small_dit, tmp_path):
+    """open_denoiser(spec, model, prompts=...): (x, t, y) over the recipe engine, y a prompt index;
+    prompts are required for a text model and refused for a class model."""
+    from dtq.runtime.open import open_denoiser
+    from dtq.runtime.recipe import model_fingerprint
+
+    rdir = recipes["smoothquant"].save(tmp_path / "r")
+    den = open_denoiser(f"recipe:{rdir}", pixart, prompts=prompts)
+    x, t, _, _ = pixart.example_inputs(2, TOKENS)
+    y = torch.tensor([2, prompts.null_index])
+    ctx, mask = prompts.lookup(y)
+    with torch.no_grad():
+        want = apply_recipe(pixart, recipes["smoothquant"])(x, t, ctx, mask)
+    assert torch.equal(den(x, t, y), want)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        open_denoiser("torch", pixart)
+    with pytest.raises(ValueError, match="class labels"):
+        open_denoiser("torch", small_dit, prompts=prompts)
+    with pytest.raises(ValueError, match="compile"):
+        open_denoiser(f"recipe:{rdir}", pixart, prompts=prompts, compile=True)
+    assert model_fingerprint(pixart) == recipes["smoothquant"].model_fingerprint  # the fixture is unchanged
