@@ -308,12 +308,13 @@ def _engine_recipe(model, prompts, precision, act_granularity, group=32):
 
 
 @pytest.mark.parametrize("precision, act_granularity, hidden", [
-    ("int8", "tensor", 16), ("int8", "token", 16), ("w4a8", "tensor", 64), ("w4a8", "token", 64)])
+    ("int8", "tensor", 16), ("int8", "token", 16), ("w4a8", "tensor", 64), ("w4a8", "token", 64), ("fp8", "tensor", 16)])
 def test_cpu_engine_is_the_simulation(pixart, pixart64, prompts, precision, act_granularity, hidden):
     """build_qengine on PixArt: every recipe layer (self-/cross-attention, MLP) an engine layer of
     the recipe's precision holding its codes, the run-time balancing Mul kept; on the CPU the engine
-    computes the simulation bit for bit (static and per-token activations, ViDiT-Q's)."""
-    from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, Int4Linear, Int8Linear, build_qengine, engine_layers
+    computes the simulation bit for bit (int8 / w4a8 / fp8; static and per-token activations, ViDiT-Q's)."""
+    from dtq.runtime.qengine import (FP8Linear, FusedMlp, FusedResidualBlock, Int4Linear, Int8Linear, build_qengine,
+                                     engine_layers)
     from dtq.runtime.qlinear import QuantLinear
 
     model = pixart if hidden == 16 else pixart64
@@ -321,13 +322,15 @@ def test_cpu_engine_is_the_simulation(pixart, pixart64, prompts, precision, act_
     eng = build_qengine(model, recipe)
     layers = engine_layers(eng)
     assert sorted(layers) == sorted(recipe.layers) and len(layers) == 10 * len(model.transformer.transformer_blocks)
-    assert {type(m) for m in layers.values()} == {Int8Linear if precision == "int8" else Int4Linear}
+    assert {type(m) for m in layers.values()} == {{"int8": Int8Linear, "w4a8": Int4Linear, "fp8": FP8Linear}[precision]}
     assert {m.act_granularity for m in layers.values()} == {act_granularity}
     assert not [n for n, m in eng.named_modules() if isinstance(m, (QuantLinear, FusedMlp, FusedResidualBlock))]
     fc1 = layers[f"{BLOCK}0.ff.net.0.proj"]
     assert fc1.input_mul is not None  # smoothquant's balance: a run-time Mul
     if precision == "int8":
         assert fc1.weight_int8.dtype == torch.int8 and fc1.weight_int8.abs().max() == 127
+    elif precision == "fp8":
+        assert fc1.weight_fp8.dtype == torch.float8_e4m3fn and fc1.weight_fp8.float().abs().max() == 448
     else:
         assert fc1.weight_packed.dtype == torch.uint8 and fc1.weight_codes().abs().max() <= 8
     x, t, _, _ = model.example_inputs(4, TOKENS)
