@@ -90,7 +90,8 @@ def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | tor
 
 def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
-                  autocast: bool = False, threads: int | None = None, attention: str = "sdpa") -> Denoiser:
+                  autocast: bool = False, threads: int | None = None, attention: str = "sdpa",
+                  prompts=None) -> Denoiser:
     """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
 
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
@@ -99,20 +100,22 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     ``autocast``: fp32 weights and residual stream, matmuls under autocast in ``dtype`` (torch, sim,
     recipe: the engine's layers then take fp32 inputs and return fp32, their GEMMs unchanged).
     ``threads``: ONNX Runtime's intra-op threads. ``attention``: the DiT blocks' attention kernel
-    (``runtime.attention``: "sdpa" or "sage"; torch, sim, recipe)."""
+    (``runtime.attention``: "sdpa" or "sage"; torch, sim, recipe).
+    ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
+    the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
+    onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""
     from .attention import check_backend, use_attention
 
     spec = parse_denoiser_spec(spec)
     device = torch.device(device)
     check_backend(attention)
     _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention)
+    if getattr(model.config, "text_conditioned", False) or prompts is not None:
+        return _open_text_denoiser(spec, model, prompts, device=device, dtype=dtype, threads=threads,
+                                   options={"compile": compile, "cuda_graphs": cuda_graphs, "autocast": autocast,
+                                            f"attention={attention}": attention != "sdpa"})
     if spec.kind == "onnx":
-        from .backends import OnnxDenoiser
-
-        if not Path(spec.path).is_file():
-            raise FileNotFoundError(f"{spec.path}: no such ONNX file")
-        check_model_config(str(spec.path), onnx_model_config(spec.path), model)
-        return OnnxDenoiser(spec.path, device, threads=threads)
+        return _open_onnx(spec, model, device, threads)
     if spec.kind == "trt":
         from .backends import TensorRTDenoiser
 
@@ -134,6 +137,37 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
         return GraphedDenoiser(module, device, torch.float32 if amp else work_dtype, cuda_graphs=cuda_graphs,
                                autocast=amp)
     return TorchDenoiser(module, device, work_dtype, autocast=amp is not None)
+
+
+def _open_onnx(spec: DenoiserSpec, model: nn.Module, device: torch.device, threads: int | None) -> Denoiser:
+    from .backends import OnnxDenoiser
+
+    if not Path(spec.path).is_file():
+        raise FileNotFoundError(f"{spec.path}: no such ONNX file")
+    check_model_config(str(spec.path), onnx_model_config(spec.path), model)
+    return OnnxDenoiser(spec.path, device, threads=threads)
+
+
+def _open_text_denoiser(spec: DenoiserSpec, model: nn.Module, prompts, *, device: torch.device,
+                        dtype: torch.dtype | str, threads: int | None, options: dict[str, bool]) -> Denoiser:
+    """A text-conditioned model's ``(x, t, context, mask)`` network behind ``(x, t, y)``: y indexes
+    ``prompts`` (``runtime.prompts.PromptDenoiser``)."""
+    from .prompts import PromptDenoiser
+
+    if not getattr(model.config, "text_conditioned", False):
+        raise ValueError("prompt embeddings are for text-conditioned models (PixArt); this model takes class labels")
+    if prompts is None:
+        raise ValueError("this model is text-conditioned: give its prompt embeddings (--prompt-embeddings FILE)")
+    on = [name for name, value in options.items() if value]
+    if on:
+        raise ValueError(f"{', '.join(on)}: not applicable to text-conditioned models yet")
+    if spec.kind == "onnx":  # the session takes (x, t, context, mask)
+        return PromptDenoiser(_open_onnx(spec, model, device, threads), prompts, device)
+    if spec.kind not in ("torch", "sim", "recipe"):  # trt: TensorRTDenoiser binds x, t, y (not done)
+        raise ValueError(f"text-conditioned models sample with the torch, sim:DIR, recipe:DIR and onnx:FILE "
+                         f"backends, not {spec.kind}")
+    work_dtype = resolve_dtype(spec, dtype)
+    return PromptDenoiser(open_module(spec, model, device=device, dtype=work_dtype), prompts, device, work_dtype)
 
 
 def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool,

@@ -163,11 +163,12 @@ def _check_image_size(config: DiTConfig, image_size: int | None) -> None:
         raise ValueError(f"--image-size {image_size} does not match the model, which makes {side}px images")
 
 
-def build_denoiser(cfg: SampleConfig, model: DiT, device: torch.device) -> Denoiser:
+def build_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch.device, prompts=None) -> Denoiser:
     """The network the job samples with (``cfg.backend``, a denoiser spec; see ``open.open_denoiser``).
-    All run inside the same sampling loop."""
+    All run inside the same sampling loop. ``prompts``: a text-conditioned model's embeddings
+    (``load_prompts``); its denoiser then looks ``y`` up in them."""
     return open_denoiser(cfg.backend, model, device=device, dtype=DTYPES[cfg.dtype], compile=cfg.compile,
-                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention)
+                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention, prompts=prompts)
 
 
 def load_prompts(cfg: SampleConfig, model: torch.nn.Module):
@@ -186,24 +187,6 @@ def load_prompts(cfg: SampleConfig, model: torch.nn.Module):
         raise ValueError(f"{cfg.prompt_embeddings}: embeddings have dim {prompts.dim}, the model's caption_channels "
                          f"is {model.config.caption_channels}")
     return prompts
-
-
-def build_text_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch.device, prompts) -> Denoiser:
-    """A text-conditioned model behind the (x, t, y) interface: y indexes ``prompts``. torch, sim:DIR
-    and onnx:FILE backends (the quantized engine and TensorRT take class models only, so far)."""
-    from .open import open_module
-    from .prompts import PromptDenoiser
-
-    spec = parse_denoiser_spec(cfg.backend)
-    if cfg.compile or cfg.cuda_graphs or cfg.autocast or cfg.attention != "sdpa":
-        raise ValueError("--compile, --cuda-graphs, --autocast and --attention do not apply to text-conditioned "
-                         "models yet")
-    if spec.kind == "onnx":
-        return PromptDenoiser(open_denoiser(spec, model, device=device), prompts, device)
-    if spec.kind not in ("torch", "sim"):
-        raise ValueError(f"text-conditioned models sample with the torch, sim:DIR and onnx:FILE backends, not {spec.kind}")
-    dtype = DTYPES[spec.dtype or cfg.dtype]
-    return PromptDenoiser(open_module(spec, model, device=device, dtype=dtype), prompts, device, dtype)
 
 
 def choose_labels(cfg: SampleConfig, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -243,8 +226,7 @@ def _generate(cfg: SampleConfig, device: torch.device, ctx: DistContext, denoise
     num_classes, null_class = (mc.num_classes, mc.null_class) if prompts is None else (prompts.num_prompts,
                                                                                         prompts.null_index)
     if denoiser is None:
-        denoiser = build_denoiser(cfg, model, device) if prompts is None else build_text_denoiser(cfg, model, device,
-                                                                                                  prompts)
+        denoiser = build_denoiser(cfg, model, device, prompts)
     if cfg.cfg_scale != 1.0 and null_class is None:
         raise ValueError("this model has no null class: use --cfg-scale 1")
     decoder = None

@@ -61,6 +61,12 @@ operations from its stored codes, so the engine's output is bit-identical to ``a
 the codes, scales and folding are verified on any machine; the GPU kernels are compared with the
 simulation by SQNR (``benchmarks/bench_engines.py`` reports it).
 
+Other model families (PixArt, through its ``runtime.adapters`` adapter): the recipe's layers, whose
+names calibration took from the adapter's quantizable Linears, become engine layers exactly as a
+DiT's do (same classes, same kernels, bit-identical to the simulation on the CPU). The fusions above
+(``FusedMlp``, ``FusedResidualBlock``) and the attention backends rewrite DiT blocks only: any
+other model runs unfused, its own attention (diffusers' SDPA for PixArt) between the engine layers.
+
 The DiT's forward is untouched; the engine is an ordinary ``nn.Module``: compile it with
 ``compile_blocks`` (regional ``torch.compile`` of each DiT block: one compilation serves all blocks)
 and run it under CUDA graphs with ``runtime.backends.GraphedDenoiser``.
@@ -77,6 +83,7 @@ from torch import nn
 
 from .. import formats
 from . import quant
+from .adapters import adapter_for
 from .attention import AttentionBackend, check_backend, use_attention
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
@@ -677,38 +684,69 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     accumulation over the whole K), which changes the weights slightly. ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
-    its torch reference)."""
+    its torch reference).
+
+    ``fuse_mlp``, ``fuse_residual`` and ``attention`` rewrite DiT blocks: a model of another family
+    (its adapter's ``family``, e.g. PixArt) gets its engine layers only and runs unfused, and
+    ``attention="sage"`` is refused for it (its own attention code runs)."""
     check_backend(attention)
+    family = adapter_for(model).family
+    if family != "dit" and attention != "sdpa":
+        raise ValueError(f"attention={attention!r} replaces DiT attention; a {family} engine runs its model's "
+                         "own attention (use sdpa)")
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda" and kernel != "reference":
         from . import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*; needs triton)
     engine = apply_recipe(model, recipe, check=check)
-    scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
-    for name, q in list(engine.named_modules()):
-        if isinstance(q, QuantLinear) and q.weight_format != "none":
-            parent_name, _, attr = name.rpartition(".")
-            parent = engine.get_submodule(parent_name) if parent_name else engine
-            layer = engine_layer(q, kernel, int8_kernel, w4a8)
-            if isinstance(layer, FP8Linear):
-                layer.scaling = scaling
-            setattr(parent, attr, layer)
+    fp8_scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
+    swap_engine_layers(engine, recipe, kernel=kernel, int8_kernel=int8_kernel, w4a8=w4a8, fp8_scaling=fp8_scaling)
+    if family == "dit":
+        fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
+    return engine.to(device=device, dtype=dtype).eval()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
+                       w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise") -> nn.Module:
+    """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
+    ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family
+    agnostic: the names are the recipe's, which calibration took from the model adapter's quantizable
+    Linears. Balancing-only layers (weight format "none": a run-time Mul before an FP Linear) stay."""
+    for name in recipe.layers:
+        q = sim.get_submodule(name)
+        if not isinstance(q, QuantLinear):
+            raise TypeError(f"{name}: expected the simulation's QuantLinear, found {type(q).__name__}")
+        if q.weight_format == "none":
+            continue
+        layer = engine_layer(q, kernel, int8_kernel, w4a8)
+        if isinstance(layer, FP8Linear):
+            layer.scaling = fp8_scaling
+        _set_submodule(sim, name, layer)
+    return sim
+
+
+def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = ("int8", "w4a8"),
+                    fuse_residual: tuple[str, ...] = ("int8", "w4a8"),
+                    attention: AttentionBackend = "sdpa") -> nn.Module:
+    """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp`, the attention
+    backend, blocks to :class:`FusedResidualBlock` (``build_qengine`` documents the arguments)."""
     if fuse_mlp:
         for name, mlp in list(engine.named_modules()):
             if FusedMlp.fusable(mlp, tuple(fuse_mlp)):
-                parent_name, _, attr = name.rpartition(".")
-                setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
-                        FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
+                _set_submodule(engine, name, FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
     use_attention(engine, attention)  # before the blocks are fused: theirs is the attention they call
     if fuse_residual:
         for name, block in list(engine.named_modules()):
             proj, fc2 = FusedResidualBlock.fusable(block, tuple(fuse_residual))
             if proj or fc2:
-                parent_name, _, attr = name.rpartition(".")
-                setattr(engine.get_submodule(parent_name) if parent_name else engine, attr,
-                        FusedResidualBlock(block, proj, fc2))
-    return engine.to(device=device, dtype=dtype).eval()
+                _set_submodule(engine, name, FusedResidualBlock(block, proj, fc2))
+    return engine
 
 
 def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:

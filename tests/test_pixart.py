@@ -286,3 +286,157 @@ def test_calibrate_cli_on_a_pixart_folder(pixart_folder, tmp_path):
     # a text model without embeddings is bad usage (exit 2, nothing written)
     assert calibrate_main(["--ckpt", str(folder), "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+# -- the quantized PyTorch engine (recipe:DIR) ------------------------------------------------------
+BLOCK = "transformer.transformer_blocks."
+PIXART64 = dict(attention_head_dim=32, cross_attention_dim=64, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def pixart64() -> PixArtDenoiser:
+    """The tiny PixArt at hidden 64 (2 heads x 32, one block): INT4 groups of 32 / 64 fit its Linears."""
+    return small_pixart(seed=0, **PIXART64)
+
+
+def _engine_recipe(model, prompts, precision, act_granularity, group=32):
+    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=3, cali_n=2, steps=6, cfg_scale=2.0),
+                                   prompts=prompts)
+    extra = {"weight_granularity": f"group{group}"} if precision == "w4a8" else {}
+    return calibrate(model, cali, CalibConfig(method="smoothquant", precision=precision,
+                                              act_granularity=act_granularity, progress=False, **extra))
+
+
+@pytest.mark.parametrize("precision, act_granularity, hidden", [
+    ("int8", "tensor", 16), ("int8", "token", 16), ("w4a8", "tensor", 64), ("w4a8", "token", 64), ("fp8", "tensor", 16)])
+def test_cpu_engine_is_the_simulation(pixart, pixart64, prompts, precision, act_granularity, hidden):
+    """build_qengine on PixArt: every recipe layer (self-/cross-attention, MLP) an engine layer of
+    the recipe's precision holding its codes, the run-time balancing Mul kept; on the CPU the engine
+    computes the simulation bit for bit (int8 / w4a8 / fp8; static and per-token activations, ViDiT-Q's)."""
+    from dtq.runtime.qengine import (FP8Linear, FusedMlp, FusedResidualBlock, Int4Linear, Int8Linear, build_qengine,
+                                     engine_layers)
+    from dtq.runtime.qlinear import QuantLinear
+
+    model = pixart if hidden == 16 else pixart64
+    recipe = _engine_recipe(model, prompts, precision, act_granularity)
+    eng = build_qengine(model, recipe)
+    layers = engine_layers(eng)
+    assert sorted(layers) == sorted(recipe.layers) and len(layers) == 10 * len(model.transformer.transformer_blocks)
+    assert {type(m) for m in layers.values()} == {{"int8": Int8Linear, "w4a8": Int4Linear, "fp8": FP8Linear}[precision]}
+    assert {m.act_granularity for m in layers.values()} == {act_granularity}
+    assert not [n for n, m in eng.named_modules() if isinstance(m, (QuantLinear, FusedMlp, FusedResidualBlock))]
+    fc1 = layers[f"{BLOCK}0.ff.net.0.proj"]
+    assert fc1.input_mul is not None  # smoothquant's balance: a run-time Mul
+    if precision == "int8":
+        assert fc1.weight_int8.dtype == torch.int8 and fc1.weight_int8.abs().max() == 127
+    elif precision == "fp8":
+        assert fc1.weight_fp8.dtype == torch.float8_e4m3fn and fc1.weight_fp8.float().abs().max() == 448
+    else:
+        assert fc1.weight_packed.dtype == torch.uint8 and fc1.weight_codes().abs().max() <= 8
+    x, t, _, _ = model.example_inputs(4, TOKENS)
+    ctx, mask = prompts.lookup(torch.tensor([0, 1, 2, prompts.null_index]))
+    with torch.no_grad():
+        sim, got, fp = apply_recipe(model, recipe)(x, t, ctx, mask), eng(x, t, ctx, mask), model(x, t, ctx, mask)
+    assert torch.equal(sim, got)
+    assert 25 < sqnr_db(fp, got) < 80  # and it is quantized: close to FP, not FP
+
+
+def test_engine_runs_pixart_unfused(pixart, recipes):
+    """The DiT-only rewrites leave a PixArt engine alone (it runs unfused), and a DiT attention
+    backend is refused rather than silently not applied."""
+    from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, build_qengine
+
+    eng = build_qengine(pixart, recipes["smoothquant"], fuse_mlp=("int8", "w4a8", "fp8"),
+                        fuse_residual=("int8", "w4a8", "fp8"), int8_kernel="triton")
+    assert not [m for m in eng.modules() if isinstance(m, (FusedMlp, FusedResidualBlock))]
+    assert type(eng.transformer.transformer_blocks[0]) is type(pixart.transformer.transformer_blocks[0])
+    with pytest.raises(ValueError, match="own attention"):
+        build_qengine(pixart, recipes["smoothquant"], attention="sage")
+
+
+def test_gpu_layer_paths_through_pixart_in_interpreter(pixart64, prompts, tmp_path):
+    """The engine's GPU path on PixArt's real call shapes (image tokens, text tokens, the 4x MLP):
+    every engine layer's output replaced by its ``kernel_forward`` (Triton kernels in the
+    interpreter: int8_mm with a static scale; quant_rows_int8 + the W4A8 int8-MMA kernel per token),
+    the whole model against the simulation. bf16 GEMM outputs bound the agreement."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    _engine_recipe(pixart64, prompts, "int8", "tensor").save(tmp_path / "int8-tensor")
+    # group 64: the W4A8 int8-MMA kernel's K tile (groups of 32 run the w4a16 kernel on fake-quantized input)
+    _engine_recipe(pixart64, prompts, "w4a8", "token", group=64).save(tmp_path / "w4a8-token")
+    code = textwrap.dedent(f"""
+        import torch
+        from dtq.runtime import kernel_ops, quant
+        from dtq.runtime.pixart import small_pixart
+        from dtq.runtime.qengine import build_qengine, engine_layers
+        from dtq.runtime.recipe import apply_recipe, load_recipe
+        m = small_pixart(seed=0, **{PIXART64!r})
+        x, t, ctx, mask = m.example_inputs(1, {TOKENS})
+        for name, kernel in (("int8-tensor", "Int8Linear[triton]"), ("w4a8-token", "Int4Linear[w4a8 int8-MMA]")):
+            recipe = load_recipe(r"{tmp_path}/" + name, m)
+            sim, eng = apply_recipe(m, recipe), build_qengine(m, recipe, int8_kernel="triton")
+            layers = engine_layers(eng)
+            assert {{l.kernel_name() for l in layers.values()}} == {{kernel}}, name
+            for lin in layers.values():
+                lin.register_forward_hook(lambda mod, inp, out: mod.kernel_forward(
+                    inp[0].reshape(-1, mod.in_features)).reshape(out.shape))
+            with torch.no_grad():
+                ref, got = sim(x, t, ctx, mask), eng(x, t, ctx, mask)
+            s = quant.sqnr_db(ref, got)
+            assert 50 < s < 100, (name, s)  # the kernels ran (not bit-identical) and agree
+            print(name, round(s, 1))
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_dtq_sample_recipe_backend(pixart_folder, recipes, tmp_path):
+    """dtq-sample --ckpt <PixArt folder> --prompt-embeddings FILE --backend recipe:DIR: the quantized
+    engine samples (on the CPU exactly what sim:DIR samples); TensorRT and the DiT-only options
+    are refused for a text model (exit 2)."""
+    from dtq.tools.sample import main
+
+    folder, emb = pixart_folder
+    rdir = recipes["smoothquant"].save(tmp_path / "recipe")
+    args = ["--ckpt", str(folder), "--prompt-embeddings", str(emb), "--steps", "3", "--sampler", "ddim",
+            "--cfg-scale", "2", "--classes", "0,2", "--per-class", "1", "--device", "cpu", "--no-progress"]
+    latents = {}
+    for kind in ("sim", "recipe"):
+        out = tmp_path / f"samples-{kind}"
+        assert main([*args, "--backend", f"{kind}:{rdir}", "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["latents.npz", "sample_config.json"]
+        latents[kind] = np.load(out / "latents.npz")["arr_0"]
+    assert latents["recipe"].shape == (2, 4, 8, 8) and np.isfinite(latents["recipe"]).all()
+    assert np.array_equal(latents["recipe"], latents["sim"])
+    for bad in (["--backend", f"trt:{tmp_path}"], ["--backend", f"recipe:{rdir}", "--attention", "sage"]):
+        assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert not (tmp_path / "bad").exists()
+
+
+def test_open_denoiser_takes_prompts_for_text_models_only(pixart, prompts, recipes, small_dit, tmp_path):
+    """open_denoiser(spec, model, prompts=...): (x, t, y) over the recipe engine, y a prompt index;
+    prompts are required for a text model and refused for a class model."""
+    from dtq.runtime.open import open_denoiser
+    from dtq.runtime.recipe import model_fingerprint
+
+    rdir = recipes["smoothquant"].save(tmp_path / "r")
+    den = open_denoiser(f"recipe:{rdir}", pixart, prompts=prompts)
+    x, t, _, _ = pixart.example_inputs(2, TOKENS)
+    y = torch.tensor([2, prompts.null_index])
+    ctx, mask = prompts.lookup(y)
+    with torch.no_grad():
+        want = apply_recipe(pixart, recipes["smoothquant"])(x, t, ctx, mask)
+    assert torch.equal(den(x, t, y), want)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        open_denoiser("torch", pixart)
+    with pytest.raises(ValueError, match="class labels"):
+        open_denoiser("torch", small_dit, prompts=prompts)
+    with pytest.raises(ValueError, match="compile"):
+        open_denoiser(f"recipe:{rdir}", pixart, prompts=prompts, compile=True)
+    assert model_fingerprint(pixart) == recipes["smoothquant"].model_fingerprint  # the fixture is unchanged
