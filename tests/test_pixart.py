@@ -440,3 +440,22 @@ def test_open_denoiser_takes_prompts_for_text_models_only(pixart, prompts, recip
     with pytest.raises(ValueError, match="compile"):
         open_denoiser(f"recipe:{rdir}", pixart, prompts=prompts, compile=True)
     assert model_fingerprint(pixart) == recipes["smoothquant"].model_fingerprint  # the fixture is unchanged
+
+
+def test_vidit_q_rotation_and_gptq_go_through_the_adapter(pixart, cali, held):
+    """--rotate-fc2 and --gptq find PixArt's fc2 (ff.net.2) and Linears through the adapter, not by
+    DiT names: the rotation lands on exactly the fc2 layers, folding it keeps the FP function, and the
+    quantized simulation still tracks FP (the same floor as the unrotated smoothquant recipe)."""
+    from dtq.runtime.recipe import balanced_model as folded
+
+    recipe = calibrate(pixart, cali, CalibConfig(method="smoothquant", precision="int8", act_granularity="token",
+                                                 rotate_fc2=True, gptq=True, progress=False))
+    rotated = {n for n, layer in recipe.layers.items() if layer.input_rotation}
+    fc2 = {n for n in recipe.layers if n.endswith("ff.net.2")}
+    assert fc2 and rotated == fc2
+    assert all(recipe.layers[n].weight is not None for n in recipe.layers)  # GPTQ wrote every weight
+    x, t, ctx, mask, ref = held
+    with torch.no_grad():
+        assert (folded(pixart, recipe)(x, t, ctx, mask) - ref).abs().max() < 1e-4
+        db = sqnr_db(ref, apply_recipe(pixart, recipe)(x, t, ctx, mask))
+    assert 35.0 < db < 80, db
