@@ -178,9 +178,17 @@ def sweep_units(recipe: Recipe, unit: Unit) -> dict[str, list[str]]:
     if unit == "block":
         blocks: dict[str, list[str]] = {}
         for n in recipe.layers:
-            blocks.setdefault(".".join(n.split(".")[:2]), []).append(n)
+            blocks.setdefault(_block_prefix(n), []).append(n)
         return blocks
     raise ValueError(f"unit must be 'layer' or 'block', got {unit!r}")
+
+
+def _block_prefix(name: str) -> str:
+    """The block a layer belongs to: its name up to the first numeric part (``blocks.3`` of DiT's
+    ``blocks.3.mlp.fc2``, ``transformer.transformer_blocks.3`` of PixArt's ``...3.ff.net.2``)."""
+    parts = name.split(".")
+    i = next((k for k, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+    return ".".join(parts[:i + 1])
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from dtq.calibrate.data import collect_calibration_set
 from dtq.calibrate.evaluate import predict
 from dtq.calibrate.sensitivity import (check_matched, config_for_precision, layer_sensitivity, matched_high_recipe,
                                        mixed_recipe, output_metrics, overrides_layers, pick_overrides, pick_units,
-                                       timestep_groups)
+                                       sweep_units, timestep_groups)
 from dtq.runtime.recipe import RecipeError, apply_recipe, quant_layers
 from dtq.runtime.zoo import load_builtin
 
@@ -93,6 +93,20 @@ def test_block_units(setup):
     assert ov == []  # a block costs 4 layers
     ov = pick_overrides(sens, 4, "layers")
     assert len(ov) == 4 and len({o.split(".")[1] for o in ov}) == 1
+
+
+def test_block_units_of_pixart_names():
+    """A block is the name up to its first number, whatever the family: PixArt's layers sit two
+    levels down (transformer.transformer_blocks.N), so a 'first two parts' rule lumped them together."""
+    from types import SimpleNamespace
+
+    names = [f"transformer.transformer_blocks.{i}.{r}" for i in range(3)
+             for r in ("attn1.to_q", "attn2.to_k", "ff.net.0.proj", "ff.net.2")]
+    units = sweep_units(SimpleNamespace(layers=dict.fromkeys(names)), "block")
+    assert sorted(units) == [f"transformer.transformer_blocks.{i}" for i in range(3)]
+    assert all(len(v) == 4 for v in units.values())
+    dit = sweep_units(SimpleNamespace(layers=dict.fromkeys(["blocks.0.attn.qkv", "blocks.10.mlp.fc2"])), "block")
+    assert sorted(dit) == ["blocks.0", "blocks.10"]
 
 
 def test_pick_respects_budget_exactly(setup):
