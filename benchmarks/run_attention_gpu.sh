@@ -66,6 +66,7 @@ timeout "$ELIMIT" python -m dtq.tools.bench_engines --out "$OUT/bench_attention.
 [[ $rc2 -eq 0 ]] || echo "FAILED: dtq-bench exited with $rc2 (124: killed after ${ELIMIT} s)" | tee -a "$OUT/check.txt" >&2
 python - "$OUT" "$rc" "$rc2" <<'PY' | tee -a "$OUT/check.txt"
 import json, os, sys
+from dtq.tools.bench_engines import end_to_end_problems
 out, bad, warn = sys.argv[1], [], []
 if sys.argv[2] != "0" or sys.argv[3] != "0":
     bad.append("a step exited non-zero (above)")
@@ -84,17 +85,9 @@ res = json.load(open(path)) if os.path.exists(path) else {}
 check = res.get("correctness", {}).get("attention-sage")
 if not (isinstance(check, dict) and check.get("ok")):
     bad.append(f"correctness attention-sage: {check}")
-e2e = res.get("end_to_end", {})
-if "error" in e2e:
-    bad.append(f"end to end: {e2e['error']}")
-for name, entry in e2e.get("backends", {}).items():
-    if "error" in entry:
-        bad.append(f"{name}: build {entry['error']}")
-    for b, r in entry.get("batches", {}).items():
-        if "error" in r:
-            bad.append(f"{name} batch {b}: {r['error']}")
-        elif "skipped" in r:
-            warn.append(f"{name} batch {b}: {r['skipped']}")
+e2e_bad, e2e_warn = end_to_end_problems(res)
+bad += e2e_bad
+warn += e2e_warn
 for key, a in res.get("summary", {}).get("attention_ablation", {}).items():
     print(f"end to end {key}: {a['images_per_s']} img/s vs {a['sdpa_images_per_s']} with SDPA "
           f"(x{a['speedup_vs_sdpa']}; forward {a['forward_ms']} vs {a['sdpa_forward_ms']} ms)")

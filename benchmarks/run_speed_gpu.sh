@@ -105,6 +105,7 @@ if [[ $rc -ne 0 ]]; then
 fi
 python - "$OUT/bench_speed.json" <<'PY' | tee -a "$OUT/check.txt"
 import json, sys
+from dtq.tools.bench_engines import end_to_end_problems
 res = json.load(open(sys.argv[1]))
 bad, warn = [], []
 for prec, c in res.get("correctness", {}).items():
@@ -119,17 +120,9 @@ for m, g in list(res.get("gemms_more", {}).items()) + [(res.get("gemms", {}).get
         for k, v in (row.items() if isinstance(row, dict) else []):
             if isinstance(v, dict) and "error" in v:
                 bad.append(f"GEMM M={m} {lname} {k}: {v['error']}")
-e2e = res.get("end_to_end", {})
-if "error" in e2e:
-    bad.append(f"end to end: {e2e['error']}")
-for name, entry in e2e.get("backends", {}).items():
-    if "error" in entry:
-        bad.append(f"{name}: build {entry['error']}")
-    for b, r in entry.get("batches", {}).items():
-        if "error" in r:
-            bad.append(f"{name} batch {b}: {r['error']}")
-        elif "skipped" in r:
-            warn.append(f"{name} batch {b}: {r['skipped']}")
+e2e_bad, e2e_warn = end_to_end_problems(res)
+bad += e2e_bad
+warn += e2e_warn
 for k, v in res.get("summary", {}).get("targets", {}).items():
     print(f"target {k}: measured {v.get('measured')} (target {v.get('target')}): {'met' if v.get('met') else 'NOT met'}")
 for w in warn:

@@ -621,6 +621,24 @@ def autotuned_configs() -> dict:
     return out
 
 
+def end_to_end_problems(results: dict) -> tuple[list[str], list[str]]:
+    """``(failures, skipped)`` lines of a results JSON's end-to-end stage: a stage or backend build
+    that raised, a batch that raised, a batch skipped by the time budget (for the GPU scripts' checks)."""
+    bad, warn = [], []
+    e2e = results.get("end_to_end", {})
+    if "error" in e2e:
+        bad.append(f"end to end: {e2e['error']}")
+    for name, entry in e2e.get("backends", {}).items():
+        if "error" in entry:
+            bad.append(f"{name}: build {entry['error']}")
+        for b, r in entry.get("batches", {}).items():
+            if "error" in r:
+                bad.append(f"{name} batch {b}: {r['error']}")
+            elif "skipped" in r:
+                warn.append(f"{name} batch {b}: {r['skipped']}")
+    return bad, warn
+
+
 def summarize(results: dict) -> dict:
     e2e = results.get("end_to_end", {}).get("backends", {})
     comp = e2e.get("bf16-compile", {}).get("batches", {})
