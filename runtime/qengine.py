@@ -88,7 +88,7 @@ from .attention import AttentionBackend, check_backend, use_attention
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
-from .rotation import hadamard, rotate
+from .rotation import rotated_input
 
 Kernel = Literal["auto", "reference"]
 W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
@@ -114,9 +114,9 @@ class EngineLinear(nn.Module):
         # online block-Hadamard rotation of the input (recipe input_rotation), before input_mul; on the
         # GPU a torch matmul with the small H in the activation dtype (not fused into the GEMM yet)
         self.input_rotation = q.input_rotation
-        # H lives with the layer (moved by .to(device)): rotating with a host-side H copied it to the
-        # GPU on every call, which a CUDA-graph capture refuses
-        self.register_buffer("rotation_matrix", hadamard(q.input_rotation, torch.float64) if q.input_rotation else None)
+        # the layer's own H (QuantLinear.input_rotation: moved by .to(), no host copy per call)
+        h = q.rotation_matrix
+        self.register_buffer("rotation_matrix", None if h is None else h.clone(), persistent=False)
         f32 = lambda t: None if t is None else t.detach().float().clone()  # noqa: E731
         self.register_buffer("bias", f32(q.bias))
         self.register_buffer("input_mul", f32(q.input_mul))
@@ -150,8 +150,7 @@ class EngineLinear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """``QuantLinear.forward``'s operations, in its order."""
         dtype = x.dtype
-        if self.input_rotation:
-            x = rotate(x, self.input_rotation, self.rotation_matrix)
+        x = rotated_input(self, x)
         if self.input_mul is not None:
             x = x * self.input_mul.to(dtype)
         xb = x
@@ -169,8 +168,7 @@ class EngineLinear(nn.Module):
             return self.reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.input_rotation:
-            x2 = rotate(x2, self.input_rotation, self.rotation_matrix)
+        x2 = rotated_input(self, x2)
         out = self.kernel_forward(x2)
         if self.lowrank_up is not None:
             out = self.lowrank_forward(x2, out)
@@ -212,8 +210,8 @@ class EngineLinear(nn.Module):
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
         with the add in its epilogue: ``x`` ``[B, T, K]``, ``gate`` ``[B, N]``, ``residual`` ``[B, T, N]``."""
         x2 = x.reshape(-1, x.shape[-1])
-        if self.input_rotation:  # fc2's Hadamard (a torch matmul) before the quantizing GEMM
-            x2 = rotate(x2, self.input_rotation, self.rotation_matrix)
+        # fc2's Hadamard, if any (a torch matmul), before the quantizing GEMM
+        x2 = rotated_input(self, x2)
         xq = self.quantize_input(x2)
         return self.codes_gate_residual(xq, gate, residual.reshape(-1, self.out_features)).reshape(residual.shape)
 

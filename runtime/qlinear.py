@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .rotation import rotate
+from .rotation import hadamard, rotated_input
 
 
 class QuantLinear(nn.Linear):
@@ -49,8 +49,21 @@ class QuantLinear(nn.Linear):
         self.register_buffer("input_mul", None)
         self.register_buffer("lowrank_down", None)
         self.register_buffer("lowrank_up", None)
-        self.input_rotation: int | None = None  # Hadamard block size of the online input rotation
+        self.input_rotation = None  # Hadamard block size of the online input rotation (a property)
         self._wq: torch.Tensor | None = None  # cached fake-quantized weight
+
+    @property
+    def input_rotation(self) -> int | None:
+        return self._input_rotation
+
+    @input_rotation.setter
+    def input_rotation(self, k: int | None) -> None:
+        # H lives with the layer (moved by .to(), not in the state dict): building it on the host and
+        # copying it to the GPU on every call is what CUDA-graph capture refuses
+        self._input_rotation = k
+        w = self._parameters.get("weight")
+        device = w.device if w is not None and w.device.type != "meta" else None
+        self.register_buffer("rotation_matrix", hadamard(k, torch.float64, device) if k else None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, weight_format: str = "none", weight_granularity: str = "channel",
@@ -110,8 +123,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if self.input_rotation:
-            x = rotate(x, self.input_rotation)
+        x = rotated_input(self, x)
         if self.input_mul is not None:
             x = x * self.input_mul.to(dtype)
         xb = x

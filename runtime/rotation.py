@@ -59,12 +59,13 @@ def rotate(x: torch.Tensor, k: int, h: torch.Tensor | None = None) -> torch.Tens
     c = x.shape[-1]
     if c % k:
         raise ValueError(f"last axis {c} is not a multiple of the Hadamard block {k}")
-    h = hadamard(k, x.dtype, x.device) if h is None else h.to(x.dtype)
+    h = hadamard(k, x.dtype, x.device) if h is None else h.to(device=x.device, dtype=x.dtype)
     return (x.reshape(*x.shape[:-1], c // k, k) @ h.T).reshape(x.shape)
 
 
 def rotated_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input a layer's quantizer sees before any balancing ``Mul``: rotated when the layer has an
-    ``input_rotation`` (hooks of statistics and GPTQ read the raw input of the Linear)."""
+    ``input_rotation`` (hooks of statistics and GPTQ read the raw input of the Linear), with the
+    layer's own ``rotation_matrix`` buffer where it has one (``QuantLinear``, engine layers)."""
     k = getattr(module, "input_rotation", None)
-    return x if not k else rotate(x, k)
+    return x if not k else rotate(x, k, getattr(module, "rotation_matrix", None))

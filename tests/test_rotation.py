@@ -202,6 +202,8 @@ def test_engine_matches_simulation_on_cpu(tiny_setup, stats):
         assert "rotation_matrix" in dict(engine_layers(engine)[FC2].named_buffers())
         assert not any(isinstance(m, FusedMlp) for m in engine.modules())  # no fused epilogue rotates
         sim = apply_recipe(model, recipe)
+        q = sim.get_submodule(FC2)  # the simulation's layer holds H the same way, outside its state dict
+        assert "rotation_matrix" in dict(q.named_buffers()) and "rotation_matrix" not in q.state_dict()
         x, t, y = held.x[:8], held.t[:8], held.y[:8]
         with torch.no_grad():
             assert torch.equal(engine(x, t, y), sim(x, t, y)), precision
