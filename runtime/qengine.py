@@ -75,6 +75,7 @@ and run it under CUDA graphs with ``runtime.backends.GraphedDenoiser``.
 from __future__ import annotations
 
 import functools
+import typing
 from typing import Literal
 
 import torch
@@ -88,6 +89,7 @@ from .attention import AttentionBackend, check_backend, use_attention
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
+from .regional_compile import compile_blocks  # noqa: F401  (the engine's compile; callers import it from here)
 from .rotation import rotated_input
 
 Kernel = Literal["auto", "reference"]
@@ -641,6 +643,7 @@ class Int8WeightOnlyLinear(EngineLinear):
 
 
 W4A8Kernel = Literal["group", "progressive"]
+W4A8_KERNELS: tuple[str, ...] = typing.get_args(W4A8Kernel)
 
 # one engine layer per quantized precision of the table (dtq.formats.PRECISIONS); w4a8 may instead
 # take Int4ProgressiveLinear (build_qengine(w4a8="progressive"))
@@ -654,8 +657,8 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
     """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel)
-    if w4a8 not in ("group", "progressive"):
-        raise ValueError(f"w4a8 must be 'group' or 'progressive', got {w4a8!r}")
+    if w4a8 not in W4A8_KERNELS:
+        raise ValueError(f"w4a8 must be one of {', '.join(W4A8_KERNELS)}, got {w4a8!r}")
     precision = formats.precision_of(q.weight_format, q.act_format)
     cls = ENGINE_LAYERS.get(precision)
     if cls is None:
@@ -758,13 +761,3 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     seen = {id(b) for m in layers.values() for b in m.buffers()}
     rest = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if id(t) not in seen)
     return {"quantized_layers": q, "other": rest, "total": q + rest}
-
-
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
-    by every block), leaving embedders and the final layer eager. Returns ``model`` (in place).
-    torch's default shape policy applies: the first batch size gets static kernels, a second one
-    a batch-dynamic compilation that serves all further sizes."""
-    for block in model.blocks:
-        block.compile(**compile_kwargs)
-    return model

@@ -1,6 +1,7 @@
 """The quantized PyTorch engine: on the CPU it is bit-identical to the simulated model (codes,
 scales and balancing folds verified); the Triton kernels are checked in triton's interpreter."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -251,3 +252,100 @@ def test_int8_auto_dispatch_by_rows(small_model, monkeypatch):
     x = torch.randn(2, 20, mlp.fc1.in_features)
     # 40 rows: fc2(act(fc1(x))), on the CPU the layers' references (a Triton launch would raise here)
     assert torch.equal(mlp.fused_forward(x), mlp(x))
+
+
+# -- the compile mode (runtime.regional_compile) and what Inductor sees of the engine ------------------
+def test_compile_blocks_passes_the_mode_to_torch_compile(small_model):
+    """compile_blocks(model, mode) compiles every block with the mode's Inductor options: a recording
+    backend receives them as torch.compile hands them to a backend; "default" passes none. The option
+    names exist in the installed torch (torch.compile validates Inductor options when it is called:
+    a bogus name is refused, so the check is real)."""
+    from dtq.runtime.regional_compile import compile_blocks, compile_kwargs, inductor_options
+
+    calls = []
+
+    def record(gm, example_inputs, **kwargs):  # a torch.compile backend: runs the captured graph as is
+        calls.append(kwargs)
+        return gm.forward
+
+    x, t, y = random_inputs(small_model, 2, seed=3)
+    torch._dynamo.reset()
+    try:
+        for mode in ("max-autotune", "default"):
+            calls.clear()
+            model = compile_blocks(build_qengine(small_model, minmax_recipe(small_model, "fp8")), mode, backend=record)
+            with torch.no_grad():
+                model(x, t, y)
+            assert calls, mode  # the blocks were compiled (one compilation serves both)
+            for kwargs in calls:
+                if mode == "default":
+                    assert kwargs == {}
+                    continue
+                opts = kwargs["options"]
+                assert opts == inductor_options("max-autotune")
+                assert opts["max_autotune"] and opts["max_autotune_gemm"] and opts["epilogue_fusion"]
+                assert not opts.get("triton.cudagraphs")  # dtq captures its own CUDA graphs
+                tma = "triton.enable_persistent_tma_matmul" in torch._inductor.config.get_config_copy()
+                assert opts.get("triton.enable_persistent_tma_matmul", False) is tma
+    finally:
+        torch._dynamo.reset()
+    torch.compile(torch.nn.Identity(), **compile_kwargs("max-autotune"))  # Inductor accepts every option name
+    with pytest.raises(RuntimeError):
+        torch.compile(torch.nn.Identity(), options={"no_such_inductor_option": True})
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_blocks(small_model, "max-autotune-no-cudagraphs")
+
+
+def _aten_ops(fn, *args) -> list[str]:
+    """The ATen ops ``fn`` runs, traced with fake tensors: what torch.compile hands to Inductor."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("precision,options,scalings", [
+    ("fp8", {}, ("tensorwise", "rowwise", "rowwise+bias")),
+    ("int8", {"int8_kernel": "int_mm"}, (None,)),
+])
+def test_gemm_epilogues_are_torch_ops_for_inductor(small_model, precision, options, scalings):
+    """FP8 (cuBLAS _scaled_mm, every scaling mode) and INT8 on torch._int_mm run their MLP's GPU path as
+    ATen ops only: GEMM, dequantize / bias, GELU, fc2's quantize, GEMM, with no dtq custom op between,
+    so Inductor's max-autotune can put the GEMM on its template and fuse GELU + quantize into its
+    epilogue; likewise proj's output into the gated residual add. Their blocks stay unfused DiTBlocks."""
+    from dtq.runtime.model import DiTBlock, Mlp
+
+    eng = build_qengine(small_model, minmax_recipe(small_model, precision, balance=True), **options)
+    block = eng.blocks[0]
+    assert type(block) is DiTBlock and type(block.mlp) is Mlp  # no FusedMlp / FusedResidualBlock
+    mlp, proj = block.mlp, block.attn.proj
+    gemm = "aten._scaled_mm.default" if precision == "fp8" else "aten._int_mm.default"
+    x = torch.randn(40, small_model.config.hidden_size, dtype=torch.bfloat16)
+    gate, res = torch.randn(2, proj.out_features, dtype=torch.bfloat16), torch.randn(2, 20, proj.out_features)
+    for scaling in scalings:
+        for layer in engine_layers(eng).values():
+            if scaling:
+                layer.scaling = scaling
+        ops = _aten_ops(lambda x: mlp.fc2.kernel_forward(mlp.act(mlp.fc1.kernel_forward(x))), x)
+        assert all(op.startswith("aten.") for op in ops), (scaling, ops)
+        first, second = (i for i, op in enumerate(ops) if op == gemm)
+        between = ops[first + 1:second]
+        assert "aten.gelu.default" in between, (scaling, between)
+        quantize = between[between.index("aten.gelu.default"):]  # fc2's input quantization after the GELU
+        assert any(op.startswith("aten.clamp") for op in quantize) and "aten._to_copy.default" in quantize, between
+        ops = _aten_ops(lambda h: res + gate.unsqueeze(1) * proj.kernel_forward(h).reshape(2, 20, -1), x)
+        assert all(op.startswith("aten.") for op in ops) and ops.count(gemm) == 1, (scaling, ops)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: custom ops unregistered")
+def test_default_int8_mlp_is_an_opaque_custom_op(small_model):
+    """The control for the test above: the default INT8 engine's fused MLP calls dtq's Triton kernels,
+    custom ops Inductor cannot look into (max-autotune leaves them as they are)."""
+    from dtq.runtime import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*)
+    from dtq.runtime.qengine import FusedMlp
+
+    eng = build_qengine(small_model, minmax_recipe(small_model, "int8", balance=True))
+    mlp = eng.blocks[0].mlp
+    assert isinstance(mlp, FusedMlp)
+    ops = _aten_ops(lambda x: mlp.fused_forward(x), torch.randn(40, small_model.config.hidden_size, dtype=torch.bfloat16))
+    assert "dtq.mm8_gelu_quant.default" in ops and "aten.gelu.default" not in ops, ops

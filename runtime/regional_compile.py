@@ -1,0 +1,71 @@
+"""Regional ``torch.compile`` of a DiT's blocks, and the compile modes dtq offers for it.
+
+``compile_blocks(model, mode)`` compiles each block (identical code: one compilation serves every
+block). ``mode`` is a :data:`CompileMode`:
+
+- ``"default"``: Inductor's defaults. GEMMs stay ATen calls (cuBLAS); pointwise neighbours fuse
+  among themselves.
+- ``"max-autotune"``: Inductor's ``max-autotune-no-cudagraphs`` options (dtq captures its own CUDA
+  graphs, ``runtime.backends.GraphedDenoiser``) plus ``max_autotune_gemm`` and ``epilogue_fusion``
+  named explicitly, and Hopper's persistent TMA GEMM template where the installed torch has it.
+  Inductor then lowers ``aten.mm`` / ``aten._scaled_mm`` / ``aten._int_mm`` to its own Triton GEMM
+  templates, benchmarks them against the ATen (cuBLAS) kernel, and fuses a chosen template's
+  pointwise consumers (GELU, the next layer's quantize, ``x + gate * out``) into its epilogue. dtq's
+  own Triton kernels are custom ops, opaque to Inductor: only torch-op GEMMs are affected. Compiling
+  takes minutes longer (every GEMM shape is autotuned).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from torch import nn
+
+CompileMode = Literal["default", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+# Inductor's mode whose options "max-autotune" takes: no CUDA graphs of Inductor's own (GraphedDenoiser
+# captures the whole denoiser; Inductor's cudagraph trees inside that capture would fail)
+MAX_AUTOTUNE_INDUCTOR_MODE = "max-autotune-no-cudagraphs"
+# Hopper's persistent TMA GEMM template: off by default in torch, named here when this torch has it
+PERSISTENT_TMA_OPTION = "triton.enable_persistent_tma_matmul"
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
+def inductor_options(mode: CompileMode) -> dict:
+    """The Inductor options of ``mode`` (a new dict each call: torch.compile pops keys from it).
+    torch.compile takes a ``mode`` or ``options``, not both, so the max-autotune mode's options
+    are spelled out here with the additions."""
+    check_compile_mode(mode)
+    if mode == "default":
+        return {}
+    from torch._inductor import config, list_mode_options
+
+    options = dict(list_mode_options(MAX_AUTOTUNE_INDUCTOR_MODE))
+    options.update(max_autotune_gemm=True, epilogue_fusion=True)
+    if PERSISTENT_TMA_OPTION in config.get_config_copy():  # absent from older torch: leave it out
+        options[PERSISTENT_TMA_OPTION] = True
+    return options
+
+
+def compile_kwargs(mode: CompileMode) -> dict:
+    """``torch.compile`` keyword arguments of ``mode``."""
+    options = inductor_options(mode)
+    return {"options": options} if options else {}
+
+
+def compile_blocks(model: nn.Module, mode: CompileMode = "default", **kwargs) -> nn.Module:
+    """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
+    by every block), leaving embedders and the final layer eager. Returns ``model`` (in place).
+    ``mode``: :data:`CompileMode`. ``kwargs``: more ``torch.compile`` arguments (e.g. ``backend``).
+    torch's default shape policy applies: the first batch size gets static kernels, a second one
+    a batch-dynamic compilation that serves all further sizes."""
+    check_compile_mode(mode)
+    for block in model.blocks:
+        block.compile(**compile_kwargs(mode), **kwargs)
+    return model
+
