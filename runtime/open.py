@@ -16,12 +16,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .denoiser import Denoiser, TorchDenoiser
 from .denoiser_spec import DenoiserSpec, parse_denoiser_spec
+
+if TYPE_CHECKING:
+    from .qengine import W4A8Kernel
+    from .regional_compile import CompileMode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,29 +96,41 @@ def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | tor
 def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
                   autocast: bool = False, threads: int | None = None, attention: str = "sdpa",
-                  prompts=None) -> Denoiser:
+                  prompts=None, compile_mode: CompileMode = "default", w4a8_kernel: W4A8Kernel = "group") -> Denoiser:
     """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
 
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
-    overrides it). ``compile``: regional torch.compile of the DiT blocks (torch, sim, recipe).
+    overrides it). ``compile``: regional torch.compile of the DiT blocks (torch, sim, recipe);
+    ``compile_mode`` its ``runtime.regional_compile.CompileMode`` ("default" or "max-autotune":
+    Inductor's GEMM templates with fused epilogues, autotuned against cuBLAS; needs ``compile``).
     ``cuda_graphs``: one CUDA graph per batch size (torch, sim, recipe, trt; CUDA only).
     ``autocast``: fp32 weights and residual stream, matmuls under autocast in ``dtype`` (torch, sim,
     recipe: the engine's layers then take fp32 inputs and return fp32, their GEMMs unchanged).
     ``threads``: ONNX Runtime's intra-op threads. ``attention``: the DiT blocks' attention kernel
-    (``runtime.attention``: "sdpa" or "sage"; torch, sim, recipe).
+    (``runtime.attention``: "sdpa" or "sage"; torch, sim, recipe). ``w4a8_kernel``: the recipe
+    engine's W4A8 layers (``build_qengine``'s ``w4a8``): "group" (the recipe's float group scales,
+    bit-identical to the simulation on the CPU) or "progressive" (two-level INT4 requantized at
+    build time, ``qengine.Int4ProgressiveLinear``; per-token layers keep "group"; refused when no
+    layer of the recipe is eligible).
     ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
     onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""
     from .attention import check_backend, use_attention
+    from .regional_compile import check_compile_mode
 
     spec = parse_denoiser_spec(spec)
     device = torch.device(device)
     check_backend(attention)
-    _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention)
+    check_compile_mode(compile_mode)
+    _check_w4a8_kernel(w4a8_kernel)
+    _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention,
+                   compile_mode=compile_mode, w4a8_kernel=w4a8_kernel)
+    engine_options = {"w4a8": w4a8_kernel} if spec.kind == "recipe" else None
     if getattr(model.config, "text_conditioned", False) or prompts is not None:
         return _open_text_denoiser(spec, model, prompts, device=device, dtype=dtype, threads=threads,
                                    options={"compile": compile, "cuda_graphs": cuda_graphs, "autocast": autocast,
-                                            f"attention={attention}": attention != "sdpa"})
+                                            f"attention={attention}": attention != "sdpa"},
+                                   engine_options=engine_options)
     if spec.kind == "onnx":
         return _open_onnx(spec, model, device, threads)
     if spec.kind == "trt":
@@ -125,12 +142,14 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     work_dtype = resolve_dtype(spec, dtype)
     # autocast: fp32 weights and residual stream, matmuls (and the engine's GEMM outputs) in work_dtype
     amp = work_dtype if autocast and work_dtype != torch.float32 else None
-    module = open_module(spec, model, device=device, dtype=torch.float32 if amp else work_dtype)
+    module = open_module(spec, model, device=device, dtype=torch.float32 if amp else work_dtype,
+                         engine_options=engine_options)
+    _check_progressive_layers(module, spec, w4a8_kernel)
     use_attention(module, attention)  # (before compiling: the compiled blocks call the chosen kernel)
     if compile:
-        from .qengine import compile_blocks
+        from .regional_compile import compile_blocks
 
-        compile_blocks(module)
+        compile_blocks(module, compile_mode)
     if compile or cuda_graphs or spec.kind == "recipe":
         from .backends import GraphedDenoiser
 
@@ -149,7 +168,8 @@ def _open_onnx(spec: DenoiserSpec, model: nn.Module, device: torch.device, threa
 
 
 def _open_text_denoiser(spec: DenoiserSpec, model: nn.Module, prompts, *, device: torch.device,
-                        dtype: torch.dtype | str, threads: int | None, options: dict[str, bool]) -> Denoiser:
+                        dtype: torch.dtype | str, threads: int | None, options: dict[str, bool],
+                        engine_options: dict | None = None) -> Denoiser:
     """A text-conditioned model's ``(x, t, context, mask)`` network behind ``(x, t, y)``: y indexes
     ``prompts`` (``runtime.prompts.PromptDenoiser``)."""
     from .prompts import PromptDenoiser
@@ -167,16 +187,40 @@ def _open_text_denoiser(spec: DenoiserSpec, model: nn.Module, prompts, *, device
         raise ValueError(f"text-conditioned models sample with the torch, sim:DIR, recipe:DIR and onnx:FILE "
                          f"backends, not {spec.kind}")
     work_dtype = resolve_dtype(spec, dtype)
-    return PromptDenoiser(open_module(spec, model, device=device, dtype=work_dtype), prompts, device, work_dtype)
+    module = open_module(spec, model, device=device, dtype=work_dtype, engine_options=engine_options)
+    _check_progressive_layers(module, spec, (engine_options or {}).get("w4a8", "group"))
+    return PromptDenoiser(module, prompts, device, work_dtype)
 
 
 def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool,
-                   attention: str = "sdpa") -> None:
+                   attention: str = "sdpa", compile_mode: str = "default", w4a8_kernel: str = "group") -> None:
     """Options a backend cannot honour are refused rather than silently ignored."""
+    if compile_mode != "default" and not compile:
+        raise ValueError(f"compile mode {compile_mode} applies to a compiled model: add compile (--compile)")
     bad = [name for name, on, kinds in (("compile", compile, ("torch", "sim", "recipe")),
                                         ("cuda_graphs", cuda_graphs, ("torch", "sim", "recipe", "trt")),
                                         ("autocast", autocast, ("torch", "sim", "recipe")),
-                                        (f"attention={attention}", attention != "sdpa", ("torch", "sim", "recipe")))
+                                        (f"attention={attention}", attention != "sdpa", ("torch", "sim", "recipe")),
+                                        (f"w4a8_kernel={w4a8_kernel}", w4a8_kernel != "group", ("recipe",)))
            if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")
+
+
+def _check_w4a8_kernel(w4a8_kernel: str) -> None:
+    from .qengine import W4A8_KERNELS
+
+    if w4a8_kernel not in W4A8_KERNELS:
+        raise ValueError(f"w4a8 kernel must be one of {', '.join(W4A8_KERNELS)}, got {w4a8_kernel!r}")
+
+
+def _check_progressive_layers(module: nn.Module, spec: DenoiserSpec, w4a8_kernel: str) -> None:
+    """w4a8_kernel="progressive" on a recipe none of whose layers take it (no INT4-weight x static
+    INT8-activation layer with C_in % 64 == 0) would silently run the group-scale kernels: refused."""
+    if w4a8_kernel != "progressive":
+        return
+    from .qengine import Int4ProgressiveLinear
+
+    if not any(isinstance(m, Int4ProgressiveLinear) for m in module.modules()):
+        raise ValueError(f"w4a8 kernel progressive: no layer of {spec.path} takes it (it needs INT4 weights, static "
+                         "per-tensor INT8 activations and C_in % 64 == 0)")

@@ -27,6 +27,8 @@ from .distributed import DistContext, data_parallel, map_batches, rank_device
 from .images import make_grid, save_npz, save_png, to_uint8
 from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
 from .open import DTYPES, open_denoiser
+from .qengine import W4A8Kernel
+from .regional_compile import CompileMode
 from .sampler import sample
 from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
 
@@ -80,12 +82,24 @@ class SampleConfig:
         "or a recipe directory (recipe.json, the engine)", metavar="SPEC"))
     compile: bool = field(default=False, metadata=_meta(
         "torch.compile the DiT blocks (torch, sim and recipe backends; CUDA)"))
+    compile_mode: CompileMode = field(default="default", metadata=_meta(
+        "with --compile: default (Inductor's defaults: GEMMs stay cuBLAS calls) or max-autotune (Inductor's "
+        "max-autotune-no-cudagraphs options plus its persistent TMA GEMM template where torch has it: torch GEMMs, "
+        "FP8 _scaled_mm and INT8 _int_mm included, are autotuned against cuBLAS on Inductor's Triton templates "
+        "with GELU / quantize / gated residual fused into their epilogues; minutes more compile time; dtq's own "
+        "Triton kernels are unaffected)"))
     cuda_graphs: bool = field(default=False, metadata=_meta(
         "replay the denoiser as one CUDA graph per batch size (torch, sim, recipe and trt backends on CUDA)"))
     attention: AttentionBackend = field(default="sdpa", metadata=_meta(
         "the DiT blocks' attention kernel (torch, sim and recipe backends): sdpa (torch's, bf16 flash on CUDA) or "
         "sage (SageAttention 1.0.6: INT8 QK^T, fp16 PV, head dim zero-padded to 64/96/128; CUDA, "
         "pip install sageattention==1.0.6; on the CPU its torch reference)"))
+    w4a8_kernel: W4A8Kernel = field(default="group", metadata=_meta(
+        "W4A8 layers of a recipe engine (--backend recipe:DIR): group (the recipe's INT4 codes and float group "
+        "scales, INT8 x INT4 Triton GEMM rescaling each group in float; identical to sim:DIR on the CPU) or "
+        "progressive (QServe-style: requantizes the INT4 weights at build time to two-level integer group "
+        "scales, so the GEMM accumulates int8 MMAs in int32 over the whole K with fused epilogues, the "
+        "fastest W4A8 engine; weights differ slightly from the recipe's; per-token layers fall back to group)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -103,7 +117,12 @@ class SampleConfig:
             raise ValueError("give either --classes or --num-images, not both")
         if self.ckpt is not None and self.random_weights:
             raise ValueError("--random-weights and --ckpt exclude each other")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile-mode {self.compile_mode} applies to a compiled model: add --compile")
         spec = parse_denoiser_spec(self.backend)  # a bad spec fails here, before any work
+        if self.w4a8_kernel != "group" and spec.kind != "recipe":
+            raise ValueError(f"--w4a8-kernel {self.w4a8_kernel} chooses the recipe engine's kernel: it needs "
+                             f"--backend recipe:DIR, not {self.backend}")
         if spec.dtype is not None and self.dtype not in ("fp32", spec.dtype):
             raise ValueError(f"--backend {self.backend} and --dtype {self.dtype} disagree; give one of them")
 
@@ -168,7 +187,8 @@ def build_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch.devi
     All run inside the same sampling loop. ``prompts``: a text-conditioned model's embeddings
     (``load_prompts``); its denoiser then looks ``y`` up in them."""
     return open_denoiser(cfg.backend, model, device=device, dtype=DTYPES[cfg.dtype], compile=cfg.compile,
-                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention, prompts=prompts)
+                         cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention, prompts=prompts,
+                         compile_mode=cfg.compile_mode, w4a8_kernel=cfg.w4a8_kernel)
 
 
 def load_prompts(cfg: SampleConfig, model: torch.nn.Module):

@@ -113,3 +113,103 @@ def test_recipe_with_foreign_tensors_is_refused(tmp_path, capsys):
                  "--per-class", "1", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "does not belong to recipe.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# -- --compile-mode and --w4a8-kernel ---------------------------------------------------------------
+def test_compile_mode_and_w4a8_kernel_parse_into_the_config():
+    from dtq.runtime.pipeline import SampleConfig
+    from dtq.tools.cli import dataclass_from_args
+
+    cfg = dataclass_from_args(SampleConfig, build_parser().parse_args(
+        ["--backend", "recipe:r", "--compile", "--compile-mode", "max-autotune", "--w4a8-kernel", "progressive"]))
+    assert cfg == SampleConfig(backend="recipe:r", compile=True, compile_mode="max-autotune", w4a8_kernel="progressive")
+    assert (SampleConfig().compile_mode, SampleConfig().w4a8_kernel) == ("default", "group")  # defaults unchanged
+
+
+def test_compile_mode_reaches_compile_blocks(monkeypatch):
+    """SampleConfig.compile_mode -> open_denoiser -> runtime.regional_compile.compile_blocks(model, mode)."""
+    import torch
+
+    from dtq.runtime import regional_compile
+    from dtq.runtime.pipeline import SampleConfig, build_denoiser
+    from dtq.runtime.zoo import load_builtin
+
+    modes = []
+    monkeypatch.setattr(regional_compile, "compile_blocks", lambda model, mode="default", **kw: modes.append(mode) or model)
+    model = load_builtin("dit-tiny-fmnist")
+    for cfg in (SampleConfig(compile=True, compile_mode="max-autotune"), SampleConfig(compile=True), SampleConfig()):
+        build_denoiser(cfg, model, torch.device("cpu"))
+    assert modes == ["max-autotune", "default"]
+
+
+def test_w4a8_kernel_progressive_builds_the_two_level_engine(tmp_path):
+    """--w4a8-kernel progressive: the recipe engine's W4A8 layers are Int4ProgressiveLinear (INT4 weights
+    requantized to two-level integer group scales at build time), close to the simulation but not
+    equal to it; the default (group) stays bit-identical to the simulation on the CPU. dtq-sample runs
+    with it and records it."""
+    import torch
+
+    from dtq.runtime import quant
+    from dtq.runtime.open import open_denoiser
+    from dtq.runtime.pipeline import SampleConfig, build_denoiser
+    from dtq.runtime.qengine import Int4Linear, Int4ProgressiveLinear, engine_layers
+    from dtq.runtime.zoo import load_builtin
+    from dtq.tools.cli import dataclass_from_args
+    from dtq.tools.quick_recipe import minmax_recipe, random_inputs
+
+    model = load_builtin("dit-tiny-fmnist")
+    minmax_recipe(model, "w4a8", group=64, balance=True).save(tmp_path / "r")
+    args = ["--backend", f"recipe:{tmp_path / 'r'}", "--device", "cpu"]
+    cpu = torch.device("cpu")
+    cfg = dataclass_from_args(SampleConfig, build_parser().parse_args(args + ["--w4a8-kernel", "progressive"]))
+    two_level = build_denoiser(cfg, model, cpu)
+    group = build_denoiser(dataclass_from_args(SampleConfig, build_parser().parse_args(args)), model, cpu)
+    layers = engine_layers(two_level.model)
+    assert len(layers) == 4 * model.config.depth and all(type(m) is Int4ProgressiveLinear for m in layers.values())
+    assert all(type(m) is Int4Linear for m in engine_layers(group.model).values())
+    x, t, y = random_inputs(model, 4, seed=7)
+    with torch.no_grad():
+        fp, sim = model(x, t, y), open_denoiser(f"sim:{tmp_path / 'r'}", model)(x, t, y)
+        got, grp = two_level(x, t, y), group(x, t, y)
+    assert torch.equal(grp, sim)
+    assert not torch.equal(got, sim) and quant.sqnr_db(sim, got) > 25, quant.sqnr_db(sim, got)
+    assert abs(quant.sqnr_db(fp, got) - quant.sqnr_db(fp, sim)) < 0.5  # as far from the FP model as the simulation
+    out = tmp_path / "s"
+    assert main(args + ["--w4a8-kernel", "progressive", "--steps", "2", "--classes", "1", "--per-class", "1",
+                        "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "sample_config.json").read_text())["w4a8_kernel"] == "progressive"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compile-mode", "max-autotune"], "--compile-mode max-autotune applies to a compiled model: add --compile"),
+    (["--w4a8-kernel", "progressive"], "--w4a8-kernel progressive chooses the recipe engine's kernel"),
+    (["--w4a8-kernel", "progressive", "--backend", "int8-recipe"], "no layer of"),
+])
+def test_compile_mode_and_w4a8_kernel_refusals_exit_2_in_one_line(tmp_path, capsys, args, message):
+    from dtq.runtime.zoo import load_builtin
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    if "int8-recipe" in args:  # an INT8 recipe has no INT4-weight layer for the two-level kernel
+        minmax_recipe(load_builtin("dit-tiny-fmnist"), "int8").save(tmp_path / "r")
+        args = [f"recipe:{tmp_path / 'r'}" if a == "int8-recipe" else a for a in args]
+    assert main(args + ["--device", "cpu", "--steps", "2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag", ["--compile-mode", "--w4a8-kernel"])
+def test_unknown_choice_exits_2_naming_the_choices(capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        main([flag, "bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in err and "invalid choice: 'bogus'" in err, err
+
+
+def test_help_says_what_the_two_options_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "two-level integer group scales" in text and "per-token layers fall back" in text
+    assert "max-autotune" in text and "epilogues" in text

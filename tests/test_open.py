@@ -223,3 +223,18 @@ def test_engine_for_another_version_or_gpu_is_refused(tmp_path, capsys):
     assert backend.name == "tensorrt-rtx" and meta.precision == "int8"
     with pytest.raises(ValueError, match="run on a CUDA device, not cpu"):
         open_engine_dir(here, "cpu")
+
+
+def test_compile_mode_and_w4a8_kernel_are_refused_where_they_do_not_apply(tiny, recipe_dir):
+    """The API refuses what dtq-sample's config refuses: a compile mode without compile, the two-level
+    W4A8 kernel for anything but a recipe engine (here: the simulation, and an INT8 recipe, which has
+    no layer for it), and unknown values."""
+    for kwargs, message in ((dict(compile_mode="max-autotune"), "add compile"),
+                            (dict(compile_mode="reduce-overhead", compile=True), "compile mode must be one of"),
+                            (dict(w4a8_kernel="bogus"), "w4a8 kernel must be one of")):
+        with pytest.raises(ValueError, match=message):
+            open_denoiser("torch", tiny, **kwargs)
+    with pytest.raises(ValueError, match="w4a8_kernel=progressive does not apply to the sim backend"):
+        open_denoiser(f"sim:{recipe_dir}", tiny, w4a8_kernel="progressive")
+    with pytest.raises(ValueError, match="no layer of .* takes it"):
+        open_denoiser(f"recipe:{recipe_dir}", tiny, w4a8_kernel="progressive")

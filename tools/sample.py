@@ -14,6 +14,8 @@ EPILOG = """examples:
   dtq-sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --classes 207,360,387 --dtype bf16
   dtq-sample --model DiT-XL/2 --random-weights --image-size 256 --num-images 8 --dtype bf16
   dtq-sample --backend recipe:recipes/int8 --device cuda --dtype bf16 --compile --cuda-graphs  # quantized engine
+  dtq-sample --backend recipe:recipes/fp8 --device cuda --dtype bf16 --compile --compile-mode max-autotune --cuda-graphs
+  dtq-sample --backend recipe:recipes/w4a8 --w4a8-kernel progressive --device cuda --dtype bf16 --compile --cuda-graphs
   dtq-sample --backend sim:recipes/int8                                  # the recipe's fake-quant simulation
   dtq-sample --backend onnx:model-int8.onnx --device cpu                 # ONNX Runtime
   dtq-sample --backend trt:engines/int8 --device cuda --cuda-graphs      # TensorRT / TensorRT-RTX
