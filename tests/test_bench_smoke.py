@@ -3,6 +3,8 @@ its JSON has the fields the results table and the targets are read from."""
 
 import json
 
+import pytest
+
 from dtq.tools.bench_engines import main
 
 
@@ -151,3 +153,65 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
            "int8-unfused": {"batches": {"64": {"images_per_s": 24.0}, "1": {"images_per_s": 3.0}}}}
     summary = summarize({"batches": [1, 8, 64], "end_to_end": {"backends": e2e}})
     assert summary["epilogue_fusion_speedup"] == {"int8@64": 1.25}
+
+
+def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monkeypatch):
+    """'-maxat' (any compiled backend) sets compile_blocks' mode to max-autotune; with '-sage' it is a
+    trailing modifier in either order, and build_qengine's options are those of the name without it
+    (int8-intmm-maxat: INT8 on torch._int_mm, whose dequantize epilogue Inductor can fuse). Built
+    backends get the mode (bf16-compile-maxat: the baseline beside the engines) and the attention
+    (int8-sage: SageAttention inside the engine); the summary sets X-maxat against X; the smoke run
+    takes the issue's point list; bad names exit 2."""
+    import torch
+
+    from dtq.runtime import regional_compile
+    from dtq.runtime.attention import EngineAttention
+    from dtq.tools import bench_engines as be
+
+    maxat = {"attention": "sdpa", "compile_mode": "max-autotune"}
+    assert be.backend_modifiers("int8-intmm-maxat") == ("int8-intmm", maxat)
+    assert be.backend_modifiers("bf16-compile-maxat") == ("bf16-compile", maxat)
+    assert be.backend_modifiers("fp8-maxat-sage") == be.backend_modifiers("fp8-sage-maxat") == \
+        ("fp8", {"attention": "sage", "compile_mode": "max-autotune"})
+    assert be.backend_modifiers("fp8-unfused") == ("fp8-unfused", {"attention": "sdpa", "compile_mode": "default"})
+    assert be.engine_options("int8-intmm-maxat") == be.engine_options("int8-intmm")
+    assert be.engine_options("int8-intmm-maxat")["int8_kernel"] == "int_mm"
+    assert be.engine_options("fp8-maxat") == be.engine_options("fp8")
+    assert be.backend_act_granularity("int8-token-maxat") == "token"
+    for bad in ("bf16-eager-maxat", "int8-maxat-maxat", "fp8-maxat-unfused", "maxat", "int8-maxat-intmm"):
+        with pytest.raises(ValueError):
+            be.check_backend_name(bad)
+    for good in ("bf16-compile-maxat", "fp8-maxat", "int8-maxat", "int8-intmm-maxat", "w4a8-progressive-maxat-sage"):
+        be.check_backend_name(good)
+
+    modes = []
+    monkeypatch.setattr(regional_compile, "compile_blocks", lambda m, mode="default", **kw: modes.append(mode) or m)
+    monkeypatch.setattr(be, "DEV", torch.device("cpu"))
+    base = be.make_xl()
+    engine = be.build_backend("int8-sage", base, "sha256:x")
+    attns = [m for m in engine.modules() if isinstance(m, EngineAttention)]
+    assert attns and all(a.backend == "sage" for a in attns)  # the engine's attention, not only bf16's
+    monkeypatch.setattr(be, "DEV", torch.device("cuda"))  # the bf16 path only checks the device type
+    for name in ("bf16-compile-maxat", "bf16-compile"):
+        be.build_backend(name, base, "sha256:x")
+    assert modes == ["max-autotune", "default"]
+
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--steps", "1", "--repeats", "1",
+                 "--points", "1:bf16-compile,bf16-compile-maxat,fp8,fp8-maxat,int8-intmm-maxat"]) == 0
+    backends = json.loads(out.read_text())["end_to_end"]["backends"]
+    for name, entry in backends.items():
+        assert "error" not in entry and entry["batches"]["1"]["images_per_s"] > 0, entry.get("trace")
+        assert entry["compile_mode"] == ("max-autotune" if name.endswith("-maxat") else "default"), name
+    e2e = {"bf16-compile": {"batches": {"64": {"images_per_s": 20.0}}},
+           "bf16-compile-maxat": {"batches": {"64": {"images_per_s": 22.0}}},
+           "fp8": {"batches": {"64": {"images_per_s": 25.0}}},
+           "fp8-maxat": {"batches": {"64": {"images_per_s": 33.0, "forward_ms": 40.0}}}}
+    summary = be.summarize({"batches": [64], "end_to_end": {"backends": e2e}})
+    assert summary["compile_mode_ablation"]["fp8-maxat@64"]["speedup_vs_default"] == 1.32
+    assert summary["compile_mode_ablation"]["bf16-compile-maxat@64"]["speedup_vs_default"] == 1.1
+    target = summary["targets"]["fp8-maxat_speedup_at_64"]  # against the faster baseline: 33 / 22
+    assert target == {"target": 1.5, "measured": 1.5, "met": True, "baseline": "bf16-compile-maxat"}
+    assert main(["--smoke", "--out", str(out), "--points", "1:bf16-eager-maxat"]) == 2
+    assert main(["--smoke", "--out", str(out), "--skip", "e2e", "--correctness", "int8-sage"]) == 2
+    assert "unknown backend 'bf16-eager-maxat'" in capsys.readouterr().err

@@ -17,7 +17,9 @@
    guidance (the denoiser sees 2x the batch), batches 64, 32, 8, 1: images/s (the full sampling
    loop, CUDA-event timed, median of --repeats) and peak GPU memory, for bf16 eager, bf16
    torch.compile, and the engines FP8 / INT8 / W4A16 / W4A8 / W4A8-progressive. Every compiled variant gets the same
-   treatment: regional torch.compile of the DiT blocks + one CUDA graph per batch size.
+   treatment: regional torch.compile of the DiT blocks + one CUDA graph per batch size; a ``-maxat`` name
+   (bf16-compile-maxat, fp8-maxat, int8-intmm-maxat, ...) compiles in Inductor's max-autotune mode
+   (``runtime.regional_compile``), and ``summary.compile_mode_ablation`` sets it against its default twin.
    Quantization: static per-tensor activation scales (TensorRT's scheme; no per-token dynamic
    quantization anywhere), per-channel weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
    quantizes the blocks' adaLN Linears (weight-only).
@@ -146,8 +148,9 @@ def guarded(results: dict, key: str, fn):
 # -- 1. correctness -------------------------------------------------------------------------------------
 def correctness(precisions) -> dict:
     from dtq.runtime.model import DiT, DiTConfig
-    from dtq.runtime.qengine import build_qengine, compile_blocks, engine_layers
+    from dtq.runtime.qengine import build_qengine, engine_layers
     from dtq.runtime.recipe import apply_recipe
+    from dtq.runtime.regional_compile import compile_blocks
     from dtq.tools.quick_recipe import minmax_recipe, random_inputs
 
     dev = DEV
@@ -163,28 +166,29 @@ def correctness(precisions) -> dict:
         precisions = [p for p in precisions if p not in ATTENTION_CHECKS]
     for prec in precisions:
         def one(prec=prec):
-            w4a8 = "progressive" if prec == "w4a8-progressive" else "group"
             prec_name = prec
-            prec = prec.split("-")[0]
-            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=backend_act_granularity(prec_name))
+            core, mods = backend_modifiers(prec)  # -maxat: compiled in that mode (Inductor's GEMMs, other numerics)
+            opts = engine_options(core)
+            prec = opts.pop("precision")
+            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=backend_act_granularity(core))
             sim = apply_recipe(model, recipe).to(dev)
             with torch.no_grad():
                 ref = sim(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
             res = {"sqnr_sim_vs_fp32_db": sqnr(fp, ref)}
             # layer kernels: fp32 input, identical codes; only the GEMM (and its accumulation) differs
-            eng32 = build_qengine(model, recipe, device=dev, dtype=torch.float32, check=False, w4a8=w4a8)
+            eng32 = build_qengine(model, recipe, device=dev, dtype=torch.float32, check=False, **opts)
             layer = {}
             for name, lin in list(engine_layers(eng32).items())[:4]:
                 xin = torch.randn(300, lin.in_features, device=dev) * 2
                 with torch.no_grad():
                     layer[name] = sqnr(lin.reference(xin), lin(xin))
             res["layer_kernel_sqnr_db"] = layer
-            eng = build_qengine(model, recipe, device=dev, dtype=torch.bfloat16, check=False, w4a8=w4a8)  # bf16 activations
+            eng = build_qengine(model, recipe, device=dev, dtype=torch.bfloat16, check=False, **opts)  # bf16 activations
             with torch.no_grad():
                 got = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
                 res["engine_bf16_vs_sim_db"] = sqnr(ref, got)
                 if DEV.type == "cuda":  # (--smoke: no compile)
-                    compile_blocks(eng)
+                    compile_blocks(eng, mods["compile_mode"])
                 got_c = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
                 res["engine_compiled_vs_sim_db"] = sqnr(ref, got_c)
             kernels = sorted({m.kernel_name() + (f"/{m.scaling}" if getattr(m, "scaling", None) else "")
@@ -204,6 +208,19 @@ def correctness(precisions) -> dict:
         guarded(out, prec, one)
     torch._dynamo.reset()
     return out
+
+
+def correctness_check_known(name: str) -> bool:
+    """What ``--correctness`` takes: the attention check, or an engine backend name without ``-sage``
+    (``-maxat`` compiles the checked engine in that mode)."""
+    if name in ATTENTION_CHECKS:
+        return True
+    core, mods = backend_modifiers(name)
+    try:
+        engine_options(core)
+    except ValueError:
+        return False
+    return mods["attention"] == "sdpa"
 
 
 def attention_correctness(heads: int = 16, tokens: int = 256, head_dim: int = 72, batch: int | None = None) -> dict:
@@ -360,6 +377,41 @@ EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
 TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
 
 
+MODIFIERS = ("sage", "maxat")  # trailing tags of any compiled backend: attention kernel, compile mode
+
+
+def backend_modifiers(name: str) -> tuple[str, dict]:
+    """``(core name, {"attention": ..., "compile_mode": ...})`` of a built backend's name: the trailing
+    modifier tags, in either order, peeled off: "-sage" (attention by SageAttention, else "sdpa") and
+    "-maxat" (``compile_blocks`` with ``compile_mode`` "max-autotune": Inductor's GEMM templates with
+    fused epilogues, autotuned against cuBLAS; else "default"). ``int8-intmm-maxat-sage`` ->
+    ``("int8-intmm", {"attention": "sage", "compile_mode": "max-autotune"})``."""
+    tags = name.split("-")
+    found = []
+    while len(tags) > 1 and tags[-1] in MODIFIERS:
+        if tags[-1] in found:
+            raise ValueError(f"unknown backend {name!r}: -{tags[-1]} given twice")
+        found.append(tags.pop())
+    return "-".join(tags), {"attention": "sage" if "sage" in found else "sdpa",
+                            "compile_mode": "max-autotune" if "maxat" in found else "default"}
+
+
+def without_tag(name: str, tag: str) -> str:
+    """``name`` without its ``-tag`` (the ablation's twin: ``fp8-maxat`` -> ``fp8``)."""
+    return "-".join(t for t in name.split("-") if t != tag)
+
+
+def check_backend_name(name: str) -> None:
+    """A built backend's name parses (``bf16-eager``, ``bf16-compile`` or an engine name, then the
+    modifiers); ValueError otherwise, before anything runs."""
+    core, mods = backend_modifiers(name)
+    if core == "bf16-eager" and mods["compile_mode"] != "default":
+        raise ValueError(f"unknown backend {name!r}: -maxat sets the compile mode of a compiled backend "
+                         "(bf16-compile-maxat, fp8-maxat, ...); bf16-eager is not compiled")
+    if core not in ("bf16-eager", "bf16-compile"):
+        engine_options(core)
+
+
 def engine_options(name: str) -> dict:
     """``build_qengine`` options of an engine backend name ``PRECISION[-progressive][-intmm|-triton][-ABLATION]``:
     "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), and the
@@ -368,16 +420,17 @@ def engine_options(name: str) -> dict:
     epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
     precision, FP8 included: its proj / fc1 / fc2 then run our Triton FP8 GEMM instead of cuBLAS's).
-    Raises ValueError for anything else."""
-    precision, *tags = name.removesuffix("-sage").split("-")  # -sage: the attention ablation (build_backend)
+    Raises ValueError for anything else. The modifiers "-sage" / "-maxat" (``backend_modifiers``) are
+    build_backend's, not build_qengine's: ignored here."""
+    precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
            and not (t == "token" and precision in TOKEN_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(set(tags)) != len(tags):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
-                         f"{', '.join(ENGINE_PRECISIONS)}, or an artifact spec")
+                         f"[-intmm|-triton][-token][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
+                         f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     family = "w4a8" if "progressive" in tags else precision  # build_qengine's epilogue family names
     fuse_mlp, fuse_residual = ("int8", "w4a8"), ("int8", "w4a8")  # build_qengine's defaults
     if ablation == ["unfused"]:
@@ -393,7 +446,7 @@ def engine_options(name: str) -> dict:
 
 def backend_act_granularity(name: str) -> str:
     """"token" for an engine backend with the "-token" tag (per-token dynamic activations), else "tensor"."""
-    return "token" if "token" in name.removesuffix("-sage").split("-")[1:] else "tensor"
+    return "token" if "token" in backend_modifiers(name)[0].split("-")[1:] else "tensor"
 
 
 def epilogue_report(module) -> dict:
@@ -407,28 +460,32 @@ def epilogue_report(module) -> dict:
 
 
 def build_backend(name: str, base, fingerprint: str):
-    """(module, dtype, compiled?) for a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU. A
-    ``-sage`` suffix (e.g. ``int8-sage``, ``bf16-compile-sage``) runs the blocks' attention with
-    SageAttention (``runtime.attention``) instead of SDPA: the attention ablation."""
+    """The module of a backend name; ``base`` is the fp32 DiT-XL/2 on the GPU. Modifiers
+    (``backend_modifiers``): ``-sage`` (e.g. ``int8-sage``, ``bf16-compile-sage``) runs the blocks'
+    attention with SageAttention (``runtime.attention``) instead of SDPA: the attention ablation;
+    ``-maxat`` (e.g. ``bf16-compile-maxat``, ``fp8-maxat``, ``int8-intmm-maxat``) compiles the blocks
+    with Inductor's max-autotune GEMM templates: the compile-mode ablation."""
     from dtq.runtime.attention import use_attention
-    from dtq.runtime.qengine import build_qengine, compile_blocks
+    from dtq.runtime.qengine import build_qengine
+    from dtq.runtime.regional_compile import compile_blocks
     from dtq.tools.quick_recipe import minmax_recipe
 
-    attention = "sage" if name.endswith("-sage") else "sdpa"
-    name = name.removesuffix("-sage")
+    check_backend_name(name)
+    name, mods = backend_modifiers(name)
     if name.startswith("bf16"):
         import copy
 
-        m = use_attention(copy.deepcopy(base).to(torch.bfloat16).eval(), attention)
+        m = use_attention(copy.deepcopy(base).to(torch.bfloat16).eval(), mods["attention"])
         if name == "bf16-compile" and DEV.type == "cuda":
-            compile_blocks(m)
+            compile_blocks(m, mods["compile_mode"])
         return m
     opts = engine_options(name)
     precision = opts.pop("precision")
     recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint,
                            act_granularity=backend_act_granularity(name))
-    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, **opts)
-    return compile_blocks(eng) if DEV.type == "cuda" else eng
+    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, attention=mods["attention"],
+                        **opts)
+    return compile_blocks(eng, mods["compile_mode"]) if DEV.type == "cuda" else eng
 
 
 def is_artifact(name: str) -> bool:
@@ -513,7 +570,7 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
                 entry.update(weight_report(module, base) if isinstance(module, torch.nn.Module) else {})
             else:
                 m = build_backend(name, base, fingerprint)
-                entry.update(weight_report(m, base))
+                entry.update(weight_report(m, base), **backend_modifiers(name)[1])
                 if not name.startswith("bf16"):
                     entry["fused_epilogues"] = epilogue_report(m)
             entry["build_s"] = round(time.perf_counter() - t, 1)
@@ -549,7 +606,7 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
         if is_artifact(name):
             den = module  # already a denoiser (compiled / graphed where its backend can be)
         else:
-            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=name != "bf16-eager")
+            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=backend_modifiers(name)[0] != "bf16-eager")
 
         def run(B=B, den=den):
             sync()
@@ -639,6 +696,23 @@ def end_to_end_problems(results: dict) -> tuple[list[str], list[str]]:
     return bad, warn
 
 
+def modifier_ablation(e2e: dict, tag: str, twin_label: str) -> dict:
+    """``{"X-tag@B": {...}}``: each point of a backend with the modifier ``-tag`` against its twin without
+    it (``without_tag``) at the same batch: images/s, forward ms and the speed-up over the twin."""
+    out = {}
+    for name, entry in e2e.items():
+        if tag not in name.split("-")[1:]:
+            continue
+        twin = e2e.get(without_tag(name, tag), {}).get("batches", {})
+        for B, r in entry.get("batches", {}).items():
+            ref = twin.get(B, {})
+            if "images_per_s" in r and "images_per_s" in ref:
+                out[f"{name}@{B}"] = {"images_per_s": r["images_per_s"], f"{twin_label}_images_per_s": ref["images_per_s"],
+                                      f"speedup_vs_{twin_label}": round(r["images_per_s"] / ref["images_per_s"], 3),
+                                      "forward_ms": r.get("forward_ms"), f"{twin_label}_forward_ms": ref.get("forward_ms")}
+    return out
+
+
 def summarize(results: dict) -> dict:
     e2e = results.get("end_to_end", {}).get("backends", {})
     comp = e2e.get("bf16-compile", {}).get("batches", {})
@@ -651,32 +725,38 @@ def summarize(results: dict) -> dict:
                 r["speedup_vs_bf16_compile"] = round(r["images_per_s"] / ref, 3)
     targets = {}
     # issue #13: FP8 >= 1.5x, INT8 >= 1.4x, W4A8 >= 1.25x bf16 torch.compile at batch 64; W4A16 no
-    # slower than it at batch 1-8
+    # slower than it at batch 1-8. A -maxat engine is held to its precision's target against the faster of
+    # bf16-compile and bf16-compile-maxat (max-autotune is open to the baseline too).
+    comp_maxat = e2e.get("bf16-compile-maxat", {}).get("batches", {})
+    maxat_targets = [(name, "64", need) for name in e2e if name.endswith("-maxat") and not name.startswith("bf16")
+                     for prefix, need in (("fp8", 1.5), ("int8", 1.4), ("w4a8", 1.25)) if name.startswith(prefix)]
     for name, batch, need in (("fp8", "64", 1.5), ("int8", "64", 1.4), ("w4a8", "64", 1.25),
-                              ("w4a8-progressive", "64", 1.25), ("w4a16", "1", 1.0), ("w4a16", "8", 1.0)):
+                              ("w4a8-progressive", "64", 1.25), ("w4a16", "1", 1.0), ("w4a16", "8", 1.0),
+                              *maxat_targets):
         if name not in e2e:
             continue
         ref = comp.get(batch, {}).get("images_per_s")
+        baseline = "bf16-compile"
+        if name.endswith("-maxat") and (comp_maxat.get(batch, {}).get("images_per_s") or 0) > (ref or 0):
+            ref, baseline = comp_maxat[batch]["images_per_s"], "bf16-compile-maxat"
         got = e2e[name].get("batches", {}).get(batch, {}).get("images_per_s")
         targets[f"{name}_speedup_at_{batch}"] = {"target": need, "measured": round(got / ref, 3) if got and ref else None,
                                                  "met": bool(got and ref and got / ref >= need)}
+        if name.endswith("-maxat"):
+            targets[f"{name}_speedup_at_{batch}"]["baseline"] = baseline
     w4 = e2e.get("w4a16", {})
     targets["w4a16_weight_memory_vs_bf16"] = {"target": 0.3, "measured": w4.get("weights_vs_bf16"),
                                               "quantized_layers_only": w4.get("quantized_layer_weights_vs_bf16"),
                                               "met": bool(w4.get("weights_vs_bf16") and w4["weights_vs_bf16"] <= 0.3)}
     summary["targets"] = targets
     # the attention ablation: each X-sage point against X (same engine, SDPA attention) at the same batch
-    ablation = {}
-    for name, entry in e2e.items():
-        base = e2e.get(name.removesuffix("-sage"), {}) if name.endswith("-sage") else None
-        for B, r in (entry.get("batches", {}).items() if base is not None else ()):
-            ref = base.get("batches", {}).get(B, {})
-            if "images_per_s" in r and "images_per_s" in ref:
-                ablation[f"{name}@{B}"] = {"images_per_s": r["images_per_s"], "sdpa_images_per_s": ref["images_per_s"],
-                                           "speedup_vs_sdpa": round(r["images_per_s"] / ref["images_per_s"], 3),
-                                           "forward_ms": r.get("forward_ms"), "sdpa_forward_ms": ref.get("forward_ms")}
+    ablation = modifier_ablation(e2e, "sage", "sdpa")
     if ablation:
         summary["attention_ablation"] = ablation
+    # the compile-mode ablation: each X-maxat point against X (same engine, Inductor's default mode)
+    ablation = modifier_ablation(e2e, "maxat", "default")
+    if ablation:
+        summary["compile_mode_ablation"] = ablation
     # the epilogue ablation: images/s of X over X-unfused at each batch both ran
     fusion = {}
     for name, entry in e2e.items():
@@ -719,6 +799,9 @@ def table(results: dict) -> str:
         f"({v.get('engine_bf16_vs_sim_db', v.get('sage_vs_fp32_db', v.get('error', '?')))} dB)"
         for p, v in c.items() if isinstance(v, dict) and p not in ("model",))]
     t = results.get("summary", {}).get("targets", {})
+    if results.get("summary", {}).get("compile_mode_ablation"):
+        lines.append("max-autotune vs default compile (images/s ratio): " + ", ".join(
+            f"{k}: {v['speedup_vs_default']}x" for k, v in results["summary"]["compile_mode_ablation"].items()))
     if results.get("summary", {}).get("epilogue_fusion_speedup"):
         lines.append("fused epilogues vs unfused (images/s ratio): " + ", ".join(
             f"{k}: {v}x" for k, v in results["summary"]["epilogue_fusion_speedup"].items()))
@@ -738,7 +821,10 @@ def main(argv=None) -> int:
                          "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), int8-token / w4a8-token / "
                          "fp8-token (per-token dynamic activations; a per-token layer takes no fused epilogue), "
                          "any of these + '-sage' "
-                         "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), or artifacts made for "
+                         "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), any compiled one + '-maxat' "
+                         "(regional compile in Inductor's max-autotune mode: its Triton GEMM templates for torch "
+                         "GEMMs with fused epilogues, autotuned against cuBLAS; e.g. bf16-compile-maxat, fp8-maxat, "
+                         "int8-intmm-maxat), or artifacts made for "
                          "--model's random weights as denoiser specs (trt:DIR, onnx:FILE, recipe:DIR, sim:DIR; "
                          "dtq-sample --backend's forms)")
     ap.add_argument("--steps", type=int, default=50)
@@ -747,7 +833,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of stages to skip: correctness,gemms,e2e")
     ap.add_argument("--correctness", default=None,
                     help=f"comma list of quantized backends to check against the simulation (default: those of "
-                         f"--backends among {', '.join(QUANTIZED)}), and attention-sage (SageAttention vs fp32 "
+                         f"--backends among {', '.join(QUANTIZED)}; any engine name, e.g. fp8-maxat: compiled with "
+                         f"max-autotune), and attention-sage (SageAttention vs fp32 "
                          f"attention; default when a backend ends in -sage)")
     ap.add_argument("--gemm-m", default=None,
                     help="comma list of GEMM row counts for the per-GEMM stage (default: 2 x 256 x the largest "
@@ -769,8 +856,8 @@ def main(argv=None) -> int:
         check_output_path(args.out, "file")
         points = parse_points(args.points) if args.points is not None else None
         for name in [n for _, n in points or []] + args.backends.split(","):
-            if name and name.removesuffix("-sage") not in ("bf16-eager", "bf16-compile") and not is_artifact(name):
-                engine_options(name)  # unknown names: exit 2 now, not a failed build later
+            if name and not is_artifact(name):
+                check_backend_name(name)  # unknown names: exit 2 now, not a failed build later
         if not math.isfinite(args.budget_s):
             raise ValueError(f"--budget-s must be a finite number, got {args.budget_s}")
     except ValueError as exc:
@@ -813,10 +900,10 @@ def main(argv=None) -> int:
         checked = (args.correctness.split(",") if args.correctness is not None else
                    [b for b in backends if b in QUANTIZED] + (["attention-sage"] if any(
                        b.endswith("-sage") for b in backends) else []))
-        unknown = [c for c in checked if c and c not in QUANTIZED + ATTENTION_CHECKS]
+        unknown = [c for c in checked if c and not correctness_check_known(c)]
         if unknown:
-            print(f"error: --correctness takes {', '.join(QUANTIZED + ATTENTION_CHECKS)}, not {', '.join(unknown)}",
-                  file=sys.stderr)
+            print(f"error: --correctness takes {', '.join(QUANTIZED + ATTENTION_CHECKS)} (or another engine name, "
+                  f"e.g. fp8-maxat, int8-intmm-maxat), not {', '.join(unknown)}", file=sys.stderr)
             return 2
         guarded(results, "correctness", lambda: correctness([c for c in checked if c]))
         save()
