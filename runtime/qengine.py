@@ -68,8 +68,10 @@ DiT's do (same classes, same kernels, bit-identical to the simulation on the CPU
 other model runs unfused, its own attention (diffusers' SDPA for PixArt) between the engine layers.
 
 The DiT's forward is untouched; the engine is an ordinary ``nn.Module``: compile it with
-``compile_blocks`` (regional ``torch.compile`` of each DiT block: one compilation serves all blocks)
-and run it under CUDA graphs with ``runtime.backends.GraphedDenoiser``.
+``compile_blocks`` (``runtime.regional_compile``: regional ``torch.compile`` of each DiT block, one
+compilation serves all blocks; ``mode="max-autotune"`` lets Inductor put the torch GEMMs, FP8
+``_scaled_mm`` and ``_int_mm``, on its autotuned templates with fused epilogues) and run it under
+CUDA graphs with ``runtime.backends.GraphedDenoiser``.
 """
 
 from __future__ import annotations
