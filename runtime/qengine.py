@@ -94,7 +94,10 @@ from .recipe import Recipe, apply_recipe
 from .regional_compile import compile_blocks  # noqa: F401  (the engine's compile; callers import it from here)
 from .rotation import rotated_input
 
-Kernel = Literal["auto", "reference"]
+# "auto": the GPU path (custom ops, Triton / cuBLAS kernels) on CUDA inputs, the simulation's operations
+# elsewhere; "reference": the simulation's operations everywhere; "gpu": the GPU path on any device (on
+# the CPU through Triton's interpreter, TRITON_INTERPRET=1, and torch's CPU _scaled_mm / _int_mm: tests)
+Kernel = Literal["auto", "reference", "gpu"]
 W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
 # int8_kernel="auto": torch._int_mm (cuBLAS) up to this many rows, the Triton GEMM above. Measured on an
 # H200 with CUDA-graph timing (bench_speed_h200_e2e_88e4fae.json, DiT-XL/2 block GEMMs): the Triton
@@ -167,8 +170,12 @@ class EngineLinear(nn.Module):
             y = y + F.linear(F.linear(xb.to(w.dtype), self.lowrank_down), self.lowrank_up)
         return y.to(dtype)
 
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` takes the GPU path (``kernel``: "auto" on CUDA, "gpu" anywhere) or the reference."""
+        return self.kernel == "gpu" or (self.kernel == "auto" and x.is_cuda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "reference" or not x.is_cuda:
+        if not self.runs_kernels(x):
             return self.reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -205,10 +212,10 @@ class EngineLinear(nn.Module):
 
     def fuses_epilogue(self, rows: int | None = None) -> bool:
         """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
-        some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM), a
-        static activation scale (the fused paths quantize with it; per-token layers run unfused)."""
-        return (self.epilogue_format is not None and self.kernel == "auto" and self.lowrank_up is None
-                and self.act_granularity == "tensor")
+        some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM).
+        Per-token layers qualify for the gated residual (the GEMM scales row m by its own scale);
+        ``FusedMlp`` also needs static scales (fc2's input is quantized inside fc1's N tiles)."""
+        return self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -216,8 +223,13 @@ class EngineLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         # fc2's Hadamard, if any (a torch matmul), before the quantizing GEMM
         x2 = rotated_input(self, x2)
-        xq = self.quantize_input(x2)
-        return self.codes_gate_residual(xq, gate, residual.reshape(-1, self.out_features)).reshape(residual.shape)
+        xq, a_scale = self.input_codes(x2)  # static [] or per token [M]
+        return self.codes_gate_residual(xq, gate, residual.reshape(-1, self.out_features),
+                                        a_scale).reshape(residual.shape)
+
+    def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit codes of the (balanced) input and their scale (``[]`` static or ``[M]`` per token)."""
+        raise NotImplementedError
 
     def _balanced_float(self, x2: torch.Tensor) -> torch.Tensor:
         xf = x2.float()
@@ -228,9 +240,15 @@ class EngineLinear(nn.Module):
         return self.act_granularity == "token"
 
     def int8_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """INT8 codes of the balanced input and their scale: the static scalar, or per token ``[M]``
-        from one Triton pass (``kernels.quant_rows_int8``)."""
+        """INT8 codes of the balanced input and their scale: the static scalar, or per token ``[M]``.
+        Per token under ``torch.compile`` (``compile_blocks``): plain torch ops
+        (``quant.token_codes_int8``), which Inductor fuses into the kernel that computes ``x2``
+        (LayerNorm + modulate before qkv / fc1, GELU before fc2): no pass of its own. Eager: one Triton
+        pass over ``x2`` (``kernels.quant_rows_int8``; the torch ops would be several kernels there).
+        Both give the same codes and scales for the same ``x2``."""
         if self.dynamic:
+            if torch.compiler.is_compiling():
+                return quant.token_codes_int8(x2, self.input_mul)
             return torch.ops.dtq.quant_rows_int8(x2, self.input_mul)
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8), self.act_scale
 
@@ -324,8 +342,13 @@ class FP8Linear(EngineLinear):
         return torch.ops.dtq.mm8_gelu_quant(xq, self.weight_fp8, self.act_scale, self.channel_scales(), self.bias,
                                             q_mul, q_scale)
 
-    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_fp8, self.act_scale, self.channel_scales(), self.bias,
+    def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fp8_codes(x2)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
+                            a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        a_scale = self.act_scale if a_scale is None else a_scale  # [M]: per-token codes (ROW_SCALE)
+        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_fp8, a_scale, self.channel_scales(), self.bias,
                                                gate, residual)
 
 
@@ -390,8 +413,13 @@ class Int8Linear(EngineLinear):
         return torch.ops.dtq.mm8_gelu_quant(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
                                             q_mul, q_scale)
 
-    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_int8, self.act_scale, self.w_scale_n, self.bias,
+    def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.int8_codes(x2)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
+                            a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        a_scale = self.act_scale if a_scale is None else a_scale  # [M]: per-token codes (ROW_SCALE)
+        return torch.ops.dtq.mm8_gate_residual(xq, self.weight_int8, a_scale, self.w_scale_n, self.bias,
                                                gate, residual)
 
     def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
@@ -435,11 +463,14 @@ class FusedMlp(nn.Module):
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear)
                 and fc1.epilogue_format in formats and fc1.epilogue_format == fc2.epilogue_format
                 and fc1.fuses_epilogue() and fc2.fuses_epilogue()  # a Triton kernel, no low-rank branch
+                # static scales: fc1's epilogue sees one N tile of a row, not the row's amax for fc2's
+                # input (per-token MLPs: GELU + quantize fused by Inductor, fc2 gated-residual epilogue)
+                and fc1.act_granularity == fc2.act_granularity == "tensor"
                 and not fc2.input_rotation  # nor a Hadamard rotation of fc2's input (yet)
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        if not self.fc1.runs_kernels(x):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
 
@@ -485,7 +516,7 @@ class FusedResidualBlock(DiTBlock):
         return ok(proj), ok(fc2) and (type(mlp) is Mlp or isinstance(mlp, FusedMlp))  # fc2(act(fc1(h)))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        if not (self.attn.proj if self.fuse_proj else self.mlp.fc2).runs_kernels(x):
             return super().forward(x, c)
         return self.fused_forward(x, c)
 
@@ -547,12 +578,12 @@ class Int4Linear(EngineLinear):
         return "Int4Linear[w4a8 int8-MMA]" if self.w4a8_kernel() else "Int4Linear[w4a16]"
 
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        xf = self._balanced_float(x2)
         out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self.w4a8_kernel():
             xq, a_scale = self.int8_codes(x2)
             return torch.ops.dtq.w4a8_mm(xq, self.weight_packed, self.w_scale_groups, self.group, a_scale,
                                          self.bias, out_dtype).to(x2.dtype)
+        xf = self._balanced_float(x2)
         if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
             xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
@@ -616,7 +647,12 @@ class Int4ProgressiveLinear(EngineLinear):
         return torch.ops.dtq.w4a8_progressive_gelu_quant(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                          self.act_scale, self.bias, q_mul, q_scale)
 
-    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantize_input(x2), self.act_scale
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
+                            a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        assert a_scale is None or a_scale.dim() == 0, "two-level W4A8 takes a static activation scale"
         return torch.ops.dtq.w4a8_progressive_gate_residual(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                             self.act_scale, self.bias, gate, residual)
 
@@ -688,6 +724,10 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference).
+
+    ``kernel``: "auto" (the GPU path on CUDA inputs, the simulation's operations on the CPU),
+    "reference" (the simulation's operations everywhere) or "gpu" (the GPU path on any device: on the
+    CPU the Triton kernels run in Triton's interpreter, ``TRITON_INTERPRET=1``; what the tests use).
 
     ``fuse_mlp``, ``fuse_residual`` and ``attention`` rewrite DiT blocks: a model of another family
     (its adapter's ``family``, e.g. PixArt) gets its engine layers only and runs unfused, and

@@ -74,6 +74,23 @@ def token_scale(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return scale_from_amax(x.float().abs().amax(dim=-1, keepdim=True), fmt)
 
 
+def token_codes_int8(x: torch.Tensor, mul: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 codes of ``x' = x.float() * mul`` (``x`` ``[M, K]``, ``mul`` the layer's run-time
+    balancing ``[K]`` or None) and their scales ``[M]`` float32, as plain torch ops: the numbers of
+    :func:`token_scale` / ``fake_quant_act(x', None, "int8", "token")`` (scale ``max(amax / 127, 1e-12)``,
+    round half to even, saturate) and of ``kernels.quant_rows_int8``. Written for Inductor, which fuses
+    it into the kernel that computes ``x`` (LayerNorm + modulate, GELU) under ``torch.compile``: the
+    row amax is taken from ``|x|`` (``|x * mul| = |x| * |mul|`` exactly: rounding to nearest is
+    symmetric in sign), so the value the reduction and the quantizer share is ``x`` in its own dtype,
+    which a looped (non-persistent) reduction kernel re-reads, or stores in bf16, not a float32 copy."""
+    a = x.abs().float()
+    if mul is not None:
+        a = a * mul.abs()
+    scale = a.amax(dim=-1).div(QMAX["int8"]).clamp_min(_MIN_SCALE)
+    xf = x.float() if mul is None else x.float() * mul
+    return torch.round(xf / scale[:, None]).clamp_(-128, 127).to(torch.int8), scale
+
+
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, fmt: str, granularity: str = "tensor") -> torch.Tensor:
     """An activation's quantize-dequantize: with the static ``scale`` (``tensor``) or a scale per
     token computed from ``x`` (``token``; ``scale`` unused)."""

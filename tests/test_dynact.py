@@ -255,3 +255,131 @@ def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "activation quantizers with computed scales" in err and "CHECK(is_constant())" in err, err
     assert not engine.exists()
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+def test_compiled_per_token_quantizer_is_plain_torch_ops():
+    """Under torch.compile the per-token quantizer is plain torch ops (quant.token_codes_int8), which
+    Inductor fuses into the kernel that computes the activation (LayerNorm + modulate, GELU; see
+    benchmarks/token_fusion_cpu.py for the kernels); eager, the one-pass Triton kernel. Both give the
+    same codes and scales (random rows over four decades, an all-zero row, with and without the
+    balancing Mul, fp32 and fp16 inputs): a compiled per-token block (INT8 with gated-residual
+    epilogues, W4A8) has no dtq::quant_rows_int8 call in its graph and is bit-identical to the eager
+    GPU path, which calls it once per layer."""
+    code = textwrap.dedent('''
+        import torch
+        from torch.profiler import profile
+        from dtq.runtime import kernels, kernel_ops, quant
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedResidualBlock, build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        x = torch.randn(37, 192) * torch.logspace(-3, 3, 37)[:, None]
+        x[5] = 0
+        x[9, :3] = torch.tensor([1.0, -1.0, 0.5]) * 127 * 2.0 ** -20  # exact ties at the row's scale
+        mul = torch.rand(192) + 0.5
+        for xin in (x, x.half()):
+            for m in (mul, None):
+                q, s = quant.token_codes_int8(xin, m)
+                qk, sk = kernels.quant_rows_int8(xin, m)
+                assert torch.equal(q, qk) and torch.equal(s, sk), (xin.dtype, m is None, (q != qk).sum(), (s - sk).abs().max())
+                xb = xin.float() * (1 if m is None else m)
+                assert torch.equal(s, quant.token_scale(xb, "int8").reshape(-1))  # the simulation's scale
+                assert torch.equal(q.float() * s[:, None], quant.fake_quant_act(xb, None, "int8", "token"))
+        assert float(s[5]) == float(torch.tensor(1e-12)), s[5]  # the all-zero row's guard
+        assert not q[5].any() and q.dtype == torch.int8 and int(q.abs().max()) == 127
+        # an engine block on the GPU path (kernel="gpu": the Triton interpreter), compiled with a backend
+        # that records the graph dynamo hands over (what Inductor would compile)
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
+        for p, gemms in (("int8", {"dtq.int8_mm": 2, "dtq.mm8_gate_residual": 2}), ("w4a8", {"dtq.w4a8_mm": 4})):
+            r = minmax_recipe(m, p, group=64, balance=True, act_granularity="token")
+            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton").blocks[0]
+            if p == "int8":  # per-token proj / fc2 keep the gated-residual epilogue
+                assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2
+            graphs = []
+            def record(gm, example_inputs):
+                graphs.append(gm)
+                return gm.forward
+            torch._dynamo.reset()
+            with torch.no_grad():
+                with profile() as prof:
+                    eager = blk(h, c)
+                names = [e.name for e in prof.events()]
+                assert names.count("dtq::quant_rows_int8") == 4, (p, sorted(set(n for n in names if "dtq" in n)))
+                got = torch.compile(blk, backend=record, fullgraph=True)(h, c)
+                ref = build_qengine(m, r).blocks[0](h, c)  # the CPU path: the simulation's operations
+            called = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+            assert not [t for t in called if "quant_rows_int8" in t], (p, called)
+            assert {k: called.count(k) for k in gemms} == gemms, (p, sorted(set(t for t in called if "dtq" in t)))
+            assert [t for t in called if "amax" in t], p  # the row amax is in the graph, for Inductor to fuse
+            assert torch.equal(got, eager), (p, (got - eager).abs().max())
+            assert quant.sqnr_db(ref, got) > 40, (p, quant.sqnr_db(ref, got))
+        print("ok")
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+def test_per_token_gated_residual_epilogue_in_interpreter():
+    """Per-token proj / fc2 keep the gated-residual epilogue: the 8-bit GEMM with per-row activation
+    scales ``[M]`` and the gate + residual add (INT8 and FP8 codes; a strided gate view, ragged M and
+    N) against a float64 reference; a per-token INT8 block's fused path calls the fused kernel for
+    proj and fc2 and matches the block's reference (the simulation's operations)."""
+    code = textwrap.dedent('''
+        import torch
+        from torch.profiler import profile
+        from dtq.runtime import kernels, kernel_ops, quant
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        B, T, N, K = 3, 13, 48, 96
+        M = B * T
+        gate = torch.randn(B, 6 * N).chunk(6, dim=1)[2]
+        res, bias = torch.randn(M, N), torch.randn(N)
+        sa = torch.rand(M) * 0.05 + 1e-3  # one scale per row, over a decade and a half
+        sw = torch.rand(N) * 0.01 + 1e-3
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        af = (torch.randn(M, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        wf = (torch.randn(N, K) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        for name, (x, wt) in {"int8": (a, w), "fp8": (af, wf)}.items():
+            acc = x.double() @ wt.double().T
+            out = acc * sa.double()[:, None] * sw.double() + bias.double()
+            want = res.double() + gate.double().repeat_interleave(T, 0) * out
+            for got in (kernels.mm8_gate_residual(x, wt, sa, sw, bias, gate, res),
+                        torch.ops.dtq.mm8_gate_residual(x, wt, sa, sw, bias, gate, res)):
+                err = float((got.double() - want).abs().max() / want.abs().max())
+                assert got.shape == (M, N) and err < 1e-6, (name, err)
+            static = kernels.mm8_gate_residual(x, wt, sa[4], sw, bias, gate, res)  # [] still the static path
+            want4 = res.double() + gate.double().repeat_interleave(T, 0) * (acc * float(sa[4]) * sw.double() + bias.double())
+            assert float((static.double() - want4).abs().max() / want4.abs().max()) < 1e-6, name
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
+        blk = build_qengine(m, r, int8_kernel="triton", kernel="gpu").blocks[0]  # the GPU path on the CPU
+        assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2, blk
+        assert not isinstance(blk.mlp, FusedMlp)  # fc2's per-token input cannot be made in fc1's N tiles
+        assert blk.mlp.fc2.input_mul is not None  # the run-time balancing Mul before the per-token quantizer
+        h, c = torch.randn(3, 4, 64), torch.randn(3, 64)
+        with torch.no_grad():
+            ref = build_qengine(m, r).blocks[0](h, c)  # CPU, kernel "auto": the simulation's operations
+            with profile() as prof:
+                got = blk(h, c)
+            ref_static = build_qengine(m, minmax_recipe(m, "int8", balance=True)).blocks[0](h, c)
+        names = [e.name for e in prof.events()]
+        assert [names.count(f"dtq::{k}") for k in ("mm8_gate_residual", "int8_mm", "quant_rows_int8")] == [2, 2, 4], \\
+            sorted(set(n for n in names if n.startswith("dtq::")))
+        s = quant.sqnr_db(ref, got)
+        assert got.shape == ref.shape and s > 40, s
+        assert quant.sqnr_db(ref, ref_static) < s - 10  # the per-token numbers, not a static scale's
+        print("ok", round(s, 1), round(quant.sqnr_db(ref, ref_static), 1))
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    print(out.stdout.strip().splitlines()[-1])
