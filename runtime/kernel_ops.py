@@ -1,5 +1,5 @@
 """``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
-``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``): the Triton GEMMs as custom ops, so that
+``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``): the Triton GEMMs as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -52,6 +52,18 @@ def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group
 @w4a8_mm.register_fake
 def _(a, w_packed, scales, group, a_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dtq::w4a8_gate_residual", mutates_args=())
+def w4a8_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
+                       a_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                       residual: torch.Tensor) -> torch.Tensor:
+    return kernels.w4a8_gate_residual(a, w_packed, scales, group, a_scale, bias, gate, residual)
+
+
+@w4a8_gate_residual.register_fake
+def _(a, w_packed, scales, group, a_scale, bias, gate, residual):
+    return residual.new_empty((a.shape[0], w_packed.shape[0]))
 
 
 @torch.library.custom_op("dtq::w4a8_progressive_mm", mutates_args=())

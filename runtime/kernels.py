@@ -455,13 +455,14 @@ def _prune_w4a8(configs, named_args, **kwargs):
     return kept or fits or configs
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K"],
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K", "GATE_RESIDUAL"],
                  prune_configs_by={"early_config_prune": _prune_w4a8})
 @triton.jit
 def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
                     GROUP: tl.constexpr, stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg,
-                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    stride_cm, stride_cn, gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, GATE_RESIDUAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # requires K % BLOCK_K == 0 and GROUP % BLOCK_K == 0 (one group scale per K tile)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -485,25 +486,37 @@ def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: 
         acc = acc * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     else:
         acc = acc * tl.load(a_scale_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    # bias, then (GATE_RESIDUAL) the block's gated residual add: the 8-bit GEMMs' shared epilogue
+    _epilogue_store(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, a_scale_ptr, a_scale_ptr,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS, False, False, False, GATE_RESIDUAL)
 
 
 def w4a8_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int, a_scale: torch.Tensor,
-            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
+            gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``(a @ dequant(W).T) * a_scale + bias``: a int8 [M, K], W INT4 packed ``[N, K/2]``, scales
-    ``[N, K/group]`` float32, a_scale float32 [] or [M] (per token) -> [M, N] ``out_dtype``."""
+    ``[N, K/group]`` float32, a_scale float32 [] or [M] (per token) -> [M, N] ``out_dtype``. ``gate`` and
+    ``residual`` given: ``residual + gate[b] * (...)`` in the epilogue, ``residual``'s dtype out (see
+    :func:`w4a8_gate_residual`)."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert a.dtype == torch.int8 and w_packed.shape[1] * 2 == K and scales.shape == (N, K // group)
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype if gate is None else residual.dtype)
     _w4a8_mm_kernel[_int4_grid(M, N, K, group, one_group_per_tile=True)](a, w_packed, scales, c, a_scale, bias if bias is not None else scales, M, N, K, _m_bucket(M),
                           group, a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0),
                           scales.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
-                          ROW_SCALE=a_scale.dim() == 1)
+                          ROW_SCALE=a_scale.dim() == 1, **_gate_residual_args(c, gate, residual))
     return c
+
+
+def w4a8_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
+                       a_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                       residual: torch.Tensor) -> torch.Tensor:
+    """proj / fc2 of a W4A8 block (group-scaled INT4 weights) with the gated residual add in the
+    epilogue (as :func:`mm8_gate_residual`): ``residual + gate[b] * w4a8_mm(...)``; ``a_scale`` static
+    ``[]`` or per token ``[M]``."""
+    return w4a8_mm(a, w_packed, scales, group, a_scale, bias, gate=gate, residual=residual)
 
 
 def _progressive_configs():

@@ -462,6 +462,8 @@ class FusedMlp(nn.Module):
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear)
                 and fc1.epilogue_format in formats and fc1.epilogue_format == fc2.epilogue_format
+                # kernels with the GELU + quantize epilogue (fc1) and a GEMM on given codes (fc2)
+                and callable(getattr(fc1, "codes_gelu_quant", None)) and callable(getattr(fc2, "codes_forward", None))
                 and fc1.fuses_epilogue() and fc2.fuses_epilogue()  # a Triton kernel, no low-rank branch
                 # static scales: fc1's epilogue sees one N tile of a row, not the row's amax for fc2's
                 # input (per-token MLPs: GELU + quantize fused by Inductor, fc2 gated-residual epilogue)
@@ -576,6 +578,21 @@ class Int4Linear(EngineLinear):
         if self.kernel == "reference":
             return "reference"
         return "Int4Linear[w4a8 int8-MMA]" if self.w4a8_kernel() else "Int4Linear[w4a16]"
+
+    @property
+    def epilogue_format(self) -> str | None:
+        """The W4A8 int8-MMA kernel shares the 8-bit GEMMs' gated-residual epilogue (family "w4a8", with
+        the two-level kernel); it has no GELU + quantize epilogue (its MLPs are not ``FusedMlp``)."""
+        return "w4a8" if self.w4a8_kernel() else None
+
+    def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.int8_codes(x2)
+
+    def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
+                            a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        a_scale = self.act_scale if a_scale is None else a_scale  # [M]: per-token codes (ROW_SCALE)
+        return torch.ops.dtq.w4a8_gate_residual(xq, self.weight_packed, self.w_scale_groups, self.group, a_scale,
+                                                self.bias, gate, residual)
 
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16

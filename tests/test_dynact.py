@@ -293,11 +293,10 @@ def test_compiled_per_token_quantizer_is_plain_torch_ops():
         m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
-        for p, gemms in (("int8", {"dtq.int8_mm": 2, "dtq.mm8_gate_residual": 2}), ("w4a8", {"dtq.w4a8_mm": 4})):
+        for p, gemms in (("int8", {"dtq.int8_mm": 2, "dtq.mm8_gate_residual": 2}), ("w4a8", {"dtq.w4a8_mm": 2, "dtq.w4a8_gate_residual": 2})):
             r = minmax_recipe(m, p, group=64, balance=True, act_granularity="token")
             blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton").blocks[0]
-            if p == "int8":  # per-token proj / fc2 keep the gated-residual epilogue
-                assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2
+            assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2  # proj / fc2 epilogues
             graphs = []
             def record(gm, example_inputs):
                 graphs.append(gm)
@@ -325,14 +324,16 @@ def test_compiled_per_token_quantizer_is_plain_torch_ops():
 
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
 def test_per_token_gated_residual_epilogue_in_interpreter():
-    """Per-token proj / fc2 keep the gated-residual epilogue: the 8-bit GEMM with per-row activation
-    scales ``[M]`` and the gate + residual add (INT8 and FP8 codes; a strided gate view, ragged M and
-    N) against a float64 reference; a per-token INT8 block's fused path calls the fused kernel for
-    proj and fc2 and matches the block's reference (the simulation's operations)."""
+    """Per-token proj / fc2 keep the gated-residual epilogue: the 8-bit GEMM (INT8 and FP8 codes) and
+    the W4A8 int8-MMA GEMM (group-scaled INT4 weights) with per-row activation scales ``[M]`` and the
+    gate + residual add (a strided gate view, ragged M and N) against a float64 reference; per-token
+    INT8 and W4A8 blocks on the GPU path call the fused kernel for proj and fc2 and match the block's
+    reference (the simulation's operations)."""
     code = textwrap.dedent('''
         import torch
         from torch.profiler import profile
         from dtq.runtime import kernels, kernel_ops, quant
+        from dtq.runtime.kernels_ref import pack_int4
         from dtq.runtime.model import DiT, DiTConfig
         from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, build_qengine
         from dtq.tools.quick_recipe import minmax_recipe
@@ -358,8 +359,33 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
             static = kernels.mm8_gate_residual(x, wt, sa[4], sw, bias, gate, res)  # [] still the static path
             want4 = res.double() + gate.double().repeat_interleave(T, 0) * (acc * float(sa[4]) * sw.double() + bias.double())
             assert float((static.double() - want4).abs().max() / want4.abs().max()) < 1e-6, name
+        for K2, g in ((128, 64), (256, 128)):  # the W4A8 int8-MMA kernel (group scales), same epilogue
+            a = torch.randint(-128, 128, (M, K2), dtype=torch.int8)
+            q = torch.randint(-8, 8, (N, K2), dtype=torch.int8)
+            gs_ = torch.rand(N, K2 // g) * 0.01 + 1e-3
+            acc = (a.double() @ (q.double() * gs_.double().repeat_interleave(g, 1)).T)
+            want = res.double() + gate.double().repeat_interleave(T, 0) * (acc * sa.double()[:, None] + bias.double())
+            for rr in (res, res.half()):
+                got = torch.ops.dtq.w4a8_gate_residual(a, pack_int4(q), gs_, g, sa, bias, gate, rr)
+                err = float((got.double() - (want - res.double() + rr.double())).abs().max() / want.abs().max())
+                assert got.dtype == rr.dtype and got.shape == (M, N) and err < (1e-6 if rr.dtype == torch.float32 else 1e-3), (K2, g, err)
+            plain = kernels.w4a8_mm(a, pack_int4(q), gs_, g, sa, bias, torch.float32)  # the plain epilogue unchanged
+            assert float((plain.double() - (acc * sa.double()[:, None] + bias.double())).abs().max()) < 1e-4
         m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        hb, cb = torch.randn(3, 4, 64), torch.randn(3, 64)
+        for gran in ("token", "tensor"):  # W4A8: the group kernel's gated residual in the block (static too)
+            r = minmax_recipe(m, "w4a8", group=64, balance=True, act_granularity=gran)
+            blk = build_qengine(m, r, kernel="gpu").blocks[0]
+            assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2, blk
+            with profile() as prof, torch.no_grad():
+                got = blk(hb, cb)
+            names = [e.name for e in prof.events()]
+            assert [names.count(f"dtq::{k}") for k in ("w4a8_gate_residual", "w4a8_mm", "quant_rows_int8")] == \\
+                [2, 2, 4 if gran == "token" else 0], sorted(set(n for n in names if n.startswith("dtq::")))
+            with torch.no_grad():
+                ref = build_qengine(m, r).blocks[0](hb, cb)
+            assert quant.sqnr_db(ref, got) > 40, (gran, quant.sqnr_db(ref, got))
         r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
         blk = build_qengine(m, r, int8_kernel="triton", kernel="gpu").blocks[0]  # the GPU path on the CPU
         assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2, blk
