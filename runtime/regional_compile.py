@@ -31,6 +31,24 @@ MAX_AUTOTUNE_INDUCTOR_MODE = "max-autotune-no-cudagraphs"
 PERSISTENT_TMA_OPTION = "triton.enable_persistent_tma_matmul"
 
 
+# Options for a model that quantizes activations per token (ViDiT-Q; any mode). Inductor stores a value
+# that a row reduction and a later pointwise op both read when it reads more than
+# ``realize_reads_threshold`` (default 4) buffers. The per-token quantizer of LayerNorm + modulate reads
+# 5-7 (x, its statistics, shift, scale, the balancing Mul), so at rows wider than a persistent reduction
+# (1024 elements: DiT-XL/2's 1152) the fused kernel wrote the modulated row in bf16 and read it back; at
+# 8 it recomputes it from x (one more read loop of the row, cache-resident) and writes only the codes
+# and scales, as the static kernel does. Inductor's code for a static DiT-XL/2 block is the same with
+# and without it (docs/engines.md, "Per-token dynamic activations").
+TOKEN_INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
+
+
+def quantizes_per_token(model: nn.Module) -> bool:
+    """Whether a module of ``model`` quantizes its input activation per token (engine layers and the
+    simulation's ``QuantLinear`` both carry ``act_granularity`` / ``act_format``)."""
+    return any(getattr(m, "act_granularity", None) == "token" and getattr(m, "act_format", "none") != "none"
+               for m in model.modules())
+
+
 def check_compile_mode(mode: str) -> None:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -58,14 +76,24 @@ def compile_kwargs(mode: CompileMode) -> dict:
     return {"options": options} if options else {}
 
 
+def block_compile_kwargs(model: nn.Module, mode: CompileMode = "default") -> dict:
+    """``torch.compile`` keyword arguments ``compile_blocks`` gives ``model``'s blocks: ``mode``'s, plus
+    :data:`TOKEN_INDUCTOR_OPTIONS` when the model quantizes activations per token."""
+    kwargs = compile_kwargs(mode)
+    if quantizes_per_token(model):
+        kwargs["options"] = {**TOKEN_INDUCTOR_OPTIONS, **kwargs.get("options", {})}
+    return kwargs
+
+
 def compile_blocks(model: nn.Module, mode: CompileMode = "default", **kwargs) -> nn.Module:
     """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
     by every block), leaving embedders and the final layer eager. Returns ``model`` (in place).
     ``mode``: :data:`CompileMode`. ``kwargs``: more ``torch.compile`` arguments (e.g. ``backend``).
     torch's default shape policy applies: the first batch size gets static kernels, a second one
-    a batch-dynamic compilation that serves all further sizes."""
+    a batch-dynamic compilation that serves all further sizes. Per-token models: see
+    :func:`block_compile_kwargs`."""
     check_compile_mode(mode)
     for block in model.blocks:
-        block.compile(**compile_kwargs(mode), **kwargs)
+        block.compile(**block_compile_kwargs(model, mode), **kwargs)
     return model
 
