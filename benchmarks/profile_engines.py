@@ -68,7 +68,14 @@ def profile_backend(module, batch: int, iters: int) -> dict:
     for n, (ms, _) in per_fwd.items():
         cats[category(n)] += ms
     top = sorted(per_fwd.items(), key=lambda kv: -kv[1][0])[:25]
+    # a per-token quantizer's own pass (eager: kernels.quant_rows_int8); compiled engines fuse it
+    # into Inductor's LayerNorm+modulate / GELU kernels, whose names then include "amax"
+    quant_pass = [(ms, c) for n, (ms, c) in per_fwd.items() if "quant_rows" in n]
+    fused_amax = [(ms, c) for n, (ms, c) in per_fwd.items() if n.startswith("triton_") and "amax" in n]
     return {"graphed_forward_ms": round(graphed_ms, 3), "kernel_ms_per_forward": round(sum(cats.values()), 3),
+            "quant_rows_pass": {"ms": round(sum(ms for ms, _ in quant_pass), 3), "calls": sum(c for _, c in quant_pass)},
+            "fused_row_amax_kernels": {"ms": round(sum(ms for ms, _ in fused_amax), 3),
+                                       "calls": sum(c for _, c in fused_amax)},
             "categories_ms": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:160], "ms": round(ms, 3), "calls": c, "category": category(n)}
                             for n, (ms, c) in top]}
@@ -121,7 +128,8 @@ def main(argv=None) -> int:
                     layer.scaling = "tensorwise"
             r = profile_backend(m, args.batch, args.iters)
             be.log(f"{name}: graphed forward {r['graphed_forward_ms']} ms, kernels {r['kernel_ms_per_forward']} ms "
-                   f"{r['categories_ms']}")
+                   f"{r['categories_ms']}; quant_rows pass {r['quant_rows_pass']}, "
+                   f"Inductor kernels with a row amax {r['fused_row_amax_kernels']}")
             for k in r["top_kernels"][:12]:
                 be.log(f"    {k['ms']:8.3f} ms x{k['calls']:3d} [{k['category']}] {k['name'][:110]}")
             return r

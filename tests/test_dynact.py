@@ -409,3 +409,18 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     print(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_summary_reports_the_per_token_cost():
+    """dtq-bench's summary: each X-token point against X at the same batch (issue #13: <= 3% slower)."""
+    from dtq.tools.bench_engines import summarize
+
+    pts = lambda **b: {"batches": {k[1:]: {"images_per_s": v} for k, v in b.items()}}  # noqa: E731
+    res = {"batches": [64, 8], "end_to_end": {"backends": {
+        "int8": pts(b64=20.0, b8=10.0), "int8-token": pts(b64=19.5, b8=9.0),
+        "w4a8": pts(b64=12.0), "w4a8-token": pts(b64=12.0), "int8-unfused": pts(b64=18.0)}}}
+    got = summarize(res)["per_token_cost"]
+    assert set(got) == {"int8-token@64", "int8-token@8", "w4a8-token@64"}
+    assert got["int8-token@64"]["cost"] == 0.025 and got["int8-token@64"]["met"]
+    assert got["int8-token@8"]["cost"] == 0.1 and not got["int8-token@8"]["met"]
+    assert got["w4a8-token@64"]["cost"] == 0 and got["w4a8-token@64"]["met"]

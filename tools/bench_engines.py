@@ -765,6 +765,19 @@ def summarize(results: dict) -> dict:
             if "images_per_s" in r and "images_per_s" in fused.get(b, {}):
                 fusion[f"{name.removesuffix('-unfused')}@{b}"] = round(fused[b]["images_per_s"] / r["images_per_s"], 3)
     summary["epilogue_fusion_speedup"] = fusion
+    # per-token dynamic activations (issue #13: <= 3% slower than static): X-token against X per batch
+    token = {}
+    for name, entry in e2e.items():
+        tags = name.split("-")
+        static = e2e.get("-".join(t for t in tags if t != "token"), {}).get("batches", {}) if "token" in tags[1:] else {}
+        for b, r in entry.get("batches", {}).items():
+            ref = static.get(b, {})
+            if "images_per_s" in r and "images_per_s" in ref:
+                cost = 1 - r["images_per_s"] / ref["images_per_s"]
+                token[f"{name}@{b}"] = {"images_per_s": r["images_per_s"], "static_images_per_s": ref["images_per_s"],
+                                        "cost": round(cost, 4), "target": 0.03, "met": cost <= 0.03}
+    if token:
+        summary["per_token_cost"] = token
     return summary
 
 
