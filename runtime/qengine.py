@@ -33,16 +33,14 @@ w4a8       ``Int4Progressive-      ``build_qengine(w4a8="progressive")``: weight
 =========  ======================  =====================================================================
 
 Per-token dynamic activations (a recipe layer's ``act_granularity`` "token", ViDiT-Q): INT8 layers
-(int8, w4a8) quantize their input with ``runtime.kernels.quant_rows_int8``, one Triton pass that
-balances, takes each row's amax, and writes int8 codes plus a float32 scale per row; the GEMM's
-epilogue (``int8_mm`` / ``w4a8_mm``) scales row m by that scale instead of the static scalar. FP8
-layers compute the row scale in torch and give ``torch._scaled_mm`` row-wise ``scale_a``. Under
-``compile_blocks`` Inductor sees the model's LayerNorm + modulate in front of that op; the
-quantizer is a custom op, so it stays its own pass (one read of the activation, one int8 write).
-Per-token layers take no fused epilogue (``fuses_epilogue`` is False): ``FusedMlp``'s fc1 epilogue
-sees one N tile of a row, not the row's amax, so a per-token fc2 input cannot be made there, and the
-gated-residual epilogue (``FusedResidualBlock``) quantizes with the static scale (it could take the
-per-row scales ``int8_mm`` now accepts: not done). ``Int4ProgressiveLinear`` is static only.
+(int8, w4a8) quantize their balanced input per row and the GEMM's epilogue (``int8_mm`` / ``w4a8_mm`` /
+the gated-residual kernels) scales row m by its scale. Under ``torch.compile`` (``compile_blocks``) the
+quantizer is plain torch ops (``quant.token_codes_int8``) that Inductor fuses into the kernel computing
+the activation (LayerNorm + modulate, GELU, the attention output's transpose); eager, one Triton pass
+(``kernels.quant_rows_int8``); same codes and scales. FP8 layers compute the row scale in torch and give
+``torch._scaled_mm`` row-wise ``scale_a``. Per-token proj / fc2 keep the gated-residual epilogue (per-row
+scales); ``FusedMlp`` needs static scales (fc1's epilogue sees one N tile of a row, not the row's amax).
+``Int4ProgressiveLinear`` is static only. docs/engines.md: what runs where.
 
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
 ``(x' R^T) L^T`` on the balanced unquantized input ``x'``: on the GPU two small FP16 GEMMs after the

@@ -20,8 +20,9 @@
    treatment: regional torch.compile of the DiT blocks + one CUDA graph per batch size; a ``-maxat`` name
    (bf16-compile-maxat, fp8-maxat, int8-intmm-maxat, ...) compiles in Inductor's max-autotune mode
    (``runtime.regional_compile``), and ``summary.compile_mode_ablation`` sets it against its default twin.
-   Quantization: static per-tensor activation scales (TensorRT's scheme; no per-token dynamic
-   quantization anywhere), per-channel weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
+   Quantization: static per-tensor activation scales (TensorRT's scheme; the "-token" backends:
+   per-token dynamic scales, ``summary.per_token_cost`` compares them with static), per-channel
+   weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
    quantizes the blocks' adaLN Linears (weight-only).
 
 The Triton autotuner's choices are recorded (``autotuned``). A failing backend is recorded (``error``) and the run goes on; a time budget (--budget-s) skips
@@ -818,6 +819,9 @@ def table(results: dict) -> str:
     if results.get("summary", {}).get("epilogue_fusion_speedup"):
         lines.append("fused epilogues vs unfused (images/s ratio): " + ", ".join(
             f"{k}: {v}x" for k, v in results["summary"]["epilogue_fusion_speedup"].items()))
+    if results.get("summary", {}).get("per_token_cost"):
+        lines.append("per-token vs static (images/s cost, target <= 3%): " + ", ".join(
+            f"{k}: {100 * v['cost']:.1f}%" for k, v in results["summary"]["per_token_cost"].items()))
     lines.append("targets: " + ", ".join(f"{k}: {v['measured']} (target {v['target']}, {'met' if v['met'] else 'NOT met'})"
                                          for k, v in t.items()))
     return "\n".join(lines)
@@ -832,7 +836,8 @@ def main(argv=None) -> int:
                          "int8-intmm (INT8 via torch._int_mm), "
                          "the epilogue ablation int8-unfused / w4a8-progressive-unfused (no fused GEMM epilogue), "
                          "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), int8-token / w4a8-token / "
-                         "fp8-token (per-token dynamic activations; a per-token layer takes no fused epilogue), "
+                         "fp8-token (per-token dynamic activations: quantizer fused into LN+modulate / GELU by Inductor, gated-residual "
+                         "epilogues kept, no fc1 GELU+quantize epilogue; summary.per_token_cost), "
                          "any of these + '-sage' "
                          "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), any compiled one + '-maxat' "
                          "(regional compile in Inductor's max-autotune mode: its Triton GEMM templates for torch "
