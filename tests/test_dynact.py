@@ -411,6 +411,22 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
     print(out.stdout.strip().splitlines()[-1])
 
 
+def test_per_token_models_compile_with_the_recompute_option(tiny):
+    """compile_blocks gives per-token models (engine or simulation) Inductor's realize_reads_threshold=8
+    (recompute the modulated row in the fused LN + quantize kernel instead of storing it), merged with
+    the compile mode's options; static engines and the FP model get the mode's alone."""
+    from dtq.runtime.regional_compile import TOKEN_INDUCTOR_OPTIONS, block_compile_kwargs, compile_kwargs
+
+    static = build_qengine(tiny, minmax_recipe(tiny, "int8", balance=True))
+    assert block_compile_kwargs(static) == {} and block_compile_kwargs(tiny) == {}
+    recipe = minmax_recipe(tiny, "w4a8", group=32, balance=True, act_granularity="token")
+    for model in (build_qengine(tiny, recipe), apply_recipe(tiny, recipe)):
+        assert block_compile_kwargs(model) == {"options": TOKEN_INDUCTOR_OPTIONS}
+    assert TOKEN_INDUCTOR_OPTIONS == {"realize_reads_threshold": 8}
+    maxat = block_compile_kwargs(build_qengine(tiny, recipe), "max-autotune")["options"]
+    assert maxat == {**compile_kwargs("max-autotune")["options"], **TOKEN_INDUCTOR_OPTIONS}
+
+
 def test_bench_summary_reports_the_per_token_cost():
     """dtq-bench's summary: each X-token point against X at the same batch (issue #13: <= 3% slower)."""
     from dtq.tools.bench_engines import summarize
