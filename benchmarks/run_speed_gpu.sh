@@ -11,9 +11,7 @@
 #
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh            # the GPU run (OUT defaults to ./speed_out)
 #   OUT=/tmp/dry benchmarks/run_speed_gpu.sh --dry-run      # CPU dry run of the same pipeline (tiny model)
-#   (per-token dynamic activation ablation, target <= 3% slower than static: python -m dtq.tools.bench_engines
-#    --out OUT/token.json --backends int8,int8-unfused,int8-token,w4a8,w4a8-token,fp8,fp8-token
-#    --correctness int8-token,w4a8-token,fp8-token)
+#   (per-token dynamic activation cost, target <= 3% slower than static: benchmarks/token_cost_gpu.sh)
 #   OUT=/path/to/out benchmarks/run_speed_gpu.sh --e2e-only [--dry-run]   # about 4 minutes, see below
 #
 # Time estimate (bench_speed_h200_*.log: warm-ups 6-33 s per point, Triton compiles ~1.5 s per new
