@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue #12 / #13: what per-token dynamic activation quantization (ViDiT-Q) costs against static scales,
-# on one H200, about 4 minutes (target: <= 3% fewer images/s). Three steps:
+# on one H200, about 5 minutes (target: <= 3% fewer images/s). Three steps:
 #  1. codes: on the GPU, the compiled per-token quantizer (quant.token_codes_int8 under Inductor, what
 #     compiled engines run) against the eager Triton pass (kernels.quant_rows_int8): identical codes
 #     and scales on bf16 rows over six decades, an all-zero row, with / without the balancing Mul.
 #  2. end to end (dtq-bench; DiT-XL/2 random weights, 256 px, DDPM 50 steps, CFG, batch 64, regional
-#     torch.compile + CUDA graphs): int8 vs int8-token, w4a8 vs w4a8-token -> summary.per_token_cost.
+#     torch.compile + CUDA graphs): int8 vs int8-token, w4a8 vs w4a8-token -> summary.per_token_cost;
+#     then w4a8-unfused, int8-token-unfused -> summary.epilogue_fusion_speedup (budget permitting).
 #     $CORRECTNESS=int8-token,w4a8-token adds dtq-bench's engine-vs-simulation stage (~90 s more).
 #  3. profile (benchmarks/profile_engines.py, batch 64, no CUDA graph): int8 and int8-token kernel
 #     breakdown; quant_rows_pass must be 0 calls for the compiled int8-token engine (no separate
@@ -32,7 +33,9 @@ for arg in "$@"; do
         *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
     esac
 done
-POINTS=${POINTS:-"64:int8,int8-token,w4a8,w4a8-token"}
+# the last two: the epilogue ablations (gated residual off) of the per-token INT8 engine and of static
+# W4A8, whose group-scale kernel took the gated-residual epilogue in this change; the budget cuts them first
+POINTS=${POINTS:-"64:int8,int8-token,w4a8,w4a8-token,w4a8-unfused,int8-token-unfused"}
 CORRECTNESS=${CORRECTNESS-}
 SKIP=gemms
 [[ -z "$CORRECTNESS" ]] && SKIP=correctness,gemms
@@ -95,6 +98,8 @@ for k, v in res.get("summary", {}).get("per_token_cost", {}).items():
 for prec, c in res.get("correctness", {}).items():
     if isinstance(c, dict) and prec != "model" and not c.get("ok"):
         bad.append(f"correctness {prec}: {c.get('error') or c}")
+for k, v in res.get("summary", {}).get("epilogue_fusion_speedup", {}).items():
+    print(f"fused epilogues vs unfused {k}: {v}x images/s")
 for w in warn:
     print("SKIPPED", w)
 for b in bad:
