@@ -4,8 +4,9 @@ path runs with ``kernel="gpu"``, its Triton GEMMs in Triton's interpreter).
 
     TRITON_INTERPRET=1 python benchmarks/token_fusion_cpu.py [--precision int8|w4a8] [--hidden 1152]
 
-Builds one DiT block (``--hidden`` wide, 16 heads, 4 tokens, batch 2) with a min-max per-token recipe,
-compiles it as ``compile_blocks`` does, and lists the generated kernels in call order: Inductor's fused
+Builds one DiT block (``--hidden`` wide, 16 heads, 4 tokens, batch 2) with a min-max per-token recipe
+and ``build_qengine(token_quant="inductor")`` (the opt-in fused quantizer; the default engine's
+``dtq::quant_rows_int8`` pass is opaque to Inductor), compiles it as ``compile_blocks`` does, and lists the generated kernels in call order: Inductor's fused
 kernels (``cpp_fused_<ops>``: the aten ops each one computes) and the custom ops (GEMMs). Exit 0 when
 every per-token quantizer (a fused kernel with ``amax``) is fused with its producer (LayerNorm +
 modulate for qkv / fc1, GELU for fc2, the attention output's transpose for proj) and no
@@ -37,7 +38,9 @@ def block_kernels(precision: str, hidden: int) -> list[str]:
     model = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=hidden, depth=1, num_heads=16,
                           num_classes=10)).randomize_(seed=1, std=0.02).eval()
     recipe = minmax_recipe(model, precision, group=128, balance=True, act_granularity="token")
-    engine = compile_blocks(build_qengine(model, recipe, kernel="gpu", int8_kernel="triton"))
+    # token_quant="inductor": the opt-in engine whose quantizer Inductor fuses (the default runs the pass)
+    engine = compile_blocks(build_qengine(model, recipe, kernel="gpu", int8_kernel="triton", token_quant="inductor",
+                                          fuse_residual=("int8", "w4a8", "w4a8-group")))
     x, c = torch.randn(2, 4, hidden), torch.randn(2, hidden)
     with torch.no_grad():
         _, code = run_and_get_code(engine.blocks[0], x, c)

@@ -33,14 +33,17 @@ w4a8       ``Int4Progressive-      ``build_qengine(w4a8="progressive")``: weight
 =========  ======================  =====================================================================
 
 Per-token dynamic activations (a recipe layer's ``act_granularity`` "token", ViDiT-Q): INT8 layers
-(int8, w4a8) quantize their balanced input per row and the GEMM's epilogue (``int8_mm`` / ``w4a8_mm`` /
-the gated-residual kernels) scales row m by its scale. Under ``torch.compile`` (``compile_blocks``) the
-quantizer is plain torch ops (``quant.token_codes_int8``) that Inductor fuses into the kernel computing
-the activation (LayerNorm + modulate, GELU, the attention output's transpose); eager, one Triton pass
-(``kernels.quant_rows_int8``); same codes and scales. FP8 layers compute the row scale in torch and give
-``torch._scaled_mm`` row-wise ``scale_a``. Per-token proj / fc2 keep the gated-residual epilogue (per-row
-scales); ``FusedMlp`` needs static scales (fc1's epilogue sees one N tile of a row, not the row's amax).
-``Int4ProgressiveLinear`` is static only. docs/engines.md: what runs where.
+(int8, w4a8) quantize their balanced input per row and the GEMM's epilogue (``int8_mm`` / ``w4a8_mm``)
+scales row m by its scale. FP8 layers compute the row scale in torch and give ``torch._scaled_mm``
+row-wise ``scale_a``. ``build_qengine(token_quant=...)`` (:data:`TokenQuant`) picks how:
+"pass" (default; measured faster on an H200, docs/engines.md): the INT8 quantizer is one Triton pass
+(``kernels.quant_rows_int8``, an opaque custom op also under ``torch.compile``) and per-token layers
+take no fused epilogue; "inductor" (opt-in): under ``torch.compile`` the quantizer is plain torch ops
+(``quant.token_codes_int8``, same codes and scales) that Inductor fuses into the kernel computing the
+activation (LayerNorm + modulate, GELU), ``compile_blocks`` adds ``TOKEN_INDUCTOR_OPTIONS``, and
+per-token proj / fc2 take the gated-residual epilogue with per-row scales. ``FusedMlp`` needs static
+scales either way (fc1's epilogue sees one N tile of a row, not the row's amax).
+``Int4ProgressiveLinear`` is static only.
 
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
 ``(x' R^T) L^T`` on the balanced unquantized input ``x'``: on the GPU two small FP16 GEMMs after the
@@ -103,6 +106,13 @@ W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
 # M = 512 (0.88-1.04x vs 0.58-0.87x), as at M = 32768, so no row count takes _int_mm by default.
 INT8_INT_MM_MAX_M = 0
 INT8_KERNELS = ("auto", "triton", "int_mm")
+# How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
+# "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
+# "inductor": torch ops Inductor fuses into the producer under compile + TOKEN_INDUCTOR_OPTIONS + the
+# gated-residual epilogue with per-row scales. On the H200 "inductor" ran 24.7% behind static INT8,
+# "pass" 13.4% (docs/engines.md), so "pass" is the default until a profile says which part costs.
+TokenQuant = Literal["pass", "inductor"]
+TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 
 
 class EngineLinear(nn.Module):
@@ -204,16 +214,22 @@ class EngineLinear(nn.Module):
 
     # -- fused GEMM epilogues (FusedMlp, FusedResidualBlock) ----------------------------------------------
     # A layer whose GPU kernel is a Triton GEMM of ours names its epilogue family ("int8", "fp8",
-    # "w4a8"); build_qengine's fuse_mlp / fuse_residual pick families. Such a layer implements
-    # quantize_input, codes_forward, codes_gelu_quant and codes_gate_residual.
+    # "w4a8" = two-level W4A8, "w4a8-group"); build_qengine's fuse_mlp / fuse_residual pick families.
+    # Such a layer implements quantize_input, codes_forward, codes_gelu_quant and codes_gate_residual
+    # (the group-scale W4A8 kernel: the gated residual only).
     epilogue_format: str | None = None
+    # per-token layers: how their INT8 input is quantized and whether they fuse epilogues (TokenQuant;
+    # set by build_qengine / swap_engine_layers)
+    token_quant: TokenQuant = "pass"
 
     def fuses_epilogue(self, rows: int | None = None) -> bool:
         """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
         some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM).
-        Per-token layers qualify for the gated residual (the GEMM scales row m by its own scale);
-        ``FusedMlp`` also needs static scales (fc2's input is quantized inside fc1's N tiles)."""
-        return self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
+        Per-token layers only with ``token_quant="inductor"`` (the gated residual with per-row scales;
+        "pass" keeps them unfused, the measured-faster engine); ``FusedMlp`` also needs static scales
+        (fc2's input is quantized inside fc1's N tiles)."""
+        return (self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
+                and (not self.dynamic or self.token_quant == "inductor"))
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -238,14 +254,14 @@ class EngineLinear(nn.Module):
         return self.act_granularity == "token"
 
     def int8_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """INT8 codes of the balanced input and their scale: the static scalar, or per token ``[M]``.
-        Per token under ``torch.compile`` (``compile_blocks``): plain torch ops
+        """INT8 codes of the balanced input and their scale: the static scalar, or per token ``[M]``
+        from one Triton pass over ``x2`` (``kernels.quant_rows_int8``, opaque under ``torch.compile``).
+        ``token_quant="inductor"`` under ``torch.compile`` (``compile_blocks``): plain torch ops
         (``quant.token_codes_int8``), which Inductor fuses into the kernel that computes ``x2``
-        (LayerNorm + modulate before qkv / fc1, GELU before fc2): no pass of its own. Eager: one Triton
-        pass over ``x2`` (``kernels.quant_rows_int8``; the torch ops would be several kernels there).
-        Both give the same codes and scales for the same ``x2``."""
+        (LayerNorm + modulate before qkv / fc1, GELU before fc2); eager it keeps the Triton pass (the
+        torch ops would be several kernels there). Both give the same codes and scales for the same ``x2``."""
         if self.dynamic:
-            if torch.compiler.is_compiling():
+            if self.token_quant == "inductor" and torch.compiler.is_compiling():
                 return quant.token_codes_int8(x2, self.input_mul)
             return torch.ops.dtq.quant_rows_int8(x2, self.input_mul)
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8), self.act_scale
@@ -261,7 +277,8 @@ class EngineLinear(nn.Module):
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
         return (f"in={self.in_features}, out={self.out_features}, w={self.weight_format}/{g}, a={self.act_format}, "
                 f"kernel={self.kernel_name()}{', input_mul' if self.input_mul is not None else ''}"
-                f"{f', input_rotation={self.input_rotation}' if self.input_rotation else ''}")
+                f"{f', input_rotation={self.input_rotation}' if self.input_rotation else ''}"
+                f"{f', token_quant={self.token_quant}' if self.dynamic else ''}")
 
     def kernel_name(self) -> str:
         return "reference" if self.kernel == "reference" else type(self).__name__
@@ -579,9 +596,10 @@ class Int4Linear(EngineLinear):
 
     @property
     def epilogue_format(self) -> str | None:
-        """The W4A8 int8-MMA kernel shares the 8-bit GEMMs' gated-residual epilogue (family "w4a8", with
-        the two-level kernel); it has no GELU + quantize epilogue (its MLPs are not ``FusedMlp``)."""
-        return "w4a8" if self.w4a8_kernel() else None
+        """The W4A8 int8-MMA kernel has the 8-bit GEMMs' gated-residual epilogue as its own family
+        "w4a8-group" (not in build_qengine's default fuse_residual: unmeasured on the GPU, opt-in by
+        name); it has no GELU + quantize epilogue (its MLPs are not ``FusedMlp``)."""
+        return "w4a8-group" if self.w4a8_kernel() else None
 
     def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.int8_codes(x2)
@@ -723,13 +741,14 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
-                  check: bool = True) -> nn.Module:
+                  token_quant: TokenQuant = "pass", check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
     "w4a8" = two-level W4A8, "fp8") whose MLPs become :class:`FusedMlp` (GELU + fc2's input
     quantization in fc1's GEMM epilogue). ``fuse_residual``: the families whose attention proj / MLP
-    fc2 add the block's adaLN-gated residual in their GEMM epilogue (:class:`FusedResidualBlock`).
+    fc2 add the block's adaLN-gated residual in their GEMM epilogue (:class:`FusedResidualBlock`);
+    "w4a8-group" (the group-scale W4A8 kernel's, unmeasured on the GPU) only when named.
     FP8 is off by default in both: it runs the Triton FP8 GEMM instead of cuBLAS's, which on an H200
     ran fc1 at about half cuBLAS's rate, losing more than the fusion saves (docs/engines.md).
     ``()`` for both: every epilogue unfused (the benchmark's ablation). ``w4a8``: "group" runs W4A8 layers with the
@@ -738,7 +757,10 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     accumulation over the whole K), which changes the weights slightly. ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
-    its torch reference).
+    its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and
+    epilogues, "pass" (default: the Triton pass, also under compile; no fused epilogue) or "inductor"
+    (torch ops fused by Inductor under compile, its ``TOKEN_INDUCTOR_OPTIONS``, the gated-residual
+    epilogue of the families in ``fuse_residual``); static layers ignore it.
 
     ``kernel``: "auto" (the GPU path on CUDA inputs, the simulation's operations on the CPU),
     "reference" (the simulation's operations everywhere) or "gpu" (the GPU path on any device: on the
@@ -748,6 +770,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     (its adapter's ``family``, e.g. PixArt) gets its engine layers only and runs unfused, and
     ``attention="sage"`` is refused for it (its own attention code runs)."""
     check_backend(attention)
+    check_token_quant(token_quant)
     family = adapter_for(model).family
     if family != "dit" and attention != "sdpa":
         raise ValueError(f"attention={attention!r} replaces DiT attention; a {family} engine runs its model's "
@@ -759,7 +782,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
         from . import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*; needs triton)
     engine = apply_recipe(model, recipe, check=check)
     fp8_scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
-    swap_engine_layers(engine, recipe, kernel=kernel, int8_kernel=int8_kernel, w4a8=w4a8, fp8_scaling=fp8_scaling)
+    swap_engine_layers(engine, recipe, kernel=kernel, int8_kernel=int8_kernel, w4a8=w4a8, fp8_scaling=fp8_scaling,
+                       token_quant=token_quant)
     if family == "dit":
         fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
     return engine.to(device=device, dtype=dtype).eval()
@@ -770,12 +794,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
+def check_token_quant(token_quant: str) -> None:
+    if token_quant not in TOKEN_QUANTS:
+        raise ValueError(f"token_quant must be one of {', '.join(TOKEN_QUANTS)}, got {token_quant!r}")
+
+
 def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                       w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise") -> nn.Module:
+                       w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise",
+                       token_quant: TokenQuant = "pass") -> nn.Module:
     """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
     ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family
     agnostic: the names are the recipe's, which calibration took from the model adapter's quantizable
-    Linears. Balancing-only layers (weight format "none": a run-time Mul before an FP Linear) stay."""
+    Linears. Balancing-only layers (weight format "none": a run-time Mul before an FP Linear) stay.
+    ``token_quant``: :data:`TokenQuant`, recorded on every engine layer (per-token layers act on it)."""
+    check_token_quant(token_quant)
     for name in recipe.layers:
         q = sim.get_submodule(name)
         if not isinstance(q, QuantLinear):
@@ -783,6 +815,7 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
         if q.weight_format == "none":
             continue
         layer = engine_layer(q, kernel, int8_kernel, w4a8)
+        layer.token_quant = token_quant
         if isinstance(layer, FP8Linear):
             layer.scaling = fp8_scaling
         _set_submodule(sim, name, layer)

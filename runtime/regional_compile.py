@@ -31,7 +31,8 @@ MAX_AUTOTUNE_INDUCTOR_MODE = "max-autotune-no-cudagraphs"
 PERSISTENT_TMA_OPTION = "triton.enable_persistent_tma_matmul"
 
 
-# Options for a model that quantizes activations per token (ViDiT-Q; any mode). Inductor stores a value
+# Options for an engine whose per-token (ViDiT-Q) layers quantize with Inductor-fused torch ops
+# (build_qengine(token_quant="inductor"); any mode). Inductor stores a value
 # that a row reduction and a later pointwise op both read when it reads more than
 # ``realize_reads_threshold`` (default 4) buffers. The per-token quantizer of LayerNorm + modulate reads
 # 5-7 (x, its statistics, shift, scale, the balancing Mul), so at rows wider than a persistent reduction
@@ -42,11 +43,12 @@ PERSISTENT_TMA_OPTION = "triton.enable_persistent_tma_matmul"
 TOKEN_INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
 
 
-def quantizes_per_token(model: nn.Module) -> bool:
-    """Whether a module of ``model`` quantizes its input activation per token (engine layers and the
-    simulation's ``QuantLinear`` both carry ``act_granularity`` / ``act_format``)."""
+def fuses_token_quant(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` quantizes its input per token with torch ops for Inductor to fuse
+    (an engine layer with ``act_granularity`` "token" and ``token_quant`` "inductor"). The default
+    engine ("pass": an opaque Triton pass), the simulation and the FP model do not."""
     return any(getattr(m, "act_granularity", None) == "token" and getattr(m, "act_format", "none") != "none"
-               for m in model.modules())
+               and getattr(m, "token_quant", None) == "inductor" for m in model.modules())
 
 
 def check_compile_mode(mode: str) -> None:
@@ -78,9 +80,10 @@ def compile_kwargs(mode: CompileMode) -> dict:
 
 def block_compile_kwargs(model: nn.Module, mode: CompileMode = "default") -> dict:
     """``torch.compile`` keyword arguments ``compile_blocks`` gives ``model``'s blocks: ``mode``'s, plus
-    :data:`TOKEN_INDUCTOR_OPTIONS` when the model quantizes activations per token."""
+    :data:`TOKEN_INDUCTOR_OPTIONS` when some layer's per-token quantizer is Inductor's to fuse
+    (:func:`fuses_token_quant`)."""
     kwargs = compile_kwargs(mode)
-    if quantizes_per_token(model):
+    if fuses_token_quant(model):
         kwargs["options"] = {**TOKEN_INDUCTOR_OPTIONS, **kwargs.get("options", {})}
     return kwargs
 

@@ -259,7 +259,7 @@ def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
 
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
 def test_compiled_per_token_quantizer_is_plain_torch_ops():
-    """Under torch.compile the per-token quantizer is plain torch ops (quant.token_codes_int8), which
+    """token_quant="inductor": under torch.compile the per-token quantizer is plain torch ops (quant.token_codes_int8), which
     Inductor fuses into the kernel that computes the activation (LayerNorm + modulate, GELU; see
     benchmarks/token_fusion_cpu.py for the kernels); eager, the one-pass Triton kernel. Both give the
     same codes and scales (random rows over four decades, an all-zero row, with and without the
@@ -295,7 +295,8 @@ def test_compiled_per_token_quantizer_is_plain_torch_ops():
         h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
         for p, gemms in (("int8", {"dtq.int8_mm": 2, "dtq.mm8_gate_residual": 2}), ("w4a8", {"dtq.w4a8_mm": 2, "dtq.w4a8_gate_residual": 2})):
             r = minmax_recipe(m, p, group=64, balance=True, act_granularity="token")
-            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton").blocks[0]
+            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton", token_quant="inductor",
+                                fuse_residual=("int8", "w4a8", "w4a8-group")).blocks[0]
             assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2  # proj / fc2 epilogues
             graphs = []
             def record(gm, example_inputs):
@@ -374,9 +375,10 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
         m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         hb, cb = torch.randn(3, 4, 64), torch.randn(3, 64)
-        for gran in ("token", "tensor"):  # W4A8: the group kernel's gated residual in the block (static too)
+        for gran in ("token", "tensor"):  # W4A8: the group kernel's gated residual in the block (static too), named
             r = minmax_recipe(m, "w4a8", group=64, balance=True, act_granularity=gran)
-            blk = build_qengine(m, r, kernel="gpu").blocks[0]
+            blk = build_qengine(m, r, kernel="gpu", token_quant="inductor",
+                                fuse_residual=("int8", "w4a8", "w4a8-group")).blocks[0]
             assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2, blk
             with profile() as prof, torch.no_grad():
                 got = blk(hb, cb)
@@ -387,7 +389,7 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
                 ref = build_qengine(m, r).blocks[0](hb, cb)
             assert quant.sqnr_db(ref, got) > 40, (gran, quant.sqnr_db(ref, got))
         r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
-        blk = build_qengine(m, r, int8_kernel="triton", kernel="gpu").blocks[0]  # the GPU path on the CPU
+        blk = build_qengine(m, r, int8_kernel="triton", kernel="gpu", token_quant="inductor").blocks[0]  # GPU path on the CPU
         assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2, blk
         assert not isinstance(blk.mlp, FusedMlp)  # fc2's per-token input cannot be made in fc1's N tiles
         assert blk.mlp.fc2.input_mul is not None  # the run-time balancing Mul before the per-token quantizer
@@ -412,31 +414,108 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
 
 
 def test_per_token_models_compile_with_the_recompute_option(tiny):
-    """compile_blocks gives per-token models (engine or simulation) Inductor's realize_reads_threshold=8
-    (recompute the modulated row in the fused LN + quantize kernel instead of storing it), merged with
-    the compile mode's options; static engines and the FP model get the mode's alone."""
+    """compile_blocks gives an engine with token_quant="inductor" per-token layers Inductor's
+    realize_reads_threshold=8 (recompute the modulated row in the fused LN + quantize kernel instead of
+    storing it), merged with the compile mode's options; the default per-token engine ("pass": an
+    opaque Triton pass, as measured faster), the simulation, static engines (whatever their
+    token_quant) and the FP model get the mode's alone."""
     from dtq.runtime.regional_compile import TOKEN_INDUCTOR_OPTIONS, block_compile_kwargs, compile_kwargs
 
-    static = build_qengine(tiny, minmax_recipe(tiny, "int8", balance=True))
-    assert block_compile_kwargs(static) == {} and block_compile_kwargs(tiny) == {}
+    static = minmax_recipe(tiny, "int8", balance=True)
+    assert block_compile_kwargs(build_qengine(tiny, static)) == {} and block_compile_kwargs(tiny) == {}
+    assert block_compile_kwargs(build_qengine(tiny, static, token_quant="inductor")) == {}
     recipe = minmax_recipe(tiny, "w4a8", group=32, balance=True, act_granularity="token")
     for model in (build_qengine(tiny, recipe), apply_recipe(tiny, recipe)):
-        assert block_compile_kwargs(model) == {"options": TOKEN_INDUCTOR_OPTIONS}
+        assert block_compile_kwargs(model) == {}
+    fused = build_qengine(tiny, recipe, token_quant="inductor")
+    assert block_compile_kwargs(fused) == {"options": TOKEN_INDUCTOR_OPTIONS}
     assert TOKEN_INDUCTOR_OPTIONS == {"realize_reads_threshold": 8}
-    maxat = block_compile_kwargs(build_qengine(tiny, recipe), "max-autotune")["options"]
+    maxat = block_compile_kwargs(fused, "max-autotune")["options"]
     assert maxat == {**compile_kwargs("max-autotune")["options"], **TOKEN_INDUCTOR_OPTIONS}
+    assert block_compile_kwargs(build_qengine(tiny, recipe), "max-autotune") == compile_kwargs("max-autotune")
+
+
+def test_token_quant_default_is_the_pass_without_fused_epilogues(tiny):
+    """build_qengine's token_quant: "pass" by default (the pre-Inductor engine, measured faster on the
+    H200): per-token layers report no fused epilogue and blocks stay unfused; "inductor" gives them the
+    gated residual; static layers do not depend on it. The group-scale W4A8 kernel's gated residual
+    ("w4a8-group") is not in the default fuse_residual: static W4A8 blocks fuse only when it is named.
+    Unknown modes are refused."""
+    from dtq.runtime.model import DiTBlock
+    from dtq.runtime.qengine import FusedResidualBlock
+
+    for p in ("int8", "w4a8"):
+        recipe = minmax_recipe(tiny, p, group=64, balance=True, act_granularity="token")  # W4A8 kernel: group % 64
+        families = ("int8", "w4a8", "w4a8-group")
+        default = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families)
+        fused = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families, token_quant="inductor")
+        assert {m.token_quant for m in engine_layers(default).values()} == {"pass"}
+        assert {m.token_quant for m in engine_layers(fused).values()} == {"inductor"}
+        gated = lambda e: [e.get_submodule(n) for n in ("blocks.0.attn.proj", "blocks.0.mlp.fc2")]  # noqa: E731
+        assert [m.fuses_epilogue() for m in gated(default)] == [False, False], p
+        assert [m.fuses_epilogue() for m in gated(fused)] == [True, True], p
+        assert type(default.blocks[0]) is DiTBlock, p
+        assert isinstance(fused.blocks[0], FusedResidualBlock) and fused.blocks[0].fuse_proj, p
+    static_w4a8 = minmax_recipe(tiny, "w4a8", group=64, balance=True)
+    assert type(build_qengine(tiny, static_w4a8, kernel="gpu").blocks[0]) is DiTBlock  # the pre-cf3ff34 default
+    named = build_qengine(tiny, static_w4a8, kernel="gpu", fuse_residual=("int8", "w4a8", "w4a8-group"))
+    assert isinstance(named.blocks[0], FusedResidualBlock) and named.blocks[0].fuse_fc2
+    static_int8 = build_qengine(tiny, minmax_recipe(tiny, "int8", balance=True), kernel="gpu", int8_kernel="triton")
+    assert isinstance(static_int8.blocks[0], FusedResidualBlock)  # static INT8: unchanged, fused by default
+    with pytest.raises(ValueError, match="token_quant must be one of pass, inductor"):
+        build_qengine(tiny, recipe, token_quant="fused")
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+def test_compiled_per_token_block_calls_the_triton_pass_by_default():
+    """The default token_quant ("pass") keeps the opaque dtq::quant_rows_int8 op under torch.compile
+    (one per per-token layer: qkv, proj, fc1, fc2) and no row amax in the graph for Inductor;
+    "inductor" has none of the op and the amax instead. Both match the eager GPU path exactly."""
+    code = textwrap.dedent('''
+        import torch
+        from dtq.runtime import kernel_ops  # noqa: F401
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
+        r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
+        for mode, want_pass in ((None, 4), ("inductor", 0)):
+            kw = {} if mode is None else {"token_quant": mode}
+            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton", **kw).blocks[0]
+            graphs = []
+            def record(gm, example_inputs):
+                graphs.append(gm)
+                return gm.forward
+            torch._dynamo.reset()
+            with torch.no_grad():
+                eager = blk(h, c)
+                got = torch.compile(blk, backend=record, fullgraph=True)(h, c)
+            called = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+            assert called.count("dtq.quant_rows_int8") == want_pass, (mode, sorted(set(t for t in called if "dtq" in t)))
+            assert bool([t for t in called if "amax" in t]) == (mode == "inductor"), mode
+            assert torch.equal(got, eager), (mode, (got - eager).abs().max())
+        print("ok")
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_bench_summary_reports_the_per_token_cost():
-    """dtq-bench's summary: each X-token point against X at the same batch (issue #13: <= 3% slower)."""
+    """dtq-bench's summary: each X-token and X-token-tokfused point against X at the same batch (issue
+    #13: <= 3% slower)."""
     from dtq.tools.bench_engines import summarize
 
     pts = lambda **b: {"batches": {k[1:]: {"images_per_s": v} for k, v in b.items()}}  # noqa: E731
     res = {"batches": [64, 8], "end_to_end": {"backends": {
-        "int8": pts(b64=20.0, b8=10.0), "int8-token": pts(b64=19.5, b8=9.0),
+        "int8": pts(b64=20.0, b8=10.0), "int8-token": pts(b64=19.5, b8=9.0), "int8-token-tokfused": pts(b64=15.0),
         "w4a8": pts(b64=12.0), "w4a8-token": pts(b64=12.0), "int8-unfused": pts(b64=18.0)}}}
     got = summarize(res)["per_token_cost"]
-    assert set(got) == {"int8-token@64", "int8-token@8", "w4a8-token@64"}
+    assert set(got) == {"int8-token@64", "int8-token@8", "w4a8-token@64", "int8-token-tokfused@64"}
+    assert got["int8-token-tokfused@64"]["cost"] == 0.25 and got["int8-token-tokfused@64"]["static_images_per_s"] == 20.0
     assert got["int8-token@64"]["cost"] == 0.025 and got["int8-token@64"]["met"]
     assert got["int8-token@8"]["cost"] == 0.1 and not got["int8-token@8"]["met"]
     assert got["w4a8-token@64"]["cost"] == 0 and got["w4a8-token@64"]["met"]
