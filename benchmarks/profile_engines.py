@@ -68,7 +68,7 @@ def profile_backend(module, batch: int, iters: int) -> dict:
     for n, (ms, _) in per_fwd.items():
         cats[category(n)] += ms
     top = sorted(per_fwd.items(), key=lambda kv: -kv[1][0])[:25]
-    # a per-token quantizer's own pass (eager: kernels.quant_rows_int8); compiled engines fuse it
+    # a per-token quantizer's own pass (kernels.quant_rows_int8: token_quant "pass"); "-tokfused" engines fuse it
     # into Inductor's LayerNorm+modulate / GELU kernels, whose names then include "amax"
     quant_pass = [(ms, c) for n, (ms, c) in per_fwd.items() if "quant_rows" in n]
     fused_amax = [(ms, c) for n, (ms, c) in per_fwd.items() if n.startswith("triton_") and "amax" in n]

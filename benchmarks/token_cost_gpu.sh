@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Issue #12 / #13: what per-token dynamic activation quantization (ViDiT-Q) costs against static scales,
-# on one H200, about 5 minutes (target: <= 3% fewer images/s). Three steps:
+# on one H200, about 5 minutes (target: <= 3% fewer images/s). Two per-token engines: X-token
+# (build_qengine's default token_quant "pass": the Triton quantize pass, no per-token fused epilogue)
+# and X-token-tokfused (token_quant "inductor": torch ops Inductor fuses into LN+modulate / GELU, its
+# realize_reads_threshold option, per-token gated-residual epilogues; a542954 measured it slower).
+# Three steps:
 #  1. codes: on the GPU, the compiled per-token quantizer (quant.token_codes_int8 under Inductor, what
-#     compiled engines run) against the eager Triton pass (kernels.quant_rows_int8): identical codes
+#     -tokfused engines run) against the Triton pass (kernels.quant_rows_int8): identical codes
 #     and scales on bf16 rows over six decades, an all-zero row, with / without the balancing Mul.
 #  2. end to end (dtq-bench; DiT-XL/2 random weights, 256 px, DDPM 50 steps, CFG, batch 64, regional
-#     torch.compile + CUDA graphs): int8 vs int8-token, w4a8 vs w4a8-token -> summary.per_token_cost;
-#     then w4a8-unfused, int8-token-unfused -> summary.epilogue_fusion_speedup (budget permitting).
-#     $CORRECTNESS=int8-token,w4a8-token adds dtq-bench's engine-vs-simulation stage (~90 s more).
-#  3. profile (benchmarks/profile_engines.py, batch 64, no CUDA graph): int8 and int8-token kernel
-#     breakdown; quant_rows_pass must be 0 calls for the compiled int8-token engine (no separate
-#     quantize pass) and fused_row_amax_kernels > 0 (the row amax inside Inductor's LN / GELU kernels).
+#     torch.compile + CUDA graphs): int8 vs int8-token / int8-token-tokfused, w4a8 vs w4a8-token /
+#     w4a8-token-tokfused -> summary.per_token_cost. POINTS=... adds e.g. int8-token-tokfused-unfused
+#     (summary.epilogue_fusion_speedup). $CORRECTNESS=int8-token,w4a8-token adds dtq-bench's
+#     engine-vs-simulation stage (~90 s more).
+#  3. profile (benchmarks/profile_engines.py, batch 64, no CUDA graph): int8-token and
+#     int8-token-tokfused kernel breakdown; the -tokfused engine must run no quant_rows pass (0 calls)
+#     and fused_row_amax_kernels > 0 (the row amax inside Inductor's LN / GELU kernels); int8-token
+#     runs the pass (calls > 0: the default engine is the one measured before a542954).
 #
 #   OUT=/path/to/out benchmarks/token_cost_gpu.sh            # the GPU run (OUT defaults to ./token_out)
 #   OUT=/tmp/dry benchmarks/token_cost_gpu.sh --dry-run      # CPU dry run: steps 1-2 on the tiny model
@@ -33,9 +39,7 @@ for arg in "$@"; do
         *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
     esac
 done
-# the last two: the epilogue ablations (gated residual off) of the per-token INT8 engine and of static
-# W4A8, whose group-scale kernel took the gated-residual epilogue in this change; the budget cuts them first
-POINTS=${POINTS:-"64:int8,int8-token,w4a8,w4a8-token,w4a8-unfused,int8-token-unfused"}
+POINTS=${POINTS:-"64:int8,int8-token,int8-token-tokfused,w4a8,w4a8-token,w4a8-token-tokfused"}
 CORRECTNESS=${CORRECTNESS-}
 SKIP=gemms
 [[ -z "$CORRECTNESS" ]] && SKIP=correctness,gemms
@@ -109,24 +113,29 @@ PY
 
 # 3. kernel breakdown: does a separate quantize pass remain?
 if [[ $DRY == 0 ]]; then
-    timeout 300 python benchmarks/profile_engines.py --out "$OUT/profile.json" --backends int8,int8-token \
+    timeout 300 python benchmarks/profile_engines.py --out "$OUT/profile.json" --backends int8-token,int8-token-tokfused \
         --batch 64 --iters 3 2>&1 | tee "$OUT/profile.log" || rc=1
     python - "$OUT/profile.json" <<'PY' 2>&1 | tee -a "$OUT/check.txt" || rc=1
 import json, sys
 res = json.load(open(sys.argv[1]))["backends"]
 bad = []
-for name in ("int8", "int8-token"):
+for name in ("int8-token", "int8-token-tokfused"):
     r = res.get(name, {})
     if "error" in r or not r:
         bad.append(f"profile {name}: {r.get('error', 'missing')}")
         continue
     print(f"profile {name}: graphed forward {r['graphed_forward_ms']} ms; quant_rows pass {r['quant_rows_pass']}; "
           f"Inductor kernels with a row amax {r['fused_row_amax_kernels']}; {r['categories_ms']}")
-tok = res.get("int8-token", {})
+# the quantizer fused by Inductor: only the -tokfused engine (token_quant "inductor")
+tok = res.get("int8-token-tokfused", {})
 if tok.get("quant_rows_pass", {}).get("calls"):
-    bad.append(f"int8-token still runs a separate quantize pass: {tok['quant_rows_pass']}")
+    bad.append(f"int8-token-tokfused still runs a separate quantize pass: {tok['quant_rows_pass']}")
 if "fused_row_amax_kernels" in tok and not tok["fused_row_amax_kernels"]["calls"]:
-    bad.append("int8-token: no Inductor kernel computes a row amax (where did the quantizer go?)")
+    bad.append("int8-token-tokfused: no Inductor kernel computes a row amax (where did the quantizer go?)")
+# the default engine (token_quant "pass") quantizes in its own Triton pass, also compiled
+plain = res.get("int8-token", {})
+if "quant_rows_pass" in plain and not plain["quant_rows_pass"].get("calls"):
+    bad.append("int8-token (token_quant pass) ran no quant_rows pass: the default is not the measured engine")
 for b in bad:
     print("FAILED", b)
 sys.exit(1 if bad else 0)

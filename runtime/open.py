@@ -25,7 +25,7 @@ from .denoiser import Denoiser, TorchDenoiser
 from .denoiser_spec import DenoiserSpec, parse_denoiser_spec
 
 if TYPE_CHECKING:
-    from .qengine import W4A8Kernel
+    from .qengine import TokenQuant, W4A8Kernel
     from .regional_compile import CompileMode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,7 +96,8 @@ def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | tor
 def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
                   autocast: bool = False, threads: int | None = None, attention: str = "sdpa",
-                  prompts=None, compile_mode: CompileMode = "default", w4a8_kernel: W4A8Kernel = "group") -> Denoiser:
+                  prompts=None, compile_mode: CompileMode = "default", w4a8_kernel: W4A8Kernel = "group",
+                  token_quant: TokenQuant = "pass") -> Denoiser:
     """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
 
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
@@ -111,7 +112,10 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     engine's W4A8 layers (``build_qengine``'s ``w4a8``): "group" (the recipe's float group scales,
     bit-identical to the simulation on the CPU) or "progressive" (two-level INT4 requantized at
     build time, ``qengine.Int4ProgressiveLinear``; per-token layers keep "group"; refused when no
-    layer of the recipe is eligible).
+    layer of the recipe is eligible). ``token_quant``: the recipe engine's per-token (dynamic) INT8
+    quantizer (``build_qengine``'s ``token_quant``): "pass" (the Triton pass, no per-token fused
+    epilogue; measured faster) or "inductor" (torch ops Inductor fuses under ``compile``, gated-residual
+    epilogues); recipe backend only.
     ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
     onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""
@@ -123,9 +127,10 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     check_backend(attention)
     check_compile_mode(compile_mode)
     _check_w4a8_kernel(w4a8_kernel)
+    _check_token_quant(token_quant)
     _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention,
-                   compile_mode=compile_mode, w4a8_kernel=w4a8_kernel)
-    engine_options = {"w4a8": w4a8_kernel} if spec.kind == "recipe" else None
+                   compile_mode=compile_mode, w4a8_kernel=w4a8_kernel, token_quant=token_quant)
+    engine_options = {"w4a8": w4a8_kernel, "token_quant": token_quant} if spec.kind == "recipe" else None
     if getattr(model.config, "text_conditioned", False) or prompts is not None:
         return _open_text_denoiser(spec, model, prompts, device=device, dtype=dtype, threads=threads,
                                    options={"compile": compile, "cuda_graphs": cuda_graphs, "autocast": autocast,
@@ -193,7 +198,8 @@ def _open_text_denoiser(spec: DenoiserSpec, model: nn.Module, prompts, *, device
 
 
 def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool,
-                   attention: str = "sdpa", compile_mode: str = "default", w4a8_kernel: str = "group") -> None:
+                   attention: str = "sdpa", compile_mode: str = "default", w4a8_kernel: str = "group",
+                   token_quant: str = "pass") -> None:
     """Options a backend cannot honour are refused rather than silently ignored."""
     if compile_mode != "default" and not compile:
         raise ValueError(f"compile mode {compile_mode} applies to a compiled model: add compile (--compile)")
@@ -201,7 +207,8 @@ def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, auto
                                         ("cuda_graphs", cuda_graphs, ("torch", "sim", "recipe", "trt")),
                                         ("autocast", autocast, ("torch", "sim", "recipe")),
                                         (f"attention={attention}", attention != "sdpa", ("torch", "sim", "recipe")),
-                                        (f"w4a8_kernel={w4a8_kernel}", w4a8_kernel != "group", ("recipe",)))
+                                        (f"w4a8_kernel={w4a8_kernel}", w4a8_kernel != "group", ("recipe",)),
+                                        (f"token_quant={token_quant}", token_quant != "pass", ("recipe",)))
            if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")
@@ -212,6 +219,12 @@ def _check_w4a8_kernel(w4a8_kernel: str) -> None:
 
     if w4a8_kernel not in W4A8_KERNELS:
         raise ValueError(f"w4a8 kernel must be one of {', '.join(W4A8_KERNELS)}, got {w4a8_kernel!r}")
+
+
+def _check_token_quant(token_quant: str) -> None:
+    from .qengine import check_token_quant
+
+    check_token_quant(token_quant)
 
 
 def _check_progressive_layers(module: nn.Module, spec: DenoiserSpec, w4a8_kernel: str) -> None:

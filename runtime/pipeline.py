@@ -27,7 +27,7 @@ from .distributed import DistContext, data_parallel, map_batches, rank_device
 from .images import make_grid, save_npz, save_png, to_uint8
 from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
 from .open import DTYPES, open_denoiser
-from .qengine import W4A8Kernel
+from .qengine import TokenQuant, W4A8Kernel
 from .regional_compile import CompileMode
 from .sampler import sample
 from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
@@ -100,6 +100,11 @@ class SampleConfig:
         "progressive (QServe-style: requantizes the INT4 weights at build time to two-level integer group "
         "scales, so the GEMM accumulates int8 MMAs in int32 over the whole K with fused epilogues, the "
         "fastest W4A8 engine; weights differ slightly from the recipe's; per-token layers fall back to group)"))
+    token_quant: TokenQuant = field(default="pass", metadata=_meta(
+        "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): pass (one Triton "
+        "quantize pass, also under --compile; per-token layers take no fused epilogue; measured faster on an H200) or "
+        "inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate / GELU, and "
+        "per-token proj / fc2 take the gated-residual epilogue; same codes; docs/engines.md)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -120,6 +125,9 @@ class SampleConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"--compile-mode {self.compile_mode} applies to a compiled model: add --compile")
         spec = parse_denoiser_spec(self.backend)  # a bad spec fails here, before any work
+        if self.token_quant != "pass" and spec.kind != "recipe":
+            raise ValueError(f"--token-quant {self.token_quant} chooses the recipe engine's per-token quantizer: it "
+                             f"needs --backend recipe:DIR, not {self.backend}")
         if self.w4a8_kernel != "group" and spec.kind != "recipe":
             raise ValueError(f"--w4a8-kernel {self.w4a8_kernel} chooses the recipe engine's kernel: it needs "
                              f"--backend recipe:DIR, not {self.backend}")
@@ -188,7 +196,7 @@ def build_denoiser(cfg: SampleConfig, model: torch.nn.Module, device: torch.devi
     (``load_prompts``); its denoiser then looks ``y`` up in them."""
     return open_denoiser(cfg.backend, model, device=device, dtype=DTYPES[cfg.dtype], compile=cfg.compile,
                          cuda_graphs=cfg.cuda_graphs, autocast=cfg.autocast, attention=cfg.attention, prompts=prompts,
-                         compile_mode=cfg.compile_mode, w4a8_kernel=cfg.w4a8_kernel)
+                         compile_mode=cfg.compile_mode, w4a8_kernel=cfg.w4a8_kernel, token_quant=cfg.token_quant)
 
 
 def load_prompts(cfg: SampleConfig, model: torch.nn.Module):

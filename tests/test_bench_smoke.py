@@ -132,14 +132,16 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
 
     opts = engine_options("w4a8-progressive-unfused")
     assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
-                    "fuse_residual": ()}
+                    "fuse_residual": (), "token_quant": "pass"}
     assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8") == engine_options("int8")["fuse_mlp"]
     assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
     assert engine_options("fp8-fusedmlp")["fuse_mlp"] == ("fp8",)
     assert engine_options("fp8-fused")["fuse_residual"] == ("fp8",) == engine_options("fp8-fused")["fuse_mlp"]
     assert engine_options("w4a8-progressive-fused")["fuse_residual"] == ("w4a8",)
     assert engine_options("int8-unfused-sage")["fuse_mlp"] == ()  # -sage: build_backend's attention ablation
-    for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused"):
+    assert engine_options("w4a8-fused")["fuse_residual"] == ("w4a8-group",)  # the group kernel's own family
+    for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused",
+                "int8-tokfused", "w4a16-token-tokfused", "int8-token-tokfused-tokfused"):
         try:
             engine_options(bad)
         except ValueError:
@@ -153,6 +155,27 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
            "int8-unfused": {"batches": {"64": {"images_per_s": 24.0}, "1": {"images_per_s": 3.0}}}}
     summary = summarize({"batches": [1, 8, 64], "end_to_end": {"backends": e2e}})
     assert summary["epilogue_fusion_speedup"] == {"int8@64": 1.25}
+
+
+def test_tokfused_backend_names_choose_the_inductor_token_quant():
+    """'-token' engines run build_qengine's default token_quant ("pass": the Triton quantize pass, no
+    per-token fused epilogue); '-token-tokfused' runs "inductor" (the a542954 engine: for W4A8 with the
+    group kernel's gated-residual family named); only after '-token'; modifiers and ablations still apply."""
+    from dtq.tools.bench_engines import backend_act_granularity, engine_options
+
+    for p in ("int8", "w4a8", "fp8"):
+        plain, fused = engine_options(f"{p}-token"), engine_options(f"{p}-token-tokfused")
+        assert plain["token_quant"] == "pass" and fused["token_quant"] == "inductor", p
+        assert backend_act_granularity(f"{p}-token-tokfused") == "token"
+        assert {k: v for k, v in fused.items() if k not in ("token_quant", "fuse_residual")} == \
+            {k: v for k, v in plain.items() if k not in ("token_quant", "fuse_residual")}
+    assert engine_options("int8-token")["fuse_residual"] == engine_options("int8-token-tokfused")["fuse_residual"] == ("int8", "w4a8")
+    assert engine_options("w4a8-token")["fuse_residual"] == ("int8", "w4a8")
+    assert engine_options("w4a8-token-tokfused")["fuse_residual"] == ("int8", "w4a8", "w4a8-group")
+    assert engine_options("w4a8")["fuse_residual"] == ("int8", "w4a8")  # static W4A8: group epilogue not by default
+    assert engine_options("int8-token-tokfused-unfused")["fuse_residual"] == ()
+    assert engine_options("int8-token-tokfused-maxat-sage")["token_quant"] == "inductor"
+    assert engine_options("int8")["token_quant"] == "pass"
 
 
 def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monkeypatch):

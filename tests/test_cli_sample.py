@@ -184,6 +184,8 @@ def test_w4a8_kernel_progressive_builds_the_two_level_engine(tmp_path):
     (["--compile-mode", "max-autotune"], "--compile-mode max-autotune applies to a compiled model: add --compile"),
     (["--w4a8-kernel", "progressive"], "--w4a8-kernel progressive chooses the recipe engine's kernel"),
     (["--w4a8-kernel", "progressive", "--backend", "int8-recipe"], "no layer of"),
+    (["--token-quant", "inductor"], "--token-quant inductor chooses the recipe engine's per-token quantizer"),
+    (["--token-quant", "inductor", "--backend", "sim:r"], "it needs --backend recipe:DIR, not sim:r"),
 ])
 def test_compile_mode_and_w4a8_kernel_refusals_exit_2_in_one_line(tmp_path, capsys, args, message):
     from dtq.runtime.zoo import load_builtin
@@ -198,13 +200,38 @@ def test_compile_mode_and_w4a8_kernel_refusals_exit_2_in_one_line(tmp_path, caps
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("flag", ["--compile-mode", "--w4a8-kernel"])
+@pytest.mark.parametrize("flag", ["--compile-mode", "--w4a8-kernel", "--token-quant"])
 def test_unknown_choice_exits_2_naming_the_choices(capsys, flag):
     with pytest.raises(SystemExit) as exc:
         main([flag, "bogus"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert flag in err and "invalid choice: 'bogus'" in err, err
+
+
+# -- --token-quant ----------------------------------------------------------------------------------------
+def test_token_quant_parses_into_the_config_and_reaches_the_engine_layers(tmp_path):
+    """--token-quant pass|inductor: a SampleConfig field (default pass: the measured-faster Triton pass)
+    that open_denoiser hands to build_qengine, so every engine layer of the recipe carries it and the
+    per-token layers fuse epilogues only with "inductor"."""
+    import torch
+
+    from dtq.runtime.pipeline import SampleConfig, build_denoiser
+    from dtq.runtime.qengine import engine_layers
+    from dtq.runtime.zoo import load_builtin
+    from dtq.tools.cli import dataclass_from_args
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    cfg = dataclass_from_args(SampleConfig, build_parser().parse_args(["--backend", "recipe:r", "--token-quant", "inductor"]))
+    assert cfg == SampleConfig(backend="recipe:r", token_quant="inductor")
+    assert SampleConfig().token_quant == "pass"
+    model = load_builtin("dit-tiny-fmnist")
+    minmax_recipe(model, "int8", balance=True, act_granularity="token").save(tmp_path / "r")
+    for mode in ("pass", "inductor"):
+        den = build_denoiser(SampleConfig(backend=f"recipe:{tmp_path / 'r'}", token_quant=mode), model, torch.device("cpu"))
+        layers = engine_layers(den.model).values()
+        assert len(layers) == 4 * model.config.depth and {m.token_quant for m in layers} == {mode}
+        assert {m.dynamic for m in layers} == {True}
 
 
 def test_help_says_what_the_two_options_do(capsys):

@@ -231,7 +231,9 @@ def test_compile_mode_and_w4a8_kernel_are_refused_where_they_do_not_apply(tiny, 
     no layer for it), and unknown values."""
     for kwargs, message in ((dict(compile_mode="max-autotune"), "add compile"),
                             (dict(compile_mode="reduce-overhead", compile=True), "compile mode must be one of"),
-                            (dict(w4a8_kernel="bogus"), "w4a8 kernel must be one of")):
+                            (dict(w4a8_kernel="bogus"), "w4a8 kernel must be one of"),
+                            (dict(token_quant="fused"), "token_quant must be one of pass, inductor"),
+                            (dict(token_quant="inductor"), "token_quant=inductor does not apply to the torch backend")):
         with pytest.raises(ValueError, match=message):
             open_denoiser("torch", tiny, **kwargs)
     with pytest.raises(ValueError, match="w4a8_kernel=progressive does not apply to the sim backend"):

@@ -21,7 +21,8 @@
    (bf16-compile-maxat, fp8-maxat, int8-intmm-maxat, ...) compiles in Inductor's max-autotune mode
    (``runtime.regional_compile``), and ``summary.compile_mode_ablation`` sets it against its default twin.
    Quantization: static per-tensor activation scales (TensorRT's scheme; the "-token" backends:
-   per-token dynamic scales, ``summary.per_token_cost`` compares them with static), per-channel
+   per-token dynamic scales, "-token-tokfused" with the Inductor-fused quantizer, ``summary.per_token_cost``
+   compares both with static), per-channel
    weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
    quantizes the blocks' adaLN Linears (weight-only).
 
@@ -376,6 +377,9 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
 ENGINE_PRECISIONS = ("fp8", "int8", "w4a16", "w4a8")
 EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
 TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
+# "-token-tokfused": per-token with build_qengine(token_quant="inductor") (quantizer fused by Inductor,
+# its realize option, gated-residual epilogues); plain "-token" is the default Triton pass
+TOKFUSED = "tokfused"
 
 
 MODIFIERS = ("sage", "maxat")  # trailing tags of any compiled backend: attention kernel, compile mode
@@ -416,7 +420,9 @@ def check_backend_name(name: str) -> None:
 def engine_options(name: str) -> dict:
     """``build_qengine`` options of an engine backend name ``PRECISION[-progressive][-intmm|-triton][-ABLATION]``:
     "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), and the
-    "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static), the
+    "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static;
+    ``token_quant`` "pass"), "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
+    quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included), the
     epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
     epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
@@ -426,14 +432,18 @@ def engine_options(name: str) -> dict:
     precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
-           and not (t == "token" and precision in TOKEN_PRECISIONS)]
+           and not (t == "token" and precision in TOKEN_PRECISIONS) and not (t == TOKFUSED and "token" in tags)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(set(tags)) != len(tags):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
+                         f"[-intmm|-triton][-token[-{TOKFUSED}]][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
-    family = "w4a8" if "progressive" in tags else precision  # build_qengine's epilogue family names
+    # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
+    family = "w4a8" if "progressive" in tags else "w4a8-group" if precision == "w4a8" else precision
     fuse_mlp, fuse_residual = ("int8", "w4a8"), ("int8", "w4a8")  # build_qengine's defaults
+    tokfused = TOKFUSED in tags
+    if tokfused and family == "w4a8-group":  # the merged (a542954) engine: per-token W4A8 gated residual too
+        fuse_residual = (*fuse_residual, family)
     if ablation == ["unfused"]:
         fuse_mlp, fuse_residual = (), ()
     elif ablation == ["fusedmlp"]:
@@ -442,7 +452,7 @@ def engine_options(name: str) -> dict:
         fuse_mlp = fuse_residual = (family,)
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
-            "fuse_residual": fuse_residual}
+            "fuse_residual": fuse_residual, "token_quant": "inductor" if tokfused else "pass"}
 
 
 def backend_act_granularity(name: str) -> str:
@@ -766,11 +776,13 @@ def summarize(results: dict) -> dict:
             if "images_per_s" in r and "images_per_s" in fused.get(b, {}):
                 fusion[f"{name.removesuffix('-unfused')}@{b}"] = round(fused[b]["images_per_s"] / r["images_per_s"], 3)
     summary["epilogue_fusion_speedup"] = fusion
-    # per-token dynamic activations (issue #13: <= 3% slower than static): X-token against X per batch
+    # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-tokfused
+    # (token_quant "inductor") against X per batch
     token = {}
     for name, entry in e2e.items():
         tags = name.split("-")
-        static = e2e.get("-".join(t for t in tags if t != "token"), {}).get("batches", {}) if "token" in tags[1:] else {}
+        static_name = "-".join(t for t in tags if t not in ("token", TOKFUSED))
+        static = e2e.get(static_name, {}).get("batches", {}) if "token" in tags[1:] else {}
         for b, r in entry.get("batches", {}).items():
             ref = static.get(b, {})
             if "images_per_s" in r and "images_per_s" in ref:
@@ -836,8 +848,9 @@ def main(argv=None) -> int:
                          "int8-intmm (INT8 via torch._int_mm), "
                          "the epilogue ablation int8-unfused / w4a8-progressive-unfused (no fused GEMM epilogue), "
                          "fp8-fusedmlp / fp8-fused (FP8 fc1 / every FP8 epilogue on Triton), int8-token / w4a8-token / "
-                         "fp8-token (per-token dynamic activations: quantizer fused into LN+modulate / GELU by Inductor, gated-residual "
-                         "epilogues kept, no fc1 GELU+quantize epilogue; summary.per_token_cost), "
+                         "fp8-token (per-token dynamic activations: the Triton quantize pass, no fused epilogue on per-token layers; "
+                         "+ '-tokfused', e.g. int8-token-tokfused: token_quant=inductor, quantizer fused into LN+modulate / GELU "
+                         "by Inductor, gated-residual epilogues; summary.per_token_cost against the static twin), "
                          "any of these + '-sage' "
                          "(attention by SageAttention, e.g. int8-sage, bf16-compile-sage), any compiled one + '-maxat' "
                          "(regional compile in Inductor's max-autotune mode: its Triton GEMM templates for torch "
