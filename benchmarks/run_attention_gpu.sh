@@ -18,9 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/attention_out}
 mkdir -p "$OUT"
-PKG=$(mktemp -d)
-ln -sfn "$PWD" "$PKG/dtq"
-export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/use_checkout.sh
 DRY=0
 for arg in "$@"; do
     case "$arg" in

@@ -34,11 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/speed_out}
 mkdir -p "$OUT"
-PKG=$(mktemp -d)
-ln -sfn "$PWD" "$PKG/dtq"
-export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import dtq, os, sys; sys.exit(os.path.realpath(os.path.dirname(dtq.__file__)) != os.path.realpath('$PWD'))" \
-    || { echo "FAILED: dtq does not import from this checkout" >&2; exit 1; }
+source benchmarks/use_checkout.sh
 
 E2E_ONLY=0 DRY=0
 for arg in "$@"; do
