@@ -707,21 +707,29 @@ def end_to_end_problems(results: dict) -> tuple[list[str], list[str]]:
     return bad, warn
 
 
+def twin_points(e2e: dict, twin_of):
+    """``(name, batch, point, twin point)`` for each backend whose ``twin_of(name)`` names another measured
+    backend (None: no twin), at every batch where both measured images/s: the pairs every ablation and
+    cost in the summary compares."""
+    for name, entry in e2e.items():
+        twin = twin_of(name)
+        if twin is None or twin not in e2e:
+            continue
+        twin_batches = e2e[twin].get("batches", {})
+        for b, r in entry.get("batches", {}).items():
+            ref = twin_batches.get(b, {})
+            if "images_per_s" in r and "images_per_s" in ref:
+                yield name, b, r, ref
+
+
 def modifier_ablation(e2e: dict, tag: str, twin_label: str) -> dict:
     """``{"X-tag@B": {...}}``: each point of a backend with the modifier ``-tag`` against its twin without
     it (``without_tag``) at the same batch: images/s, forward ms and the speed-up over the twin."""
-    out = {}
-    for name, entry in e2e.items():
-        if tag not in name.split("-")[1:]:
-            continue
-        twin = e2e.get(without_tag(name, tag), {}).get("batches", {})
-        for B, r in entry.get("batches", {}).items():
-            ref = twin.get(B, {})
-            if "images_per_s" in r and "images_per_s" in ref:
-                out[f"{name}@{B}"] = {"images_per_s": r["images_per_s"], f"{twin_label}_images_per_s": ref["images_per_s"],
-                                      f"speedup_vs_{twin_label}": round(r["images_per_s"] / ref["images_per_s"], 3),
-                                      "forward_ms": r.get("forward_ms"), f"{twin_label}_forward_ms": ref.get("forward_ms")}
-    return out
+    twin_of = lambda name: without_tag(name, tag) if tag in name.split("-")[1:] else None  # noqa: E731
+    return {f"{name}@{B}": {"images_per_s": r["images_per_s"], f"{twin_label}_images_per_s": ref["images_per_s"],
+                            f"speedup_vs_{twin_label}": round(r["images_per_s"] / ref["images_per_s"], 3),
+                            "forward_ms": r.get("forward_ms"), f"{twin_label}_forward_ms": ref.get("forward_ms")}
+            for name, B, r, ref in twin_points(e2e, twin_of)}
 
 
 def summarize(results: dict) -> dict:
@@ -769,26 +777,18 @@ def summarize(results: dict) -> dict:
     if ablation:
         summary["compile_mode_ablation"] = ablation
     # the epilogue ablation: images/s of X over X-unfused at each batch both ran
-    fusion = {}
-    for name, entry in e2e.items():
-        fused = e2e.get(name.removesuffix("-unfused"), {}).get("batches", {}) if name.endswith("-unfused") else {}
-        for b, r in entry.get("batches", {}).items():
-            if "images_per_s" in r and "images_per_s" in fused.get(b, {}):
-                fusion[f"{name.removesuffix('-unfused')}@{b}"] = round(fused[b]["images_per_s"] / r["images_per_s"], 3)
-    summary["epilogue_fusion_speedup"] = fusion
+    fused_of = lambda name: name.removesuffix("-unfused") if name.endswith("-unfused") else None  # noqa: E731
+    summary["epilogue_fusion_speedup"] = {f"{fused_of(name)}@{b}": round(fused["images_per_s"] / r["images_per_s"], 3)
+                                          for name, b, r, fused in twin_points(e2e, fused_of)}
     # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-tokfused
     # (token_quant "inductor") against X per batch
+    static_of = lambda name: (without_tag(without_tag(name, TOKFUSED), "token")  # noqa: E731
+                              if "token" in name.split("-")[1:] else None)
     token = {}
-    for name, entry in e2e.items():
-        tags = name.split("-")
-        static_name = "-".join(t for t in tags if t not in ("token", TOKFUSED))
-        static = e2e.get(static_name, {}).get("batches", {}) if "token" in tags[1:] else {}
-        for b, r in entry.get("batches", {}).items():
-            ref = static.get(b, {})
-            if "images_per_s" in r and "images_per_s" in ref:
-                cost = 1 - r["images_per_s"] / ref["images_per_s"]
-                token[f"{name}@{b}"] = {"images_per_s": r["images_per_s"], "static_images_per_s": ref["images_per_s"],
-                                        "cost": round(cost, 4), "target": 0.03, "met": cost <= 0.03}
+    for name, b, r, ref in twin_points(e2e, static_of):
+        cost = 1 - r["images_per_s"] / ref["images_per_s"]
+        token[f"{name}@{b}"] = {"images_per_s": r["images_per_s"], "static_images_per_s": ref["images_per_s"],
+                                "cost": round(cost, 4), "target": 0.03, "met": cost <= 0.03}
     if token:
         summary["per_token_cost"] = token
     return summary
