@@ -120,14 +120,15 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
     onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""
     from .attention import check_backend, use_attention
+    from .qengine import check_token_quant, check_w4a8_kernel
     from .regional_compile import check_compile_mode
 
     spec = parse_denoiser_spec(spec)
     device = torch.device(device)
     check_backend(attention)
     check_compile_mode(compile_mode)
-    _check_w4a8_kernel(w4a8_kernel)
-    _check_token_quant(token_quant)
+    check_w4a8_kernel(w4a8_kernel)
+    check_token_quant(token_quant)
     _check_options(spec, compile=compile, cuda_graphs=cuda_graphs, autocast=autocast, attention=attention,
                    compile_mode=compile_mode, w4a8_kernel=w4a8_kernel, token_quant=token_quant)
     engine_options = {"w4a8": w4a8_kernel, "token_quant": token_quant} if spec.kind == "recipe" else None
@@ -212,19 +213,6 @@ def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, auto
            if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")
-
-
-def _check_w4a8_kernel(w4a8_kernel: str) -> None:
-    from .qengine import W4A8_KERNELS
-
-    if w4a8_kernel not in W4A8_KERNELS:
-        raise ValueError(f"w4a8 kernel must be one of {', '.join(W4A8_KERNELS)}, got {w4a8_kernel!r}")
-
-
-def _check_token_quant(token_quant: str) -> None:
-    from .qengine import check_token_quant
-
-    check_token_quant(token_quant)
 
 
 def _check_progressive_layers(module: nn.Module, spec: DenoiserSpec, w4a8_kernel: str) -> None:

@@ -728,8 +728,7 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
     """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel)
-    if w4a8 not in W4A8_KERNELS:
-        raise ValueError(f"w4a8 must be one of {', '.join(W4A8_KERNELS)}, got {w4a8!r}")
+    check_w4a8_kernel(w4a8)
     precision = formats.precision_of(q.weight_format, q.act_format)
     cls = ENGINE_LAYERS.get(precision)
     if cls is None:
@@ -792,6 +791,11 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def check_w4a8_kernel(w4a8: str) -> None:
+    if w4a8 not in W4A8_KERNELS:
+        raise ValueError(f"w4a8 kernel must be one of {', '.join(W4A8_KERNELS)}, got {w4a8!r}")
 
 
 def check_token_quant(token_quant: str) -> None:
