@@ -25,6 +25,26 @@ def load_benchmark(name: str):
     return mod
 
 
+def triton_available() -> bool:
+    """Whether triton imports (its interpreter runs dtq's GPU kernels on the CPU)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (set before triton is imported: the
+    kernels then run on the CPU), require it to exit 0 and print "ok", and return its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.fixture
 def reference_ckpt() -> Path:
     if not REFERENCE_CKPT.is_file():

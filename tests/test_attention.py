@@ -2,8 +2,6 @@
 72 -> 96) and softmax scale, checked on the CPU against torch's SDPA with a torch reference of the
 scheme; its quantization against the library's own Triton kernel in triton's interpreter."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -18,7 +16,7 @@ from dtq.runtime.quant import sqnr_db
 from dtq.runtime.qengine import build_qengine
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
 
-from conftest import small_config
+from conftest import run_in_triton_interpreter, small_config
 
 
 def qkv(b=2, h=3, n=256, d=72, key_offset=3.0, seed=0):
@@ -162,9 +160,7 @@ def test_reference_quantization_is_the_library_kernel():
         assert qi.abs().max() == 127 and qs.shape == (1, 2, 2, 1) and ks.shape == (1, 2, 4, 1)
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=300)
 
 
 def test_attention_bench_smoke(tmp_path):
@@ -228,6 +224,4 @@ def test_reference_is_the_library_attention_kernel():
         assert 33 < sqnr_db(F.scaled_dot_product_attention(q, k, v), out[..., :72]) < 45
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=300)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dtq.tools.bench_engines import main
+from conftest import run_in_triton_interpreter
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -82,9 +83,6 @@ def test_gemm_table_columns_and_int8_check_in_interpreter():
     small shapes: --gemm-kernels keeps bf16 + the named columns (the fused-epilogue columns on fc1 /
     proj / fc2 only); the Triton INT8 result is checked against torch._int_mm's exact int32 (bf16
     output rounding only)."""
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     pytest = __import__("pytest")
@@ -103,9 +101,7 @@ def test_gemm_table_columns_and_int8_check_in_interpreter():
             assert all("error" not in row[k] for k in epi & set(row)), row
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_bench_attention_ablation_and_check(tmp_path):

@@ -2,9 +2,6 @@
 overrides, calibration, the simulation, the ONNX graph in ONNX Runtime, the TensorRT rule check,
 and the quantized engine (reference path and the Triton kernels in the interpreter)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -24,6 +21,7 @@ from dtq.runtime.qengine import build_qengine, engine_layers
 from dtq.runtime.recipe import LayerRecipe, RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
+from conftest import run_in_triton_interpreter, triton_available
 
 torch.set_num_threads(2)
 
@@ -177,15 +175,7 @@ def test_cpu_engine_is_the_dynamic_simulation(tiny, precision):
     assert not torch.equal(ref, static)  # the engine did not fall back to a static scale
 
 
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_dynamic_kernels_in_interpreter():
     """quant_rows_int8 (one pass: balance, row amax, codes + row scale) is the simulation's quantizer
     (same scales, codes equal but for fp32 rounding ties); int8_mm / w4a8_mm with per-row scales and
@@ -233,9 +223,7 @@ def test_dynamic_kernels_in_interpreter():
                 assert min(quiet) > 35, (p, name, quiet)  # rows scaled by their own scale, not row 3's
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
@@ -257,7 +245,7 @@ def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
     assert not engine.exists()
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_compiled_per_token_quantizer_is_plain_torch_ops():
     """token_quant="inductor": under torch.compile the per-token quantizer is plain torch ops (quant.token_codes_int8), which
     Inductor fuses into the kernel that computes the activation (LayerNorm + modulate, GELU; see
@@ -318,12 +306,10 @@ def test_compiled_per_token_quantizer_is_plain_torch_ops():
             assert quant.sqnr_db(ref, got) > 40, (p, quant.sqnr_db(ref, got))
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_per_token_gated_residual_epilogue_in_interpreter():
     """Per-token proj / fc2 keep the gated-residual epilogue: the 8-bit GEMM (INT8 and FP8 codes) and
     the W4A8 int8-MMA GEMM (group-scaled INT4 weights) with per-row activation scales ``[M]`` and the
@@ -407,10 +393,7 @@ def test_per_token_gated_residual_epilogue_in_interpreter():
         assert quant.sqnr_db(ref, ref_static) < s - 10  # the per-token numbers, not a static scale's
         print("ok", round(s, 1), round(quant.sqnr_db(ref, ref_static), 1))
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
-    print(out.stdout.strip().splitlines()[-1])
+    print(run_in_triton_interpreter(code).strip().splitlines()[-1])
 
 
 def test_per_token_models_compile_with_the_recompute_option(tiny):
@@ -466,7 +449,7 @@ def test_token_quant_default_is_the_pass_without_fused_epilogues(tiny):
         build_qengine(tiny, recipe, token_quant="fused")
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed: kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_compiled_per_token_block_calls_the_triton_pass_by_default():
     """The default token_quant ("pass") keeps the opaque dtq::quant_rows_int8 op under torch.compile
     (one per per-token layer: qkv, proj, fc1, fc2) and no row amax in the graph for Inductor;
@@ -499,9 +482,7 @@ def test_compiled_per_token_block_calls_the_triton_pass_by_default():
             assert torch.equal(got, eager), (mode, (got - eager).abs().max())
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_bench_summary_reports_the_per_token_cost():

@@ -18,6 +18,7 @@ from dtq.runtime.adapters import DIT, adapter_for, quantizable_names  # noqa: E4
 from dtq.runtime.pixart import PixArtDenoiser, small_pixart  # noqa: E402
 from dtq.runtime.prompts import PromptDenoiser, PromptEmbeddings, PromptEmbeddingsError  # noqa: E402
 from dtq.runtime.recipe import apply_recipe, balanced_model, load_recipe  # noqa: E402
+from conftest import run_in_triton_interpreter
 
 TOKENS = 6
 
@@ -360,9 +361,6 @@ def test_gpu_layer_paths_through_pixart_in_interpreter(pixart64, prompts, tmp_pa
     interpreter: int8_mm with a static scale; quant_rows_int8 + the W4A8 int8-MMA kernel per token),
     the whole model against the simulation. bf16 GEMM outputs bound the agreement."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     _engine_recipe(pixart64, prompts, "int8", "tensor").save(tmp_path / "int8-tensor")
@@ -391,9 +389,7 @@ def test_gpu_layer_paths_through_pixart_in_interpreter(pixart64, prompts, tmp_pa
             print(name, round(s, 1))
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_dtq_sample_recipe_backend(pixart_folder, recipes, tmp_path):

@@ -2,9 +2,6 @@
 scales and balancing folds verified); the Triton kernels are checked in triton's interpreter."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +13,7 @@ from dtq.runtime.qengine import (FP8Linear, Int4Linear, Int8Linear, Int8WeightOn
                                  weight_bytes)
 from dtq.runtime.recipe import apply_recipe
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
+from conftest import run_in_triton_interpreter, triton_available
 
 LAYER_TYPES = {"int8": Int8Linear, "fp8": FP8Linear, "w8a16": Int8WeightOnlyLinear, "w4a16": Int4Linear,
                "w4a8": Int4Linear}
@@ -75,15 +73,7 @@ def test_int4_packing_roundtrip():
         pack_int4(torch.full((1, 2), 8, dtype=torch.int8))
 
 
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_triton_kernels_in_interpreter():
     """int8_mm and w4a16_mm in TRITON_INTERPRET=1 (CPU) against torch references, with ragged M/N."""
     code = textwrap.dedent("""
@@ -164,12 +154,10 @@ def test_triton_kernels_in_interpreter():
             assert (c - ref).abs().max() < 1e-4, (g, (c - ref).abs().max())
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_gpu_layer_paths_in_interpreter():
     """Each engine layer's GPU path (activation quantization, code/scale layouts, bias, run-time
     balancing Mul, custom ops) against its reference, on the CPU: Triton kernels in the
@@ -215,9 +203,7 @@ def test_gpu_layer_paths_in_interpreter():
                 assert got.shape == ref.shape and quant.sqnr_db(ref, got) > 40, quant.sqnr_db(ref, got)
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_int8_auto_dispatch_by_rows(small_model, monkeypatch):

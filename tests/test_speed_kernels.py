@@ -2,9 +2,6 @@
 W4A8 engine path that accumulates int8 MMAs in int32 over the whole K (quantizer, Triton kernel in
 the interpreter, engine); the W4A16 kernel's small-M / split-dot autotune candidates."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,14 +13,7 @@ from dtq.runtime.qengine import Int4Linear, Int4ProgressiveLinear, build_qengine
 from dtq.runtime.recipe import apply_recipe
 from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
-
-
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from conftest import run_in_triton_interpreter, triton_available
 
 
 def test_two_level_codes_are_int8_products_with_an_exact_float_scale():
@@ -80,7 +70,7 @@ def test_progressive_engine_vs_simulation():
         build_qengine(model, recipe, w4a8="bogus")
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_progressive_kernel_in_interpreter():
     """The Triton kernel equals the exact integer GEMM bit for bit (unit scales, float32 out), agrees
     with the float64 reference within epilogue rounding (scales + bias, ragged M/N, a group inside /
@@ -136,12 +126,10 @@ def test_progressive_kernel_in_interpreter():
             assert quant.sqnr_db(ref.float(), got.float()) > 40, (name, quant.sqnr_db(ref.float(), got.float()))
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_w4a16_candidates_by_m():
     """Batch 1-8 with guidance (512-4096 rows) tunes over small tiles, each with and without
     split-dot; large M over the big tiles; K tiles always divide K."""
@@ -158,7 +146,7 @@ def test_w4a16_candidates_by_m():
     assert all(192 % c.kwargs["BLOCK_K"] == 0 for c in kernels._prune_w4a16(every, {"M_BUCKET": 1024, "K": 192}))
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_int8_candidates_bit_exact_in_interpreter():
     """Every INT8 GEMM autotune candidate (both M ranges), pinned one by one in Triton's interpreter,
     equals the integer GEMM bit for bit (unit scales, float32 out: |acc| < 2**24) on ragged M / N with
@@ -192,12 +180,10 @@ def test_int8_candidates_bit_exact_in_interpreter():
             assert torch.equal(codes, ref_codes), cfg  # same fp32 epilogue on the same int32 sums
         print("ok", len(configs))
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_int8_candidates_by_m():
     """Batch 1-8 with guidance (M <= 4096) tunes over small tiles, batch 64 over the large ones
     (with 128x128x128 / 128x256x64 for the short-K proj); <= 12 each; GROUP_M swizzle everywhere."""
@@ -217,7 +203,7 @@ def test_int8_candidates_by_m():
     assert kernels._prune_int8(every, {"M_BUCKET": 512, "K": 96}) == every  # no K tile divides: all (masked loop)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_fused_epilogues_in_interpreter():
     """The GEMM epilogues of issue #13 in Triton's interpreter: the gated residual add (INT8, FP8 and
     two-level W4A8; a strided gate view, ragged M and N, one gate row per sample's tokens) against a
@@ -323,6 +309,4 @@ def test_fused_epilogues_in_interpreter():
                     assert quant.sqnr_db(blk(h0, c), blk.fused_forward(h0, c)) > 40
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    run_in_triton_interpreter(code)
