@@ -45,13 +45,15 @@ precision_of = formats.precision_of  # a recipe layer's (weight, activation) for
 
 
 def config_for_precision(config: CalibConfig, precision: str) -> CalibConfig:
-    """``config`` with another precision: its weight granularity where the precision takes it, else
-    the precision's default (8-bit weights per channel, 4-bit per group)."""
+    """``config`` with another precision: its weight (activation) granularity where the precision
+    takes it, else the precision's default (8-bit weights per channel, 4-bit per group; per tensor)."""
     p = formats.get_precision(precision)
     if not p.quantized:
         raise ValueError(f"precision must be one of {', '.join(formats.QUANTIZED_PRECISIONS)}, got {precision!r}")
     gran = config.weight_granularity if config.weight_granularity in p.granularities else p.default_granularity
-    return replace(config, precision=precision, weight_granularity=gran)
+    # per-token activations stay per token where the precision quantizes activations (W8A16 has none)
+    act = config.act_granularity if config.act_granularity in p.act_granularities else "tensor"
+    return replace(config, precision=precision, weight_granularity=gran, act_granularity=act)
 
 
 def matched_high_recipe(model: nn.Module, stats: Statistics, recipe_low: Recipe, config_high: CalibConfig,
@@ -302,15 +304,21 @@ def mixed_calibrate(model: nn.Module, data: CalibrationSet, held_out: Calibratio
     """Calibrate ``config`` (the low precision) and its matched ``mixed.high_precision`` recipe on one
     set of statistics, sweep, pick under the budget: (mixed recipe, sweep, overrides)."""
     from .api import calibrate, statistics
+    from .recon import reconstruct_blocks
 
     stats = statistics(model, data, config)
     loop = data.forward_loop(config.batch_size, config.device, config.progress)
-    low = calibrate(model, stats, config, forward_loop=loop)
-    high = matched_high_recipe(model, stats, low, config_for_precision(config, mixed.high_precision), loop)
+    # Reconstruction fits each block's rounding to its neighbours' formats, so it runs once, on the
+    # final mix; the sweep ranks the unreconstructed layers (and costs no reconstruction per recipe).
+    sweep_config = replace(config, reconstruct=False)
+    low = calibrate(model, stats, sweep_config, forward_loop=loop)
+    high = matched_high_recipe(model, stats, low, config_for_precision(sweep_config, mixed.high_precision), loop)
     sens = layer_sensitivity(model, low, high, held_out, unit=mixed.unit, groups=mixed.groups,
                              batch_size=config.batch_size, device=config.device, progress=config.progress)
     overrides = pick_overrides(sens, mixed.budget, mixed.budget_unit)
     recipe = mixed_recipe(low, high, overrides_layers(overrides))
+    if config.reconstruct:
+        reconstruct_blocks(model, recipe, loop, config)
     recipe.info["sensitivity"] = {"budget": mixed.budget, "budget_unit": mixed.budget_unit, "unit": mixed.unit,
                                   "sweep_seconds": round(sens.seconds, 2),
                                   "low_sqnr_mean_db": round(sens.low["sqnr_mean_db"], 3),

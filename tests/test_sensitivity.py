@@ -189,3 +189,47 @@ def test_cli_writes_mixed_recipe_and_report(tmp_path, capsys):
     assert sum(l.weight_format == "int4" for l in recipe.layers.values()) == 22
     assert "overrides (2)" in capsys.readouterr().out
     assert main(["--budget", "1.5", "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
+
+
+def test_reconstruction_runs_once_on_the_final_mix():
+    """With ``reconstruct`` the sweep ranks the unreconstructed layers and the picked mix (INT4 and
+    INT8 layers together) is reconstructed once: every block's rounding, the raised INT8 layers'
+    included, is fitted next to the formats it will run with."""
+    from dtq.calibrate.sensitivity import MixedConfig, mixed_calibrate
+
+    model = load_builtin().eval()
+    dc = CalibDataConfig(cali_n=2, cali_steps=4, steps=20)
+    cali, held = collect_calibration_set(model, dc), collect_calibration_set(model, replace(dc, seed=1))
+    cfg = CalibConfig(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
+    mixed = MixedConfig(budget=8, budget_unit="layers", unit="block")  # two blocks of four layers raised
+    # tiny counts for the CPU, as in test_recon.py
+    rec, sens, picks = mixed_calibrate(model, cali, held, replace(cfg, reconstruct=True, recon_iters=20,
+                                                                  recon_batch=1, recon_lr=5e-2), mixed)
+    low = calibrate(model, cali, cfg)  # the unreconstructed all-W4A8 recipe the sweep must have ranked
+    assert _metrics_of(model, low, held)["sqnr_mean_db"] == pytest.approx(sens.low["sqnr_mean_db"], abs=1e-3)
+    raised = overrides_layers(picks)
+    assert len(raised) == 8 and all(rec.layers[n].weight_format == "int8" for n in raised)
+    assert rec.options["reconstruct"] is True and len(rec.info["recon_blocks"]) == len(model.blocks)
+    # reconstruction wrote the raised INT8 layers' rounded weights too (a recipe reconstructed before
+    # the mix would carry the high recipe's unrounded INT8 layers: no weight tensor without GPTQ)
+    assert all(rec.weight(n) is not None for n in raised)
+    assert all(low.weight(n) is None for n in raised)
+    # every block's output error on its calibration rows went down or stayed (a fit that loses keeps its start)
+    blocks = rec.info["recon_blocks"]
+    print(blocks)
+    assert all(b["rel_mse_after"] <= b["rel_mse_before"] for b in blocks), blocks
+    assert sum(b["rel_mse_after"] < 0.95 * b["rel_mse_before"] for b in blocks) >= 3, blocks
+
+
+def _metrics_of(model, recipe, held):
+    c = held.x.shape[1]
+    return output_metrics(predict(model, held)[:, :c], predict(apply_recipe(model, recipe), held)[:, :c],
+                          timestep_groups(held, 4))
+
+def test_high_precision_without_activations_drops_per_token():
+    """A per-token W8A8 sweep raises layers to W8A16: the high config keeps per-token activations only
+    where its precision quantizes activations (the W8A16 sweep used to fail on it)."""
+    cfg = CalibConfig(method="ditas", act_granularity="token")
+    assert config_for_precision(cfg, "w8a16").act_granularity == "tensor"
+    assert config_for_precision(cfg, "int8").act_granularity == "token"
+    assert config_for_precision(replace(cfg, precision="w4a8", weight_granularity="group32"), "int8").weight_granularity == "channel"
