@@ -80,6 +80,31 @@ class GraphedDenoiser:
         self._graphs.clear()
 
 
+def ort_session_options(*, threads: int | None = None, float8: bool = False):
+    """ONNX Runtime options that run a dtq Q/DQ graph as written, i.e. with the simulation's numbers.
+
+    ``session.disable_quant_qdq``: ORT otherwise fuses each DequantizeLinear pair around a MatMul into
+    an integer kernel (MatMulIntegerToFloat / QLinearMatMul). On x86 CPUs without VNNI (AVX2 only, e.g.
+    an AMD EPYC of this project's CI) that kernel adds pairs of u8 x s8 products in int16 with
+    saturation (vpmaddubsw), so full-range INT8 weights come out several percent off: a PixArt graph
+    4% (max error), the tiny DiT's INT8 graph 31.6 dB against the 35+ dB it gives on VNNI CPUs.
+    Unfused, ORT dequantizes and runs float MatMuls, the same numbers on every CPU; the ORT backend is
+    a reference runner, TensorRT the deployment target. ``float8``: ORT's extended optimizations move
+    a Transpose between an FP8 QuantizeLinear and its DequantizeLinear and then reject the graph
+    (Transpose has no float8 kernel), so such graphs get the basic level."""
+    from ..extras import require
+
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if float8:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return opts
+
+
 class OnnxDenoiser:
     """ONNX Runtime session over a dtq ONNX export (inputs x float32, t/y int64; a text-conditioned
     export: x, t, context float32 [B, tokens, D], mask float32 [B, tokens], called as
@@ -101,14 +126,7 @@ class OnnxDenoiser:
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        if _has_float8(path):
-            # ORT's extended optimizations move a Transpose between an FP8 QuantizeLinear and its
-            # DequantizeLinear, and then reject the graph (Transpose has no float8 kernel)
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts = ort_session_options(threads=threads, float8=_has_float8(path))
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf ...
