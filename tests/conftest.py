@@ -72,6 +72,26 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_calibration_set():
+    """``collect_calibration_set(builtin dit-tiny-fmnist, CalibDataConfig(**kw))``, recorded once per test
+    session for each ``kw`` (test_calibrate, test_recon and test_rotation calibrate on the same sets;
+    each takes 10-20 s on 2 cores). Shared objects: callers must not edit them (``select`` copies)."""
+    from dtq.calibrate.config import CalibDataConfig
+    from dtq.calibrate.data import collect_calibration_set
+    from dtq.runtime.zoo import load_builtin
+
+    cache = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = collect_calibration_set(load_builtin("dit-tiny-fmnist"), CalibDataConfig(**kw), progress=False)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture
 def reference_ckpt() -> Path:
     if not REFERENCE_CKPT.is_file():

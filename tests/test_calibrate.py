@@ -8,8 +8,8 @@ import torch
 from scipy.stats import spearmanr
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import CalibrationSet, collect_calibration_set, recorded_indices
+from dtq.calibrate.config import CalibConfig
+from dtq.calibrate.data import CalibrationSet, recorded_indices
 from dtq.calibrate.evaluate import noise_sqnr, predict
 from dtq.calibrate.methods import METHODS
 from dtq.calibrate.methods.ditas import alpha_grid, tas_alpha_search
@@ -181,10 +181,10 @@ def test_tas_alpha_search_picks_the_best_alpha():
 
 # -- end to end on the built-in model ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_setup(tiny_calibration_set):
     model = load_builtin("dit-tiny-fmnist")
-    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=5, cali_n=4, steps=20, seed=0))
-    held = collect_calibration_set(model, CalibDataConfig(cali_steps=6, cali_n=4, steps=20, seed=10))
+    cali = tiny_calibration_set(cali_steps=5, cali_n=4, steps=20, seed=0)  # shared with test_recon, test_rotation
+    held = tiny_calibration_set(cali_steps=6, cali_n=4, steps=20, seed=10)
     stats = statistics(model, cali, CalibConfig(progress=False))
     return model, cali, held, stats, predict(model, held)
 
