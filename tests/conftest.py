@@ -45,6 +45,53 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
     return out.stdout
 
 
+_FP_EXPORTS: dict = {}
+
+
+def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset: int = 18, min_batch: int = 1,
+              max_batch: int = 64, **kw):
+    """``export_torch(model, dtype, opset, min_batch, max_batch, **kw)`` made once per test session for
+    each (weights, config, arguments) and returned as a copy (callers may edit it): several test files
+    build Q/DQ graphs from the same FP export of one model, and torch's dynamo export is the slow part
+    (10-25 s a call on a 2-core box). In memory only: nothing outlives the session."""
+    import hashlib
+
+    import onnx
+
+    from dtq.export.onnx_export import export_torch
+
+    h = hashlib.sha256(f"{type(model).__name__}:{model.config!r}".encode())
+    for name, value in model.state_dict().items():
+        h.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    key = (h.hexdigest(), dtype, opset, min_batch, max_batch, tuple(sorted(kw.items())))
+    if key not in _FP_EXPORTS:
+        _FP_EXPORTS[key] = export_torch(model, dtype=dtype, opset=opset, min_batch=min_batch, max_batch=max_batch, **kw)
+    out = onnx.ModelProto()
+    out.CopyFrom(_FP_EXPORTS[key])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration_set():
+    """``collect_calibration_set(builtin dit-tiny-fmnist, CalibDataConfig(**kw))``, recorded once per test
+    session for each ``kw`` (test_calibrate, test_recon and test_rotation calibrate on the same sets;
+    each takes 10-20 s on 2 cores). Shared objects: callers must not edit them (``select`` copies)."""
+    from dtq.calibrate.config import CalibDataConfig
+    from dtq.calibrate.data import collect_calibration_set
+    from dtq.runtime.zoo import load_builtin
+
+    cache = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = collect_calibration_set(load_builtin("dit-tiny-fmnist"), CalibDataConfig(**kw), progress=False)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture
 def reference_ckpt() -> Path:
     if not REFERENCE_CKPT.is_file():

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import spearmanr
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import CalibrationSet, collect_calibration_set, recorded_indices
+from dtq.calibrate.config import CalibConfig
+from dtq.calibrate.data import CalibrationSet, recorded_indices
 from dtq.calibrate.evaluate import noise_sqnr, predict
 from dtq.calibrate.methods import METHODS
 from dtq.calibrate.methods.ditas import alpha_grid, tas_alpha_search
@@ -181,10 +181,10 @@ def test_tas_alpha_search_picks_the_best_alpha():
 
 # -- end to end on the built-in model ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_setup(tiny_calibration_set):
     model = load_builtin("dit-tiny-fmnist")
-    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=5, cali_n=4, steps=20, seed=0))
-    held = collect_calibration_set(model, CalibDataConfig(cali_steps=6, cali_n=4, steps=20, seed=10))
+    cali = tiny_calibration_set(cali_steps=5, cali_n=4, steps=20, seed=0)  # shared with test_recon, test_rotation
+    held = tiny_calibration_set(cali_steps=6, cali_n=4, steps=20, seed=10)
     stats = statistics(model, cali, CalibConfig(progress=False))
     return model, cali, held, stats, predict(model, held)
 
@@ -207,10 +207,26 @@ def test_calibration_set_records_through_sampler(tiny_setup, tmp_path):
     assert torch.equal(back.x, cali.x) and torch.equal(back.t, cali.t) and back.steps == 20 and back.info == cali.info
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_gives_a_loadable_recipe(tiny_setup, tmp_path, method):
+@pytest.fixture(scope="module")
+def default_recipe(tiny_setup):
+    """``calibrate(tiny, stats, CalibConfig(method=m))`` and its held-out noise SQNR, once per method: the
+    tests below evaluate the same default recipes (minmax, ptq4dit, ditas, smoothquant)."""
     model, _, held, stats, fp = tiny_setup
-    recipe = calibrate(model, stats, CalibConfig(method=method, progress=False))
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            recipe = calibrate(model, stats, CalibConfig(method=method, progress=False))
+            cache[method] = recipe, noise_sqnr(model, apply_recipe(model, recipe), held, fp_out=fp)
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_a_loadable_recipe(tiny_setup, default_recipe, tmp_path, method):
+    model, _, held, _, fp = tiny_setup
+    recipe = default_recipe(method)[0]
     assert len(recipe.layers) == 4 * model.config.depth
     recipe.save(tmp_path / method)
     back = load_recipe(tmp_path / method, model)
@@ -225,13 +241,10 @@ def test_every_method_gives_a_loadable_recipe(tiny_setup, tmp_path, method):
         assert ((bal(x, t, y) - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_balancing_methods_beat_minmax_w8a8(tiny_setup):
+def test_balancing_methods_beat_minmax_w8a8(default_recipe):
     """Measured on this setup (20-step trajectory, 5 x 8 calibration rows, seeds 0 and 1):
     minmax 20.7 / 22.0 dB, ptq4dit 23.1 / 23.8 dB, ditas 27.3 / 27.3 dB (noise SQNR, all rows)."""
-    model, _, held, stats, fp = tiny_setup
-    sq = {m: noise_sqnr(model, apply_recipe(model, calibrate(model, stats, CalibConfig(method=m, progress=False))),
-                        held, fp_out=fp)
-          for m in ("minmax", "ptq4dit", "ditas")}
+    sq = {m: default_recipe(m)[1] for m in ("minmax", "ptq4dit", "ditas")}
     assert sq["ptq4dit"]["all"] > sq["minmax"]["all"] + 1.0, sq
     assert sq["ditas"]["all"] > sq["minmax"]["all"] + 4.0, sq
     assert sq["ptq4dit"]["late"] > sq["minmax"]["late"] + 1.0, sq
@@ -259,7 +272,7 @@ def test_bad_method_name_is_refused(tiny_setup):
         calibrate(model, stats, CalibConfig(method="nope", progress=False))
 
 
-def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup):
+def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup, default_recipe):
     """Measured on this setup (noise SQNR, all rows): smoothquant alpha 0.5 without fc2 (the old
     default) 23.6 dB, alpha 0.5 + fc2 24.6, alpha 1.0 without fc2 25.5, alpha 1.0 + fc2 (the default
     now: fc2 smoothed by a run-time Mul) 27.7; minmax 20.7, ditas 27.3."""
@@ -269,7 +282,8 @@ def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup):
         recipe = calibrate(model, stats, CalibConfig(method="smoothquant", progress=False, **kw))
         return recipe, noise_sqnr(model, apply_recipe(model, recipe), held, fp_out=fp)["all"]
 
-    recipe, new = run()
+    recipe, new = default_recipe("smoothquant")
+    new = new["all"]
     assert recipe.options["alpha"] == 1.0 and "mlp.fc2" in recipe.options["smoothed"]
     assert recipe.layers["blocks.0.mlp.fc2"].balance_fold == "runtime"
     _, old = run(alpha=0.5, smooth_fc2=False)
@@ -278,7 +292,7 @@ def test_smoothquant_defaults_smooth_fc2_with_alpha_1(tiny_setup):
     assert new > no_fc2 + 1.5, (new, no_fc2)  # fc2 smoothing helps at alpha 1.0
 
 
-def test_fp16_overrides_leave_layers_unquantized(tiny_setup, tmp_path):
+def test_fp16_overrides_leave_layers_unquantized(tiny_setup, default_recipe, tmp_path):
     """``PATTERN=fp16`` overrides (dtq-compare's suggestions) drop layers from the recipe: they stay FP in the
     simulation and the export, and the error they caused goes with them. Measured on this setup
     (noise SQNR, all rows): ditas 27.3 dB, keeping every fc1 (this model's worst inputs) and one
@@ -288,14 +302,14 @@ def test_fp16_overrides_leave_layers_unquantized(tiny_setup, tmp_path):
     from dtq.export.api import ExportConfig, export_model
 
     model, _, held, stats, fp = tiny_setup
-    base = calibrate(model, stats, CalibConfig(method="ditas", progress=False))
+    base, s_base = default_recipe("ditas")
     kept = calibrate(model, stats, CalibConfig(method="ditas", overrides=["blocks.*.mlp.fc1=fp16",
                                                                           "blocks.0.attn.proj=fp16"], progress=False))
     gone = {f"blocks.{i}.mlp.fc1" for i in range(model.config.depth)} | {"blocks.0.attn.proj"}
     assert set(base.layers) - set(kept.layers) == gone and kept.options["kept"] == sorted(gone)
     sim = apply_recipe(model, kept)
     assert all(type(sim.get_submodule(n)) is nn.Linear for n in gone)
-    s_base = noise_sqnr(model, apply_recipe(model, base), held, fp_out=fp)["all"]
+    s_base = s_base["all"]
     s_kept = noise_sqnr(model, sim, held, fp_out=fp)["all"]
     assert s_kept > s_base + 3.0, (s_base, s_kept)
     kept.save(tmp_path / "kept")

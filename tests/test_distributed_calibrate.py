@@ -22,9 +22,18 @@ ARGS = ["--method", "smoothquant", "--no-smooth-fc2", "--act-search", "mse", "--
         "--no-progress"]
 
 
-def _run(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
+def _start(cmd: list[str], tmp_path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: reductions split the same way
-    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _recipe_json(path) -> dict:
@@ -34,10 +43,12 @@ def _recipe_json(path) -> dict:
 
 
 def test_two_ranks_write_the_single_process_recipe(tmp_path):
-    single = _run([sys.executable, "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "one")], tmp_path)
+    # the two runs are independent (own output directories, one thread each): run side by side
+    single = _start([sys.executable, "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "one")], tmp_path)
+    multi = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "two")], tmp_path)
+    single, multi = _wait(single), _wait(multi)
     assert single.returncode == 0, single.stderr
-    multi = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "two")], tmp_path)
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("wrote recipe") == 1 and multi.stdout.count("held-out noise SQNR") == 1  # rank 0 alone
     one, two = tmp_path / "one", tmp_path / "two"

@@ -36,10 +36,14 @@ PRECISIONS = ("fp16", "int8", "fp8", "w4a16")
 
 @pytest.fixture(scope="module")
 def tiny_exports(tmp_path_factory):
-    """The built-in tiny DiT exported at each precision (recipes: min-max, balancing folded)."""
+    """The built-in tiny DiT exported at each precision (recipes: min-max, balancing folded); the FP
+    export under each graph is made once per dtype and opset (conftest.fp_export: int8 and fp8 share
+    theirs, w4a16 shares test_export_qdq's)."""
     api = pytest.importorskip("dtq.export.api", reason="Q/DQ export (dtq.export.api) is not on this branch yet")
     from dtq.runtime.zoo import load_builtin
     from dtq.tools.quick_recipe import minmax_recipe
+
+    from conftest import fp_export
 
     model = load_builtin("dit-tiny-fmnist")
     d = tmp_path_factory.mktemp("exports")
@@ -48,7 +52,9 @@ def tiny_exports(tmp_path_factory):
         recipe = None if prec == "fp16" else minmax_recipe(model, prec, group=32, balance=True)
         cfg = api.ExportConfig(out=str(d / f"tiny-{prec}.onnx"), model="dit-tiny-fmnist", precision=prec,
                                min_batch=1, max_batch=8)
-        paths[prec] = api.export_model(cfg, model=model, recipe=recipe).path
+        r = cfg.resolved(recipe)  # the dtype and opset export_model exports at
+        fp = fp_export(model, dtype=api.DTYPES[r.dtype], opset=r.opset, min_batch=1, max_batch=8)
+        paths[prec] = api.export_model(cfg, model=model, recipe=recipe, fp_proto=fp).path
     return paths
 
 

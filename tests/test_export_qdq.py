@@ -9,7 +9,7 @@ import torch
 
 from dtq.export import qdq, rules, surgery
 from dtq.export.api import ExportConfig, build_graph
-from dtq.export.onnx_export import export_torch, find_linears
+from dtq.export.onnx_export import find_linears
 from dtq.runtime import quant
 from dtq.runtime.quant import sqnr_db
 from dtq.runtime.recipe import apply_recipe, balanced_model
@@ -17,6 +17,7 @@ from dtq.runtime.zoo import load_builtin
 
 from export_recipes import inputs, make_recipe
 from _qdq import tie_aligned_comparison
+from conftest import fp_export
 
 from dtq import formats
 
@@ -38,8 +39,8 @@ OPSET = 21  # every precision's graph is valid at 21: one FP export per dtype se
 
 @pytest.fixture(scope="module")
 def fp_exports(tiny):
-    return {dt: export_torch(tiny, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16"}[dt]), opset=OPSET,
-                             max_batch=8) for dt in ("fp32", "fp16")}
+    return {dt: fp_export(tiny, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16"}[dt]), opset=OPSET,
+                          max_batch=8) for dt in ("fp32", "fp16")}  # shared with test_export_trt (conftest)
 
 
 def _config(precision, dtype):

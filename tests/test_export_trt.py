@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dtq.export.api import ExportConfig, build_graph
-from dtq.export.onnx_export import export_torch
 from dtq.export.writer import write_model
 from dtq.runtime.checkpoint import load_checkpoint
 from dtq.runtime.zoo import load_builtin
 
 from conftest import REFERENCE_CKPT as REFERENCE
+from conftest import fp_export
 from export_recipes import make_recipe
 
 try:
@@ -38,15 +38,16 @@ def _load(which):
 
 @pytest.fixture(scope="module", params=["tiny", "reference"])
 def exported(request, tmp_path_factory):
-    """Every precision of one model written to disk (one FP export per dtype, reused)."""
+    """Every precision of one model written to disk (one FP export per dtype, reused; the tiny model's
+    are test_export_qdq's, batch range 1..8: the engines are built for 1..4)."""
     model = _load(request.param)
-    fp = {dt: export_torch(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET, max_batch=4)
+    fp = {dt: fp_export(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET, max_batch=8)
           for dt in ("fp32", "fp16")}
     out_dir = tmp_path_factory.mktemp(request.param)
     paths = {}
     for p in PRECISIONS:
         dtype = p if p in ("fp32", "fp16") else "fp16"
-        cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=4).resolved()
+        cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=8).resolved()
         recipe = None if p in ("fp32", "fp16") else make_recipe(model, p, group=32, calib_batch=2)
         proto = build_graph(model, cfg, recipe, fp[dtype])
         paths[p] = write_model(proto, out_dir / f"{p}.onnx")
@@ -77,8 +78,11 @@ def test_trt_fp8_ops_option(tmp_path):
     from dtq.export.api import export_model
 
     model = load_builtin("dit-tiny-fmnist")
-    res = export_model(ExportConfig(out=str(tmp_path / "fp8trt.onnx"), model="m", precision="fp8", fp8_ops="trt",
-                                    max_batch=4), model=model, recipe=make_recipe(model, "fp8", calib_batch=2))
+    recipe = make_recipe(model, "fp8", calib_batch=2)
+    cfg = ExportConfig(out=str(tmp_path / "fp8trt.onnx"), model="m", precision="fp8", fp8_ops="trt", max_batch=8)
+    r = cfg.resolved(recipe)  # fp16, opset 19: test_engines' FP export (conftest.fp_export)
+    fp = fp_export(model, dtype=torch.float16 if r.dtype == "fp16" else torch.float32, opset=r.opset, max_batch=8)
+    res = export_model(cfg, model=model, recipe=recipe, fp_proto=fp)
     proto = onnx.load(str(res.path))
     ops = {n.op_type for n in proto.graph.node}
     assert {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"} <= ops and "QuantizeLinear" not in ops

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import collect_calibration_set
+from dtq.calibrate.config import CalibConfig
 from dtq.calibrate.evaluate import noise_sqnr, predict
 from dtq.calibrate.recon import AdaRoundLinear, _beta, reconstruct_blocks
 from dtq.runtime import quant
@@ -27,10 +26,10 @@ RECON_ACT = dict(reconstruct=True, recon_iters=8, recon_batch=1, recon_lr=5e-2, 
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_calibration_set):
     model = load_builtin("dit-tiny-fmnist")
-    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=5, cali_n=4, steps=20, seed=0))
-    held = collect_calibration_set(model, CalibDataConfig(cali_steps=8, cali_n=4, steps=20, seed=10))
+    cali = tiny_calibration_set(cali_steps=5, cali_n=4, steps=20, seed=0)  # shared with test_calibrate, test_rotation
+    held = tiny_calibration_set(cali_steps=8, cali_n=4, steps=20, seed=10)
     held = held.select(~torch.isin(held.step, torch.tensor(cali.recorded_steps())))  # held-out timesteps only
     assert len(held) and not set(held.recorded_steps()) & set(cali.recorded_steps())
     stats = statistics(model, cali, CalibConfig(**W4A8))

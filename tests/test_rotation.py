@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import collect_calibration_set
+from dtq.calibrate.config import CalibConfig
 from dtq.calibrate.evaluate import noise_sqnr, predict
 from dtq.runtime import quant
 from dtq.runtime.qengine import FusedMlp, build_qengine, engine_layers
@@ -78,10 +77,10 @@ def test_rotation_spreads_channel_outliers_for_a_per_tensor_scale():
 
 # -- on the built-in model ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_setup(tiny_calibration_set):
     model = load_builtin("dit-tiny-fmnist")
-    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=5, cali_n=4, steps=20, seed=0), progress=False)
-    held = collect_calibration_set(model, CalibDataConfig(cali_steps=6, cali_n=4, steps=20, seed=10), progress=False)
+    cali = tiny_calibration_set(cali_steps=5, cali_n=4, steps=20, seed=0)  # shared with test_calibrate, test_recon
+    held = tiny_calibration_set(cali_steps=6, cali_n=4, steps=20, seed=10)  # and with test_calibrate
     return model, cali, held, predict(model, held)
 
 
