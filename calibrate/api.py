@@ -155,11 +155,11 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
     import shutil
 
     from ..runtime.checkpoint import load_checkpoint
-    from ..runtime.recipe import RECIPE_JSON, apply_recipe
+    from ..runtime.recipe import RECIPE_JSON
     from ..runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
     from ..staging import staged_directory
     from .data import collect_calibration_set
-    from .evaluate import noise_sqnr
+    from .evaluate import record_heldout_sqnr
 
     path = job.ckpt if job.ckpt is not None else builtin_checkpoint(job.model or DEFAULT_MODEL)
     model = load_checkpoint(path).to(config.device).eval()
@@ -178,9 +178,7 @@ def _calibrate_checkpoint(job: CalibrateJob, config: CalibConfig, data_cfg: Cali
         held = collect_calibration_set(model, held_cfg, device=config.device, progress=progress, shard=ctx,
                                        prompts=data.prompts)
         if ctx.is_main:  # a report, not part of the recipe's numbers: one rank measures it
-            sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size,
-                              device=config.device)
-            recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
+            record_heldout_sqnr(model, recipe, held, batch_size=config.batch_size, device=config.device)
     if not ctx.is_main:
         return recipe
     # the recipe and its calibration set replace an old --out together, or not at all

@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from dtq.artifacts import CALIBRATION_SET
         from dtq.calibrate.data import CalibrationSet, collect_calibration_set
-        from dtq.calibrate.evaluate import noise_sqnr
+        from dtq.calibrate.evaluate import record_heldout_sqnr
         from dtq.calibrate.sensitivity import mixed_calibrate
         from dtq.checks import check_output_path
         from dtq.runtime.checkpoint import load_checkpoint
-        from dtq.runtime.recipe import RECIPE_JSON, apply_recipe
+        from dtq.runtime.recipe import RECIPE_JSON
         from dtq.runtime.zoo import DEFAULT_MODEL, builtin_checkpoint
         from dtq.staging import staged_directory
 
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         held = sample(replace(data_cfg, cali_n=job.eval_n, seed=data_cfg.seed + 1))
         recipe, sens, overrides = mixed_calibrate(model, data, held, config, mixed)
         # the mixed recipe's own held-out SQNR, as dtq-calibrate reports it (the sweep measured one raise at a time)
-        sqnr = noise_sqnr(model, apply_recipe(model, recipe), held, batch_size=config.batch_size, device=config.device)
-        recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
+        record_heldout_sqnr(model, recipe, held, batch_size=config.batch_size, device=config.device)
         with staged_directory(job.out, marker=RECIPE_JSON) as tmp:
             recipe.write_files(tmp)
             (tmp / REPORT).write_text(json.dumps({**sens.to_json(), "overrides": overrides}, indent=1) + "\n")
