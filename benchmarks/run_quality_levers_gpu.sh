@@ -23,6 +23,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 source benchmarks/use_checkout.sh
+source benchmarks/need_fid.sh
 DEV=cuda; PER=1000; S50=50; S100=100; SMALL=""
 [ "${DRY:-0}" = 1 ] && { DEV=cpu; PER=2; S50=3; S100=4; SMALL="--cali-steps 3 --cali-n 2 --eval-n 2 --recon-iters 5"; }
 O=${OUT:-$PWD/quality_levers_out}; mkdir -p $O/r $O/s $O/log; T=$O/times.tsv
