@@ -132,7 +132,9 @@ def test_adaround_starts_from_gptq_codes_and_anneals():
                                 act_format="int8", weight_scale=s, act_scale=0.05)
     full = quant.expand_weight_scale(s, lin.weight.shape, "group", 32)
     ws = lin.weight.detach() / full
-    codes = torch.where(torch.rand(ws.shape, generator=g) < 0.5, ws.floor(), ws.ceil()).clamp(-8, 7)  # any choice
+    codes = torch.where(torch.rand(ws.shape, generator=g) < 0.5, ws.floor(), ws.ceil())  # any choice,
+    far = torch.rand(ws.shape, generator=g) < 0.1  # some 2 steps away (GPTQ's error feedback does that)
+    codes = torch.where(far, codes + torch.where(codes > ws, 1.0, -1.0), codes).clamp(-8, 7)
     a = AdaRoundLinear(q, lin.weight.detach(), codes, learn_act=True)
     w_hard, act = a.hard()
     assert torch.equal(w_hard, codes * full) and float(act) == pytest.approx(0.05)
@@ -178,19 +180,30 @@ def test_recon_time_benchmark_smoke():
 
 
 def test_after_gptq_the_rounding_starts_at_gptq(setup):
-    """--gptq --reconstruct: AdaRound rounds the pre-GPTQ weight W diag(b) and starts at GPTQ's codes,
-    so block 0 (same input either way) starts below round-to-nearest (measured: relative output MSE
-    0.00105 vs 0.00254); codes stay floor(W / s) or that + 1."""
-    model, cali, _, _, recon, _ = setup
+    """--gptq --reconstruct: AdaRound starts at GPTQ's codes exactly, also where GPTQ's error feedback
+    moved a code 2+ steps from W diag(b) / s (here ~2.5% of them; projecting those onto floor / ceil
+    cost 0.9 dB held-out at 100 iterations). So block 0 (same input either way) starts below
+    round-to-nearest (measured: relative output MSE 0.00105 vs 0.00254), each code moves at most one
+    step, and a barely trained reconstruction keeps GPTQ's held-out SQNR."""
+    model, cali, held, _, recon, _ = setup
+    gptq = calibrate(model, cali, CalibConfig(**W4A8, gptq=True))
     r = calibrate(model, cali, CalibConfig(**W4A8, gptq=True, reconstruct=True, recon_iters=2, recon_batch=1))
     start_gptq, start_rtn = r.info["recon_blocks"][0]["rel_mse_before"], recon.info["recon_blocks"][0]["rel_mse_before"]
     assert start_gptq < 0.9 * start_rtn, (start_gptq, start_rtn)
     folded = balanced_model(model, r, check=False)
+    far = total = 0
     for name in r.layers:
         full = quant.expand_weight_scale(r.weight_scale(name), r.weight(name).shape, "group", 128)
         codes = quant.quantize_weight(r.weight(name), r.weight_scale(name), "int4", "group", 128).float()
+        start = quant.quantize_weight(gptq.weight(name), gptq.weight_scale(name), "int4", "group", 128).float()
+        assert float((codes - start).abs().max()) <= 1, name
         ws = folded.get_submodule(name).weight.detach().float() / full
-        assert bool(((codes == ws.floor()) | (codes == ws.floor() + 1)).all()), name
+        far += int(((start < ws.floor()) | (start > ws.floor() + 1)).sum())
+        total += start.numel()
+    assert far > 0.01 * total, (far, total)  # the case this test is about occurs
+    fp = predict(model, held)
+    sq = {k: noise_sqnr(model, apply_recipe(model, x), held, fp_out=fp)["all"] for k, x in {"gptq": gptq, "r": r}.items()}
+    assert sq["r"] > sq["gptq"] - 0.1, sq
 
 
 def test_cli_writes_a_reconstructed_recipe(tmp_path, capsys):
