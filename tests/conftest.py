@@ -45,6 +45,22 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
     return out.stdout
 
 
+def module_threads(n: int):
+    """An autouse fixture for a test module: its tests run with ``n`` torch threads, the previous
+    count is restored after. (``torch.set_num_threads`` at import time holds for the whole session:
+    pytest imports every module before the first test, so the last one imported set it for all.)
+    Bind it to a module-level name: ``_threads = module_threads(1)``."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        yield
+        torch.set_num_threads(before)
+
+    return _threads
+
+
 _FP_EXPORTS: dict = {}
 
 

@@ -20,9 +20,9 @@ from dtq.runtime import quant
 from dtq.runtime.recipe import apply_recipe, balanced_model, load_recipe
 from dtq.runtime.zoo import load_builtin
 
-from conftest import dit_inputs
+from conftest import dit_inputs, module_threads
 
-torch.set_num_threads(2)
+_threads = module_threads(2)
 
 
 # -- statistics ------------------------------------------------------------------------------------
