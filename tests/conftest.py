@@ -88,6 +88,15 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
     return out
 
 
+def fp_export_for(model: torch.nn.Module, cfg, recipe=None):
+    """``fp_export`` at the dtype, opset and batch range that the ``ExportConfig`` ``cfg`` resolves to:
+    the ``fp_proto`` of ``export_model(cfg, model, recipe, fp_proto)``, shared with other tests."""
+    from dtq.export.api import DTYPES
+
+    r = cfg.resolved(recipe)
+    return fp_export(model, dtype=DTYPES[r.dtype], opset=r.opset, min_batch=r.min_batch, max_batch=r.max_batch)
+
+
 @pytest.fixture(scope="session")
 def tiny_calibration_set():
     """``collect_calibration_set(builtin dit-tiny-fmnist, CalibDataConfig(**kw))``, recorded once per test
