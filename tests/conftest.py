@@ -45,6 +45,22 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
     return out.stdout
 
 
+def module_threads(n: int):
+    """An autouse fixture for a test module: its tests run with ``n`` torch threads, the previous
+    count is restored after. (``torch.set_num_threads`` at import time holds for the whole session:
+    pytest imports every module before the first test, so the last one imported set it for all.)
+    Bind it to a module-level name: ``_threads = module_threads(1)``."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        yield
+        torch.set_num_threads(before)
+
+    return _threads
+
+
 _FP_EXPORTS: dict = {}
 
 
@@ -70,6 +86,15 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
     out = onnx.ModelProto()
     out.CopyFrom(_FP_EXPORTS[key])
     return out
+
+
+def fp_export_for(model: torch.nn.Module, cfg, recipe=None):
+    """``fp_export`` at the dtype, opset and batch range that the ``ExportConfig`` ``cfg`` resolves to:
+    the ``fp_proto`` of ``export_model(cfg, model, recipe, fp_proto)``, shared with other tests."""
+    from dtq.export.api import DTYPES
+
+    r = cfg.resolved(recipe)
+    return fp_export(model, dtype=DTYPES[r.dtype], opset=r.opset, min_batch=r.min_batch, max_batch=r.max_batch)
 
 
 @pytest.fixture(scope="session")

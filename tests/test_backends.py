@@ -18,6 +18,8 @@ from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
 from dtq.tools.sample import main as sample_main
 
+from conftest import fp_export, fp_export_for
+
 ort = pytest.importorskip("onnxruntime")
 
 
@@ -28,11 +30,10 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny, tmp_path_factory):
-    from dtq.export.onnx_export import export_torch
     from dtq.export.writer import write_model
 
     path = tmp_path_factory.mktemp("onnx") / "tiny-fp32.onnx"
-    write_model(export_torch(tiny, opset=18, min_batch=1, max_batch=64), path,
+    write_model(fp_export(tiny, opset=18, min_batch=1, max_batch=64), path,  # test_bad_onnx's, test_compare's
                 metadata={"precision": "fp32", "batch_range": [1, 64], "model_config": tiny.config.to_dict()})
     return path
 
@@ -120,7 +121,7 @@ def test_quantized_onnx_in_ort_matches_the_engine(tiny, tmp_path, precision):
     recipe = minmax_recipe(tiny, precision, group=32, balance=True)
     cfg = api.ExportConfig(out=str(tmp_path / f"{precision}.onnx"), model="dit-tiny-fmnist", precision=precision,
                            dtype="fp32")
-    path = api.export_model(cfg, model=tiny, recipe=recipe).path
+    path = api.export_model(cfg, model=tiny, recipe=recipe, fp_proto=fp_export_for(tiny, cfg, recipe)).path
     x, t, y = random_inputs(tiny, 4, seed=5)
     got = OnnxDenoiser(path, threads=1)(x, t, y)
     eng = build_qengine(tiny, recipe)

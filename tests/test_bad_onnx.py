@@ -11,18 +11,19 @@ from dtq.onnx_file import OnnxFileError, open_onnx
 from dtq.runtime.backends import OnnxDenoiser
 from dtq.runtime.zoo import load_builtin
 
+from conftest import fp_export
+
 
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     """The tiny model's FP export, once inline and once with external data (as dtq-export
     --external-data writes it), plus truncated copies of each."""
-    from dtq.export.onnx_export import export_torch
     from dtq.export.writer import write_model
 
     d = tmp_path_factory.mktemp("onnx")
     model = load_builtin("dit-tiny-fmnist")
-    meta = {"precision": "fp32", "batch_range": [1, 16], "model_config": model.config.to_dict()}
-    proto = export_torch(model, opset=18, min_batch=1, max_batch=16)
+    meta = {"precision": "fp32", "batch_range": [1, 64], "model_config": model.config.to_dict()}
+    proto = fp_export(model, opset=18, min_batch=1, max_batch=64)  # test_backends' and test_compare's
     write_model(onnx.load_from_string(proto.SerializeToString()), d / "inline" / "m.onnx", metadata=meta)
     write_model(proto, d / "ext" / "m.onnx", metadata=meta, external_data=True)
     files = {"inline": d / "inline" / "m.onnx", "ext": d / "ext" / "m.onnx"}

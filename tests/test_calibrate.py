@@ -20,9 +20,9 @@ from dtq.runtime import quant
 from dtq.runtime.recipe import apply_recipe, balanced_model, load_recipe
 from dtq.runtime.zoo import load_builtin
 
-from conftest import dit_inputs
+from conftest import dit_inputs, fp_export_for, module_threads
 
-torch.set_num_threads(2)
+_threads = module_threads(2)
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -313,8 +313,9 @@ def test_fp16_overrides_leave_layers_unquantized(tiny_setup, default_recipe, tmp
     s_kept = noise_sqnr(model, sim, held, fp_out=fp)["all"]
     assert s_kept > s_base + 3.0, (s_base, s_kept)
     kept.save(tmp_path / "kept")
-    res = export_model(ExportConfig(out=str(tmp_path / "kept.onnx"), model="dit-tiny-fmnist", precision="int8",
-                                    recipe=str(tmp_path / "kept")))
+    cfg = ExportConfig(out=str(tmp_path / "kept.onnx"), model="dit-tiny-fmnist", precision="int8",
+                       recipe=str(tmp_path / "kept"), max_batch=8)
+    res = export_model(cfg, model=model, fp_proto=fp_export_for(model, cfg, kept))  # test_engines' FP export
     assert res.report.ok and res.metadata["precision"] == "int8"
     assert json.loads(json.dumps(res.metadata["layer_precisions"])) == kept.layer_precisions
     with pytest.raises(ValueError, match="matches no quantizable layer"):

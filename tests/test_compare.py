@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 
-from dtq.export.onnx_export import export_torch
 from dtq.runtime.zoo import load_builtin
 from dtq.tools import compare
 from dtq.tools.capture import capture_inputs, default_step_indices, step_indices_for_timesteps
@@ -17,6 +16,7 @@ from dtq.runtime.diffusion import GaussianDiffusion
 from dtq.runtime.denoiser import TorchDenoiser
 
 from _qdq import weight_qdq
+from conftest import fp_export, fp_export_for
 
 BROKEN = "blocks.2.mlp.fc1"
 FAST = ["--steps", "4", "--num-images", "2", "--e2e-images", "2"]
@@ -26,7 +26,7 @@ FAST = ["--steps", "4", "--num-images", "2", "--e2e-images", "2"]
 def graphs(tmp_path_factory):
     d = tmp_path_factory.mktemp("graphs")
     model = load_builtin("dit-tiny-fmnist")
-    fp = export_torch(model, max_batch=16)
+    fp = fp_export(model, opset=18, min_batch=1, max_batch=64)  # test_backends' and test_bad_onnx's
     onnx.save(fp, d / "fp32.onnx")
     blocks = [n for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2") for _ in [0]]
     layers = [f"blocks.{i}.{r}" for i in range(model.config.depth) for r in blocks]
@@ -160,8 +160,9 @@ def test_fold_rescaled_outputs_are_aligned(tmp_path):
     from dtq.export.api import ExportConfig, export_model
 
     onnx_path = tmp_path / "w8.onnx"
-    export_model(ExportConfig(out=str(onnx_path), model="dit-tiny-fmnist", precision="int8", dtype="fp32",
-                              recipe=str(tmp_path / "recipe"), max_batch=16))
+    cfg = ExportConfig(out=str(onnx_path), model="dit-tiny-fmnist", precision="int8", dtype="fp32",
+                       recipe=str(tmp_path / "recipe"))
+    export_model(cfg, model=model, fp_proto=fp_export_for(model, cfg, recipe))  # test_backends' FP export
     out = tmp_path / "onnx"
     compare.main(["--candidate", str(onnx_path), "--no-e2e", "--out", str(out), *FAST])
     by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}

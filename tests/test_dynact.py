@@ -21,9 +21,9 @@ from dtq.runtime.qengine import build_qengine, engine_layers
 from dtq.runtime.recipe import LayerRecipe, RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
-from conftest import run_in_triton_interpreter, triton_available
+from conftest import module_threads, run_in_triton_interpreter, triton_available
 
-torch.set_num_threads(2)
+_threads = module_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from dtq.runtime.qengine import ENGINE_LAYERS, build_qengine, engine_layers
 from dtq.runtime.quant import sqnr_db
 from dtq.runtime.recipe import apply_recipe
 
-from conftest import dit_inputs
+from conftest import dit_inputs, module_threads
 
-torch.set_num_threads(2)
+_threads = module_threads(2)
 
 PRECISIONS = typing.get_args(PrecisionName)
 GRANULARITIES = typing.get_args(WeightGranularity)

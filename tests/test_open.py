@@ -13,9 +13,11 @@ from dtq.runtime import quant
 from dtq.runtime.denoiser import TorchDenoiser
 from dtq.runtime.denoiser_spec import DenoiserSpec, parse_denoiser_spec
 from dtq.runtime.open import open_denoiser, open_module
-from dtq.runtime.recipe import RecipeError, apply_recipe
+from dtq.runtime.recipe import RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
+
+from conftest import fp_export_for
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -137,8 +139,9 @@ def test_onnx_is_close_to_the_simulation(tiny, recipe_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from dtq.export.api import ExportConfig, export_model
 
-    path = export_model(ExportConfig(out=str(tmp_path / "w8.onnx"), model="dit-tiny-fmnist", precision="int8",
-                                     dtype="fp32", recipe=str(recipe_dir), max_batch=8), model=tiny).path
+    cfg = ExportConfig(out=str(tmp_path / "w8.onnx"), model="dit-tiny-fmnist", precision="int8", dtype="fp32",
+                       recipe=str(recipe_dir))
+    path = export_model(cfg, model=tiny, fp_proto=fp_export_for(tiny, cfg, load_recipe(recipe_dir, tiny))).path
     inputs = random_inputs(tiny, 4, seed=2)
     sim = _out(open_denoiser(f"sim:{recipe_dir}", tiny), inputs)
     fp = _out(open_denoiser("torch", tiny), inputs)

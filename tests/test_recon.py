@@ -15,7 +15,9 @@ from dtq.runtime.qlinear import QuantLinear
 from dtq.runtime.recipe import apply_recipe, balanced_model
 from dtq.runtime.zoo import load_builtin
 
-torch.set_num_threads(1)  # a shared 2-core box
+from conftest import module_threads
+
+_threads = module_threads(1)  # a shared 2-core box
 
 W4A8 = dict(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
 # tiny counts for the CPU (defaults: 1000 iterations of 32 rows), so a larger step than the default

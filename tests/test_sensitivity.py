@@ -19,7 +19,9 @@ from dtq.calibrate.sensitivity import (check_matched, config_for_precision, laye
 from dtq.runtime.recipe import RecipeError, apply_recipe, quant_layers
 from dtq.runtime.zoo import load_builtin
 
-torch.set_num_threads(2)
+from conftest import module_threads
+
+_threads = module_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from dtq.runtime import quant
 from dtq.runtime.recipe import RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 
-torch.set_num_threads(1)  # LAPACK (svd_lowrank QR, cholesky) crawls with 2 threads on a shared 2-core box
+from conftest import module_threads
+
+_threads = module_threads(1)  # LAPACK (svd_lowrank QR, cholesky) crawls with 2 threads on a shared 2-core box
 
 
 # -- GPTQ on one Linear ------------------------------------------------------------------------------
