@@ -63,17 +63,16 @@ class AdaRoundLinear(nn.Module):
         self.register_buffer("s", s.expand_as(base).contiguous() if s.shape != base.shape else s)
         w_s = base.float() / self.s
         floor = torch.floor(w_s)
-        if init_codes is not None:
+        if init_codes is None:  # AdaRound: h(V0) = the fractional part, the soft start at W itself
+            h0 = w_s - floor
+        else:
             # GPTQ's error feedback moves some codes (~3% at INT4) 2+ steps from W / s: shift those
             # elements' floor so the start is GPTQ's code exactly, free to move one step towards W.
             # (Projecting them onto floor / floor + 1 undid GPTQ's compensation: -0.9 dB held out.)
             codes = init_codes.float()
             floor = torch.minimum(torch.maximum(floor, codes - 1), codes)
+            h0 = codes - floor  # exactly 0 or 1
         self.register_buffer("w_floor", floor)
-        if init_codes is None:  # AdaRound: h(V0) = the fractional part, the soft start at W itself
-            h0 = w_s - self.w_floor
-        else:  # exactly 0 or 1: GPTQ's code
-            h0 = codes - self.w_floor
         h0 = h0.clamp(0.01, 0.99)  # V finite
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (h0 - GAMMA) - 1))
         # a per-token (dynamic) input has no static step to learn
