@@ -21,7 +21,7 @@ from dtq.runtime.qengine import build_qengine, engine_layers
 from dtq.runtime.recipe import LayerRecipe, RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 from dtq.tools.quick_recipe import minmax_recipe, random_inputs
-from conftest import module_threads, run_in_triton_interpreter, triton_available
+from conftest import fp_export_for, module_threads, run_in_triton_interpreter, triton_available
 
 _threads = module_threads(2)
 
@@ -132,7 +132,7 @@ def test_graph_vs_simulation_in_ort_and_rule_check(tiny, precision):
     cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision=precision, dtype="fp32",
                        max_batch=8).resolved(recipe)
     assert cfg.opset == formats.TOKEN_MIN_OPSET
-    proto = build_graph(tiny, cfg, recipe)
+    proto = build_graph(tiny, cfg, recipe, fp_export_for(tiny, cfg, recipe))
     x, t, y = random_inputs(tiny, 4, seed=3)
     out = torch.from_numpy(_session(proto).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0])
     with torch.no_grad():

@@ -15,7 +15,7 @@ from dtq.runtime.qlinear import QuantLinear
 from dtq.runtime.recipe import apply_recipe, balanced_model
 from dtq.runtime.zoo import load_builtin
 
-from conftest import module_threads
+from conftest import fp_export_for, module_threads
 
 _threads = module_threads(1)  # a shared 2-core box
 
@@ -109,7 +109,7 @@ def test_engine_and_onnx_run_the_reconstructed_recipe(setup):
         assert torch.equal(ref, build_qengine(model, r)(x, t, y))
     cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision="w4a8", dtype="fp32", opset=21,
                        max_batch=8).resolved()
-    proto = build_graph(model, cfg, r)
+    proto = build_graph(model, cfg, r, fp_export_for(model, cfg, r))
     tensors = gs.import_onnx(proto).tensors()
     name = "blocks.3.mlp.fc1"
     codes = np.asarray(tensors[f"{name}.weight_quantized"].values).astype(np.int8).T  # stored W^T

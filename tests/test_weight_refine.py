@@ -16,7 +16,7 @@ from dtq.runtime import quant
 from dtq.runtime.recipe import RecipeError, apply_recipe, load_recipe
 from dtq.runtime.zoo import load_builtin
 
-from conftest import module_threads
+from conftest import fp_export_for, module_threads
 
 _threads = module_threads(1)  # LAPACK (svd_lowrank QR, cholesky) crawls with 2 threads on a shared 2-core box
 
@@ -223,7 +223,7 @@ def test_onnx_export_matches_the_simulation(tiny_setup, recipes, kind):
     r = recipes[kind]
     cfg = ExportConfig(out="unused.onnx", model="dit-tiny-fmnist", precision="w4a8", dtype="fp32", opset=21,
                        max_batch=8).resolved()
-    proto = build_graph(model, cfg, r)
+    proto = build_graph(model, cfg, r, fp_export_for(model, cfg, r))
     graph = gs.import_onnx(proto)
     tensors = graph.tensors()
     name = "blocks.2.attn.qkv"
@@ -238,7 +238,7 @@ def test_onnx_export_matches_the_simulation(tiny_setup, recipes, kind):
         x_branch = nodes["blocks.1.mlp.fc2/lora_down"].inputs[0]
         assert x_branch is nodes["blocks.1.mlp.fc2/input_q"].inputs[0]
         assert x_branch.inputs[0].op == "Mul"  # fc2's run-time balancing Mul by 1 / b
-    assert len(find_linears(graph)) == len(find_linears(gs.import_onnx(build_graph(model, cfg, recipes["plain"]))))
+    assert len(find_linears(graph)) == len(find_linears(gs.import_onnx(build_graph(model, cfg, recipes["plain"], fp_export_for(model, cfg)))))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -277,7 +277,7 @@ def test_rtx_builds_w4a16_with_lowrank_branch(tmp_path):
                                                     lowrank_rank=8, lowrank_iters=3, progress=False))
     assert all(layer.lowrank_up for layer in recipe.layers.values())
     cfg = ExportConfig(out=str(tmp_path / "lr.onnx"), model="dit-tiny-fmnist", precision="w4a16", max_batch=4)
-    path = export_model(cfg, model=model, recipe=recipe).path
+    path = export_model(cfg, model=model, recipe=recipe, fp_proto=fp_export_for(model, cfg, recipe)).path
     out = tmp_path / "engine"
     build_engine(BuildConfig(onnx=path, out=out, backend="tensorrt-rtx", max_batch=4, opt_batch=2, opt_level=0),
                  log=lambda s: None)
