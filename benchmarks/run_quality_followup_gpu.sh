@@ -17,22 +17,10 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-source benchmarks/use_checkout.sh
-source benchmarks/need_fid.sh
-DEV=cuda; PER=1000; S50=50; S100=100; SMALL=""; FIDLIM=""
-[ "${DRY:-0}" = 1 ] && { DEV=cpu; PER=2; S50=3; S100=4; SMALL="--cali-steps 3 --cali-n 2 --eval-n 2 --recon-iters 5"; FIDLIM="--reference-limit 200 --limit 100"; }
-O=${OUT:-$PWD/quality_followup_out}; mkdir -p $O/r $O/s $O/log; T=$O/times.tsv
-TINY=$PWD/runtime/assets/dit-tiny-fmnist/model.safetensors; REF=${REF_CKPT:-}; [ "${DRY:-0}" = 1 ] && REF=$TINY
-[ -f "$REF" ] || { echo "set REF_CKPT to the reference DiT-S/2 checkpoint (../shared/reference/dit-s2-fmnist/model.safetensors)" >&2; exit 2; }
-stamp() { local name=$1; shift; local t0=$(date +%s); "$@" > $O/log/$name.log 2>&1; local rc=$?
-  printf '%s\t%s\t%s\n' $name $rc $(( $(date +%s) - t0 )) >> $T; return $rc; }
+source benchmarks/quality_lanes.sh quality_followup_out  # DEV, O, T, TINY, REF, stamp, S, CAL, ENGINE, W4, FIDLIM
 FID="python -m dtq.tools.fid_cli --reference fmnist-test --device $DEV --batch-size 500 --no-progress $FIDLIM"
-CAL="python -m dtq.tools.calibrate --device $DEV --eval-n 8 --no-progress $SMALL"
 MIXREC="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 --high-precision int8 --reconstruct $SMALL"
-ENGINE="--dtype bf16 --compile --cuda-graphs"; [ "${DRY:-0}" = 1 ] && ENGINE="--dtype bf16"
-W4="--method smoothquant --alpha 0.5 --no-smooth-fc2 --precision w4a8 --weight-granularity group32 --gptq --act-granularity token"
 W4B="--method ditas --precision w4a8 --weight-granularity group32 --gptq --gptq-act-order --act-granularity token"
-S() { local name=$1 ck=$2; shift 2; stamp s-$name python -m dtq.tools.sample --ckpt $ck --per-class $PER --batch-size 1000 --device $DEV --no-progress "$@" --out $O/s/$name; }
 # 1: session 8's sets (the reference statistics land in $DTQ_CACHE_DIR for stage 4)
 if [ -f "${SAMPLES_TGZ:-}" ]; then
   ( mkdir -p $O/s8 && tar xzf $SAMPLES_TGZ -C $O/s8 && \

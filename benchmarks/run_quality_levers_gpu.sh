@@ -22,23 +22,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-source benchmarks/use_checkout.sh
-source benchmarks/need_fid.sh
-DEV=cuda; PER=1000; S50=50; S100=100; SMALL=""
-[ "${DRY:-0}" = 1 ] && { DEV=cpu; PER=2; S50=3; S100=4; SMALL="--cali-steps 3 --cali-n 2 --eval-n 2 --recon-iters 5"; }
-O=${OUT:-$PWD/quality_levers_out}; mkdir -p $O/r $O/s $O/log; T=$O/times.tsv
-TINY=$PWD/runtime/assets/dit-tiny-fmnist/model.safetensors; REF=${REF_CKPT:-}; [ "${DRY:-0}" = 1 ] && REF=$TINY
-[ -f "$REF" ] || { echo "set REF_CKPT to the reference DiT-S/2 checkpoint (../shared/reference/dit-s2-fmnist/model.safetensors)" >&2; exit 2; }
-stamp() { local name=$1; shift; local t0=$(date +%s); "$@" > $O/log/$name.log 2>&1; local rc=$?
-  printf '%s\t%s\t%s\n' $name $rc $(( $(date +%s) - t0 )) >> $T; return $rc; }
-CAL="python -m dtq.tools.calibrate --device $DEV --eval-n 8 --no-progress $SMALL"
+source benchmarks/quality_lanes.sh quality_levers_out  # DEV, O, T, TINY, REF, stamp, S, CAL, ENGINE, W4
 SENS="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 $SMALL"
-ENGINE="--dtype bf16 --compile --cuda-graphs"; PROTO="--dtype bf16 --autocast --compile --cuda-graphs"
-[ "${DRY:-0}" = 1 ] && { ENGINE="--dtype bf16"; PROTO="--dtype bf16 --autocast"; }
+PROTO="--dtype bf16 --autocast --compile --cuda-graphs"; [ "${DRY:-0}" = 1 ] && PROTO="--dtype bf16 --autocast"
 W8="--method ditas --act-granularity token --gptq"
-W4="--method smoothquant --alpha 0.5 --no-smooth-fc2 --precision w4a8 --weight-granularity group32 --gptq --act-granularity token"
 W4STATIC="--method smoothquant --alpha 0.5 --no-smooth-fc2 --precision w4a8 --weight-granularity group128 --gptq"
-S() { local name=$1 ck=$2; shift 2; stamp s-$name python -m dtq.tools.sample --ckpt $ck --per-class $PER --batch-size 1000 --device $DEV --no-progress "$@" --out $O/s/$name; }
 # A: calibration (the first of each model samples its calibration set; the rest reuse it)
 stamp cal-ref-w8 $CAL --ckpt $REF $W8 --out $O/r/ref-w8 &
 stamp cal-tiny-w4 $CAL --ckpt $TINY $W4 --out $O/r/tiny-w4 &
