@@ -43,7 +43,6 @@ def noise_sqnr(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, *,
     return result
 
 
-
 def record_heldout_sqnr(model: nn.Module, recipe, held_out: CalibrationSet, *, batch_size: int = 256,
                         device: str = "cpu") -> dict[str, float]:
     """``noise_sqnr`` of the recipe's simulation on ``held_out``, rounded to 0.01 dB and recorded as
@@ -53,6 +52,7 @@ def record_heldout_sqnr(model: nn.Module, recipe, held_out: CalibrationSet, *, b
     sqnr = noise_sqnr(model, apply_recipe(model, recipe), held_out, batch_size=batch_size, device=device)
     recipe.info["heldout_noise_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
     return recipe.info["heldout_noise_sqnr_db"]
+
 
 def psnr(reference: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> float:
     """PSNR (dB) over images in [-1, 1] (range 2), pooled MSE over the whole batch."""
