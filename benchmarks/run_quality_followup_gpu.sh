@@ -4,7 +4,7 @@
 #     travel in the staged tar as samples.tgz (SAMPLES_TGZ); scored first, so they come back whatever
 #     happens later.
 #  2. W4A8 with GPTQ's act-order and DiTAS balancing (W4B below), the same options on both models: on
-#     the tiny model (test-sized CPU sets, session 8) act-order took held-out SQNR from 36.76 to
+#     the tiny model (CPU, the "medium" sets of w4a8_levers_tiny.py) act-order took held-out SQNR from 36.76 to
 #     37.80 dB and DiTAS + act-order to 38.04 (docs/results/quality_s8.md). Plain on the tiny model;
 #     + 10% INT8 mixed precision + block reconstruction on both, 50 and 100 steps through the engine.
 #  3. The reconstruction fix (AdaRound starts at GPTQ's exact codes) on session 8's options: tiny
