@@ -7,7 +7,9 @@ noise SQNR, calibration seconds, mixed-precision picks) -> one JSON and one mark
 
 Inputs, all optional, read from each OUT_DIR: times.tsv (name, exit code, seconds), fid/*.json and
 fid*.json (dtq-fid --out), s/*/sample_config.json (dtq-sample's settings, which name the recipe),
-keep/*/recipe.json and keep/*/sensitivity.json (or r/*/, for a batch cut short). The model of a set is the checkpoint's folder name
+keep/*/recipe.json and keep/*/sensitivity.json (or r/*/, recipes/*/), else the held-out SQNR
+in log/cal-NAME.log or log/sens-NAME.log. A committed results folder (benchmarks/results/quality_s*)
+is read the same way: logs/, recipes/, sample_configs/NAME.json. The model of a set is the checkpoint's folder name
 ("dit-tiny-fmnist" -> tiny, anything else -> ref); pass the FP FIDs as model:steps=FID.
 """
 
@@ -58,9 +60,9 @@ def read_steps(out: Path) -> dict[str, dict]:
 def read_recipes(out: Path, steps: dict[str, dict]) -> dict[str, dict]:
     """recipe folder name -> held-out SQNR, calibration seconds, method options, mixed-precision picks."""
     recipes = {}
-    # keep/ is written when a batch ends; r/ holds the same files for a batch cut short
-    kept = out / "keep" if (out / "keep").is_dir() else out / "r"
-    for folder in sorted(p for p in kept.glob("*") if p.is_dir()):
+    # keep/ is written when a batch ends; r/ holds the same files, also for recipes made after that
+    folders = {p.name: p for sub in ("r", "keep", "recipes") for p in (out / sub).glob("*") if p.is_dir()}
+    for folder in (folders[n] for n in sorted(folders)):
         entry: dict = {}
         if (folder / "recipe.json").exists():
             r = json.loads((folder / "recipe.json").read_text())
@@ -74,42 +76,53 @@ def read_recipes(out: Path, steps: dict[str, dict]) -> dict[str, dict]:
             if prefix + folder.name in steps:
                 entry["calibration_seconds"] = steps[prefix + folder.name]["seconds"]
         recipes[folder.name] = entry
+    # recipes whose JSON did not come back: the held-out SQNR their calibration log printed last
+    for log in sorted(out.glob("log*/*.log")):
+        prefix, _, name = log.stem.partition("-")
+        if prefix in ("cal", "sens") and name not in recipes:
+            lines = [ln for ln in log.read_text().splitlines() if "held-out noise SQNR (dB): " in ln]
+            if lines:
+                recipes[name] = {"heldout_noise_sqnr_db": json.loads(lines[-1].split("(dB): ", 1)[1]),
+                                 "calibration_seconds": steps.get(log.stem, {}).get("seconds")}
     return recipes
 
 
 def summarise(outs: list[Path], fp: dict[tuple[str, int], float]) -> dict:
+    """One row per sampled or scored set; each OUT_DIR's recipes are its own (names repeat across batches)."""
     rows, recipes, steps = [], {}, {}
     for out in outs:
         s, fids = read_steps(out), read_fids(out)
-        steps.update(s)
-        recipes.update(read_recipes(out, s))
+        mine = read_recipes(out, s)
+        steps.update({f"{out.name}/{k}": v for k, v in s.items()})
+        recipes.update({f"{out.name}/{k}": v for k, v in mine.items()})
         configs = {p.parent.name: json.loads(p.read_text()) for p in out.glob("s*/**/sample_config.json")}
+        configs.update({p.stem: json.loads(p.read_text()) for p in out.glob("sample_configs/*.json")})
         for name in sorted(set(fids) | set(configs)):
             cfg = configs.get(name, {})
-            model = model_of(cfg.get("ckpt", name if name.startswith("tiny") else ""))
+            model = model_of(cfg["ckpt"]) if "ckpt" in cfg else ("tiny" if name.startswith("tiny") else "ref")
             how, recipe = backend_of(cfg) if cfg else ("?", None)
             n_steps = cfg.get("steps") or int(name.rsplit("-", 1)[-1])
-            fid = fids.get(name)
-            base = fp.get((model, n_steps))
-            rows.append({"set": name, "model": model, "steps": n_steps, "backend": how, "recipe": recipe,
-                         "fid": None if fid is None else round(fid, 3),
+            fid, base, rec = fids.get(name), fp.get((model, n_steps)), mine.get(recipe or "", {})
+            rows.append({"batch": out.name, "set": name, "model": model, "steps": n_steps, "backend": how,
+                         "recipe": recipe, "fid": None if fid is None else round(fid, 3),
                          "vs_fp": None if fid is None or base is None else round(fid - base, 2),
+                         "heldout_noise_sqnr_db": rec.get("heldout_noise_sqnr_db"),
+                         "calibration_seconds": rec.get("calibration_seconds"),
                          "sampling_seconds": s.get(f"s-{name}", {}).get("seconds")})
     return {"rows": rows, "recipes": recipes, "steps": steps,
             "fp": {f"{m}:{n}": v for (m, n), v in fp.items()}}
 
 
 def table(summary: dict) -> str:
-    out = ["| model | set | backend | steps | FID | vs FP | held-out SQNR all / late (dB) | calibration s | sampling s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | batch | set | backend | steps | FID | vs FP | held-out SQNR all / late (dB) | calibration s | sampling s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: (r["model"], r["steps"], r["set"])):
-        rec = summary["recipes"].get(r["recipe"] or "", {})
-        sq = rec.get("heldout_noise_sqnr_db") or {}
+        sq = r["heldout_noise_sqnr_db"] or {}
         sqs = f"{sq['all']:.2f} / {sq['late']:.2f}" if sq else ""
         fid = "not scored" if r["fid"] is None else f"{r['fid']:.2f}"
         vs = "" if r["vs_fp"] is None else f"{r['vs_fp']:+.2f}"
-        out.append(f"| {r['model']} | {r['set']} | {r['backend']} | {r['steps']} | {fid} | {vs} | {sqs} | "
-                   f"{rec.get('calibration_seconds', '')} | {r['sampling_seconds'] or ''} |")
+        out.append(f"| {r['model']} | {r['batch']} | {r['set']} | {r['backend']} | {r['steps']} | {fid} | {vs} | {sqs} | "
+                   f"{r['calibration_seconds'] or ''} | {r['sampling_seconds'] or ''} |")
     return "\n".join(out) + "\n"
 
 
