@@ -114,15 +114,15 @@ def summarise(outs: list[Path], fp: dict[tuple[str, int], float]) -> dict:
 
 
 def table(summary: dict) -> str:
-    out = ["| model | batch | set | backend | steps | FID | vs FP | held-out SQNR all / late (dB) | calibration s | sampling s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | batch | set | backend | steps | FID | vs FP | held-out SQNR all / late (dB) "
+           "| calibration s | sampling s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: (r["model"], r["steps"], r["set"])):
         sq = r["heldout_noise_sqnr_db"] or {}
         sqs = f"{sq['all']:.2f} / {sq['late']:.2f}" if sq else ""
         fid = "not scored" if r["fid"] is None else f"{r['fid']:.2f}"
         vs = "" if r["vs_fp"] is None else f"{r['vs_fp']:+.2f}"
-        out.append(f"| {r['model']} | {r['batch']} | {r['set']} | {r['backend']} | {r['steps']} | {fid} | {vs} | {sqs} | "
-                   f"{r['calibration_seconds'] or ''} | {r['sampling_seconds'] or ''} |")
+        out.append(f"| {r['model']} | {r['batch']} | {r['set']} | {r['backend']} | {r['steps']} | {fid} | {vs} "
+                   f"| {sqs} | {r['calibration_seconds'] or ''} | {r['sampling_seconds'] or ''} |")
     return "\n".join(out) + "\n"
 
 

@@ -17,14 +17,9 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-source benchmarks/quality_lanes.sh quality_close_out  # DEV, O, T, TINY, REF, stamp, stage_ready, S, CAL, ENGINE
-FID="python -m dtq.tools.fid_cli --reference fmnist-test --device $DEV --batch-size 500 --no-progress $FIDLIM"
+source benchmarks/quality_lanes.sh quality_close_out  # DEV, O, T, TINY, REF, stamp, stage_ready, S, SF, FID, CAL, ENGINE, W8, W4B
 SENS="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 $SMALL"
 PROTO="--dtype bf16 --autocast --compile --cuda-graphs"; [ "${DRY:-0}" = 1 ] && PROTO="--dtype bf16 --autocast"
-W4B="--method ditas --precision w4a8 --weight-granularity group32 --gptq --gptq-act-order --act-granularity token"
-W8="--method ditas --act-granularity token --gptq"
-mkdir -p $O/fid
-SF() { S "$@" && stamp fid-$1 $FID --samples $O/s/$1/samples.npz --out $O/fid/$1.json; }
 stage_ready
 [ "${DRY:-0}" = 1 ] || stamp fid-reference $FID --make-reference
 # A

@@ -24,16 +24,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-source benchmarks/quality_lanes.sh quality_followup_out  # DEV, O, T, TINY, REF, stamp, stage_ready, S, CAL, ENGINE, W4
-FID="python -m dtq.tools.fid_cli --reference fmnist-test --device $DEV --batch-size 500 --no-progress $FIDLIM"
+source benchmarks/quality_lanes.sh quality_followup_out  # DEV, O, T, TINY, REF, stamp, stage_ready, S, SF, FID, CAL, ENGINE, W4, W4B
 SENS="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 --high-precision int8 $SMALL"
 SIMPROTO="--dtype bf16 --autocast --compile --cuda-graphs"; [ "${DRY:-0}" = 1 ] && SIMPROTO="--dtype bf16 --autocast"
-W4B="--method ditas --precision w4a8 --weight-granularity group32 --gptq --gptq-act-order --act-granularity token"
 FP8G="--method ditas --precision fp8 --act-granularity token --gptq"
 mkdir -p $O/fid; READY=$O/fid/reference-ready; rm -f $READY
-# SF NAME CKPT ARGS...: sample one set, then score it once the reference statistics are there
-SF() { S "$@" || return; until [ -f $READY ]; do sleep 2; done
-  stamp fid-$1 $FID --samples $O/s/$1/samples.npz --out $O/fid/$1.json; }
 # 2, 4: the tiny model (its first calibration samples the calibration set, the others reuse it)
 stamp cal-tiny-w4b $CAL --ckpt $TINY $W4B --out $O/r/tiny-w4b
 TCD="--cali-data $O/r/tiny-w4b/calibration_set.safetensors"

@@ -22,10 +22,9 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-source benchmarks/quality_lanes.sh quality_levers_out  # DEV, O, T, TINY, REF, stamp, S, CAL, ENGINE, W4
+source benchmarks/quality_lanes.sh quality_levers_out  # DEV, O, T, TINY, REF, stamp, S, CAL, ENGINE, W8, W4
 SENS="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 $SMALL"
 PROTO="--dtype bf16 --autocast --compile --cuda-graphs"; [ "${DRY:-0}" = 1 ] && PROTO="--dtype bf16 --autocast"
-W8="--method ditas --act-granularity token --gptq"
 W4STATIC="--method smoothquant --alpha 0.5 --no-smooth-fc2 --precision w4a8 --weight-granularity group128 --gptq"
 # A: calibration (the first of each model samples its calibration set; the rest reuse it)
 stamp cal-ref-w8 $CAL --ckpt $REF $W8 --out $O/r/ref-w8 &

@@ -34,6 +34,11 @@ CASES = [("tiny", p) for p in PRECISIONS] + [("reference", p) for p in REFERENCE
 OPSET = 21
 
 
+def _dtype(precision):
+    """The graph's float type: quantized precisions are exported over the fp16 graph."""
+    return precision if precision in ("fp32", "fp16") else "fp16"
+
+
 def _load(which):
     if which == "tiny":
         return load_builtin("dit-tiny-fmnist")
@@ -48,13 +53,13 @@ def exported(request, tmp_path_factory):
     model's are test_export_qdq's, batch range 1..8: the engines are built for 1..4)."""
     model = _load(request.param)
     precisions = [p for which, p in CASES if which == request.param]
-    dtypes = sorted({p if p in ("fp32", "fp16") else "fp16" for p in precisions})
+    dtypes = sorted({_dtype(p) for p in precisions})
     fp = {dt: fp_export(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET, max_batch=8)
           for dt in dtypes}
     out_dir = tmp_path_factory.mktemp(request.param)
     paths = {}
     for p in precisions:
-        dtype = p if p in ("fp32", "fp16") else "fp16"
+        dtype = _dtype(p)
         cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=8).resolved()
         recipe = None if p in ("fp32", "fp16") else make_recipe(model, p, group=32, calib_batch=2)
         proto = build_graph(model, cfg, recipe, fp[dtype])
