@@ -123,8 +123,8 @@ def _import_sageattn():
 
 @torch.library.custom_op("dtq::sage_attention_padded", mutates_args=())
 def sage_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """sageattention on ``[B, N, H, Dp]`` inputs already padded to a head dim it takes, ``k`` already
-    smoothed, ``v`` fp16; output ``[B, N, H, Dp]`` in ``q``'s dtype."""
+    """sageattention on ``[B, N, H, Dp]`` inputs of one dtype, already padded to a head dim it takes,
+    ``k`` already smoothed; output ``[B, N, H, Dp]`` in ``q``'s dtype."""
     sageattn = _import_sageattn()
     # smooth_k=False: done outside (sageattn's own smoothing subtracts in place from its input)
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=sm_scale, smooth_k=False)
@@ -154,7 +154,7 @@ def sage_attention_library(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     width = sage_head_dim(d)
     qp = pad_head_dim(q, width)
     kp = pad_head_dim(smooth_k(k, seq_dim=1), width)
-    vp = pad_head_dim(v.to(torch.float16), width)
+    vp = pad_head_dim(v, width)  # q's dtype: sageattn asserts one dtype and casts v to fp16 itself
     return torch.ops.dtq.sage_attention_padded(qp, kp, vp, sm_scale)[..., :d]
 
 

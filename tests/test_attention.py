@@ -63,16 +63,17 @@ def test_reference_smooths_k():
 
 def test_library_path_pads_smooths_and_passes_the_true_scale(monkeypatch):
     """The CUDA path's own logic, run on the CPU with a stand-in for ``sageattn`` that accepts only
-    what the real one takes (head dims 64/96/128, NHD, fp16 v) and computes the reference."""
+    what the real one takes (head dims 64/96/128, NHD, q / k / v of one dtype: sageattention 1.0.6
+    asserts it and casts v to fp16 itself) and computes the reference."""
     calls = []
 
     def fake_sageattn(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k):
         assert q.shape[-1] in (64, 96, 128) and tensor_layout == "NHD" and not is_causal and not smooth_k
-        assert v.dtype == torch.float16 and q.is_contiguous() and k.is_contiguous() and sm_scale is not None
+        assert q.dtype == k.dtype == v.dtype and q.is_contiguous() and k.is_contiguous() and sm_scale is not None
         assert torch.allclose(k.float().mean(dim=1), torch.zeros(()), atol=1e-4)  # smoothed before the call
         calls.append((q.shape[-1], sm_scale))
         hnd = lambda t: t.transpose(1, 2)  # noqa: E731
-        return hnd(sage_attention_reference(hnd(q), hnd(k), hnd(v), sm_scale))
+        return hnd(sage_attention_reference(hnd(q), hnd(k), hnd(v.to(torch.float16)), sm_scale))
 
     monkeypatch.setattr(attention, "_import_sageattn", lambda: fake_sageattn)
     q, k, v = qkv()
