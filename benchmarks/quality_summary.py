@@ -10,7 +10,9 @@ fid*.json (dtq-fid --out), s/*/sample_config.json (dtq-sample's settings, which 
 keep/*/recipe.json and keep/*/sensitivity.json (or r/*/, recipes/*/), else the held-out SQNR
 in log/cal-NAME.log or log/sens-NAME.log. A committed results folder (benchmarks/results/quality_s*)
 is read the same way: logs/, recipes/, sample_configs/NAME.json. The model of a set is the checkpoint's folder name
-("dit-tiny-fmnist" -> tiny, anything else -> ref); pass the FP FIDs as model:steps=FID.
+("dit-tiny-fmnist" -> tiny, anything else -> ref); pass the FP FIDs as model:steps=FID (seed 0) or
+model:steps:seed=FID. A set is compared with FP of its own model, step count and seed (from its
+sample_config.json, else from its name: "...-50-seed1" is 50 steps, seed 1).
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def backend_of(cfg: dict) -> tuple[str, str | None]:
     if cfg.get("attention") not in (None, "sdpa"):
         how += f" {cfg['attention']}"
     return how, name
+
+
+def steps_and_seed(name: str, cfg: dict) -> tuple[int, int]:
+    """(steps, seed) of a set: its sample_config.json's, else parsed from its name ("x-eng-50-seed1")."""
+    parts = name.split("-")
+    seed = next((int(p[4:]) for p in parts if p.startswith("seed") and p[4:].isdigit()), 0)
+    steps = next(int(p) for p in reversed(parts) if p.isdigit())
+    return cfg.get("steps") or steps, cfg.get("seed", seed)
 
 
 def read_fids(out: Path) -> dict[str, float]:
@@ -87,8 +97,9 @@ def read_recipes(out: Path, steps: dict[str, dict]) -> dict[str, dict]:
     return recipes
 
 
-def summarise(outs: list[Path], fp: dict[tuple[str, int], float]) -> dict:
-    """One row per sampled or scored set; each OUT_DIR's recipes are its own (names repeat across batches)."""
+def summarise(outs: list[Path], fp: dict[tuple, float]) -> dict:
+    """One row per sampled or scored set; each OUT_DIR's recipes are its own (names repeat across batches).
+    ``fp``: (model, steps, seed) or (model, steps) (seed 0) -> FID of FP."""
     rows, recipes, steps = [], {}, {}
     for out in outs:
         s, fids = read_steps(out), read_fids(out)
@@ -101,27 +112,28 @@ def summarise(outs: list[Path], fp: dict[tuple[str, int], float]) -> dict:
             cfg = configs.get(name, {})
             model = model_of(cfg["ckpt"]) if "ckpt" in cfg else ("tiny" if name.startswith("tiny") else "ref")
             how, recipe = backend_of(cfg) if cfg else ("?", None)
-            n_steps = cfg.get("steps") or int(name.rsplit("-", 1)[-1])
-            fid, base, rec = fids.get(name), fp.get((model, n_steps)), mine.get(recipe or "", {})
-            rows.append({"batch": out.name, "set": name, "model": model, "steps": n_steps, "backend": how,
+            n_steps, seed = steps_and_seed(name, cfg)
+            base = fp.get((model, n_steps, seed), fp.get((model, n_steps)) if seed == 0 else None)
+            fid, rec = fids.get(name), mine.get(recipe or "", {})
+            rows.append({"batch": out.name, "set": name, "model": model, "steps": n_steps, "seed": seed, "backend": how,
                          "recipe": recipe, "fid": None if fid is None else round(fid, 3),
                          "vs_fp": None if fid is None or base is None else round(fid - base, 2),
                          "heldout_noise_sqnr_db": rec.get("heldout_noise_sqnr_db"),
                          "calibration_seconds": rec.get("calibration_seconds"),
                          "sampling_seconds": s.get(f"s-{name}", {}).get("seconds")})
     return {"rows": rows, "recipes": recipes, "steps": steps,
-            "fp": {f"{m}:{n}": v for (m, n), v in fp.items()}}
+            "fp": {":".join(map(str, k)): v for k, v in fp.items()}}
 
 
 def table(summary: dict) -> str:
-    out = ["| model | batch | set | backend | steps | FID | vs FP | held-out SQNR all / late (dB) "
-           "| calibration s | sampling s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | batch | set | backend | steps | seed | FID | vs FP | held-out SQNR all / late (dB) "
+           "| calibration s | sampling s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: (r["model"], r["steps"], r["set"])):
         sq = r["heldout_noise_sqnr_db"] or {}
         sqs = f"{sq['all']:.2f} / {sq['late']:.2f}" if sq else ""
         fid = "not scored" if r["fid"] is None else f"{r['fid']:.2f}"
         vs = "" if r["vs_fp"] is None else f"{r['vs_fp']:+.2f}"
-        out.append(f"| {r['model']} | {r['batch']} | {r['set']} | {r['backend']} | {r['steps']} | {fid} | {vs} "
+        out.append(f"| {r['model']} | {r['batch']} | {r['set']} | {r['backend']} | {r['steps']} | {r['seed']} | {fid} | {vs} "
                    f"| {sqs} | {r['calibration_seconds'] or ''} | {r['sampling_seconds'] or ''} |")
     return "\n".join(out) + "\n"
 
@@ -129,7 +141,7 @@ def table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outs", nargs="+", type=Path, help="OUT folders of GPU quality batches")
-    ap.add_argument("--fp", action="append", default=[], help="model:steps=FID of FP (e.g. ref:50=8.72)")
+    ap.add_argument("--fp", action="append", default=[], help="model:steps[:seed]=FID of FP (e.g. ref:50=8.72, ref:50:1=8.72)")
     ap.add_argument("--meta", action="append", default=[], help="key=value added to the JSON (gpu, driver, ...)")
     ap.add_argument("--json", type=Path, help="write the summary here")
     ap.add_argument("--md", type=Path, help="write the markdown table here")
@@ -137,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     fp = {}
     for item in args.fp:
         key, value = item.split("=", 1)
-        model, n = key.split(":")
-        fp[(model, int(n))] = float(value)
+        model, n, *seed = key.split(":")
+        fp[(model, int(n), int(seed[0]) if seed else 0)] = float(value)
     summary = {**dict(m.split("=", 1) for m in args.meta), **summarise(args.outs, fp)}
     md = table(summary)
     print(md)

@@ -40,3 +40,21 @@ def test_model_comes_from_the_checkpoint_and_fp_needs_both_keys(tmp_path):
     summary = load_benchmark("quality_summary").summarise([out], {("tiny", 50): 9.0, ("ref", 50): 1.0})
     (row,) = summary["rows"]
     assert (row["model"], row["backend"], row["recipe"], row["vs_fp"]) == ("tiny", "engine amp", "a", 0.5)
+
+
+def test_a_seed_1_set_is_compared_with_fp_at_seed_1(tmp_path):
+    """A set drawn with another seed is compared with FP of that seed, never with seed 0's FP; its
+    steps and seed come from the name when its sample_config.json did not come back."""
+    out = tmp_path / "batch"
+    (out / "fid").mkdir(parents=True)
+    for name, fid in (("ref-q-eng-50-seed1", 8.9), ("ref-q-eng-50", 8.8), ("ref-q-eng-100-seed2", 8.3)):
+        (out / "fid" / f"{name}.json").write_text(json.dumps({"results": [{"samples": f"/y/{name}/samples.npz", "fid": fid}]}))
+    script = load_benchmark("quality_summary")
+    summary = script.summarise([out], {("ref", 50, 0): 8.7, ("ref", 50, 1): 8.75, ("ref", 100): 8.1})
+    rows = {r["set"]: r for r in summary["rows"]}
+    assert (rows["ref-q-eng-50-seed1"]["steps"], rows["ref-q-eng-50-seed1"]["seed"]) == (50, 1)
+    assert rows["ref-q-eng-50-seed1"]["vs_fp"] == pytest.approx(0.15)
+    assert rows["ref-q-eng-50"]["vs_fp"] == pytest.approx(0.1)
+    assert rows["ref-q-eng-100-seed2"]["vs_fp"] is None  # no FP at seed 2: no difference, not seed 0's
+    assert script.main([str(out), "--fp", "ref:50:1=8.75", "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["fp"] == {"ref:50:1": 8.75}
