@@ -537,7 +537,7 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
                              stride_sg, stride_cm, stride_cn, q_mul_ptr, q_scale_ptr, gate_ptr, res_ptr, stride_gb,
                              stride_gn, stride_rm, stride_rn, rows_per_gate, GELU_QUANT: tl.constexpr,
                              HAS_QMUL: tl.constexpr, GATE_RESIDUAL: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                              SPLIT_DOT: tl.constexpr):
     # requires K % BLOCK_K == 0; GROUP % BLOCK_K == 0 is the fast path (one s2 row per K tile)
@@ -579,7 +579,11 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
     s1 = tl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
-    c = acc.to(tl.float32) * (tl.load(a_scale_ptr) * s1)[None, :]
+    if ROW_SCALE:  # dynamic per-token activation scales (ViDiT-Q): one per row of A
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        c = acc.to(tl.float32) * (a_scale[:, None] * s1[None, :])
+    else:
+        c = acc.to(tl.float32) * (tl.load(a_scale_ptr) * s1)[None, :]
     _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
                     gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                     HAS_BIAS, GELU_QUANT, HAS_QMUL, False, GATE_RESIDUAL)
@@ -592,7 +596,8 @@ def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tenso
                         gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Two-level INT4 weights (``quant.progressive_int4``): ``(a @ (q4 * s2).T) * a_scale * s1[n] + bias``
     with a int8 [M, K], q4 packed ``[N, K/2]``, s2 int8 ``[N, K/group]`` in [1, 16], s1 float32 [N],
-    a_scale float32 [] -> [M, N] ``out_dtype``. The integer part is exact (int32 accumulation);
+    a_scale float32 ``[]`` (static) or ``[M]`` (per-token codes: row m scaled by ``a_scale[m]``) ->
+    [M, N] ``out_dtype``. The integer part is exact (int32 accumulation);
     only the epilogue rounds. ``config``: pinned meta-parameters, as for :func:`w4a16_mm`. The epilogues
     of the 8-bit GEMM (``_epilogue_store``): ``q_scale`` (and ``q_mul``) given: GELU + the next layer's
     INT8 quantization, int8 codes out (``out_dtype`` ignored); ``gate`` and ``residual`` given: the
@@ -603,6 +608,7 @@ def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tenso
     assert a.dtype == torch.int8 and s2.dtype == torch.int8, (a.dtype, s2.dtype)
     assert w_packed.shape[1] * 2 == K and s2.shape == (N, K // group) and s1.shape == (N,), (w_packed.shape, s2.shape, s1.shape)
     assert q_scale is None or gate is None, "one epilogue: GELU + quantize or gated residual"
+    assert a_scale.shape in ((), (M,)), f"a_scale: [] or [{M}], got {tuple(a_scale.shape)}"
     if q_scale is not None:
         out_dtype = torch.int8
     elif gate is not None:
@@ -614,7 +620,8 @@ def w4a8_progressive_mm(a: torch.Tensor, w_packed: torch.Tensor, s2: torch.Tenso
         a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), s2.stride(0), s2.stride(1),
         c.stride(0), c.stride(1), q_mul if q_mul is not None else s1, q_scale if q_scale is not None else a_scale,
         GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, HAS_BIAS=bias is not None,
-        **_gate_residual_args(c, gate, residual), **({} if config is None else dict(config)))
+        ROW_SCALE=a_scale.dim() == 1, **_gate_residual_args(c, gate, residual),
+        **({} if config is None else dict(config)))
     return c
 
 

@@ -216,12 +216,12 @@ def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, auto
 
 
 def _check_progressive_layers(module: nn.Module, spec: DenoiserSpec, w4a8_kernel: str) -> None:
-    """w4a8_kernel="progressive" on a recipe none of whose layers take it (no INT4-weight x static
+    """w4a8_kernel="progressive" on a recipe none of whose layers take it (no INT4-weight x
     INT8-activation layer with C_in % 64 == 0) would silently run the group-scale kernels: refused."""
     if w4a8_kernel != "progressive":
         return
     from .qengine import Int4ProgressiveLinear
 
     if not any(isinstance(m, Int4ProgressiveLinear) for m in module.modules()):
-        raise ValueError(f"w4a8 kernel progressive: no layer of {spec.path} takes it (it needs INT4 weights, static "
-                         "per-tensor INT8 activations and C_in % 64 == 0)")
+        raise ValueError(f"w4a8 kernel progressive: no layer of {spec.path} takes it (it needs INT4 weights, "
+                         "INT8 activations and C_in % 64 == 0)")

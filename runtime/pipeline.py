@@ -100,7 +100,7 @@ class SampleConfig:
         "scales, INT8 x INT4 Triton GEMM rescaling each group in float; identical to sim:DIR on the CPU) or "
         "progressive (QServe-style: requantizes the INT4 weights at build time to two-level integer group "
         "scales, so the GEMM accumulates int8 MMAs in int32 over the whole K with fused epilogues, the "
-        "fastest W4A8 engine; weights differ slightly from the recipe's; per-token layers fall back to group)"))
+        "fastest W4A8 engine; weights differ slightly from the recipe's; static and per token activation scales)"))
     token_quant: TokenQuant = field(default="pass", metadata=_meta(
         "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): pass (one Triton "
         "quantize pass, also under --compile; per-token layers take no fused epilogue; measured faster on an H200) or "

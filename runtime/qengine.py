@@ -43,7 +43,7 @@ take no fused epilogue; "inductor" (opt-in): under ``torch.compile`` the quantiz
 activation (LayerNorm + modulate, GELU), ``compile_blocks`` adds ``TOKEN_INDUCTOR_OPTIONS``, and
 per-token proj / fc2 take the gated-residual epilogue with per-row scales. ``FusedMlp`` needs static
 scales either way (fc1's epilogue sees one N tile of a row, not the row's amax).
-``Int4ProgressiveLinear`` is static only.
+``Int4ProgressiveLinear`` takes both, as ``Int4Linear`` does (its kernel's ``ROW_SCALE``).
 
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
 ``(x' R^T) L^T`` on the balanced unquantized input ``x'``: on the GPU two small FP16 GEMMs after the
@@ -649,8 +649,9 @@ class Int4ProgressiveLinear(EngineLinear):
 
     @staticmethod
     def eligible(q: QuantLinear) -> bool:
-        return (q.weight_format == "int4" and q.act_format == "int8" and q.in_features % W4_MIN_K == 0
-                and q.act_granularity == "tensor")  # its kernel takes a static activation scale
+        """INT4 weights x INT8 activations, static or per token, ``C_in % 64 == 0`` (any group size:
+        a group smaller than the K tile loads its integer scales per K row)."""
+        return q.weight_format == "int4" and q.act_format == "int8" and q.in_features % W4_MIN_K == 0
 
     def weight_codes(self) -> torch.Tensor:
         from .kernels_ref import unpack_int4
@@ -669,25 +670,29 @@ class Int4ProgressiveLinear(EngineLinear):
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8)
 
     def kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.codes_forward(self.quantize_input(x2), x2.dtype)
+        xq, a_scale = self.int8_codes(x2)
+        return self.codes_forward(xq, x2.dtype, a_scale)
 
-    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def codes_forward(self, xq: torch.Tensor, dtype: torch.dtype, a_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM on INT8 codes of this layer's (balanced) input -> ``dtype``; ``a_scale``: the
+        codes' scale, static ``[]`` (default: the layer's) or per row ``[M]`` (dynamic)."""
+        a_scale = self.act_scale if a_scale is None else a_scale
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return torch.ops.dtq.w4a8_progressive_mm(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
-                                                 self.act_scale, self.bias, out_dtype).to(dtype)
+                                                 a_scale, self.bias, out_dtype).to(dtype)
 
     def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
         return torch.ops.dtq.w4a8_progressive_gelu_quant(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                          self.act_scale, self.bias, q_mul, q_scale)
 
     def input_codes(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.quantize_input(x2), self.act_scale
+        return self.int8_codes(x2)
 
     def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
                             a_scale: torch.Tensor | None = None) -> torch.Tensor:
-        assert a_scale is None or a_scale.dim() == 0, "two-level W4A8 takes a static activation scale"
+        a_scale = self.act_scale if a_scale is None else a_scale  # [M]: per-token codes (ROW_SCALE)
         return torch.ops.dtq.w4a8_progressive_gate_residual(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
-                                                            self.act_scale, self.bias, gate, residual)
+                                                            a_scale, self.bias, gate, residual)
 
 
 class Int8WeightOnlyLinear(EngineLinear):

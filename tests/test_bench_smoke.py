@@ -234,3 +234,18 @@ def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monke
     assert main(["--smoke", "--out", str(out), "--points", "1:bf16-eager-maxat"]) == 2
     assert main(["--smoke", "--out", str(out), "--skip", "e2e", "--correctness", "int8-sage"]) == 2
     assert "unknown backend 'bf16-eager-maxat'" in capsys.readouterr().err
+
+
+def test_group_tag_sets_the_int4_group_of_the_benchmarked_recipe():
+    """'-gN' (w4a8 / w4a16 only, once, N in 16/32/64/128): the INT4 group of the recipe dtq-bench
+    builds (the quality recipes' group 32 on the two-level per-token kernel); default 128; the
+    engine options are the untagged name's."""
+    from dtq.tools.bench_engines import backend_group, check_backend_name, engine_options
+
+    assert backend_group("w4a8-progressive-token-g32") == 32 and backend_group("w4a16-g64-maxat") == 64
+    assert backend_group("w4a8-progressive-token") == 128 and backend_group("int8") == 128
+    assert engine_options("w4a8-progressive-token-g32") == engine_options("w4a8-progressive-token")
+    check_backend_name("w4a8-progressive-token-g32-sage")
+    for bad in ("int8-g32", "fp8-g32", "w4a8-g33", "w4a8-g32-g64", "w4a8-g"):
+        with pytest.raises(ValueError, match="unknown backend"):
+            engine_options(bad)

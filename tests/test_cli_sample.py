@@ -238,5 +238,5 @@ def test_help_says_what_the_two_options_do(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "two-level integer group scales" in text and "per-token layers fall back" in text
+    assert "two-level integer group scales" in text and "static and per token activation scales" in text
     assert "max-autotune" in text and "epilogues" in text

@@ -98,6 +98,12 @@ def test_progressive_kernel_in_interpreter():
             c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, s1, sa, b, out_dtype=torch.float32)
             ref = exact.double() * (sa.double() * s1.double()) + b.double()
             assert ((c.double() - ref).abs() / ref.abs().max()).max() < 1e-6, (K, g)
+            # per-token codes: row m scaled by its own scale (ROW_SCALE); a static scale would be off by
+            # up to 30x on some rows
+            sr = torch.rand(M) * 0.06 + 0.002
+            c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, s1, sr, b, out_dtype=torch.float32)
+            ref = exact.double() * (sr.double()[:, None] * s1.double()) + b.double()
+            assert ((c.double() - ref).abs() / ref.abs().max()).max() < 1e-6, (K, g, "per token")
             for split, bk in ((1, 32), (2, 32), (2, 64)):  # the split-dot candidates, pinned
                 if K % bk == 0:
                     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split)
@@ -117,13 +123,19 @@ def test_progressive_kernel_in_interpreter():
                 assert (c - ref).abs().max() < 1e-4, (g, cfg, (c - ref).abs().max())
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
-        eng = build_qengine(m, minmax_recipe(m, "w4a8", group=32, balance=True), w4a8="progressive")
-        for name, lin in engine_layers(eng).items():
-            assert lin.kernel_name().startswith("Int4ProgressiveLinear"), lin.kernel_name()
-            x = torch.randn(20, lin.in_features, dtype=torch.float16)
-            ref, got = lin.reference(x), lin.kernel_forward(x)
-            assert got.shape == ref.shape and got.dtype == x.dtype
-            assert quant.sqnr_db(ref.float(), got.float()) > 40, (name, quant.sqnr_db(ref.float(), got.float()))
+        for gran in ("tensor", "token"):  # static codes, and per-token codes from quant_rows_int8
+            recipe = minmax_recipe(m, "w4a8", group=32, balance=True, act_granularity=gran)
+            eng = build_qengine(m, recipe, w4a8="progressive")
+            for name, lin in engine_layers(eng).items():
+                assert lin.kernel_name().startswith("Int4ProgressiveLinear") and lin.dynamic == (gran == "token")
+                # rows of very different size: one static scale would crush the small rows
+                x = torch.randn(20, lin.in_features, dtype=torch.float16) * torch.logspace(-2, 1, 20)[:, None].half()
+                ref, got = lin.reference(x), lin.kernel_forward(x)
+                assert got.shape == ref.shape and got.dtype == x.dtype
+                assert quant.sqnr_db(ref.float(), got.float()) > 40, (gran, name, quant.sqnr_db(ref.float(), got.float()))
+                if gran == "token":  # each row as close as the whole: no row left with a wrong scale
+                    rows = [quant.sqnr_db(ref[i].float(), got[i].float()) for i in range(0, 20, 6)]
+                    assert min(rows) > 35, (name, rows)
         print("ok")
     """)
     run_in_triton_interpreter(code)
@@ -252,6 +264,10 @@ def test_fused_epilogues_in_interpreter():
             out = exact.double() * (sa.double() * s1.double()) + b.double()
             check_gate_res(kernels.w4a8_progressive_gate_residual(a, pack_int4(q), s2, g, s1, sa, b, gate, res), out,
                            ("w4a8", K2, g))
+            sr = sa * (torch.rand(M) + 0.5)  # per-token codes' scales: the gated residual with ROW_SCALE
+            out_r = exact.double() * (sr.double()[:, None] * s1.double()) + b.double()
+            check_gate_res(kernels.w4a8_progressive_gate_residual(a, pack_int4(q), s2, g, s1, sr, b, gate, res), out_r,
+                           ("w4a8 per token", K2, g))
             qm, qs = torch.rand(N) + 0.5, torch.tensor(0.02)  # saturates above ~2.5
             for mul in (qm, None):
                 codes = torch.ops.dtq.w4a8_progressive_gelu_quant(a, pack_int4(q), s2, g, s1, sa, b, mul, qs)

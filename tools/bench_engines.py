@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -172,7 +173,8 @@ def correctness(precisions) -> dict:
             core, mods = backend_modifiers(prec)  # -maxat: compiled in that mode (Inductor's GEMMs, other numerics)
             opts = engine_options(core)
             prec = opts.pop("precision")
-            recipe = minmax_recipe(model, prec, group=128, balance=True, act_granularity=backend_act_granularity(core))
+            recipe = minmax_recipe(model, prec, group=backend_group(core), balance=True,
+                                   act_granularity=backend_act_granularity(core))
             sim = apply_recipe(model, recipe).to(dev)
             with torch.no_grad():
                 ref = sim(x.to(dev), t.to(dev), y.to(dev)).float().cpu()
@@ -376,6 +378,8 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
 
 ENGINE_PRECISIONS = ("fp8", "int8", "w4a16", "w4a8")
 EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
+GROUP_TAG = re.compile(r"g(16|32|64|128)")  # "-g32": INT4 weight group size (backend_group)
+INT4_PRECISIONS = ("w4a8", "w4a16")
 TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
 # "-token-tokfused": per-token with build_qengine(token_quant="inductor") (quantizer fused by Inductor,
 # its realize option, gated-residual epilogues); plain "-token" is the default Triton pass
@@ -419,7 +423,8 @@ def check_backend_name(name: str) -> None:
 
 def engine_options(name: str) -> dict:
     """``build_qengine`` options of an engine backend name ``PRECISION[-progressive][-intmm|-triton][-ABLATION]``:
-    "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), and the
+    "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), "-gN"
+    (w4a8 / w4a16: INT4 weight group N in 16, 32, 64, 128 instead of 128; ``backend_group``), and the
     "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static;
     ``token_quant`` "pass"), "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included), the
@@ -432,11 +437,14 @@ def engine_options(name: str) -> dict:
     precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
-           and not (t == "token" and precision in TOKEN_PRECISIONS) and not (t == TOKFUSED and "token" in tags)]
+           and not (t == "token" and precision in TOKEN_PRECISIONS) and not (t == TOKFUSED and "token" in tags)
+           and not (GROUP_TAG.fullmatch(t) and precision in INT4_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
-    if precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(set(tags)) != len(tags):
+    groups = [t for t in tags if GROUP_TAG.fullmatch(t)]
+    if (precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(groups) > 1
+            or len(set(tags)) != len(tags)):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token[-{TOKFUSED}]][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
+                         f"[-intmm|-triton][-token[-{TOKFUSED}]][-gN][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
     family = "w4a8" if "progressive" in tags else "w4a8-group" if precision == "w4a8" else precision
@@ -453,6 +461,13 @@ def engine_options(name: str) -> dict:
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
             "fuse_residual": fuse_residual, "token_quant": "inductor" if tokfused else "pass"}
+
+
+def backend_group(name: str) -> int:
+    """INT4 weight group size of an engine backend: its "-gN" tag (w4a8 / w4a16: ``w4a8-progressive-token-g32``
+    is group 32, the quality recipes' size), else 128."""
+    tags = backend_modifiers(name)[0].split("-")[1:]
+    return next((int(t[1:]) for t in tags if GROUP_TAG.fullmatch(t)), 128)
 
 
 def backend_act_granularity(name: str) -> str:
@@ -492,8 +507,8 @@ def build_backend(name: str, base, fingerprint: str):
         return m
     opts = engine_options(name)
     precision = opts.pop("precision")
-    recipe = minmax_recipe(base, precision, group=128, adaln=precision == "w4a16", fingerprint=fingerprint,
-                           act_granularity=backend_act_granularity(name))
+    recipe = minmax_recipe(base, precision, group=backend_group(name), adaln=precision == "w4a16",
+                           fingerprint=fingerprint, act_granularity=backend_act_granularity(name))
     eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, attention=mods["attention"],
                         **opts)
     return compile_blocks(eng, mods["compile_mode"]) if DEV.type == "cuda" else eng
