@@ -187,12 +187,13 @@ def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monke
     from dtq.runtime.attention import EngineAttention
     from dtq.tools import bench_engines as be
 
-    maxat = {"attention": "sdpa", "compile_mode": "max-autotune"}
+    maxat = {"attention": "sdpa", "compile_mode": "max-autotune", "autocast": False}
     assert be.backend_modifiers("int8-intmm-maxat") == ("int8-intmm", maxat)
     assert be.backend_modifiers("bf16-compile-maxat") == ("bf16-compile", maxat)
     assert be.backend_modifiers("fp8-maxat-sage") == be.backend_modifiers("fp8-sage-maxat") == \
-        ("fp8", {"attention": "sage", "compile_mode": "max-autotune"})
-    assert be.backend_modifiers("fp8-unfused") == ("fp8-unfused", {"attention": "sdpa", "compile_mode": "default"})
+        ("fp8", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False})
+    assert be.backend_modifiers("fp8-unfused") == ("fp8-unfused", {"attention": "sdpa", "compile_mode": "default",
+                                                                   "autocast": False})
     assert be.engine_options("int8-intmm-maxat") == be.engine_options("int8-intmm")
     assert be.engine_options("int8-intmm-maxat")["int8_kernel"] == "int_mm"
     assert be.engine_options("fp8-maxat") == be.engine_options("fp8")
@@ -249,3 +250,31 @@ def test_group_tag_sets_the_int4_group_of_the_benchmarked_recipe():
     for bad in ("int8-g32", "fp8-g32", "w4a8-g33", "w4a8-g32-g64", "w4a8-g"):
         with pytest.raises(ValueError, match="unknown backend"):
             engine_options(bad)
+
+
+def test_amp_backends_measure_what_autocast_costs(tmp_path):
+    """'-amp' builds the backend as dtq-sample --autocast runs it (fp32 weights outside the quantized
+    layers, the model under bf16 autocast) and the summary sets X-amp against X; its output is the
+    autocast denoiser's, not the bf16 one's."""
+    import torch
+
+    from dtq.tools import bench_engines as be
+
+    assert be.backend_modifiers("int8-token-amp-sage") == ("int8-token", {"attention": "sage", "compile_mode": "default",
+                                                                          "autocast": True})
+    be.check_backend_name("bf16-compile-amp")
+    with pytest.raises(ValueError):
+        be.check_backend_name("int8-amp-amp")
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness,gemms", "--batches", "1", "--steps", "1",
+                 "--repeats", "1", "--backends", "bf16-compile,bf16-compile-amp,int8,int8-amp"]) == 0
+    res = json.loads(out.read_text())
+    backends = res["end_to_end"]["backends"]
+    assert all("error" not in backends[k] for k in backends), {k: v.get("trace") for k, v in backends.items()}
+    assert backends["int8-amp"]["autocast"] and not backends["int8"]["autocast"]
+    assert backends["bf16-compile-amp"]["weights_vs_bf16"] == pytest.approx(2.0, rel=0.01)  # fp32 weights
+    assert set(res["summary"]["autocast_ablation"]) == {"bf16-compile-amp@1", "int8-amp@1"}
+    # the module built for -amp keeps float32 outside the engine layers
+    base = be.make_xl()  # (off CUDA: a 2-block DiT)
+    assert be.build_backend("int8-amp", base, "sha256:x").x_embedder.proj.weight.dtype == torch.float32
+    assert be.build_backend("int8", base, "sha256:x").x_embedder.proj.weight.dtype == torch.bfloat16

@@ -19,11 +19,13 @@
    torch.compile, and the engines FP8 / INT8 / W4A16 / W4A8 / W4A8-progressive. Every compiled variant gets the same
    treatment: regional torch.compile of the DiT blocks + one CUDA graph per batch size; a ``-maxat`` name
    (bf16-compile-maxat, fp8-maxat, int8-intmm-maxat, ...) compiles in Inductor's max-autotune mode
-   (``runtime.regional_compile``), and ``summary.compile_mode_ablation`` sets it against its default twin.
+   (``runtime.regional_compile``), and ``summary.compile_mode_ablation`` sets it against its default twin;
+   an ``-amp`` name runs the backend as ``dtq-sample --autocast`` does (fp32 weights, bf16 autocast), and
+   ``summary.autocast_ablation`` sets it against its bf16 twin.
    Quantization: static per-tensor activation scales (TensorRT's scheme; the "-token" backends:
    per-token dynamic scales, "-token-tokfused" with the Inductor-fused quantizer, ``summary.per_token_cost``
    compares both with static), per-channel
-   weights (FP8/INT8), per-group-128 INT4 weights; W4A16 also
+   weights (FP8/INT8), per-group-128 INT4 weights ("-g32": group 32); W4A16 also
    quantizes the blocks' adaLN Linears (weight-only).
 
 The Triton autotuner's choices are recorded (``autotuned``). A failing backend is recorded (``error``) and the run goes on; a time budget (--budget-s) skips
@@ -386,15 +388,17 @@ TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activa
 TOKFUSED = "tokfused"
 
 
-MODIFIERS = ("sage", "maxat")  # trailing tags of any compiled backend: attention kernel, compile mode
+MODIFIERS = ("sage", "maxat", "amp")  # trailing tags of any built backend: attention kernel, compile mode, autocast
 
 
 def backend_modifiers(name: str) -> tuple[str, dict]:
     """``(core name, {"attention": ..., "compile_mode": ...})`` of a built backend's name: the trailing
     modifier tags, in either order, peeled off: "-sage" (attention by SageAttention, else "sdpa") and
     "-maxat" (``compile_blocks`` with ``compile_mode`` "max-autotune": Inductor's GEMM templates with
-    fused epilogues, autotuned against cuBLAS; else "default"). ``int8-intmm-maxat-sage`` ->
-    ``("int8-intmm", {"attention": "sage", "compile_mode": "max-autotune"})``."""
+    fused epilogues, autotuned against cuBLAS; else "default") and "-amp" (dtq-sample's ``--autocast``:
+    fp32 weights of the non-quantized layers, fp32 residual stream and LayerNorm, matmuls and the engine's
+    GEMM outputs in bf16). ``int8-intmm-maxat-sage`` ->
+    ``("int8-intmm", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False})``."""
     tags = name.split("-")
     found = []
     while len(tags) > 1 and tags[-1] in MODIFIERS:
@@ -402,7 +406,8 @@ def backend_modifiers(name: str) -> tuple[str, dict]:
             raise ValueError(f"unknown backend {name!r}: -{tags[-1]} given twice")
         found.append(tags.pop())
     return "-".join(tags), {"attention": "sage" if "sage" in found else "sdpa",
-                            "compile_mode": "max-autotune" if "maxat" in found else "default"}
+                            "compile_mode": "max-autotune" if "maxat" in found else "default",
+                            "autocast": "amp" in found}
 
 
 def without_tag(name: str, tag: str) -> str:
@@ -490,7 +495,8 @@ def build_backend(name: str, base, fingerprint: str):
     (``backend_modifiers``): ``-sage`` (e.g. ``int8-sage``, ``bf16-compile-sage``) runs the blocks'
     attention with SageAttention (``runtime.attention``) instead of SDPA: the attention ablation;
     ``-maxat`` (e.g. ``bf16-compile-maxat``, ``fp8-maxat``, ``int8-intmm-maxat``) compiles the blocks
-    with Inductor's max-autotune GEMM templates: the compile-mode ablation."""
+    with Inductor's max-autotune GEMM templates: the compile-mode ablation; ``-amp`` keeps fp32 weights
+    (``end_to_end`` runs it under bf16 autocast): what dtq-sample's ``--autocast`` costs."""
     from dtq.runtime.attention import use_attention
     from dtq.runtime.qengine import build_qengine
     from dtq.runtime.regional_compile import compile_blocks
@@ -501,7 +507,8 @@ def build_backend(name: str, base, fingerprint: str):
     if name.startswith("bf16"):
         import copy
 
-        m = use_attention(copy.deepcopy(base).to(torch.bfloat16).eval(), mods["attention"])
+        m = copy.deepcopy(base).to(torch.float32 if mods["autocast"] else torch.bfloat16).eval()
+        m = use_attention(m, mods["attention"])
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m, mods["compile_mode"])
         return m
@@ -509,8 +516,8 @@ def build_backend(name: str, base, fingerprint: str):
     precision = opts.pop("precision")
     recipe = minmax_recipe(base, precision, group=backend_group(name), adaln=precision == "w4a16",
                            fingerprint=fingerprint, act_granularity=backend_act_granularity(name))
-    eng = build_qengine(base, recipe, device=DEV, dtype=torch.bfloat16, check=False, attention=mods["attention"],
-                        **opts)
+    eng = build_qengine(base, recipe, device=DEV, dtype=torch.float32 if mods["autocast"] else torch.bfloat16,
+                        check=False, attention=mods["attention"], **opts)
     return compile_blocks(eng, mods["compile_mode"]) if DEV.type == "cuda" else eng
 
 
@@ -632,7 +639,10 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
         if is_artifact(name):
             den = module  # already a denoiser (compiled / graphed where its backend can be)
         else:
-            den = GraphedDenoiser(module, DEV, torch.bfloat16, cuda_graphs=backend_modifiers(name)[0] != "bf16-eager")
+            core, mods = backend_modifiers(name)
+            amp = mods["autocast"]  # as open_denoiser(autocast=True): fp32 in, bf16 autocast around the model
+            den = GraphedDenoiser(module, DEV, torch.float32 if amp else torch.bfloat16, cuda_graphs=core != "bf16-eager",
+                                  autocast=torch.bfloat16 if amp else None)
 
         def run(B=B, den=den):
             sync()
@@ -764,8 +774,10 @@ def summarize(results: dict) -> dict:
     comp_maxat = e2e.get("bf16-compile-maxat", {}).get("batches", {})
     maxat_targets = [(name, "64", need) for name in e2e if name.endswith("-maxat") and not name.startswith("bf16")
                      for prefix, need in (("fp8", 1.5), ("int8", 1.4), ("w4a8", 1.25)) if name.startswith(prefix)]
+    # w4a8-progressive-token-g32: the kernel of the W4A8 recipes that keep the images (issue #12)
     for name, batch, need in (("fp8", "64", 1.5), ("int8", "64", 1.4), ("w4a8", "64", 1.25),
-                              ("w4a8-progressive", "64", 1.25), ("w4a16", "1", 1.0), ("w4a16", "8", 1.0),
+                              ("w4a8-progressive", "64", 1.25), ("w4a8-progressive-token-g32", "64", 1.25),
+                              ("w4a16", "1", 1.0), ("w4a16", "8", 1.0),
                               *maxat_targets):
         if name not in e2e:
             continue
@@ -791,6 +803,10 @@ def summarize(results: dict) -> dict:
     ablation = modifier_ablation(e2e, "maxat", "default")
     if ablation:
         summary["compile_mode_ablation"] = ablation
+    # what --autocast costs: each X-amp point against X (bf16 weights and residual stream)
+    ablation = modifier_ablation(e2e, "amp", "bf16")
+    if ablation:
+        summary["autocast_ablation"] = ablation
     # the epilogue ablation: images/s of X over X-unfused at each batch both ran
     fused_of = lambda name: name.removesuffix("-unfused") if name.endswith("-unfused") else None  # noqa: E731
     summary["epilogue_fusion_speedup"] = {f"{fused_of(name)}@{b}": round(fused["images_per_s"] / r["images_per_s"], 3)
@@ -843,6 +859,9 @@ def table(results: dict) -> str:
     if results.get("summary", {}).get("compile_mode_ablation"):
         lines.append("max-autotune vs default compile (images/s ratio): " + ", ".join(
             f"{k}: {v['speedup_vs_default']}x" for k, v in results["summary"]["compile_mode_ablation"].items()))
+    if results.get("summary", {}).get("autocast_ablation"):
+        lines.append("--autocast vs bf16 (images/s ratio): " + ", ".join(
+            f"{k}: {v['speedup_vs_bf16']}x" for k, v in results["summary"]["autocast_ablation"].items()))
     if results.get("summary", {}).get("epilogue_fusion_speedup"):
         lines.append("fused epilogues vs unfused (images/s ratio): " + ", ".join(
             f"{k}: {v}x" for k, v in results["summary"]["epilogue_fusion_speedup"].items()))
