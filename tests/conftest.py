@@ -62,6 +62,27 @@ def module_threads(n: int):
 
 
 _FP_EXPORTS: dict = {}
+_FP_EXPORT_TIMES: list[tuple[str, float]] = []  # (what, seconds) of each FP export made: the terminal summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the suite's time goes, by file (setup + call + teardown; the slowest tests alone miss the
+    many mid-sized ones), and each FP ONNX export made (the dynamo exporter is the slowest shared step)."""
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) in ("setup", "call", "teardown") and hasattr(r, "duration"):
+                f = r.nodeid.split("::")[0]
+                per_file[f] = per_file.get(f, 0.0) + r.duration
+    if per_file:
+        top = sorted(per_file.items(), key=lambda kv: -kv[1])[:15]
+        terminalreporter.write_sep("=", f"slowest files ({sum(per_file.values()):.0f} s in all)")
+        for f, sec in top:
+            terminalreporter.write_line(f"{sec:7.1f}s {f}")
+    if _FP_EXPORT_TIMES:
+        terminalreporter.write_sep("=", f"FP ONNX exports made ({sum(t for _, t in _FP_EXPORT_TIMES):.0f} s)")
+        for what, sec in _FP_EXPORT_TIMES:
+            terminalreporter.write_line(f"{sec:7.1f}s {what}")
 
 
 def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset: int = 18, min_batch: int = 1,
@@ -82,7 +103,12 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     key = (h.hexdigest(), dtype, opset, min_batch, max_batch, tuple(sorted(kw.items())))
     if key not in _FP_EXPORTS:
+        import time
+
+        t0 = time.perf_counter()
         _FP_EXPORTS[key] = export_torch(model, dtype=dtype, opset=opset, min_batch=min_batch, max_batch=max_batch, **kw)
+        _FP_EXPORT_TIMES.append((f"{model.config.hidden_size}x{model.config.depth} {dtype} opset {opset} "
+                                 f"batch {min_batch}-{max_batch}{' ' + str(kw) if kw else ''}", time.perf_counter() - t0))
     out = onnx.ModelProto()
     out.CopyFrom(_FP_EXPORTS[key])
     return out

@@ -119,8 +119,9 @@ def test_quantized_onnx_in_ort_matches_the_engine(tiny, tmp_path, precision):
     from dtq.runtime.qengine import build_qengine
 
     recipe = minmax_recipe(tiny, precision, group=32, balance=True)
+    # opset 21, batch <= 8: the FP export test_recon / test_weight_refine / test_dynact share (conftest.fp_export)
     cfg = api.ExportConfig(out=str(tmp_path / f"{precision}.onnx"), model="dit-tiny-fmnist", precision=precision,
-                           dtype="fp32")
+                           dtype="fp32", opset=21, max_batch=8)
     path = api.export_model(cfg, model=tiny, recipe=recipe, fp_proto=fp_export_for(tiny, cfg, recipe)).path
     x, t, y = random_inputs(tiny, 4, seed=5)
     got = OnnxDenoiser(path, threads=1)(x, t, y)
