@@ -43,9 +43,9 @@ def backend_of(cfg: dict) -> tuple[str, str | None]:
 def steps_and_seed(name: str, cfg: dict) -> tuple[int, int]:
     """(steps, seed) of a set: its sample_config.json's, else parsed from its name ("x-eng-50-seed1")."""
     parts = name.split("-")
-    seed = next((int(p[4:]) for p in parts if p.startswith("seed") and p[4:].isdigit()), 0)
-    steps = next(int(p) for p in reversed(parts) if p.isdigit())
-    return cfg.get("steps") or steps, cfg.get("seed", seed)
+    steps = cfg.get("steps") or next(int(p) for p in reversed(parts) if p.isdigit())
+    seed = cfg["seed"] if "seed" in cfg else next((int(p[4:]) for p in parts if p.startswith("seed") and p[4:].isdigit()), 0)
+    return steps, seed
 
 
 def read_fids(out: Path) -> dict[str, float]:

@@ -56,5 +56,8 @@ def test_a_seed_1_set_is_compared_with_fp_at_seed_1(tmp_path):
     assert rows["ref-q-eng-50-seed1"]["vs_fp"] == pytest.approx(0.15)
     assert rows["ref-q-eng-50"]["vs_fp"] == pytest.approx(0.1)
     assert rows["ref-q-eng-100-seed2"]["vs_fp"] is None  # no FP at seed 2: no difference, not seed 0's
+    # a set whose sample_config.json came back takes steps and seed from it, whatever its name says
+    assert script.steps_and_seed("ref-fp", {"steps": 100, "seed": 2}) == (100, 2)
+    assert script.steps_and_seed("ref-fp-50-seed1", {"steps": 100, "seed": 0}) == (100, 0)
     assert script.main([str(out), "--fp", "ref:50:1=8.75", "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["fp"] == {"ref:50:1": 8.75}
