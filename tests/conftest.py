@@ -3,6 +3,7 @@ reason naming the missing path; everything else runs from the repository alone."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,6 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     key = (h.hexdigest(), dtype, opset, min_batch, max_batch, tuple(sorted(kw.items())))
     if key not in _FP_EXPORTS:
-        import time
-
         t0 = time.perf_counter()
         _FP_EXPORTS[key] = export_torch(model, dtype=dtype, opset=opset, min_batch=min_batch, max_batch=max_batch, **kw)
         _FP_EXPORT_TIMES.append((f"{model.config.hidden_size}x{model.config.depth} {dtype} opset {opset} "

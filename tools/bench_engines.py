@@ -441,11 +441,11 @@ def engine_options(name: str) -> dict:
     build_backend's, not build_qengine's: ignored here."""
     precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
+    groups = [t for t in tags if GROUP_TAG.fullmatch(t)]
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
            and not (t == "token" and precision in TOKEN_PRECISIONS) and not (t == TOKFUSED and "token" in tags)
-           and not (GROUP_TAG.fullmatch(t) and precision in INT4_PRECISIONS)]
+           and not (t in groups and precision in INT4_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
-    groups = [t for t in tags if GROUP_TAG.fullmatch(t)]
     if (precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(groups) > 1
             or len(set(tags)) != len(tags)):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
@@ -466,6 +466,12 @@ def engine_options(name: str) -> dict:
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
             "fuse_residual": fuse_residual, "token_quant": "inductor" if tokfused else "pass"}
+
+
+def model_dtype(mods: dict) -> torch.dtype:
+    """The dtype a backend is built and fed in (``backend_modifiers``' dict): float32 for "-amp" (its
+    matmuls then run under bf16 autocast), else bfloat16."""
+    return torch.float32 if mods["autocast"] else torch.bfloat16
 
 
 def backend_group(name: str) -> int:
@@ -507,7 +513,7 @@ def build_backend(name: str, base, fingerprint: str):
     if name.startswith("bf16"):
         import copy
 
-        m = copy.deepcopy(base).to(torch.float32 if mods["autocast"] else torch.bfloat16).eval()
+        m = copy.deepcopy(base).to(model_dtype(mods)).eval()
         m = use_attention(m, mods["attention"])
         if name == "bf16-compile" and DEV.type == "cuda":
             compile_blocks(m, mods["compile_mode"])
@@ -516,8 +522,8 @@ def build_backend(name: str, base, fingerprint: str):
     precision = opts.pop("precision")
     recipe = minmax_recipe(base, precision, group=backend_group(name), adaln=precision == "w4a16",
                            fingerprint=fingerprint, act_granularity=backend_act_granularity(name))
-    eng = build_qengine(base, recipe, device=DEV, dtype=torch.float32 if mods["autocast"] else torch.bfloat16,
-                        check=False, attention=mods["attention"], **opts)
+    eng = build_qengine(base, recipe, device=DEV, dtype=model_dtype(mods), check=False, attention=mods["attention"],
+                        **opts)
     return compile_blocks(eng, mods["compile_mode"]) if DEV.type == "cuda" else eng
 
 
@@ -640,9 +646,9 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
             den = module  # already a denoiser (compiled / graphed where its backend can be)
         else:
             core, mods = backend_modifiers(name)
-            amp = mods["autocast"]  # as open_denoiser(autocast=True): fp32 in, bf16 autocast around the model
-            den = GraphedDenoiser(module, DEV, torch.float32 if amp else torch.bfloat16, cuda_graphs=core != "bf16-eager",
-                                  autocast=torch.bfloat16 if amp else None)
+            # -amp as open_denoiser(autocast=True): fp32 in, bf16 autocast around the model
+            den = GraphedDenoiser(module, DEV, model_dtype(mods), cuda_graphs=core != "bf16-eager",
+                                  autocast=torch.bfloat16 if mods["autocast"] else None)
 
         def run(B=B, den=den):
             sync()
