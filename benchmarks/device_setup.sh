@@ -15,17 +15,21 @@
 # which unpacks the tar into /tmp/stage once every part in the manifest is there. Then, e.g.:
 #   cd /tmp/repo && PYTHONPATH=/tmp/stage/site:/tmp/site DTQ_FMNIST_DIR=/tmp/stage/fmnist DTQ_CACHE_DIR=/tmp/cache \
 #     REF_CKPT=/tmp/stage/ref/model.safetensors OUT=/tmp/q setsid nohup benchmarks/run_quality_levers_gpu.sh &
+# STAGE=cstage (default: stage) stages a second set the same way: parts in .cstage/ (also git-ignored),
+# unpacked into /tmp/cstage; each call copies whatever manifest and parts of that set it carries.
 set -e
+STAGE=${STAGE:-stage}
 if [ "${1:-}" != --parts-only ]; then
-  rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/stage /tmp/site
-  cp -r . /tmp/repo/ && rm -rf /tmp/repo/.stage
+  rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/site
+  cp -r . /tmp/repo/ && rm -rf /tmp/repo/.stage /tmp/repo/.cstage
   ls .stage/wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps --target /tmp/site .stage/wheels/*.whl
-  cp .stage/manifest /tmp/stage/
-  for p in .stage/part??; do [ -f "$p" ] && cp "$p" /tmp/stage/; done
 fi
-cd /tmp/stage
+mkdir -p /tmp/$STAGE
+[ -f .$STAGE/manifest ] && [ ! -f /tmp/$STAGE/unpacked ] && cp .$STAGE/manifest /tmp/$STAGE/
+for p in .$STAGE/part??; do [ -f "$p" ] && cp "$p" /tmp/$STAGE/; done
+cd /tmp/$STAGE
 [ -f unpacked ] && [ ! -f manifest ] && { echo "already unpacked: $(ls)"; exit 0; }
-[ -f manifest ] || { echo "no manifest in /tmp/stage: run call 1 (without --parts-only) first" >&2; exit 2; }
+[ -f manifest ] || { echo "no manifest in /tmp/$STAGE: carry .$STAGE/manifest" >&2; exit 2; }
 missing=$(for p in $(cat manifest); do [ -f "$p" ] || echo "$p"; done)
 if [ -z "$missing" ]; then
   cat $(cat manifest) | tar x && rm $(cat manifest) manifest && touch unpacked
