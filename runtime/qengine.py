@@ -89,6 +89,7 @@ from .. import formats
 from . import quant
 from .adapters import adapter_for
 from .attention import AttentionBackend, check_backend, use_attention
+from .gelu import GeluForm, check_gelu_form, use_gelu
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .recipe import Recipe, apply_recipe
@@ -745,7 +746,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
-                  token_quant: TokenQuant = "pass", check: bool = True) -> nn.Module:
+                  token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh", check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
@@ -775,6 +776,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     ``attention="sage"`` is refused for it (its own attention code runs)."""
     check_backend(attention)
     check_token_quant(token_quant)
+    check_gelu_form(gelu)
     family = adapter_for(model).family
     if family != "dit" and attention != "sdpa":
         raise ValueError(f"attention={attention!r} replaces DiT attention; a {family} engine runs its model's "
@@ -790,6 +792,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                        token_quant=token_quant)
     if family == "dit":
         fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
+    use_gelu(engine, gelu)
     return engine.to(device=device, dtype=dtype).eval()
 
 

@@ -187,13 +187,13 @@ def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monke
     from dtq.runtime.attention import EngineAttention
     from dtq.tools import bench_engines as be
 
-    maxat = {"attention": "sdpa", "compile_mode": "max-autotune", "autocast": False}
+    maxat = {"attention": "sdpa", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh"}
     assert be.backend_modifiers("int8-intmm-maxat") == ("int8-intmm", maxat)
     assert be.backend_modifiers("bf16-compile-maxat") == ("bf16-compile", maxat)
     assert be.backend_modifiers("fp8-maxat-sage") == be.backend_modifiers("fp8-sage-maxat") == \
-        ("fp8", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False})
+        ("fp8", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh"})
     assert be.backend_modifiers("fp8-unfused") == ("fp8-unfused", {"attention": "sdpa", "compile_mode": "default",
-                                                                   "autocast": False})
+                                                                   "autocast": False, "gelu": "tanh"})
     assert be.engine_options("int8-intmm-maxat") == be.engine_options("int8-intmm")
     assert be.engine_options("int8-intmm-maxat")["int8_kernel"] == "int_mm"
     assert be.engine_options("fp8-maxat") == be.engine_options("fp8")
@@ -261,7 +261,7 @@ def test_amp_backends_measure_what_autocast_costs(tmp_path):
     from dtq.tools import bench_engines as be
 
     assert be.backend_modifiers("int8-token-amp-sage") == ("int8-token", {"attention": "sage", "compile_mode": "default",
-                                                                          "autocast": True})
+                                                                          "autocast": True, "gelu": "tanh"})
     be.check_backend_name("bf16-compile-amp")
     with pytest.raises(ValueError):
         be.check_backend_name("int8-amp-amp")
@@ -278,3 +278,36 @@ def test_amp_backends_measure_what_autocast_costs(tmp_path):
     base = be.make_xl()  # (off CUDA: a 2-block DiT)
     assert be.build_backend("int8-amp", base, "sha256:x").x_embedder.proj.weight.dtype == torch.float32
     assert be.build_backend("int8", base, "sha256:x").x_embedder.proj.weight.dtype == torch.bfloat16
+
+
+def test_sgelu_backends_run_the_sigmoid_gelu_and_meet_targets_against_the_same_baseline(tmp_path, monkeypatch):
+    """'-sgelu' computes every tanh GELU as x * sigmoid(2z) (runtime.gelu), in the engine and in the bf16
+    baseline alike; the summary sets X-sgelu against X, and an engine's target is taken against the
+    faster of bf16-compile and bf16-compile-sgelu (the trick is open to the baseline too)."""
+    import torch
+
+    from dtq.runtime.gelu import SigmoidGELU
+    from dtq.tools import bench_engines as be
+
+    assert be.backend_modifiers("fp8-sgelu-maxat") == ("fp8", {"attention": "sdpa", "compile_mode": "max-autotune",
+                                                               "autocast": False, "gelu": "sigmoid"})
+    assert be.open_baseline("fp8-sgelu-maxat") == "bf16-compile-sgelu-maxat" and be.open_baseline("fp8") is None
+    with pytest.raises(ValueError):
+        be.check_backend_name("fp8-sgelu-sgelu")
+    monkeypatch.setattr(be, "DEV", torch.device("cpu"))
+    base = be.make_xl()
+    for name in ("fp8-sgelu", "bf16-compile-sgelu", "int8-sgelu"):
+        m = be.build_backend(name, base, "sha256:x")
+        gelus = [g for g in m.modules() if isinstance(g, torch.nn.GELU)]
+        assert gelus and all(isinstance(g, SigmoidGELU) for g in gelus), name
+    assert not any(isinstance(g, SigmoidGELU) for g in be.build_backend("fp8", base, "sha256:x").modules())
+    e2e = {"bf16-compile": {"batches": {"64": {"images_per_s": 20.0}}},
+           "bf16-compile-sgelu": {"batches": {"64": {"images_per_s": 21.0}}},
+           "fp8": {"batches": {"64": {"images_per_s": 25.0}}},
+           "fp8-sgelu": {"batches": {"64": {"images_per_s": 30.0, "forward_ms": 40.0}}}}
+    summary = be.summarize({"batches": [64], "end_to_end": {"backends": e2e}})
+    assert summary["gelu_ablation"]["fp8-sgelu@64"]["speedup_vs_tanh"] == 1.2
+    assert summary["gelu_ablation"]["bf16-compile-sgelu@64"]["speedup_vs_tanh"] == 1.05
+    target = summary["targets"]["fp8-sgelu_speedup_at_64"]  # 30 / 21: the faster baseline
+    assert target == {"target": 1.5, "measured": round(30 / 21, 3), "met": False, "baseline": "bf16-compile-sgelu"}
+    assert summary["targets"]["fp8_speedup_at_64"]["measured"] == 1.25
