@@ -13,6 +13,13 @@ block). ``mode`` is a :data:`CompileMode`:
   pointwise consumers (GELU, the next layer's quantize, ``x + gate * out``) into its epilogue. dtq's
   own Triton kernels are custom ops, opaque to Inductor: only torch-op GEMMs are affected. Compiling
   takes minutes longer (every GEMM shape is autotuned).
+
+Orthogonal to the mode, ``multi_kernel=True`` turns on Inductor's multi-kernel (``triton.multi_kernel``):
+Inductor makes a row reduction persistent (the whole row in registers, read once) only up to 1024
+elements; DiT-XL/2's rows are 1152 wide, so its LayerNorm + modulate (+ quantize) kernels loop over
+each row twice. With multi-kernel, rows up to 16x wider also get the persistent variant, and Inductor
+times both on the first call and keeps the faster (before ``GraphedDenoiser``'s capture: its warm-up
+runs first).
 """
 
 from __future__ import annotations
@@ -72,31 +79,38 @@ def inductor_options(mode: CompileMode) -> dict:
     return options
 
 
-def compile_kwargs(mode: CompileMode) -> dict:
-    """``torch.compile`` keyword arguments of ``mode``."""
+# Inductor's option behind compile_blocks(multi_kernel=True): 1 = both variants, picked by timing
+MULTI_KERNEL_OPTION = "triton.multi_kernel"
+
+
+def compile_kwargs(mode: CompileMode, multi_kernel: bool = False) -> dict:
+    """``torch.compile`` keyword arguments of ``mode`` (and of Inductor's multi-kernel)."""
     options = inductor_options(mode)
+    if multi_kernel:
+        options[MULTI_KERNEL_OPTION] = 1
     return {"options": options} if options else {}
 
 
-def block_compile_kwargs(model: nn.Module, mode: CompileMode = "default") -> dict:
+def block_compile_kwargs(model: nn.Module, mode: CompileMode = "default", multi_kernel: bool = False) -> dict:
     """``torch.compile`` keyword arguments ``compile_blocks`` gives ``model``'s blocks: ``mode``'s, plus
     :data:`TOKEN_INDUCTOR_OPTIONS` when some layer's per-token quantizer is Inductor's to fuse
     (:func:`fuses_token_quant`)."""
-    kwargs = compile_kwargs(mode)
+    kwargs = compile_kwargs(mode, multi_kernel)
     if fuses_token_quant(model):
         kwargs["options"] = {**TOKEN_INDUCTOR_OPTIONS, **kwargs.get("options", {})}
     return kwargs
 
 
-def compile_blocks(model: nn.Module, mode: CompileMode = "default", **kwargs) -> nn.Module:
+def compile_blocks(model: nn.Module, mode: CompileMode = "default", multi_kernel: bool = False,
+                   **kwargs) -> nn.Module:
     """Regional compilation: ``torch.compile`` each DiT block (identical code: compiled once, reused
     by every block), leaving embedders and the final layer eager. Returns ``model`` (in place).
-    ``mode``: :data:`CompileMode`. ``kwargs``: more ``torch.compile`` arguments (e.g. ``backend``).
+    ``mode``: :data:`CompileMode`; ``multi_kernel``: Inductor's multi-kernel (module docstring). ``kwargs``: more ``torch.compile`` arguments (e.g. ``backend``).
     torch's default shape policy applies: the first batch size gets static kernels, a second one
     a batch-dynamic compilation that serves all further sizes. Per-token models: see
     :func:`block_compile_kwargs`."""
     check_compile_mode(mode)
     for block in model.blocks:
-        block.compile(**block_compile_kwargs(model, mode), **kwargs)
+        block.compile(**block_compile_kwargs(model, mode, multi_kernel), **kwargs)
     return model
 

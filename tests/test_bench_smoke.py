@@ -187,13 +187,13 @@ def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monke
     from dtq.runtime.attention import EngineAttention
     from dtq.tools import bench_engines as be
 
-    maxat = {"attention": "sdpa", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh"}
+    maxat = {"attention": "sdpa", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh", "multi_kernel": False}
     assert be.backend_modifiers("int8-intmm-maxat") == ("int8-intmm", maxat)
     assert be.backend_modifiers("bf16-compile-maxat") == ("bf16-compile", maxat)
     assert be.backend_modifiers("fp8-maxat-sage") == be.backend_modifiers("fp8-sage-maxat") == \
-        ("fp8", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh"})
+        ("fp8", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh", "multi_kernel": False})
     assert be.backend_modifiers("fp8-unfused") == ("fp8-unfused", {"attention": "sdpa", "compile_mode": "default",
-                                                                   "autocast": False, "gelu": "tanh"})
+                                                                   "autocast": False, "gelu": "tanh", "multi_kernel": False})
     assert be.engine_options("int8-intmm-maxat") == be.engine_options("int8-intmm")
     assert be.engine_options("int8-intmm-maxat")["int8_kernel"] == "int_mm"
     assert be.engine_options("fp8-maxat") == be.engine_options("fp8")
@@ -205,7 +205,8 @@ def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monke
         be.check_backend_name(good)
 
     modes = []
-    monkeypatch.setattr(regional_compile, "compile_blocks", lambda m, mode="default", **kw: modes.append(mode) or m)
+    monkeypatch.setattr(regional_compile, "compile_blocks",
+                        lambda m, mode="default", multi_kernel=False, **kw: modes.append(mode) or m)
     monkeypatch.setattr(be, "DEV", torch.device("cpu"))
     base = be.make_xl()
     engine = be.build_backend("int8-sage", base, "sha256:x")
@@ -261,7 +262,7 @@ def test_amp_backends_measure_what_autocast_costs(tmp_path):
     from dtq.tools import bench_engines as be
 
     assert be.backend_modifiers("int8-token-amp-sage") == ("int8-token", {"attention": "sage", "compile_mode": "default",
-                                                                          "autocast": True, "gelu": "tanh"})
+                                                                          "autocast": True, "gelu": "tanh", "multi_kernel": False})
     be.check_backend_name("bf16-compile-amp")
     with pytest.raises(ValueError):
         be.check_backend_name("int8-amp-amp")
@@ -290,7 +291,8 @@ def test_sgelu_backends_run_the_sigmoid_gelu_and_meet_targets_against_the_same_b
     from dtq.tools import bench_engines as be
 
     assert be.backend_modifiers("fp8-sgelu-maxat") == ("fp8", {"attention": "sdpa", "compile_mode": "max-autotune",
-                                                               "autocast": False, "gelu": "sigmoid"})
+                                                               "autocast": False, "gelu": "sigmoid",
+                                                               "multi_kernel": False})
     assert be.open_baseline("fp8-sgelu-maxat") == "bf16-compile-sgelu-maxat" and be.open_baseline("fp8") is None
     with pytest.raises(ValueError):
         be.check_backend_name("fp8-sgelu-sgelu")
@@ -311,3 +313,38 @@ def test_sgelu_backends_run_the_sigmoid_gelu_and_meet_targets_against_the_same_b
     target = summary["targets"]["fp8-sgelu_speedup_at_64"]  # 30 / 21: the faster baseline
     assert target == {"target": 1.5, "measured": round(30 / 21, 3), "met": False, "baseline": "bf16-compile-sgelu"}
     assert summary["targets"]["fp8_speedup_at_64"]["measured"] == 1.25
+
+
+def test_mk_backends_compile_with_inductor_multi_kernel(monkeypatch):
+    """'-mk' compiles the backend's blocks with Inductor's multi-kernel (triton.multi_kernel=1: persistent
+    reductions over rows wider than 1024, timed against the looped ones), engine and bf16 baseline alike;
+    bf16-eager-mk is refused; the summary sets X-mk against X."""
+    import torch
+
+    from dtq.runtime import regional_compile
+    from dtq.tools import bench_engines as be
+
+    assert be.backend_modifiers("int8-token-tokfused-mk")[1]["multi_kernel"] is True
+    assert be.open_baseline("fp8-sgelu-mk") == "bf16-compile-sgelu-mk"
+    with pytest.raises(ValueError, match="bf16-eager"):
+        be.check_backend_name("bf16-eager-mk")
+    calls = []
+    monkeypatch.setattr(regional_compile, "compile_blocks",
+                        lambda m, mode="default", multi_kernel=False, **kw: calls.append((mode, multi_kernel)) or m)
+    monkeypatch.setattr(be, "DEV", torch.device("cpu"))
+    base = be.make_xl()
+    monkeypatch.setattr(be, "DEV", torch.device("cuda"))  # the bf16 path only checks the device type
+    for name in ("bf16-compile-mk", "bf16-compile", "bf16-compile-maxat-mk"):
+        be.build_backend(name, base, "sha256:x")
+    assert calls == [("default", True), ("default", False), ("max-autotune", True)]
+    kw = regional_compile.block_compile_kwargs(base, "default", multi_kernel=True)
+    assert kw == {"options": {"triton.multi_kernel": 1}}
+    assert regional_compile.block_compile_kwargs(base, "default") == {}
+    e2e = {"bf16-compile": {"batches": {"64": {"images_per_s": 20.0}}},
+           "bf16-compile-mk": {"batches": {"64": {"images_per_s": 22.0}}},
+           "int8": {"batches": {"64": {"images_per_s": 23.0}}},
+           "int8-mk": {"batches": {"64": {"images_per_s": 27.6}}}}
+    summary = be.summarize({"batches": [64], "end_to_end": {"backends": e2e}})
+    assert summary["multi_kernel_ablation"]["int8-mk@64"]["speedup_vs_single_kernel"] == 1.2
+    assert summary["targets"]["int8-mk_speedup_at_64"]["baseline"] == "bf16-compile-mk"
+    assert summary["targets"]["int8-mk_speedup_at_64"]["measured"] == round(27.6 / 22, 3)

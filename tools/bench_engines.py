@@ -23,7 +23,8 @@
    an ``-amp`` name runs the backend as ``dtq-sample --autocast`` does (fp32 weights, bf16 autocast), and
    ``summary.autocast_ablation`` sets it against its bf16 twin; an ``-sgelu`` name computes the tanh GELU as
    ``x * sigmoid(2z)`` (``runtime.gelu``; ``summary.gelu_ablation``), which ``bf16-compile-sgelu`` gives the
-   baseline too.
+   baseline too; an ``-mk`` name compiles with Inductor's multi-kernel (persistent reductions over 1152-wide
+   rows; ``summary.multi_kernel_ablation``; ``bf16-compile-mk`` for the baseline).
    Quantization: static per-tensor activation scales (TensorRT's scheme; the "-token" backends:
    per-token dynamic scales, "-token-tokfused" with the Inductor-fused quantizer, ``summary.per_token_cost``
    compares both with static), per-channel
@@ -197,7 +198,7 @@ def correctness(precisions) -> dict:
                 got = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
                 res["engine_bf16_vs_sim_db"] = sqnr(ref, got)
                 if DEV.type == "cuda":  # (--smoke: no compile)
-                    compile_blocks(eng, mods["compile_mode"])
+                    compile_blocks(eng, mods["compile_mode"], mods["multi_kernel"])
                 got_c = eng(x.to(dev, torch.bfloat16), t.to(dev), y.to(dev)).float().cpu()
                 res["engine_compiled_vs_sim_db"] = sqnr(ref, got_c)
             kernels = sorted({m.kernel_name() + (f"/{m.scaling}" if getattr(m, "scaling", None) else "")
@@ -391,8 +392,8 @@ TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activa
 TOKFUSED = "tokfused"
 
 
-# trailing tags of any built backend: attention kernel, compile mode, autocast, GELU form
-MODIFIERS = ("sage", "maxat", "amp", "sgelu")
+# trailing tags of any built backend: attention kernel, compile mode, autocast, GELU form, Inductor multi-kernel
+MODIFIERS = ("sage", "maxat", "amp", "sgelu", "mk")
 
 
 def backend_modifiers(name: str) -> tuple[str, dict]:
@@ -402,8 +403,10 @@ def backend_modifiers(name: str) -> tuple[str, dict]:
     fused epilogues, autotuned against cuBLAS; else "default") and "-amp" (dtq-sample's ``--autocast``:
     fp32 weights of the non-quantized layers, fp32 residual stream and LayerNorm, matmuls and the engine's
     GEMM outputs in bf16) and "-sgelu" (``gelu`` "sigmoid": the model's tanh GELUs computed as
-    ``x * sigmoid(2z)``, ``runtime.gelu``; else "tanh"). ``int8-intmm-maxat-sage`` ->
-    ``("int8-intmm", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh"})``."""
+    ``x * sigmoid(2z)``, ``runtime.gelu``; else "tanh") and "-mk" (``multi_kernel``: ``compile_blocks`` with
+    Inductor's multi-kernel, persistent reductions over DiT-XL/2's 1152-wide rows). ``int8-intmm-maxat-sage`` ->
+    ``("int8-intmm", {"attention": "sage", "compile_mode": "max-autotune", "autocast": False, "gelu": "tanh",
+    "multi_kernel": False})``."""
     tags = name.split("-")
     found = []
     while len(tags) > 1 and tags[-1] in MODIFIERS:
@@ -412,10 +415,11 @@ def backend_modifiers(name: str) -> tuple[str, dict]:
         found.append(tags.pop())
     return "-".join(tags), {"attention": "sage" if "sage" in found else "sdpa",
                             "compile_mode": "max-autotune" if "maxat" in found else "default",
-                            "autocast": "amp" in found, "gelu": "sigmoid" if "sgelu" in found else "tanh"}
+                            "autocast": "amp" in found, "gelu": "sigmoid" if "sgelu" in found else "tanh",
+                            "multi_kernel": "mk" in found}
 
 
-OPEN_MODIFIERS = ("maxat", "sgelu")  # speed-ups the bf16 baseline can take as well (see summarize's targets)
+OPEN_MODIFIERS = ("maxat", "sgelu", "mk")  # speed-ups the bf16 baseline can take as well (summarize's targets)
 
 
 def open_baseline(name: str) -> str | None:
@@ -434,9 +438,9 @@ def check_backend_name(name: str) -> None:
     """A built backend's name parses (``bf16-eager``, ``bf16-compile`` or an engine name, then the
     modifiers); ValueError otherwise, before anything runs."""
     core, mods = backend_modifiers(name)
-    if core == "bf16-eager" and mods["compile_mode"] != "default":
-        raise ValueError(f"unknown backend {name!r}: -maxat sets the compile mode of a compiled backend "
-                         "(bf16-compile-maxat, fp8-maxat, ...); bf16-eager is not compiled")
+    if core == "bf16-eager" and (mods["compile_mode"] != "default" or mods["multi_kernel"]):
+        raise ValueError(f"unknown backend {name!r}: -maxat / -mk set how a compiled backend is compiled "
+                         "(bf16-compile-maxat, fp8-mk, ...); bf16-eager is not compiled")
     if core not in ("bf16-eager", "bf16-compile"):
         engine_options(core)
 
@@ -532,7 +536,7 @@ def build_backend(name: str, base, fingerprint: str):
         m = copy.deepcopy(base).to(model_dtype(mods)).eval()
         m = use_gelu(use_attention(m, mods["attention"]), mods["gelu"])
         if name == "bf16-compile" and DEV.type == "cuda":
-            compile_blocks(m, mods["compile_mode"])
+            compile_blocks(m, mods["compile_mode"], mods["multi_kernel"])
         return m
     opts = engine_options(name)
     precision = opts.pop("precision")
@@ -541,7 +545,7 @@ def build_backend(name: str, base, fingerprint: str):
     eng = build_qengine(base, recipe, device=DEV, dtype=model_dtype(mods), check=False, attention=mods["attention"],
                         gelu=mods["gelu"],
                         **opts)
-    return compile_blocks(eng, mods["compile_mode"]) if DEV.type == "cuda" else eng
+    return compile_blocks(eng, mods["compile_mode"], mods["multi_kernel"]) if DEV.type == "cuda" else eng
 
 
 def is_artifact(name: str) -> bool:
@@ -832,6 +836,10 @@ def summarize(results: dict) -> dict:
     ablation = modifier_ablation(e2e, "sgelu", "tanh")
     if ablation:
         summary["gelu_ablation"] = ablation
+    # Inductor's multi-kernel: each X-mk point against X
+    ablation = modifier_ablation(e2e, "mk", "single_kernel")
+    if ablation:
+        summary["multi_kernel_ablation"] = ablation
     # what --autocast costs: each X-amp point against X (bf16 weights and residual stream)
     ablation = modifier_ablation(e2e, "amp", "bf16")
     if ablation:
@@ -888,6 +896,9 @@ def table(results: dict) -> str:
     if results.get("summary", {}).get("compile_mode_ablation"):
         lines.append("max-autotune vs default compile (images/s ratio): " + ", ".join(
             f"{k}: {v['speedup_vs_default']}x" for k, v in results["summary"]["compile_mode_ablation"].items()))
+    if results.get("summary", {}).get("multi_kernel_ablation"):
+        lines.append("Inductor multi-kernel vs not (images/s ratio): " + ", ".join(
+            f"{k}: {v['speedup_vs_single_kernel']}x" for k, v in results["summary"]["multi_kernel_ablation"].items()))
     if results.get("summary", {}).get("gelu_ablation"):
         lines.append("GELU as x*sigmoid(2z) vs tanh (images/s ratio): " + ", ".join(
             f"{k}: {v['speedup_vs_tanh']}x" for k, v in results["summary"]["gelu_ablation"].items()))
