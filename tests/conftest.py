@@ -89,10 +89,12 @@ def pytest_terminal_summary(terminalreporter):
 def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset: int = 18, min_batch: int = 1,
               max_batch: int = 64, **kw):
     """``export_torch(model, dtype, opset, min_batch, max_batch, **kw)`` made once per test session for
-    each (weights, config, arguments) and returned as a copy (callers may edit it): several test files
-    build Q/DQ graphs from the same FP export of one model, and torch's dynamo export is the slow part
-    (10-25 s a call on a 2-core box). In memory only: nothing outlives the session."""
+    each (weights, config, dtype, opset, other arguments; one for every batch range: see the key) and
+    returned as a copy (callers may edit it): several test files build Q/DQ graphs from the same FP
+    export of one model, and torch's dynamo export is the slow part (10-25 s a call on a 2-core box).
+    In memory only: nothing outlives the session."""
     import hashlib
+    import inspect
 
     import onnx
 
@@ -102,7 +104,16 @@ def fp_export(model: torch.nn.Module, dtype: torch.dtype = torch.float32, opset:
     for name, value in model.state_dict().items():
         h.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    key = (h.hexdigest(), dtype, opset, min_batch, max_batch, tuple(sorted(kw.items())))
+    # every argument, defaults filled in (text_tokens=120 passed or not is one export), except the
+    # batch range: it only bounds torch.export's symbolic "batch" dim, and the ONNX graph has no
+    # bounds (exports for 1..4, 1..8 and 1..64 serialize byte-identically; checked with torch 2.13).
+    # The example batch export_torch traces with is what could change the graph.
+    args = inspect.signature(export_torch).bind(model, dtype=dtype, opset=opset, min_batch=min_batch,
+                                                max_batch=max_batch, **kw)
+    args.apply_defaults()
+    args = {k: v for k, v in args.arguments.items() if k not in ("model", "min_batch", "max_batch")}
+    args["example_batch"] = min(max(args["example_batch"], min_batch, 2), max_batch)
+    key = (h.hexdigest(), tuple(sorted((k, repr(v)) for k, v in args.items())))
     if key not in _FP_EXPORTS:
         t0 = time.perf_counter()
         _FP_EXPORTS[key] = export_torch(model, dtype=dtype, opset=opset, min_batch=min_batch, max_batch=max_batch, **kw)
@@ -120,6 +131,16 @@ def fp_export_for(model: torch.nn.Module, cfg, recipe=None):
 
     r = cfg.resolved(recipe)
     return fp_export(model, dtype=DTYPES[r.dtype], opset=r.opset, min_batch=r.min_batch, max_batch=r.max_batch)
+
+
+@pytest.fixture
+def shared_fp_exports(monkeypatch):
+    """The FP export inside ``export_model`` (dtq-export's, when no ``fp_proto`` is passed) answered
+    by ``fp_export``: for tests of the CLI and checks around that step, which would otherwise spend
+    10-15 s on an export another test already made (export_torch's own tests call it directly)."""
+    import dtq.export.api as api
+
+    monkeypatch.setattr(api, "export_torch", fp_export)
 
 
 @pytest.fixture(scope="session")

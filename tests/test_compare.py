@@ -162,7 +162,7 @@ def test_fold_rescaled_outputs_are_aligned(tmp_path):
     onnx_path = tmp_path / "w8.onnx"
     cfg = ExportConfig(out=str(onnx_path), model="dit-tiny-fmnist", precision="int8", dtype="fp32",
                        recipe=str(tmp_path / "recipe"))
-    export_model(cfg, model=model, fp_proto=fp_export_for(model, cfg, recipe))  # test_backends' FP export
+    export_model(cfg, model=model, fp_proto=fp_export_for(model, cfg, recipe))  # fp32, opset 19: test_open's FP export
     out = tmp_path / "onnx"
     compare.main(["--candidate", str(onnx_path), "--no-e2e", "--out", str(out), *FAST])
     by = {d["layer"]: d for d in _report(out)["layerwise"]["layers"]}

@@ -226,7 +226,7 @@ def test_dynamic_kernels_in_interpreter():
     run_in_triton_interpreter(code)
 
 
-def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys):
+def test_export_cli_warns_and_build_engine_refuses(tiny, tmp_path, capsys, shared_fp_exports):
     """dtq-export writes the per-token graph and says what TensorRT will do with it; dtq-build-engine
     exits 2 with that note before calling TensorRT (TensorRT-RTX 1.7.1's builder fails on it)."""
     from dtq.export.cli import main as export_main

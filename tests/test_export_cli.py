@@ -32,7 +32,7 @@ def test_parser_fills_the_api_config():
     assert config_from_args(args).resolved().precision == "fp16"  # no recipe: fp16 by default
 
 
-def test_int8_export_and_metadata(tmp_path, int8_recipe_dir, capsys):
+def test_int8_export_and_metadata(tmp_path, int8_recipe_dir, capsys, shared_fp_exports):
     rdir, recipe = int8_recipe_dir
     out = tmp_path / "int8.onnx"
     rc = main(["--model", "dit-tiny-fmnist", "--recipe", str(rdir), "--max-batch", "4",

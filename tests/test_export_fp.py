@@ -13,6 +13,8 @@ from dtq.artifacts import read_onnx_metadata as read_metadata
 from dtq.export.writer import write_model
 from dtq.runtime.zoo import load_builtin
 
+from conftest import fp_export
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -21,7 +23,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def fp32_proto(tiny):
-    return export_torch(tiny, dtype=torch.float32, max_batch=8)
+    # export_torch's own call, made once a session (conftest.fp_export: test_backends', test_compare's)
+    return fp_export(tiny, dtype=torch.float32, opset=18, max_batch=8)
 
 
 def _inputs(batch=3, seed=0):
@@ -49,7 +52,7 @@ def test_fp32_matches_torch(tiny, fp32_proto):
 
 
 def test_fp16_close_to_torch(tiny):
-    proto = export_torch(tiny, dtype=torch.float16, max_batch=4)
+    proto = fp_export(tiny, dtype=torch.float16, opset=18, max_batch=4)  # export_torch's; test_engines' fp16 one
     onnx.checker.check_model(proto, full_check=True)
     inits = {i.name: i for i in proto.graph.initializer}
     assert inits["blocks.0.attn.qkv.weight"].data_type == onnx.TensorProto.FLOAT16

@@ -48,30 +48,39 @@ def _load(which):
 
 
 @pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
-    """The model's precisions (``CASES``) written to disk (one FP export per dtype, reused; the tiny
-    model's are test_export_qdq's, batch range 1..8: the engines are built for 1..4)."""
-    model = _load(request.param)
-    precisions = [p for which, p in CASES if which == request.param]
-    dtypes = sorted({_dtype(p) for p in precisions})
-    fp = {dt: fp_export(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET, max_batch=8)
-          for dt in dtypes}
-    out_dir = tmp_path_factory.mktemp(request.param)
-    paths = {}
-    for p in precisions:
-        dtype = _dtype(p)
-        cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=8).resolved()
-        recipe = None if p in ("fp32", "fp16") else make_recipe(model, p, group=32, calib_batch=2)
-        proto = build_graph(model, cfg, recipe, fp[dtype])
-        paths[p] = write_model(proto, out_dir / f"{p}.onnx")
-    return request.param, paths
+def exported(tmp_path_factory):
+    """``exported(which)``: the model's precisions (``CASES``) written to disk, once per model (one
+    FP export per dtype, reused; the tiny model's are test_export_qdq's, batch range 1..8: the
+    engines are built for 1..4). A dict, not an indirectly parametrized fixture: pytest keys those
+    by parameter index, so every (model, precision) case re-made all of its model's graphs."""
+    made = {}
+
+    def get(which):
+        if which not in made:
+            model = _load(which)
+            precisions = [p for w, p in CASES if w == which]
+            dtypes = sorted({_dtype(p) for p in precisions})
+            fp = {dt: fp_export(model, dtype=torch.float32 if dt == "fp32" else torch.float16, opset=OPSET,
+                                max_batch=8) for dt in dtypes}
+            out_dir = tmp_path_factory.mktemp(which)
+            paths = {}
+            for p in precisions:
+                dtype = _dtype(p)
+                cfg = ExportConfig(out="x.onnx", model="m", precision=p, dtype=dtype, opset=OPSET, max_batch=8).resolved()
+                recipe = None if p in ("fp32", "fp16") else make_recipe(model, p, group=32, calib_batch=2)
+                proto = build_graph(model, cfg, recipe, fp[dtype])
+                paths[p] = write_model(proto, out_dir / f"{p}.onnx")
+            made[which] = paths
+        return made[which]
+
+    return get
 
 
-@pytest.mark.parametrize(("exported", "precision"), CASES, indirect=["exported"])
-def test_trt_rtx_parses_and_builds(exported, precision):
+@pytest.mark.parametrize(("which", "precision"), CASES)
+def test_trt_rtx_parses_and_builds(exported, which, precision):
     from dtq.engines.trt_rtx import build_rtx_engine
 
-    which, paths = exported
+    paths = exported(which)
     result = build_rtx_engine(paths[precision], min_batch=1, opt_batch=2, max_batch=4)
     assert result.parsed, result.errors
     if formats.PRECISIONS[precision].tensorrt == formats.TRT_REFUSED:  # w4a8

@@ -17,7 +17,7 @@ from dtq.runtime.zoo import load_builtin
 
 from conftest import fp_export_for, module_threads
 
-_threads = module_threads(1)  # a shared 2-core box
+_threads = module_threads(2)  # the only pytest on an idle 2-core box: 1 thread cost 15 s
 
 W4A8 = dict(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
 # tiny counts for the CPU (defaults: 1000 iterations of 32 rows), so a larger step than the default

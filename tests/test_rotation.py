@@ -211,9 +211,10 @@ def test_engine_matches_simulation_on_cpu(tiny_setup, stats):
 @pytest.fixture(scope="module")
 def fp_export(tiny_setup):
     pytest.importorskip("onnxruntime")
-    from dtq.export.onnx_export import export_torch
+    import conftest
 
-    return export_torch(tiny_setup[0], dtype=torch.float32, opset=21, max_batch=16)
+    # the session's fp32 opset-21 export (test_recon's, test_weight_refine's): 10 s not spent again
+    return conftest.fp_export(tiny_setup[0], dtype=torch.float32, opset=21, max_batch=8)
 
 
 @pytest.mark.parametrize("precision", ["int8", "w4a8"])

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import collect_calibration_set
+from dtq.calibrate.config import CalibConfig
 from dtq.calibrate.evaluate import predict
 from dtq.calibrate.sensitivity import (check_matched, config_for_precision, layer_sensitivity, matched_high_recipe,
                                        mixed_recipe, output_metrics, overrides_layers, pick_overrides, pick_units,
@@ -24,12 +23,14 @@ from conftest import module_threads
 _threads = module_threads(2)
 
 
+SETS = dict(cali_n=2, cali_steps=4, steps=20)  # the calibration set; held out: the same at seed 1
+
+
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_calibration_set):
     model = load_builtin().eval()
-    dc = CalibDataConfig(cali_n=2, cali_steps=4, steps=20)
-    cali = collect_calibration_set(model, dc)
-    held = collect_calibration_set(model, replace(dc, seed=1))
+    # recorded once for this file's two users (conftest.tiny_calibration_set: the built-in tiny model)
+    cali, held = tiny_calibration_set(**SETS), tiny_calibration_set(**SETS, seed=1)
     cfg = CalibConfig(method="smoothquant", alpha=0.5, precision="w4a8", weight_granularity="group128",
                       progress=False)
     stats = statistics(model, cali, cfg)
@@ -193,15 +194,14 @@ def test_cli_writes_mixed_recipe_and_report(tmp_path, capsys):
     assert main(["--budget", "1.5", "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
 
 
-def test_reconstruction_runs_once_on_the_final_mix():
+def test_reconstruction_runs_once_on_the_final_mix(tiny_calibration_set):
     """With ``reconstruct`` the sweep ranks the unreconstructed layers and the picked mix (INT4 and
     INT8 layers together) is reconstructed once: every block's rounding, the raised INT8 layers'
     included, is fitted next to the formats it will run with."""
     from dtq.calibrate.sensitivity import MixedConfig, mixed_calibrate
 
     model = load_builtin().eval()
-    dc = CalibDataConfig(cali_n=2, cali_steps=4, steps=20)
-    cali, held = collect_calibration_set(model, dc), collect_calibration_set(model, replace(dc, seed=1))
+    cali, held = tiny_calibration_set(**SETS), tiny_calibration_set(**SETS, seed=1)
     cfg = CalibConfig(method="minmax", precision="w4a8", weight_granularity="group128", progress=False)
     mixed = MixedConfig(budget=8, budget_unit="layers", unit="block")  # two blocks of four layers raised
     # tiny counts for the CPU, as in test_recon.py

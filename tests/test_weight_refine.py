@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from dtq.calibrate.api import calibrate, statistics
-from dtq.calibrate.config import CalibConfig, CalibDataConfig
-from dtq.calibrate.data import collect_calibration_set
+from dtq.calibrate.config import CalibConfig
 from dtq.calibrate.evaluate import noise_sqnr, predict
 from dtq.calibrate.gptq import collect_hessians, gptq_quantize, layer_output_error
 from dtq.calibrate.lowrank import lowrank_decompose
@@ -18,7 +17,7 @@ from dtq.runtime.zoo import load_builtin
 
 from conftest import fp_export_for, module_threads
 
-_threads = module_threads(1)  # LAPACK (svd_lowrank QR, cholesky) crawls with 2 threads on a shared 2-core box
+_threads = module_threads(2)  # idle 2-core box: faster than 1, LAPACK included (1 cost 6 s)
 
 
 # -- GPTQ on one Linear ------------------------------------------------------------------------------
@@ -118,10 +117,11 @@ W4A8 = dict(method="minmax", precision="w4a8", weight_granularity="group128", pr
 
 
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_setup(tiny_calibration_set):
     model = load_builtin("dit-tiny-fmnist")
-    cali = collect_calibration_set(model, CalibDataConfig(cali_steps=5, cali_n=4, steps=20, seed=0))
-    held = collect_calibration_set(model, CalibDataConfig(cali_steps=6, cali_n=4, steps=20, seed=10))
+    # the sets test_calibrate and test_rotation record (conftest: once a session, not again here)
+    cali = tiny_calibration_set(cali_steps=5, cali_n=4, steps=20, seed=0)
+    held = tiny_calibration_set(cali_steps=6, cali_n=4, steps=20, seed=10)
     stats = statistics(model, cali, CalibConfig(**W4A8))
     return model, cali, held, stats, predict(model, held)
 
