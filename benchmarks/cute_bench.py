@@ -94,6 +94,14 @@ def quack_configs(names: str):
     return {n: presets[n] for n in names.split(",")}
 
 
+def note_best(row: dict, tried: dict, best: str | None) -> None:
+    """The fastest quack config of a fused case, its time and its speed against cuBLAS + Inductor."""
+    row["quack_best"] = best
+    if best:
+        row["quack_ms"] = tried[best]["ms"]
+        row["quack_vs_cublas_inductor"] = row["cublas_inductor_ms"] / tried[best]["ms"]
+
+
 def fp8_operands(m: int, k: int, n: int, dev):
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(m, k, device=dev, generator=g)
@@ -232,10 +240,7 @@ def main() -> None:
 
                     tried, best = best_quack(call, acc)
                     row["quack"] = tried
-                    row["quack_best"] = best
-                    if best:
-                        row["quack_ms"] = tried[best]["ms"]
-                        row["quack_vs_cublas_inductor"] = row["cublas_inductor_ms"] / tried[best]["ms"]
+                    note_best(row, tried, best)
                 return row
 
             run_case(results, f"fc1/{m}", fc1_case)
@@ -272,10 +277,7 @@ def main() -> None:
                                                              tuned=False, scale_n=sn, bias_n=bn, gate=gate, res=res)["D"]
                             tried, best = best_quack(call, lambda out: sqnr(ref, out))
                             row["quack_weight_per_image"] = tried
-                        row["quack_best"] = best
-                        if best:
-                            row["quack_ms"] = tried[best]["ms"]
-                            row["quack_vs_cublas_inductor"] = row["cublas_inductor_ms"] / tried[best]["ms"]
+                        note_best(row, tried, best)
                     return row
 
                 run_case(results, f"gated/{lname}/{m}", gated_case)

@@ -63,7 +63,7 @@ def use_gelu(model: nn.Module, form: GeluForm) -> nn.Module:
     plain ``nn.GELU``), in place; returns ``model``. Exact GELUs (``approximate="none"``) and other
     activations are left alone."""
     check_gelu_form(form)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not (isinstance(child, nn.GELU) and child.approximate == "tanh"):
                 continue

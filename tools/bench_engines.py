@@ -774,6 +774,16 @@ def twin_points(e2e: dict, twin_of):
                 yield name, b, r, ref
 
 
+# (modifier tag, label of its twin without it, summary key, report line title or None): what summarize sets
+# each X-tag point against, and how report prints it (sage: attention against SDPA; maxat: Inductor's
+# max-autotune against its default mode; mk: multi-kernel; sgelu: the GELU form; amp: --autocast)
+MODIFIER_ABLATIONS = (("sage", "sdpa", "attention_ablation", None),
+                      ("maxat", "default", "compile_mode_ablation", "max-autotune vs default compile"),
+                      ("mk", "single_kernel", "multi_kernel_ablation", "Inductor multi-kernel vs not"),
+                      ("sgelu", "tanh", "gelu_ablation", "GELU as x*sigmoid(2z) vs tanh"),
+                      ("amp", "bf16", "autocast_ablation", "--autocast vs bf16"))
+
+
 def modifier_ablation(e2e: dict, tag: str, twin_label: str) -> dict:
     """``{"X-tag@B": {...}}``: each point of a backend with the modifier ``-tag`` against its twin without
     it (``without_tag``) at the same batch: images/s, forward ms and the speed-up over the twin."""
@@ -824,26 +834,11 @@ def summarize(results: dict) -> dict:
                                               "quantized_layers_only": w4.get("quantized_layer_weights_vs_bf16"),
                                               "met": bool(w4.get("weights_vs_bf16") and w4["weights_vs_bf16"] <= 0.3)}
     summary["targets"] = targets
-    # the attention ablation: each X-sage point against X (same engine, SDPA attention) at the same batch
-    ablation = modifier_ablation(e2e, "sage", "sdpa")
-    if ablation:
-        summary["attention_ablation"] = ablation
-    # the compile-mode ablation: each X-maxat point against X (same engine, Inductor's default mode)
-    ablation = modifier_ablation(e2e, "maxat", "default")
-    if ablation:
-        summary["compile_mode_ablation"] = ablation
-    # the GELU-form ablation: each X-sgelu point against X (nn.GELU's tanh form)
-    ablation = modifier_ablation(e2e, "sgelu", "tanh")
-    if ablation:
-        summary["gelu_ablation"] = ablation
-    # Inductor's multi-kernel: each X-mk point against X
-    ablation = modifier_ablation(e2e, "mk", "single_kernel")
-    if ablation:
-        summary["multi_kernel_ablation"] = ablation
-    # what --autocast costs: each X-amp point against X (bf16 weights and residual stream)
-    ablation = modifier_ablation(e2e, "amp", "bf16")
-    if ablation:
-        summary["autocast_ablation"] = ablation
+    # the modifier ablations: each X-tag point against X (same engine without the modifier) at the same batch
+    for tag, twin_label, key, _ in MODIFIER_ABLATIONS:
+        ablation = modifier_ablation(e2e, tag, twin_label)
+        if ablation:
+            summary[key] = ablation
     # the epilogue ablation: images/s of X over X-unfused at each batch both ran
     fused_of = lambda name: name.removesuffix("-unfused") if name.endswith("-unfused") else None  # noqa: E731
     summary["epilogue_fusion_speedup"] = {f"{fused_of(name)}@{b}": round(fused["images_per_s"] / r["images_per_s"], 3)
@@ -893,18 +888,10 @@ def table(results: dict) -> str:
         f"({v.get('engine_bf16_vs_sim_db', v.get('sage_vs_fp32_db', v.get('error', '?')))} dB)"
         for p, v in c.items() if isinstance(v, dict) and p not in ("model",))]
     t = results.get("summary", {}).get("targets", {})
-    if results.get("summary", {}).get("compile_mode_ablation"):
-        lines.append("max-autotune vs default compile (images/s ratio): " + ", ".join(
-            f"{k}: {v['speedup_vs_default']}x" for k, v in results["summary"]["compile_mode_ablation"].items()))
-    if results.get("summary", {}).get("multi_kernel_ablation"):
-        lines.append("Inductor multi-kernel vs not (images/s ratio): " + ", ".join(
-            f"{k}: {v['speedup_vs_single_kernel']}x" for k, v in results["summary"]["multi_kernel_ablation"].items()))
-    if results.get("summary", {}).get("gelu_ablation"):
-        lines.append("GELU as x*sigmoid(2z) vs tanh (images/s ratio): " + ", ".join(
-            f"{k}: {v['speedup_vs_tanh']}x" for k, v in results["summary"]["gelu_ablation"].items()))
-    if results.get("summary", {}).get("autocast_ablation"):
-        lines.append("--autocast vs bf16 (images/s ratio): " + ", ".join(
-            f"{k}: {v['speedup_vs_bf16']}x" for k, v in results["summary"]["autocast_ablation"].items()))
+    for _, twin_label, key, title in MODIFIER_ABLATIONS:
+        if title and results.get("summary", {}).get(key):
+            lines.append(f"{title} (images/s ratio): " + ", ".join(
+                f"{k}: {v[f'speedup_vs_{twin_label}']}x" for k, v in results["summary"][key].items()))
     if results.get("summary", {}).get("epilogue_fusion_speedup"):
         lines.append("fused epilogues vs unfused (images/s ratio): " + ", ".join(
             f"{k}: {v}x" for k, v in results["summary"]["epilogue_fusion_speedup"].items()))
