@@ -1,5 +1,6 @@
 """``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
-``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``): the Triton GEMMs as custom ops, so that
+``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``) / ``gelu_quant_rows_int8`` /
+``unpack_progressive_int8``: the Triton kernels as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -120,3 +121,23 @@ def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None) -> tuple[torch.Te
 @quant_rows_int8.register_fake
 def _(x, mul):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("dtq::gelu_quant_rows_int8", mutates_args=())
+def gelu_quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.quant_rows_int8(x, mul, gelu=True)
+
+
+@gelu_quant_rows_int8.register_fake
+def _(x, mul):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("dtq::unpack_progressive_int8", mutates_args=())
+def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:
+    return kernels.unpack_progressive_int8(w_packed, s2, group)
+
+
+@unpack_progressive_int8.register_fake
+def _(w_packed, s2, group):
+    return w_packed.new_empty((w_packed.shape[0], 2 * w_packed.shape[1]), dtype=torch.int8)

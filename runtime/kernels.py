@@ -5,6 +5,12 @@
 - :func:`mm8_gate_residual`: the same GEMM whose epilogue adds a DiT block's adaLN-gated residual
   (``residual + gate * out``) and writes the new residual stream (attention proj, MLP fc2). The
   two-level W4A8 GEMM (:func:`w4a8_progressive_mm`) shares both epilogues (``_epilogue_store``).
+- ``_mm8`` runs these 8-bit GEMMs on one of two kernels with the same epilogues and the same numbers:
+  ``_mm8_kernel`` (pointer loads, one program per tile) or ``_mm8_tma_kernel`` (TMA loads through
+  host-side tensor descriptors, one program per SM walking the tiles); the faster per shape is timed
+  at the first call (``_tma_wins``, from ``TMA_MIN_M`` rows).
+- :func:`unpack_progressive_int8`: two-level INT4 weights to their exact int8 products ``q4 * s2``,
+  so the two-level W4A8 layer can run the INT8 GEMM (``qengine.Int4ProgressiveLinear.staged``).
 - :func:`int8_mm`: ``A int8 [M, K]`` x ``W int8 [N, K]`` -> int32 accumulate, epilogue
   ``acc * a_scale * w_scale[n] (+ bias[n])`` -> bf16/fp16. ``a_scale`` is one static per-tensor
   activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
@@ -26,6 +32,8 @@ indexing and epilogues are checked without a GPU. Importing this module needs tr
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -110,7 +118,12 @@ _INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+    return _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``pid``, grouped by GROUP_M rows of tiles (L2 reuse of W)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
@@ -157,16 +170,103 @@ def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_p
         acc = tl.dot(a, w, acc, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    if ROW_SCALE:  # dynamic per-token activation scales: one per row of A
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        c = acc.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
-    else:
-        a_scale = tl.load(a_scale_ptr)
-        c = acc.to(tl.float32) * (a_scale * w_scale)[None, :]
+    c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
     _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
                     gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                     HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
+
+
+# The same GEMM with TMA loads in a persistent loop (issue #13: the pointer-load kernel above runs the INT8
+# GEMMs at 39-51% of the H200's INT8 peak). Host-side tensor descriptors (``TensorDescriptor``; their block
+# shapes set per candidate by ``_tma_blocks``); one program per SM walks the output tiles, and
+# ``flatten=True`` lets the software pipeliner overlap a tile's epilogue with the next tile's loads.
+# Out-of-range rows / columns load as zeros (TMA), so only K % BLOCK_K == 0 is required (prune).
+_TMA_LARGE = [(128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 8),
+              (128, 256, 64, 4, 8), (128, 128, 64, 5, 4), (256, 128, 128, 3, 8), (64, 256, 128, 4, 4)]
+
+
+def _tma_blocks(nargs):
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, pre_hook=_tma_blocks)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=st, num_warps=w,
+                          pre_hook=_tma_blocks) for m, n, k, st, w in _TMA_LARGE]
+
+
+def _prune_k(configs, named_args, **kwargs):
+    K = named_args.get("K", kwargs.get("K"))
+    return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0] or configs
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_k})
+@triton.jit
+def _mm8_tma_kernel(a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
+                    K: tl.constexpr, M_BUCKET, stride_cm, stride_cn,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
+                    GATE_RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NUM_SMS: tl.constexpr,
+                    PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    if PERSISTENT:  # one program per SM walks the tiles (Triton's interpreter: one program per tile)
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+            _mm8_tma_tile(tile, a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr,
+                          M, N, K, stride_cm, stride_cn, gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm,
+                          stride_rn, rows_per_gate, FP8, HAS_BIAS, GELU_QUANT, HAS_QMUL, GATE_RESIDUAL, ROW_SCALE,
+                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _mm8_tma_tile(tl.program_id(0), a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr,
+                      q_scale_ptr, M, N, K, stride_cm, stride_cn, gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm,
+                      stride_rn, rows_per_gate, FP8, HAS_BIAS, GELU_QUANT, HAS_QMUL, GATE_RESIDUAL, ROW_SCALE,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _mm8_tma_tile(tile, a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
+                  K: tl.constexpr, stride_cm, stride_cn, gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn,
+                  rows_per_gate, FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
+                  HAS_QMUL: tl.constexpr, GATE_RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    ACC: tl.constexpr = tl.float32 if FP8 else tl.int32
+    pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for ki in range(K // BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=ACC)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
+    _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                    HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_eligible(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides, unit inner strides."""
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (a, w))
+
+
+@triton.jit
+def _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE: tl.constexpr):
+    """The integer / float32 accumulator tile times ``a_scale * w_scale[n]``: ``a_scale`` static (one
+    value) or, ROW_SCALE, per row of A (dynamic per-token activations, ViDiT-Q)."""
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    if ROW_SCALE:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        return acc.to(tl.float32) * (a_scale[:, None] * w_scale[None, :])
+    return acc.to(tl.float32) * (tl.load(a_scale_ptr) * w_scale)[None, :]
 
 
 @triton.jit
@@ -236,26 +336,78 @@ def _gate_residual_args(c: torch.Tensor, gate: torch.Tensor | None, residual: to
                 GATE_RESIDUAL=True)
 
 
+# _mm8's choice between the pointer-load and the TMA kernel, per (M bucket, N, K, dtypes, epilogue): both
+# are autotuned and timed once at the first call (as Triton's autotuner times its candidates), the faster
+# kept. Measured on an H200 at M = 32768 (benchmarks/tma_gemm_bench.py): TMA 1.02-1.15x on qkv / proj /
+# fc1, 0.95x on INT8 fc2 (K = 4608), so neither wins everywhere. Below TMA_MIN_M rows (the TMA candidates
+# are large tiles) the pointer kernel runs without a trial.
+TMA_MIN_M = 8192
+_TMA_WINS: dict[tuple, bool] = {}
+
+
+def _tma_wins(key: tuple, launch) -> bool:
+    if key not in _TMA_WINS:
+        import triton.testing
+
+        launch(False), launch(True)  # each kernel's own autotuning first
+        t_ptr = triton.testing.do_bench(lambda: launch(False), warmup=5, rep=25, return_mode="median")
+        t_tma = triton.testing.do_bench(lambda: launch(True), warmup=5, rep=25, return_mode="median")
+        _TMA_WINS[key] = t_tma < t_ptr
+    return _TMA_WINS[key]
+
+
 def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
          bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
          config: dict | None = None, gate: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch ``_mm8_kernel`` into ``c``; ``q_scale`` given: the GELU + quantize epilogue; ``gate`` and
+         residual: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
+    """Launch the 8-bit GEMM into ``c``; ``q_scale`` given: the GELU + quantize epilogue; ``gate`` and
     ``residual`` given: the gated residual epilogue (``_epilogue_store``). ``config``:
     pinned meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optional
-    ``num_warps``/``num_stages``) instead of the autotuned choice, as for :func:`w4a16_mm`."""
+    ``num_warps``/``num_stages``) instead of the autotuned choice, as for :func:`w4a16_mm`. ``tma``: True
+    runs ``_mm8_tma_kernel`` (where ``tma_eligible``), False ``_mm8_kernel``, None (default) the faster of
+    the two for this shape on a GPU at ``TMA_MIN_M`` rows or more (``_tma_wins``), else ``_mm8_kernel``.
+    Both give the same output (INT8: the same int32 sums; FP8: float32 sums in the same K order)."""
+    if tma is None:
+        M = a.shape[0]
+        auto = config is None and a.is_cuda and not _INTERPRET and M >= TMA_MIN_M and tma_eligible(a, w)
+        key = (_m_bucket(M), w.shape[0], a.shape[1], a.dtype, c.dtype, q_scale is not None, gate is not None,
+               a_scale.dim())
+        launch = lambda t: _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, t)  # noqa: E731
+        return launch(auto and _tma_wins(key, launch))
+    return _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma)
+
+
+def _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma: bool) -> torch.Tensor:
     assert q_scale is None or gate is None, "one epilogue: GELU + quantize or gated residual"
     M, K = a.shape
     N, K2 = w.shape
     assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
+    args = dict(FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, GELU_QUANT=q_scale is not None,
+                HAS_QMUL=q_mul is not None, ROW_SCALE=a_scale.dim() == 1, **_gate_residual_args(c, gate, residual))
+    if tma and tma_eligible(a, w):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1])  # block shapes: _tma_blocks
+        w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1])
+        sms = _num_sms(a.device)
+        tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+        grid = lambda meta: (tiles(meta) if _INTERPRET else min(sms, tiles(meta)),)  # noqa: E731
+        if config is None:
+            kernel = _mm8_tma_kernel
+        else:
+            kernel = _mm8_tma_kernel.fn
+            _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
+        kernel[grid](a_desc, w_desc, c, a_scale, w_scale, bias if bias is not None else w_scale,
+                     q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
+                     M, N, K, _m_bucket(M), c.stride(0), c.stride(1), NUM_SMS=sms, PERSISTENT=not _INTERPRET, **args,
+                     **({} if config is None else dict(config)))
+        return c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel = _mm8_kernel if config is None else _mm8_kernel.fn
     kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
                       q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
                       M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
-                      c.stride(1), FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                      GELU_QUANT=q_scale is not None, HAS_QMUL=q_mul is not None, ROW_SCALE=a_scale.dim() == 1,
-                      **_gate_residual_args(c, gate, residual), **({} if config is None else dict(config)))
+                      c.stride(1), **args, **({} if config is None else dict(config)))
     return c
 
 
@@ -578,12 +730,7 @@ def _w4a8_progressive_kernel(a_ptr, w_ptr, s2_ptr, s1_ptr, c_ptr, a_scale_ptr, b
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)  # int32 across the whole K: no per-group float work
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += (BLOCK_K // 2) * stride_wk
-    s1 = tl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
-    if ROW_SCALE:  # dynamic per-token activation scales (ViDiT-Q): one per row of A
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        c = acc.to(tl.float32) * (a_scale[:, None] * s1[None, :])
-    else:
-        c = acc.to(tl.float32) * (tl.load(a_scale_ptr) * s1)[None, :]
+    c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, s1_ptr, ROW_SCALE)  # a_scale * s1[n]
     _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
                     gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
                     HAS_BIAS, GELU_QUANT, HAS_QMUL, False, GATE_RESIDUAL)
@@ -643,15 +790,53 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
     return w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, config=config, gate=gate, residual=residual)
 
 
+# -- two-level INT4 weights staged to int8 for the INT8 GEMM (large M) ---------------------------------------
+@triton.jit
+def _unpack_progressive_kernel(w_ptr, s2_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
+                               BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s2: packed byte j holds K columns 2j (low) and 2j + 1 (high),
+    # both in group (2j) // GROUP (the group size is even)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kp = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
+    lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
+    s2 = tl.load(s2_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
+    s2 = s2.to(tl.int32)
+    w8 = tl.reshape(tl.join(lo * s2, hi * s2), (BLOCK_N, 2 * BLOCK_KP)).to(tl.int8)  # exact: |q4 * s2| <= 128
+    offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w8,
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
+
+
+def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:
+    """Two-level INT4 weights (``quant.progressive_int4``: q4 packed ``[N, K/2]``, integer ``s2`` ``[N, K/group]``)
+    -> the exact int8 products ``q4 * s2`` ``[N, K]``: what the two-level kernel computes in registers,
+    written once so that the layer runs on the INT8 GEMM (``int8_mm`` / ``mm8_*`` with ``w_scale = s1``:
+    the same int32 sums and the same epilogue, so the same output). One pass over the layer's weight
+    (``N * K * 1.5`` bytes); on an H200 it cost less than unpacking in the GEMM's registers at every
+    batch measured (``qengine.W4A8_STAGED_MIN_ROWS``)."""
+    N, KP = w_packed.shape
+    assert w_packed.dtype == torch.uint8 and s2.dtype == torch.int8 and group % 2 == 0, (w_packed.dtype, s2.dtype, group)
+    assert s2.shape == (N, 2 * KP // group) and s2.stride(1) == 1 and w_packed.stride(1) == 1, (s2.shape, w_packed.shape)
+    out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=torch.int8)
+    bn, bkp = (16, 16) if _INTERPRET else (32, 128)
+    _unpack_progressive_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
+        w_packed, s2, out, N, KP, group, w_packed.stride(0), s2.stride(0), out.stride(0), BLOCK_N=bn, BLOCK_KP=bkp)
+    return out
+
+
 # -- per-token dynamic activation quantization ----------------------------------------------------------
 @triton.jit
 def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HAS_MUL: tl.constexpr,
-                       QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one program per row: load it once, balance it, amax -> scale, round half to even, saturate
+                       GELU: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program per row: load it once, (GELU,) balance it, amax -> scale, round half to even, saturate
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if GELU:  # fc1's output -> GELU(tanh) rounded to the activation's type, as the unfused nn.GELU writes it
+        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)
@@ -661,18 +846,21 @@ def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HA
     tl.store(s_ptr + row, scale)
 
 
-def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None,
+                    gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """ViDiT-Q's dynamic per-token INT8 quantization in one pass over ``x`` [M, K] (any float type):
     ``x' = x.float() * mul`` (the layer's run-time balancing, optional), ``s[m] = max(amax|x'[m]| / 127,
     1e-12)``, ``q = saturate(round_half_even(x' / s))`` -> (int8 [M, K], float32 [M]): the numbers of
     ``quant.fake_quant_act(..., "token")`` and of the ONNX graph's per-token Q/DQ. Feeds ``int8_mm`` /
-    ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (one row per program, in registers)."""
+    ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (one row per program, in registers).
+    ``gelu``: ``x`` is fc1's output and the pass first applies GELU(tanh), rounded to ``x``'s dtype (what
+    an unfused ``nn.GELU`` would write): fc2's per-token input without the GELU pass over the 4x-hidden tensor."""
     M, K = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M:
         _quant_rows_kernel[(M,)](x, mul if mul is not None else s, q, s, K, x.stride(0), q.stride(0),
-                                 HAS_MUL=mul is not None, QMAX=127.0, MIN_SCALE=1e-12,
+                                 HAS_MUL=mul is not None, GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12,
                                  BLOCK_K=triton.next_power_of_2(K))
     return q, s

@@ -28,8 +28,10 @@ w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: we
                                    multiple of 64; else as w4a16 after fake-quantizing the activation).
                                    TensorRT has no such kernel: it runs W4A8 graphs weight-only
 w4a8       ``Int4Progressive-      ``build_qengine(w4a8="progressive")``: weights requantized to two-level
-(opt-in)   Linear``                INT4 (integer group scales); ``q4 * s2`` unpacked to int8 in registers,
-                                   int8 MMAs accumulate in int32 over the whole K, one float epilogue
+(opt-in)   Linear``                INT4 (integer group scales); ``q4 * s2`` unpacked to exact int8 (once per
+                                   call into a temporary, then the INT8 GEMM: ``w4a8_staged_rows``; or in
+                                   the GEMM's registers), int32 accumulation over the whole K, one float
+                                   epilogue
 =========  ======================  =====================================================================
 
 Per-token dynamic activations (a recipe layer's ``act_granularity`` "token", ViDiT-Q): INT8 layers
@@ -41,8 +43,10 @@ row-wise ``scale_a``. ``build_qengine(token_quant=...)`` (:data:`TokenQuant`) pi
 take no fused epilogue; "inductor" (opt-in): under ``torch.compile`` the quantizer is plain torch ops
 (``quant.token_codes_int8``, same codes and scales) that Inductor fuses into the kernel computing the
 activation (LayerNorm + modulate, GELU), ``compile_blocks`` adds ``TOKEN_INDUCTOR_OPTIONS``, and
-per-token proj / fc2 take the gated-residual epilogue with per-row scales. ``FusedMlp`` needs static
-scales either way (fc1's epilogue sees one N tile of a row, not the row's amax).
+per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass-fused" (opt-in): the
+Triton pass, with fc2's GELU applied inside fc2's pass (``kernels.quant_rows_int8(gelu=True)``, a
+``FusedMlp`` whose fc1 keeps its own GEMM) and the gated-residual epilogue with per-row scales. The
+GELU + quantize epilogue of fc1 needs static scales (it sees one N tile of a row, not the row's amax).
 ``Int4ProgressiveLinear`` takes both, as ``Int4Linear`` does (its kernel's ``ROW_SCALE``).
 
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
@@ -106,13 +110,22 @@ W4_MIN_K = 64  # runtime.kernels.w4a16_mm needs C_in % 64 == 0
 # kernel with its small-M candidates beat _int_mm at M = 4096 (0.86-1.22x vs 0.78-0.91x of bf16) and
 # M = 512 (0.88-1.04x vs 0.58-0.87x), as at M = 32768, so no row count takes _int_mm by default.
 INT8_INT_MM_MAX_M = 0
+# Two-level W4A8 (Int4ProgressiveLinear) from this many input rows on: q4 * s2 unpacked to int8 once per
+# call, then the INT8 GEMM; below it the INT4 weight is unpacked in the GEMM's registers (4-bit weight
+# reads). build_qengine's w4a8_staged_rows; None: never staged. Measured on an H200 (session 12, DiT-XL/2,
+# per-token g32, images/s staged vs in registers): 4.22 vs 3.32 at batch 1 (512 rows with guidance),
+# 13.29 vs 10.13 at batch 8; at batch 64 the static g128 engine went from 0.82x to 1.26x of bf16. So every
+# row count is staged; the in-register kernel stays for w4a8_staged_rows=None (and GPUs where it wins).
+W4A8_STAGED_MIN_ROWS = 0
 INT8_KERNELS = ("auto", "triton", "int_mm")
 # How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
 # "inductor": torch ops Inductor fuses into the producer under compile + TOKEN_INDUCTOR_OPTIONS + the
 # gated-residual epilogue with per-row scales. On the H200 "inductor" ran 24.7% behind static INT8,
 # "pass" 13.4% (docs/engines.md), so "pass" is the default until a profile says which part costs.
-TokenQuant = Literal["pass", "inductor"]
+# "pass-fused": the Triton pass, with fc2's GELU done inside fc2's quantization pass (FusedMlp: no GELU
+# pass over the 4x-hidden tensor) and the gated-residual epilogue with per-row scales in proj / fc2.
+TokenQuant = Literal["pass", "inductor", "pass-fused"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 
 
@@ -226,11 +239,11 @@ class EngineLinear(nn.Module):
     def fuses_epilogue(self, rows: int | None = None) -> bool:
         """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
         some row count when None): a Triton kernel of ours, no low-rank branch (added after the GEMM).
-        Per-token layers only with ``token_quant="inductor"`` (the gated residual with per-row scales;
-        "pass" keeps them unfused, the measured-faster engine); ``FusedMlp`` also needs static scales
-        (fc2's input is quantized inside fc1's N tiles)."""
+        Per-token layers only with ``token_quant`` "inductor" or "pass-fused" (the gated residual with
+        per-row scales; "pass" keeps them unfused); ``FusedMlp``'s fc1 epilogue also needs static scales
+        (fc2's input is quantized inside fc1's N tiles; per token it folds GELU into fc2's pass instead)."""
         return (self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
-                and (not self.dynamic or self.token_quant == "inductor"))
+                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused")))
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -467,7 +480,12 @@ class FusedMlp(nn.Module):
     in bf16 (one write + read of a 4x-hidden tensor and one elementwise pass fewer per block); fc2
     is the layer's own GEMM on those codes. The arithmetic is the simulation's up to where it rounds:
     fc1's output and the GELU stay in float32 instead of passing through bf16. On the CPU it is
-    ``fc2(act(fc1(x)))``, bit-identical to the simulation."""
+    ``fc2(act(fc1(x)))``, bit-identical to the simulation.
+
+    A per-token INT8 fc2 (``token_quant="pass-fused"``) needs its row's amax before any code, which one
+    N tile of fc1 cannot see: fc1 runs its own GEMM (bf16 out) and fc2's quantization pass applies the
+    GELU (``gelu_quant_rows_int8``): one pass over the 4x-hidden tensor instead of two, codes and
+    per-row scales as the unfused GELU + pass give them."""
 
     def __init__(self, fc1: EngineLinear, act: nn.Module, fc2: EngineLinear):
         super().__init__()
@@ -476,6 +494,8 @@ class FusedMlp(nn.Module):
     @staticmethod
     def fusable(mlp: nn.Module, formats: tuple[str, ...] = ("int8",)) -> bool:
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
+        if FusedMlp.token_fusable(fc1, act, fc2, formats):
+            return True
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear)
                 and fc1.epilogue_format in formats and fc1.epilogue_format == fc2.epilogue_format
                 # kernels with the GELU + quantize epilogue (fc1) and a GEMM on given codes (fc2)
@@ -485,6 +505,16 @@ class FusedMlp(nn.Module):
                 # input (per-token MLPs: GELU + quantize fused by Inductor, fc2 gated-residual epilogue)
                 and fc1.act_granularity == fc2.act_granularity == "tensor"
                 and not fc2.input_rotation  # nor a Hadamard rotation of fc2's input (yet)
+                and isinstance(act, nn.GELU) and act.approximate == "tanh")
+
+    @staticmethod
+    def token_fusable(fc1, act, fc2, formats: tuple[str, ...]) -> bool:
+        """A per-token INT8-code fc2 with ``token_quant="pass-fused"`` after any engine fc1: GELU folded
+        into fc2's quantization pass."""
+        return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear) and fc2.dynamic
+                and fc2.token_quant == "pass-fused" and fc2.act_format == "int8"
+                and fc2.epilogue_format in formats and fc2.fuses_epilogue()
+                and callable(getattr(fc2, "codes_forward", None)) and not fc2.input_rotation
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -501,6 +531,13 @@ class FusedMlp(nn.Module):
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
         rows = x.numel() // shape[-1]
+        if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
+            h = fc1(x).reshape(rows, fc1.out_features)
+            codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul)
+            if gate is None:
+                return fc2.codes_forward(codes, x.dtype, scales).reshape(*shape[:-1], fc2.out_features)
+            return fc2.codes_gate_residual(codes, gate, residual.reshape(-1, fc2.out_features),
+                                           scales).reshape(residual.shape)
         if not (fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows)):
             y = fc2(self.act(fc1(x)))
             return y if gate is None else residual + gate.unsqueeze(1) * y
@@ -636,10 +673,13 @@ class Int4ProgressiveLinear(EngineLinear):
     simulation's by that requantization (layer weight SQNR vs the simulation: docs/engines.md); the
     CPU / reference path computes with the requantized weight, so it is this engine's exact reference."""
 
-    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto", staged_min_rows: int | None = None):
         super().__init__(q, kernel)
         if not self.eligible(q):
             raise ValueError(f"two-level W4A8 needs INT4 weights, INT8 activations and C_in % {W4_MIN_K} == 0")
+        # from this many input rows on, q4 * s2 is unpacked to int8 once per call and the INT8 GEMM runs
+        # (same int32 sums, same epilogue, same output); None: always unpacked in the GEMM's registers
+        self.staged_min_rows = staged_min_rows
         from .kernels_ref import pack_int4
 
         self.group = q.weight_group_size if q.weight_granularity == "group" else q.in_features
@@ -663,7 +703,20 @@ class Int4ProgressiveLinear(EngineLinear):
         return quant.dequantize_progressive(self.weight_codes(), self.w_s1, self.w_s2)
 
     def kernel_name(self) -> str:
-        return "reference" if self.kernel == "reference" else "Int4ProgressiveLinear[w4a8 int8-MMA, int32 over K]"
+        staged = "" if self.staged_min_rows is None else f", staged to int8 from {self.staged_min_rows} rows"
+        return "reference" if self.kernel == "reference" else f"Int4ProgressiveLinear[w4a8 int8-MMA, int32 over K{staged}]"
+
+    def staged(self, rows: int) -> bool:
+        """Whether ``rows`` input rows run the INT8 GEMM on the unpacked weight. Unpacking INT4 in the
+        GEMM's inner loop (extra ALU work beside the MMAs, the weight tile through registers instead of
+        shared memory) ran at 0.82x of bf16 at batch 64 where the INT8 GEMM ran at 1.15x; the unpack pass
+        reads 0.5 and writes 1 byte per weight once per call, which even at 512 rows cost less than the
+        slower kernel (``W4A8_STAGED_MIN_ROWS``, docs/engines.md)."""
+        return self.staged_min_rows is not None and rows >= self.staged_min_rows
+
+    def int8_weight(self) -> torch.Tensor:
+        """``q4 * s2`` as int8 ``[N, K]`` (a temporary of the call; the layer keeps 4-bit weights)."""
+        return torch.ops.dtq.unpack_progressive_int8(self.weight_packed, self.w_s2, self.group)
 
     epilogue_format = "w4a8"
 
@@ -679,10 +732,15 @@ class Int4ProgressiveLinear(EngineLinear):
         codes' scale, static ``[]`` (default: the layer's) or per row ``[M]`` (dynamic)."""
         a_scale = self.act_scale if a_scale is None else a_scale
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self.staged(xq.shape[0]):
+            return torch.ops.dtq.int8_mm(xq, self.int8_weight(), a_scale, self.w_s1, self.bias, out_dtype).to(dtype)
         return torch.ops.dtq.w4a8_progressive_mm(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                  a_scale, self.bias, out_dtype).to(dtype)
 
     def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
+        if self.staged(xq.shape[0]):
+            return torch.ops.dtq.mm8_gelu_quant(xq, self.int8_weight(), self.act_scale, self.w_s1, self.bias,
+                                                q_mul, q_scale)
         return torch.ops.dtq.w4a8_progressive_gelu_quant(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                          self.act_scale, self.bias, q_mul, q_scale)
 
@@ -692,6 +750,9 @@ class Int4ProgressiveLinear(EngineLinear):
     def codes_gate_residual(self, xq: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor,
                             a_scale: torch.Tensor | None = None) -> torch.Tensor:
         a_scale = self.act_scale if a_scale is None else a_scale  # [M]: per-token codes (ROW_SCALE)
+        if self.staged(xq.shape[0]):
+            return torch.ops.dtq.mm8_gate_residual(xq, self.int8_weight(), a_scale, self.w_s1, self.bias, gate,
+                                                   residual)
         return torch.ops.dtq.w4a8_progressive_gate_residual(xq, self.weight_packed, self.w_s2, self.group, self.w_s1,
                                                             a_scale, self.bias, gate, residual)
 
@@ -730,10 +791,10 @@ assert set(ENGINE_LAYERS) == set(formats.QUANTIZED_PRECISIONS), "a precision wit
 
 
 def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                 w4a8: W4A8Kernel = "group") -> EngineLinear:
+                 w4a8: W4A8Kernel = "group", w4a8_staged_rows: int | None = None) -> EngineLinear:
     """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
-        return Int4ProgressiveLinear(q, kernel)
+        return Int4ProgressiveLinear(q, kernel, w4a8_staged_rows)
     check_w4a8_kernel(w4a8)
     precision = formats.precision_of(q.weight_format, q.act_format)
     cls = ENGINE_LAYERS.get(precision)
@@ -746,7 +807,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
-                  token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh", check: bool = True) -> nn.Module:
+                  token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
+                  w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS, check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
@@ -759,13 +821,17 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     ``()`` for both: every epilogue unfused (the benchmark's ablation). ``w4a8``: "group" runs W4A8 layers with the
     recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
-    accumulation over the whole K), which changes the weights slightly. ``attention``: the blocks'
+    accumulation over the whole K), which changes the weights slightly; ``w4a8_staged_rows``: from how
+    many input rows its layers unpack ``q4 * s2`` to int8 once per call and run the INT8 GEMM (None:
+    never; :data:`W4A8_STAGED_MIN_ROWS`). ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and
-    epilogues, "pass" (default: the Triton pass, also under compile; no fused epilogue) or "inductor"
+    epilogues, "pass" (default: the Triton pass, also under compile; no fused epilogue), "inductor"
     (torch ops fused by Inductor under compile, its ``TOKEN_INDUCTOR_OPTIONS``, the gated-residual
-    epilogue of the families in ``fuse_residual``); static layers ignore it.
+    epilogue of the families in ``fuse_residual``) or "pass-fused" (the Triton pass, fc2's GELU inside
+    fc2's pass for the families in ``fuse_mlp``, the gated-residual epilogue with per-row scales for
+    those in ``fuse_residual``); static layers ignore it.
 
     ``kernel``: "auto" (the GPU path on CUDA inputs, the simulation's operations on the CPU),
     "reference" (the simulation's operations everywhere) or "gpu" (the GPU path on any device: on the
@@ -789,7 +855,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     engine = apply_recipe(model, recipe, check=check)
     fp8_scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
     swap_engine_layers(engine, recipe, kernel=kernel, int8_kernel=int8_kernel, w4a8=w4a8, fp8_scaling=fp8_scaling,
-                       token_quant=token_quant)
+                       token_quant=token_quant, w4a8_staged_rows=w4a8_staged_rows)
     if family == "dit":
         fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
     use_gelu(engine, gelu)
@@ -813,12 +879,13 @@ def check_token_quant(token_quant: str) -> None:
 
 def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
                        w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise",
-                       token_quant: TokenQuant = "pass") -> nn.Module:
+                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = None) -> nn.Module:
     """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
     ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family
     agnostic: the names are the recipe's, which calibration took from the model adapter's quantizable
     Linears. Balancing-only layers (weight format "none": a run-time Mul before an FP Linear) stay.
-    ``token_quant``: :data:`TokenQuant`, recorded on every engine layer (per-token layers act on it)."""
+    ``token_quant``: :data:`TokenQuant`, recorded on every engine layer (per-token layers act on it);
+    ``w4a8_staged_rows``: ``Int4ProgressiveLinear.staged_min_rows``."""
     check_token_quant(token_quant)
     for name in recipe.layers:
         q = sim.get_submodule(name)
@@ -826,7 +893,7 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
             raise TypeError(f"{name}: expected the simulation's QuantLinear, found {type(q).__name__}")
         if q.weight_format == "none":
             continue
-        layer = engine_layer(q, kernel, int8_kernel, w4a8)
+        layer = engine_layer(q, kernel, int8_kernel, w4a8, w4a8_staged_rows)
         layer.token_quant = token_quant
         if isinstance(layer, FP8Linear):
             layer.scaling = fp8_scaling

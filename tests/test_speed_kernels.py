@@ -281,7 +281,7 @@ def test_fused_epilogues_in_interpreter():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 3])
         for p, kw, ops in (("int8", {}, ("dtq::mm8_gate_residual", "dtq::mm8_gelu_quant")),
-                           ("w4a8", dict(w4a8="progressive"),
+                           ("w4a8", dict(w4a8="progressive", w4a8_staged_rows=None),  # in registers; staged: below
                             ("dtq::w4a8_progressive_gate_residual", "dtq::w4a8_progressive_gelu_quant"))):
             recipe = minmax_recipe(m, p, group=32, balance=True)
             eng = build_qengine(m, recipe, **kw)
@@ -323,6 +323,110 @@ def test_fused_epilogues_in_interpreter():
                     blk = sage.blocks[0]
                     assert isinstance(blk, FusedResidualBlock) and type(blk.attn).__name__ == "EngineAttention"
                     assert quant.sqnr_db(blk(h0, c), blk.fused_forward(h0, c)) > 40
+        print("ok")
+    """)
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
+    """The 8-bit GEMM's TMA kernel equals its pointer-load kernel (INT8 / FP8, each epilogue). Two-level
+    W4A8 staged to int8 (large M): the unpack kernel gives q4 * s2 exactly, and a layer that
+    runs the INT8 GEMM on it returns the in-register kernel's output bit for bit (plain, GELU + quantize,
+    gated residual; static and per-token scales). The GELU-folding per-token pass gives the unfused
+    GELU + pass's codes; a per-token "pass-fused" engine calls it and the per-row gated-residual
+    epilogues, and matches the "pass" engine."""
+    code = textwrap.dedent("""
+        import torch
+        from torch.profiler import profile
+        from dtq.runtime import kernel_ops, kernels, quant
+        from dtq.runtime.kernels_ref import pack_int4
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, FusedResidualBlock, Int4ProgressiveLinear, build_qengine, engine_layers
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        for N, K, g in ((37, 96, 32), (50, 128, 16), (16, 64, 64)):  # ragged N, groups below / at the tile
+            q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+            s2 = torch.randint(1, 17, (N, K // g), dtype=torch.int8)
+            s2[0, 0], q[0, 0] = 16, -8  # the extreme product -128
+            w8 = kernels.unpack_progressive_int8(pack_int4(q), s2, g)
+            want = q.int() * s2.int().repeat_interleave(g, 1)
+            assert w8.dtype == torch.int8 and torch.equal(w8.int(), want), (N, K, g)
+        # the TMA kernel (persistent on the GPU; here one program per tile) equals the pointer-load kernel
+        M, N, K = 39, 48, 96
+        sa, sw, b = torch.tensor(0.02), torch.rand(N) * 0.01 + 1e-3, torch.randn(N)
+        gate, res = torch.randn(3, N), torch.randn(M, N)
+        for dt in (torch.int8, torch.float8_e4m3fn):
+            if dt == torch.int8:
+                a, w = (torch.randint(-128, 128, s, dtype=dt) for s in ((M, K), (N, K)))
+            else:
+                a, w = ((torch.randn(*s) * 50).clamp(-448, 448).to(dt) for s in ((M, K), (N, K)))
+            for kw, out_dt in (({}, torch.float32), (dict(gate=gate, residual=res), torch.float32),
+                               (dict(q_scale=torch.tensor(0.05)), dt)):
+                c0, c1 = torch.empty(M, N, dtype=out_dt), torch.empty(M, N, dtype=out_dt)
+                kernels._mm8(a, w, c0, sa, sw, b, tma=False, **kw)
+                kernels._mm8(a, w, c1, sa, sw, b, tma=True, **kw)
+                assert torch.equal(c0.view(torch.uint8) if out_dt == dt else c0,
+                                   c1.view(torch.uint8) if out_dt == dt else c1), (dt, list(kw))
+        # GELU folded into the per-token pass: the codes of GELU (rounded to fp16) then the pass
+        x = torch.randn(23, 200, dtype=torch.float16) * torch.logspace(-1, 1, 23)[:, None].half()
+        mul = torch.rand(200) + 0.5
+        q1, s1 = kernels.quant_rows_int8(x, mul, gelu=True)
+        q0, s0 = kernels.quant_rows_int8(torch.nn.functional.gelu(x.float(), approximate="tanh").half(), mul)
+        diff = (q1.int() - q0.int()).abs()
+        assert torch.allclose(s1, s0, rtol=1e-3) and diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()
+        assert q0.min() < -5 and q0.max() == 127  # the negative GELU tail and each row's amax exercised
+        # engines on a tiny DiT
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        xi, t, y = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 3])
+        for gran in ("tensor", "token"):
+            recipe = minmax_recipe(m, "w4a8", group=32, balance=True, act_granularity=gran)
+            inreg = build_qengine(m, recipe, w4a8="progressive", kernel="gpu", w4a8_staged_rows=None)
+            staged = build_qengine(m, recipe, w4a8="progressive", kernel="gpu", w4a8_staged_rows=1)
+            for name, lin in engine_layers(staged).items():
+                other = inreg.get_submodule(name)
+                assert isinstance(lin, Int4ProgressiveLinear) and lin.staged(1) and not other.staged(10**9)
+                a = torch.randint(-128, 128, (20, lin.in_features), dtype=torch.int8)
+                sa = torch.rand(20) * 0.02 + 1e-3 if gran == "token" else lin.act_scale
+                assert torch.equal(lin.codes_forward(a, torch.float16, sa), other.codes_forward(a, torch.float16, sa))
+                gate, res = torch.randn(4, lin.out_features), torch.randn(20, lin.out_features, dtype=torch.float16)
+                assert torch.equal(lin.codes_gate_residual(a, gate, res, sa), other.codes_gate_residual(a, gate, res, sa))
+                if gran == "tensor":
+                    qs = torch.tensor(0.05)
+                    assert torch.equal(lin.codes_gelu_quant(a, None, qs), other.codes_gelu_quant(a, None, qs))
+            with profile() as prof, torch.no_grad():
+                got, want = staged(xi, t, y), inreg(xi, t, y)
+            assert torch.equal(got, want), gran
+            names = {e.name for e in prof.events()}
+            gemm = "dtq::mm8_gate_residual" if gran == "tensor" else "dtq::int8_mm"  # "pass": per token unfused
+            assert "dtq::unpack_progressive_int8" in names and gemm in names, (gran, sorted(names))
+        for p, kw in (("int8", {}), ("w4a8", dict(w4a8="progressive"))):
+            recipe = minmax_recipe(m, p, group=32, balance=True, act_granularity="token")
+            plain = build_qengine(m, recipe, kernel="gpu", **kw)
+            fused = build_qengine(m, recipe, kernel="gpu", token_quant="pass-fused", **kw)
+            assert not any(isinstance(mod, (FusedMlp, FusedResidualBlock)) for mod in plain.modules()), p
+            blk = fused.blocks[0]
+            assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2 and isinstance(blk.mlp, FusedMlp), p
+            with profile() as prof, torch.no_grad():
+                got = fused(xi, t, y)
+            names = [e.name for e in prof.events()]
+            assert names.count("dtq::gelu_quant_rows_int8") == 1, (p, sorted(set(n for n in names if n.startswith("dtq::"))))
+            gate_op = "dtq::mm8_gate_residual"  # two-level W4A8 too: staged to int8 by default
+            assert names.count(gate_op) == 2, (p, gate_op)
+            with torch.no_grad():
+                ref, sim = plain(xi, t, y), build_qengine(m, recipe, **kw)(xi, t, y)
+            s_plain, s_ref = quant.sqnr_db(ref, got), quant.sqnr_db(sim, got)
+            # as close to the CPU engine (int8: the simulation; w4a8: its requantized weights) as "pass" is
+            assert s_plain > 40 and s_ref > min(40, quant.sqnr_db(sim, ref) - 0.5), (p, s_plain, s_ref)
+            print(p, "per-token pass-fused vs pass", round(s_plain, 1), "dB")
+            if p == "w4a8":  # torch.compile traces the per-token fused block whole, staged to int8 too
+                staged = build_qengine(m, recipe, kernel="gpu", token_quant="pass-fused", w4a8_staged_rows=1, **kw)
+                h = staged.x_embedder(xi) + staged.pos_embed
+                c = staged.t_embedder(t) + staged.y_embedder(y)
+                f = torch.compile(staged.blocks[0].fused_forward, backend="aot_eager", fullgraph=True)
+                with torch.no_grad():
+                    assert torch.equal(f(h, c), staged.blocks[0].fused_forward(h, c))
         print("ok")
     """)
     run_in_triton_interpreter(code)

@@ -390,6 +390,14 @@ TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activa
 # "-token-tokfused": per-token with build_qengine(token_quant="inductor") (quantizer fused by Inductor,
 # its realize option, gated-residual epilogues); plain "-token" is the default Triton pass
 TOKFUSED = "tokfused"
+# "-token-passfused": token_quant="pass-fused" (the Triton pass with fc2's GELU inside fc2's pass, and
+# gated-residual epilogues with per-row scales)
+PASSFUSED = "passfused"
+TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused"}
+# two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
+# "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
+# (staged from W4A8_STAGED_MIN_ROWS rows)
+STAGE_TAGS = {"staged": 0, "inreg": None}
 
 
 # trailing tags of any built backend: attention kernel, compile mode, autocast, GELU form, Inductor multi-kernel
@@ -451,7 +459,9 @@ def engine_options(name: str) -> dict:
     (w4a8 / w4a16: INT4 weight group N in 16, 32, 64, 128 instead of 128; ``backend_group``), and the
     "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static;
     ``token_quant`` "pass"), "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
-    quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included), the
+    quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
+    "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
+    the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows), the
     epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
     epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
@@ -462,18 +472,23 @@ def engine_options(name: str) -> dict:
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
     groups = [t for t in tags if GROUP_TAG.fullmatch(t)]
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
-           and not (t == "token" and precision in TOKEN_PRECISIONS) and not (t == TOKFUSED and "token" in tags)
+           and not (t == "token" and precision in TOKEN_PRECISIONS)
+           and not (t in TOKEN_QUANT_TAGS and "token" in tags)
+           and not (t in STAGE_TAGS and "progressive" in tags)
            and not (t in groups and precision in INT4_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if (precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(groups) > 1
-            or len(set(tags)) != len(tags)):
+            or len(set(tags)) != len(tags) or len(set(tags) & set(TOKEN_QUANT_TAGS)) > 1
+            or len(set(tags) & set(STAGE_TAGS)) > 1):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token[-{TOKFUSED}]][-gN][-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
+                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}]][-staged|-inreg][-gN]"
+                         f"[-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
     family = "w4a8" if "progressive" in tags else "w4a8-group" if precision == "w4a8" else precision
     fuse_mlp, fuse_residual = ("int8", "w4a8"), ("int8", "w4a8")  # build_qengine's defaults
-    tokfused = TOKFUSED in tags
+    token_quant = next((TOKEN_QUANT_TAGS[t] for t in tags if t in TOKEN_QUANT_TAGS), "pass")
+    tokfused = token_quant == "inductor"
     if tokfused and family == "w4a8-group":  # the merged (a542954) engine: per-token W4A8 gated residual too
         fuse_residual = (*fuse_residual, family)
     if ablation == ["unfused"]:
@@ -484,7 +499,8 @@ def engine_options(name: str) -> dict:
         fuse_mlp = fuse_residual = (family,)
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
-            "fuse_residual": fuse_residual, "token_quant": "inductor" if tokfused else "pass"}
+            "fuse_residual": fuse_residual, "token_quant": token_quant,
+            **{"w4a8_staged_rows": STAGE_TAGS[t] for t in tags if t in STAGE_TAGS}}
 
 
 def model_dtype(mods: dict) -> torch.dtype:
@@ -845,7 +861,7 @@ def summarize(results: dict) -> dict:
                                           for name, b, r, fused in twin_points(e2e, fused_of)}
     # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-tokfused
     # (token_quant "inductor") against X per batch
-    static_of = lambda name: (without_tag(without_tag(name, TOKFUSED), "token")  # noqa: E731
+    static_of = lambda name: (without_tag(without_tag(without_tag(name, TOKFUSED), PASSFUSED), "token")  # noqa: E731
                               if "token" in name.split("-")[1:] else None)
     token = {}
     for name, b, r, ref in twin_points(e2e, static_of):
