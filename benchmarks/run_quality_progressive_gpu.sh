@@ -18,14 +18,16 @@ source benchmarks/quality_lanes.sh quality_progressive_out  # DEV, O, T, TINY, R
 SENS="python -m dtq.tools.sensitivity --device $DEV --eval-n 8 --no-progress --budget 0.1 --high-precision int8 $SMALL"
 PROG="$ENGINE --w4a8-kernel progressive"
 mkdir -p $O/fid; READY=$O/fid/reference-ready; rm -f $READY
-stamp cal-tiny-w4bmix $SENS --ckpt $TINY $W4B --out $O/r/tiny-w4bmix && \
-  SF tiny-w4bmix-prog-50 $TINY --steps $S50 --backend recipe:$O/r/tiny-w4bmix $PROG &
+# LANES (default all three): which sets to make, e.g. LANES="tiny ref50" fits one 10-minute device call
+want() { [[ " ${LANES:-tiny ref50 ref100} " == *" $1 "* ]]; }
+want tiny && { stamp cal-tiny-w4bmix $SENS --ckpt $TINY $W4B --out $O/r/tiny-w4bmix && \
+  SF tiny-w4bmix-prog-50 $TINY --steps $S50 --backend recipe:$O/r/tiny-w4bmix $PROG & }
 # the reference statistics once (cached in $DTQ_CACHE_DIR: the scorers do not race to write them)
 stage_ready
 [ "${DRY:-0}" = 1 ] || stamp fid-reference $FID --make-reference
 touch $READY
-stamp cal-ref-w4bmix $SENS --ckpt $REF $W4B --out $O/r/ref-w4bmix && \
-  ( SF ref-w4bmix-prog-50 $REF --steps $S50 --backend recipe:$O/r/ref-w4bmix $PROG &
-    SF ref-w4bmix-prog-100 $REF --steps $S100 --backend recipe:$O/r/ref-w4bmix $PROG; wait ) &
+{ want ref50 || want ref100; } && stamp cal-ref-w4bmix $SENS --ckpt $REF $W4B --out $O/r/ref-w4bmix && \
+  ( want ref50 && SF ref-w4bmix-prog-50 $REF --steps $S50 --backend recipe:$O/r/ref-w4bmix $PROG &
+    want ref100 && SF ref-w4bmix-prog-100 $REF --steps $S100 --backend recipe:$O/r/ref-w4bmix $PROG; wait ) &
 wait
 echo JOB-DONE >> $T
