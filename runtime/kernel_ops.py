@@ -1,6 +1,6 @@
 """``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
 ``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``) / ``gelu_quant_rows_int8`` /
-``unpack_progressive_int8``: the Triton kernels as custom ops, so that
+``unpack_progressive_int8`` / ``unpack_int4_dequant``: the Triton kernels as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -141,3 +141,13 @@ def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int
 @unpack_progressive_int8.register_fake
 def _(w_packed, s2, group):
     return w_packed.new_empty((w_packed.shape[0], 2 * w_packed.shape[1]), dtype=torch.int8)
+
+
+@torch.library.custom_op("dtq::unpack_int4_dequant", mutates_args=())
+def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    return kernels.unpack_int4_dequant(w_packed, scales, group, dtype)
+
+
+@unpack_int4_dequant.register_fake
+def _(w_packed, scales, group, dtype):
+    return w_packed.new_empty((w_packed.shape[0], 2 * w_packed.shape[1]), dtype=dtype)

@@ -792,20 +792,47 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
 
 # -- two-level INT4 weights staged to int8 for the INT8 GEMM (large M) ---------------------------------------
 @triton.jit
-def _unpack_progressive_kernel(w_ptr, s2_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
-                               BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
-    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s2: packed byte j holds K columns 2j (low) and 2j + 1 (high),
-    # both in group (2j) // GROUP (the group size is even)
+def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
+                        FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s: packed byte j holds K columns 2j (low) and 2j + 1 (high),
+    # both in group (2j) // GROUP (the group size is even). Integer s2 (two-level INT4): exact int8
+    # products; float group scales (W4A16): q4 * s in float32, rounded once to the output type
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kp = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
     mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
     lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
-    s2 = tl.load(s2_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
-    s2 = s2.to(tl.int32)
-    w8 = tl.reshape(tl.join(lo * s2, hi * s2), (BLOCK_N, 2 * BLOCK_KP)).to(tl.int8)  # exact: |q4 * s2| <= 128
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
+    if FLOAT_SCALES:
+        s = s.to(tl.float32)
+        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    else:
+        s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
+    w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
     offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w8,
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
+
+
+def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    N, KP = w_packed.shape
+    assert w_packed.dtype == torch.uint8 and group % 2 == 0, (w_packed.dtype, group)
+    assert scales.shape == (N, 2 * KP // group) and scales.stride(1) == 1 and w_packed.stride(1) == 1, \
+        (scales.shape, w_packed.shape, group)
+    out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
+    bn, bkp = (16, 16) if _INTERPRET else (32, 128)
+    _unpack_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
+        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0),
+        FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
+    return out
+
+
+def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int,
+                        dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """INT4 weights with float group scales (``w4a16_mm``'s layout) -> the dequantized weight ``[N, K]`` in
+    ``dtype`` (``q4 * s`` in float32, one rounding): what ``w4a16_mm`` computes per tile in registers,
+    written once so that a dense GEMM (cuBLAS) can run on it. One pass over the weight."""
+    assert scales.dtype == torch.float32, scales.dtype
+    return _unpack_int4(w_packed, scales, group, dtype)
 
 
 def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:
@@ -815,14 +842,8 @@ def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int
     the same int32 sums and the same epilogue, so the same output). One pass over the layer's weight
     (``N * K * 1.5`` bytes); on an H200 it cost less than unpacking in the GEMM's registers at every
     batch measured (``qengine.W4A8_STAGED_MIN_ROWS``)."""
-    N, KP = w_packed.shape
-    assert w_packed.dtype == torch.uint8 and s2.dtype == torch.int8 and group % 2 == 0, (w_packed.dtype, s2.dtype, group)
-    assert s2.shape == (N, 2 * KP // group) and s2.stride(1) == 1 and w_packed.stride(1) == 1, (s2.shape, w_packed.shape)
-    out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=torch.int8)
-    bn, bkp = (16, 16) if _INTERPRET else (32, 128)
-    _unpack_progressive_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
-        w_packed, s2, out, N, KP, group, w_packed.stride(0), s2.stride(0), out.stride(0), BLOCK_N=bn, BLOCK_KP=bkp)
-    return out
+    assert s2.dtype == torch.int8, s2.dtype
+    return _unpack_int4(w_packed, s2, group, torch.int8)
 
 
 # -- per-token dynamic activation quantization ----------------------------------------------------------

@@ -192,6 +192,18 @@ class EngineLinear(nn.Module):
             y = y + F.linear(F.linear(xb.to(w.dtype), self.lowrank_down), self.lowrank_up)
         return y.to(dtype)
 
+    # INT4 layers: from this many input rows on, the weight is unpacked once per call into a temporary and
+    # a GEMM without INT4 in its inner loop runs (None: never; Int4ProgressiveLinear, Int4Linear's W4A16)
+    staged_min_rows: int | None = None
+
+    def staged(self, rows: int) -> bool:
+        """Whether ``rows`` input rows run on the unpacked weight. Two-level W4A8: unpacking INT4 in the
+        GEMM's inner loop (extra ALU work beside the MMAs, the weight tile through registers instead of
+        shared memory) ran at 0.82x of bf16 at batch 64 where the INT8 GEMM ran at 1.15x; the unpack pass
+        reads 0.5 and writes 1 byte per weight once per call, which even at 512 rows cost less than the
+        slower kernel (``W4A8_STAGED_MIN_ROWS``, docs/engines.md)."""
+        return self.staged_min_rows is not None and rows >= self.staged_min_rows
+
     def runs_kernels(self, x: torch.Tensor) -> bool:
         """Whether ``x`` takes the GPU path (``kernel``: "auto" on CUDA, "gpu" anywhere) or the reference."""
         return self.kernel == "gpu" or (self.kernel == "auto" and x.is_cuda)
@@ -603,10 +615,13 @@ class FusedResidualBlock(DiTBlock):
 class Int4Linear(EngineLinear):
     """INT4 weights (per group along C_in, or per channel), packed two per byte; Triton GEMM."""
 
-    def __init__(self, q: QuantLinear, kernel: Kernel = "auto"):
+    def __init__(self, q: QuantLinear, kernel: Kernel = "auto", staged_min_rows: int | None = None):
         super().__init__(q, kernel)
         if q.in_features % 2:
             raise ValueError("INT4 packing needs an even C_in")
+        # W4A16 only (the W4A8 group-scale kernel ignores it): from this many rows, dequantize to the
+        # activation type once per call and run a dense GEMM (build_qengine's w4a16_staged_rows)
+        self.staged_min_rows = staged_min_rows
         from .kernels_ref import pack_int4
 
         self.register_buffer("weight_packed", pack_int4(q.quantized_weight()))
@@ -658,9 +673,12 @@ class Int4Linear(EngineLinear):
         if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
             xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        b = None if self.bias is None else self.bias.to(a.dtype)
         if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM
-            b = None if self.bias is None else self.bias.to(a.dtype)
             return F.linear(a, self.dequantized_weight().to(a.dtype), b).to(x2.dtype)
+        if self.staged(a.shape[0]):  # q4 * s in float32, rounded once to a's type (as the kernel's tiles), cuBLAS
+            w = torch.ops.dtq.unpack_int4_dequant(self.weight_packed, self.w_scale_groups, self.group, a.dtype)
+            return F.linear(a, w, b).to(x2.dtype)
         return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
 
 
@@ -705,14 +723,6 @@ class Int4ProgressiveLinear(EngineLinear):
     def kernel_name(self) -> str:
         staged = "" if self.staged_min_rows is None else f", staged to int8 from {self.staged_min_rows} rows"
         return "reference" if self.kernel == "reference" else f"Int4ProgressiveLinear[w4a8 int8-MMA, int32 over K{staged}]"
-
-    def staged(self, rows: int) -> bool:
-        """Whether ``rows`` input rows run the INT8 GEMM on the unpacked weight. Unpacking INT4 in the
-        GEMM's inner loop (extra ALU work beside the MMAs, the weight tile through registers instead of
-        shared memory) ran at 0.82x of bf16 at batch 64 where the INT8 GEMM ran at 1.15x; the unpack pass
-        reads 0.5 and writes 1 byte per weight once per call, which even at 512 rows cost less than the
-        slower kernel (``W4A8_STAGED_MIN_ROWS``, docs/engines.md)."""
-        return self.staged_min_rows is not None and rows >= self.staged_min_rows
 
     def int8_weight(self) -> torch.Tensor:
         """``q4 * s2`` as int8 ``[N, K]`` (a temporary of the call; the layer keeps 4-bit weights)."""
@@ -791,7 +801,8 @@ assert set(ENGINE_LAYERS) == set(formats.QUANTIZED_PRECISIONS), "a precision wit
 
 
 def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                 w4a8: W4A8Kernel = "group", w4a8_staged_rows: int | None = None) -> EngineLinear:
+                 w4a8: W4A8Kernel = "group", w4a8_staged_rows: int | None = None,
+                 w4a16_staged_rows: int | None = None) -> EngineLinear:
     """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel, w4a8_staged_rows)
@@ -800,7 +811,9 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
     cls = ENGINE_LAYERS.get(precision)
     if cls is None:
         raise ValueError(f"no engine layer for precision {precision}; supported: {', '.join(ENGINE_LAYERS)}")
-    return cls(q, kernel, int8_kernel) if cls is Int8Linear else cls(q, kernel)
+    if cls is Int8Linear:
+        return cls(q, kernel, int8_kernel)
+    return cls(q, kernel, w4a16_staged_rows) if cls is Int4Linear else cls(q, kernel)
 
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
@@ -808,7 +821,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
                   token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
-                  w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS, check: bool = True) -> nn.Module:
+                  w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS, w4a16_staged_rows: int | None = None,
+                  check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
@@ -823,7 +837,9 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
     accumulation over the whole K), which changes the weights slightly; ``w4a8_staged_rows``: from how
     many input rows its layers unpack ``q4 * s2`` to int8 once per call and run the INT8 GEMM (None:
-    never; :data:`W4A8_STAGED_MIN_ROWS`). ``attention``: the blocks'
+    never; :data:`W4A8_STAGED_MIN_ROWS`); ``w4a16_staged_rows``: the same for W4A16 layers (dequantized to
+    the activation type once per call, then a dense GEMM; default None: the INT4 Triton kernel; not yet
+    measured on a GPU). ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and
@@ -855,7 +871,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     engine = apply_recipe(model, recipe, check=check)
     fp8_scaling = probe_rowwise(device) if device.type == "cuda" else "tensorwise"
     swap_engine_layers(engine, recipe, kernel=kernel, int8_kernel=int8_kernel, w4a8=w4a8, fp8_scaling=fp8_scaling,
-                       token_quant=token_quant, w4a8_staged_rows=w4a8_staged_rows)
+                       token_quant=token_quant, w4a8_staged_rows=w4a8_staged_rows,
+                       w4a16_staged_rows=w4a16_staged_rows)
     if family == "dit":
         fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
     use_gelu(engine, gelu)
@@ -879,13 +896,14 @@ def check_token_quant(token_quant: str) -> None:
 
 def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
                        w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise",
-                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = None) -> nn.Module:
+                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = None,
+                       w4a16_staged_rows: int | None = None) -> nn.Module:
     """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
     ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family
     agnostic: the names are the recipe's, which calibration took from the model adapter's quantizable
     Linears. Balancing-only layers (weight format "none": a run-time Mul before an FP Linear) stay.
     ``token_quant``: :data:`TokenQuant`, recorded on every engine layer (per-token layers act on it);
-    ``w4a8_staged_rows``: ``Int4ProgressiveLinear.staged_min_rows``."""
+    ``w4a8_staged_rows`` / ``w4a16_staged_rows``: ``staged_min_rows`` of the two-level W4A8 / the W4A16 layers."""
     check_token_quant(token_quant)
     for name in recipe.layers:
         q = sim.get_submodule(name)
@@ -893,7 +911,7 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
             raise TypeError(f"{name}: expected the simulation's QuantLinear, found {type(q).__name__}")
         if q.weight_format == "none":
             continue
-        layer = engine_layer(q, kernel, int8_kernel, w4a8, w4a8_staged_rows)
+        layer = engine_layer(q, kernel, int8_kernel, w4a8, w4a8_staged_rows, w4a16_staged_rows)
         layer.token_quant = token_quant
         if isinstance(layer, FP8Linear):
             layer.scaling = fp8_scaling

@@ -140,6 +140,7 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
     assert engine_options("w4a8-progressive-token-g32-staged")["w4a8_staged_rows"] == 0
     assert engine_options("w4a8-progressive-inreg")["w4a8_staged_rows"] is None
     assert "w4a8_staged_rows" not in engine_options("w4a8-progressive")  # build_qengine's default threshold
+    assert engine_options("w4a16-g64-staged")["w4a16_staged_rows"] == 0
     for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused",
                 "int8-tokfused", "w4a16-token-tokfused", "int8-token-tokfused-tokfused", "int8-passfused",
                 "int8-token-tokfused-passfused", "int8-staged", "w4a8-staged", "w4a8-progressive-staged-inreg"):

@@ -430,3 +430,40 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
         print("ok")
     """)
     run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_staged_w4a16_in_interpreter():
+    """W4A16 staged (opt-in, w4a16_staged_rows): the unpack kernel gives q4 * s rounded once to the
+    activation type, and the layer's dense GEMM on it matches the INT4 kernel and the reference."""
+    code = textwrap.dedent("""
+        import torch
+        from dtq.runtime import kernel_ops, kernels, quant
+        from dtq.runtime.kernels_ref import pack_int4
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import Int4Linear, build_qengine, engine_layers
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        for N, K, g in ((37, 96, 32), (16, 128, 128)):
+            q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+            s = torch.rand(N, K // g) * 0.1 + 1e-3
+            exact = q.float() * s.repeat_interleave(g, 1)
+            w = kernels.unpack_int4_dequant(pack_int4(q), s, g, torch.float16)
+            assert w.dtype == torch.float16 and torch.equal(w, exact.half()), (N, K, g)
+            # bf16: the interpreter's float32 -> bf16 cast truncates (the GPU's rounds to nearest): one ulp
+            w = kernels.unpack_int4_dequant(pack_int4(q), s, g, torch.bfloat16)
+            assert w.dtype == torch.bfloat16 and ((w.float() - exact).abs() <= exact.abs() * 2 ** -7).all(), (N, K, g)
+        m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        recipe = minmax_recipe(m, "w4a16", group=32)
+        staged = build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=0)
+        inreg = build_qengine(m, recipe, kernel="gpu")
+        for name, lin in engine_layers(staged).items():
+            other = inreg.get_submodule(name)
+            assert isinstance(lin, Int4Linear) and lin.staged(1) and not other.staged(10**9)
+            x = torch.randn(20, lin.in_features, dtype=torch.float16)
+            ref, a, b = lin.reference(x), lin.kernel_forward(x), other.kernel_forward(x)
+            assert quant.sqnr_db(ref.float(), a.float()) > 40 and quant.sqnr_db(b.float(), a.float()) > 40, name
+        print("ok")
+    """)
+    run_in_triton_interpreter(code)

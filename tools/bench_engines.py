@@ -396,7 +396,8 @@ PASSFUSED = "passfused"
 TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
 # "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
-# (staged from W4A8_STAGED_MIN_ROWS rows)
+# (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
+# cuBLAS (build_qengine's default: the INT4 Triton kernel, as "-inreg")
 STAGE_TAGS = {"staged": 0, "inreg": None}
 
 
@@ -461,7 +462,8 @@ def engine_options(name: str) -> dict:
     ``token_quant`` "pass"), "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
     "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
-    the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows), the
+    the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
+    weight dequantized per call and cuBLAS / the INT4 kernel, the default), the
     epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
     epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
@@ -474,7 +476,7 @@ def engine_options(name: str) -> dict:
     bad = [t for t in tags if t not in EPILOGUE_ABLATIONS and allowed.get(t) != precision
            and not (t == "token" and precision in TOKEN_PRECISIONS)
            and not (t in TOKEN_QUANT_TAGS and "token" in tags)
-           and not (t in STAGE_TAGS and "progressive" in tags)
+           and not (t in STAGE_TAGS and ("progressive" in tags or precision == "w4a16"))
            and not (t in groups and precision in INT4_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if (precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(groups) > 1
@@ -500,7 +502,8 @@ def engine_options(name: str) -> dict:
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
             "fuse_residual": fuse_residual, "token_quant": token_quant,
-            **{"w4a8_staged_rows": STAGE_TAGS[t] for t in tags if t in STAGE_TAGS}}
+            **{("w4a16" if precision == "w4a16" else "w4a8") + "_staged_rows": STAGE_TAGS[t]
+               for t in tags if t in STAGE_TAGS}}
 
 
 def model_dtype(mods: dict) -> torch.dtype:
