@@ -10,7 +10,8 @@
   host-side tensor descriptors, one program per SM walking the tiles); the faster per shape is timed
   at the first call (``_tma_wins``, from ``TMA_MIN_M`` rows).
 - :func:`unpack_progressive_int8`: two-level INT4 weights to their exact int8 products ``q4 * s2``,
-  so the two-level W4A8 layer can run the INT8 GEMM (``qengine.Int4ProgressiveLinear.staged``).
+  so the two-level W4A8 layer can run the INT8 GEMM (``qengine.EngineLinear.staged``);
+  :func:`unpack_int4_dequant`: INT4 with float group scales to the activation type (W4A16, opt-in).
 - :func:`int8_mm`: ``A int8 [M, K]`` x ``W int8 [N, K]`` -> int32 accumulate, epilogue
   ``acc * a_scale * w_scale[n] (+ bias[n])`` -> bf16/fp16. ``a_scale`` is one static per-tensor
   activation scale (TensorRT's rule and the recipe's), ``w_scale`` per output channel. On Hopper
@@ -283,7 +284,7 @@ def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_p
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU_QUANT:  # the next Linear's input, quantized here: GELU(tanh), its balancing Mul, 8-bit codes
-        c = c * tl.sigmoid(1.5957691216057308 * (c + 0.044715 * c * c * c))  # = 0.5 c (1 + tanh(...))
+        c = _gelu_tanh(c)
         if HAS_QMUL:
             c = c * tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         if FP8_CODES:  # saturate, round to the E4M3 grid here: the store's cast is then exact
@@ -298,6 +299,12 @@ def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_p
         c = res.to(tl.float32) + gate.to(tl.float32) * c
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """GELU(tanh) of a float32 tile as ``x * sigmoid(2z)`` (= ``0.5 x (1 + tanh(z))``, runtime.gelu)."""
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
 
 @triton.jit
@@ -349,7 +356,8 @@ def _tma_wins(key: tuple, launch) -> bool:
     if key not in _TMA_WINS:
         import triton.testing
 
-        launch(False), launch(True)  # each kernel's own autotuning first
+        launch(False)  # each kernel's own autotuning first
+        launch(True)
         t_ptr = triton.testing.do_bench(lambda: launch(False), warmup=5, rep=25, return_mode="median")
         t_tma = triton.testing.do_bench(lambda: launch(True), warmup=5, rep=25, return_mode="median")
         _TMA_WINS[key] = t_tma < t_ptr
@@ -367,14 +375,14 @@ def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tenso
     runs ``_mm8_tma_kernel`` (where ``tma_eligible``), False ``_mm8_kernel``, None (default) the faster of
     the two for this shape on a GPU at ``TMA_MIN_M`` rows or more (``_tma_wins``), else ``_mm8_kernel``.
     Both give the same output (INT8: the same int32 sums; FP8: float32 sums in the same K order)."""
-    if tma is None:
-        M = a.shape[0]
-        auto = config is None and a.is_cuda and not _INTERPRET and M >= TMA_MIN_M and tma_eligible(a, w)
-        key = (_m_bucket(M), w.shape[0], a.shape[1], a.dtype, c.dtype, q_scale is not None, gate is not None,
-               a_scale.dim())
-        launch = lambda t: _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, t)  # noqa: E731
-        return launch(auto and _tma_wins(key, launch))
-    return _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma)
+    launch = lambda t: _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, t)  # noqa: E731
+    if tma is not None:
+        return launch(tma)
+    M = a.shape[0]
+    if config is not None or not a.is_cuda or _INTERPRET or M < TMA_MIN_M or not tma_eligible(a, w):
+        return launch(False)
+    key = (_m_bucket(M), w.shape[0], a.shape[1], a.dtype, c.dtype, q_scale is not None, gate is not None, a_scale.dim())
+    return launch(_tma_wins(key, launch))
 
 
 def _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma: bool) -> torch.Tensor:
@@ -790,7 +798,7 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
     return w4a8_progressive_mm(a, w_packed, s2, group, s1, a_scale, bias, config=config, gate=gate, residual=residual)
 
 
-# -- two-level INT4 weights staged to int8 for the INT8 GEMM (large M) ---------------------------------------
+# -- INT4 weights unpacked once per call (staged): two-level to int8 for the INT8 GEMM, W4A16 to bf16/fp16 --
 @triton.jit
 def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
                         FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
@@ -856,8 +864,7 @@ def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HA
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:  # fc1's output -> GELU(tanh) rounded to the activation's type, as the unfused nn.GELU writes it
-        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = _gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)

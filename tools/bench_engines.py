@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -862,9 +863,9 @@ def summarize(results: dict) -> dict:
     fused_of = lambda name: name.removesuffix("-unfused") if name.endswith("-unfused") else None  # noqa: E731
     summary["epilogue_fusion_speedup"] = {f"{fused_of(name)}@{b}": round(fused["images_per_s"] / r["images_per_s"], 3)
                                           for name, b, r, fused in twin_points(e2e, fused_of)}
-    # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-tokfused
-    # (token_quant "inductor") against X per batch
-    static_of = lambda name: (without_tag(without_tag(without_tag(name, TOKFUSED), PASSFUSED), "token")  # noqa: E731
+    # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-<quantizer>
+    # (TOKEN_QUANT_TAGS: "inductor", "pass-fused") against X per batch
+    static_of = lambda name: (functools.reduce(without_tag, (*TOKEN_QUANT_TAGS, "token"), name)  # noqa: E731
                               if "token" in name.split("-")[1:] else None)
     token = {}
     for name, b, r, ref in twin_points(e2e, static_of):
