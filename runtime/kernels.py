@@ -285,13 +285,17 @@ def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_p
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU_QUANT:  # the next Linear's input, quantized here: GELU(tanh), its balancing Mul, 8-bit codes
         c = _gelu_tanh(c)
-        if HAS_QMUL:
-            c = c * tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if FP8_CODES:  # saturate, round to the E4M3 grid here: the store's cast is then exact
-            c = _round_to_e4m3(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -448.0), 448.0))
+        # one reciprocal per tile and one multiply per element (as TensorRT quantizes): the codes can differ
+        # from round(c / scale) by one where c / scale lies within an ulp of a rounding tie
+        inv_scale = 1.0 / tl.load(q_scale_ptr)
+        if HAS_QMUL:  # the balancing Mul and 1 / scale as one factor per column
+            c = c * (tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0) * inv_scale)[None, :]
         else:
-            c = _round_half_even(tl.minimum(tl.maximum(c / tl.load(q_scale_ptr), -129.0), 128.0))
-            c = tl.minimum(tl.maximum(c, -128.0), 127.0)
+            c = c * inv_scale
+        if FP8_CODES:  # saturate, round to the E4M3 grid here: the store's cast is then exact
+            c = _round_to_e4m3(tl.minimum(tl.maximum(c, -448.0), 448.0))
+        else:  # saturating first is the same as after: the bounds are integers and rounding is monotone
+            c = _round_half_even(tl.minimum(tl.maximum(c, -128.0), 127.0))
     if GATE_RESIDUAL:  # one float32 multiply-add, one rounding (unfused: three bf16 roundings)
         b = tl.where(offs_m < M, offs_m, 0) // rows_per_gate
         gate = tl.load(gate_ptr + b[:, None] * stride_gb + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
@@ -303,17 +307,22 @@ def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_p
 
 @triton.jit
 def _gelu_tanh(x):
-    """GELU(tanh) of a float32 tile as ``x * sigmoid(2z)`` (= ``0.5 x (1 + tanh(z))``, runtime.gelu)."""
-    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    """GELU(tanh) of a float32 tile, ``0.5 x (1 + tanh(z)) = x sigmoid(2z) = x / (1 + 2^(x (C0 + C1 x^2)))``
+    with ``z = sqrt(2/pi) (x + 0.044715 x^3)`` and log2(e) folded into ``C0, C1`` (runtime.gelu): one
+    ``ex2.approx``, one approximate division, a few multiplies. With the rounding below and one reciprocal
+    scale per tile, fc1's GELU + INT8-quantize epilogue compiled for sm_90 went from 5744 to 3192 SASS
+    instructions (the plain epilogue's kernel: 1016): it had run fc1 at two thirds of the plain GEMM's rate
+    (issue #13). For very negative x the power overflows to inf and the quotient is -0, GELU's limit."""
+    return tl.fdiv(x, 1.0 + tl.exp2(x * (-2.302208198144325 + -0.1029432395800235 * x * x)))
 
 
 @triton.jit
 def _round_half_even(x):
-    """torch.round / QuantizeLinear rounding, exact for |x| < 2**22 (the caller clamps first)."""
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5
-    odd = (r % 2.0) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+    """torch.round / QuantizeLinear rounding (half to even), exact for |x| < 2**22 (callers clamp first):
+    after adding 1.5 * 2**23 no fraction bits are left, so the float add itself rounds to the nearest
+    integer, ties to even, and the subtraction is exact. Two adds, the same on the GPU and in Triton's
+    interpreter (which has no libdevice ``rint``), where floor, a tie test and ``% 2`` took ~10 per element."""
+    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -324,7 +333,8 @@ def _round_to_e4m3(x):
     bits = x.to(tl.int32, bitcast=True)
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(x / step) * step
+    inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)  # powers of two: x * inv_step == x / step
+    return _round_half_even(x * inv_step) * step
 
 
 def _gate_residual_args(c: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor | None) -> dict:
@@ -484,47 +494,56 @@ def _a_even_odd(a_ptrs, stride_ak, SPLIT_DOT: tl.constexpr, BLOCK_M: tl.constexp
 
 
 def _w4a16_shapes(small_m: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT). Large M: the matmul tutorial's bf16
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT, SWAP_AB). Large M: the matmul tutorial's bf16
     tiles. M <= 4096 (batch 1-8 with guidance: 512-4096 rows, 3456-4608 columns at most): big tiles
     leave most of 132 SMs idle (512 x 1152 in 128 x 256 tiles = 20 programs), so smaller tiles and
     a deeper K tile; each also with SPLIT_DOT 1 / 2 (two half-K dots on the even / odd K columns of
-    A, no interleaving shuffle of the unpacked weight tile; see ``_a_even_odd``): the GPU's
-    autotuner picks. Split-K is not
-    needed at these M: 64 x 64 tiles already give >= 144 programs for every DiT-XL/2 block GEMM at
-    512 rows."""
+    A, no interleaving shuffle of the unpacked weight tile; see ``_a_even_odd``), and SWAP_AB tiles
+    (``out^T = W @ A^T``: the dequantized weight is the tensor-core op's first operand, which Hopper's
+    wgmma reads from registers, so it skips the round trip through shared memory that the second operand
+    takes; the activation rows become wgmma's N, which may be as small as 8): the GPU's autotuner
+    picks. Split-K is not needed at these M: 64 x 64 tiles already give >= 144 programs for every
+    DiT-XL/2 block GEMM at 512 rows."""
     if not small_m:
-        return [(128, 256, 64, 3, 8, 0), (256, 128, 64, 3, 8, 0), (128, 128, 64, 4, 8, 0), (64, 256, 64, 4, 4, 0),
-                (64, 128, 64, 4, 4, 0), (64, 64, 64, 4, 4, 0), (128, 256, 64, 3, 8, 2), (128, 128, 64, 4, 8, 2)]
+        return [(128, 256, 64, 3, 8, 0, 0), (256, 128, 64, 3, 8, 0, 0), (128, 128, 64, 4, 8, 0, 0),
+                (64, 256, 64, 4, 4, 0, 0), (64, 128, 64, 4, 4, 0, 0), (64, 64, 64, 4, 4, 0, 0),
+                (128, 256, 64, 3, 8, 2, 0), (128, 128, 64, 4, 8, 2, 0), (128, 256, 64, 3, 8, 0, 1),
+                (256, 128, 64, 3, 8, 0, 1)]
     tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 3, 4), (128, 64, 128, 3, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 8)]
-    return [t + (split,) for t in tiles for split in (0, 1, 2)]
+    swapped = [(64, 64, 128, 4, 4), (64, 128, 128, 3, 4), (128, 128, 64, 4, 8), (32, 128, 128, 4, 4),
+               (128, 64, 128, 3, 4)]
+    return [t + (split, 0) for t in tiles for split in (0, 1, 2)] + [t + (0, 1) for t in swapped]
 
 
 W4A16_SMALL_M = 4096  # M buckets up to this tune over the small-M candidates
 
 
+def _w4a16_config(m, n, k, stages, warps, split, swap):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SPLIT_DOT": split, "SWAP_AB": swap},
+                         num_stages=stages, num_warps=warps)
+
+
 def _w4a16_configs():
-    seen, out = set(), []
-    for small in (True, False):
-        for m, n, k, st, wp, split in _w4a16_shapes(small):
-            if (m, n, k, st, wp, split) not in seen:
-                seen.add((m, n, k, st, wp, split))
-                out.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SPLIT_DOT": split},
-                                         num_stages=st, num_warps=wp))
-    return out
+    shapes = dict.fromkeys(_w4a16_shapes(True) + _w4a16_shapes(False))  # the union, in order
+    return [_w4a16_config(*shape) for shape in shapes]
+
+
+def _config_shape(c) -> tuple:
+    kw = c.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, c.num_warps, kw["SPLIT_DOT"], kw["SWAP_AB"])
 
 
 def _prune_w4a16(configs, named_args, **kwargs):
     """Only the candidates of the call's M range, with K tiles dividing K."""
     m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
     K = named_args.get("K", kwargs.get("K"))
-    want = {(m, n, k, st, wp, split) for m, n, k, st, wp, split in _w4a16_shapes(m_bucket <= W4A16_SMALL_M)}
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
-                                   c.num_warps, c.kwargs["SPLIT_DOT"]) in want and K % c.kwargs["BLOCK_K"] == 0]
+    want = set(_w4a16_shapes(m_bucket <= W4A16_SMALL_M))
+    kept = [c for c in configs if _config_shape(c) in want and K % c.kwargs["BLOCK_K"] == 0]
     return kept or configs
 
 
 def _w4a16_interpret_configs():
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_DOT": 0})]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_DOT": 0, "SWAP_AB": 0})]
 
 
 @triton.autotune(configs=_w4a16_interpret_configs() if _INTERPRET else _w4a16_configs(), key=["M_BUCKET", "N", "K"],
@@ -533,8 +552,13 @@ def _w4a16_interpret_configs():
 def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET, GROUP: tl.constexpr,
                      stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg, stride_cm, stride_cn,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, SPLIT_DOT: tl.constexpr):
+                     GROUP_M: tl.constexpr, SPLIT_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
     # requires K % BLOCK_K == 0 (checked by the wrapper); any group size dividing K
+    if SWAP_AB:
+        _w4a16_swapped_tile(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K, GROUP, stride_am, stride_ak, stride_wn,
+                            stride_wk, stride_sn, stride_sg, stride_cm, stride_cn, HAS_BIAS, BLOCK_M, BLOCK_N,
+                            BLOCK_K, GROUP_M)
+        return
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -578,18 +602,54 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _w4a16_swapped_tile(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
+                        stride_am, stride_ak, stride_wn, stride_wk, stride_sn, stride_sg, stride_cm, stride_cn,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """One output tile as its transpose, ``acc[n, m] = sum_k W[n, k] A[m, k]``: the dequantized weight tile
+    ``[BLOCK_N, BLOCK_K]`` is the dot's first operand (Hopper's wgmma takes it from registers) and A's tile
+    the second, read as stored (K-major). The packed weight rows unpack in place: byte j of a row holds
+    elements 2j and 2j+1, so the two nibbles joined on a last axis are the row in order."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_K // 2)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_rows = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_kp[None, :] * stride_wk  # packed [BLOCK_N, BLOCK_K/2]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        lo, hi = _int4_nibbles(tl.load(w_ptrs))
+        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per weight row
+            s = tl.load(s_ptr + w_rows * stride_sn + (k0 // GROUP) * stride_sg)[:, None]
+        else:
+            s = tl.load(s_ptr + w_rows[:, None] * stride_sn + ((k0 + offs_k) // GROUP)[None, :] * stride_sg)
+        acc = tl.dot((q.to(tl.float32) * s).to(a.dtype), tl.trans(a), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
 def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
              bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """``a @ dequant(W).T + bias`` with W INT4 packed ``[N, K/2]`` and scales ``[N, K/group]`` (float32).
     ``config``: launch with these meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``,
-    ``SPLIT_DOT``, optional ``num_warps``/``num_stages``) instead of the autotuned choice: benchmarks
+    ``SPLIT_DOT``, ``SWAP_AB``, optional ``num_warps``/``num_stages``) instead of the autotuned choice: benchmarks
     and tests pin a candidate with it."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert w_packed.shape[1] * 2 == K and scales.shape == (N, K // group), (a.shape, w_packed.shape, scales.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     kernel = _w4a16_mm_kernel if config is None else _w4a16_mm_kernel.fn
-    meta = {} if config is None else dict(config)
+    meta = {} if config is None else {"SPLIT_DOT": 0, "SWAP_AB": 0, **config}
     kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](
         a, w_packed, scales, c, bias if bias is not None else scales, M, N, K, _m_bucket(M), group,
         a.stride(0), a.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0), scales.stride(1),
@@ -868,8 +928,7 @@ def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HA
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)
-    q = _round_half_even(tl.minimum(tl.maximum(x / scale, -129.0), 128.0))
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    q = _round_half_even(tl.minimum(tl.maximum(x / scale, -128.0), 127.0))  # x / scale: the simulation's codes
     tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -110,15 +110,17 @@ def test_progressive_kernel_in_interpreter():
                     c = kernels.w4a8_progressive_mm(a, pack_int4(q), s2, g, torch.ones(N), torch.ones(()), None,
                                                     out_dtype=torch.float32, config=cfg)
                     assert torch.equal(c, exact.float()), (K, g, cfg)
-        # W4A16 candidates pinned one by one (the GPU autotuner picks among them): split-dot and the
-        # interleaving unpack, a group inside one K tile and spanning K tiles
+        # W4A16 candidates pinned one by one (the GPU autotuner picks among them): split-dot, the
+        # interleaving unpack and the swapped operands (the output tile as its transpose), a group inside
+        # one K tile and spanning K tiles
         x, b = torch.randn(M, 128), torch.randn(N)
         for g in (64, 16):
             q = torch.randint(-8, 8, (N, 128), dtype=torch.int8)
             s = torch.rand(N, 128 // g) * 0.1
             ref = x @ (q.float() * s.repeat_interleave(g, 1)).T + b
-            for bm, bn, bk, split in ((16, 16, 32, 1), (32, 16, 64, 2), (16, 32, 64, 0)):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split)
+            for bm, bn, bk, split, swap in ((16, 16, 32, 1, 0), (32, 16, 64, 2, 0), (16, 32, 64, 0, 0),
+                                            (16, 32, 64, 0, 1), (32, 16, 32, 0, 1)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, SPLIT_DOT=split, SWAP_AB=swap)
                 c = kernels.w4a16_mm(x, pack_int4(q), s, g, b, config=cfg)
                 assert (c - ref).abs().max() < 1e-4, (g, cfg, (c - ref).abs().max())
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
@@ -467,3 +469,32 @@ def test_staged_w4a16_in_interpreter():
         print("ok")
     """)
     run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fc1_epilogue_math_compiles_cheap_for_hopper():
+    """fc1's GELU + quantize epilogue, compiled for sm_90 on the CPU (no GPU needed): GELU's power is one
+    ``ex2.approx`` and its sigmoid one approximate ``div.full``, no IEEE division per element, and the
+    round-half-even adds of 1.5 * 2**23 survive the compiler (folding ``(x + C) - C`` to ``x`` would
+    silently drop the rounding; the interpreter tests check the numbers, this what the GPU runs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dtq.runtime import kernels
+
+    fn = kernels._mm8_kernel.fn
+    consts = dict(K=1152, FP8=False, HAS_BIAS=True, GELU_QUANT=True, HAS_QMUL=True, GATE_RESIDUAL=False,
+                  ROW_SCALE=False, stride_ak=1, stride_wk=1, stride_cn=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                  GROUP_M=8)
+    ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "c_ptr": "*i8", "gate_ptr": "*bf16", "res_ptr": "*bf16"}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
+    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx  # the int8 tensor-core GEMM it is the epilogue of
+    ieee_div = [line.strip() for line in ptx.splitlines() if "div.rn.f32" in line]
+    assert len(ieee_div) <= 1, ieee_div  # at most the per-tile 1 / scale
+    assert "div.full.f32" in ptx and "ex2.approx" in ptx
+    assert "0f4B400000" in ptx and "0fCB400000" in ptx, "the round-half-even adds were folded away"
