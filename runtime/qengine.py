@@ -376,7 +376,7 @@ class FP8Linear(EngineLinear):
         """Per-output-channel weight scales ``[N]`` (what ``FusedMlp``'s kernel takes)."""
         return self.w_scale_row.reshape(-1)
 
-    # the fused epilogues run the Triton FP8 GEMM instead of cuBLAS's (opt-in: fuse_mlp / fuse_residual)
+    # the fused epilogues run the Triton FP8 GEMM instead of cuBLAS's (default: FUSED_FAMILIES)
     epilogue_format = "fp8"
 
     def codes_gelu_quant(self, xq: torch.Tensor, q_mul: torch.Tensor | None, q_scale: torch.Tensor) -> torch.Tensor:
@@ -816,10 +816,17 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
     return cls(q, kernel, w4a16_staged_rows) if cls is Int4Linear else cls(q, kernel)
 
 
+# The epilogue families whose GEMMs take the fused epilogues by default. FP8 joined once its epilogue
+# math was cheap (issue #13, session 13, H200, DiT-XL/2, 50 steps with guidance): the fused Triton FP8
+# engine ran 27.68 img/s at batch 64, 20.31 at 8 and 7.22 at 1, where cuBLAS + Inductor's ran 24.09,
+# 16.42 and 4.90 (benchmarks/results/speed/bench_speed_h200_s13{b,c}_edde009.json).
+FUSED_FAMILIES: tuple[str, ...] = ("int8", "w4a8", "fp8")
+
+
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                  fuse_mlp: tuple[str, ...] = ("int8", "w4a8"), w4a8: W4A8Kernel = "group",
-                  fuse_residual: tuple[str, ...] = ("int8", "w4a8"), attention: AttentionBackend = "sdpa",
+                  fuse_mlp: tuple[str, ...] = FUSED_FAMILIES, w4a8: W4A8Kernel = "group",
+                  fuse_residual: tuple[str, ...] = FUSED_FAMILIES, attention: AttentionBackend = "sdpa",
                   token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
                   w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS, w4a16_staged_rows: int | None = None,
                   check: bool = True) -> nn.Module:
@@ -829,9 +836,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     "w4a8" = two-level W4A8, "fp8") whose MLPs become :class:`FusedMlp` (GELU + fc2's input
     quantization in fc1's GEMM epilogue). ``fuse_residual``: the families whose attention proj / MLP
     fc2 add the block's adaLN-gated residual in their GEMM epilogue (:class:`FusedResidualBlock`);
-    "w4a8-group" (the group-scale W4A8 kernel's, unmeasured on the GPU) only when named.
-    FP8 is off by default in both: it runs the Triton FP8 GEMM instead of cuBLAS's, which on an H200
-    ran fc1 at about half cuBLAS's rate, losing more than the fusion saves (docs/engines.md).
+    "w4a8-group" (the group-scale W4A8 kernel's, unmeasured on the GPU) only when named. Both default
+    to :data:`FUSED_FAMILIES`; a fused FP8 block runs the Triton FP8 GEMM instead of cuBLAS's.
     ``()`` for both: every epilogue unfused (the benchmark's ablation). ``w4a8``: "group" runs W4A8 layers with the
     recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
@@ -919,8 +925,8 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
     return sim
 
 
-def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = ("int8", "w4a8"),
-                    fuse_residual: tuple[str, ...] = ("int8", "w4a8"),
+def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = FUSED_FAMILIES,
+                    fuse_residual: tuple[str, ...] = FUSED_FAMILIES,
                     attention: AttentionBackend = "sdpa") -> nn.Module:
     """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp`, the attention
     backend, blocks to :class:`FusedResidualBlock` (``build_qengine`` documents the arguments)."""

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from dtq.runtime.qengine import FUSED_FAMILIES
 from dtq.tools.bench_engines import main
 from conftest import run_in_triton_interpreter
 
@@ -129,7 +130,8 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
     opts = engine_options("w4a8-progressive-unfused")
     assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
                     "fuse_residual": (), "token_quant": "pass"}
-    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8") == engine_options("int8")["fuse_mlp"]
+    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8", "fp8") == engine_options("int8")["fuse_mlp"]
+    assert engine_options("fp8")["fuse_mlp"] == FUSED_FAMILIES and engine_options("fp8-unfused")["fuse_mlp"] == ()
     assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
     assert engine_options("fp8-fusedmlp")["fuse_mlp"] == ("fp8",)
     assert engine_options("fp8-fused")["fuse_residual"] == ("fp8",) == engine_options("fp8-fused")["fuse_mlp"]
@@ -171,10 +173,10 @@ def test_tokfused_backend_names_choose_the_inductor_token_quant():
         assert backend_act_granularity(f"{p}-token-tokfused") == "token"
         assert {k: v for k, v in fused.items() if k not in ("token_quant", "fuse_residual")} == \
             {k: v for k, v in plain.items() if k not in ("token_quant", "fuse_residual")}
-    assert engine_options("int8-token")["fuse_residual"] == engine_options("int8-token-tokfused")["fuse_residual"] == ("int8", "w4a8")
-    assert engine_options("w4a8-token")["fuse_residual"] == ("int8", "w4a8")
-    assert engine_options("w4a8-token-tokfused")["fuse_residual"] == ("int8", "w4a8", "w4a8-group")
-    assert engine_options("w4a8")["fuse_residual"] == ("int8", "w4a8")  # static W4A8: group epilogue not by default
+    assert engine_options("int8-token")["fuse_residual"] == engine_options("int8-token-tokfused")["fuse_residual"] == FUSED_FAMILIES
+    assert engine_options("w4a8-token")["fuse_residual"] == FUSED_FAMILIES
+    assert engine_options("w4a8-token-tokfused")["fuse_residual"] == (*FUSED_FAMILIES, "w4a8-group")
+    assert engine_options("w4a8")["fuse_residual"] == FUSED_FAMILIES  # static W4A8: group epilogue not by default
     assert engine_options("int8-token-tokfused-unfused")["fuse_residual"] == ()
     assert engine_options("int8-token-tokfused-maxat-sage")["token_quant"] == "inductor"
     assert engine_options("int8")["token_quant"] == "pass"

@@ -291,11 +291,11 @@ def _aten_ops(fn, *args) -> list[str]:
 
 
 @pytest.mark.parametrize("precision,options,scalings", [
-    ("fp8", {}, ("tensorwise", "rowwise", "rowwise+bias")),
+    ("fp8", {"fuse_mlp": (), "fuse_residual": ()}, ("tensorwise", "rowwise", "rowwise+bias")),
     ("int8", {"int8_kernel": "int_mm"}, (None,)),
 ])
 def test_gemm_epilogues_are_torch_ops_for_inductor(small_model, precision, options, scalings):
-    """FP8 (cuBLAS _scaled_mm, every scaling mode) and INT8 on torch._int_mm run their MLP's GPU path as
+    """Unfused FP8 (cuBLAS _scaled_mm, every scaling mode) and INT8 on torch._int_mm run their MLP's GPU path as
     ATen ops only: GEMM, dequantize / bias, GELU, fc2's quantize, GEMM, with no dtq custom op between,
     so Inductor's max-autotune can put the GEMM on its template and fuse GELU + quantize into its
     epilogue; likewise proj's output into the gated residual add. Their blocks stay unfused DiTBlocks."""
@@ -324,13 +324,14 @@ def test_gemm_epilogues_are_torch_ops_for_inductor(small_model, precision, optio
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: custom ops unregistered")
-def test_default_int8_mlp_is_an_opaque_custom_op(small_model):
-    """The control for the test above: the default INT8 engine's fused MLP calls dtq's Triton kernels,
-    custom ops Inductor cannot look into (max-autotune leaves them as they are)."""
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_default_int8_mlp_is_an_opaque_custom_op(small_model, precision):
+    """The control for the test above: the default INT8 and FP8 engines' fused MLP calls dtq's Triton
+    kernels, custom ops Inductor cannot look into (max-autotune leaves them as they are)."""
     from dtq.runtime import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*)
     from dtq.runtime.qengine import FusedMlp
 
-    eng = build_qengine(small_model, minmax_recipe(small_model, "int8", balance=True))
+    eng = build_qengine(small_model, minmax_recipe(small_model, precision, balance=True))
     mlp = eng.blocks[0].mlp
     assert isinstance(mlp, FusedMlp)
     ops = _aten_ops(lambda x: mlp.fused_forward(x), torch.randn(40, small_model.config.hidden_size, dtype=torch.bfloat16))

@@ -465,12 +465,15 @@ def engine_options(name: str) -> dict:
     "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
     weight dequantized per call and cuBLAS / the INT4 kernel, the default), the
-    epilogue ablation: none = the engine's default (INT8 and two-level W4A8: GELU + quantize in fc1's
-    epilogue, gated residual in proj's and fc2's), "-unfused" (no fused epilogue: separate passes),
+    epilogue ablation: none = the engine's default (``qengine.FUSED_FAMILIES``, INT8, two-level W4A8 and
+    FP8: GELU + quantize in fc1's epilogue, gated residual in proj's and fc2's), "-unfused" (no fused
+    epilogue: separate passes; FP8: cuBLAS's GEMM and Inductor's passes, the default before session 13),
     "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
     precision, FP8 included: its proj / fc1 / fc2 then run our Triton FP8 GEMM instead of cuBLAS's).
     Raises ValueError for anything else. The modifiers "-sage" / "-maxat" (``backend_modifiers``) are
     build_backend's, not build_qengine's: ignored here."""
+    from dtq.runtime.qengine import FUSED_FAMILIES
+
     precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
     groups = [t for t in tags if GROUP_TAG.fullmatch(t)]
@@ -489,7 +492,7 @@ def engine_options(name: str) -> dict:
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
     family = "w4a8" if "progressive" in tags else "w4a8-group" if precision == "w4a8" else precision
-    fuse_mlp, fuse_residual = ("int8", "w4a8"), ("int8", "w4a8")  # build_qengine's defaults
+    fuse_mlp, fuse_residual = FUSED_FAMILIES, FUSED_FAMILIES  # build_qengine's defaults
     token_quant = next((TOKEN_QUANT_TAGS[t] for t in tags if t in TOKEN_QUANT_TAGS), "pass")
     tokfused = token_quant == "inductor"
     if tokfused and family == "w4a8-group":  # the merged (a542954) engine: per-token W4A8 gated residual too
