@@ -117,6 +117,14 @@ INT8_INT_MM_MAX_M = 0
 # 13.29 vs 10.13 at batch 8; at batch 64 the static g128 engine went from 0.82x to 1.26x of bf16. So every
 # row count is staged; the in-register kernel stays for w4a8_staged_rows=None (and GPUs where it wins).
 W4A8_STAGED_MIN_ROWS = 0
+# W4A16 (Int4Linear) from this many rows on: the INT4 weight dequantized with its float group scales to the
+# activation type once per call, then cuBLAS; None: the INT4 Triton kernel (dequantizing in its registers).
+# Measured on an H200 (session 13, DiT-XL/2, 50 steps with guidance, bf16-compile in the same run): staged
+# forward 9.75 ms vs the INT4 kernel's 15.56 ms at batch 8 (14.46 vs 9.50 img/s; the kernel with its new
+# swapped-operand candidates: 13.14 ms, 11.02 img/s) and 3.38 vs 3.68 ms at batch 1, against bf16's
+# 8.80-9.23 / 2.67-2.77 ms: staged is faster at every batch measured, still slower than bf16 (the dequantize
+# pass, about 6 us per layer). Batch 64 was not measured either way.
+W4A16_STAGED_MIN_ROWS = 0
 INT8_KERNELS = ("auto", "triton", "int_mm")
 # How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
@@ -645,7 +653,10 @@ class Int4Linear(EngineLinear):
     def kernel_name(self) -> str:
         if self.kernel == "reference":
             return "reference"
-        return "Int4Linear[w4a8 int8-MMA]" if self.w4a8_kernel() else "Int4Linear[w4a16]"
+        if self.w4a8_kernel():
+            return "Int4Linear[w4a8 int8-MMA]"
+        staged = "" if self.staged_min_rows is None else f", dequantized per call from {self.staged_min_rows} rows"
+        return f"Int4Linear[w4a16{staged}]"
 
     @property
     def epilogue_format(self) -> str | None:
@@ -828,7 +839,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   fuse_mlp: tuple[str, ...] = FUSED_FAMILIES, w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = FUSED_FAMILIES, attention: AttentionBackend = "sdpa",
                   token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
-                  w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS, w4a16_staged_rows: int | None = None,
+                  w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
+                  w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS,
                   check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
@@ -844,8 +856,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     accumulation over the whole K), which changes the weights slightly; ``w4a8_staged_rows``: from how
     many input rows its layers unpack ``q4 * s2`` to int8 once per call and run the INT8 GEMM (None:
     never; :data:`W4A8_STAGED_MIN_ROWS`); ``w4a16_staged_rows``: the same for W4A16 layers (dequantized to
-    the activation type once per call, then a dense GEMM; default None: the INT4 Triton kernel; not yet
-    measured on a GPU). ``attention``: the blocks'
+    the activation type once per call, then a dense GEMM; :data:`W4A16_STAGED_MIN_ROWS`; None: the INT4
+    Triton kernel). ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and

@@ -387,6 +387,8 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
             inreg = build_qengine(m, recipe, w4a8="progressive", kernel="gpu", w4a8_staged_rows=None)
             staged = build_qengine(m, recipe, w4a8="progressive", kernel="gpu", w4a8_staged_rows=1)
             for name, lin in engine_layers(staged).items():
+                if not name.endswith(("attn.qkv", "mlp.fc2")):  # both K values; the model check covers the rest
+                    continue
                 other = inreg.get_submodule(name)
                 assert isinstance(lin, Int4ProgressiveLinear) and lin.staged(1) and not other.staged(10**9)
                 a = torch.randint(-128, 128, (20, lin.in_features), dtype=torch.int8)
@@ -436,7 +438,7 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_staged_w4a16_in_interpreter():
-    """W4A16 staged (opt-in, w4a16_staged_rows): the unpack kernel gives q4 * s rounded once to the
+    """W4A16 staged (the default, w4a16_staged_rows): the unpack kernel gives q4 * s rounded once to the
     activation type, and the layer's dense GEMM on it matches the INT4 kernel and the reference."""
     code = textwrap.dedent("""
         import torch
@@ -458,8 +460,8 @@ def test_staged_w4a16_in_interpreter():
         m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         recipe = minmax_recipe(m, "w4a16", group=32)
-        staged = build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=0)
-        inreg = build_qengine(m, recipe, kernel="gpu")
+        staged = build_qengine(m, recipe, kernel="gpu")
+        inreg = build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=None)
         for name, lin in engine_layers(staged).items():
             other = inreg.get_submodule(name)
             assert isinstance(lin, Int4Linear) and lin.staged(1) and not other.staged(10**9)

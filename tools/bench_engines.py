@@ -398,7 +398,7 @@ TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
 # "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
 # (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
-# cuBLAS (build_qengine's default: the INT4 Triton kernel, as "-inreg")
+# cuBLAS, "-inreg" runs the INT4 Triton kernel (build_qengine's default: staged from W4A16_STAGED_MIN_ROWS)
 STAGE_TAGS = {"staged": 0, "inreg": None}
 
 
@@ -464,7 +464,7 @@ def engine_options(name: str) -> dict:
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
     "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
-    weight dequantized per call and cuBLAS / the INT4 kernel, the default), the
+    weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``), the
     epilogue ablation: none = the engine's default (``qengine.FUSED_FAMILIES``, INT8, two-level W4A8 and
     FP8: GELU + quantize in fc1's epilogue, gated residual in proj's and fc2's), "-unfused" (no fused
     epilogue: separate passes; FP8: cuBLAS's GEMM and Inductor's passes, the default before session 13),
