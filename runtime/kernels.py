@@ -493,6 +493,19 @@ def _a_even_odd(a_ptrs, stride_ak, SPLIT_DOT: tl.constexpr, BLOCK_M: tl.constexp
     return a_lo, a_hi
 
 
+@triton.jit
+def _int4_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    """The INT4 GEMMs' tile indices: rows of A and of W (out-of-range ones clamped to 0, masked at the
+    store), K offsets and packed-K offsets."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_rows = tl.where(offs_m < M, offs_m, 0)
+    w_rows = tl.where(offs_n < N, offs_n, 0)
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_K // 2), a_rows, w_rows
+
+
 def _w4a16_shapes(small_m: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT, SWAP_AB). Large M: the matmul tutorial's bf16
     tiles. M <= 4096 (batch 1-8 with guidance: 512-4096 rows, 3456-4608 columns at most): big tiles
@@ -559,13 +572,7 @@ def _w4a16_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.constexpr
                             stride_wk, stride_sn, stride_sg, stride_cm, stride_cn, HAS_BIAS, BLOCK_M, BLOCK_N,
                             BLOCK_K, GROUP_M)
         return
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kp = tl.arange(0, BLOCK_K // 2)
-    a_rows = tl.where(offs_m < M, offs_m, 0)
-    w_cols = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, offs_k, offs_kp, a_rows, w_cols = _int4_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     a_row_ptrs = a_ptr + a_rows[:, None] * stride_am  # SPLIT_DOT: A's K columns by parity (_a_even_odd)
     w_ptrs = w_ptr + offs_kp[:, None] * stride_wk + w_cols[None, :] * stride_wn  # packed [BLOCK_K/2, BLOCK_N]
@@ -611,13 +618,7 @@ def _w4a16_swapped_tile(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.conste
     ``[BLOCK_N, BLOCK_K]`` is the dot's first operand (Hopper's wgmma takes it from registers) and A's tile
     the second, read as stored (K-major). The packed weight rows unpack in place: byte j of a row holds
     elements 2j and 2j+1, so the two nibbles joined on a last axis are the row in order."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kp = tl.arange(0, BLOCK_K // 2)
-    a_rows = tl.where(offs_m < M, offs_m, 0)
-    w_rows = tl.where(offs_n < N, offs_n, 0)
+    offs_m, offs_n, offs_k, offs_kp, a_rows, w_rows = _int4_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_kp[None, :] * stride_wk  # packed [BLOCK_N, BLOCK_K/2]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
