@@ -321,7 +321,7 @@ def _round_half_even(x):
     """torch.round / QuantizeLinear rounding (half to even), exact for |x| < 2**22 (callers clamp first):
     after adding 1.5 * 2**23 no fraction bits are left, so the float add itself rounds to the nearest
     integer, ties to even, and the subtraction is exact. Two adds, the same on the GPU and in Triton's
-    interpreter (which has no libdevice ``rint``), where floor, a tie test and ``% 2`` took ~10 per element."""
+    interpreter (which has no libdevice ``rint``); the floor, tie test and ``% 2`` it replaces were about ten."""
     return (x + 12582912.0) - 12582912.0
 
 
