@@ -812,8 +812,8 @@ assert set(ENGINE_LAYERS) == set(formats.QUANTIZED_PRECISIONS), "a precision wit
 
 
 def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "auto",
-                 w4a8: W4A8Kernel = "group", w4a8_staged_rows: int | None = None,
-                 w4a16_staged_rows: int | None = None) -> EngineLinear:
+                 w4a8: W4A8Kernel = "group", w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
+                 w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS) -> EngineLinear:
     """The engine layer of ``q``'s precision (each layer its own: mixed recipes work)."""
     if w4a8 == "progressive" and Int4ProgressiveLinear.eligible(q):
         return Int4ProgressiveLinear(q, kernel, w4a8_staged_rows)
@@ -914,8 +914,8 @@ def check_token_quant(token_quant: str) -> None:
 
 def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
                        w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise",
-                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = None,
-                       w4a16_staged_rows: int | None = None) -> nn.Module:
+                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
+                       w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS) -> nn.Module:
     """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
     ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family
     agnostic: the names are the recipe's, which calibration took from the model adapter's quantizable

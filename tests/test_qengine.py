@@ -325,7 +325,7 @@ def test_gemm_epilogues_are_torch_ops_for_inductor(small_model, precision, optio
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: custom ops unregistered")
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_default_int8_mlp_is_an_opaque_custom_op(small_model, precision):
+def test_default_fused_mlp_is_an_opaque_custom_op(small_model, precision):
     """The control for the test above: the default INT8 and FP8 engines' fused MLP calls dtq's Triton
     kernels, custom ops Inductor cannot look into (max-autotune leaves them as they are)."""
     from dtq.runtime import kernel_ops  # noqa: F401  (registers torch.ops.dtq.*)
