@@ -917,30 +917,43 @@ def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int
 
 # -- per-token dynamic activation quantization ----------------------------------------------------------
 @triton.jit
-def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, HAS_MUL: tl.constexpr,
-                       GELU: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one program per row: load it once, (GELU,) balance it, amax -> scale, round half to even, saturate
-    row = tl.program_id(0)
+def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, HAS_MUL: tl.constexpr,
+                       GELU: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # ROWS rows per program: load them once, (GELU,) balance, amax -> scale, round half to even, saturate
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < M) & (offs[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:  # fc1's output -> GELU(tanh) rounded to the activation's type, as the unfused nn.GELU writes it
         x = _gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_MUL:
-        x = x * tl.load(mul_ptr + offs, mask=mask, other=0.0)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, MIN_SCALE)
-    q = _round_half_even(tl.minimum(tl.maximum(x / scale, -128.0), 127.0))  # x / scale: the simulation's codes
-    tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
-    tl.store(s_ptr + row, scale)
+        x = x * tl.load(mul_ptr + offs, mask=offs < K, other=0.0)[None, :]
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, MIN_SCALE)
+    q = _round_half_even(tl.minimum(tl.maximum(x / scale[:, None], -128.0), 127.0))  # the simulation's codes
+    tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + rows, scale, mask=rows < M)
 
 
-def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None,
-                    gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_block(K: int, rows: int | None, warps: int | None) -> tuple[int, int, int]:
+    """(BLOCK_K, rows per program, warps) of a row-wise pass over ``[M, K]``: whole rows in registers,
+    about 8K elements per program, so a program moves tens of KB (one short row per program, as before,
+    left the passes latency-bound: 115 us for 32768 x 1152 on an H200, 4x their bandwidth time)."""
+    block_k = triton.next_power_of_2(K)
+    if _INTERPRET:
+        return block_k, rows or 2, warps or 1
+    rows = rows or max(1, min(16, 8192 // block_k))
+    return block_k, rows, warps or (8 if rows * block_k >= 8192 else 4)
+
+
+def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None, gelu: bool = False,
+                    _rows: int | None = None, _warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ViDiT-Q's dynamic per-token INT8 quantization in one pass over ``x`` [M, K] (any float type):
     ``x' = x.float() * mul`` (the layer's run-time balancing, optional), ``s[m] = max(amax|x'[m]| / 127,
     1e-12)``, ``q = saturate(round_half_even(x' / s))`` -> (int8 [M, K], float32 [M]): the numbers of
     ``quant.fake_quant_act(..., "token")`` and of the ONNX graph's per-token Q/DQ. Feeds ``int8_mm`` /
-    ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (one row per program, in registers).
+    ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (whole rows per program, in registers;
+    ``_rows`` / ``_warps`` override the launch for benchmarks).
     ``gelu``: ``x`` is fc1's output and the pass first applies GELU(tanh), rounded to ``x``'s dtype (what
     an unfused ``nn.GELU`` would write): fc2's per-token input without the GELU pass over the 4x-hidden tensor."""
     M, K = x.shape
@@ -948,7 +961,82 @@ def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None,
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M:
-        _quant_rows_kernel[(M,)](x, mul if mul is not None else s, q, s, K, x.stride(0), q.stride(0),
-                                 HAS_MUL=mul is not None, GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12,
-                                 BLOCK_K=triton.next_power_of_2(K))
+        block_k, rows, warps = _row_block(K, _rows, _warps)
+        _quant_rows_kernel[(triton.cdiv(M, rows),)](
+            x, mul if mul is not None else s, q, s, M, K, x.stride(0), q.stride(0), HAS_MUL=mul is not None,
+            GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12, ROWS=rows, BLOCK_K=block_k, num_warps=warps)
+    return q, s
+
+
+# -- LayerNorm + adaLN modulate + the next layer's input quantization, one pass --------------------------
+NORM_CODES = ("int8", "int8-token", "fp8")  # static INT8, per-token INT8 (ViDiT-Q), static FP8 E4M3
+
+
+@triton.jit
+def _norm_quant_kernel(x_ptr, shift_ptr, scale_ptr, mul_ptr, a_scale_ptr, q_ptr, s_ptr, M, K, T, eps,
+                       stride_xm, stride_mb, stride_qm, HAS_MUL: tl.constexpr, CODES: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # ROWS whole rows per program. The LayerNorm (no affine) and the modulate round to x's dtype where the
+    # unfused torch ops write it; then the layer's balancing in float32 and the codes, as its quantizer
+    # computes them from that input. CODES: 0 static INT8, 1 per-token INT8 (scale per row), 2 static FP8.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    rmask, cmask = rows < M, cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / K
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+    y = (xc * rstd[:, None]).to(dt).to(tl.float32)
+    mod = (rows // T)[:, None] * stride_mb + cols[None, :]  # the row's sample: its shift / scale
+    sc = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    y = (y * (1.0 + sc).to(dt).to(tl.float32)).to(dt).to(tl.float32)  # modulate: x * (1 + scale) + shift
+    y = (y + sh).to(dt).to(tl.float32)
+    if HAS_MUL:
+        y = y * tl.load(mul_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if CODES == 1:
+        s = tl.maximum(tl.max(tl.abs(y), axis=1) / 127.0, 1e-12)
+        tl.store(s_ptr + rows, s, mask=rmask)
+        y = y / s[:, None]
+    else:
+        y = y / tl.load(a_scale_ptr)
+    if CODES == 2:
+        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(q_ptr.dtype.element_ty)
+    else:
+        q = _round_half_even(tl.minimum(tl.maximum(y, -128.0), 127.0)).to(tl.int8)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+
+
+def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, mul: torch.Tensor | None,
+               a_scale: torch.Tensor | None, codes: str, _rows: int | None = None,
+               _warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DiT block's ``LayerNorm(x)`` (no affine), adaLN ``modulate`` and the next layer's input
+    quantization in one pass: ``x`` ``[B, T, K]``, ``shift`` / ``scale`` ``[B, K]`` (views of the adaLN
+    output are fine), ``mul`` the layer's run-time balancing ``[K]`` float32 or None; ``codes`` one of
+    :data:`NORM_CODES`, static ones with the layer's ``a_scale``. Returns (codes ``[B*T, K]`` int8 /
+    float8_e4m3fn, scale: ``a_scale`` or per row ``[B*T]`` float32). The LayerNorm and the modulate
+    round to ``x``'s dtype as the unfused torch ops do, so the codes are those of the layer's quantizer
+    on the unfused ``modulate(norm(x))`` up to the LayerNorm's reduction order (the tests bound it).
+    Replaces Inductor's LayerNorm + modulate + quantize kernel, which ran at about 2x the time of the
+    same LayerNorm writing bf16 on an H200 (docs/engines.md)."""
+    if codes not in NORM_CODES:
+        raise ValueError(f"codes must be one of {NORM_CODES}, got {codes!r}")
+    B, T, K = x.shape
+    M = B * T
+    x2 = x.reshape(M, K)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    assert shift.shape == scale.shape == (B, K) and shift.stride() == scale.stride() and shift.stride(1) == 1, \
+        (shift.shape, shift.stride(), scale.stride())
+    fp8 = codes == "fp8"
+    q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    token = codes == "int8-token"
+    s = torch.empty((M,), device=x.device, dtype=torch.float32) if token else a_scale
+    if M:
+        block_k, rows, warps = _row_block(K, _rows, _warps)
+        _norm_quant_kernel[(triton.cdiv(M, rows),)](
+            x2, shift, scale, mul if mul is not None else s, a_scale if a_scale is not None else s, q, s,
+            M, K, T, eps, x2.stride(0), shift.stride(0), q.stride(0), HAS_MUL=mul is not None,
+            CODES=NORM_CODES.index(codes), ROWS=rows, BLOCK_K=block_k, num_warps=warps)
     return q, s
