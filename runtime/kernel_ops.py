@@ -1,6 +1,6 @@
 """``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
 ``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``) / ``gelu_quant_rows_int8`` /
-``unpack_progressive_int8`` / ``unpack_int4_dequant``: the Triton kernels as custom ops, so that
+``unpack_progressive_int8`` / ``unpack_int4_dequant`` / ``norm_quant`` / ``norm_quant_rows_int8``: the Triton kernels as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 Importing this module needs triton."""
 
@@ -151,3 +151,29 @@ def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int
 @unpack_int4_dequant.register_fake
 def _(w_packed, scales, group, dtype):
     return w_packed.new_empty((w_packed.shape[0], 2 * w_packed.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("dtq::norm_quant", mutates_args=())
+def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, mul: torch.Tensor | None,
+               a_scale: torch.Tensor, codes: str) -> torch.Tensor:
+    """Static codes ("int8" / "fp8") of ``modulate(LayerNorm(x))`` for a layer with scale ``a_scale``."""
+    return kernels.norm_quant(x, shift, scale, eps, mul, a_scale, codes)[0]
+
+
+@norm_quant.register_fake
+def _(x, shift, scale, eps, mul, a_scale, codes):
+    dtype = torch.float8_e4m3fn if codes == "fp8" else torch.int8
+    return x.new_empty((x.shape[0] * x.shape[1], x.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("dtq::norm_quant_rows_int8", mutates_args=())
+def norm_quant_rows_int8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                         mul: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 codes and row scales of ``modulate(LayerNorm(x))``."""
+    return kernels.norm_quant(x, shift, scale, eps, mul, None, "int8-token")
+
+
+@norm_quant_rows_int8.register_fake
+def _(x, shift, scale, eps, mul):
+    m = x.shape[0] * x.shape[1]
+    return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)

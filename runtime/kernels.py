@@ -975,38 +975,77 @@ NORM_CODES = ("int8", "int8-token", "fp8")  # static INT8, per-token INT8 (ViDiT
 @triton.jit
 def _norm_quant_kernel(x_ptr, shift_ptr, scale_ptr, mul_ptr, a_scale_ptr, q_ptr, s_ptr, M, K, T, eps,
                        stride_xm, stride_mb, stride_qm, HAS_MUL: tl.constexpr, CODES: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # ROWS whole rows per program. The LayerNorm (no affine) and the modulate round to x's dtype where the
-    # unfused torch ops write it; then the layer's balancing in float32 and the codes, as its quantizer
-    # computes them from that input. CODES: 0 static INT8, 1 per-token INT8 (scale per row), 2 static FP8.
+                       ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # ROWS whole rows of one sample per program (ROWS divides T): the row in two power-of-two parts,
+    # [0, BLOCK_A) and [BLOCK_A, BLOCK_A + BLOCK_B) (1152 = 1024 + 128: no masked-off lanes, whose
+    # instructions a single 2048-wide block would issue anyway; BLOCK_B = 0: K is BLOCK_A). The LayerNorm
+    # (no affine) and the modulate round to x's dtype where the unfused torch ops write it; then the
+    # layer's balancing and the codes. CODES: 0 static INT8, 1 per-token INT8 (scale per row), 2 static FP8.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    rmask, cmask = rows < M, cols < K
-    mask = rmask[:, None] & cmask[None, :]
-    dt = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / K
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
-    y = (xc * rstd[:, None]).to(dt).to(tl.float32)
-    mod = (rows // T)[:, None] * stride_mb + cols[None, :]  # the row's sample: its shift / scale
-    sc = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-    sh = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-    y = (y * (1.0 + sc).to(dt).to(tl.float32)).to(dt).to(tl.float32)  # modulate: x * (1 + scale) + shift
-    y = (y + sh).to(dt).to(tl.float32)
-    if HAS_MUL:
-        y = y * tl.load(mul_ptr + cols, mask=cmask, other=0.0)[None, :]
-    if CODES == 1:
-        s = tl.maximum(tl.max(tl.abs(y), axis=1) / 127.0, 1e-12)
-        tl.store(s_ptr + rows, s, mask=rmask)
-        y = y / s[:, None]
+    rmask = rows < M
+    sample = (tl.program_id(0) * ROWS) // T
+    cols_a = tl.arange(0, BLOCK_A)
+    xa = tl.load(x_ptr + rows[:, None] * stride_xm + cols_a[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    total = tl.sum(xa, axis=1)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        mask_b = rmask[:, None] & (cols_b[None, :] < K)
+        xb = tl.load(x_ptr + rows[:, None] * stride_xm + cols_b[None, :], mask=mask_b, other=0.0).to(tl.float32)
+        total += tl.sum(xb, axis=1)
+    mean = total / K
+    xa = xa - mean[:, None]
+    sq = tl.sum(xa * xa, axis=1)
+    if BLOCK_B > 0:
+        xb = tl.where(mask_b, xb - mean[:, None], 0.0)
+        sq += tl.sum(xb * xb, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / K + eps)
+    if CODES != 1:
+        inv = 1.0 / tl.load(a_scale_ptr)  # static: one multiplier per column, the balancing folded in
     else:
-        y = y / tl.load(a_scale_ptr)
+        inv = 1.0
+    ya = _modulate_part(xa, rstd, sample, cols_a, K, shift_ptr, scale_ptr, mul_ptr, stride_mb, inv, HAS_MUL,
+                        x_ptr.dtype.element_ty)
+    amax = tl.max(tl.abs(ya), axis=1)
+    if BLOCK_B > 0:
+        yb = _modulate_part(xb, rstd, sample, cols_b, K, shift_ptr, scale_ptr, mul_ptr, stride_mb, inv, HAS_MUL,
+                            x_ptr.dtype.element_ty)
+        amax = tl.maximum(amax, tl.max(tl.abs(yb), axis=1))
+    if CODES == 1:
+        s = tl.maximum(amax / 127.0, 1e-12)
+        tl.store(s_ptr + rows, s, mask=rmask)
+        ya = ya / s[:, None]  # x / scale: quant_rows_int8's codes
+    _store_codes(ya, rows, cols_a, rmask, K, q_ptr, stride_qm, CODES)
+    if BLOCK_B > 0:
+        if CODES == 1:
+            yb = yb / s[:, None]
+        _store_codes(yb, rows, cols_b, rmask, K, q_ptr, stride_qm, CODES)
+
+
+@triton.jit
+def _modulate_part(xc, rstd, sample, cols, K, shift_ptr, scale_ptr, mul_ptr, stride_mb, inv, HAS_MUL: tl.constexpr,
+                   dt: tl.constexpr):
+    # (x - mean) * rstd -> dtype; * (1 + scale) -> dtype; + shift -> dtype (modulate's three roundings);
+    # then * balancing * inv in float32. shift / scale / mul: one row of the program's sample, per column
+    cmask = cols < K
+    sc = tl.load(scale_ptr + sample * stride_mb + cols, mask=cmask, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + sample * stride_mb + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = (xc * rstd[:, None]).to(dt).to(tl.float32)
+    y = (y * (1.0 + sc).to(dt).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+    y = (y + sh[None, :]).to(dt).to(tl.float32)
+    if HAS_MUL:
+        y = y * (tl.load(mul_ptr + cols, mask=cmask, other=0.0) * inv)[None, :]
+    else:
+        y = y * inv
+    return y
+
+
+@triton.jit
+def _store_codes(y, rows, cols, rmask, K, q_ptr, stride_qm, CODES: tl.constexpr):
     if CODES == 2:
         q = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(q_ptr.dtype.element_ty)
     else:
         q = _round_half_even(tl.minimum(tl.maximum(y, -128.0), 127.0)).to(tl.int8)
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=rmask[:, None] & (cols[None, :] < K))
 
 
 def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, mul: torch.Tensor | None,
@@ -1018,9 +1057,11 @@ def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: f
     :data:`NORM_CODES`, static ones with the layer's ``a_scale``. Returns (codes ``[B*T, K]`` int8 /
     float8_e4m3fn, scale: ``a_scale`` or per row ``[B*T]`` float32). The LayerNorm and the modulate
     round to ``x``'s dtype as the unfused torch ops do, so the codes are those of the layer's quantizer
-    on the unfused ``modulate(norm(x))`` up to the LayerNorm's reduction order (the tests bound it).
-    Replaces Inductor's LayerNorm + modulate + quantize kernel, which ran at about 2x the time of the
-    same LayerNorm writing bf16 on an H200 (docs/engines.md)."""
+    on the unfused ``modulate(norm(x))``, up to the LayerNorm's reduction order and, for static scales,
+    one multiply by ``mul / a_scale`` where the quantizer multiplies, then divides (a code can differ
+    where the two roundings straddle a rounding tie; the tests bound both). Per-token codes divide by
+    the row's scale, as ``quant_rows_int8``. Replaces Inductor's LayerNorm + modulate + quantize kernel,
+    which took 2.3x this kernel's first version's time at 32768 x 1152 on an H200 (docs/engines.md)."""
     if codes not in NORM_CODES:
         raise ValueError(f"codes must be one of {NORM_CODES}, got {codes!r}")
     B, T, K = x.shape
@@ -1034,9 +1075,13 @@ def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: f
     token = codes == "int8-token"
     s = torch.empty((M,), device=x.device, dtype=torch.float32) if token else a_scale
     if M:
-        block_k, rows, warps = _row_block(K, _rows, _warps)
+        block_a = 1 << (K.bit_length() - 1)  # the largest power of two <= K, then the rest's
+        block_b = triton.next_power_of_2(K - block_a) if K > block_a else 0
+        _, rows, warps = _row_block(block_a + block_b, _rows, _warps)
+        while T % rows:  # a program's rows share one sample's shift / scale
+            rows //= 2
         _norm_quant_kernel[(triton.cdiv(M, rows),)](
             x2, shift, scale, mul if mul is not None else s, a_scale if a_scale is not None else s, q, s,
             M, K, T, eps, x2.stride(0), shift.stride(0), q.stride(0), HAS_MUL=mul is not None,
-            CODES=NORM_CODES.index(codes), ROWS=rows, BLOCK_K=block_k, num_warps=warps)
+            CODES=NORM_CODES.index(codes), ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
     return q, s

@@ -75,8 +75,8 @@ def open_module(spec: str | DenoiserSpec, model: nn.Module, *, device: str | tor
 
     ``torch`` is ``model`` itself (moved, not copied); sim and recipe leave ``model`` unchanged.
     ``recipe``: the already loaded recipe of the spec. ``engine_options``: extra
-    ``build_qengine`` arguments (``fuse_mlp=(), fuse_residual=()`` keep fc1 / proj / fc2 separately
-    hookable on CUDA)."""
+    ``build_qengine`` arguments (``fuse_mlp=(), fuse_residual=(), fuse_norm=False`` keep qkv / fc1 /
+    proj / fc2 separately hookable on CUDA)."""
     spec = parse_denoiser_spec(spec)
     device, dtype = torch.device(device), resolve_dtype(spec, dtype)
     if spec.kind == "torch":

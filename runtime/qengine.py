@@ -96,6 +96,7 @@ from .attention import AttentionBackend, check_backend, use_attention
 from .gelu import GeluForm, check_gelu_form, use_gelu
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
+from .quantized_input import QuantizedActivation, norm_quantized
 from .recipe import Recipe, apply_recipe
 from .regional_compile import compile_blocks  # noqa: F401  (the engine's compile; callers import it from here)
 from .rotation import rotated_input
@@ -212,11 +213,26 @@ class EngineLinear(nn.Module):
         slower kernel (``W4A8_STAGED_MIN_ROWS``, docs/engines.md)."""
         return self.staged_min_rows is not None and rows >= self.staged_min_rows
 
-    def runs_kernels(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` takes the GPU path (``kernel``: "auto" on CUDA, "gpu" anywhere) or the reference."""
-        return self.kernel == "gpu" or (self.kernel == "auto" and x.is_cuda)
+    def runs_kernels(self, x: torch.Tensor | QuantizedActivation) -> bool:
+        """Whether ``x`` takes the GPU path (``kernel``: "auto" on CUDA, "gpu" anywhere) or the reference
+        (codes from a producing kernel exist on the GPU path only)."""
+        return self.kernel == "gpu" or isinstance(x, QuantizedActivation) or (self.kernel == "auto" and x.is_cuda)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def norm_codes_format(self) -> str | None:
+        """The 8-bit input codes this layer's GEMM can take from the kernel producing its input
+        (``kernels.NORM_CODES``: "int8", "int8-token", "fp8"), or None: the reference path, a layer
+        without ``codes_forward``, a low-rank branch (it needs the unquantized input), an input rotation,
+        per-token codes other than INT8 or under ``token_quant="inductor"`` (Inductor fuses those)."""
+        if (self.kernel == "reference" or not callable(getattr(self, "codes_forward", None))
+                or self.lowrank_up is not None or self.input_rotation):
+            return None
+        if self.dynamic:
+            return "int8-token" if self.act_format == formats.INT8 and self.token_quant != "inductor" else None
+        return {formats.INT8: "int8", formats.FP8_E4M3: "fp8"}.get(self.act_format)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):  # the producer quantized the input (quantized_input.py)
+            return self.codes_forward(x.codes, x.dtype, x.scale).reshape(*x.shape[:-1], self.out_features)
         if not self.runs_kernels(x):
             return self.reference(x)
         shape = x.shape
@@ -537,20 +553,21 @@ class FusedMlp(nn.Module):
                 and callable(getattr(fc2, "codes_forward", None)) and not fc2.input_rotation
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if not self.fc1.runs_kernels(x):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
 
-    def fused_forward(self, x: torch.Tensor, gate: torch.Tensor | None = None,
+    def fused_forward(self, x: torch.Tensor | QuantizedActivation, gate: torch.Tensor | None = None,
                       residual: torch.Tensor | None = None) -> torch.Tensor:
         """The GPU path (any device that runs the Triton kernels: the tests use the interpreter).
         ``gate`` and ``residual`` given: ``residual + gate.unsqueeze(1) * mlp(x)`` with the add in fc2's
-        epilogue (``FusedResidualBlock``). INT8 with ``int8_kernel="auto"`` at rows where fc1 would run on
-        ``torch._int_mm``: unfused."""
+        epilogue (``FusedResidualBlock``). ``x`` may be fc1's input codes from the kernel that produced
+        them (:class:`QuantizedActivation`). INT8 with ``int8_kernel="auto"`` at rows where fc1 would run
+        on ``torch._int_mm``: unfused."""
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
-        rows = x.numel() // shape[-1]
+        rows = shape.numel() // shape[-1]
         if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
             h = fc1(x).reshape(rows, fc1.out_features)
             codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul)
@@ -561,24 +578,28 @@ class FusedMlp(nn.Module):
         if not (fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows)):
             y = fc2(self.act(fc1(x)))
             return y if gate is None else residual + gate.unsqueeze(1) * y
-        h = fc1.codes_gelu_quant(fc1.quantize_input(x.reshape(-1, shape[-1])), fc2.input_mul, fc2.act_scale)
+        xq = x.codes if isinstance(x, QuantizedActivation) else fc1.quantize_input(x.reshape(-1, shape[-1]))
+        h = fc1.codes_gelu_quant(xq, fc2.input_mul, fc2.act_scale)
         if gate is None:
             return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
         return fc2.codes_gate_residual(h, gate, residual.reshape(-1, fc2.out_features)).reshape(residual.shape)
 
 
 class FusedResidualBlock(DiTBlock):
-    """A DiT block whose attention proj and / or MLP fc2 add the adaLN-gated residual in their GEMM's
-    epilogue (``x + gate * layer(h)`` written once, as the new residual stream, instead of the layer's
-    output in bf16 followed by a multiply and an add). Takes over the block's submodules (same names,
-    same state); on the CPU its forward is ``DiTBlock``'s, bit-identical to the simulation. The
-    arithmetic is the block's up to rounding: the gated add runs in float32 before one rounding."""
+    """A DiT block with the engine's fusions around its GEMMs. ``proj`` / ``fc2``: the attention proj and
+    / or MLP fc2 add the adaLN-gated residual in their GEMM's epilogue (``x + gate * layer(h)`` written
+    once, as the new residual stream, instead of the layer's output in bf16 followed by a multiply and
+    an add). ``norm``: qkv's and fc1's inputs, ``modulate(LayerNorm(x))``, come as the layer's 8-bit
+    codes from one Triton pass (``quantized_input.norm_quantized``) where the layer takes them. Takes
+    over the block's submodules (same names, same state); on the CPU its forward is ``DiTBlock``'s,
+    bit-identical to the simulation. The arithmetic is the block's up to rounding: the gated add runs
+    in float32 before one rounding."""
 
-    def __init__(self, block: DiTBlock, proj: bool, fc2: bool):
+    def __init__(self, block: DiTBlock, proj: bool, fc2: bool, norm: bool = False):
         nn.Module.__init__(self)
         for name, child in block.named_children():
             self.add_module(name, child)
-        self.fuse_proj, self.fuse_fc2 = proj, fc2
+        self.fuse_proj, self.fuse_fc2, self.fuse_norm = proj, fc2, norm
 
     @staticmethod
     def fusable(block: nn.Module, formats: tuple[str, ...]) -> tuple[bool, bool]:
@@ -590,24 +611,39 @@ class FusedResidualBlock(DiTBlock):
         ok = lambda lin: isinstance(lin, EngineLinear) and lin.epilogue_format in formats and lin.fuses_epilogue()  # noqa: E731
         return ok(proj), ok(fc2) and (type(mlp) is Mlp or isinstance(mlp, FusedMlp))  # fc2(act(fc1(h)))
 
+    @staticmethod
+    def norm_fusable(block: nn.Module) -> bool:
+        """Whether qkv or fc1 can take its input codes from the LayerNorm + modulate pass."""
+        if type(block) is not DiTBlock or not hasattr(block.attn, "attend"):
+            return False
+        layers = (block.attn.qkv, getattr(block.mlp, "fc1", None))
+        return any(isinstance(lin, EngineLinear) and lin.norm_codes_format() for lin in layers)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if not (self.attn.proj if self.fuse_proj else self.mlp.fc2).runs_kernels(x):
+        layers = (self.attn.qkv, self.attn.proj, getattr(self.mlp, "fc1", None), getattr(self.mlp, "fc2", None))
+        if not next(lin for lin in layers if isinstance(lin, EngineLinear)).runs_kernels(x):
             return super().forward(x, c)
         return self.fused_forward(x, c)
+
+    def block_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module,
+                    layer: nn.Module) -> torch.Tensor | QuantizedActivation:
+        """``modulate(norm(x), shift, scale)``, as ``layer``'s input codes where the block fuses it."""
+        codes = norm_quantized(x, shift, scale, norm, layer) if self.fuse_norm else None
+        return modulate(norm(x), shift, scale) if codes is None else codes
 
     def fused_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The GPU path (the tests run it in Triton's interpreter). A layer that cannot fuse at these
         rows (INT8 on ``torch._int_mm``) takes the block's own formula."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         rows = x.numel() // x.shape[-1]
-        h = self.attn.attend(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = self.attn.attend(self.block_input(x, shift_msa, scale_msa, self.norm1, self.attn.qkv))
         proj = self.attn.proj
         if self.fuse_proj and proj.fuses_epilogue(rows):
             x = proj.fused_gate_residual(h, gate_msa, x)
         else:
             x = x + gate_msa.unsqueeze(1) * proj(h)
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         mlp = self.mlp
+        h = self.block_input(x, shift_mlp, scale_mlp, self.norm2, getattr(mlp, "fc1", None))
         if not self.fuse_fc2:
             return x + gate_mlp.unsqueeze(1) * mlp(h)
         if isinstance(mlp, FusedMlp):
@@ -617,7 +653,7 @@ class FusedResidualBlock(DiTBlock):
         return x + gate_mlp.unsqueeze(1) * mlp(h)
 
     def extra_repr(self) -> str:
-        return f"fused gated residual: proj={self.fuse_proj}, fc2={self.fuse_fc2}"
+        return f"fused gated residual: proj={self.fuse_proj}, fc2={self.fuse_fc2}; norm + quantize: {self.fuse_norm}"
 
 
 class Int4Linear(EngineLinear):
@@ -841,7 +877,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
                   w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
                   w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS,
-                  check: bool = True) -> nn.Module:
+                  fuse_norm: bool = True, check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
     bit-identical to ``apply_recipe(model, recipe)``). ``fuse_mlp``: the epilogue families ("int8",
@@ -850,7 +886,10 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     fc2 add the block's adaLN-gated residual in their GEMM epilogue (:class:`FusedResidualBlock`);
     "w4a8-group" (the group-scale W4A8 kernel's, unmeasured on the GPU) only when named. Both default
     to :data:`FUSED_FAMILIES`; a fused FP8 block runs the Triton FP8 GEMM instead of cuBLAS's.
-    ``()`` for both: every epilogue unfused (the benchmark's ablation). ``w4a8``: "group" runs W4A8 layers with the
+    ``()`` for both: every epilogue unfused (the benchmark's ablation). ``fuse_norm``: qkv's and fc1's
+    8-bit input codes come from one Triton pass over the residual stream (LayerNorm + modulate + the
+    layer's quantizer, ``kernels.norm_quant``; static INT8 / FP8 and per-token INT8) instead of torch
+    ops and the layer's own quantizer (:class:`FusedResidualBlock`). ``w4a8``: "group" runs W4A8 layers with the
     recipe's float group scales (bit-identical to the simulation on the CPU); "progressive"
     requantizes them to two-level INT4 (:class:`Int4ProgressiveLinear`: integer group scales, int32
     accumulation over the whole K), which changes the weights slightly; ``w4a8_staged_rows``: from how
@@ -892,7 +931,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                        token_quant=token_quant, w4a8_staged_rows=w4a8_staged_rows,
                        w4a16_staged_rows=w4a16_staged_rows)
     if family == "dit":
-        fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention)
+        fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention,
+                        fuse_norm=fuse_norm)
     use_gelu(engine, gelu)
     return engine.to(device=device, dtype=dtype).eval()
 
@@ -939,7 +979,7 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
 
 def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = FUSED_FAMILIES,
                     fuse_residual: tuple[str, ...] = FUSED_FAMILIES,
-                    attention: AttentionBackend = "sdpa") -> nn.Module:
+                    attention: AttentionBackend = "sdpa", fuse_norm: bool = True) -> nn.Module:
     """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp`, the attention
     backend, blocks to :class:`FusedResidualBlock` (``build_qengine`` documents the arguments)."""
     if fuse_mlp:
@@ -947,11 +987,11 @@ def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = FUSED_FAMI
             if FusedMlp.fusable(mlp, tuple(fuse_mlp)):
                 _set_submodule(engine, name, FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
     use_attention(engine, attention)  # before the blocks are fused: theirs is the attention they call
-    if fuse_residual:
-        for name, block in list(engine.named_modules()):
-            proj, fc2 = FusedResidualBlock.fusable(block, tuple(fuse_residual))
-            if proj or fc2:
-                _set_submodule(engine, name, FusedResidualBlock(block, proj, fc2))
+    for name, block in list(engine.named_modules()):
+        proj, fc2 = FusedResidualBlock.fusable(block, tuple(fuse_residual))
+        norm = fuse_norm and FusedResidualBlock.norm_fusable(block)
+        if proj or fc2 or norm:
+            _set_submodule(engine, name, FusedResidualBlock(block, proj, fc2, norm))
     return engine
 
 

@@ -384,7 +384,7 @@ def make_xl(name: str = "DiT-XL/2", seed: int = 0):
 
 
 ENGINE_PRECISIONS = ("fp8", "int8", "w4a16", "w4a8")
-EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused")
+EPILOGUE_ABLATIONS = ("unfused", "fusedmlp", "fused", "nonorm")
 GROUP_TAG = re.compile(r"g(16|32|64|128)")  # "-g32": INT4 weight group size (backend_group)
 INT4_PRECISIONS = ("w4a8", "w4a16")
 TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
@@ -467,9 +467,11 @@ def engine_options(name: str) -> dict:
     weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``), the
     epilogue ablation: none = the engine's default (``qengine.FUSED_FAMILIES``, INT8, two-level W4A8 and
     FP8: GELU + quantize in fc1's epilogue, gated residual in proj's and fc2's), "-unfused" (no fused
-    epilogue: separate passes; FP8: cuBLAS's GEMM and Inductor's passes, the default before session 13),
-    "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8), "-fused" (every epilogue for this
-    precision, FP8 included: its proj / fc1 / fc2 then run our Triton FP8 GEMM instead of cuBLAS's).
+    epilogue: separate passes; FP8: cuBLAS's GEMM and Inductor's passes, the default before session 13;
+    nor the LayerNorm + quantize pass), "-fusedmlp" (fc1's epilogue for this precision too, e.g. fp8),
+    "-fused" (every epilogue for this precision, FP8 included: its proj / fc1 / fc2 then run our Triton
+    FP8 GEMM instead of cuBLAS's), "-nonorm" (the default engine without ``fuse_norm``: qkv's and fc1's
+    inputs from torch ops (Inductor's kernel) and the layer's quantizer, the engine before session 14).
     Raises ValueError for anything else. The modifiers "-sage" / "-maxat" (``backend_modifiers``) are
     build_backend's, not build_qengine's: ignored here."""
     from dtq.runtime.qengine import FUSED_FAMILIES
@@ -497,6 +499,7 @@ def engine_options(name: str) -> dict:
     tokfused = token_quant == "inductor"
     if tokfused and family == "w4a8-group":  # the merged (a542954) engine: per-token W4A8 gated residual too
         fuse_residual = (*fuse_residual, family)
+    fuse_norm = ablation not in (["unfused"], ["nonorm"])
     if ablation == ["unfused"]:
         fuse_mlp, fuse_residual = (), ()
     elif ablation == ["fusedmlp"]:
@@ -505,7 +508,7 @@ def engine_options(name: str) -> dict:
         fuse_mlp = fuse_residual = (family,)
     return {"precision": precision, "int8_kernel": "int_mm" if "intmm" in tags else "triton" if "triton" in tags else "auto",
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
-            "fuse_residual": fuse_residual, "token_quant": token_quant,
+            "fuse_residual": fuse_residual, "fuse_norm": fuse_norm, "token_quant": token_quant,
             **{("w4a16" if precision == "w4a16" else "w4a8") + "_staged_rows": STAGE_TAGS[t]
                for t in tags if t in STAGE_TAGS}}
 

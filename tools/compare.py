@@ -163,11 +163,12 @@ class Endpoint:
         from .runners import TorchRunner, onnx_runner, trt_runner  # polygraphy: the onnx extra
 
         if self.parsed.is_module:
-            # the engine's fused epilogues (CUDA) skip fc1's / proj's / fc2's forward: keep the layers
-            # separate to hook them
+            # the engine's fused epilogues (CUDA) skip fc1's / proj's / fc2's forward, and its LayerNorm +
+            # quantize pass hands qkv / fc1 codes, not their input: keep the layers separate to hook them
             module = open_module(self.parsed, self._base(), device=cfg.device, dtype=self.torch_dtype(cfg),
                                  recipe=self.recipe,
-                                 engine_options={"fuse_mlp": (), "fuse_residual": ()} if probe_layers else None)
+                                 engine_options={"fuse_mlp": (), "fuse_residual": (), "fuse_norm": False}
+                                 if probe_layers else None)
             return TorchRunner(module, device=cfg.device, dtype=self.torch_dtype(cfg), probe_layers=probe_layers,
                                name=name)
         if self.kind == "onnx":
