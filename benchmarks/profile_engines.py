@@ -53,12 +53,18 @@ def profile_backend(module, batch: int, iters: int) -> dict:
     be.sync()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(iters):
             plain(x, t, y)
         be.sync()
     kernels = defaultdict(lambda: [0.0, 0])
+    # host-side copies (ATen copy_ / clone / contiguous / _to_copy, e.g. a layout or dtype change in front of
+    # a custom op) with their input shapes: what an ATen elementwise copy kernel in the list moved
+    copies = defaultdict(int)
     for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CPU and evt.name in (
+                "aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"):
+            copies[f"{evt.name} {evt.input_shapes}"] += 1
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels[evt.name]
             k[0] += evt.device_time / 1e3  # ms
@@ -78,7 +84,8 @@ def profile_backend(module, batch: int, iters: int) -> dict:
                                        "calls": sum(c for _, c in fused_amax)},
             "categories_ms": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:160], "ms": round(ms, 3), "calls": c, "category": category(n)}
-                            for n, (ms, c) in top]}
+                            for n, (ms, c) in top],
+            "host_copies_per_forward": {k: v / iters for k, v in sorted(copies.items(), key=lambda kv: -kv[1])[:10]}}
 
 
 def attention_variants(batch: int) -> dict:
@@ -132,6 +139,8 @@ def main(argv=None) -> int:
                    f"Inductor kernels with a row amax {r['fused_row_amax_kernels']}")
             for k in r["top_kernels"][:12]:
                 be.log(f"    {k['ms']:8.3f} ms x{k['calls']:3d} [{k['category']}] {k['name'][:110]}")
+            for k, n in r["host_copies_per_forward"].items():
+                be.log(f"    host copy x{n:g} per forward: {k[:200]}")
             return r
 
         be.guarded(res["backends"], name, one)

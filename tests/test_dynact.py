@@ -437,7 +437,11 @@ def test_token_quant_default_is_the_pass_without_fused_epilogues(tiny):
         gated = lambda e: [e.get_submodule(n) for n in ("blocks.0.attn.proj", "blocks.0.mlp.fc2")]  # noqa: E731
         assert [m.fuses_epilogue() for m in gated(default)] == [False, False], p
         assert [m.fuses_epilogue() for m in gated(fused)] == [True, True], p
-        assert type(default.blocks[0]) is DiTBlock, p
+        blk = default.blocks[0]  # "pass": no gated-residual epilogue; INT8 qkv / fc1 codes from the norm pass
+        if p == "int8":
+            assert isinstance(blk, FusedResidualBlock) and not (blk.fuse_proj or blk.fuse_fc2) and blk.fuse_norm
+        else:  # the group-scale W4A8 kernel takes no given codes (no codes_forward)
+            assert type(blk) is DiTBlock
         assert isinstance(fused.blocks[0], FusedResidualBlock) and fused.blocks[0].fuse_proj, p
     static_w4a8 = minmax_recipe(tiny, "w4a8", group=64, balance=True)
     assert type(build_qengine(tiny, static_w4a8, kernel="gpu").blocks[0]) is DiTBlock  # the pre-cf3ff34 default

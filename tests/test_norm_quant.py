@@ -16,16 +16,17 @@ def test_norm_quant_codes_equal_the_unfused_ops():
     quantizer (per token: ``quant_rows_int8``, bit for bit in float16; static INT8 / FP8
     ``round(h * mul / s)``: up to a rare one-code difference, the kernel multiplying by ``mul / s``), in
     float16 (the interpreter rounds fp32 -> fp16 to nearest, as the GPU does) and float32 (the
-    LayerNorm's reduction order shows in the last bit: a rare one-code difference): row
-    lengths with and without a tail part (40 = 32 + 8, 384 = 256 + 128, 64), an odd token count (one
-    row per program), no balancing Mul, shift / scale as strided views of the adaLN output."""
+    LayerNorm's reduction order shows in the last bit: a rare one-code difference). Row lengths with and
+    without a tail part (40 = 32 + 8, 384 = 256 + 128, 64; 44 = 32 + 12 of a 16-wide part, whose padding
+    must stay out of the row's amax), an odd token count (one row per program), no balancing Mul,
+    shift / scale as strided views of the adaLN output."""
     code = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from dtq.runtime import kernels
         from dtq.runtime.model import modulate
         torch.manual_seed(0)
         for dt in (torch.float16, torch.float32):
-            for B, T, K in ((2, 5, 40), (3, 4, 64), (1, 6, 384)):
+            for B, T, K in ((2, 5, 40), (3, 4, 64), (1, 6, 384), (2, 4, 44)):
                 x = (torch.randn(B, T, K) * 3 + 0.5).to(dt)
                 c = torch.randn(B, 6 * K).to(dt)
                 shift, scale = c[:, 3 * K:4 * K], c[:, 4 * K:5 * K]

@@ -301,7 +301,7 @@ def test_gemm_epilogues_are_torch_ops_for_inductor(small_model, precision, optio
     epilogue; likewise proj's output into the gated residual add. Their blocks stay unfused DiTBlocks."""
     from dtq.runtime.model import DiTBlock, Mlp
 
-    eng = build_qengine(small_model, minmax_recipe(small_model, precision, balance=True), **options)
+    eng = build_qengine(small_model, minmax_recipe(small_model, precision, balance=True), fuse_norm=False, **options)
     block = eng.blocks[0]
     assert type(block) is DiTBlock and type(block.mlp) is Mlp  # no FusedMlp / FusedResidualBlock
     mlp, proj = block.mlp, block.attn.proj

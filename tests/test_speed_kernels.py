@@ -289,7 +289,7 @@ def test_fused_epilogues_in_interpreter():
             eng = build_qengine(m, recipe, **kw)
             assert all(isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2
                        and isinstance(blk.mlp, FusedMlp) for blk in eng.blocks), p
-            unfused = build_qengine(m, recipe, fuse_mlp=(), fuse_residual=(), **kw)
+            unfused = build_qengine(m, recipe, fuse_mlp=(), fuse_residual=(), fuse_norm=False, **kw)
             assert not any(isinstance(mod, (FusedResidualBlock, FusedMlp)) for mod in unfused.modules())
             with torch.no_grad():
                 if p == "int8":  # the CPU path is still the simulation's, bit for bit
@@ -409,7 +409,8 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
             recipe = minmax_recipe(m, p, group=32, balance=True, act_granularity="token")
             plain = build_qengine(m, recipe, kernel="gpu", **kw)
             fused = build_qengine(m, recipe, kernel="gpu", token_quant="pass-fused", **kw)
-            assert not any(isinstance(mod, (FusedMlp, FusedResidualBlock)) for mod in plain.modules()), p
+            assert not any(isinstance(mod, FusedMlp) for mod in plain.modules()), p  # "pass": no fused epilogue,
+            assert all(not (b.fuse_proj or b.fuse_fc2) and b.fuse_norm for b in plain.blocks), p  # the norm pass only
             blk = fused.blocks[0]
             assert isinstance(blk, FusedResidualBlock) and blk.fuse_proj and blk.fuse_fc2 and isinstance(blk.mlp, FusedMlp), p
             with profile() as prof, torch.no_grad():
