@@ -984,26 +984,23 @@ def _norm_quant_kernel(x_ptr, shift_ptr, scale_ptr, mul_ptr, a_scale_ptr, q_ptr,
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
     sample = (tl.program_id(0) * ROWS) // T
-    # mean and variance in one reduction step: sums of d = x - x[0] and d^2 (the shift by the row's first
-    # element keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std), not two dependent reductions
-    x0 = tl.load(x_ptr + rows * stride_xm, mask=rmask, other=0.0).to(tl.float32)[:, None]
     cols_a = tl.arange(0, BLOCK_A)
     xa = tl.load(x_ptr + rows[:, None] * stride_xm + cols_a[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    da = xa - x0
-    total, sq = tl.sum(da, axis=1), tl.sum(da * da, axis=1)
+    total = tl.sum(xa, axis=1)
     if BLOCK_B > 0:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         mask_b = rmask[:, None] & (cols_b[None, :] < K)
         xb = tl.load(x_ptr + rows[:, None] * stride_xm + cols_b[None, :], mask=mask_b, other=0.0).to(tl.float32)
-        db = tl.where(mask_b, xb - x0, 0.0)
-        total += tl.sum(db, axis=1)
-        sq += tl.sum(db * db, axis=1)
-    mean_d = total / K
-    rstd = 1.0 / tl.sqrt(tl.maximum(sq / K - mean_d * mean_d, 0.0) + eps)
-    mean = x0 + mean_d[:, None]
-    xa = xa - mean
+        total += tl.sum(xb, axis=1)
+    # two dependent reductions, as torch's: on the H200 sweep, sums of x - x[0] and its square in one
+    # step were no faster (62 against 57 us for static INT8 at 32768 x 1152, 4 rows x 2 warps each)
+    mean = total / K
+    xa = xa - mean[:, None]
+    sq = tl.sum(xa * xa, axis=1)
     if BLOCK_B > 0:
-        xb = tl.where(mask_b, xb - mean, 0.0)  # padding stays 0: out of the per-token amax
+        xb = tl.where(mask_b, xb - mean[:, None], 0.0)  # padding stays 0: out of the per-token amax
+        sq += tl.sum(xb * xb, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / K + eps)
     if CODES != 1:
         inv = 1.0 / tl.load(a_scale_ptr)  # static: one multiplier per column, the balancing folded in
     else:

@@ -129,7 +129,9 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
 
     opts = engine_options("w4a8-progressive-unfused")
     assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
-                    "fuse_residual": (), "token_quant": "pass"}
+                    "fuse_residual": (), "fuse_norm": False, "token_quant": "pass"}
+    assert engine_options("int8")["fuse_norm"] and not engine_options("int8-nonorm")["fuse_norm"]
+    assert engine_options("int8-nonorm")["fuse_mlp"] == engine_options("int8")["fuse_mlp"]
     assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8", "fp8") == engine_options("int8")["fuse_mlp"]
     assert engine_options("fp8")["fuse_mlp"] == FUSED_FAMILIES and engine_options("fp8-unfused")["fuse_mlp"] == ()
     assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
