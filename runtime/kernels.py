@@ -942,7 +942,8 @@ def _row_block(K: int, rows: int | None, warps: int | None) -> tuple[int, int, i
     block_k = triton.next_power_of_2(K)
     if _INTERPRET:
         return block_k, rows or 2, warps or 1
-    # H200, 32768 rows (benchmarks/norm_quant_bench.py): 4 rows x 4 warps at K = 1152 (8 warps: +8-18%)
+    # H200, 32768 rows (benchmarks/norm_quant_bench.py): 4 rows x 4 warps at K = 1152, as fast as or
+    # faster than 8 warps in both sweeps
     return block_k, rows or max(1, min(16, 8192 // block_k)), warps or 4
 
 
@@ -992,8 +993,8 @@ def _norm_quant_kernel(x_ptr, shift_ptr, scale_ptr, mul_ptr, a_scale_ptr, q_ptr,
         mask_b = rmask[:, None] & (cols_b[None, :] < K)
         xb = tl.load(x_ptr + rows[:, None] * stride_xm + cols_b[None, :], mask=mask_b, other=0.0).to(tl.float32)
         total += tl.sum(xb, axis=1)
-    # two dependent reductions, as torch's: on the H200 sweep, sums of x - x[0] and its square in one
-    # step were no faster (62 against 57 us for static INT8 at 32768 x 1152, 4 rows x 2 warps each)
+    # two dependent reductions, as torch's: on the H200, sums of x - x[0] and its square in one step were
+    # no faster (62 against 57 us for static INT8 at 32768 x 1152, 4 rows x 2 warps; noisy timings)
     mean = total / K
     xa = xa - mean[:, None]
     sq = tl.sum(xa * xa, axis=1)
