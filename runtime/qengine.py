@@ -49,6 +49,10 @@ Triton pass, with fc2's GELU applied inside fc2's pass (``kernels.quant_rows_int
 GELU + quantize epilogue of fc1 needs static scales (it sees one N tile of a row, not the row's amax).
 ``Int4ProgressiveLinear`` takes both, as ``Int4Linear`` does (its kernel's ``ROW_SCALE``).
 
+qkv's and fc1's input, ``modulate(LayerNorm(x))``, reaches a layer that takes 8-bit codes (static INT8 / FP8,
+per-token INT8, two-level W4A8) as those codes from one Triton pass (``kernels.norm_quant``; ``fuse_norm``,
+:class:`FusedResidualBlock`, ``quantized_input``), not as a bf16 tensor that the layer then quantizes.
+
 A recipe layer with DiTAS' low-rank branch (``lowrank_up`` L, ``lowrank_down`` R) adds
 ``(x' R^T) L^T`` on the balanced unquantized input ``x'``: on the GPU two small FP16 GEMMs after the
 layer's kernel, the second accumulating into the output (``addmm``) when the output is FP16. Their
