@@ -73,7 +73,7 @@ def test_engine_blocks_take_qkv_and_fc1_codes_from_the_norm_pass():
     per-token INT8 / W4A8: qkv's and fc1's inputs come from the norm pass (two ``norm_quant`` calls per
     block, per-token ``quant_rows`` only for proj and fc2), the output equals the block without it
     (``fuse_norm=False``) to > 60 dB and the simulation's to > 30 dB, and torch.compile(fullgraph) sees
-    the opaque ops. A layer with a low-rank branch keeps its own quantizer."""
+    the opaque ops (INT8, static and per token). A layer with a low-rank branch keeps its own quantizer."""
     code = textwrap.dedent("""
         import torch
         from torch.profiler import profile
@@ -104,6 +104,8 @@ def test_engine_blocks_take_qkv_and_fc1_codes_from_the_norm_pass():
             assert norm == 2 and names.count("dtq::quant_rows_int8") == rows_passes, (p, gran, norm, names.count("dtq::quant_rows_int8"))
             assert quant.sqnr_db(plain, got) > 60, (p, gran, quant.sqnr_db(plain, got))
             assert quant.sqnr_db(ref, got) > 30, (p, gran, quant.sqnr_db(ref, got))
+            if p != "int8":  # the compiled graph: once per granularity (the slowest step here)
+                continue
             graphs = []
             def record(gm, example_inputs):
                 graphs.append(gm)
