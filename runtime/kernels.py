@@ -106,7 +106,9 @@ def _prune_int8(configs, named_args, **kwargs):
 
 
 def _interpret_configs():
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2})]
+    # Triton's interpreter pays per program, not per element: 32 x 32 output tiles (K tiles of 32 keep
+    # groups inside / across a K tile in the tests' shapes)
+    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
 
 
 def _m_bucket(M: int) -> int:
@@ -556,7 +558,7 @@ def _prune_w4a16(configs, named_args, **kwargs):
 
 
 def _w4a16_interpret_configs():
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_DOT": 0, "SWAP_AB": 0})]
+    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_DOT": 0, "SWAP_AB": 0})]
 
 
 @triton.autotune(configs=_w4a16_interpret_configs() if _INTERPRET else _w4a16_configs(), key=["M_BUCKET", "N", "K"],
@@ -940,8 +942,8 @@ def _row_block(K: int, rows: int | None, warps: int | None) -> tuple[int, int, i
     about 8K elements per program, so a program moves tens of KB (one short row per program, as before,
     left the passes latency-bound: 115 us for 32768 x 1152 on an H200, 4x their bandwidth time)."""
     block_k = triton.next_power_of_2(K)
-    if _INTERPRET:
-        return block_k, rows or 2, warps or 1
+    if _INTERPRET:  # the interpreter's cost is per program: few, numpy-wide ones
+        return block_k, rows or 16, warps or 1
     # H200, 32768 rows (benchmarks/norm_quant_bench.py): 4 rows x 4 warps at K = 1152, as fast as or
     # faster than 8 warps in both sweeps
     return block_k, rows or max(1, min(16, 8192 // block_k)), warps or 4

@@ -70,7 +70,7 @@ def test_norm_quant_codes_equal_the_unfused_ops():
 
 def test_engine_blocks_take_qkv_and_fc1_codes_from_the_norm_pass():
     """Engine blocks (GPU path in the interpreter, float32) for static INT8 / FP8 / two-level W4A8 and
-    per-token INT8 / W4A8: qkv's and fc1's inputs come from the norm pass (two ``norm_quant`` calls per
+    per-token INT8: qkv's and fc1's inputs come from the norm pass (two ``norm_quant`` calls per
     block, per-token ``quant_rows`` only for proj and fc2), the output equals the block without it
     (``fuse_norm=False``) to > 60 dB and the simulation's to > 30 dB, and torch.compile(fullgraph) sees
     the opaque ops (INT8, static and per token). A layer with a low-rank branch keeps its own quantizer."""
@@ -87,7 +87,7 @@ def test_engine_blocks_take_qkv_and_fc1_codes_from_the_norm_pass():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
         cases = [("int8", "tensor", {}, 0), ("fp8", "tensor", {}, 0), ("w4a8", "tensor", {"w4a8": "progressive"}, 0),
-                 ("int8", "token", {}, 2), ("w4a8", "token", {"w4a8": "progressive"}, 2)]
+                 ("int8", "token", {}, 2)]  # per-token two-level W4A8 takes the same INT8 codes
         for p, gran, opts, rows_passes in cases:
             r = minmax_recipe(m, p, group=64, balance=True, act_granularity=gran)
             kw = dict(kernel="gpu", int8_kernel="triton", **opts)
