@@ -46,6 +46,27 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
     return out.stdout
 
 
+def run_side_by_side(cmds: list[list[str]], cwd, timeout: int = 300) -> list:
+    """Run independent commands concurrently (each writes its own outputs), one torch thread per process
+    (so CPU reductions split the same way in a single process and under torchrun), and return their
+    ``subprocess.CompletedProcess`` in order; a command past ``timeout`` is killed."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def module_threads(n: int):
     """An autouse fixture for a test module: its tests run with ``n`` torch threads, the previous
     count is restored after. (``torch.set_num_threads`` at import time holds for the whole session:

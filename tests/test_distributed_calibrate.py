@@ -2,8 +2,6 @@
 is the one a single process writes, and the per-rank statistics merge exactly."""
 
 import json
-import os
-import subprocess
 import sys
 
 import torch
@@ -14,26 +12,14 @@ from dtq.calibrate.data import collect_calibration_set
 from dtq.calibrate.stats import AbsHistogram, StatsCollector, merge_statistics
 from dtq.runtime.distributed import DistContext
 
+from conftest import run_side_by_side
+
 # every reduction in one small run: smoothquant balances (channel maxima) with an MSE clip on token
 # samples, fc2 unbalanced with an MSE clip on its histogram, GPTQ on all-reduced X^T X; 6 samples in
 # 3 sampler batches (rank 0 runs two, rank 1 one), 36 rows in forward batches of 16 (3 batches)
 ARGS = ["--method", "smoothquant", "--no-smooth-fc2", "--act-search", "mse", "--gptq", "--cali-n", "6",
         "--cali-steps", "3", "--steps", "6", "--cali-batch", "2", "--batch-size", "16", "--eval-n", "2",
         "--no-progress"]
-
-
-def _start(cmd: list[str], tmp_path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: reductions split the same way
-    return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _recipe_json(path) -> dict:
@@ -44,10 +30,10 @@ def _recipe_json(path) -> dict:
 
 def test_two_ranks_write_the_single_process_recipe(tmp_path):
     # the two runs are independent (own output directories, one thread each): run side by side
-    single = _start([sys.executable, "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "one")], tmp_path)
-    multi = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "two")], tmp_path)
-    single, multi = _wait(single), _wait(multi)
+    single, multi = run_side_by_side([
+        [sys.executable, "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "dtq.tools.calibrate", *ARGS, "--out", str(tmp_path / "two")]], tmp_path)
     assert single.returncode == 0, single.stderr
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("wrote recipe") == 1 and multi.stdout.count("held-out noise SQNR") == 1  # rank 0 alone

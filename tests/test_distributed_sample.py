@@ -2,36 +2,21 @@
 byte-identical to a single process's, and only rank 0 writes."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+from conftest import run_side_by_side
 
 # 5 images in batches of 2: 3 batches, so rank 0 runs two, rank 1 one, and the last is partial
 ARGS = ["--steps", "3", "--num-images", "5", "--batch-size", "2", "--seed", "11", "--cfg-scale", "1.5", "--no-progress"]
 
 
-def _run_both(single: list[str], multi: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, ...]:
-    """The single-process and the torchrun command side by side (own output directories; one thread per
-    process on both sides, so CPU reductions split the same way)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in (single, multi)]
-    done = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return tuple(done)
-
-
 def test_two_ranks_write_the_single_process_npz(tmp_path):
-    single, multi = _run_both([sys.executable, "-m", "dtq.tools.sample", *ARGS, "--out", str(tmp_path / "one")],
-                              [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "dtq.tools.sample", *ARGS, "--out", str(tmp_path / "two")], tmp_path)
+    single, multi = run_side_by_side([
+        [sys.executable, "-m", "dtq.tools.sample", *ARGS, "--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "dtq.tools.sample", *ARGS, "--out", str(tmp_path / "two")]], tmp_path)
     assert single.returncode == 0, single.stderr
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.count("wrote 5 samples") == 1  # rank 0 alone reports (and writes)
@@ -48,9 +33,10 @@ def test_fid_reference_script_two_ranks_match_one(tmp_path):
     """The FID sampling script shares its batches the same way (10 images in 4 batches of 3)."""
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fid_reference.py")
     args = ["--steps", "2", "--per-class", "1", "--batch-size", "3", "--device", "cpu", "--autocast", "none"]
-    single, multi = _run_both([sys.executable, script, *args, "--out", str(tmp_path / "one")],
-                              [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               script, *args, "--out", str(tmp_path / "two")], tmp_path)
+    single, multi = run_side_by_side([
+        [sys.executable, script, *args, "--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         script, *args, "--out", str(tmp_path / "two")]], tmp_path)
     assert single.returncode == 0, single.stderr
     assert multi.returncode == 0, multi.stderr
     assert (tmp_path / "one" / "fp-2.npz").read_bytes() == (tmp_path / "two" / "fp-2.npz").read_bytes()
