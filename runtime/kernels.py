@@ -1010,19 +1010,20 @@ def _norm_quant_kernel(x_ptr, shift_ptr, scale_ptr, mul_ptr, a_scale_ptr, q_ptr,
         inv = 1.0
     ya = _modulate_part(xa, rstd, sample, cols_a, K, shift_ptr, scale_ptr, mul_ptr, stride_mb, inv, HAS_MUL,
                         x_ptr.dtype.element_ty)
-    amax = tl.max(tl.abs(ya), axis=1)
     if BLOCK_B > 0:
         yb = _modulate_part(xb, rstd, sample, cols_b, K, shift_ptr, scale_ptr, mul_ptr, stride_mb, inv, HAS_MUL,
                             x_ptr.dtype.element_ty)
-        amax = tl.maximum(amax, tl.max(tl.abs(yb), axis=1))
-    if CODES == 1:
+    if CODES == 1:  # per token: the row's amax over both parts, then x / scale (quant_rows_int8's codes)
+        amax = tl.max(tl.abs(ya), axis=1)
+        if BLOCK_B > 0:
+            amax = tl.maximum(amax, tl.max(tl.abs(yb), axis=1))
         s = tl.maximum(amax / 127.0, 1e-12)
         tl.store(s_ptr + rows, s, mask=rmask)
-        ya = ya / s[:, None]  # x / scale: quant_rows_int8's codes
+        ya = ya / s[:, None]
+        if BLOCK_B > 0:
+            yb = yb / s[:, None]
     _store_codes(ya, rows, cols_a, rmask, K, q_ptr, stride_qm, CODES)
     if BLOCK_B > 0:
-        if CODES == 1:
-            yb = yb / s[:, None]
         _store_codes(yb, rows, cols_b, rmask, K, q_ptr, stride_qm, CODES)
 
 
