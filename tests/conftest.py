@@ -34,16 +34,14 @@ def triton_available() -> bool:
 
 
 def run_in_triton_interpreter(code: str, timeout: int = 600) -> str:
-    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (set before triton is imported: the
-    kernels then run on the CPU), require it to exit 0 and print "ok", and return its stdout."""
-    import os
-    import subprocess
-    import sys
+    """Run ``code`` in the suite's Python with ``TRITON_INTERPRET=1`` (set before triton is imported: the
+    kernels then run on the CPU; tests/triton_interpreter.py: own globals, torch.compile reset, a new
+    process after any failure), require it to finish and print "ok", and return its stdout."""
+    from triton_interpreter import WORKER
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
-    return out.stdout
+    ok, stdout, error = WORKER.run(code, timeout)
+    assert ok and "ok" in stdout, stdout[-2000:] + error[-5000:]
+    return stdout
 
 
 def run_side_by_side(cmds: list[list[str]], cwd, timeout: int = 300) -> list:
