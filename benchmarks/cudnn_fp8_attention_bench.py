@@ -5,7 +5,7 @@ A measurement for issue #13's "FP8 attention" lever: is cuDNN's per-tensor FP8 S
 (batch rows 128 / 16 / 2), and how accurate is it?
 
     PYTHONPATH=/tmp/site python benchmarks/cudnn_fp8_attention_bench.py --out $OUT/cudnn_fp8_attn.json
-    python -c "import benchmarks.cudnn_fp8_attention_bench as b; print(b.reference_case(2, 80))"  # CPU self-check
+    cd benchmarks && python -c "import cudnn_fp8_attention_bench as b; print(b.reference_case(2, 80))"  # CPU self-check
 
 (/tmp/site holds the ``nvidia-cudnn-frontend`` wheel, import name ``cudnn``.) FP8 SDPA wants head dim % 16 == 0: q/k/v
 are zero-padded 72 -> 80 (128 as a second variant; zero columns keep Q K^T, the extra O columns are zero and sliced
@@ -23,17 +23,16 @@ JSON rewritten after every case.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-HEADS, TOKENS, HEAD_DIM = 16, 256, 72  # DiT-XL/2 at 256 px
+from attention_bench import HEADS, TOKENS, HEAD_DIM, accuracy, make_inputs, time_ms  # benchmarks/ is sys.path[0]
+
 FP8_MAX = 448.0  # largest float8_e4m3fn
 SCALE_S = FP8_MAX  # softmax P in [0, 1] is stored as P * 448 (descale_s = 1/448)
 SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
@@ -66,14 +65,6 @@ def guarded(probe):
         return err(exc)
 
 
-def make_inputs(batch: int, d: int, device, seed: int = 0):
-    """bf16 q, k, v as [B, S, H, d] (the qkv projection's layout); keys with a shared component (attention_bench)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, TOKENS, HEADS, d, generator=g) for _ in range(3))
-    k = k + 3 * torch.randn(1, 1, HEADS, d, generator=g)
-    return tuple(t.to(device, torch.bfloat16) for t in (q, k, v))
-
-
 def pad_quant_qkv(q, k, v, d_pad: int, descales):
     """[B, S, H, d] each -> [B, S, H, d_pad] float8_e4m3fn: zero-pad the head dim, divide by the descale, saturate."""
     return tuple((F.pad(x, (0, d_pad - x.shape[-1])).float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -96,17 +87,9 @@ def emulate_fp8(q8, k8, v8, descales, scale: float, d_true: int) -> torch.Tensor
     return ((p8 @ vh) * (dv / SCALE_S)).transpose(1, 2)[..., :d_true]
 
 
-def metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    o, r = out.double().flatten(), ref.double().flatten()
-    noise, sig = (o - r).pow(2).sum().item(), r.pow(2).sum().item()
-    sqnr = 10 * math.log10(sig / noise) if noise > 0 else float("inf")
-    cos = (o @ r).item() / max(o.norm().item() * r.norm().item(), 1e-300)
-    return {"sqnr_db": round(sqnr, 2), "cosine": round(cos, 6), "max_abs_err": round((o - r).abs().max().item(), 5)}
-
-
 def prepare(batch: int, d_pad: int, d_true: int, device):
     """Inputs, calibrated descales, padded FP8 q/k/v, fp32 reference: shared by the CPU check and the GPU run."""
-    q, k, v = make_inputs(batch, d_true, device)
+    q, k, v = make_inputs(batch, device, head_dim=d_true)  # keys with a shared component
     descales = tuple((t.abs().amax().float() / FP8_MAX).clamp_min(1e-12) for t in (q, k, v))  # x ~= x_fp8 * descale
     return (q, k, v), descales, pad_quant_qkv(q, k, v, d_pad, descales), attention_ref(q, k, v, d_true ** -0.5)
 
@@ -120,16 +103,12 @@ def reference_case(batch: int, d_pad: int, d_true: int | None = None, device="cp
     return {"B": batch, "d_pad": d_pad, "d_true": d_true, "descales": [round(float(s), 6) for s in descales],
             "fp8_shape": list(q8s[0].shape),
             "pad_columns_zero": all(bool((t[..., d_true:].float() == 0).all()) for t in q8s),
-            "bf16_sdpa": metrics(bf16, ref), "fp8_emulated": metrics(emulated, ref)}
+            "bf16_sdpa": accuracy(ref, bf16), "fp8_emulated": accuracy(ref, emulated)}
 
 
 def bench(fn, graph: bool = False) -> float:
-    """Median ms: per-call launches (do_bench), or replayed from a CUDA graph (no host overhead)."""
-    import triton.testing as tt
-
-    if graph:
-        return round(float(tt.do_bench_cudagraph(fn, rep=100, return_mode="median")), 4)
-    return round(float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median")), 4)
+    """Median ms: per-call launches, or replayed from a CUDA graph (no host overhead)."""
+    return round(time_ms(fn, "cudagraph" if graph else "kernel"), 4)
 
 
 def run_fp8(cudnn, handle, q8s, descales, d_pad, d_true, scale, o_bf16, bshd, stats):
@@ -198,15 +177,15 @@ def run_case(cudnn, cudnn_error, handle, B, d_pad, d_true, args) -> dict:
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, d] views, as DiT's attention gets them
     sdpa = lambda: F.scaled_dot_product_attention(qh, kh, vh)  # noqa: E731
     rec["bf16_sdpa_ms"] = guard("bf16_time", lambda: bench(sdpa))
-    rec.update({f"bf16_{key}": val for key, val in (guard("bf16_accuracy", lambda: metrics(
-        sdpa().transpose(1, 2), ref)) or {}).items()})
+    rec.update({f"bf16_{key}": val for key, val in (guard("bf16_accuracy", lambda: accuracy(
+        ref, sdpa().transpose(1, 2))) or {}).items()})
     rec["pad_quant_ms"] = guard("pad_quant_time", lambda: bench(lambda: pad_quant_qkv(q, k, v, d_pad, descales)))
     if not args.no_compile:
         compiled = torch.compile(pad_quant_qkv, dynamic=False)
         rec["pad_quant_compiled_ms"] = guard("pad_quant_compiled_time",
                                              lambda: bench(lambda: compiled(q, k, v, d_pad, descales)))
-    rec.update({f"fp8_emulated_{key}": val for key, val in (guard("fp8_emulated", lambda: metrics(
-        emulate_fp8(*q8s, descales, scale, d_true), ref)) or {}).items()})
+    rec.update({f"fp8_emulated_{key}": val for key, val in (guard("fp8_emulated", lambda: accuracy(
+        ref, emulate_fp8(*q8s, descales, scale, d_true))) or {}).items()})
     fn, rec["fp8_attempts_failed"] = None, []
     if cudnn is None:
         rec["errors"]["cudnn_import"] = cudnn_error
@@ -218,7 +197,7 @@ def run_case(cudnn, cudnn_error, handle, B, d_pad, d_true, args) -> dict:
                 {"o_bf16": o_bf16, "bshd": bshd, "generate_stats": stats, "error": err(exc)})
             continue
         rec.update(info)
-        rec.update({f"fp8_{key}": val for key, val in (guard("fp8_accuracy", lambda: metrics(out, ref)) or {}).items()})
+        rec.update({f"fp8_{key}": val for key, val in (guard("fp8_accuracy", lambda: accuracy(ref, out)) or {}).items()})
         rec["cudnn_fp8_ms"] = guard("fp8_time", lambda: bench(fn))
         break
     if fn is None and cudnn is not None:
@@ -237,18 +216,16 @@ def run_case(cudnn, cudnn_error, handle, B, d_pad, d_true, args) -> dict:
 
 
 def env_info(cudnn) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    probes = {"gpu": lambda: torch.cuda.get_device_name(), "capability": lambda: torch.cuda.get_device_capability(),
-              "torch_cudnn": torch.backends.cudnn.version,
-              "triton": lambda: importlib.import_module("triton").__version__,
+    """dtq-bench's environment record (GPU, versions, commit, driver) plus the cuDNN pieces this run used."""
+    from dtq.tools.bench_engines import env_info as bench_env
+
+    probes = {"torch_cudnn": torch.backends.cudnn.version,
               "cuda_python": lambda: importlib.import_module("cuda.bindings").__version__}  # the frontend imports it
     if cudnn is not None:
         probes.update({"cudnn_frontend": lambda: cudnn.__version__, "cudnn_frontend_file": lambda: cudnn.__file__,
                        "cudnn_backend_version": cudnn.backend_version,
                        "cudnn_backend_version_string": cudnn.backend_version_string})
-    env.update({key: guarded(probe) for key, probe in probes.items()})
-    return env
+    return {**bench_env(), **{key: guarded(probe) for key, probe in probes.items()}}
 
 
 def log_line(r: dict) -> str:

@@ -59,6 +59,7 @@ class InterpreterWorker:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+            self.stderr.close()  # a restarted worker writes a new file
 
     def _stderr_tail(self, n: int = 3000) -> str:
         self.stderr.seek(0)
