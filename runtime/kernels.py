@@ -117,6 +117,12 @@ def _m_bucket(M: int) -> int:
 
 
 _INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") == "1"
+# GPU-only instruction choices (inline PTX, the hardware's E4M3 rounding); the interpreter runs the portable
+# forms of the same numbers
+_GPU_MATH = tl.constexpr(not _INTERPRET)
+# GELU(tanh) through tanh.approx.f32 on the GPU (``_gelu_tanh``); DTQ_GELU_TANH_APPROX=0 keeps the exp2 form
+# (the ablation of benchmarks/epilogue_math_bench.py), read once at import as Triton bakes it into the kernels
+GELU_TANH_APPROX = tl.constexpr(__import__("os").environ.get("DTQ_GELU_TANH_APPROX", "1") != "0")
 
 
 @triton.jit
@@ -294,10 +300,7 @@ def _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_p
             c = c * (tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0) * inv_scale)[None, :]
         else:
             c = c * inv_scale
-        if FP8_CODES:  # saturate, round to the E4M3 grid here: the store's cast is then exact
-            c = _round_to_e4m3(tl.minimum(tl.maximum(c, -448.0), 448.0))
-        else:  # saturating first is the same as after: the bounds are integers and rounding is monotone
-            c = _round_half_even(tl.minimum(tl.maximum(c, -128.0), 127.0))
+        c = _e4m3_codes(c) if FP8_CODES else _int8_codes(c)
     if GATE_RESIDUAL:  # one float32 multiply-add, one rounding (unfused: three bf16 roundings)
         b = tl.where(offs_m < M, offs_m, 0) // rows_per_gate
         gate = tl.load(gate_ptr + b[:, None] * stride_gb + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
@@ -314,7 +317,19 @@ def _gelu_tanh(x):
     ``ex2.approx``, one approximate division, a few multiplies. With the rounding below and one reciprocal
     scale per tile, fc1's GELU + INT8-quantize epilogue compiled for sm_90 went from 5744 to 3192 SASS
     instructions (the plain epilogue's kernel: 1016): it had run fc1 at two thirds of the plain GEMM's rate
-    (issue #13). For very negative x the power overflows to inf and the quotient is -0, GELU's limit."""
+    (issue #13). For very negative x the power overflows to inf and the quotient is -0, GELU's limit.
+
+    On the GPU (``GELU_TANH_APPROX``), ``0.5 x (1 + tanh(z))`` with PTX's ``tanh.approx.f32`` instead: one
+    MUFU operation where ``ex2`` + the division take two. Hopper's MUFU and conversion units run at 16 results
+    per clock per SM, an eighth of its float32 rate, and they bound the GELU passes and fc1's epilogue
+    (docs/engines.md, session 16). Its error (relative ~2^-11) is below the bfloat16 rounding the simulation's
+    unfused GELU applies (2^-9). Triton's interpreter has no inline PTX; there the exp2 form runs."""
+    if _GPU_MATH and GELU_TANH_APPROX:
+        z = x * (0.7978845608028654 + 0.035677408136300125 * x * x)
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        h = 0.5 * x
+        return h + h * t
     return tl.fdiv(x, 1.0 + tl.exp2(x * (-2.302208198144325 + -0.1029432395800235 * x * x)))
 
 
@@ -325,6 +340,28 @@ def _round_half_even(x):
     integer, ties to even, and the subtraction is exact. Two adds, the same on the GPU and in Triton's
     interpreter (which has no libdevice ``rint``); the floor, tie test and ``% 2`` it replaces were about ten."""
     return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _int8_codes(x):
+    """int8 codes of a float32 tile: saturate to [-128, 127], round half to even, convert. The conversion
+    reads the integer out of the rounding add's bits (``x + 1.5 * 2**23`` has bits ``0x4B400000 + round(x)``
+    for |x| < 2**22) with one integer subtract, where a float-to-int convert would take a conversion-unit
+    slot per element (an eighth of the float32 rate on Hopper). Saturating first is the same as after:
+    the bounds are integers and rounding is monotone."""
+    x = tl.minimum(tl.maximum(x, -128.0), 127.0)
+    return ((x + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+
+
+@triton.jit
+def _e4m3_codes(x):
+    """FP8 E4M3 codes of a float32 tile: saturate to +-448, round to nearest even. On the GPU the convert
+    (``cvt.rn.satfinite.e4m3x2.f32``, two per instruction) rounds that way itself; Triton's interpreter
+    converts without ties to even, so there the value is first rounded onto the E4M3 grid (exact cast)."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if not _GPU_MATH:
+        x = _round_to_e4m3(x)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -921,20 +958,43 @@ def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int
 @triton.jit
 def _quant_rows_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, HAS_MUL: tl.constexpr,
                        GELU: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    # ROWS rows per program: load them once, (GELU,) balance, amax -> scale, round half to even, saturate
+                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # ROWS rows per program: load them once, (GELU,) balance, amax -> scale, round half to even, saturate.
+    # A row in two power-of-two parts, [0, BLOCK_A) and [BLOCK_A, BLOCK_A + BLOCK_B) (4608 = 4096 + 512,
+    # 1152 = 1024 + 128; BLOCK_B = 0: K is BLOCK_A): one next-power-of-two block computed 44% masked-off
+    # lanes at both DiT-XL/2 widths, and these passes are bound by instruction issue, not memory
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs = tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (offs[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    rmask = rows < M
+    cols_a = tl.arange(0, BLOCK_A)
+    xa = _quant_rows_part(x_ptr, mul_ptr, rows, rmask, cols_a, K, stride_xm, HAS_MUL, GELU)
+    amax = tl.max(tl.abs(xa), axis=1)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        xb = _quant_rows_part(x_ptr, mul_ptr, rows, rmask, cols_b, K, stride_xm, HAS_MUL, GELU)
+        amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=1))
+    scale = tl.maximum(amax / QMAX, MIN_SCALE)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+    _store_codes(xa / scale[:, None], rows, cols_a, rmask, K, q_ptr, stride_qm, 0)  # the simulation's x / s
+    if BLOCK_B > 0:
+        _store_codes(xb / scale[:, None], rows, cols_b, rmask, K, q_ptr, stride_qm, 0)
+
+
+@triton.jit
+def _quant_rows_part(x_ptr, mul_ptr, rows, rmask, cols, K, stride_xm, HAS_MUL: tl.constexpr, GELU: tl.constexpr):
+    cmask = cols < K
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
     if GELU:  # fc1's output -> GELU(tanh) rounded to the activation's type, as the unfused nn.GELU writes it
         x = _gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_MUL:
-        x = x * tl.load(mul_ptr + offs, mask=offs < K, other=0.0)[None, :]
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, MIN_SCALE)
-    q = _round_half_even(tl.minimum(tl.maximum(x / scale[:, None], -128.0), 127.0))  # the simulation's codes
-    tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], q.to(tl.int8), mask=mask)
-    tl.store(s_ptr + rows, scale, mask=rows < M)
+        x = x * tl.load(mul_ptr + cols, mask=cmask, other=0.0)[None, :]
+    return x
+
+
+def _row_parts(K: int) -> tuple[int, int]:
+    """A row of K as two power-of-two blocks (the largest <= K, then the rest's next power of two; 0: none)."""
+    block_a = 1 << (K.bit_length() - 1)
+    return block_a, (triton.next_power_of_2(K - block_a) if K > block_a else 0)
 
 
 def _row_block(K: int, rows: int | None, warps: int | None) -> tuple[int, int, int]:
@@ -964,10 +1024,11 @@ def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None, gelu: bool
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M:
-        block_k, rows, warps = _row_block(K, _rows, _warps)
+        block_a, block_b = _row_parts(K)
+        _, rows, warps = _row_block(block_a + block_b, _rows, _warps)
         _quant_rows_kernel[(triton.cdiv(M, rows),)](
             x, mul if mul is not None else s, q, s, M, K, x.stride(0), q.stride(0), HAS_MUL=mul is not None,
-            GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12, ROWS=rows, BLOCK_K=block_k, num_warps=warps)
+            GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
     return q, s
 
 
@@ -1047,10 +1108,7 @@ def _modulate_part(xc, rstd, sample, cols, K, shift_ptr, scale_ptr, mul_ptr, str
 
 @triton.jit
 def _store_codes(y, rows, cols, rmask, K, q_ptr, stride_qm, CODES: tl.constexpr):
-    if CODES == 2:
-        q = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(q_ptr.dtype.element_ty)
-    else:
-        q = _round_half_even(tl.minimum(tl.maximum(y, -128.0), 127.0)).to(tl.int8)
+    q = _e4m3_codes(y) if CODES == 2 else _int8_codes(y)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=rmask[:, None] & (cols[None, :] < K))
 
 
@@ -1081,8 +1139,7 @@ def norm_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: f
     token = codes == "int8-token"
     s = torch.empty((M,), device=x.device, dtype=torch.float32) if token else a_scale
     if M:
-        block_a = 1 << (K.bit_length() - 1)  # the largest power of two <= K, then the rest's
-        block_b = triton.next_power_of_2(K - block_a) if K > block_a else 0
+        block_a, block_b = _row_parts(K)
         _, rows, warps = _row_block(block_a + block_b, _rows, _warps)
         while T % rows:  # a program's rows share one sample's shift / scale
             rows //= 2

@@ -477,30 +477,66 @@ def test_staged_w4a16_in_interpreter():
     run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-def test_fc1_epilogue_math_compiles_cheap_for_hopper():
-    """fc1's GELU + quantize epilogue, compiled for sm_90 on the CPU (no GPU needed): GELU's power is one
-    ``ex2.approx`` and its sigmoid one approximate ``div.full``, no IEEE division per element, and the
-    round-half-even adds of 1.5 * 2**23 survive the compiler (folding ``(x + C) - C`` to ``x`` would
-    silently drop the rounding; the interpreter tests check the numbers, this what the GPU runs)."""
+def _ptx_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> str:
+    """PTX of a Triton kernel compiled for sm_90 on the CPU (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dtq.runtime import kernels
-
-    fn = kernels._mm8_kernel.fn
-    consts = dict(K=1152, FP8=False, HAS_BIAS=True, GELU_QUANT=True, HAS_QMUL=True, GATE_RESIDUAL=False,
-                  ROW_SCALE=False, stride_ak=1, stride_wk=1, stride_cn=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-                  GROUP_M=8)
-    ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "c_ptr": "*i8", "gate_ptr": "*bf16", "res_ptr": "*bf16"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
-    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx  # the int8 tensor-core GEMM it is the epilogue of
-    ieee_div = [line.strip() for line in ptx.splitlines() if "div.rn.f32" in line]
-    assert len(ieee_div) <= 1, ieee_div  # at most the per-tile 1 / scale
-    assert "div.full.f32" in ptx and "ex2.approx" in ptx
-    assert "0f4B400000" in ptx and "0fCB400000" in ptx, "the round-half-even adds were folded away"
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+def _count(ptx: str, op: str) -> int:
+    return sum(op in line for line in ptx.splitlines())
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_fc1_epilogue_math_compiles_cheap_for_hopper(fp8):
+    """fc1's GELU + quantize epilogue as the GPU runs it (the interpreter tests check the numbers of the
+    portable forms): on Hopper the MUFU and conversion units run at an eighth of the float32 rate and bound
+    this epilogue, so per element it may take one ``tanh.approx`` and no other MUFU operation (no ``ex2``,
+    no approximate division: at most the per-tile ``1 / scale``), no IEEE division, no float-to-int
+    convert for INT8 codes (read out of the rounding add's bits: the 1.5 * 2**23 add must survive the
+    compiler), and the hardware's round-to-nearest-even E4M3 convert for FP8 codes."""
+    from dtq.runtime import kernels
+
+    t = "*fp8e4nv" if fp8 else "*i8"
+    consts = dict(K=1152, FP8=fp8, HAS_BIAS=True, GELU_QUANT=True, HAS_QMUL=True, GATE_RESIDUAL=False,
+                  ROW_SCALE=False, stride_ak=1, stride_wk=1, stride_cn=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                  GROUP_M=8)
+    ptx = _ptx_for_hopper(kernels._mm8_kernel.fn, consts,
+                          {"a_ptr": t, "w_ptr": t, "c_ptr": t, "gate_ptr": "*bf16", "res_ptr": "*bf16"})
+    assert "wgmma.mma_async" in ptx and (".e4m3.e4m3" if fp8 else ".s8.s8") in ptx  # the GEMM of the epilogue
+    elements = 64 * 64 // (4 * 32)  # one tile per program, per thread
+    assert _count(ptx, "tanh.approx.f32") == elements
+    assert _count(ptx, "ex2.approx") == 0 and _count(ptx, "div.rn.f32") == 0
+    assert _count(ptx, "div.full.f32") <= 1  # the per-tile 1 / scale
+    if fp8:
+        assert _count(ptx, "cvt.rn.satfinite.e4m3x2.f32") == elements // 2
+    else:
+        assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "cvt.rni") == 0
+        assert "0f4B400000" in ptx, "the round-half-even add was folded away"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_per_token_gelu_pass_compiles_cheap_for_hopper():
+    """fc2's per-token input pass (GELU + row amax + INT8 codes) at DiT-XL/2's 4608 columns, compiled for
+    sm_90: the row in two blocks, 4096 + 512 (one 8192-wide block computed 44% masked-off lanes), one MUFU
+    operation per element for GELU (the division by the row's scale is an approximate ``div.full``, whose
+    reciprocal ptxas computes once per row), no IEEE division, no float-to-int convert."""
+    from dtq.runtime import kernels
+
+    block_a, block_b = kernels._row_parts(4608)
+    assert (block_a, block_b) == (4096, 512) and kernels._row_parts(1152) == (1024, 128)
+    assert kernels._row_parts(1024) == (1024, 0)
+    consts = dict(HAS_MUL=True, GELU=True, QMAX=127.0, MIN_SCALE=1e-12, ROWS=1, BLOCK_A=block_a, BLOCK_B=block_b)
+    ptx = _ptx_for_hopper(kernels._quant_rows_kernel, consts, {"x_ptr": "*bf16", "q_ptr": "*i8"}, num_stages=1)
+    elements = 4608 // (4 * 32)
+    assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
+    assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
