@@ -23,6 +23,7 @@ from torch import nn
 
 from .denoiser import Denoiser, TorchDenoiser
 from .denoiser_spec import DenoiserSpec, parse_denoiser_spec
+from .qengine import DEFAULT_TOKEN_QUANT
 
 if TYPE_CHECKING:
     from .qengine import TokenQuant, W4A8Kernel
@@ -97,7 +98,7 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
                   dtype: torch.dtype | str = torch.float32, compile: bool = False, cuda_graphs: bool = False,
                   autocast: bool = False, threads: int | None = None, attention: str = "sdpa",
                   prompts=None, compile_mode: CompileMode = "default", w4a8_kernel: W4A8Kernel = "group",
-                  token_quant: TokenQuant = "pass") -> Denoiser:
+                  token_quant: TokenQuant = DEFAULT_TOKEN_QUANT) -> Denoiser:
     """The denoiser ``spec`` names (see ``runtime.denoiser_spec``), checked against ``model``.
 
     ``dtype``: weights and compute of torch / sim, activations of the recipe engine (``torch:DTYPE``
@@ -113,8 +114,9 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     bit-identical to the simulation on the CPU) or "progressive" (two-level INT4 requantized at
     build time, ``qengine.Int4ProgressiveLinear``; per-token layers keep "group"; refused when no
     layer of the recipe is eligible). ``token_quant``: the recipe engine's per-token (dynamic) INT8
-    quantizer (``build_qengine``'s ``token_quant``): "pass" (the Triton pass, no per-token fused
-    epilogue; measured faster) or "inductor" (torch ops Inductor fuses under ``compile``, gated-residual
+    quantizer (``build_qengine``'s ``token_quant``): "pass-fused" (default: the Triton pass, fc2's GELU
+    inside fc2's pass, per-row-scale gated-residual epilogues; measured fastest), "pass" (the Triton pass,
+    no per-token fused epilogue) or "inductor" (torch ops Inductor fuses under ``compile``, gated-residual
     epilogues); recipe backend only.
     ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
@@ -200,7 +202,7 @@ def _open_text_denoiser(spec: DenoiserSpec, model: nn.Module, prompts, *, device
 
 def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, autocast: bool,
                    attention: str = "sdpa", compile_mode: str = "default", w4a8_kernel: str = "group",
-                   token_quant: str = "pass") -> None:
+                   token_quant: str = DEFAULT_TOKEN_QUANT) -> None:
     """Options a backend cannot honour are refused rather than silently ignored."""
     if compile_mode != "default" and not compile:
         raise ValueError(f"compile mode {compile_mode} applies to a compiled model: add compile (--compile)")
@@ -209,7 +211,7 @@ def _check_options(spec: DenoiserSpec, *, compile: bool, cuda_graphs: bool, auto
                                         ("autocast", autocast, ("torch", "sim", "recipe")),
                                         (f"attention={attention}", attention != "sdpa", ("torch", "sim", "recipe")),
                                         (f"w4a8_kernel={w4a8_kernel}", w4a8_kernel != "group", ("recipe",)),
-                                        (f"token_quant={token_quant}", token_quant != "pass", ("recipe",)))
+                                        (f"token_quant={token_quant}", token_quant != DEFAULT_TOKEN_QUANT, ("recipe",)))
            if on and spec.kind not in kinds]
     if bad:
         raise ValueError(f"{', '.join(bad)} does not apply to the {spec.kind} backend ({spec})")

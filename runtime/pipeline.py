@@ -27,7 +27,7 @@ from .distributed import DistContext, data_parallel, map_batches, rank_device
 from .images import make_grid, save_npz, save_png, to_uint8
 from .model import DIT_CONFIGS, DiT, DiTConfig, named_config
 from .open import DTYPES, open_denoiser
-from .qengine import TokenQuant, W4A8Kernel
+from .qengine import DEFAULT_TOKEN_QUANT, TokenQuant, W4A8Kernel
 from .regional_compile import CompileMode
 from .sampler import sample
 from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, builtin_checkpoint
@@ -102,12 +102,12 @@ class SampleConfig:
         "scales, so q4 * s2 is an exact int8 weight, unpacked once per call for the INT8 GEMM (int32 over the "
         "whole K, fused epilogues): the fastest W4A8 engine, 1.26x bf16 torch.compile at batch 64 on an H200; "
         "weights differ slightly from the recipe's; static and per token activation scales)"))
-    token_quant: TokenQuant = field(default="pass", metadata=_meta(
-        "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): pass (one Triton "
-        "quantize pass, also under --compile; per-token layers take no fused epilogue; measured faster on an H200) or "
-        "inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate / GELU, and "
-        "per-token proj / fc2 take the gated-residual epilogue; same codes; docs/engines.md) or pass-fused (the "
-        "Triton pass with fc2's GELU inside fc2's quantize pass, and the gated-residual epilogue with per-row scales)"))
+    token_quant: TokenQuant = field(default=DEFAULT_TOKEN_QUANT, metadata=_meta(
+        "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): pass-fused (one "
+        "Triton quantize pass per layer input, fc2's GELU inside fc2's pass, the gated-residual epilogue with "
+        "per-row scales; the fastest on an H200) or pass (the Triton pass, per-token layers take no fused epilogue) "
+        "or inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate / GELU, "
+        "and per-token proj / fc2 take the gated-residual epilogue; same codes; docs/engines.md)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 
@@ -128,7 +128,7 @@ class SampleConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"--compile-mode {self.compile_mode} applies to a compiled model: add --compile")
         spec = parse_denoiser_spec(self.backend)  # a bad spec fails here, before any work
-        if self.token_quant != "pass" and spec.kind != "recipe":
+        if self.token_quant != DEFAULT_TOKEN_QUANT and spec.kind != "recipe":
             raise ValueError(f"--token-quant {self.token_quant} chooses the recipe engine's per-token quantizer: it "
                              f"needs --backend recipe:DIR, not {self.backend}")
         if self.w4a8_kernel != "group" and spec.kind != "recipe":

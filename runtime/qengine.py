@@ -38,12 +38,13 @@ Per-token dynamic activations (a recipe layer's ``act_granularity`` "token", ViD
 (int8, w4a8) quantize their balanced input per row and the GEMM's epilogue (``int8_mm`` / ``w4a8_mm``)
 scales row m by its scale. FP8 layers compute the row scale in torch and give ``torch._scaled_mm``
 row-wise ``scale_a``. ``build_qengine(token_quant=...)`` (:data:`TokenQuant`) picks how:
-"pass" (default; measured faster on an H200, docs/engines.md): the INT8 quantizer is one Triton pass
+"pass": the INT8 quantizer is one Triton pass
 (``kernels.quant_rows_int8``, an opaque custom op also under ``torch.compile``) and per-token layers
 take no fused epilogue; "inductor" (opt-in): under ``torch.compile`` the quantizer is plain torch ops
 (``quant.token_codes_int8``, same codes and scales) that Inductor fuses into the kernel computing the
 activation (LayerNorm + modulate, GELU), ``compile_blocks`` adds ``TOKEN_INDUCTOR_OPTIONS``, and
-per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass-fused" (opt-in): the
+per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass-fused" (the default,
+:data:`DEFAULT_TOKEN_QUANT`; the fastest on an H200 since session 16, docs/engines.md): the
 Triton pass, with fc2's GELU applied inside fc2's pass (``kernels.quant_rows_int8(gelu=True)``, a
 ``FusedMlp`` whose fc1 keeps its own GEMM) and the gated-residual epilogue with per-row scales. The
 GELU + quantize epilogue of fc1 needs static scales (it sees one N tile of a row, not the row's amax).
@@ -135,11 +136,15 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
 # "inductor": torch ops Inductor fuses into the producer under compile + TOKEN_INDUCTOR_OPTIONS + the
 # gated-residual epilogue with per-row scales. On the H200 "inductor" ran 24.7% behind static INT8,
-# "pass" 13.4% (docs/engines.md), so "pass" is the default until a profile says which part costs.
+# "pass" 13.4% (docs/engines.md).
 # "pass-fused": the Triton pass, with fc2's GELU done inside fc2's quantization pass (FusedMlp: no GELU
 # pass over the 4x-hidden tensor) and the gated-residual epilogue with per-row scales in proj / fc2.
+# The default since session 16: once that pass took one MUFU operation per element and no masked-off
+# lanes (kernels._quant_rows_kernel), per-token INT8 at batch 64 ran 8.0% behind static with it and 15.0%
+# with "pass" (26.57 against 24.55 img/s, same run, bench_speed_h200_s16d_7bdf0f5.json).
 TokenQuant = Literal["pass", "inductor", "pass-fused"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
+DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
 
 
 class EngineLinear(nn.Module):
@@ -274,7 +279,7 @@ class EngineLinear(nn.Module):
     epilogue_format: str | None = None
     # per-token layers: how their INT8 input is quantized and whether they fuse epilogues (TokenQuant;
     # set by build_qengine / swap_engine_layers)
-    token_quant: TokenQuant = "pass"
+    token_quant: TokenQuant = DEFAULT_TOKEN_QUANT
 
     def fuses_epilogue(self, rows: int | None = None) -> bool:
         """Whether the GPU path can run this layer with a fused epilogue (at ``rows`` input rows, or at
@@ -883,7 +888,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   dtype: torch.dtype | None = None, kernel: Kernel = "auto", int8_kernel: str = "auto",
                   fuse_mlp: tuple[str, ...] = FUSED_FAMILIES, w4a8: W4A8Kernel = "group",
                   fuse_residual: tuple[str, ...] = FUSED_FAMILIES, attention: AttentionBackend = "sdpa",
-                  token_quant: TokenQuant = "pass", gelu: GeluForm = "tanh",
+                  token_quant: TokenQuant = DEFAULT_TOKEN_QUANT, gelu: GeluForm = "tanh",
                   w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
                   w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS,
                   fuse_norm: bool = True, check: bool = True) -> nn.Module:
@@ -909,11 +914,11 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and
-    epilogues, "pass" (default: the Triton pass, also under compile; no fused epilogue), "inductor"
+    epilogues, "pass" (the Triton pass, also under compile; no fused epilogue), "inductor"
     (torch ops fused by Inductor under compile, its ``TOKEN_INDUCTOR_OPTIONS``, the gated-residual
     epilogue of the families in ``fuse_residual``) or "pass-fused" (the Triton pass, fc2's GELU inside
     fc2's pass for the families in ``fuse_mlp``, the gated-residual epilogue with per-row scales for
-    those in ``fuse_residual``); static layers ignore it.
+    those in ``fuse_residual``; the default, :data:`DEFAULT_TOKEN_QUANT`); static layers ignore it.
 
     ``kernel``: "auto" (the GPU path on CUDA inputs, the simulation's operations on the CPU),
     "reference" (the simulation's operations everywhere) or "gpu" (the GPU path on any device: on the
@@ -963,7 +968,7 @@ def check_token_quant(token_quant: str) -> None:
 
 def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto", int8_kernel: str = "auto",
                        w4a8: W4A8Kernel = "group", fp8_scaling: str = "tensorwise",
-                       token_quant: TokenQuant = "pass", w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
+                       token_quant: TokenQuant = DEFAULT_TOKEN_QUANT, w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
                        w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS) -> nn.Module:
     """Replace each quantized recipe layer of the simulated model ``sim`` (``apply_recipe``'s
     ``QuantLinear`` at the layer's name) by its engine layer, in place; returns ``sim``. Model-family

@@ -179,8 +179,8 @@ def test_cpu_engine_is_the_dynamic_simulation(tiny, precision):
 def test_dynamic_kernels_in_interpreter():
     """quant_rows_int8 (one pass: balance, row amax, codes + row scale) is the simulation's quantizer
     (same scales, codes equal but for fp32 rounding ties); int8_mm / w4a8_mm with per-row scales and
-    each dynamic engine layer's GPU path match their references; an MLP with a dynamic fc2 stays
-    unfused."""
+    each dynamic engine layer's GPU path match their references; with token_quant "pass" an MLP with a
+    dynamic fc2 stays unfused."""
     code = textwrap.dedent('''
         import torch
         from dtq.runtime import kernels, kernel_ops, quant
@@ -208,7 +208,7 @@ def test_dynamic_kernels_in_interpreter():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         for p in ["int8", "w4a8", "fp8"]:
             r = minmax_recipe(m, p, group=64, balance=True, act_granularity="token")
-            eng = build_qengine(m, r, fuse_mlp=("int8", "fp8"), int8_kernel="triton")
+            eng = build_qengine(m, r, fuse_mlp=("int8", "fp8"), int8_kernel="triton", token_quant="pass")
             assert not [mod for mod in eng.modules() if isinstance(mod, FusedMlp)]
             for name, lin in engine_layers(eng).items():
                 if p == "w4a8":
@@ -418,31 +418,36 @@ def test_per_token_models_compile_with_the_recompute_option(tiny):
     assert block_compile_kwargs(build_qengine(tiny, recipe), "max-autotune") == compile_kwargs("max-autotune")
 
 
-def test_token_quant_default_is_the_pass_without_fused_epilogues(tiny):
-    """build_qengine's token_quant: "pass" by default (the pre-Inductor engine, measured faster on the
-    H200): per-token layers report no fused epilogue and blocks stay unfused; "inductor" gives them the
-    gated residual; static layers do not depend on it. The group-scale W4A8 kernel's gated residual
-    ("w4a8-group") is not in the default fuse_residual: static W4A8 blocks fuse only when it is named.
-    Unknown modes are refused."""
+def test_token_quant_default_is_the_pass_with_fused_epilogues(tiny):
+    """build_qengine's token_quant: "pass-fused" by default (measured fastest on the H200 in session 16):
+    per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass" keeps them unfused,
+    "inductor" fuses them too; static layers do not depend on it. The group-scale W4A8 kernel's gated
+    residual ("w4a8-group") is not in the default fuse_residual: static W4A8 blocks fuse only when it is
+    named. Unknown modes are refused."""
     from dtq.runtime.model import DiTBlock
-    from dtq.runtime.qengine import FusedResidualBlock
+    from dtq.runtime.qengine import DEFAULT_TOKEN_QUANT, FusedResidualBlock
 
+    assert DEFAULT_TOKEN_QUANT == "pass-fused"
     for p in ("int8", "w4a8"):
         recipe = minmax_recipe(tiny, p, group=64, balance=True, act_granularity="token")  # W4A8 kernel: group % 64
         families = ("int8", "w4a8", "w4a8-group")
         default = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families)
+        unfused = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families, token_quant="pass")
         fused = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families, token_quant="inductor")
-        assert {m.token_quant for m in engine_layers(default).values()} == {"pass"}
+        assert {m.token_quant for m in engine_layers(default).values()} == {"pass-fused"}
+        assert {m.token_quant for m in engine_layers(unfused).values()} == {"pass"}
         assert {m.token_quant for m in engine_layers(fused).values()} == {"inductor"}
         gated = lambda e: [e.get_submodule(n) for n in ("blocks.0.attn.proj", "blocks.0.mlp.fc2")]  # noqa: E731
-        assert [m.fuses_epilogue() for m in gated(default)] == [False, False], p
+        assert [m.fuses_epilogue() for m in gated(unfused)] == [False, False], p
+        assert [m.fuses_epilogue() for m in gated(default)] == [True, True], p
         assert [m.fuses_epilogue() for m in gated(fused)] == [True, True], p
-        blk = default.blocks[0]  # "pass": no gated-residual epilogue; INT8 qkv / fc1 codes from the norm pass
+        blk = unfused.blocks[0]  # "pass": no gated-residual epilogue; INT8 qkv / fc1 codes from the norm pass
         if p == "int8":
             assert isinstance(blk, FusedResidualBlock) and not (blk.fuse_proj or blk.fuse_fc2) and blk.fuse_norm
         else:  # the group-scale W4A8 kernel takes no given codes (no codes_forward)
             assert type(blk) is DiTBlock
-        assert isinstance(fused.blocks[0], FusedResidualBlock) and fused.blocks[0].fuse_proj, p
+        for engine in (default, fused):
+            assert isinstance(engine.blocks[0], FusedResidualBlock) and engine.blocks[0].fuse_proj, p
     static_w4a8 = minmax_recipe(tiny, "w4a8", group=64, balance=True)
     assert type(build_qengine(tiny, static_w4a8, kernel="gpu").blocks[0]) is DiTBlock  # the pre-cf3ff34 default
     named = build_qengine(tiny, static_w4a8, kernel="gpu", fuse_residual=("int8", "w4a8", "w4a8-group"))
@@ -455,9 +460,10 @@ def test_token_quant_default_is_the_pass_without_fused_epilogues(tiny):
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_compiled_per_token_block_calls_the_triton_pass_by_default():
-    """The default token_quant ("pass") keeps the opaque dtq::quant_rows_int8 op under torch.compile
-    (proj and fc2; qkv's and fc1's codes come from the LayerNorm pass) and no row amax in the graph;
-    "inductor" has none of the op and the amax instead. Both match the eager GPU path exactly."""
+    """token_quant "pass" keeps the opaque dtq::quant_rows_int8 op under torch.compile (proj and fc2; qkv's
+    and fc1's codes come from the LayerNorm pass) and no row amax in the graph; the default ("pass-fused")
+    the same op for proj and its GELU form for fc2; "inductor" none of them and the amax instead. All match
+    the eager GPU path exactly."""
     code = textwrap.dedent('''
         import torch
         from dtq.runtime import kernel_ops  # noqa: F401
@@ -469,7 +475,8 @@ def test_compiled_per_token_block_calls_the_triton_pass_by_default():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
         r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
-        for mode, want_pass in ((None, 2), ("inductor", 0)):  # "pass": proj and fc2 (qkv / fc1: the norm pass)
+        # "pass": proj and fc2 (qkv / fc1: the norm pass); the default ("pass-fused"): proj, and fc2's with GELU
+        for mode, want_pass, want_gelu in (("pass", 2, 0), (None, 1, 1), ("inductor", 0, 0)):
             kw = {} if mode is None else {"token_quant": mode}
             blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton", **kw).blocks[0]
             graphs = []
@@ -482,6 +489,7 @@ def test_compiled_per_token_block_calls_the_triton_pass_by_default():
                 got = torch.compile(blk, backend=record, fullgraph=True)(h, c)
             called = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
             assert called.count("dtq.quant_rows_int8") == want_pass, (mode, sorted(set(t for t in called if "dtq" in t)))
+            assert called.count("dtq.gelu_quant_rows_int8") == want_gelu, mode
             assert bool([t for t in called if "amax" in t]) == (mode == "inductor"), mode
             assert torch.equal(got, eager), (mode, (got - eager).abs().max())
         print("ok")

@@ -406,12 +406,12 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
                 got, want = staged(xi, t, y), inreg(xi, t, y)
             assert torch.equal(got, want), gran
             names = {e.name for e in prof.events()}
-            gemm = "dtq::mm8_gate_residual" if gran == "tensor" else "dtq::int8_mm"  # "pass": per token unfused
+            gemm = "dtq::mm8_gate_residual" if gran == "tensor" else "dtq::int8_mm"  # per token: qkv / fc1
             assert "dtq::unpack_progressive_int8" in names and gemm in names, (gran, sorted(names))
         for p, kw in (("int8", {}), ("w4a8", dict(w4a8="progressive"))):
             recipe = minmax_recipe(m, p, group=32, balance=True, act_granularity="token")
-            plain = build_qengine(m, recipe, kernel="gpu", **kw)
-            fused = build_qengine(m, recipe, kernel="gpu", token_quant="pass-fused", **kw)
+            plain = build_qengine(m, recipe, kernel="gpu", token_quant="pass", **kw)
+            fused = build_qengine(m, recipe, kernel="gpu", **kw)  # the default: "pass-fused"
             assert not any(isinstance(mod, FusedMlp) for mod in plain.modules()), p  # "pass": no fused epilogue,
             assert all(not (b.fuse_proj or b.fuse_fc2) and b.fuse_norm for b in plain.blocks), p  # the norm pass only
             blk = fused.blocks[0]

@@ -389,12 +389,15 @@ GROUP_TAG = re.compile(r"g(16|32|64|128)")  # "-g32": INT4 weight group size (ba
 INT4_PRECISIONS = ("w4a8", "w4a16")
 TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activations (ViDiT-Q)
 # "-token-tokfused": per-token with build_qengine(token_quant="inductor") (quantizer fused by Inductor,
-# its realize option, gated-residual epilogues); plain "-token" is the default Triton pass
+# its realize option, gated-residual epilogues); plain "-token" is build_qengine's default
 TOKFUSED = "tokfused"
 # "-token-passfused": token_quant="pass-fused" (the Triton pass with fc2's GELU inside fc2's pass, and
-# gated-residual epilogues with per-row scales)
+# gated-residual epilogues with per-row scales; build_qengine's default since session 16, so plain
+# "-token" runs it too); "-token-passonly": token_quant="pass" (the Triton pass, no per-token fused
+# epilogue: the default before session 16, the ablation)
 PASSFUSED = "passfused"
-TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused"}
+PASSONLY = "passonly"
+TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
 # "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
 # (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
@@ -460,7 +463,8 @@ def engine_options(name: str) -> dict:
     "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), "-gN"
     (w4a8 / w4a16: INT4 weight group N in 16, 32, 64, 128 instead of 128; ``backend_group``), and the
     "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static;
-    ``token_quant`` "pass"), "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
+    ``token_quant``: build_qengine's default, "pass-fused"), "-token-passonly" (``token_quant="pass"``),
+    "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
     "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
@@ -474,7 +478,7 @@ def engine_options(name: str) -> dict:
     inputs from torch ops (Inductor's kernel) and the layer's quantizer, the engine before session 14).
     Raises ValueError for anything else. The modifiers "-sage" / "-maxat" (``backend_modifiers``) are
     build_backend's, not build_qengine's: ignored here."""
-    from dtq.runtime.qengine import FUSED_FAMILIES
+    from dtq.runtime.qengine import DEFAULT_TOKEN_QUANT, FUSED_FAMILIES
 
     precision, *tags = backend_modifiers(name)[0].split("-")
     allowed = {"progressive": "w4a8", "intmm": "int8", "triton": "int8"}
@@ -489,13 +493,13 @@ def engine_options(name: str) -> dict:
             or len(set(tags)) != len(tags) or len(set(tags) & set(TOKEN_QUANT_TAGS)) > 1
             or len(set(tags) & set(STAGE_TAGS)) > 1):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}]][-staged|-inreg][-gN]"
+                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}|-{PASSONLY}]][-staged|-inreg][-gN]"
                          f"[-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
     family = "w4a8" if "progressive" in tags else "w4a8-group" if precision == "w4a8" else precision
     fuse_mlp, fuse_residual = FUSED_FAMILIES, FUSED_FAMILIES  # build_qengine's defaults
-    token_quant = next((TOKEN_QUANT_TAGS[t] for t in tags if t in TOKEN_QUANT_TAGS), "pass")
+    token_quant = next((TOKEN_QUANT_TAGS[t] for t in tags if t in TOKEN_QUANT_TAGS), DEFAULT_TOKEN_QUANT)
     tokfused = token_quant == "inductor"
     if tokfused and family == "w4a8-group":  # the merged (a542954) engine: per-token W4A8 gated residual too
         fuse_residual = (*fuse_residual, family)
