@@ -84,6 +84,11 @@ def data_parallel(device: torch.device) -> Iterator[DistContext]:
     try:
         ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         yield ctx
+        if created:
+            # the ranks leave together (not after an error: a failed rank never arrives): a rank that
+            # destroyed its gloo group while rank 0 was still writing the files was once aborted by gloo
+            # ("terminate called without an active exception", SIGABRT) in the two-rank sampling test
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
