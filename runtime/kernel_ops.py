@@ -2,11 +2,13 @@
 ``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``) / ``gelu_quant_rows_int8`` /
 ``unpack_progressive_int8`` / ``unpack_int4_dequant`` / ``norm_quant`` / ``norm_quant_rows_int8``: the Triton kernels as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
-Importing this module needs triton."""
+``linear_gelu_tanh``: a dense GEMM with bias + GELU(tanh) in cuBLASLt's epilogue, opaque so that
+Inductor does not split it back into a GEMM and a pointwise kernel. Importing this module needs triton."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 
@@ -177,3 +179,21 @@ def norm_quant_rows_int8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 def _(x, shift, scale, eps, mul):
     m = x.shape[0] * x.shape[1]
     return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("dtq::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``GELU_tanh(a @ w.T + bias)``. On CUDA with a bias: ``torch._addmm_activation``, cuBLASLt's
+    GELU_BIAS epilogue (GELU on the float32 accumulator, one rounding to ``a``'s type; its GELU is
+    checked against the tanh form by ``benchmarks/w4a16_bench.py``). Elsewhere ``linear`` then
+    ``gelu(approximate="tanh")``: torch's CPU ``_addmm_activation`` computes the erf GELU. Opaque, as
+    Inductor would split ``_addmm_activation`` back into a GEMM and a GELU kernel (one more write and
+    read of the 4x-hidden tensor)."""
+    if bias is None or not a.is_cuda:
+        return F.gelu(F.linear(a, w, bias), approximate="tanh")
+    return torch._addmm_activation(bias, a, w.t(), use_gelu=True)
+
+
+@linear_gelu_tanh.register_fake
+def _(a, w, bias):
+    return a.new_empty((a.shape[0], w.shape[0]))

@@ -921,12 +921,15 @@ def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, strid
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
 
 
-def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     N, KP = w_packed.shape
     assert w_packed.dtype == torch.uint8 and group % 2 == 0, (w_packed.dtype, group)
     assert scales.shape == (N, 2 * KP // group) and scales.stride(1) == 1 and w_packed.stride(1) == 1, \
         (scales.shape, w_packed.shape, group)
-    out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
+    if out is None:
+        out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
+    assert out.shape == (N, 2 * KP) and out.dtype == dtype and out.stride(1) == 1, (out.shape, out.dtype)
     bn, bkp = (16, 16) if _INTERPRET else (32, 128)
     _unpack_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
         w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0),
@@ -935,12 +938,13 @@ def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype
 
 
 def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int,
-                        dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                        dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """INT4 weights with float group scales (``w4a16_mm``'s layout) -> the dequantized weight ``[N, K]`` in
     ``dtype`` (``q4 * s`` in float32, one rounding): what ``w4a16_mm`` computes per tile in registers,
-    written once so that a dense GEMM (cuBLAS) can run on it. One pass over the weight."""
+    written once so that a dense GEMM (cuBLAS) can run on it. One pass over the weight. ``out``: write
+    into this ``[N, K]`` tensor (``runtime.weight_prefetch``'s slots) instead of a new one."""
     assert scales.dtype == torch.float32, scales.dtype
-    return _unpack_int4(w_packed, scales, group, dtype)
+    return _unpack_int4(w_packed, scales, group, dtype, out)
 
 
 def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:

@@ -105,6 +105,7 @@ from .quantized_input import QuantizedActivation, norm_quantized
 from .recipe import Recipe, apply_recipe
 from .regional_compile import compile_blocks  # noqa: F401  (the engine's compile; callers import it from here)
 from .rotation import rotated_input
+from .weight_prefetch import WeightPrefetcher
 
 # "auto": the GPU path (custom ops, Triton / cuBLAS kernels) on CUDA inputs, the simulation's operations
 # elsewhere; "reference": the simulation's operations everywhere; "gpu": the GPU path on any device (on
@@ -129,8 +130,11 @@ W4A8_STAGED_MIN_ROWS = 0
 # forward 9.75 ms vs the INT4 kernel's 15.56 ms at batch 8 (14.46 vs 9.50 img/s; the kernel with its new
 # swapped-operand candidates: 13.14 ms, 11.02 img/s) and 3.38 vs 3.68 ms at batch 1, against bf16's
 # 8.80-9.23 / 2.67-2.77 ms: staged is faster at every batch measured, still slower than bf16 (the dequantize
-# pass, about 6 us per layer). Batch 64 was not measured either way.
-W4A16_STAGED_MIN_ROWS = 0
+# pass, about 6 us per layer). Batch 64 was not measured either way. Since session 17 the token-stream
+# layers' unpack runs a block ahead on a side stream (runtime.weight_prefetch), and below this many rows
+# (a DiT's adaLN layer at batch rows: 2 x batch with guidance) the INT4 kernel reads 4-bit weights once
+# instead of an unpack pass writing and cuBLAS reading them in bf16 (benchmarks/w4a16_bench.py).
+W4A16_STAGED_MIN_ROWS = 256
 INT8_KERNELS = ("auto", "triton", "int_mm")
 # How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
@@ -328,9 +332,9 @@ class EngineLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Codes + the kernel's scales + bias (``weight_scale`` is kept for the reference path only;
         each layer also holds it in its kernel's layout; likewise a low-rank branch's float32 copies,
-        whose FP16 copies count)."""
+        whose FP16 copies count; a W4A16 layer's prefetched weight is the prefetcher's scratch)."""
         return sum(b.numel() * b.element_size() for k, b in self._buffers.items()
-                   if b is not None and k not in ("weight_scale", "lowrank_up", "lowrank_down"))
+                   if b is not None and k not in ("weight_scale", "lowrank_up", "lowrank_down", "prefetched_weight"))
 
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
@@ -594,6 +598,31 @@ class FusedMlp(nn.Module):
         return fc2.codes_gate_residual(h, gate, residual.reshape(-1, fc2.out_features)).reshape(residual.shape)
 
 
+class GeluEpilogueMlp(nn.Module):
+    """A DiT MLP (``fc1 -> GELU(tanh) -> fc2``) whose fc1 is a staged W4A16 layer: on the GPU fc1's dense
+    GEMM applies bias + GELU in cuBLASLt's epilogue (``Int4Linear.gelu_forward``), so the 4x-hidden tensor
+    is written once, by the GEMM, not by the GEMM and then by a GELU kernel that reads it back
+    (bf16 torch.compile's MLP: cuBLAS, then Inductor's GELU). The GELU is computed on the float32
+    accumulator, one rounding, where the simulation rounds fc1's output first. fc2 is called as it is.
+    On the CPU it is ``fc2(act(fc1(x)))``, bit-identical to the simulation."""
+
+    def __init__(self, fc1: "Int4Linear", act: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    @staticmethod
+    def fusable(mlp: nn.Module) -> bool:
+        fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
+        return (type(mlp) is Mlp and isinstance(fc1, Int4Linear) and fc1.prefetchable()
+                and not fc1.input_rotation and fc1.lowrank_up is None
+                and isinstance(act, nn.GELU) and act.approximate == "tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fc1.runs_kernels(x):
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1.gelu_forward(x))
+
+
 class FusedResidualBlock(DiTBlock):
     """A DiT block with the engine's fusions around its GEMMs. ``proj`` / ``fc2``: the attention proj and
     / or MLP fc2 add the adaLN-gated residual in their GEMM's epilogue (``x + gate * layer(h)`` written
@@ -628,11 +657,30 @@ class FusedResidualBlock(DiTBlock):
         layers = (block.attn.qkv, getattr(block.mlp, "fc1", None))
         return any(isinstance(lin, EngineLinear) and lin.norm_codes_format() for lin in layers)
 
+    # runtime.weight_prefetch: the W4A16 weights of this block dequantized ahead (set by fuse_dit_blocks)
+    prefetcher = None
+    prefetch_index = 0
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         layers = (self.attn.qkv, self.attn.proj, getattr(self.mlp, "fc1", None), getattr(self.mlp, "fc2", None))
         if not next(lin for lin in layers if isinstance(lin, EngineLinear)).runs_kernels(x):
             return super().forward(x, c)
-        return self.fused_forward(x, c)
+        if self.prefetcher is None:
+            return self.fused_forward(x, c)
+        self._begin_prefetch(x)
+        out = self.fused_forward(x, c)
+        self._end_prefetch()
+        return out
+
+    # eager (graph breaks under the block's torch.compile): the index is read here, not by dynamo, which
+    # would guard on each block's integer and recompile per block
+    @torch.compiler.disable
+    def _begin_prefetch(self, x: torch.Tensor) -> None:
+        self.prefetcher.begin_block(self.prefetch_index, x)
+
+    @torch.compiler.disable
+    def _end_prefetch(self) -> None:
+        self.prefetcher.end_block(self.prefetch_index)
 
     def block_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module,
                     layer: nn.Module) -> torch.Tensor | QuantizedActivation:
@@ -667,7 +715,9 @@ class FusedResidualBlock(DiTBlock):
         return x + gate_mlp.unsqueeze(1) * mlp(h)
 
     def extra_repr(self) -> str:
-        return f"fused gated residual: proj={self.fuse_proj}, fc2={self.fuse_fc2}; norm + quantize: {self.fuse_norm}"
+        prefetch = "" if self.prefetcher is None else f"; W4A16 weights prefetched (block {self.prefetch_index})"
+        return (f"fused gated residual: proj={self.fuse_proj}, fc2={self.fuse_fc2}; norm + quantize: {self.fuse_norm}"
+                f"{prefetch}")
 
 
 class Int4Linear(EngineLinear):
@@ -689,6 +739,29 @@ class Int4Linear(EngineLinear):
         self.group = g if gran == "group" else k
         self.register_buffer("w_scale_groups", (s.reshape(n, k // self.group) if gran != "tensor"
                                                 else s.reshape(1, 1).expand(n, 1)).contiguous())
+        # the staged weight dequantized ahead of the call by runtime.weight_prefetch (a view into its
+        # slot; scratch, not part of the engine's weights) and used while the prefetcher has armed the layer
+        self.register_buffer("prefetched_weight", None, persistent=False)
+        self.prefetch_armed = False
+
+    def _apply(self, fn, recurse=True):
+        """A move drops the prefetched view (it would become a copy of its own): the prefetcher remakes it."""
+        self._buffers["prefetched_weight"] = None
+        return super()._apply(fn, recurse)
+
+    def prefetchable(self) -> bool:
+        """Whether ``runtime.weight_prefetch`` can dequantize this layer's weight ahead of its call: the
+        W4A16 path (not the W4A8 int8-MMA kernel), staged from some row count, K a multiple of 64."""
+        return (self.kernel != "reference" and not self.w4a8_kernel() and self.staged_min_rows is not None
+                and self.in_features % W4_MIN_K == 0)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The staged weight ``[N, K]`` in ``dtype``: the prefetched one while armed, else unpacked now
+        (``q4 * s`` in float32, rounded once to ``dtype``, as the INT4 kernel's tiles)."""
+        w = self.prefetched_weight
+        if self.prefetch_armed and w is not None and w.dtype == dtype:
+            return w
+        return torch.ops.dtq.unpack_int4_dequant(self.weight_packed, self.w_scale_groups, self.group, dtype)
 
     def weight_codes(self) -> torch.Tensor:
         from .kernels_ref import unpack_int4
@@ -730,17 +803,33 @@ class Int4Linear(EngineLinear):
             xq, a_scale = self.int8_codes(x2)
             return torch.ops.dtq.w4a8_mm(xq, self.weight_packed, self.w_scale_groups, self.group, a_scale,
                                          self.bias, out_dtype).to(x2.dtype)
+        a, b = self._weight_only_input(x2)
+        if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM
+            return F.linear(a, self.dequantized_weight().to(a.dtype), b).to(x2.dtype)
+        if self.staged(a.shape[0]):  # the dequantized weight and cuBLAS
+            return F.linear(a, self.dense_weight(a.dtype), b).to(x2.dtype)
+        return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
+
+    def _weight_only_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The W4A16 path's GEMM input (balanced; W4A8 without its kernel: fake-quantized) in bf16 / fp16,
+        and the bias in that type."""
         xf = self._balanced_float(x2)
         if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
             xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
         a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
-        b = None if self.bias is None else self.bias.to(a.dtype)
-        if self.in_features % W4_MIN_K:  # the kernel tiles K by 64: dequantize and use a dense GEMM
-            return F.linear(a, self.dequantized_weight().to(a.dtype), b).to(x2.dtype)
-        if self.staged(a.shape[0]):  # q4 * s in float32, rounded once to a's type (as the kernel's tiles), cuBLAS
-            w = torch.ops.dtq.unpack_int4_dequant(self.weight_packed, self.w_scale_groups, self.group, a.dtype)
-            return F.linear(a, w, b).to(x2.dtype)
-        return torch.ops.dtq.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias).to(x2.dtype)
+        return a, None if self.bias is None else self.bias.to(a.dtype)
+
+    def gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``GELU_tanh(self(x))`` on the GPU path (:class:`GeluEpilogueMlp`'s fc1): at staged rows one dense
+        GEMM with bias + GELU in cuBLASLt's epilogue (``dtq::linear_gelu_tanh``), so the 4x-hidden tensor is
+        written once, by the GEMM, instead of by the GEMM and again by a GELU kernel; else the layer then GELU."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.prefetchable() and self.staged(x2.shape[0]) and not self.input_rotation and self.lowrank_up is None:
+            a, b = self._weight_only_input(x2)
+            out = torch.ops.dtq.linear_gelu_tanh(a, self.dense_weight(a.dtype), b).to(x2.dtype)
+            return out.reshape(*shape[:-1], self.out_features)
+        return F.gelu(self(x), approximate="tanh")
 
 
 class Int4ProgressiveLinear(EngineLinear):
@@ -881,7 +970,9 @@ def engine_layer(q: QuantLinear, kernel: Kernel = "auto", int8_kernel: str = "au
 # math was cheap (issue #13, session 13, H200, DiT-XL/2, 50 steps with guidance): the fused Triton FP8
 # engine ran 27.68 img/s at batch 64, 20.31 at 8 and 7.22 at 1, where cuBLAS + Inductor's ran 24.09,
 # 16.42 and 4.90 (benchmarks/results/speed/bench_speed_h200_s13{b,c}_edde009.json).
-FUSED_FAMILIES: tuple[str, ...] = ("int8", "w4a8", "fp8")
+# "w4a16": a staged W4A16 fc1 applies GELU in cuBLASLt's epilogue (GeluEpilogueMlp; fuse_mlp only, W4A16 has
+# no gated-residual epilogue).
+FUSED_FAMILIES: tuple[str, ...] = ("int8", "w4a8", "fp8", "w4a16")
 
 
 def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.device = "cpu",
@@ -890,7 +981,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                   fuse_residual: tuple[str, ...] = FUSED_FAMILIES, attention: AttentionBackend = "sdpa",
                   token_quant: TokenQuant = DEFAULT_TOKEN_QUANT, gelu: GeluForm = "tanh",
                   w4a8_staged_rows: int | None = W4A8_STAGED_MIN_ROWS,
-                  w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS,
+                  w4a16_staged_rows: int | None = W4A16_STAGED_MIN_ROWS, w4a16_prefetch: bool = True,
                   fuse_norm: bool = True, check: bool = True) -> nn.Module:
     """The engine for ``recipe`` (``model`` is not modified). ``dtype``: the activations' and the
     unquantized layers' type (default: bf16 on CUDA, float32 on the CPU, where the engine is
@@ -910,7 +1001,9 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     many input rows its layers unpack ``q4 * s2`` to int8 once per call and run the INT8 GEMM (None:
     never; :data:`W4A8_STAGED_MIN_ROWS`); ``w4a16_staged_rows``: the same for W4A16 layers (dequantized to
     the activation type once per call, then a dense GEMM; :data:`W4A16_STAGED_MIN_ROWS`; None: the INT4
-    Triton kernel). ``attention``: the blocks'
+    Triton kernel); ``w4a16_prefetch``: a DiT's staged W4A16 token-stream layers (qkv, proj, fc1, fc2) get
+    their weight dequantized one block ahead on a side stream (``runtime.weight_prefetch``) instead of
+    inside the layer. ``attention``: the blocks'
     attention kernel (``runtime.attention``): "sdpa" (torch's, bf16 flash / cuDNN on the GPU) or
     "sage" (SageAttention's INT8 QK^T / fp16 PV, head dim zero-padded to 64 / 96 / 128; on the CPU
     its torch reference). ``token_quant`` (:data:`TokenQuant`): per-token INT8 layers' quantizer and
@@ -946,7 +1039,7 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
                        w4a16_staged_rows=w4a16_staged_rows)
     if family == "dit":
         fuse_dit_blocks(engine, fuse_mlp=fuse_mlp, fuse_residual=fuse_residual, attention=attention,
-                        fuse_norm=fuse_norm)
+                        fuse_norm=fuse_norm, w4a16_prefetch=w4a16_prefetch)
     use_gelu(engine, gelu)
     return engine.to(device=device, dtype=dtype).eval()
 
@@ -993,20 +1086,50 @@ def swap_engine_layers(sim: nn.Module, recipe: Recipe, *, kernel: Kernel = "auto
 
 def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = FUSED_FAMILIES,
                     fuse_residual: tuple[str, ...] = FUSED_FAMILIES,
-                    attention: AttentionBackend = "sdpa", fuse_norm: bool = True) -> nn.Module:
-    """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp`, the attention
-    backend, blocks to :class:`FusedResidualBlock` (``build_qengine`` documents the arguments)."""
+                    attention: AttentionBackend = "sdpa", fuse_norm: bool = True,
+                    w4a16_prefetch: bool = True) -> nn.Module:
+    """The DiT-only rewrites of an engine, in place: MLPs to :class:`FusedMlp` (or, a staged W4A16 fc1,
+    :class:`GeluEpilogueMlp`), the attention backend, blocks to :class:`FusedResidualBlock`, and the W4A16
+    weight prefetcher (``build_qengine`` documents the arguments)."""
     if fuse_mlp:
         for name, mlp in list(engine.named_modules()):
             if FusedMlp.fusable(mlp, tuple(fuse_mlp)):
                 _set_submodule(engine, name, FusedMlp(mlp.fc1, mlp.act, mlp.fc2))
+            elif "w4a16" in fuse_mlp and GeluEpilogueMlp.fusable(mlp):
+                _set_submodule(engine, name, GeluEpilogueMlp(mlp.fc1, mlp.act, mlp.fc2))
     use_attention(engine, attention)  # before the blocks are fused: theirs is the attention they call
     for name, block in list(engine.named_modules()):
         proj, fc2 = FusedResidualBlock.fusable(block, tuple(fuse_residual))
         norm = fuse_norm and FusedResidualBlock.norm_fusable(block)
-        if proj or fc2 or norm:
+        prefetch = w4a16_prefetch and bool(prefetched_layers(block))
+        if proj or fc2 or norm or prefetch:
             _set_submodule(engine, name, FusedResidualBlock(block, proj, fc2, norm))
+    if w4a16_prefetch:
+        use_weight_prefetch(engine)
     return engine
+
+
+def prefetched_layers(block: nn.Module) -> list[Int4Linear]:
+    """A DiT block's layers whose staged W4A16 weight ``runtime.weight_prefetch`` dequantizes ahead: those
+    on the token stream (qkv, proj, fc1, fc2). The adaLN layer, at batch rows, is left to itself: at small
+    batch it runs the INT4 kernel (``W4A16_STAGED_MIN_ROWS``)."""
+    if not (type(block) is DiTBlock or isinstance(block, FusedResidualBlock)) or not hasattr(block.attn, "attend"):
+        return []
+    layers = (block.attn.qkv, block.attn.proj, getattr(block.mlp, "fc1", None), getattr(block.mlp, "fc2", None))
+    return [lin for lin in layers if isinstance(lin, Int4Linear) and lin.prefetchable()]
+
+
+def use_weight_prefetch(engine: nn.Module) -> WeightPrefetcher | None:
+    """One :class:`~runtime.weight_prefetch.WeightPrefetcher` for a DiT engine's blocks (in the order
+    its forward runs them) that have staged W4A16 layers; each such block (a :class:`FusedResidualBlock`)
+    arms it around its forward. Returns it, or None when no block has such a layer."""
+    blocks = [b for b in getattr(engine, "blocks", ()) if isinstance(b, FusedResidualBlock) and prefetched_layers(b)]
+    if not blocks:
+        return None
+    prefetcher = WeightPrefetcher([prefetched_layers(b) for b in blocks])
+    for i, block in enumerate(blocks):  # the prefetcher's index: among the blocks it serves, in order
+        block.prefetcher, block.prefetch_index = prefetcher, i
+    return prefetcher
 
 
 def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:

@@ -132,7 +132,7 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
                     "fuse_residual": (), "fuse_norm": False, "token_quant": "pass-fused"}
     assert engine_options("int8")["fuse_norm"] and not engine_options("int8-nonorm")["fuse_norm"]
     assert engine_options("int8-nonorm")["fuse_mlp"] == engine_options("int8")["fuse_mlp"]
-    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8", "fp8") == engine_options("int8")["fuse_mlp"]
+    assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8", "fp8", "w4a16") == engine_options("int8")["fuse_mlp"]
     assert engine_options("fp8")["fuse_mlp"] == FUSED_FAMILIES and engine_options("fp8-unfused")["fuse_mlp"] == ()
     assert engine_options("int8-triton-unfused")["int8_kernel"] == "triton"
     assert engine_options("fp8-fusedmlp")["fuse_mlp"] == ("fp8",)
@@ -146,9 +146,12 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
     assert engine_options("w4a8-progressive-inreg")["w4a8_staged_rows"] is None
     assert "w4a8_staged_rows" not in engine_options("w4a8-progressive")  # build_qengine's default threshold
     assert engine_options("w4a16-g64-staged")["w4a16_staged_rows"] == 0
+    assert engine_options("w4a16-noprefetch")["w4a16_prefetch"] is False and "w4a16_prefetch" not in engine_options("w4a16")
+    assert "w4a16" in engine_options("w4a16")["fuse_mlp"] and engine_options("w4a16-unfused")["fuse_mlp"] == ()
     for bad in ("int9", "int8-progressive", "w4a8-intmm", "int8-unfused-fused", "int8-bogus", "int8-unfused-unfused",
                 "int8-tokfused", "w4a16-token-tokfused", "int8-token-tokfused-tokfused", "int8-passfused",
-                "int8-token-tokfused-passfused", "int8-passonly", "int8-token-passonly-passfused", "int8-staged", "w4a8-staged", "w4a8-progressive-staged-inreg"):
+                "int8-token-tokfused-passfused", "int8-passonly", "int8-token-passonly-passfused", "int8-staged", "w4a8-staged", "w4a8-progressive-staged-inreg",
+                "int8-noprefetch", "w4a16-noprefetch-noprefetch"):
         try:
             engine_options(bad)
         except ValueError:

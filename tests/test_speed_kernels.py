@@ -442,7 +442,7 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_staged_w4a16_in_interpreter():
-    """W4A16 staged (the default, w4a16_staged_rows): the unpack kernel gives q4 * s rounded once to the
+    """W4A16 staged (w4a16_staged_rows; the default from W4A16_STAGED_MIN_ROWS rows): the unpack kernel gives q4 * s rounded once to the
     activation type, and the layer's dense GEMM on it matches the INT4 kernel and the reference."""
     code = textwrap.dedent("""
         import torch
@@ -464,7 +464,7 @@ def test_staged_w4a16_in_interpreter():
         m = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         recipe = minmax_recipe(m, "w4a16", group=32)
-        staged = build_qengine(m, recipe, kernel="gpu")
+        staged = build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=0)
         inreg = build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=None)
         for name, lin in engine_layers(staged).items():
             other = inreg.get_submodule(name)
@@ -472,6 +472,61 @@ def test_staged_w4a16_in_interpreter():
             x = torch.randn(20, lin.in_features, dtype=torch.float16)
             ref, a, b = lin.reference(x), lin.kernel_forward(x), other.kernel_forward(x)
             assert quant.sqnr_db(ref.float(), a.float()) > 40 and quant.sqnr_db(b.float(), a.float()) > 40, name
+        print("ok")
+    """)
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
+    """The W4A16 engine's block-ahead weight prefetch (runtime.weight_prefetch) is scheduling only: the
+    engine's output is bit-identical without it, also under regional torch.compile (one compilation for
+    every block: the prefetcher's calls are graph breaks, not guards per block); a layer called outside
+    its block never reads its slot; fc1's GELU epilogue (GeluEpilogueMlp) stays within rounding of the
+    unfused MLP. The slots are two blocks' weights."""
+    code = textwrap.dedent("""
+        import torch
+        from dtq.runtime import kernel_ops, quant
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import (FusedResidualBlock, GeluEpilogueMlp, Int4Linear, build_qengine,
+                                         compile_blocks, weight_bytes)
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(0)
+        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        recipe = minmax_recipe(m, "w4a16", group=32, adaln=True)
+        build = lambda **kw: build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=0, **kw)
+        sim = build_qengine(m, recipe, kernel="reference")
+        plain, fetched, full = build(w4a16_prefetch=False, fuse_mlp=()), build(fuse_mlp=()), build()
+        blocks = list(fetched.blocks)
+        assert all(isinstance(b, FusedResidualBlock) and b.prefetcher is blocks[0].prefetcher for b in blocks)
+        assert [b.prefetch_index for b in blocks] == [0, 1, 2, 3] and not hasattr(plain.blocks[0], "prefetcher")
+        assert all(isinstance(b.mlp, GeluEpilogueMlp) for b in full.blocks)
+        assert not any(isinstance(b.mlp, GeluEpilogueMlp) for b in fetched.blocks)
+        x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
+        with torch.no_grad():
+            ref, a, b, c = (e(x, t, y) for e in (sim, plain, fetched, full))
+            assert torch.equal(a, b), (a - b).abs().max()  # scheduling only
+            assert quant.sqnr_db(ref, a) > 35 and quant.sqnr_db(a, c) > 40, (quant.sqnr_db(ref, a), quant.sqnr_db(a, c))
+            # a layer called on its own is not armed: it unpacks its weight, whatever its slot holds
+            lin = fetched.blocks[1].attn.qkv
+            assert isinstance(lin, Int4Linear) and lin.prefetched_weight is not None and not lin.prefetch_armed
+            h = torch.randn(5, 64)
+            lin.prefetched_weight.zero_()
+            assert torch.equal(lin(h), plain.blocks[1].attn.qkv(h))
+            pf = blocks[0].prefetcher
+            layer_elems = sum(lin.in_features * lin.out_features for lin in pf.blocks[0])
+            assert pf.scratch_bytes() == 2 * layer_elems * 4  # float32 on the CPU
+            assert weight_bytes(fetched) == weight_bytes(plain)  # the slots are scratch, not weights
+            # regional compile: the blocks share their compilations (the prefetcher's calls are graph
+            # breaks; block 0 compiles again for its transposed input, as any engine's): 2 frames x 2,
+            # where a guard on each block's index compiled 2 frames per block
+            import torch._dynamo
+            from torch._dynamo.utils import counters
+            torch._dynamo.reset(); counters.clear()
+            compile_blocks(fetched, backend="aot_eager")
+            assert torch.equal(fetched(x, t, y), b) and torch.equal(fetched(x, t, y), b)
+            assert counters["frames"]["ok"] <= 5, dict(counters["frames"])
         print("ok")
     """)
     run_in_triton_interpreter(code)

@@ -403,6 +403,9 @@ TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pa
 # (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
 # cuBLAS, "-inreg" runs the INT4 Triton kernel (build_qengine's default: staged from W4A16_STAGED_MIN_ROWS)
 STAGE_TAGS = {"staged": 0, "inreg": None}
+# W4A16: "-noprefetch" dequantizes each staged weight inside its layer (build_qengine(w4a16_prefetch=False)),
+# the engine before session 17; the default unpacks a block ahead on a side stream (runtime.weight_prefetch)
+NOPREFETCH = "noprefetch"
 
 
 # trailing tags of any built backend: attention kernel, compile mode, autocast, GELU form, Inductor multi-kernel
@@ -468,7 +471,8 @@ def engine_options(name: str) -> dict:
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
     "-token-passfused" (``token_quant="pass-fused"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
-    weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``), the
+    weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``),
+    "-noprefetch" (W4A16: each staged weight dequantized inside its layer, not a block ahead), the
     epilogue ablation: none = the engine's default (``qengine.FUSED_FAMILIES``, INT8, two-level W4A8 and
     FP8: GELU + quantize in fc1's epilogue, gated residual in proj's and fc2's), "-unfused" (no fused
     epilogue: separate passes; FP8: cuBLAS's GEMM and Inductor's passes, the default before session 13;
@@ -487,13 +491,15 @@ def engine_options(name: str) -> dict:
            and not (t == "token" and precision in TOKEN_PRECISIONS)
            and not (t in TOKEN_QUANT_TAGS and "token" in tags)
            and not (t in STAGE_TAGS and ("progressive" in tags or precision == "w4a16"))
+           and not (t == NOPREFETCH and precision == "w4a16")
            and not (t in groups and precision in INT4_PRECISIONS)]
     ablation = [t for t in tags if t in EPILOGUE_ABLATIONS]
     if (precision not in ENGINE_PRECISIONS or bad or len(ablation) > 1 or len(groups) > 1
             or len(set(tags)) != len(tags) or len(set(tags) & set(TOKEN_QUANT_TAGS)) > 1
             or len(set(tags) & set(STAGE_TAGS)) > 1):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}|-{PASSONLY}]][-staged|-inreg][-gN]"
+                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}|-{PASSONLY}]][-staged|-inreg]"
+                         f"[-{NOPREFETCH}][-gN]"
                          f"[-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
     # build_qengine's epilogue family names ("w4a8": two-level; the group-scale kernel's: "w4a8-group")
@@ -514,7 +520,8 @@ def engine_options(name: str) -> dict:
             "w4a8": "progressive" if "progressive" in tags else "group", "fuse_mlp": fuse_mlp,
             "fuse_residual": fuse_residual, "fuse_norm": fuse_norm, "token_quant": token_quant,
             **{("w4a16" if precision == "w4a16" else "w4a8") + "_staged_rows": STAGE_TAGS[t]
-               for t in tags if t in STAGE_TAGS}}
+               for t in tags if t in STAGE_TAGS},
+            **({"w4a16_prefetch": False} if NOPREFETCH in tags else {})}
 
 
 def model_dtype(mods: dict) -> torch.dtype:

@@ -1,0 +1,123 @@
+"""Issue #13, session 17: W4A16 at batch 1-8, kernel by kernel, on DiT-XL/2's layer shapes.
+
+For each layer shape (``out x in``: qkv, proj, fc1, fc2, adaLN) and row count (the token layers at
+batch 1 and 8 with guidance: 512 and 4096 rows; the adaLN layer at 2 x batch rows), CUDA-graph medians of:
+
+- ``bf16``: ``F.linear`` on a bf16 weight (cuBLAS), the baseline's GEMM;
+- ``unpack``: ``kernels.unpack_int4_dequant`` alone (what prefetching moves off the critical path);
+- ``staged``: unpack + ``F.linear`` (the W4A16 layer without prefetching);
+- ``int4``: ``kernels.w4a16_mm``, the INT4 kernel dequantizing in its registers (autotuned);
+- fc1 only: ``linear_gelu`` = ``F.linear`` + ``F.gelu(tanh)`` (two kernels, as bf16 torch.compile runs
+  them) and ``linear_gelu_epilogue`` = ``dtq::linear_gelu_tanh`` (cuBLASLt's GELU_BIAS epilogue),
+  with the epilogue's max error against the tanh and the erf GELU of the float32 GEMM (which GELU it is).
+
+Then (``--engine-check``) the prefetching engine against the one without, on DiT-XL/2's widths (4 blocks,
+random weights) at batch 8 with guidance, compiled and CUDA-graphed as dtq-sample runs it: the prefetch is
+scheduling only, so the outputs must be bit-identical (the max difference is recorded either way).
+
+    python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from attention_bench import time_ms  # benchmarks/ is sys.path[0]
+
+K = 1152
+LAYERS = {"qkv": (3456, K), "proj": (K, K), "fc1": (4608, K), "fc2": (K, 4608), "adaLN": (6912, K)}
+TOKEN_ROWS = (512, 4096)  # batch 1 and 8, 256 tokens, guidance doubles the batch
+ADALN_ROWS = (2, 16, 128, 256, 512)  # 2 x batch for batch 1, 8, 64, 128, 256
+
+
+def run(out: str, group: int, engine_check: bool = False) -> dict:
+    from dtq.runtime import kernel_ops, kernels
+    from dtq.runtime.kernels_ref import pack_int4
+    from dtq.tools import bench_engines as be
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    res = {"env": be.env_info(), "group": group, "ms": {}, "gelu_check": {}}
+
+    def record(name, fn):
+        fn()  # autotunes / warms up outside the graph
+        res["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
+        print(name, res["ms"][name], flush=True)
+
+    for layer, (n, k) in LAYERS.items():
+        q = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g)
+        s = torch.rand(n, k // group, device=dev, generator=g) * 1e-2 + 1e-3
+        wp = pack_int4(q.cpu()).to(dev)
+        w = kernels.unpack_int4_dequant(wp, s, group, torch.bfloat16)
+        bias = torch.randn(n, device=dev, generator=g).to(torch.bfloat16)
+        slot = torch.empty_like(w)
+        record(f"{layer}_unpack", lambda: kernels.unpack_int4_dequant(wp, s, group, torch.bfloat16, out=slot))
+        for m in (ADALN_ROWS if layer == "adaLN" else TOKEN_ROWS):
+            a = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
+            tag = f"{layer}_m{m}"
+            record(f"{tag}_bf16", lambda: F.linear(a, w, bias))
+            record(f"{tag}_staged", lambda: F.linear(a, kernels.unpack_int4_dequant(wp, s, group, torch.bfloat16), bias))
+            record(f"{tag}_int4", lambda: kernels.w4a16_mm(a, wp, s, group, bias.float()))
+            if layer == "fc1":
+                record(f"{tag}_linear_gelu", lambda: F.gelu(F.linear(a, w, bias), approximate="tanh"))
+                record(f"{tag}_linear_gelu_epilogue", lambda: torch.ops.dtq.linear_gelu_tanh(a, w, bias))
+                exact = F.linear(a.float(), w.float(), bias.float())
+                got = torch.ops.dtq.linear_gelu_tanh(a, w, bias).float()
+                res["gelu_check"][tag] = {
+                    form: round(float((got - F.gelu(exact, approximate=form)).abs().max()), 5)
+                    for form in ("tanh", "none")}
+                two = F.gelu(F.linear(a, w, bias), approximate="tanh").float()
+                res["gelu_check"][tag]["unfused_vs_tanh"] = round(float((two - F.gelu(exact, approximate="tanh"))
+                                                                        .abs().max()), 5)
+                print(tag, res["gelu_check"][tag], flush=True)
+    if engine_check:
+        res["engine_check"] = prefetch_engine_check(dev)
+        print("engine_check", res["engine_check"], flush=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
+    """Graphed W4A16 engines with and without the weight prefetch, same inputs: their max difference."""
+    from dtq.runtime.backends import GraphedDenoiser
+    from dtq.runtime.model import DiT, DiTConfig
+    from dtq.runtime.qengine import build_qengine, compile_blocks
+    from dtq.tools.quick_recipe import minmax_recipe
+
+    cfg = DiTConfig(depth=4)  # DiT-XL/2's widths, 256 tokens
+    model = DiT(cfg).randomize_(seed=0, std=0.02).eval()
+    recipe = minmax_recipe(model, "w4a16", group=128, adaln=True)
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(2 * batch, 4, 32, 32, device=dev, generator=g)
+    t = torch.randint(0, 1000, (2 * batch,), device=dev, generator=g)
+    y = torch.randint(0, 1000, (2 * batch,), device=dev, generator=g)
+    outs = {}
+    for prefetch in (True, False):
+        eng = compile_blocks(build_qengine(model, recipe, device=dev, w4a16_prefetch=prefetch))
+        run = GraphedDenoiser(eng, device=dev)
+        with torch.no_grad():
+            outs[prefetch] = [run(x, t, y).clone() for _ in range(3)]  # warm-up + capture, then replays
+        torch._dynamo.reset()
+    a, b = outs[True], outs[False]
+    return {"batch_rows": 2 * batch, "bit_identical": all(torch.equal(p, q) for p, q in zip(a, b)),
+            "max_abs_diff": max(float((p.float() - q.float()).abs().max()) for p, q in zip(a, b)),
+            "replays_identical": all(torch.equal(a[0], p) for p in a)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="results JSON")
+    ap.add_argument("--group", type=int, default=128, help="INT4 weight group size (default 128, the speed runs')")
+    ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
+                    "without the weight prefetch (bit-identical expected)")
+    args = ap.parse_args()
+    run(args.out, args.group, args.engine_check)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Staged W4A16 weights dequantized one block ahead, on a side CUDA stream.
+
+A staged W4A16 layer (``qengine.Int4Linear`` at ``staged_min_rows`` input rows or more) dequantizes its
+INT4 weight to the activation type and runs cuBLAS on it. Done inside the layer, that puts one unpack
+kernel on the critical path of every layer: at batch 1-8 on an H200 the 140 unpacks of a DiT-XL/2
+forward (about 6 us each) were the gap to bf16 (docs/engines.md, session 13). :class:`WeightPrefetcher`
+takes them off it: while block ``i`` computes on the current stream, a side stream unpacks block
+``i + 1``'s layers into the other of two slots, and block ``i + 1`` waits for that event only. The
+slots hold two blocks' weights in the activation type (2 x 32 MB for DiT-XL/2's qkv, proj, fc1 and fc2
+in bf16), not every block's: the engine keeps 4-bit weights.
+
+Scheduling only: the unpack kernel and the GEMM are the layer's own, so the output is bit-identical to
+the engine without prefetching. CUDA graphs capture the two streams as parallel branches. Off CUDA
+(the Triton interpreter of the tests) the block's slot is filled in order, on the one stream.
+
+The layers use their slot only while their block has armed them (``Int4Linear.prefetch_armed``,
+between :meth:`WeightPrefetcher.begin_block` and :meth:`~WeightPrefetcher.end_block`); called on
+their own they unpack their weight themselves. Both methods run eagerly (``torch.compiler.disable``):
+under a block's ``torch.compile`` they are graph breaks at the block's start and end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class WeightPrefetcher:
+    """Two slots of dequantized weights for ``blocks[i]``'s layers (``Int4Linear``, W4A16 path), filled
+    one block ahead on a side stream. ``blocks``: per block it serves, in the order the model runs them,
+    the layers to prefetch; block ``i`` calls :meth:`begin_block` with ``i``."""
+
+    def __init__(self, blocks: list[list[nn.Module]]):
+        if not blocks or not all(blocks):
+            raise ValueError("WeightPrefetcher needs at least one layer in every block it serves")
+        self.blocks = blocks
+        self._pool: torch.Tensor | None = None
+        self._side: torch.cuda.Stream | None = None
+        self._ready: list[torch.cuda.Event] = []
+        self._free: torch.cuda.Event | None = None
+
+    def slot_elements(self) -> int:
+        """Weights in one slot: the largest block's."""
+        return max(sum(lin.out_features * lin.in_features for lin in layers) for layers in self.blocks)
+
+    def scratch_bytes(self) -> int:
+        """Memory of the two slots (0 before the first forward allocates them)."""
+        return 0 if self._pool is None else self._pool.numel() * self._pool.element_size()
+
+    def _slots_in_place(self, device: torch.device, dtype: torch.dtype) -> bool:
+        pool, first = self._pool, self.blocks[0][0].prefetched_weight
+        return (pool is not None and pool.device == device and pool.dtype == dtype and first is not None
+                and first.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr())
+
+    def _make_slots(self, device: torch.device, dtype: torch.dtype) -> None:
+        """One ``[2, slot]`` buffer; each layer's ``prefetched_weight`` a ``[N, K]`` view into its block's
+        slot (block ``i``: slot ``i % 2``). Redone when the activation's device or type changes, or a
+        move of the engine replaced the views (``Int4Linear._apply`` drops them)."""
+        self._pool = torch.empty((2, self.slot_elements()), device=device, dtype=dtype)
+        for i, layers in enumerate(self.blocks):
+            offset = 0
+            for lin in layers:
+                n = lin.out_features * lin.in_features
+                view = self._pool[i % 2, offset:offset + n].view(lin.out_features, lin.in_features)
+                lin.register_buffer("prefetched_weight", view, persistent=False)
+                offset += n
+        if device.type == "cuda":
+            self._side = torch.cuda.Stream(device)
+            self._ready = [torch.cuda.Event(), torch.cuda.Event()]
+            self._free = torch.cuda.Event()
+
+    def _fill(self, i: int) -> None:
+        from . import kernels
+
+        for lin in self.blocks[i]:
+            kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group, lin.prefetched_weight.dtype,
+                                        out=lin.prefetched_weight)
+
+    @torch.compiler.disable
+    def begin_block(self, i: int, x: torch.Tensor) -> None:
+        """Before block ``i`` (on the stream that runs it): its weights ready, block ``i + 1``'s started.
+        Slot ``(i + 1) % 2`` was block ``i - 1``'s: the side stream waits for the work enqueued before
+        block ``i`` (block ``i - 1`` included) before overwriting it."""
+        if not self._slots_in_place(x.device, x.dtype):
+            self._make_slots(x.device, x.dtype)
+        for lin in self.blocks[i]:
+            lin.prefetch_armed = True
+        if x.device.type != "cuda":
+            self._fill(i)
+            return
+        main, side = torch.cuda.current_stream(x.device), self._side
+        if i == 0:  # fork: the side stream sees everything before this forward (a CUDA graph's branch)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self._fill(0)
+            self._ready[0].record(side)
+        main.wait_event(self._ready[i % 2])  # the join of every fill: the last one is block n-1's
+        if i + 1 < len(self.blocks):
+            self._free.record(main)
+            side.wait_event(self._free)
+            with torch.cuda.stream(side):
+                self._fill(i + 1)
+            self._ready[(i + 1) % 2].record(side)
+
+    @torch.compiler.disable
+    def end_block(self, i: int) -> None:
+        for lin in self.blocks[i]:
+            lin.prefetch_armed = False
