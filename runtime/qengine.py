@@ -130,11 +130,11 @@ W4A8_STAGED_MIN_ROWS = 0
 # forward 9.75 ms vs the INT4 kernel's 15.56 ms at batch 8 (14.46 vs 9.50 img/s; the kernel with its new
 # swapped-operand candidates: 13.14 ms, 11.02 img/s) and 3.38 vs 3.68 ms at batch 1, against bf16's
 # 8.80-9.23 / 2.67-2.77 ms: staged is faster at every batch measured, still slower than bf16 (the dequantize
-# pass, about 6 us per layer). Batch 64 was not measured either way. Since session 17 the token-stream
-# layers' unpack runs a block ahead on a side stream (runtime.weight_prefetch), and below this many rows
-# (a DiT's adaLN layer at batch rows: 2 x batch with guidance) the INT4 kernel reads 4-bit weights once
-# instead of an unpack pass writing and cuBLAS reading them in bf16 (benchmarks/w4a16_bench.py).
-W4A16_STAGED_MIN_ROWS = 256
+# pass, about 6 us per layer). Batch 64 was not measured either way. Session 17 (w4a16_bench.py, CUDA-graph
+# medians): the INT4 kernel is slower than unpack + cuBLAS down to DiT-XL/2's adaLN at 2-16 rows too
+# (14.1 / 12.4 us against 12.3 / 11.8; cuBLAS alone on the bf16 weight: 5.4 / 4.7 us), so every row count
+# stages, and a DiT's layers take the unpack off the critical path (runtime.weight_prefetch).
+W4A16_STAGED_MIN_ROWS = 0
 INT8_KERNELS = ("auto", "triton", "int_mm")
 # How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
@@ -1110,12 +1110,12 @@ def fuse_dit_blocks(engine: nn.Module, *, fuse_mlp: tuple[str, ...] = FUSED_FAMI
 
 
 def prefetched_layers(block: nn.Module) -> list[Int4Linear]:
-    """A DiT block's layers whose staged W4A16 weight ``runtime.weight_prefetch`` dequantizes ahead: those
-    on the token stream (qkv, proj, fc1, fc2). The adaLN layer, at batch rows, is left to itself: at small
-    batch it runs the INT4 kernel (``W4A16_STAGED_MIN_ROWS``)."""
+    """A DiT block's layers whose staged W4A16 weight ``runtime.weight_prefetch`` dequantizes ahead: adaLN,
+    qkv, proj, fc1, fc2 (in the order the block calls them)."""
     if not (type(block) is DiTBlock or isinstance(block, FusedResidualBlock)) or not hasattr(block.attn, "attend"):
         return []
-    layers = (block.attn.qkv, block.attn.proj, getattr(block.mlp, "fc1", None), getattr(block.mlp, "fc2", None))
+    layers = (block.adaLN_modulation[-1], block.attn.qkv, block.attn.proj, getattr(block.mlp, "fc1", None),
+              getattr(block.mlp, "fc2", None))
     return [lin for lin in layers if isinstance(lin, Int4Linear) and lin.prefetchable()]
 
 

@@ -7,7 +7,7 @@ forward (about 6 us each) were the gap to bf16 (docs/engines.md, session 13). :c
 takes them off it: while block ``i`` computes on the current stream, a side stream unpacks block
 ``i + 1``'s layers into the other of two slots, and block ``i + 1`` waits for that event only. The
 slots hold two blocks' weights in the activation type (2 x 32 MB for DiT-XL/2's qkv, proj, fc1 and fc2
-in bf16), not every block's: the engine keeps 4-bit weights.
+in bf16, 2 x 48 MB with adaLN), not every block's: the engine keeps 4-bit weights.
 
 Scheduling only: the unpack kernel and the GEMM are the layer's own, so the output is bit-identical to
 the engine without prefetching. CUDA graphs capture the two streams as parallel branches. Off CUDA
