@@ -545,7 +545,7 @@ def _int4_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK
     return offs_m, offs_n, tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_K // 2), a_rows, w_rows
 
 
-def _w4a16_shapes(small_m: bool):
+def _w4a16_shapes(small_m: bool, tiny_m: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_DOT, SWAP_AB). Large M: the matmul tutorial's bf16
     tiles. M <= 4096 (batch 1-8 with guidance: 512-4096 rows, 3456-4608 columns at most): big tiles
     leave most of 132 SMs idle (512 x 1152 in 128 x 256 tiles = 20 programs), so smaller tiles and
@@ -555,7 +555,14 @@ def _w4a16_shapes(small_m: bool):
     wgmma reads from registers, so it skips the round trip through shared memory that the second operand
     takes; the activation rows become wgmma's N, which may be as small as 8): the GPU's autotuner
     picks. Split-K is not needed at these M: 64 x 64 tiles already give >= 144 programs for every
-    DiT-XL/2 block GEMM at 512 rows."""
+    DiT-XL/2 block GEMM at 512 rows. ``tiny_m`` (M <= ``W4A16_TINY_M``: a DiT's adaLN at batch rows, a
+    GEMV in all but name): 16-row tiles, narrow N tiles (216 programs for adaLN's 6912 columns at 32),
+    deep K tiles, so the 4-bit weight streams in at memory speed; 64-row tiles at 2-16 rows ran at
+    12-14 us where cuBLAS on the bf16 weight took 5 (session 17)."""
+    if tiny_m:
+        return [(16, 32, 256, 4, 4, 0, 1), (16, 64, 256, 4, 4, 0, 1), (16, 32, 128, 4, 4, 0, 1),
+                (16, 64, 128, 4, 4, 0, 1), (16, 32, 256, 3, 2, 0, 1), (16, 64, 256, 4, 4, 0, 0),
+                (16, 32, 256, 4, 4, 0, 0), (16, 128, 128, 4, 4, 0, 1)]
     if not small_m:
         return [(128, 256, 64, 3, 8, 0, 0), (256, 128, 64, 3, 8, 0, 0), (128, 128, 64, 4, 8, 0, 0),
                 (64, 256, 64, 4, 4, 0, 0), (64, 128, 64, 4, 4, 0, 0), (64, 64, 64, 4, 4, 0, 0),
@@ -568,6 +575,7 @@ def _w4a16_shapes(small_m: bool):
 
 
 W4A16_SMALL_M = 4096  # M buckets up to this tune over the small-M candidates
+W4A16_TINY_M = 64  # ... and up to this over the tiny-M ones
 
 
 def _w4a16_config(m, n, k, stages, warps, split, swap):
@@ -576,7 +584,7 @@ def _w4a16_config(m, n, k, stages, warps, split, swap):
 
 
 def _w4a16_configs():
-    shapes = dict.fromkeys(_w4a16_shapes(True) + _w4a16_shapes(False))  # the union, in order
+    shapes = dict.fromkeys(_w4a16_shapes(True, True) + _w4a16_shapes(True) + _w4a16_shapes(False))  # the union
     return [_w4a16_config(*shape) for shape in shapes]
 
 
@@ -589,7 +597,7 @@ def _prune_w4a16(configs, named_args, **kwargs):
     """Only the candidates of the call's M range, with K tiles dividing K."""
     m_bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
     K = named_args.get("K", kwargs.get("K"))
-    want = set(_w4a16_shapes(m_bucket <= W4A16_SMALL_M))
+    want = set(_w4a16_shapes(m_bucket <= W4A16_SMALL_M, m_bucket <= W4A16_TINY_M))
     kept = [c for c in configs if _config_shape(c) in want and K % c.kwargs["BLOCK_K"] == 0]
     return kept or configs
 

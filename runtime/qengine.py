@@ -132,9 +132,10 @@ W4A8_STAGED_MIN_ROWS = 0
 # 8.80-9.23 / 2.67-2.77 ms: staged is faster at every batch measured, still slower than bf16 (the dequantize
 # pass, about 6 us per layer). Batch 64 was not measured either way. Session 17 (w4a16_bench.py, CUDA-graph
 # medians): the INT4 kernel is slower than unpack + cuBLAS down to DiT-XL/2's adaLN at 2-16 rows too
-# (14.1 / 12.4 us against 12.3 / 11.8; cuBLAS alone on the bf16 weight: 5.4 / 4.7 us), so every row count
-# stages, and a DiT's layers take the unpack off the critical path (runtime.weight_prefetch).
-W4A16_STAGED_MIN_ROWS = 0
+# (14.1 / 12.4 us against 12.3 / 11.8; cuBLAS alone on the bf16 weight: 5.4 / 4.7 us), so those rows
+# staged, and a DiT's layers took the unpack off the critical path (runtime.weight_prefetch). Then the
+# kernel got 16-row tiles for such GEMVs (kernels.W4A16_TINY_M); below this many rows it runs them.
+W4A16_STAGED_MIN_ROWS = 32
 INT8_KERNELS = ("auto", "triton", "int_mm")
 # How per-token (dynamic) INT8 activations are quantized on the GPU path (build_qengine's token_quant):
 # "pass": one Triton pass (quant_rows_int8, opaque to Inductor), no fused epilogue on per-token layers;
@@ -1126,7 +1127,8 @@ def use_weight_prefetch(engine: nn.Module) -> WeightPrefetcher | None:
     blocks = [b for b in getattr(engine, "blocks", ()) if isinstance(b, FusedResidualBlock) and prefetched_layers(b)]
     if not blocks:
         return None
-    prefetcher = WeightPrefetcher([prefetched_layers(b) for b in blocks])
+    prefetcher = WeightPrefetcher([prefetched_layers(b) for b in blocks],
+                                  per_sample=tuple(b.adaLN_modulation[-1] for b in blocks))
     for i, block in enumerate(blocks):  # the prefetcher's index: among the blocks it serves, in order
         block.prefetcher, block.prefetch_index = prefetcher, i
     return prefetcher

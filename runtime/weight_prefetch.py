@@ -28,12 +28,16 @@ from torch import nn
 class WeightPrefetcher:
     """Two slots of dequantized weights for ``blocks[i]``'s layers (``Int4Linear``, W4A16 path), filled
     one block ahead on a side stream. ``blocks``: per block it serves, in the order the model runs them,
-    the layers to prefetch; block ``i`` calls :meth:`begin_block` with ``i``."""
+    the layers to prefetch; block ``i`` calls :meth:`begin_block` with ``i``. ``per_sample``: the layers
+    among them whose input has one row per sample (a DiT's adaLN, on the conditioning), not one per token:
+    a layer is filled only when it stages its weight at its row count (``Int4Linear.staged``)."""
 
-    def __init__(self, blocks: list[list[nn.Module]]):
+    def __init__(self, blocks: list[list[nn.Module]], per_sample: tuple[nn.Module, ...] = ()):
         if not blocks or not all(blocks):
             raise ValueError("WeightPrefetcher needs at least one layer in every block it serves")
         self.blocks = blocks
+        self._per_sample = {id(lin) for lin in per_sample}
+        self._rows = (0, 0)  # (samples, tokens) of the forward running: which layers stage
         self._pool: torch.Tensor | None = None
         self._side: torch.cuda.Stream | None = None
         self._ready: list[torch.cuda.Event] = []
@@ -72,9 +76,11 @@ class WeightPrefetcher:
     def _fill(self, i: int) -> None:
         from . import kernels
 
+        samples, tokens = self._rows
         for lin in self.blocks[i]:
-            kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group, lin.prefetched_weight.dtype,
-                                        out=lin.prefetched_weight)
+            if lin.staged(samples if id(lin) in self._per_sample else tokens):
+                kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group,
+                                            lin.prefetched_weight.dtype, out=lin.prefetched_weight)
 
     @torch.compiler.disable
     def begin_block(self, i: int, x: torch.Tensor) -> None:
@@ -83,6 +89,7 @@ class WeightPrefetcher:
         block ``i`` (block ``i - 1`` included) before overwriting it."""
         if not self._slots_in_place(x.device, x.dtype):
             self._make_slots(x.device, x.dtype)
+        self._rows = (x.shape[0], x.numel() // x.shape[-1])
         for lin in self.blocks[i]:
             lin.prefetch_armed = True
         if x.device.type != "cuda":

@@ -158,6 +158,8 @@ def test_w4a16_candidates_by_m():
     assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in large) == 128 * 256
     assert all(1152 % c.kwargs["BLOCK_K"] == 0 for c in small)
     assert all(192 % c.kwargs["BLOCK_K"] == 0 for c in kernels._prune_w4a16(every, {"M_BUCKET": 1024, "K": 192}))
+    tiny = kernels._prune_w4a16(every, {"M_BUCKET": 16, "K": 1152})  # adaLN at batch rows: 16-row tiles
+    assert tiny and {c.kwargs["BLOCK_M"] for c in tiny} == {16} and not set(map(id, tiny)) & set(map(id, small))
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
@@ -488,14 +490,16 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
         import torch
         from dtq.runtime import kernel_ops, quant
         from dtq.runtime.model import DiT, DiTConfig
-        from dtq.runtime.qengine import (FusedResidualBlock, GeluEpilogueMlp, Int4Linear, build_qengine,
-                                         compile_blocks, weight_bytes)
+        from dtq.runtime.qengine import (W4A16_STAGED_MIN_ROWS, FusedResidualBlock, GeluEpilogueMlp, Int4Linear,
+                                         build_qengine, compile_blocks, weight_bytes)
         from dtq.tools.quick_recipe import minmax_recipe
         torch.manual_seed(0)
         m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         recipe = minmax_recipe(m, "w4a16", group=32, adaln=True)
-        build = lambda **kw: build_qengine(m, recipe, kernel="gpu", w4a16_staged_rows=0, **kw)
+        # float16 activations: the W4A16 path's GEMM type, so the slots are used (a float32 engine casts to
+        # bf16 for the GEMM, which the interpreter's INT4 kernel gets wrong: its bf16 casts are not the GPU's)
+        build = lambda **kw: build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, **{"w4a16_staged_rows": 0, **kw})
         sim = build_qengine(m, recipe, kernel="reference")
         plain, fetched, full = build(w4a16_prefetch=False, fuse_mlp=()), build(fuse_mlp=()), build()
         blocks = list(fetched.blocks)
@@ -505,18 +509,35 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
         assert not any(isinstance(b.mlp, GeluEpilogueMlp) for b in fetched.blocks)
         x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
         with torch.no_grad():
-            ref, a, b, c = (e(x, t, y) for e in (sim, plain, fetched, full))
+            ref = sim(x, t, y)
+            x = x.half()
+            a, b, c = (e(x, t, y).float() for e in (plain, fetched, full))
             assert torch.equal(a, b), (a - b).abs().max()  # scheduling only
             assert quant.sqnr_db(ref, a) > 35 and quant.sqnr_db(a, c) > 40, (quant.sqnr_db(ref, a), quant.sqnr_db(a, c))
             # a layer called on its own is not armed: it unpacks its weight, whatever its slot holds
             lin = fetched.blocks[1].attn.qkv
             assert isinstance(lin, Int4Linear) and lin.prefetched_weight is not None and not lin.prefetch_armed
-            h = torch.randn(5, 64)
+            # blocks 1 and 3 share slot 1, where the last forward left block 3's weights, as unpacked
+            last = fetched.blocks[3].attn.qkv
+            assert lin.prefetched_weight.data_ptr() == last.prefetched_weight.data_ptr()
+            assert torch.equal(last.prefetched_weight, last.dense_weight(torch.float16))  # unarmed: its own unpack
+            lin.prefetch_armed = True  # armed (inside its block's forward), the layer reads the slot
+            assert lin.dense_weight(torch.float16) is lin.prefetched_weight
+            lin.prefetch_armed = False
+            h = torch.randn(5, 64, dtype=torch.float16)
             lin.prefetched_weight.zero_()
             assert torch.equal(lin(h), plain.blocks[1].attn.qkv(h))
+            # the default row threshold: adaLN at 2 rows runs the INT4 kernel, its slot is neither filled nor read
+            d_on, d_off = build(w4a16_staged_rows=W4A16_STAGED_MIN_ROWS), build(w4a16_staged_rows=W4A16_STAGED_MIN_ROWS,
+                                                                               w4a16_prefetch=False)
+            assert torch.equal(d_on(x, t, y), d_off(x, t, y))
+            ada = d_on.blocks[2].adaLN_modulation[-1]
+            assert not ada.staged(2) and ada.staged(32) and d_on.blocks[2].attn.qkv.staged(32)
+            ada.prefetched_weight.fill_(float("nan"))
+            assert torch.equal(d_on(x, t, y), d_off(x, t, y)) and torch.isnan(ada.prefetched_weight).all()
             pf = blocks[0].prefetcher
             layer_elems = sum(lin.in_features * lin.out_features for lin in pf.blocks[0])
-            assert pf.scratch_bytes() == 2 * layer_elems * 4  # float32 on the CPU
+            assert pf.scratch_bytes() == 2 * layer_elems * 2  # float16
             assert weight_bytes(fetched) == weight_bytes(plain)  # the slots are scratch, not weights
             # regional compile: the blocks share their compilations (the prefetcher's calls are graph
             # breaks; block 0 compiles again for its transposed input, as any engine's): 2 frames x 2,
@@ -525,7 +546,7 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
             from torch._dynamo.utils import counters
             torch._dynamo.reset(); counters.clear()
             compile_blocks(fetched, backend="aot_eager")
-            assert torch.equal(fetched(x, t, y), b) and torch.equal(fetched(x, t, y), b)
+            assert torch.equal(fetched(x, t, y).float(), b) and torch.equal(fetched(x, t, y).float(), b)
             assert counters["frames"]["ok"] <= 5, dict(counters["frames"])
         print("ok")
     """)
