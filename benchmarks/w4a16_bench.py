@@ -34,7 +34,7 @@ TOKEN_ROWS = (512, 4096)  # batch 1 and 8, 256 tokens, guidance doubles the batc
 ADALN_ROWS = (2, 16, 128, 256, 512)  # 2 x batch for batch 1, 8, 64, 128, 256
 
 
-def run(out: str, group: int, engine_check: bool = False) -> dict:
+def run(out: str, group: int, engine_check: bool = False, layers: tuple[str, ...] = ()) -> dict:
     from dtq.runtime import kernel_ops, kernels
     from dtq.runtime.kernels_ref import pack_int4
     from dtq.tools import bench_engines as be
@@ -49,6 +49,8 @@ def run(out: str, group: int, engine_check: bool = False) -> dict:
         print(name, res["ms"][name], flush=True)
 
     for layer, (n, k) in LAYERS.items():
+        if layers and layer not in layers:
+            continue
         q = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g)
         s = torch.rand(n, k // group, device=dev, generator=g) * 1e-2 + 1e-3
         wp = pack_int4(q.cpu()).to(dev)
@@ -135,8 +137,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="INT4 weight group size (default 128, the speed runs')")
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
+    ap.add_argument("--layers", default="", help=f"comma-separated subset of {', '.join(LAYERS)} (default: all)")
     args = ap.parse_args()
-    run(args.out, args.group, args.engine_check)
+    run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))))
 
 
 if __name__ == "__main__":

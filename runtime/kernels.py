@@ -559,10 +559,12 @@ def _w4a16_shapes(small_m: bool, tiny_m: bool = False):
     GEMV in all but name): 16-row tiles, narrow N tiles (216 programs for adaLN's 6912 columns at 32),
     deep K tiles, so the 4-bit weight streams in at memory speed; 64-row tiles at 2-16 rows ran at
     12-14 us where cuBLAS on the bf16 weight took 5 (session 17)."""
-    if tiny_m:
+    if tiny_m:  # (K tiles of 256 serve K = 4608; 1152 takes 128 at most)
         return [(16, 32, 256, 4, 4, 0, 1), (16, 64, 256, 4, 4, 0, 1), (16, 32, 128, 4, 4, 0, 1),
                 (16, 64, 128, 4, 4, 0, 1), (16, 32, 256, 3, 2, 0, 1), (16, 64, 256, 4, 4, 0, 0),
-                (16, 32, 256, 4, 4, 0, 0), (16, 128, 128, 4, 4, 0, 1)]
+                (16, 32, 256, 4, 4, 0, 0), (16, 128, 128, 4, 4, 0, 1), (16, 16, 128, 4, 2, 0, 1),
+                (16, 16, 128, 6, 2, 0, 1), (16, 32, 128, 6, 2, 0, 1), (16, 16, 128, 4, 1, 0, 0),
+                (16, 32, 64, 8, 2, 0, 1)]
     if not small_m:
         return [(128, 256, 64, 3, 8, 0, 0), (256, 128, 64, 3, 8, 0, 0), (128, 128, 64, 4, 8, 0, 0),
                 (64, 256, 64, 4, 4, 0, 0), (64, 128, 64, 4, 4, 0, 0), (64, 64, 64, 4, 4, 0, 0),
