@@ -197,3 +197,31 @@ def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
 @linear_gelu_tanh.register_fake
 def _(a, w, bias):
     return a.new_empty((a.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("dtq::mm8_gelu_rowmax", mutates_args=())
+def mm8_gelu_rowmax(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, q_mul: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 with GELU and the row amaxes of fc2's per-token input in its epilogue (``kernels.mm8_gelu_rowmax``)."""
+    return kernels.mm8_gelu_rowmax(a, w, a_scale, w_scale, bias, q_mul, out_dtype)
+
+
+@mm8_gelu_rowmax.register_fake
+def _(a, w, a_scale, w_scale, bias, q_mul, out_dtype):
+    return (a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype),
+            a.new_empty((a.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("dtq::mm8_rowquant", mutates_args=())
+def mm8_rowquant(h: torch.Tensor, amax: torch.Tensor, h_mul: torch.Tensor | None, w: torch.Tensor,
+                 w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                 gate: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """The INT8 GEMM quantizing its float input per token on load (``kernels.mm8_rowquant``), optionally with
+    the gated residual epilogue."""
+    return kernels.mm8_rowquant(h, amax, h_mul, w, w_scale, bias, out_dtype, gate, residual)
+
+
+@mm8_rowquant.register_fake
+def _(h, amax, h_mul, w, w_scale, bias, out_dtype, gate, residual):
+    return h.new_empty((h.shape[0], w.shape[0]), dtype=out_dtype if residual is None else residual.dtype)

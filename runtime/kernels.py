@@ -149,16 +149,20 @@ def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 _EPILOGUE_KEY = ["GELU_QUANT", "GATE_RESIDUAL"]
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY,
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(),
+                 key=["M_BUCKET", "N", "K"] + _EPILOGUE_KEY + ["A_ROWQUANT", "GELU_ROWMAX"],
                  prune_configs_by={"early_config_prune": _prune_int8})
 @triton.jit
 def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_ptr, q_scale_ptr, M, N,
                 K: tl.constexpr, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-                gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate, a_mul_ptr,
                 FP8: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr, HAS_QMUL: tl.constexpr,
-                GATE_RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+                GATE_RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, A_ROWQUANT: tl.constexpr,
+                HAS_AMUL: tl.constexpr, GELU_ROWMAX: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # 8-bit x 8-bit GEMM: INT8 (int32 accumulate) or FP8 E4M3 (FP8=True, fp32 accumulate)
+    # 8-bit x 8-bit GEMM: INT8 (int32 accumulate) or FP8 E4M3 (FP8=True, fp32 accumulate). A_ROWQUANT: A is
+    # a float tensor quantized per row as it is loaded (a_scale_ptr: each row's amax, a_mul_ptr: the
+    # balancing Mul over K): per-token INT8 without a quantization pass (mm8_rowquant)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,20 +173,55 @@ def _mm8_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_mul_p
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N], K-major
     ACC: tl.constexpr = tl.float32 if FP8 else tl.int32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if A_ROWQUANT:  # the row scales of quant_rows_int8: s = max(amax / 127, 1e-12), one reciprocal per row
+        row_scale = tl.maximum(tl.load(a_scale_ptr + a_rows) / 127.0, 1e-12)
+        inv_row_scale = 1.0 / row_scale
     for k0 in range(0, K, BLOCK_K):
         if K % BLOCK_K == 0:  # compile-time: no masks (DiT's K are multiples of 64)
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0 if FP8 else 0)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0 if FP8 or A_ROWQUANT else 0)
             w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0 if FP8 else 0)
+        if A_ROWQUANT:  # balance, scale, round half to even, saturate: INT8 codes in registers
+            x = a.to(tl.float32)
+            if HAS_AMUL:
+                x = x * tl.load(a_mul_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0)[None, :]
+            a = _int8_codes(x * inv_row_scale[:, None])
         acc = tl.dot(a, w, acc, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
-    _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
-                    gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
-                    HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
+    if A_ROWQUANT:
+        c = acc.to(tl.float32) * (row_scale[:, None] * tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :])
+    else:
+        c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
+    if GELU_ROWMAX:
+        _gelu_rowmax_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                           HAS_BIAS, HAS_QMUL)
+    else:
+        _epilogue_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, q_scale_ptr,
+                        gate_ptr, res_ptr, stride_gb, stride_gn, stride_rm, stride_rn, rows_per_gate,
+                        HAS_BIAS, GELU_QUANT, HAS_QMUL, FP8, GATE_RESIDUAL)
+
+
+@triton.jit
+def _gelu_rowmax_store(c, offs_m, offs_n, M, N, c_ptr, stride_cm, stride_cn, bias_ptr, q_mul_ptr, rowmax_ptr,
+                       HAS_BIAS: tl.constexpr, HAS_QMUL: tl.constexpr):
+    """fc1 of a per-token INT8 MLP: + bias, GELU(tanh), stored in the output type; and the tile's part of
+    each row's amax of what fc2 quantizes (the stored value times fc2's balancing Mul), merged into
+    ``rowmax_ptr`` (zeros before the launch) by atomic max: float bits of non-negative values order as
+    integers, so the maximum is exact and independent of the tiles' order."""
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    h = _gelu_tanh(c).to(c_ptr.dtype.element_ty)
+    x = h.to(tl.float32)
+    if HAS_QMUL:
+        x = x * tl.load(q_mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+    tl.atomic_max(rowmax_ptr + offs_m, amax, mask=offs_m < M)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, h, mask=mask)
 
 
 # The same GEMM with TMA loads in a persistent loop (issue #13: the pointer-load kernel above runs the INT8
@@ -416,15 +455,22 @@ def _tma_wins(key: tuple, launch) -> bool:
 def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
          bias: torch.Tensor | None, q_mul: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
          config: dict | None = None, gate: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, tma: bool | None = None, *, a_rowquant: bool = False,
+         a_mul: torch.Tensor | None = None, gelu_rowmax: bool = False) -> torch.Tensor:
     """Launch the 8-bit GEMM into ``c``; ``q_scale`` given: the GELU + quantize epilogue; ``gate`` and
     ``residual`` given: the gated residual epilogue (``_epilogue_store``). ``config``:
     pinned meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optional
     ``num_warps``/``num_stages``) instead of the autotuned choice, as for :func:`w4a16_mm`. ``tma``: True
     runs ``_mm8_tma_kernel`` (where ``tma_eligible``), False ``_mm8_kernel``, None (default) the faster of
     the two for this shape on a GPU at ``TMA_MIN_M`` rows or more (``_tma_wins``), else ``_mm8_kernel``.
-    Both give the same output (INT8: the same int32 sums; FP8: float32 sums in the same K order)."""
-    launch = lambda t: _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, t)  # noqa: E731
+    Both give the same output (INT8: the same int32 sums; FP8: float32 sums in the same K order).
+    ``a_rowquant``: ``a`` is a float tensor quantized per row on load (``a_scale``: row amaxes; ``a_mul``:
+    balancing over K); ``gelu_rowmax``: the GELU + row-amax epilogue (``q_scale``: the amax buffer). Both
+    run on ``_mm8_kernel`` only."""
+    if a_rowquant or gelu_rowmax:
+        tma = False
+    launch = lambda t: _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, t,  # noqa: E731
+                                   a_rowquant, a_mul, gelu_rowmax)
     if tma is not None:
         return launch(tma)
     M = a.shape[0]
@@ -434,13 +480,20 @@ def _mm8(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, a_scale: torch.Tenso
     return launch(_tma_wins(key, launch))
 
 
-def _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma: bool) -> torch.Tensor:
+def _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, residual, tma: bool,
+                a_rowquant: bool = False, a_mul=None, gelu_rowmax: bool = False) -> torch.Tensor:
     assert q_scale is None or gate is None, "one epilogue: GELU + quantize or gated residual"
     M, K = a.shape
     N, K2 = w.shape
-    assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
-    args = dict(FP8=a.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, GELU_QUANT=q_scale is not None,
-                HAS_QMUL=q_mul is not None, ROW_SCALE=a_scale.dim() == 1, **_gate_residual_args(c, gate, residual))
+    if a_rowquant:
+        assert K == K2 and w.dtype == torch.int8 and a.is_floating_point() and a_scale.shape == (M,), \
+            (a.shape, a.dtype, w.shape, w.dtype, a_scale.shape)
+    else:
+        assert K == K2 and a.dtype == w.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), (a.shape, a.dtype, w.shape, w.dtype)
+    assert not gelu_rowmax or (q_scale is not None and q_scale.shape == (M,) and q_scale.dtype == torch.float32)
+    args = dict(FP8=w.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
+                GELU_QUANT=q_scale is not None and not gelu_rowmax, HAS_QMUL=q_mul is not None,
+                ROW_SCALE=a_scale.dim() == 1, **_gate_residual_args(c, gate, residual))
     if tma and tma_eligible(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -464,7 +517,9 @@ def _mm8_launch(a, w, c, a_scale, w_scale, bias, q_mul, q_scale, config, gate, r
     kernel[grid](a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
                       q_mul if q_mul is not None else w_scale, q_scale if q_scale is not None else a_scale,
                       M, N, K, _m_bucket(M), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0),
-                      c.stride(1), **args, **({} if config is None else dict(config)))
+                      c.stride(1), a_mul_ptr=a_mul if a_mul is not None else w_scale, A_ROWQUANT=a_rowquant,
+                      HAS_AMUL=a_mul is not None, GELU_ROWMAX=gelu_rowmax, **args,
+                      **({} if config is None else dict(config)))
     return c
 
 
@@ -489,6 +544,32 @@ def mm8_gate_residual(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w
     Saves writing the GEMM's output and the separate gate-multiply + add pass over it."""
     c = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=residual.dtype)
     return _mm8(a, w, c, a_scale, w_scale, bias, config=config, gate=gate, residual=residual)
+
+
+def mm8_gelu_rowmax(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, q_mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
+                    config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 of a MLP whose fc2 takes per-token INT8 input: ``h = GELU_tanh(a @ w.T * a_scale * w_scale + bias)``
+    in ``out_dtype`` and ``amax[m] = max_n |h[m, n] * q_mul[n]|`` (fc2's balanced input; float32), taken in
+    the epilogue (atomic max over the N tiles), so fc2's per-token scales need no pass over ``h``
+    (:func:`mm8_rowquant`). ``a``, ``w`` int8 (``a_scale`` static ``[]`` or per row ``[M]``)."""
+    h = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=out_dtype)
+    amax = torch.zeros((a.shape[0],), device=a.device, dtype=torch.float32)
+    _mm8(a, w, h, a_scale, w_scale, bias, q_mul, amax, config, gelu_rowmax=True)
+    return h, amax
+
+
+def mm8_rowquant(h: torch.Tensor, amax: torch.Tensor, h_mul: torch.Tensor | None, w: torch.Tensor,
+                 w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
+                 gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """The INT8 GEMM on ``h`` (float ``[M, K]``) quantized per token as it is loaded: ``x = h * h_mul``,
+    ``s[m] = max(amax[m] / 127, 1e-12)``, codes ``saturate(round_half_even(x * (1 / s[m])))`` in registers
+    (:func:`quant_rows_int8`'s scales; its codes up to the reciprocal: they can differ by one where
+    ``x / s`` lies within an ulp of a rounding tie), then ``acc * s[m] * w_scale[n] + bias``. With ``gate``
+    and ``residual``: the gated residual epilogue (:func:`mm8_gate_residual`)."""
+    c = torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=out_dtype if residual is None else residual.dtype)
+    return _mm8(h, w, c, amax, w_scale, bias, config=config, gate=gate, residual=residual, a_rowquant=True, a_mul=h_mul)
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -147,7 +147,10 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # The default since session 16: once that pass took one MUFU operation per element and no masked-off
 # lanes (kernels._quant_rows_kernel), per-token INT8 at batch 64 ran 8.0% behind static with it and 15.0%
 # with "pass" (26.57 against 24.55 img/s, same run, bench_speed_h200_s16d_7bdf0f5.json).
-TokenQuant = Literal["pass", "inductor", "pass-fused"]
+# "gemm": as "pass-fused", except fc2's input in an all-INT8 MLP: fc1's epilogue takes each row's amax (atomic
+# max over its N tiles) and fc2's GEMM quantizes its bf16 input as it loads it (kernels.mm8_gelu_rowmax /
+# mm8_rowquant): no pass over the 4x-hidden tensor, the scale computed in the kernel writing the activation.
+TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
 
@@ -293,7 +296,7 @@ class EngineLinear(nn.Module):
         per-row scales; "pass" keeps them unfused); ``FusedMlp``'s fc1 epilogue also needs static scales
         (fc2's input is quantized inside fc1's N tiles; per token it folds GELU into fc2's pass instead)."""
         return (self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
-                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused")))
+                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused", "gemm")))
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -562,7 +565,7 @@ class FusedMlp(nn.Module):
         """A per-token INT8-code fc2 with ``token_quant="pass-fused"`` after any engine fc1: GELU folded
         into fc2's quantization pass."""
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear) and fc2.dynamic
-                and fc2.token_quant == "pass-fused" and fc2.act_format == "int8"
+                and fc2.token_quant in ("pass-fused", "gemm") and fc2.act_format == "int8"
                 and fc2.epilogue_format in formats and fc2.fuses_epilogue()
                 and callable(getattr(fc2, "codes_forward", None)) and not fc2.input_rotation
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
@@ -571,6 +574,13 @@ class FusedMlp(nn.Module):
         if not self.fc1.runs_kernels(x):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
+
+    def rowquant_fusable(self, rows: int) -> bool:
+        """``token_quant="gemm"`` for this MLP at ``rows``: both layers INT8 on the Triton GEMM (fc1 per token
+        or static), fc2 per token without a low-rank branch or rotation (``token_fusable``)."""
+        fc1, fc2 = self.fc1, self.fc2
+        return (fc2.token_quant == "gemm" and type(fc1) is Int8Linear and type(fc2) is Int8Linear
+                and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
 
     def fused_forward(self, x: torch.Tensor | QuantizedActivation, gate: torch.Tensor | None = None,
                       residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -582,6 +592,14 @@ class FusedMlp(nn.Module):
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
         rows = shape.numel() // shape[-1]
+        if fc2.dynamic and self.rowquant_fusable(rows):  # per token, "gemm": no pass over fc1's output
+            xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
+            h, amax = torch.ops.dtq.mm8_gelu_rowmax(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
+                                                   fc2.input_mul, x.dtype)
+            res2 = None if residual is None else residual.reshape(-1, fc2.out_features)
+            y = torch.ops.dtq.mm8_rowquant(h, amax, fc2.input_mul, fc2.weight_int8, fc2.w_scale_n, fc2.bias, x.dtype,
+                                           gate, res2)
+            return y.reshape(*shape[:-1], fc2.out_features) if gate is None else y.reshape(residual.shape)
         if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
             h = fc1(x).reshape(rows, fc1.out_features)
             codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul)

@@ -553,6 +553,61 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
     run_in_triton_interpreter(code)
 
 
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_per_token_fc2_quantized_in_the_gemm_in_interpreter():
+    """token_quant="gemm": fc1's epilogue writes GELU(fc1) and each row's amax of fc2's balanced input (atomic
+    max over N tiles: exactly torch's amax of what it stored); fc2's GEMM quantizes that input per row as it
+    loads it, giving quant_rows_int8's scales and its codes up to rounding ties, so its output matches the
+    pass + int8_mm path (plain and gated-residual epilogues); and the per-token engine with it stays within
+    rounding of the "pass-fused" engine."""
+    code = textwrap.dedent("""
+        import torch
+        from dtq.runtime import kernel_ops, kernels, quant
+        torch.manual_seed(0)
+        M, K, N, N2 = 70, 96, 160, 64  # ragged M, several N tiles, K = 3 tiles of 32
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        w1 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        w2 = torch.randint(-127, 128, (N2, N), dtype=torch.int8)
+        sa, sw1, sw2 = torch.rand(M) * 1e-3 + 1e-4, torch.rand(N) * 1e-2 + 1e-3, torch.rand(N2) * 1e-2 + 1e-3
+        b1, b2, mul = torch.randn(N), torch.randn(N2), torch.rand(N) + 0.5
+        h, amax = kernels.mm8_gelu_rowmax(a, w1, sa, sw1, b1, mul, torch.float16)
+        exact = torch.nn.functional.gelu((a.float() @ w1.float().t()) * sa[:, None] * sw1 + b1, approximate="tanh")
+        assert h.dtype == torch.float16 and quant.sqnr_db(exact, h.float()) > 50
+        assert torch.equal(amax, (h.float() * mul).abs().amax(dim=1))  # the atomic max is exact
+        codes, s = kernels.quant_rows_int8(h, mul)
+        ref = kernels.int8_mm(codes, w2, s, sw2, b2, torch.float32)
+        got = kernels.mm8_rowquant(h, amax, mul, w2, sw2, b2, torch.float32)
+        assert quant.sqnr_db(ref, got) > 60, quant.sqnr_db(ref, got)
+        # the codes it made: the same as the pass's but for rounding ties (x * (1/s) against x / s)
+        inv = 1.0 / torch.clamp(amax / 127.0, min=1e-12)
+        mine = torch.round(h.float() * mul * inv[:, None]).clamp(-128, 127)
+        assert (mine != codes.float()).float().mean() < 1e-3 and (mine - codes.float()).abs().max() <= 1
+        gate, res = torch.randn(2, N2), torch.randn(M - M % 2, N2)
+        hh, aa = h[: M - M % 2], amax[: M - M % 2]
+        ref = kernels.mm8_gate_residual(codes[: M - M % 2], w2, s[: M - M % 2], sw2, b2, gate, res)
+        got = kernels.mm8_rowquant(hh, aa, mul, w2, sw2, b2, gate=gate, residual=res)
+        assert quant.sqnr_db(ref, got) > 60, quant.sqnr_db(ref, got)
+        # the engine: per-token INT8 DiT, "gemm" against "pass-fused"
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        recipe = minmax_recipe(m, "int8", act_granularity="token")
+        x, t, y = torch.randn(2, 4, 8, 8).half(), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
+        outs = {}
+        for tq in ("pass-fused", "gemm"):
+            e = build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, token_quant=tq)
+            assert all(isinstance(b.mlp, FusedMlp) for b in e.blocks)
+            assert e.blocks[0].mlp.rowquant_fusable(32) == (tq == "gemm")
+            with torch.no_grad():
+                outs[tq] = e(x, t, y).float()
+        assert quant.sqnr_db(outs["pass-fused"], outs["gemm"]) > 35, quant.sqnr_db(outs["pass-fused"], outs["gemm"])
+        print("ok")
+    """)
+    run_in_triton_interpreter(code)
+
+
 def _ptx_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> str:
     """PTX of a Triton kernel compiled for sm_90 on the CPU (no GPU needed)."""
     import triton
