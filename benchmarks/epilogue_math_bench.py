@@ -9,7 +9,9 @@ times, for the ``dtq`` that imports (run it once per checkout to compare trees, 
   GEMM with a plain bf16 epilogue: the epilogue's cost is the difference;
 - ``quant_rows_int8`` (per-token fc2 input: GELU + row amax + codes) at 32768 x 4608, and at 32768 x 1152
   without GELU (the per-token proj input);
-- ``norm_quant`` (LayerNorm + modulate + codes) at 32768 x 1152: static INT8, per-token INT8, static FP8.
+- ``norm_quant`` (LayerNorm + modulate + codes) at 32768 x 1152: static INT8, per-token INT8, static FP8;
+- (session 17) per-token fc1 with the GELU + row-amax epilogue against its plain GEMM, and fc2 (gated
+  residual) quantizing its bf16 input as it loads it against fc2 on ``quant_rows_int8``'s codes.
 
 Times are medians of CUDA-graph replays. The outputs for fixed seeds are saved (``--codes``) so two runs'
 codes can be compared with ``--compare A.pt B.pt``: the fraction of codes that differ and by how much.
@@ -65,6 +67,22 @@ def run(out: str, codes_path: str | None) -> dict:
             record("fc1_fp8_plain", lambda: kernels._mm8(a, w, c, sa, sw, bias))
     h = (torch.randn(M, HIDDEN, device=dev, generator=g) * 2).to(torch.bfloat16)
     record("quant_rows_gelu_4608", lambda: kernels.quant_rows_int8(h, mul, gelu=True))
+    # session 17, per-token fc2 without the pass: fc1 with GELU + row amax in its epilogue, and fc2 (N = 1152,
+    # K = 4608, gated residual) quantizing its bf16 input on load, against fc2 on the pass's codes
+    a8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8, generator=g)
+    w1 = torch.randint(-127, 128, (HIDDEN, K), device=dev, dtype=torch.int8, generator=g)
+    w2 = torch.randint(-127, 128, (K, HIDDEN), device=dev, dtype=torch.int8, generator=g)
+    sa_row = torch.rand(M, device=dev, generator=g) * 1e-3 + 1e-4
+    sw2, bias2 = sw[:K].contiguous(), bias[:K].contiguous()
+    gate = torch.randn(M // T, K, device=dev, generator=g).to(torch.bfloat16)
+    res2 = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16)
+    record("fc1_int8_token_plain", lambda: kernels.int8_mm(a8, w1, sa_row, sw, bias))
+    record("fc1_int8_gelu_rowmax", lambda: kernels.mm8_gelu_rowmax(a8, w1, sa_row, sw, bias, mul))
+    q2, s2 = kernels.quant_rows_int8(h, mul)
+    record("fc2_int8_token_gate_residual", lambda: kernels.mm8_gate_residual(q2, w2, s2, sw2, bias2, gate, res2))
+    amax2 = (h.float() * mul).abs().amax(dim=1)
+    record("fc2_int8_rowquant_gate_residual",
+           lambda: kernels.mm8_rowquant(h, amax2, mul, w2, sw2, bias2, gate=gate, residual=res2))
     p = (torch.randn(M, K, device=dev, generator=g) * 2).to(torch.bfloat16)
     record("quant_rows_1152", lambda: kernels.quant_rows_int8(p, mul[:K]))
     x = (torch.randn(M // T, T, K, device=dev, generator=g) * 2).to(torch.bfloat16)
