@@ -770,15 +770,17 @@ def _w4a16_swapped_tile(a_ptr, w_ptr, s_ptr, c_ptr, bias_ptr, M, N, K: tl.conste
 
 
 def w4a16_mm(a: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, group: int,
-             bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+             bias: torch.Tensor | None = None, config: dict | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ dequant(W).T + bias`` with W INT4 packed ``[N, K/2]`` and scales ``[N, K/group]`` (float32).
     ``config``: launch with these meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``,
     ``SPLIT_DOT``, ``SWAP_AB``, optional ``num_warps``/``num_stages``) instead of the autotuned choice: benchmarks
-    and tests pin a candidate with it."""
+    and tests pin a candidate with it. ``out``: write into this ``[M, N]`` tensor of ``a``'s dtype."""
     M, K = a.shape
     N = w_packed.shape[0]
     assert w_packed.shape[1] * 2 == K and scales.shape == (N, K // group), (a.shape, w_packed.shape, scales.shape)
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
+    assert c.shape == (M, N) and c.dtype == a.dtype, (c.shape, c.dtype)
     kernel = _w4a16_mm_kernel if config is None else _w4a16_mm_kernel.fn
     meta = {} if config is None else {"SPLIT_DOT": 0, "SWAP_AB": 0, **config}
     kernel[_int4_grid(M, N, K, group, one_group_per_tile=False)](

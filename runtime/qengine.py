@@ -338,7 +338,8 @@ class EngineLinear(nn.Module):
         each layer also holds it in its kernel's layout; likewise a low-rank branch's float32 copies,
         whose FP16 copies count; a W4A16 layer's prefetched weight is the prefetcher's scratch)."""
         return sum(b.numel() * b.element_size() for k, b in self._buffers.items()
-                   if b is not None and k not in ("weight_scale", "lowrank_up", "lowrank_down", "prefetched_weight"))
+                   if b is not None and k not in ("weight_scale", "lowrank_up", "lowrank_down", "prefetched_weight",
+                                                  "prefetched_output"))
 
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
@@ -686,7 +687,7 @@ class FusedResidualBlock(DiTBlock):
             return super().forward(x, c)
         if self.prefetcher is None:
             return self.fused_forward(x, c)
-        self._begin_prefetch(x)
+        self._begin_prefetch(x, c)
         out = self.fused_forward(x, c)
         self._end_prefetch()
         return out
@@ -694,8 +695,8 @@ class FusedResidualBlock(DiTBlock):
     # eager (graph breaks under the block's torch.compile): the index is read here, not by dynamo, which
     # would guard on each block's integer and recompile per block
     @torch.compiler.disable
-    def _begin_prefetch(self, x: torch.Tensor) -> None:
-        self.prefetcher.begin_block(self.prefetch_index, x)
+    def _begin_prefetch(self, x: torch.Tensor, c: torch.Tensor) -> None:
+        self.prefetcher.begin_block(self.prefetch_index, x, c)
 
     @torch.compiler.disable
     def _end_prefetch(self) -> None:
@@ -761,12 +762,33 @@ class Int4Linear(EngineLinear):
         # the staged weight dequantized ahead of the call by runtime.weight_prefetch (a view into its
         # slot; scratch, not part of the engine's weights) and used while the prefetcher has armed the layer
         self.register_buffer("prefetched_weight", None, persistent=False)
+        # a layer whose input is the same for every block (a DiT's adaLN, on the conditioning): its output,
+        # computed ahead on the prefetcher's stream from that same input (runtime.weight_prefetch)
+        self.register_buffer("prefetched_output", None, persistent=False)
         self.prefetch_armed = False
 
     def _apply(self, fn, recurse=True):
-        """A move drops the prefetched view (it would become a copy of its own): the prefetcher remakes it."""
-        self._buffers["prefetched_weight"] = None
+        """A move drops the prefetched views (they would become copies of their own): the prefetcher remakes them."""
+        self._buffers["prefetched_weight"] = self._buffers["prefetched_output"] = None
         return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        out = self.prefetched_output
+        if self.prefetch_armed and out is not None:  # computed ahead from this input (runtime.weight_prefetch)
+            return out
+        return super().forward(x)
+
+    def output_into(self, x2: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``kernel_forward(x2)`` (the W4A16 path) written into ``out``, with the staged ``weight`` given (the
+        prefetcher's slot, just filled on its stream) or the INT4 kernel: the same operations, the same numbers."""
+        a, b = self._weight_only_input(x2)
+        if weight is not None:
+            return out.copy_(F.linear(a, weight, b))
+        from . import kernels
+
+        res = kernels.w4a16_mm(a, self.weight_packed, self.w_scale_groups, self.group, self.bias,
+                               out=out if out.dtype == a.dtype else None)
+        return res if res is out else out.copy_(res)
 
     def prefetchable(self) -> bool:
         """Whether ``runtime.weight_prefetch`` can dequantize this layer's weight ahead of its call: the

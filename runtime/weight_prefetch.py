@@ -13,7 +13,11 @@ Scheduling only: the unpack kernel and the GEMM are the layer's own, so the outp
 the engine without prefetching. CUDA graphs capture the two streams as parallel branches. Off CUDA
 (the Triton interpreter of the tests) the block's slot is filled in order, on the one stream.
 
-The layers use their slot only while their block has armed them (``Int4Linear.prefetch_armed``,
+Layers whose input is the same in every block (a DiT's adaLN, on the conditioning ``c``: ``per_sample``) get
+more: their whole output is computed on the side stream a block ahead too (INT4 kernel or slot + GEMM, as
+the layer would), so the small GEMV of each block leaves the critical path as well.
+
+The layers use their slot (and output) only while their block has armed them (``Int4Linear.prefetch_armed``,
 between :meth:`WeightPrefetcher.begin_block` and :meth:`~WeightPrefetcher.end_block`); called on
 their own they unpack their weight themselves. Both methods run eagerly (``torch.compiler.disable``):
 under a block's ``torch.compile`` they are graph breaks at the block's start and end.
@@ -22,6 +26,7 @@ under a block's ``torch.compile`` they are graph breaks at the block's start and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,6 +43,10 @@ class WeightPrefetcher:
         self.blocks = blocks
         self._per_sample = {id(lin) for lin in per_sample}
         self._rows = (0, 0)  # (samples, tokens) of the forward running: which layers stage
+        # per-sample layers' outputs, per (samples, dtype, device): kept for the prefetcher's life, as a CUDA
+        # graph captured at one batch size writes and reads the buffers it was captured with
+        self._outputs: dict[tuple, list[torch.Tensor]] = {}
+        self._cond: torch.Tensor | None = None  # SiLU of the forward's conditioning (per-sample layers' input)
         self._pool: torch.Tensor | None = None
         self._side: torch.cuda.Stream | None = None
         self._ready: list[torch.cuda.Event] = []
@@ -74,31 +83,56 @@ class WeightPrefetcher:
             self._free = torch.cuda.Event()
 
     def _fill(self, i: int) -> None:
+        """Block ``i``'s staged weights into its slot, and its per-sample layers' outputs (from the SiLU of
+        the conditioning: a DiT block's ``adaLN_modulation`` is ``Sequential(SiLU, Linear)`` on ``c``)."""
         from . import kernels
 
         samples, tokens = self._rows
         for lin in self.blocks[i]:
-            if lin.staged(samples if id(lin) in self._per_sample else tokens):
+            per_sample = id(lin) in self._per_sample
+            staged = lin.staged(samples if per_sample else tokens)
+            if staged:
                 kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group,
                                             lin.prefetched_weight.dtype, out=lin.prefetched_weight)
+            if per_sample:
+                lin.output_into(self._cond, lin.prefetched_output, lin.prefetched_weight if staged else None)
+
+    def _use_outputs(self, c: torch.Tensor) -> None:
+        """Each per-sample layer's output buffer for this batch size (made once per size)."""
+        key = (c.shape[0], c.dtype, c.device)
+        layers = [lin for layers in self.blocks for lin in layers if id(lin) in self._per_sample]
+        if key not in self._outputs:
+            self._outputs[key] = [torch.empty((c.shape[0], lin.out_features), device=c.device, dtype=c.dtype)
+                                  for lin in layers]
+        for lin, buf in zip(layers, self._outputs[key]):
+            if lin.prefetched_output is not buf:
+                lin.register_buffer("prefetched_output", buf, persistent=False)
 
     @torch.compiler.disable
-    def begin_block(self, i: int, x: torch.Tensor) -> None:
-        """Before block ``i`` (on the stream that runs it): its weights ready, block ``i + 1``'s started.
-        Slot ``(i + 1) % 2`` was block ``i - 1``'s: the side stream waits for the work enqueued before
-        block ``i`` (block ``i - 1`` included) before overwriting it."""
+    def begin_block(self, i: int, x: torch.Tensor, c: torch.Tensor | None = None) -> None:
+        """Before block ``i`` (on the stream that runs it; ``x`` its input, ``c`` the conditioning every block
+        takes, needed with per-sample layers): its weights and per-sample outputs ready, block ``i + 1``'s
+        started. Slot ``(i + 1) % 2`` was block ``i - 1``'s: the side stream waits for the work enqueued
+        before block ``i`` (block ``i - 1`` included) before overwriting it."""
         if not self._slots_in_place(x.device, x.dtype):
             self._make_slots(x.device, x.dtype)
+        if self._per_sample:
+            if c is None:
+                raise ValueError("a prefetcher with per-sample layers needs the conditioning c")
+            self._use_outputs(c)
         self._rows = (x.shape[0], x.numel() // x.shape[-1])
         for lin in self.blocks[i]:
             lin.prefetch_armed = True
         if x.device.type != "cuda":
+            if i == 0:
+                self._cond = F.silu(c) if self._per_sample else None
             self._fill(i)
             return
         main, side = torch.cuda.current_stream(x.device), self._side
         if i == 0:  # fork: the side stream sees everything before this forward (a CUDA graph's branch)
             side.wait_stream(main)
             with torch.cuda.stream(side):
+                self._cond = F.silu(c) if self._per_sample else None
                 self._fill(0)
             self._ready[0].record(side)
         main.wait_event(self._ready[i % 2])  # the join of every fill: the last one is block n-1's

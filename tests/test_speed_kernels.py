@@ -481,8 +481,8 @@ def test_staged_w4a16_in_interpreter():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
-    """The W4A16 engine's block-ahead weight prefetch (runtime.weight_prefetch) is scheduling only: the
-    engine's output is bit-identical without it, also under regional torch.compile (one compilation for
+    """The W4A16 engine's block-ahead weight prefetch (runtime.weight_prefetch; adaLN's whole output computed
+    ahead) is scheduling only: the engine's output is bit-identical without it, also under regional torch.compile (one compilation for
     every block: the prefetcher's calls are graph breaks, not guards per block); a layer called outside
     its block never reads its slot; fc1's GELU epilogue (GeluEpilogueMlp) stays within rounding of the
     unfused MLP. The slots are two blocks' weights."""
@@ -524,6 +524,13 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
             lin.prefetch_armed = True  # armed (inside its block's forward), the layer reads the slot
             assert lin.dense_weight(torch.float16) is lin.prefetched_weight
             lin.prefetch_armed = False
+            # adaLN (same input in every block): its output was computed ahead, as the layer computes it
+            ada = fetched.blocks[2].adaLN_modulation[-1]
+            cond = torch.nn.functional.silu(fetched.t_embedder(t).half() + fetched.y_embedder(y).half())
+            assert ada.prefetched_output is not None and torch.equal(ada.prefetched_output, ada(cond))
+            ada.prefetch_armed = True
+            assert ada(cond) is ada.prefetched_output
+            ada.prefetch_armed = False
             h = torch.randn(5, 64, dtype=torch.float16)
             lin.prefetched_weight.zero_()
             assert torch.equal(lin(h), plain.blocks[1].attn.qkv(h))
@@ -639,8 +646,8 @@ def test_fc1_epilogue_math_compiles_cheap_for_hopper(fp8):
 
     t = "*fp8e4nv" if fp8 else "*i8"
     consts = dict(K=1152, FP8=fp8, HAS_BIAS=True, GELU_QUANT=True, HAS_QMUL=True, GATE_RESIDUAL=False,
-                  ROW_SCALE=False, stride_ak=1, stride_wk=1, stride_cn=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-                  GROUP_M=8)
+                  ROW_SCALE=False, A_ROWQUANT=False, HAS_AMUL=False, GELU_ROWMAX=False, stride_ak=1, stride_wk=1,
+                  stride_cn=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
     ptx = _ptx_for_hopper(kernels._mm8_kernel.fn, consts,
                           {"a_ptr": t, "w_ptr": t, "c_ptr": t, "gate_ptr": "*bf16", "res_ptr": "*bf16"})
     assert "wgmma.mma_async" in ptx and (".e4m3.e4m3" if fp8 else ".s8.s8") in ptx  # the GEMM of the epilogue
