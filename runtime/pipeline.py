@@ -107,7 +107,9 @@ class SampleConfig:
         "Triton quantize pass per layer input, fc2's GELU inside fc2's pass, the gated-residual epilogue with "
         "per-row scales; the fastest on an H200) or pass (the Triton pass, per-token layers take no fused epilogue) "
         "or inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate / GELU, "
-        "and per-token proj / fc2 take the gated-residual epilogue; same codes; docs/engines.md)"))
+        "and per-token proj / fc2 take the gated-residual epilogue; same codes) or gemm (an all-INT8 MLP's fc2 "
+        "input quantized as fc2's GEMM loads it, the row amaxes from fc1's epilogue: no pass, but slower on an "
+        "H200; docs/engines.md)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 

@@ -21,8 +21,11 @@ opt-in)                            quantizes fc2's input in its epilogue (``mm8_
                                    codes out, no bf16 pass over the 4x-hidden tensor
 w8a16      ``Int8WeightOnlyLinear`` int8 weight codes converted per call, dense bf16 GEMM, per-channel
                                    scale on the output (weight memory halved; no fused kernel)
-w4a16      ``Int4Linear``          Triton INT4-weight GEMM (weights unpacked and group-scaled in
-                                   registers, bf16 MMA): 4-bit weight memory, bf16 compute
+w4a16      ``Int4Linear``          4-bit weight memory, bf16 compute: from ``W4A16_STAGED_MIN_ROWS`` rows
+                                   the weight dequantized to bf16 and cuBLAS (in a DiT a block ahead on a
+                                   side stream, ``runtime.weight_prefetch``; fc1's GELU in cuBLASLt's
+                                   epilogue, ``GeluEpilogueMlp``); below it the Triton INT4 GEMM (weights
+                                   unpacked and group-scaled in registers, bf16 MMA)
 w4a8       ``Int4Linear``          Triton INT4-weight x INT8-activation GEMM: weight tiles unpacked to
                                    int8, int8 MMA per K tile, group scales applied per tile (group a
                                    multiple of 64; else as w4a16 after fake-quantizing the activation).
@@ -150,6 +153,10 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # "gemm": as "pass-fused", except fc2's input in an all-INT8 MLP: fc1's epilogue takes each row's amax (atomic
 # max over its N tiles) and fc2's GEMM quantizes its bf16 input as it loads it (kernels.mm8_gelu_rowmax /
 # mm8_rowquant): no pass over the 4x-hidden tensor, the scale computed in the kernel writing the activation.
+# Measured slower (session 17, H200, batch 64, same run): 22.0% behind static INT8 against pass-fused's 7.7%.
+# fc2 quantizing on load ran 0.833 ms against 0.391 on codes (+ the pass's 0.241): its A tile goes through
+# registers without the pipelined shared-memory copy; fc1's GELU + row-amax epilogue ran 0.543 against 0.366.
+# Kept as the ablation (dtq-bench "-token-gemmq").
 TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
