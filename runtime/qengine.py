@@ -640,8 +640,7 @@ class GeluEpilogueMlp(nn.Module):
     @staticmethod
     def fusable(mlp: nn.Module) -> bool:
         fc1, act, fc2 = (getattr(mlp, k, None) for k in ("fc1", "act", "fc2"))
-        return (type(mlp) is Mlp and isinstance(fc1, Int4Linear) and fc1.prefetchable()
-                and not fc1.input_rotation and fc1.lowrank_up is None
+        return (type(mlp) is Mlp and isinstance(fc1, Int4Linear) and fc1.fuses_gelu()
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -797,6 +796,11 @@ class Int4Linear(EngineLinear):
                                out=out if out.dtype == a.dtype else None)
         return res if res is out else out.copy_(res)
 
+    def fuses_gelu(self) -> bool:
+        """Whether the GPU path can apply a following GELU in this layer's GEMM (``gelu_forward`` at staged
+        rows): a prefetchable W4A16 layer without an input rotation or a low-rank branch."""
+        return self.prefetchable() and not self.input_rotation and self.lowrank_up is None
+
     def prefetchable(self) -> bool:
         """Whether ``runtime.weight_prefetch`` can dequantize this layer's weight ahead of its call: the
         W4A16 path (not the W4A8 int8-MMA kernel), staged from some row count, K a multiple of 64."""
@@ -873,7 +877,7 @@ class Int4Linear(EngineLinear):
         written once, by the GEMM, instead of by the GEMM and again by a GELU kernel; else the layer then GELU."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.prefetchable() and self.staged(x2.shape[0]) and not self.input_rotation and self.lowrank_up is None:
+        if self.fuses_gelu() and self.staged(x2.shape[0]):
             a, b = self._weight_only_input(x2)
             out = torch.ops.dtq.linear_gelu_tanh(a, self.dense_weight(a.dtype), b).to(x2.dtype)
             return out.reshape(*shape[:-1], self.out_features)

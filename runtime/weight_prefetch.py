@@ -45,6 +45,7 @@ class WeightPrefetcher:
             raise ValueError("WeightPrefetcher needs at least one layer in every block it serves")
         self.blocks = blocks
         self._per_sample = {id(lin) for lin in per_sample}
+        self._per_sample_layers = [lin for layers in blocks for lin in layers if id(lin) in self._per_sample]
         self._rows = (0, 0)  # (samples, tokens) of the forward running: which layers stage
         # per-sample layers' outputs, per (samples, dtype, device): kept for the prefetcher's life, as a CUDA
         # graph captured at one batch size writes and reads the buffers it was captured with
@@ -103,7 +104,7 @@ class WeightPrefetcher:
     def _use_outputs(self, c: torch.Tensor) -> None:
         """Each per-sample layer's output buffer for this batch size (made once per size)."""
         key = (c.shape[0], c.dtype, c.device)
-        layers = [lin for layers in self.blocks for lin in layers if id(lin) in self._per_sample]
+        layers = self._per_sample_layers
         if key not in self._outputs:
             self._outputs[key] = [torch.empty((c.shape[0], lin.out_features), device=c.device, dtype=c.dtype)
                                   for lin in layers]
@@ -116,26 +117,28 @@ class WeightPrefetcher:
         """Before block ``i`` (on the stream that runs it; ``x`` its input, ``c`` the conditioning every block
         takes, needed with per-sample layers): its weights and per-sample outputs ready, block ``i + 1``'s
         started. Slot ``(i + 1) % 2`` was block ``i - 1``'s: the side stream waits for the work enqueued
-        before block ``i`` (block ``i - 1`` included) before overwriting it."""
-        if not self._slots_in_place(x.device, x.dtype):
-            self._make_slots(x.device, x.dtype)
-        if self._per_sample:
-            if c is None:
-                raise ValueError("a prefetcher with per-sample layers needs the conditioning c")
-            self._use_outputs(c)
-        self._rows = (x.shape[0], x.numel() // x.shape[-1])
+        before block ``i`` (block ``i - 1`` included) before overwriting it. The forward's buffers and row
+        counts are settled once, at block 0: every block of a forward takes the same shapes."""
+        if i == 0:
+            if not self._slots_in_place(x.device, x.dtype):
+                self._make_slots(x.device, x.dtype)
+            if self._per_sample_layers:
+                if c is None:
+                    raise ValueError("a prefetcher with per-sample layers needs the conditioning c")
+                self._use_outputs(c)
+            self._rows = (x.shape[0], x.numel() // x.shape[-1])
         for lin in self.blocks[i]:
             lin.prefetch_armed = True
         if x.device.type != "cuda":
             if i == 0:
-                self._cond = F.silu(c) if self._per_sample else None
+                self._cond = F.silu(c) if self._per_sample_layers else None
             self._fill(i)
             return
         main, side = torch.cuda.current_stream(x.device), self._side
         if i == 0:  # fork: the side stream sees everything before this forward (a CUDA graph's branch)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                self._cond = F.silu(c) if self._per_sample else None
+                self._cond = F.silu(c) if self._per_sample_layers else None
                 self._fill(0)
             self._ready[0].record(side)
         main.wait_event(self._ready[i % 2])  # the join of every fill: the last one is block n-1's
