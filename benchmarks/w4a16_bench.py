@@ -15,7 +15,12 @@ Then (``--engine-check``) the prefetching engine against the one without, on DiT
 random weights) at batch 8 with guidance, compiled and CUDA-graphed as dtq-sample runs it: the prefetch is
 scheduling only, so the outputs must be bit-identical (the max difference is recorded either way).
 
-    python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check]
+Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights) end to end, graphed forward
+time at batch 1 and 8 with guidance: bf16 torch.compile, and the W4A16 engine with each unpack of the weight
+prefetch capped at 8 / 16 / 32 / 64 programs or not capped (``WeightPrefetcher.unpack_programs``),
+interleaved over ``--sweep-rounds`` rounds (median).
+
+    python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check] [--prefetch-sweep] [--layers qkv]
 """
 
 from __future__ import annotations
@@ -131,15 +136,63 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
     return res
 
 
+def prefetch_sweep(dev: torch.device, batches=(1, 8), caps=(None, 8, 16, 32, 64), rounds: int = 3) -> dict:
+    """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile, and W4A16 at each unpack cap."""
+    from dtq.runtime.backends import GraphedDenoiser
+    from dtq.tools import bench_engines as be
+
+    base = be.make_xl()
+    fingerprint = "sha256:benchmark-random-weights"
+    built = {name: be.build_backend(name, base, fingerprint) for name in ("bf16-compile", "w4a16")}
+    prefetcher = next(b.prefetcher for b in built["w4a16"].blocks if getattr(b, "prefetcher", None) is not None)
+    res = {"caps": [str(c) for c in caps], "rounds": rounds, "forward_ms": {}}
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(2 * batch, 4, 32, 32, generator=g).to(dev)
+        t = torch.full((2 * batch,), 500, device=dev, dtype=torch.long)
+        y = torch.randint(0, 1000, (2 * batch,), generator=g).to(dev)
+        dens = {name: GraphedDenoiser(m, dev, torch.bfloat16) for name, m in built.items()}
+        times: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for label, name, cap in [("bf16-compile", "bf16-compile", None)] + [
+                    (f"w4a16-unpack{c or 'all'}", "w4a16", c) for c in caps]:
+                den = dens[name]
+                if name == "w4a16":
+                    prefetcher.unpack_programs = cap
+                    den.reset()  # recapture: the unpack launches are in the graph
+                with torch.no_grad():
+                    den(x, t, y)
+                    be.sync()
+                    times.setdefault(label, []).append(be.bench_ms(lambda: den(x, t, y), warmup_ms=10, rep_ms=60))
+        res["forward_ms"][str(batch)] = {k: round(sorted(v)[len(v) // 2], 4) for k, v in times.items()}
+        res["forward_ms"][f"{batch}_all"] = {k: [round(t_, 4) for t_ in v] for k, v in times.items()}
+        print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--group", type=int, default=128, help="INT4 weight group size (default 128, the speed runs')")
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
+    ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
+                    "batch 1 and 8: bf16-compile and W4A16 with the prefetch's unpacks capped at 8-64 programs")
+    ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--layers", default="", help=f"comma-separated subset of {', '.join(LAYERS)} (default: all)")
     args = ap.parse_args()
-    run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))))
+    if not args.skip_layers:
+        run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))))
+    if args.prefetch_sweep:
+        res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"))}
+        if not args.skip_layers:
+            with open(args.out) as f:
+                res = {**json.load(f), **res}
+        else:
+            from dtq.tools import bench_engines as be
+            res["env"] = be.env_info()
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -116,22 +116,24 @@ def _(a, w_packed, s2, group, s1, a_scale, bias, gate, residual):
 
 
 @torch.library.custom_op("dtq::quant_rows_int8", mutates_args=())
-def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.quant_rows_int8(x, mul)
+def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None,
+                    mul_pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.quant_rows_int8(x, mul, mul_pairs=mul_pairs)
 
 
 @quant_rows_int8.register_fake
-def _(x, mul):
+def _(x, mul, mul_pairs=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("dtq::gelu_quant_rows_int8", mutates_args=())
-def gelu_quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.quant_rows_int8(x, mul, gelu=True)
+def gelu_quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None,
+                         mul_pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.quant_rows_int8(x, mul, gelu=True, mul_pairs=mul_pairs)
 
 
 @gelu_quant_rows_int8.register_fake
-def _(x, mul):
+def _(x, mul, mul_pairs=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 

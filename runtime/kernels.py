@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels_ref import pack_int4, unpack_int4  # noqa: F401  (the packed layout w4a16_mm reads)
+from .kernels_ref import pack_int4, pair_columns, unpack_int4  # noqa: F401  (the layouts the kernels read)
 
 
 def _configs(int8: bool):
@@ -994,28 +994,33 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
 # -- INT4 weights unpacked once per call (staged): two-level to int8 for the INT8 GEMM, W4A16 to bf16/fp16 --
 @triton.jit
 def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
-                        FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
-    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s: packed byte j holds K columns 2j (low) and 2j + 1 (high),
-    # both in group (2j) // GROUP (the group size is even). Integer s2 (two-level INT4): exact int8
-    # products; float group scales (W4A16): q4 * s in float32, rounded once to the output type
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_kp = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
-    mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
-    lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
-    if FLOAT_SCALES:
-        s = s.to(tl.float32)
-        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-    else:
-        s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
-    w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
-    offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
-             mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
+                        tiles_kp, tiles, programs, ITERS: tl.constexpr, FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KP: tl.constexpr):
+    # [BLOCK_N, 2 * BLOCK_KP] tiles of q4 * s, the program's share of them in turn (a grid smaller than the
+    # tile count caps the SMs an unpack occupies: the weight prefetch runs it beside the forward's own kernels).
+    # Packed byte j holds K columns 2j (low) and 2j + 1 (high), both in group (2j) // GROUP (the group size is
+    # even). Integer s2 (two-level INT4): exact int8 products; float group scales (W4A16): q4 * s in float32,
+    # rounded once to the output type
+    for i in range(ITERS):  # tiles pid, pid + programs, ...: the last round's may lie past the end (masked)
+        tile = tl.program_id(0) + i * programs
+        offs_n = tl.where(tile < tiles, tile // tiles_kp, N // BLOCK_N + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_kp = (tile % tiles_kp) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+        mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
+        lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
+        if FLOAT_SCALES:
+            s = s.to(tl.float32)
+            lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+        else:
+            s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
+        w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
+        offs_k = (tile % tiles_kp) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
+                 mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
 
 
 def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
     N, KP = w_packed.shape
     assert w_packed.dtype == torch.uint8 and group % 2 == 0, (w_packed.dtype, group)
     assert scales.shape == (N, 2 * KP // group) and scales.stride(1) == 1 and w_packed.stride(1) == 1, \
@@ -1024,20 +1029,25 @@ def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype
         out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
     assert out.shape == (N, 2 * KP) and out.dtype == dtype and out.stride(1) == 1, (out.shape, out.dtype)
     bn, bkp = (16, 16) if _INTERPRET else (32, 128)
-    _unpack_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
-        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0),
-        FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
+    tiles_kp = triton.cdiv(KP, bkp)
+    tiles = triton.cdiv(N, bn) * tiles_kp
+    grid = min(tiles, programs or tiles)
+    _unpack_int4_kernel[(grid,)](
+        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0), tiles_kp, tiles,
+        grid, ITERS=triton.cdiv(tiles, grid), FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
     return out
 
 
 def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int,
-                        dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+                        dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
+                        programs: int | None = None) -> torch.Tensor:
     """INT4 weights with float group scales (``w4a16_mm``'s layout) -> the dequantized weight ``[N, K]`` in
     ``dtype`` (``q4 * s`` in float32, one rounding): what ``w4a16_mm`` computes per tile in registers,
     written once so that a dense GEMM (cuBLAS) can run on it. One pass over the weight. ``out``: write
-    into this ``[N, K]`` tensor (``runtime.weight_prefetch``'s slots) instead of a new one."""
+    into this ``[N, K]`` tensor (``runtime.weight_prefetch``'s slots) instead of a new one. ``programs``: at
+    most this many programs, each unpacking its share of the tiles (None: one per tile)."""
     assert scales.dtype == torch.float32, scales.dtype
-    return _unpack_int4(w_packed, scales, group, dtype, out)
+    return _unpack_int4(w_packed, scales, group, dtype, out, programs)
 
 
 def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:
@@ -1107,7 +1117,8 @@ def _row_block(K: int, rows: int | None, warps: int | None) -> tuple[int, int, i
 
 
 def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None, gelu: bool = False,
-                    _rows: int | None = None, _warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    _rows: int | None = None, _warps: int | None = None, mul_pairs: torch.Tensor | None = None,
+                    _paired: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ViDiT-Q's dynamic per-token INT8 quantization in one pass over ``x`` [M, K] (any float type):
     ``x' = x.float() * mul`` (the layer's run-time balancing, optional), ``s[m] = max(amax|x'[m]| / 127,
     1e-12)``, ``q = saturate(round_half_even(x' / s))`` -> (int8 [M, K], float32 [M]): the numbers of
@@ -1115,18 +1126,172 @@ def quant_rows_int8(x: torch.Tensor, mul: torch.Tensor | None = None, gelu: bool
     ``w4a8_mm`` with a per-row ``a_scale``. K up to a few thousand (whole rows per program, in registers;
     ``_rows`` / ``_warps`` override the launch for benchmarks).
     ``gelu``: ``x`` is fc1's output and the pass first applies GELU(tanh), rounded to ``x``'s dtype (what
-    an unfused ``nn.GELU`` would write): fc2's per-token input without the GELU pass over the 4x-hidden tensor."""
+    an unfused ``nn.GELU`` would write): fc2's per-token input without the GELU pass over the 4x-hidden tensor.
+
+    16-bit ``x`` with an even K (every DiT width) runs the paired pass (``_quant_pairs_kernel``), which
+    reads ``mul`` as :func:`pair_columns` lays it out: pass ``mul_pairs`` (a layer keeps it,
+    ``EngineLinear.input_mul_pairs``) or it is laid out here. Its codes are ``round(x' * (1 / s))``: they
+    can differ from ``x' / s`` by one step where that quotient lies within an ulp of a rounding tie.
+    ``_paired=False`` forces the row-block kernel (benchmarks)."""
     M, K = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     s = torch.empty((M,), device=x.device, dtype=torch.float32)
-    if M:
+    plan = _pair_plan(K, x.dtype, _warps) if _paired is not False else None
+    if M and plan is not None:
+        chunk, full, tail, warps = plan
+        has_mul = mul is not None or mul_pairs is not None
+        if has_mul and mul_pairs is None:
+            mul_pairs = pair_columns(mul)
+        _quant_pairs_kernel[(M,)](
+            x.view(torch.int32), mul_pairs if has_mul else s, q.view(torch.int16), s, K // 2, x.stride(0) // 2,
+            q.stride(0) // 2, BF16=x.dtype == torch.bfloat16, HAS_MUL=has_mul, GELU=gelu, QMAX=127.0,
+            MIN_SCALE=1e-12, CHUNK=chunk, FULL=full, TAIL=tail, num_warps=warps)
+    elif M:
+        if mul is None and mul_pairs is not None:
+            mul = mul_pairs.t().reshape(-1)
         block_a, block_b = _row_parts(K)
         _, rows, warps = _row_block(block_a + block_b, _rows, _warps)
         _quant_rows_kernel[(triton.cdiv(M, rows),)](
             x, mul if mul is not None else s, q, s, M, K, x.stride(0), q.stride(0), HAS_MUL=mul is not None,
             GELU=gelu, QMAX=127.0, MIN_SCALE=1e-12, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
     return q, s
+
+
+# -- the paired per-token pass ----------------------------------------------------------------------------
+# quant_rows_int8 on 16-bit rows of even width, read as int32 pairs (bf16/fp16 columns 2j, 2j + 1) and written
+# as int16 pairs of codes. Every load and store of a program then has the same register layout (4 pairs a
+# thread); the row-block kernel's bf16 loads, float32 Mul and int8 stores had three, and Triton moved the
+# tensors between them through shared memory (9 layout conversions, a barrier each). With the GELU's 1/2 moved
+# into the scale (exact: a power of two), a packed bf16x2 rounding and the codes read from the rounding add's
+# bits without a clamp (|x' / s| <= 127 by construction), fc2's GELU pass compiled for sm_90 went from 28 to
+# 15.6 SASS instructions per element.
+PAIR_CHUNKS = 4  # a row's pairs in up to 4 full chunks of 128 x warps + one tail chunk, each in registers
+
+
+def _pair_plan(K: int, dtype: torch.dtype, warps: int | None = None) -> tuple[int, int, int, int] | None:
+    """(CHUNK, FULL, TAIL, warps) of the paired pass over rows of K, or None where it does not apply (odd K,
+    a 32-bit input, rows too wide). One row per program; the fewest warps whose chunks hold the row:
+    4 warps at K = 4608, 1 at K = 1152 (chunks of 512 / 128 pairs + a 256 / 64 tail)."""
+    if K % 2 or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    pairs = K // 2
+    for w in ((warps,) if warps else (1, 2, 4, 8, 16)):
+        chunk = 4 * 32 * w
+        full, rest = divmod(pairs, chunk)
+        if full == 0:
+            return triton.next_power_of_2(pairs), 1, 0, w  # one masked chunk
+        if full <= PAIR_CHUNKS:
+            return chunk, full, (triton.next_power_of_2(rest) if rest else 0), w
+    return None
+
+
+@triton.jit
+def _half_pair(u, BF16: tl.constexpr):
+    """The two 16-bit floats packed in int32 ``u`` (column 2j in the low half) as float32."""
+    if BF16:
+        return (u << 16).to(tl.float32, bitcast=True), (u & -65536).to(tl.float32, bitcast=True)
+    lo = (u & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, (u >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _round_half_pair(lo, hi, BF16: tl.constexpr):
+    """``lo``, ``hi`` rounded to the 16-bit type (nearest even) and back to float32: on the GPU one packed
+    convert (``cvt.rn.bf16x2.f32``) for both, where a convert each takes a conversion-unit slot."""
+    if _GPU_MATH:
+        cvt: tl.constexpr = "cvt.rn.bf16x2.f32 $0, $1, $2;" if BF16 else "cvt.rn.f16x2.f32 $0, $1, $2;"
+        p = tl.inline_asm_elementwise(cvt, "=r,f,f", [hi, lo], dtype=tl.int32, is_pure=True, pack=1)
+        return _half_pair(p, BF16)
+    ty: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    return lo.to(ty).to(tl.float32), hi.to(ty).to(tl.float32)
+
+
+@triton.jit
+def _gelu_tanh_x2(x):
+    """2 GELU(tanh)(x) = x + x tanh(z): ``_gelu_tanh`` without its multiply by 1/2 (the caller's scale has it)."""
+    if _GPU_MATH and GELU_TANH_APPROX:
+        z = x * (0.7978845608028654 + 0.035677408136300125 * x * x)
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return x + x * t
+    return 2.0 * _gelu_tanh(x)
+
+
+@triton.jit
+def _pair_chunk(x_ptr, mul_ptr, row, start: tl.constexpr, SIZE: tl.constexpr, P: tl.constexpr, stride_xm,
+                BF16: tl.constexpr, HAS_MUL: tl.constexpr, GELU: tl.constexpr):
+    """Pairs ``[start, start + SIZE)`` of a row: even and odd columns as float32 after (2x) GELU and the Mul,
+    and their elementwise ``max(|even|, |odd|)`` (the caller reduces it once per row)."""
+    cols = start + tl.arange(0, SIZE)
+    FULL: tl.constexpr = start + SIZE <= P
+    if FULL:
+        u = tl.load(x_ptr + row * stride_xm + cols)
+    else:
+        u = tl.load(x_ptr + row * stride_xm + cols, mask=cols < P, other=0)
+    lo, hi = _half_pair(u, BF16)
+    if GELU:  # rounded as the unfused nn.GELU writes it: bf16(2 g) = 2 bf16(g)
+        lo, hi = _round_half_pair(_gelu_tanh_x2(lo), _gelu_tanh_x2(hi), BF16)
+    if HAS_MUL:
+        if FULL:
+            lo = lo * tl.load(mul_ptr + cols)
+            hi = hi * tl.load(mul_ptr + P + cols)
+        else:
+            lo = lo * tl.load(mul_ptr + cols, mask=cols < P, other=0.0)
+            hi = hi * tl.load(mul_ptr + P + cols, mask=cols < P, other=0.0)
+    return lo, hi, tl.maximum(tl.abs(lo), tl.abs(hi))
+
+
+@triton.jit
+def _store_pair_codes(lo, hi, inv, row, start: tl.constexpr, SIZE: tl.constexpr, P: tl.constexpr, q_ptr,
+                      stride_qm):
+    """int16 pairs of INT8 codes ``round_half_even(x * inv)``: ``x * inv + 1.5 * 2**23`` rounds to the integer
+    and its bits' low byte is the code (no clamp: ``|x * inv| <= 127`` up to an ulp, as inv is 127 / amax)."""
+    cols = start + tl.arange(0, SIZE)
+    b_lo = (lo * inv + 12582912.0).to(tl.int32, bitcast=True)
+    b_hi = (hi * inv + 12582912.0).to(tl.int32, bitcast=True)
+    q = ((b_lo & 0xFF) | ((b_hi & 0xFF) << 8)).to(tl.int16)
+    if start + SIZE <= P:
+        tl.store(q_ptr + row * stride_qm + cols, q)
+    else:
+        tl.store(q_ptr + row * stride_qm + cols, q, mask=cols < P)
+
+
+@triton.jit
+def _quant_pairs_kernel(x_ptr, mul_ptr, q_ptr, s_ptr, P: tl.constexpr, stride_xm, stride_qm, BF16: tl.constexpr,
+                        HAS_MUL: tl.constexpr, GELU: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                        CHUNK: tl.constexpr, FULL: tl.constexpr, TAIL: tl.constexpr):
+    # one row per program: its P pairs in FULL chunks of CHUNK (up to 4, written out: Triton has no lists of
+    # tensors) and a TAIL chunk, all in registers until the row's scale is known
+    row = tl.program_id(0).to(tl.int64)
+    l0, h0, m = _pair_chunk(x_ptr, mul_ptr, row, 0, CHUNK, P, stride_xm, BF16, HAS_MUL, GELU)
+    if FULL > 1:
+        l1, h1, m1 = _pair_chunk(x_ptr, mul_ptr, row, CHUNK, CHUNK, P, stride_xm, BF16, HAS_MUL, GELU)
+        m = tl.maximum(m, m1)
+    if FULL > 2:
+        l2, h2, m2 = _pair_chunk(x_ptr, mul_ptr, row, 2 * CHUNK, CHUNK, P, stride_xm, BF16, HAS_MUL, GELU)
+        m = tl.maximum(m, m2)
+    if FULL > 3:
+        l3, h3, m3 = _pair_chunk(x_ptr, mul_ptr, row, 3 * CHUNK, CHUNK, P, stride_xm, BF16, HAS_MUL, GELU)
+        m = tl.maximum(m, m3)
+    amax = tl.max(m, axis=0)
+    if TAIL > 0:
+        lt, ht, mt = _pair_chunk(x_ptr, mul_ptr, row, FULL * CHUNK, TAIL, P, stride_xm, BF16, HAS_MUL, GELU)
+        amax = tl.maximum(amax, tl.max(mt, axis=0))
+    if GELU:  # the values are 2x the GELU's: halve the amax and the reciprocal (exact)
+        amax = amax * 0.5
+    scale = tl.maximum(amax / QMAX, MIN_SCALE)
+    tl.store(s_ptr + row, scale)
+    inv = (0.5 if GELU else 1.0) / scale
+    _store_pair_codes(l0, h0, inv, row, 0, CHUNK, P, q_ptr, stride_qm)
+    if FULL > 1:
+        _store_pair_codes(l1, h1, inv, row, CHUNK, CHUNK, P, q_ptr, stride_qm)
+    if FULL > 2:
+        _store_pair_codes(l2, h2, inv, row, 2 * CHUNK, CHUNK, P, q_ptr, stride_qm)
+    if FULL > 3:
+        _store_pair_codes(l3, h3, inv, row, 3 * CHUNK, CHUNK, P, q_ptr, stride_qm)
+    if TAIL > 0:
+        _store_pair_codes(lt, ht, inv, row, FULL * CHUNK, TAIL, P, q_ptr, stride_qm)
 
 
 # -- LayerNorm + adaLN modulate + the next layer's input quantization, one pass --------------------------

@@ -1,4 +1,5 @@
-"""Torch-only helpers of the quantized engine's kernels (no triton needed): the INT4 packing."""
+"""Torch-only helpers of the quantized engine's kernels (no triton needed): the INT4 packing, the paired
+per-token pass's column layout."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     lo = (p & 0xF).to(torch.int8) - 8
     hi = (p >> 4).to(torch.int8) - 8
     return torch.stack([lo, hi], dim=-1).reshape(p.shape[0], p.shape[1] * 2)
+
+
+def pair_columns(v: torch.Tensor) -> torch.Tensor:
+    """A per-column vector ``[K]`` (K even) -> float32 ``[2, K/2]``: the even columns' values, then the odd
+    ones' (how ``kernels.quant_rows_int8``'s paired pass reads a balancing Mul)."""
+    if v.shape[-1] % 2:
+        raise ValueError("pair_columns needs an even number of columns")
+    return v.detach().float().reshape(-1, 2).t().contiguous()

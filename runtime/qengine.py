@@ -102,6 +102,7 @@ from . import quant
 from .adapters import adapter_for
 from .attention import AttentionBackend, check_backend, use_attention
 from .gelu import GeluForm, check_gelu_form, use_gelu
+from .kernels_ref import pair_columns
 from .model import DiTBlock, Mlp, modulate
 from .qlinear import QuantLinear
 from .quantized_input import QuantizedActivation, norm_quantized
@@ -182,6 +183,9 @@ class EngineLinear(nn.Module):
         f32 = lambda t: None if t is None else t.detach().float().clone()  # noqa: E731
         self.register_buffer("bias", f32(q.bias))
         self.register_buffer("input_mul", f32(q.input_mul))
+        # the same Mul as the paired per-token pass reads it (kernels.quant_rows_int8): laid out once here
+        self.register_buffer("input_mul_pairs", None if q.input_mul is None or q.in_features % 2
+                             else pair_columns(q.input_mul), persistent=False)
         self.register_buffer("act_scale", f32(q.act_scale))
         self.register_buffer("weight_scale", f32(q.weight_scale))
         # low-rank branch: float32 for the reference path (the simulation's values), fp16 for the GPU
@@ -337,7 +341,7 @@ class EngineLinear(nn.Module):
         if self.dynamic:
             if self.token_quant == "inductor" and torch.compiler.is_compiling():
                 return quant.token_codes_int8(x2, self.input_mul)
-            return torch.ops.dtq.quant_rows_int8(x2, self.input_mul)
+            return torch.ops.dtq.quant_rows_int8(x2, self.input_mul, self.input_mul_pairs)
         return torch.round(self._balanced_float(x2) / self.act_scale).clamp_(-128, 127).to(torch.int8), self.act_scale
 
     def weight_bytes(self) -> int:
@@ -610,7 +614,7 @@ class FusedMlp(nn.Module):
             return y.reshape(*shape[:-1], fc2.out_features) if gate is None else y.reshape(residual.shape)
         if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
             h = fc1(x).reshape(rows, fc1.out_features)
-            codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul)
+            codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul, fc2.input_mul_pairs)
             if gate is None:
                 return fc2.codes_forward(codes, x.dtype, scales).reshape(*shape[:-1], fc2.out_features)
             return fc2.codes_gate_residual(codes, gate, residual.reshape(-1, fc2.out_features),

@@ -1,0 +1,73 @@
+"""Issue #13, session 18: the per-token quantization pass alone, row-block kernel against the paired one.
+
+Per-token INT8 (ViDiT-Q) quantizes fc2's input in one pass over fc1's output (GELU + balancing Mul + row amax
++ codes, 32768 x 4608 at DiT-XL/2 batch 64 with guidance) and proj's input over the attention output (Mul +
+amax + codes, 32768 x 1152). This times, as medians of CUDA-graph replays, for the ``dtq`` that imports:
+
+- ``kernels.quant_rows_int8(..., _paired=False)``: the row-block kernel (sessions 16-17);
+- the paired kernel (``_quant_pairs_kernel``) at each warp count that holds the row;
+- a floor: torch's bf16 -> int8 cast, which reads and writes the same bytes and computes nothing;
+
+and counts, on the same inputs, how many codes the two kernels give differently (the paired one multiplies
+by the reciprocal scale) and whether their scales are equal.
+
+    python benchmarks/token_pass_bench.py --out token_pass.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from attention_bench import time_ms  # benchmarks/ is sys.path[0]
+
+
+def run(rows: list[int]) -> dict:
+    from dtq.runtime import kernels
+    from dtq.tools import bench_engines as be
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    res = {"env": be.env_info(), "kernels_file": kernels.__file__, "cases": {}}
+    for m in rows:
+        for name, width, gelu in (("fc2_gelu", 4608, True), ("proj", 1152, False)):
+            x = (torch.randn(m, width, device=dev, generator=g) * 2).to(torch.bfloat16)
+            mul = torch.rand(width, device=dev, generator=g) + 0.5
+            pairs = kernels.pair_columns(mul)
+            case = {"rows": m, "width": width, "gelu": gelu, "ms": {}}
+            q0, s0 = kernels.quant_rows_int8(x, mul, gelu=gelu, _paired=False)
+            case["ms"]["row_block"] = round(time_ms(lambda: kernels.quant_rows_int8(x, mul, gelu=gelu, _paired=False),
+                                                    "cudagraph"), 5)
+            for w in (1, 2, 4, 8, 16):
+                if kernels._pair_plan(width, x.dtype, w) is None:
+                    continue
+                q1, s1 = kernels.quant_rows_int8(x, gelu=gelu, mul_pairs=pairs, _warps=w)
+                diff = (q1.int() - q0.int()).abs()
+                case[f"paired_w{w}_check"] = {"scales_equal": bool(torch.equal(s0, s1)),
+                                              "codes_differing": int((diff > 0).sum()), "max_diff": int(diff.max()),
+                                              "codes": diff.numel()}
+                case["ms"][f"paired_w{w}"] = round(time_ms(
+                    lambda: kernels.quant_rows_int8(x, gelu=gelu, mul_pairs=pairs, _warps=w), "cudagraph"), 5)
+            case["ms"]["paired_default"] = round(time_ms(
+                lambda: kernels.quant_rows_int8(x, gelu=gelu, mul_pairs=pairs), "cudagraph"), 5)
+            case["ms"]["floor_cast_bf16_to_int8"] = round(time_ms(lambda: x.to(torch.int8), "cudagraph"), 5)
+            case["floor_gb_s"] = round(x.numel() * 3 / case["ms"]["floor_cast_bf16_to_int8"] / 1e6, 1)
+            res["cases"][f"{name}_{m}"] = case
+            print(name, m, case["ms"], {k: v for k, v in case.items() if k.endswith("_check")}, flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default="32768,4096", help="row counts (batch 64 / 8 with guidance, 256 tokens)")
+    args = ap.parse_args()
+    res = run([int(r) for r in args.rows.split(",")])
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
