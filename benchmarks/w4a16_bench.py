@@ -15,10 +15,10 @@ Then (``--engine-check``) the prefetching engine against the one without, on DiT
 random weights) at batch 8 with guidance, compiled and CUDA-graphed as dtq-sample runs it: the prefetch is
 scheduling only, so the outputs must be bit-identical (the max difference is recorded either way).
 
-Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights) end to end, graphed forward
-time at batch 1 and 8 with guidance: bf16 torch.compile, and the W4A16 engine with each unpack of the weight
-prefetch capped at 8 / 16 / 32 / 64 programs or not capped (``WeightPrefetcher.unpack_programs``),
-interleaved over ``--sweep-rounds`` rounds (median).
+Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights), graphed forward time at
+batch 1 and 8 with guidance: bf16 torch.compile and the W4A16 engine, each captured on a stream of priority 0
+and of ``backends.CAPTURE_PRIORITY`` (the forward's kernels before the prefetch's side stream), interleaved
+over 3 rounds (median).
 
     python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check] [--prefetch-sweep] [--layers qkv]
 """
@@ -136,37 +136,36 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
     return res
 
 
-def prefetch_sweep(dev: torch.device, batches=(1, 8), caps=(None, 8, 16, 32, 64), rounds: int = 3) -> dict:
-    """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile, and W4A16 at each unpack cap."""
-    from dtq.runtime.backends import GraphedDenoiser
+def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
+    """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16, each captured on a stream of
+    priority 0 (CUDA's default, the prefetch's side stream's) and of ``CAPTURE_PRIORITY`` (the forward's own
+    kernels first)."""
+    from dtq.runtime.backends import CAPTURE_PRIORITY, GraphedDenoiser
     from dtq.tools import bench_engines as be
 
     base = be.make_xl()
     fingerprint = "sha256:benchmark-random-weights"
     built = {name: be.build_backend(name, base, fingerprint) for name in ("bf16-compile", "w4a16")}
-    prefetcher = next(b.prefetcher for b in built["w4a16"].blocks if getattr(b, "prefetcher", None) is not None)
-    res = {"caps": [str(c) for c in caps], "rounds": rounds, "forward_ms": {}}
+    res = {"capture_priority": CAPTURE_PRIORITY, "rounds": rounds, "forward_ms": {}}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(2 * batch, 4, 32, 32, generator=g).to(dev)
         t = torch.full((2 * batch,), 500, device=dev, dtype=torch.long)
         y = torch.randint(0, 1000, (2 * batch,), generator=g).to(dev)
-        dens = {name: GraphedDenoiser(m, dev, torch.bfloat16) for name, m in built.items()}
+        dens = {f"{name}-prio{p}": GraphedDenoiser(m, dev, torch.bfloat16, capture_priority=p)
+                for name, m in built.items() for p in (0, CAPTURE_PRIORITY)}
         times: dict[str, list[float]] = {}
         for _ in range(rounds):
-            for label, name, cap in [("bf16-compile", "bf16-compile", None)] + [
-                    (f"w4a16-unpack{c or 'all'}", "w4a16", c) for c in caps]:
-                den = dens[name]
-                if name == "w4a16":
-                    prefetcher.unpack_programs = cap
-                    den.reset()  # recapture: the unpack launches are in the graph
+            for label, den in dens.items():
                 with torch.no_grad():
                     den(x, t, y)
                     be.sync()
                     times.setdefault(label, []).append(be.bench_ms(lambda: den(x, t, y), warmup_ms=10, rep_ms=60))
         res["forward_ms"][str(batch)] = {k: round(sorted(v)[len(v) // 2], 4) for k, v in times.items()}
         res["forward_ms"][f"{batch}_all"] = {k: [round(t_, 4) for t_ in v] for k, v in times.items()}
-        print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], flush=True)
+        print("priority sweep, batch", batch, res["forward_ms"][str(batch)], flush=True)
+        for den in dens.values():
+            den.reset()
     return res
 
 
@@ -177,7 +176,7 @@ def main() -> None:
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
-                    "batch 1 and 8: bf16-compile and W4A16 with the prefetch's unpacks capped at 8-64 programs")
+                    "batch 1 and 8: bf16-compile and W4A16, captured at stream priority 0 and at CAPTURE_PRIORITY")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--layers", default="", help=f"comma-separated subset of {', '.join(LAYERS)} (default: all)")
     args = ap.parse_args()

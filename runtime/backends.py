@@ -25,14 +25,23 @@ def _as_float_out(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.float().to(like.device)
 
 
+# Priority of the stream a forward is captured on (lower is higher, 0 is CUDA's default and lowest). PyTorch
+# instantiates graphs with cudaGraphInstantiateFlagUseNodePriority, so each kernel keeps the priority of the
+# stream it was captured from: the forward's own kernels then get the SMs before the work a side stream runs
+# beside them (the W4A16 weight prefetch's unpacks, runtime.weight_prefetch, on a priority-0 stream).
+CAPTURE_PRIORITY = -1
+
+
 class GraphedDenoiser:
     """Runs ``model`` (already on ``device`` and in its dtype) with CUDA graphs per batch size.
 
     ``dtype`` is the input cast (the model's activation type). On the CPU, or with
-    ``cuda_graphs=False``, it simply calls the model."""
+    ``cuda_graphs=False``, it simply calls the model. ``capture_priority``: the capture stream's priority
+    (:data:`CAPTURE_PRIORITY`)."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 cuda_graphs: bool = True, warmup: int = 2, autocast: torch.dtype | None = None):
+                 cuda_graphs: bool = True, warmup: int = 2, autocast: torch.dtype | None = None,
+                 capture_priority: int = CAPTURE_PRIORITY):
         self.model = model.eval()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -41,6 +50,7 @@ class GraphedDenoiser:
         self.autocast = autocast
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.warmup = warmup
+        self.capture_priority = capture_priority
         self._graphs: dict[int, tuple] = {}
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
@@ -52,7 +62,7 @@ class GraphedDenoiser:
                 self._forward(sx, st, sy)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device, priority=self.capture_priority)):
             out = self._forward(sx, st, sy)
         return graph, sx, st, sy, out
 

@@ -994,33 +994,28 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
 # -- INT4 weights unpacked once per call (staged): two-level to int8 for the INT8 GEMM, W4A16 to bf16/fp16 --
 @triton.jit
 def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
-                        tiles_kp, tiles, programs, ITERS: tl.constexpr, FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_KP: tl.constexpr):
-    # [BLOCK_N, 2 * BLOCK_KP] tiles of q4 * s, the program's share of them in turn (a grid smaller than the
-    # tile count caps the SMs an unpack occupies: the weight prefetch runs it beside the forward's own kernels).
-    # Packed byte j holds K columns 2j (low) and 2j + 1 (high), both in group (2j) // GROUP (the group size is
-    # even). Integer s2 (two-level INT4): exact int8 products; float group scales (W4A16): q4 * s in float32,
-    # rounded once to the output type
-    for i in range(ITERS):  # tiles pid, pid + programs, ...: the last round's may lie past the end (masked)
-        tile = tl.program_id(0) + i * programs
-        offs_n = tl.where(tile < tiles, tile // tiles_kp, N // BLOCK_N + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_kp = (tile % tiles_kp) * BLOCK_KP + tl.arange(0, BLOCK_KP)
-        mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
-        lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
-        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
-        if FLOAT_SCALES:
-            s = s.to(tl.float32)
-            lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-        else:
-            s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
-        w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
-        offs_k = (tile % tiles_kp) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
-        tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
-                 mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
+                        FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s: packed byte j holds K columns 2j (low) and 2j + 1 (high),
+    # both in group (2j) // GROUP (the group size is even). Integer s2 (two-level INT4): exact int8
+    # products; float group scales (W4A16): q4 * s in float32, rounded once to the output type
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kp = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
+    lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
+    if FLOAT_SCALES:
+        s = s.to(tl.float32)
+        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    else:
+        s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
+    w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
+    offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
 
 
 def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
-                 out: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     N, KP = w_packed.shape
     assert w_packed.dtype == torch.uint8 and group % 2 == 0, (w_packed.dtype, group)
     assert scales.shape == (N, 2 * KP // group) and scales.stride(1) == 1 and w_packed.stride(1) == 1, \
@@ -1029,25 +1024,20 @@ def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype
         out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
     assert out.shape == (N, 2 * KP) and out.dtype == dtype and out.stride(1) == 1, (out.shape, out.dtype)
     bn, bkp = (16, 16) if _INTERPRET else (32, 128)
-    tiles_kp = triton.cdiv(KP, bkp)
-    tiles = triton.cdiv(N, bn) * tiles_kp
-    grid = min(tiles, programs or tiles)
-    _unpack_int4_kernel[(grid,)](
-        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0), tiles_kp, tiles,
-        grid, ITERS=triton.cdiv(tiles, grid), FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
+    _unpack_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
+        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0),
+        FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
     return out
 
 
 def unpack_int4_dequant(w_packed: torch.Tensor, scales: torch.Tensor, group: int,
-                        dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-                        programs: int | None = None) -> torch.Tensor:
+                        dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """INT4 weights with float group scales (``w4a16_mm``'s layout) -> the dequantized weight ``[N, K]`` in
     ``dtype`` (``q4 * s`` in float32, one rounding): what ``w4a16_mm`` computes per tile in registers,
     written once so that a dense GEMM (cuBLAS) can run on it. One pass over the weight. ``out``: write
-    into this ``[N, K]`` tensor (``runtime.weight_prefetch``'s slots) instead of a new one. ``programs``: at
-    most this many programs, each unpacking its share of the tiles (None: one per tile)."""
+    into this ``[N, K]`` tensor (``runtime.weight_prefetch``'s slots) instead of a new one."""
     assert scales.dtype == torch.float32, scales.dtype
-    return _unpack_int4(w_packed, scales, group, dtype, out, programs)
+    return _unpack_int4(w_packed, scales, group, dtype, out)
 
 
 def unpack_progressive_int8(w_packed: torch.Tensor, s2: torch.Tensor, group: int) -> torch.Tensor:

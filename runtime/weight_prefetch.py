@@ -33,25 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# Programs of each unpack on the side stream (None: one per tile, thousands a block). Set from the H200
-# sweep (benchmarks/w4a16_bench.py --prefetch-sweep): fewer leave the forward's own kernels more of the SMs.
-UNPACK_PROGRAMS: int | None = None
-
-
 class WeightPrefetcher:
     """Two slots of dequantized weights for ``blocks[i]``'s layers (``Int4Linear``, W4A16 path), filled
     one block ahead on a side stream. ``blocks``: per block it serves, in the order the model runs them,
     the layers to prefetch; block ``i`` calls :meth:`begin_block` with ``i``. ``per_sample``: the layers
     among them whose input has one row per sample (a DiT's adaLN, on the conditioning), not one per token:
-    a layer is filled only when it stages its weight at its row count (``Int4Linear.staged``).
-    ``unpack_programs``: programs per unpack kernel (:data:`UNPACK_PROGRAMS`)."""
+    a layer is filled only when it stages its weight at its row count (``Int4Linear.staged``)."""
 
-    def __init__(self, blocks: list[list[nn.Module]], per_sample: tuple[nn.Module, ...] = (),
-                 unpack_programs: int | None = UNPACK_PROGRAMS):
+    def __init__(self, blocks: list[list[nn.Module]], per_sample: tuple[nn.Module, ...] = ()):
         if not blocks or not all(blocks):
             raise ValueError("WeightPrefetcher needs at least one layer in every block it serves")
         self.blocks = blocks
-        self.unpack_programs = unpack_programs
         self._per_sample = {id(lin) for lin in per_sample}
         self._per_sample_layers = [lin for layers in blocks for lin in layers if id(lin) in self._per_sample]
         self._rows = (0, 0)  # (samples, tokens) of the forward running: which layers stage
@@ -105,8 +97,7 @@ class WeightPrefetcher:
             staged = lin.staged(samples if per_sample else tokens)
             if staged:
                 kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group,
-                                            lin.prefetched_weight.dtype, out=lin.prefetched_weight,
-                                            programs=self.unpack_programs)
+                                            lin.prefetched_weight.dtype, out=lin.prefetched_weight)
             if per_sample:
                 lin.output_into(self._cond, lin.prefetched_output, lin.prefetched_weight if staged else None)
 
