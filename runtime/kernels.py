@@ -1082,7 +1082,7 @@ def _quant_rows_part(x_ptr, mul_ptr, rows, rmask, cols, K, stride_xm, HAS_MUL: t
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                 other=0.0).to(tl.float32)
     if GELU:  # fc1's output -> GELU(tanh) rounded to the activation's type, as the unfused nn.GELU writes it
-        x = _gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = _round_to_half(_gelu_tanh(x), x_ptr.dtype.element_ty == tl.bfloat16)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + cols, mask=cmask, other=0.0)[None, :]
     return x
@@ -1193,8 +1193,20 @@ def _round_half_pair(lo, hi, BF16: tl.constexpr):
         cvt: tl.constexpr = "cvt.rn.bf16x2.f32 $0, $1, $2;" if BF16 else "cvt.rn.f16x2.f32 $0, $1, $2;"
         p = tl.inline_asm_elementwise(cvt, "=r,f,f", [hi, lo], dtype=tl.int32, is_pure=True, pack=1)
         return _half_pair(p, BF16)
-    ty: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    return lo.to(ty).to(tl.float32), hi.to(ty).to(tl.float32)
+    return _round_to_half(lo, BF16), _round_to_half(hi, BF16)
+
+
+@triton.jit
+def _round_to_half(x, BF16: tl.constexpr):
+    """float32 ``x`` rounded to bfloat16 (BF16) or float16, nearest even, as float32. Triton's interpreter
+    truncates float32 to bfloat16, so there the rounding is done on the bits (finite values)."""
+    if BF16:
+        if _GPU_MATH:
+            return x.to(tl.bfloat16).to(tl.float32)
+        u = x.to(tl.int32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
+        return u.to(tl.float32, bitcast=True)
+    return x.to(tl.float16).to(tl.float32)
 
 
 @triton.jit

@@ -617,6 +617,11 @@ def test_per_token_fc2_quantized_in_the_gemm_in_interpreter():
 
 def _ptx_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> str:
     """PTX of a Triton kernel compiled for sm_90 on the CPU (no GPU needed)."""
+    return _compile_for_hopper(fn, consts, ptrs, num_warps, num_stages)["ptx"]
+
+
+def _compile_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
+    """The compiled kernel's ``asm`` (``ttgir``, ``ptx``, ...) for sm_90, on the CPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -626,7 +631,7 @@ def _ptx_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+                          options={"num_warps": num_warps, "num_stages": num_stages}).asm
 
 
 def _count(ptx: str, op: str) -> int:
@@ -678,3 +683,63 @@ def test_per_token_gelu_pass_compiles_cheap_for_hopper():
     elements = 4608 // (4 * 32)
     assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_paired_token_pass_compiles_to_one_layout_for_hopper():
+    """The paired per-token pass (bf16 pairs read as int32, int16 pairs of codes written) at fc2's 4608
+    columns, compiled for sm_90: one register layout for every load and store (the row-block kernel moved its
+    tensors between three through shared memory), one ``tanh.approx`` per element, one packed bf16x2 rounding
+    per pair and no single-value convert, no IEEE division, no float-to-int convert, the rounding add kept."""
+    from dtq.runtime import kernels
+
+    assert kernels._pair_plan(4608, torch.bfloat16) == (512, 4, 256, 4)
+    assert kernels._pair_plan(1152, torch.bfloat16) == (128, 4, 64, 1)
+    assert kernels._pair_plan(1151, torch.bfloat16) is None and kernels._pair_plan(1152, torch.float32) is None
+    consts = dict(P=2304, BF16=True, HAS_MUL=True, GELU=True, QMAX=127.0, MIN_SCALE=1e-12, CHUNK=512, FULL=4,
+                  TAIL=256)
+    asm = _compile_for_hopper(kernels._quant_pairs_kernel, consts, {"x_ptr": "*i32", "q_ptr": "*i16"}, num_stages=1)
+    ptx = asm["ptx"]
+    assert "convert_layout" not in asm["ttgir"]
+    elements = 4608 // (4 * 32)
+    assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
+    assert _count(ptx, "cvt.rn.bf16x2.f32") == elements // 2 and _count(ptx, "cvt.rn.bf16.f32") == 0
+    assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
+    assert "0f4B400000" in ptx, "the round-half-even add was folded away"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_paired_token_pass_in_interpreter():
+    """The paired pass gives the row-block kernel's scales and its codes but for reciprocal-rounding ties,
+    which are the simulation's quantizer (the GELU rounded to the activation type first), for bf16 and fp16
+    rows: chunks + a tail (K = 1152), one masked chunk (K = 200), GELU and the balancing Mul on and off, the
+    Mul laid out by the layer (``EngineLinear.input_mul_pairs``) or by the pass."""
+    code = textwrap.dedent('''
+        import torch
+        from dtq.runtime import kernels, quant
+        from dtq.runtime.qengine import EngineLinear
+        torch.manual_seed(0)
+        assert kernels._pair_plan(200, torch.float16) == (128, 1, 0, 1)
+        for dt in (torch.bfloat16, torch.float16):
+            for K in (1152, 200):
+                x = (torch.randn(6, K) * torch.logspace(-2, 1, 6)[:, None]).to(dt)
+                x[2] = 0
+                x[4, 7] = 30.0  # one large value sets the row's scale
+                mul = torch.rand(K) + 0.5
+                for gelu in (False, True):
+                    for m in (None, mul):
+                        q0, s0 = kernels.quant_rows_int8(x, m, gelu=gelu, _paired=False)
+                        pairs = None if m is None else kernels.pair_columns(m)
+                        q1, s1 = kernels.quant_rows_int8(x, None if gelu else m, gelu=gelu, mul_pairs=pairs)
+                        assert torch.equal(s0, s1), (dt, K, gelu, m is None)
+                        d = (q1.int() - q0.int()).abs()
+                        assert d.max() <= 1 and (d > 0).float().mean() < 2e-3, (dt, K, gelu, int((d > 0).sum()))
+                        h = torch.nn.functional.gelu(x.float(), approximate="tanh").to(dt) if gelu else x
+                        xb = h.float() * (m if m is not None else 1.0)
+                        ref = quant.fake_quant_act(xb, None, "int8", "token")
+                        assert (q1.float() * s1[:, None] != ref).float().mean() < 2e-3, (dt, K, gelu)
+                        assert q1[4].abs().max() == 127 and not q1[2].any()
+        assert torch.equal(kernels.pair_columns(torch.arange(6.0)), torch.tensor([[0.0, 2, 4], [1, 3, 5]]))
+        print("ok")
+    ''')
+    run_in_triton_interpreter(code)
