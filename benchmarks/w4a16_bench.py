@@ -17,7 +17,7 @@ scheduling only, so the outputs must be bit-identical (the max difference is rec
 
 Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights), graphed forward time at
 batch 1 and 8 with guidance: bf16 torch.compile and the W4A16 engine, each captured on a stream of priority 0
-and of ``backends.CAPTURE_PRIORITY`` (the forward's kernels before the prefetch's side stream), interleaved
+and -1 (``GraphedDenoiser(capture_priority=-1)``: the forward's kernels before the prefetch's side stream), interleaved
 over 3 rounds (median).
 
     python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check] [--prefetch-sweep] [--layers qkv]
@@ -138,8 +138,7 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
 
 def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
     """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16, each captured on a stream of
-    priority 0 (CUDA's default, the prefetch's side stream's) and of ``CAPTURE_PRIORITY`` (the forward's own
-    kernels first)."""
+    priority 0 (CUDA's default, the prefetch's side stream's) and -1 (the forward's own kernels first)."""
     from dtq.runtime.backends import CAPTURE_PRIORITY, GraphedDenoiser
     from dtq.tools import bench_engines as be
 
@@ -153,7 +152,7 @@ def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
         t = torch.full((2 * batch,), 500, device=dev, dtype=torch.long)
         y = torch.randint(0, 1000, (2 * batch,), generator=g).to(dev)
         dens = {f"{name}-prio{p}": GraphedDenoiser(m, dev, torch.bfloat16, capture_priority=p)
-                for name, m in built.items() for p in (0, CAPTURE_PRIORITY)}
+                for name, m in built.items() for p in (0, -1)}
         times: dict[str, list[float]] = {}
         for _ in range(rounds):
             for label, den in dens.items():
@@ -176,7 +175,7 @@ def main() -> None:
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
-                    "batch 1 and 8: bf16-compile and W4A16, captured at stream priority 0 and at CAPTURE_PRIORITY")
+                    "batch 1 and 8: bf16-compile and W4A16, captured at stream priority 0 and -1")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--layers", default="", help=f"comma-separated subset of {', '.join(LAYERS)} (default: all)")
     args = ap.parse_args()

@@ -25,11 +25,12 @@ def _as_float_out(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.float().to(like.device)
 
 
-# Priority of the stream a forward is captured on (lower is higher, 0 is CUDA's default and lowest). PyTorch
+# Priority of the stream a forward is captured on (lower is higher; 0 is CUDA's default and lowest). PyTorch
 # instantiates graphs with cudaGraphInstantiateFlagUseNodePriority, so each kernel keeps the priority of the
-# stream it was captured from: the forward's own kernels then get the SMs before the work a side stream runs
-# beside them (the W4A16 weight prefetch's unpacks, runtime.weight_prefetch, on a priority-0 stream).
-CAPTURE_PRIORITY = -1
+# stream it was captured from. A higher one for the forward's own kernels than for the W4A16 weight prefetch's
+# side stream (runtime.weight_prefetch) changed nothing measurable on the H200 (session 18, DiT-XL/2 batch 1:
+# 2.665 ms either way; benchmarks/w4a16_bench.py --prefetch-sweep), so the default stays CUDA's.
+CAPTURE_PRIORITY = 0
 
 
 class GraphedDenoiser:
