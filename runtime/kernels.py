@@ -572,6 +572,109 @@ def mm8_rowquant(h: torch.Tensor, amax: torch.Tensor, h_mul: torch.Tensor | None
     return _mm8(h, w, c, amax, w_scale, bias, config=config, gate=gate, residual=residual, a_rowquant=True, a_mul=h_mul)
 
 
+# -- fc1 of a per-token INT8 MLP that quantizes its own output, row block by row block ---------------------
+# fc2's per-token scale needs the amax of a whole row of GELU(fc1), 4608 columns, which no single output tile
+# sees. Here the tiles run row block by row block (N inner: the ~132 tiles in flight span a few row blocks),
+# each writes its bf16 GELU tile and its rows' amax over the tile, and the row block's last tile (an atomic
+# count) reads the block back from L2 (128 x 4608 x 2 B = 1.2 MB, just written) and writes its INT8 codes and
+# row scales: the per-token pass over the 4x-hidden tensor, without reading it back from HBM.
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE"],
+                 prune_configs_by={"early_config_prune": _prune_int8}, reset_to_zero=["count_ptr"])
+@triton.jit
+def _mm8_gelu_tokenq_kernel(a_ptr, w_ptr, h_ptr, part_ptr, count_ptr, q_ptr, s_ptr, a_scale_ptr, w_scale_ptr,
+                            bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_am, stride_wn, stride_part,
+                            HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, ROW_SCALE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    pid_m = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + tl.where(offs_m < M, offs_m, 0)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] + tl.where(offs_n < N, offs_n, 0)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _ in range(0, K, BLOCK_K):  # K % BLOCK_K == 0 (_prune_int8)
+        acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    g = _gelu_tanh(c)
+    if not _GPU_MATH:  # the interpreter truncates to bfloat16: round on the bits first
+        g = _round_to_half(g, h_ptr.dtype.element_ty == tl.bfloat16)
+    h = g.to(h_ptr.dtype.element_ty)  # fc2's input as an unfused GELU writes it
+    x = h.to(tl.float32)
+    if HAS_MUL:
+        x = x * tl.load(mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    tl.store(h_ptr + offs_m[:, None] * N + offs_n[None, :], h, mask=mask)
+    tl.store(part_ptr + offs_m * stride_part + pid_n, tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), mask=m_ok)
+    tl.debug_barrier()  # every thread's stores before the count (the atomic's release publishes them)
+    if tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel") == n_tiles - 1:
+        _quantize_row_block(h_ptr, part_ptr, count_ptr, q_ptr, s_ptr, mul_ptr, pid_m, M, N, n_tiles, stride_part,
+                            HAS_MUL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _quantize_row_block(h_ptr, part_ptr, count_ptr, q_ptr, s_ptr, mul_ptr, pid_m, M, N: tl.constexpr,
+                        n_tiles: tl.constexpr, stride_part, HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """The last tile of row block ``pid_m``: its rows' scales from the tiles' amaxes, then its codes
+    ``round_half_even(h * mul * (1 / s))`` from the bf16 tiles (read past L1: other SMs wrote them)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < M
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, n_tiles, 16):
+        t = t0 + tl.arange(0, 16)
+        part = tl.load(part_ptr + rows[:, None] * stride_part + t[None, :], mask=r_ok[:, None] & (t < n_tiles)[None, :],
+                       other=0.0, cache_modifier=".cg")
+        amax = tl.maximum(amax, tl.max(part, axis=1))
+    scale = tl.maximum(amax / 127.0, 1e-12)
+    tl.store(s_ptr + rows, scale, mask=r_ok)
+    inv = 1.0 / scale
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        c_ok = cols < N
+        mask = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if HAS_MUL:
+            x = x * tl.load(mul_ptr + cols, mask=c_ok, other=0.0)[None, :]
+        b = (x * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)  # |x * inv| <= 127: no clamp
+        tl.store(q_ptr + rows[:, None] * N + cols[None, :], (b - 0x4B400000).to(tl.int8), mask=mask)
+    tl.store(count_ptr + pid_m, 0)  # ready for the next launch (a CUDA graph replays this buffer)
+
+
+def mm8_gelu_tokenq(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, q_mul: torch.Tensor | None,
+                    out_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 of a MLP whose fc2 takes per-token INT8 input, with fc2's input quantization in the same kernel:
+    ``h = GELU_tanh(a @ w.T * a_scale * w_scale + bias)`` rounded to ``out_dtype``, then ``x = h * q_mul``,
+    ``s[m] = max(amax_n |x[m, n]| / 127, 1e-12)`` and codes ``round_half_even(x * (1 / s[m]))`` ->
+    (int8 ``[M, N]``, float32 ``[M]``): :func:`quant_rows_int8`'s numbers on this GEMM's GELU output (its
+    codes up to reciprocal-rounding ties). ``a``, ``w`` int8 (``a_scale`` static ``[]`` or per row ``[M]``)."""
+    M, K = a.shape
+    N = w.shape[0]
+    assert a.dtype == w.dtype == torch.int8 and w.shape[1] == K and a.stride(1) == 1 and w.stride(1) == 1, \
+        (a.shape, a.dtype, w.shape, w.dtype)
+    h = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    q = torch.empty((M, N), device=a.device, dtype=torch.int8)
+    s = torch.empty((M,), device=a.device, dtype=torch.float32)
+    tiles_n = triton.cdiv(N, 32)  # per-tile amaxes for the narrowest candidate tile
+    part = torch.empty((M, tiles_n), device=a.device, dtype=torch.float32)
+    count = torch.zeros((triton.cdiv(M, 32),), device=a.device, dtype=torch.int32)
+    if M:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _mm8_gelu_tokenq_kernel[grid](a, w, h, part, count, q, s, a_scale, w_scale,
+                                      bias if bias is not None else w_scale, q_mul if q_mul is not None else w_scale,
+                                      M, N, K, _m_bucket(M), a.stride(0), w.stride(0), tiles_n,
+                                      HAS_BIAS=bias is not None, HAS_MUL=q_mul is not None, ROW_SCALE=a_scale.dim() == 1)
+    return q, s
+
+
 def int8_mm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
             config: dict | None = None) -> torch.Tensor:
