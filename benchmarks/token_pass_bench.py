@@ -9,10 +9,7 @@ amax + codes, 32768 x 1152). This times, as medians of CUDA-graph replays, for t
 - a floor: torch's bf16 -> int8 cast, which reads and writes the same bytes and computes nothing;
 
 and counts, on the same inputs, how many codes the two kernels give differently (the paired one multiplies
-by the reciprocal scale) and whether their scales are equal. Then fc1 + fc2's per-token input at DiT-XL/2's
-shape (K 1152, N 4608): the static engine's fc1 (GELU + quantize epilogue, ``mm8_gelu_quant``), the per-token
-engine's fc1 (``int8_mm``, bf16 out) + the paired GELU pass, and ``mm8_gelu_tokenq`` (token_quant
-"rowblock": the row block's last tile quantizes it), with the codes' agreement of the last two.
+by the reciprocal scale) and whether their scales are equal.
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -59,39 +56,7 @@ def run(rows: list[int]) -> dict:
             case["floor_gb_s"] = round(x.numel() * 3 / case["ms"]["floor_cast_bf16_to_int8"] / 1e6, 1)
             res["cases"][f"{name}_{m}"] = case
             print(name, m, case["ms"], {k: v for k, v in case.items() if k.endswith("_check")}, flush=True)
-        res["cases"][f"fc1_{m}"] = fc1_case(kernels, m, dev, g)
     return res
-
-
-def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
-    a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
-    w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=g)
-    sa_rows = torch.rand(m, device=dev, generator=g) * 1e-3 + 1e-4
-    sw = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
-    b = torch.randn(n, device=dev, generator=g)
-    mul = torch.rand(n, device=dev, generator=g) + 0.5
-    pairs = kernels.pair_columns(mul)
-    static = lambda: kernels.mm8_gelu_quant(a, w, sa_rows[0], sw, b, mul, torch.tensor(0.03, device=dev))  # noqa: E731
-
-    def plain_pass():
-        h = kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)
-        return kernels.quant_rows_int8(h, gelu=True, mul_pairs=pairs)
-
-    rowblock = lambda: kernels.mm8_gelu_tokenq(a, w, sa_rows, sw, b, mul)  # noqa: E731
-    q0, s0 = plain_pass()
-    q1, s1 = rowblock()
-    diff = (q1.int() - q0.int()).abs()
-    case = {"rows": m, "k": k, "n": n, "ms": {}, "rowblock_vs_plain_pass": {
-        "scale_max_rel_diff": float((s1 / s0 - 1).abs().max()), "codes_differing": int((diff > 0).sum()),
-        "max_diff": int(diff.max()), "codes": diff.numel(),
-        "note": "rowblock applies GELU to the float32 GEMM output, plain + pass to its bf16 rounding"}}
-    for name, fn in (("static_fc1_gelu_quant", static), ("token_fc1_plain", lambda: kernels.int8_mm(
-            a, w, sa_rows, sw, b, torch.bfloat16)), ("token_fc1_plain_plus_pass", plain_pass),
-            ("token_fc1_rowblock", rowblock)):
-        fn()
-        case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
-    print("fc1", m, case["ms"], case["rowblock_vs_plain_pass"], flush=True)
-    return case
 
 
 def main() -> None:

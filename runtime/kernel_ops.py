@@ -1,6 +1,6 @@
 """``torch.ops.dtq.quant_rows_int8`` / ``torch.ops.dtq.int8_mm`` / ``mm8_gelu_quant`` / ``mm8_gate_residual`` / ``w4a16_mm`` / ``w4a8_mm`` /
 ``w4a8_gate_residual`` / ``w4a8_progressive_mm`` (+ ``_gelu_quant`` / ``_gate_residual``) / ``gelu_quant_rows_int8`` /
-``unpack_progressive_int8`` / ``unpack_int4_dequant`` / ``norm_quant`` / ``norm_quant_rows_int8`` / ``mm8_gelu_tokenq``: the Triton kernels as custom ops, so that
+``unpack_progressive_int8`` / ``unpack_int4_dequant`` / ``norm_quant`` / ``norm_quant_rows_int8``: the Triton kernels as custom ops, so that
 ``torch.compile`` treats them as opaque calls (with shape functions) and CUDA graphs capture them.
 ``linear_gelu_tanh``: a dense GEMM with bias + GELU(tanh) in cuBLASLt's epilogue, opaque so that
 Inductor does not split it back into a GEMM and a pointwise kernel. Importing this module needs triton."""
@@ -212,21 +212,6 @@ def mm8_gelu_rowmax(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_s
 @mm8_gelu_rowmax.register_fake
 def _(a, w, a_scale, w_scale, bias, q_mul, out_dtype):
     return (a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype),
-            a.new_empty((a.shape[0],), dtype=torch.float32))
-
-
-@torch.library.custom_op("dtq::mm8_gelu_tokenq", mutates_args=())
-def mm8_gelu_tokenq(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, q_mul: torch.Tensor | None,
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc1 with GELU whose kernel also makes fc2's per-token INT8 input, row block by row block
-    (``kernels.mm8_gelu_tokenq``): (codes, row scales)."""
-    return kernels.mm8_gelu_tokenq(a, w, a_scale, w_scale, bias, q_mul, out_dtype)
-
-
-@mm8_gelu_tokenq.register_fake
-def _(a, w, a_scale, w_scale, bias, q_mul, out_dtype):
-    return (a.new_empty((a.shape[0], w.shape[0]), dtype=torch.int8),
             a.new_empty((a.shape[0],), dtype=torch.float32))
 
 

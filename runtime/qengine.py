@@ -158,10 +158,7 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # fc2 quantizing on load ran 0.833 ms against 0.391 on codes (+ the pass's 0.241): its A tile goes through
 # registers without the pipelined shared-memory copy; fc1's GELU + row-amax epilogue ran 0.543 against 0.366.
 # Kept as the ablation (dtq-bench "-token-gemmq").
-# "rowblock": as "pass-fused", except fc2's input in an all-INT8 MLP: fc1's kernel runs its tiles row block by
-# row block and the last tile of each block quantizes the block from L2 (kernels.mm8_gelu_tokenq): the scale
-# is computed in the kernel that writes the activation, and the 4x-hidden tensor is not read back from HBM.
-TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm", "rowblock"]
+TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
 
@@ -310,7 +307,7 @@ class EngineLinear(nn.Module):
         per-row scales; "pass" keeps them unfused); ``FusedMlp``'s fc1 epilogue also needs static scales
         (fc2's input is quantized inside fc1's N tiles; per token it folds GELU into fc2's pass instead)."""
         return (self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
-                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused", "gemm", "rowblock")))
+                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused", "gemm")))
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -580,7 +577,7 @@ class FusedMlp(nn.Module):
         """A per-token INT8-code fc2 with ``token_quant="pass-fused"`` after any engine fc1: GELU folded
         into fc2's quantization pass."""
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear) and fc2.dynamic
-                and fc2.token_quant in ("pass-fused", "gemm", "rowblock") and fc2.act_format == "int8"
+                and fc2.token_quant in ("pass-fused", "gemm") and fc2.act_format == "int8"
                 and fc2.epilogue_format in formats and fc2.fuses_epilogue()
                 and callable(getattr(fc2, "codes_forward", None)) and not fc2.input_rotation
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
@@ -590,14 +587,12 @@ class FusedMlp(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
 
-    def int8_gemm_quantizes(self, rows: int) -> str | None:
-        """fc2's per-token ``token_quant`` when it is "gemm" or "rowblock" and applies to this MLP at ``rows``:
-        both layers INT8 on the Triton GEMM (fc1 per token or static), fc2 per token without a low-rank branch
-        or rotation (``token_fusable``); else None."""
+    def rowquant_fusable(self, rows: int) -> bool:
+        """``token_quant="gemm"`` for this MLP at ``rows``: both layers INT8 on the Triton GEMM (fc1 per token
+        or static), fc2 per token without a low-rank branch or rotation (``token_fusable``)."""
         fc1, fc2 = self.fc1, self.fc2
-        ok = (fc2.token_quant in ("gemm", "rowblock") and type(fc1) is Int8Linear and type(fc2) is Int8Linear
-              and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
-        return fc2.token_quant if ok else None
+        return (fc2.token_quant == "gemm" and type(fc1) is Int8Linear and type(fc2) is Int8Linear
+                and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
 
     def fused_forward(self, x: torch.Tensor | QuantizedActivation, gate: torch.Tensor | None = None,
                       residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -609,14 +604,8 @@ class FusedMlp(nn.Module):
         shape = x.shape
         fc1, fc2 = self.fc1, self.fc2
         rows = shape.numel() // shape[-1]
-        mode = self.int8_gemm_quantizes(rows) if fc2.dynamic else None
-        if mode is not None:  # per token, "gemm" / "rowblock": no pass over fc1's output
+        if fc2.dynamic and self.rowquant_fusable(rows):  # per token, "gemm": no pass over fc1's output
             xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
-        if mode == "rowblock":  # fc1's kernel writes fc2's codes and row scales
-            codes, scales = torch.ops.dtq.mm8_gelu_tokenq(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
-                                                          fc2.input_mul, x.dtype)
-            return self._fc2_on_codes(codes, scales, shape, x.dtype, gate, residual)
-        if mode == "gemm":
             h, amax = torch.ops.dtq.mm8_gelu_rowmax(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
                                                    fc2.input_mul, x.dtype)
             res2 = None if residual is None else residual.reshape(-1, fc2.out_features)
@@ -626,7 +615,10 @@ class FusedMlp(nn.Module):
         if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
             h = fc1(x).reshape(rows, fc1.out_features)
             codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul, fc2.input_mul_pairs)
-            return self._fc2_on_codes(codes, scales, shape, x.dtype, gate, residual)
+            if gate is None:
+                return fc2.codes_forward(codes, x.dtype, scales).reshape(*shape[:-1], fc2.out_features)
+            return fc2.codes_gate_residual(codes, gate, residual.reshape(-1, fc2.out_features),
+                                           scales).reshape(residual.shape)
         if not (fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows)):
             y = fc2(self.act(fc1(x)))
             return y if gate is None else residual + gate.unsqueeze(1) * y
@@ -635,14 +627,6 @@ class FusedMlp(nn.Module):
         if gate is None:
             return fc2.codes_forward(h, x.dtype).reshape(*shape[:-1], fc2.out_features)
         return fc2.codes_gate_residual(h, gate, residual.reshape(-1, fc2.out_features)).reshape(residual.shape)
-
-    def _fc2_on_codes(self, codes: torch.Tensor, scales: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-                      gate: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
-        """fc2 on its per-token input codes (row ``scales``), with the gated residual add when ``gate`` is given."""
-        fc2 = self.fc2
-        if gate is None:
-            return fc2.codes_forward(codes, dtype, scales).reshape(*shape[:-1], fc2.out_features)
-        return fc2.codes_gate_residual(codes, gate, residual.reshape(-1, fc2.out_features), scales).reshape(residual.shape)
 
 
 class GeluEpilogueMlp(nn.Module):

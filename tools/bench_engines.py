@@ -400,10 +400,7 @@ PASSONLY = "passonly"
 # "-token-gemmq": token_quant="gemm" (fc2's per-token INT8 input quantized as fc2's GEMM loads it, the row
 # amaxes from fc1's epilogue: no pass over the 4x-hidden tensor; session 17)
 GEMMQ = "gemmq"
-# "-token-rowblock": token_quant="rowblock" (fc2's per-token INT8 input written by fc1's kernel, each row block
-# quantized by its last tile from L2; session 18)
-ROWBLOCK = "rowblock"
-TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass", GEMMQ: "gemm", ROWBLOCK: "rowblock"}
+TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass", GEMMQ: "gemm"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
 # "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
 # (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
@@ -475,8 +472,7 @@ def engine_options(name: str) -> dict:
     ``token_quant``: build_qengine's default, "pass-fused"), "-token-passonly" (``token_quant="pass"``),
     "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
-    "-token-passfused" (``token_quant="pass-fused"``), "-token-gemmq" (``token_quant="gemm"``), "-token-rowblock"
-    (``token_quant="rowblock"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
+    "-token-passfused" (``token_quant="pass-fused"``), "-token-gemmq" (``token_quant="gemm"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
     weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``),
     "-noprefetch" (W4A16: each staged weight dequantized inside its layer, not a block ahead), the
@@ -505,7 +501,7 @@ def engine_options(name: str) -> dict:
             or len(set(tags)) != len(tags) or len(set(tags) & set(TOKEN_QUANT_TAGS)) > 1
             or len(set(tags) & set(STAGE_TAGS)) > 1):
         raise ValueError(f"unknown backend {name!r}: bf16-eager, bf16-compile, or PRECISION[-progressive]"
-                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}|-{PASSONLY}|-{GEMMQ}|-{ROWBLOCK}]][-staged|-inreg]"
+                         f"[-intmm|-triton][-token[-{TOKFUSED}|-{PASSFUSED}|-{PASSONLY}|-{GEMMQ}]][-staged|-inreg]"
                          f"[-{NOPREFETCH}][-gN]"
                          f"[-{'|-'.join(EPILOGUE_ABLATIONS)}] with PRECISION one of "
                          f"{', '.join(ENGINE_PRECISIONS)}, then [-maxat][-sage], or an artifact spec")
