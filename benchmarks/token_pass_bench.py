@@ -9,7 +9,10 @@ amax + codes, 32768 x 1152). This times, as medians of CUDA-graph replays, for t
 - a floor: torch's bf16 -> int8 cast, which reads and writes the same bytes and computes nothing;
 
 and counts, on the same inputs, how many codes the two kernels give differently (the paired one multiplies
-by the reciprocal scale) and whether their scales are equal.
+by the reciprocal scale) and whether their scales are equal. Then fc1 and fc2's input at DiT-XL/2's shape
+(K 1152, N 4608): the static engine's fc1 (GELU + quantize epilogue, ``mm8_gelu_quant``: codes out), the
+per-token engine's fc1 (``int8_mm``, bf16 out) and that fc1 + the paired GELU pass (what per-token costs
+there against static).
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -56,7 +59,32 @@ def run(rows: list[int]) -> dict:
             case["floor_gb_s"] = round(x.numel() * 3 / case["ms"]["floor_cast_bf16_to_int8"] / 1e6, 1)
             res["cases"][f"{name}_{m}"] = case
             print(name, m, case["ms"], {k: v for k, v in case.items() if k.endswith("_check")}, flush=True)
+        res["cases"][f"fc1_{m}"] = fc1_case(kernels, m, dev, g)
     return res
+
+
+def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
+    a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=g)
+    sa_rows = torch.rand(m, device=dev, generator=g) * 1e-3 + 1e-4
+    sa, q_scale = sa_rows[0].clone(), torch.tensor(0.03, device=dev)
+    sw = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
+    b = torch.randn(n, device=dev, generator=g)
+    mul = torch.rand(n, device=dev, generator=g) + 0.5
+    pairs = kernels.pair_columns(mul)
+
+    def plain_pass():
+        h = kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)
+        return kernels.quant_rows_int8(h, gelu=True, mul_pairs=pairs)
+
+    case = {"rows": m, "k": k, "n": n, "ms": {}}
+    for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
+                     ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
+                     ("token_fc1_plain_plus_pass", plain_pass)):
+        fn()  # autotunes outside the graph capture
+        case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
+    print("fc1", m, case["ms"], flush=True)
+    return case
 
 
 def main() -> None:
