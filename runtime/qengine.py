@@ -347,10 +347,11 @@ class EngineLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Codes + the kernel's scales + bias (``weight_scale`` is kept for the reference path only;
         each layer also holds it in its kernel's layout; likewise a low-rank branch's float32 copies,
-        whose FP16 copies count; a W4A16 layer's prefetched weight is the prefetcher's scratch)."""
+        whose FP16 copies count; a W4A16 layer's prefetched weight, output and cast bias are the prefetcher's
+        scratch, ``input_mul_pairs`` another layout of ``input_mul``)."""
         return sum(b.numel() * b.element_size() for k, b in self._buffers.items()
                    if b is not None and k not in ("weight_scale", "lowrank_up", "lowrank_down", "prefetched_weight",
-                                                  "prefetched_output"))
+                                                  "prefetched_output", "bias_cast", "input_mul_pairs"))
 
     def extra_repr(self) -> str:
         g = f"{self.weight_granularity}{self.weight_group_size or ''}"
@@ -775,6 +776,9 @@ class Int4Linear(EngineLinear):
         # a layer whose input is the same for every block (a DiT's adaLN, on the conditioning): its output,
         # computed ahead on the prefetcher's stream from that same input (runtime.weight_prefetch)
         self.register_buffer("prefetched_output", None, persistent=False)
+        # the bias in the activation type, made once by the weight prefetch (a cast per call was a kernel
+        # of its own on the critical path, 3 per block, at batch 1 under CUDA graphs)
+        self.register_buffer("bias_cast", None, persistent=False)
         self.prefetch_armed = False
 
     def _apply(self, fn, recurse=True):
@@ -869,10 +873,17 @@ class Int4Linear(EngineLinear):
     def _weight_only_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The W4A16 path's GEMM input (balanced; W4A8 without its kernel: fake-quantized) in bf16 / fp16,
         and the bias in that type."""
-        xf = self._balanced_float(x2)
-        if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
-            xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
-        a = xf.to(x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        half = x2.dtype in (torch.bfloat16, torch.float16)
+        if half and self.input_mul is None and self.act_format == "none":
+            a = x2  # W4A16 without balancing: x2.float().to(x2.dtype) would be x2 again, one kernel later
+        else:
+            xf = self._balanced_float(x2)
+            if self.act_format != "none":  # W4A8 without the kernel: activation fake-quant, weight-only GEMM
+                xf = quant.fake_quant_act(xf, self.act_scale, self.act_format, self.act_granularity)
+            a = xf.to(x2.dtype if half else torch.bfloat16)
+        cast = self.bias_cast
+        if cast is not None and cast.dtype == a.dtype:
+            return a, cast
         return a, None if self.bias is None else self.bias.to(a.dtype)
 
     def gelu_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,8 +71,9 @@ class WeightPrefetcher:
 
     def _make_slots(self, device: torch.device, dtype: torch.dtype) -> None:
         """One ``[2, slot]`` buffer; each layer's ``prefetched_weight`` a ``[N, K]`` view into its block's
-        slot (block ``i``: slot ``i % 2``). Redone when the activation's device or type changes, or a
-        move of the engine replaced the views (``Int4Linear._apply`` drops them)."""
+        slot (block ``i``: slot ``i % 2``), and its bias in the activation type (``bias_cast``). Redone when
+        the activation's device or type changes, or a move of the engine replaced the views
+        (``Int4Linear._apply`` drops them)."""
         self._pool = torch.empty((2, self.slot_elements()), device=device, dtype=dtype)
         for i, layers in enumerate(self.blocks):
             offset = 0
@@ -80,6 +81,7 @@ class WeightPrefetcher:
                 n = lin.out_features * lin.in_features
                 view = self._pool[i % 2, offset:offset + n].view(lin.out_features, lin.in_features)
                 lin.register_buffer("prefetched_weight", view, persistent=False)
+                lin.register_buffer("bias_cast", None if lin.bias is None else lin.bias.to(dtype), persistent=False)
                 offset += n
         if device.type == "cuda":
             self._side = torch.cuda.Stream(device)
