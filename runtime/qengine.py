@@ -150,7 +150,9 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # pass over the 4x-hidden tensor) and the gated-residual epilogue with per-row scales in proj / fc2.
 # The default since session 16: once that pass took one MUFU operation per element and no masked-off
 # lanes (kernels._quant_rows_kernel), per-token INT8 at batch 64 ran 8.0% behind static with it and 15.0%
-# with "pass" (26.57 against 24.55 img/s, same run, bench_speed_h200_s16d_7bdf0f5.json).
+# with "pass" (26.57 against 24.55 img/s, same run, bench_speed_h200_s16d_7bdf0f5.json). Since session 18
+# the pass reads 16-bit rows as int32 pairs (kernels._quant_pairs_kernel: 0.123 ms against 0.240 at 32768 x
+# 4608, at memory speed): 6.1% / 6.8% behind static at batch 64, 3.5% at batch 8 (docs/engines.md).
 # "gemm": as "pass-fused", except fc2's input in an all-INT8 MLP: fc1's epilogue takes each row's amax (atomic
 # max over its N tiles) and fc2's GEMM quantizes its bf16 input as it loads it (kernels.mm8_gelu_rowmax /
 # mm8_rowquant): no pass over the 4x-hidden tensor, the scale computed in the kernel writing the activation.
