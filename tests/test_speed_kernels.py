@@ -524,6 +524,11 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
             lin.prefetch_armed = True  # armed (inside its block's forward), the layer reads the slot
             assert lin.dense_weight(torch.float16) is lin.prefetched_weight
             lin.prefetch_armed = False
+            # the bias cast once with the slots; an fp16 input without balancing passes as it is
+            assert lin.bias_cast.dtype == torch.float16 and torch.equal(lin.bias_cast, lin.bias.half())
+            h16 = torch.randn(8, lin.in_features).half()
+            a16, b16 = lin._weight_only_input(h16)
+            assert a16 is h16 and b16 is lin.bias_cast
             # adaLN (same input in every block): its output was computed ahead, as the layer computes it
             ada = fetched.blocks[2].adaLN_modulation[-1]
             cond = torch.nn.functional.silu(fetched.t_embedder(t).half() + fetched.y_embedder(y).half())
