@@ -364,12 +364,16 @@ def _gelu_tanh(x):
     (docs/engines.md, session 16). Its error (relative ~2^-11) is below the bfloat16 rounding the simulation's
     unfused GELU applies (2^-9). Triton's interpreter has no inline PTX; there the exp2 form runs."""
     if _GPU_MATH and GELU_TANH_APPROX:
-        z = x * (0.7978845608028654 + 0.035677408136300125 * x * x)
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True,
-                                      pack=1)
         h = 0.5 * x
-        return h + h * t
+        return h + h * _tanh_of_gelu_arg(x)
     return tl.fdiv(x, 1.0 + tl.exp2(x * (-2.302208198144325 + -0.1029432395800235 * x * x)))
+
+
+@triton.jit
+def _tanh_of_gelu_arg(x):
+    """``tanh(z)``, ``z = sqrt(2/pi) (x + 0.044715 x^3)``, by PTX's ``tanh.approx.f32`` (GPU only)."""
+    z = x * (0.7978845608028654 + 0.035677408136300125 * x * x)
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -1213,10 +1217,7 @@ def _round_to_half(x, BF16: tl.constexpr):
 def _gelu_tanh_x2(x):
     """2 GELU(tanh)(x) = x + x tanh(z): ``_gelu_tanh`` without its multiply by 1/2 (the caller's scale has it)."""
     if _GPU_MATH and GELU_TANH_APPROX:
-        z = x * (0.7978845608028654 + 0.035677408136300125 * x * x)
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-        return x + x * t
+        return x + x * _tanh_of_gelu_arg(x)
     return 2.0 * _gelu_tanh(x)
 
 
