@@ -11,8 +11,9 @@ amax + codes, 32768 x 1152). This times, as medians of CUDA-graph replays, for t
 and counts, on the same inputs, how many codes the two kernels give differently (the paired one multiplies
 by the reciprocal scale) and whether their scales are equal. Then fc1 and fc2's input at DiT-XL/2's shape
 (K 1152, N 4608): the static engine's fc1 (GELU + quantize epilogue, ``mm8_gelu_quant``: codes out), the
-per-token engine's fc1 (``int8_mm``, bf16 out) and that fc1 + the paired GELU pass (what per-token costs
-there against static).
+per-token engine's fc1 (``int8_mm``, bf16 out), that fc1 + the paired GELU pass (what per-token costs
+there against static) and (session 19) ``token_gemm.mm8_gelu_token_codes``, fc1 writing fc2's per-token codes
+itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile.
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -64,6 +65,8 @@ def run(rows: list[int]) -> dict:
 
 
 def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
+    from dtq.runtime import token_gemm
+
     a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=g)
     sa_rows = torch.rand(m, device=dev, generator=g) * 1e-3 + 1e-4
@@ -78,12 +81,29 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         return kernels.quant_rows_int8(h, gelu=True, mul_pairs=pairs)
 
     case = {"rows": m, "k": k, "n": n, "ms": {}}
+    coop = lambda config=None: token_gemm.mm8_gelu_token_codes(a, w, sa_rows, sw, b, mul, torch.bfloat16, config)  # noqa: E731
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
-                     ("token_fc1_plain_plus_pass", plain_pass)):
+                     ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop)):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
-    print("fc1", m, case["ms"], flush=True)
+    # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's
+    # compilation), twice over (the counters must come back to zero), and each candidate's time
+    q0, s0 = plain_pass()
+    for rep in range(2):
+        q1, s1 = coop()
+        diff = (q1.int() - q0.int()).abs()
+        case[f"coop_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)), "codes_differing": int((diff > 0).sum()),
+                                     "max_diff": int(diff.max()), "codes": diff.numel()}
+    case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
+    for bm, bn, bk, st, wa in token_gemm._COOP:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": wa}
+        try:
+            coop(cfg)
+            case["ms"][f"coop_{bm}x{bn}x{bk}_s{st}_w{wa}"] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)
+        except Exception as exc:  # a candidate that does not fit is a result
+            case["ms"][f"coop_{bm}x{bn}x{bk}_s{st}_w{wa}"] = f"{type(exc).__name__}: {exc}"[:200]
+    print("fc1", m, case, flush=True)
     return case
 
 
