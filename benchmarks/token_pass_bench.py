@@ -95,14 +95,17 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         diff = (q1.int() - q0.int()).abs()
         case[f"coop_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)), "codes_differing": int((diff > 0).sum()),
                                      "max_diff": int(diff.max()), "codes": diff.numel()}
-    case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
-    for bm, bn, bk, st, wa in token_gemm._COOP:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": wa}
+    case["coop_choice"] = {str(k[1:]): [cfg, per_sm] for k, (cfg, per_sm) in token_gemm._CHOICE.items()}
+    for cand in token_gemm._CANDIDATES:
+        cfg = token_gemm._config(*cand)
+        name = "coop_{}x{}x{}_s{}_w{}_r{}".format(*cand)
         try:
             coop(cfg)
-            case["ms"][f"coop_{bm}x{bn}x{bk}_s{st}_w{wa}"] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)
+            case["ms"][name] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)  # noqa: B023
+            case.setdefault("coop_programs_per_sm", {})[name] = token_gemm._programs_per_sm(
+                a, w, (q1, s1, sa_rows, sw, b, mul), dict(ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True), cfg)
         except Exception as exc:  # a candidate that does not fit is a result
-            case["ms"][f"coop_{bm}x{bn}x{bk}_s{st}_w{wa}"] = f"{type(exc).__name__}: {exc}"[:200]
+            case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
     print("fc1", m, case, flush=True)
     return case
 

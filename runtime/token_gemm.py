@@ -33,45 +33,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import (_INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _num_sms, _prune_k, _round_to_half,
+from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _num_sms, _round_to_half,
                       tma_eligible)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). DiT-XL/2's fc1 (N 4608, K 1152): BLOCK_N 256 makes 18 N tiles,
-# so 7 row groups on an H200's 132 SMs (126 programs); BLOCK_N 128 makes 36 (3 groups), kept for narrower N.
-_COOP = [(128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (128, 256, 64, 4, 8), (64, 256, 128, 4, 4),
-         (64, 256, 64, 4, 4), (128, 128, 128, 4, 8), (64, 128, 128, 4, 4)]
+# Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg), timed at the first call per shape
+# (``_choose``). DiT-XL/2's fc1 is N 4608, K 1152. A program waits at the barrier and does its epilogue
+# with nothing overlapping it unless another program shares its SM, so register caps (``maxnreg``) that let
+# 2-3 programs of ``BLOCK_N`` 128 share an SM are candidates next to one 128 x 256 program per SM.
+_CANDIDATES = [(128, 256, 128, 3, 8, None), (128, 256, 64, 4, 8, None),
+               (128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 128, 64, 3, 8, 128),
+               (64, 128, 128, 3, 4, 168), (64, 128, 64, 4, 4, 168), (64, 256, 64, 3, 4, None)]
 
 
-def _tma_blocks(nargs):
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+def _config(bm, bn, bk, stages, warps, maxnreg) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, maxnreg=maxnreg)
 
 
-def _configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, pre_hook=_tma_blocks)
-            for m, n, k, s, w in _COOP]
+def programs_per_sm(kernel, device: torch.device) -> int:
+    """How many programs of the compiled ``kernel`` an SM holds at once, from its registers, shared memory and
+    warps (the CUDA occupancy rules: registers in 256-register units per warp, four sub-partitions of a quarter
+    of the register file each, 1 KB of shared memory reserved per program)."""
+    kernel._init_handles()  # loads the binary: n_regs
+    props = torch.cuda.get_device_properties(device)
+    warps = kernel.metadata.num_warps
+    regs_per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256
+    by_regs = 4 * ((props.regs_per_multiprocessor // 4) // regs_per_warp) // warps
+    by_smem = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    return min(by_regs, by_smem, by_threads, 32)
 
 
-def _prune(configs, named_args, **kwargs):
-    """K tiles dividing K; row groups that fit on the GPU (``n_tiles <= SMS``)."""
-    N, sms = named_args["N"], named_args.get("SMS", kwargs.get("SMS"))
-    kept = [c for c in _prune_k(configs, named_args, **kwargs) if triton.cdiv(N, c.kwargs["BLOCK_N"]) <= sms]
-    return kept or configs
+def row_groups(M: int, N: int, block_m: int, block_n: int, slots: int) -> int:
+    """How many row groups run at once: as many whole groups of ``cdiv(N, block_n)`` programs as there are
+    program slots (SMs x programs per SM) for, no more than there are row blocks; 0 where one group does not fit."""
+    return min(slots // triton.cdiv(N, block_n), triton.cdiv(M, block_m))
 
 
-def row_groups(M: int, N: int, block_m: int, block_n: int, sms: int) -> int:
-    """How many row groups run at once: as many whole groups of ``cdiv(N, block_n)`` programs as there are SMs
-    for, no more than there are row blocks."""
-    return max(1, min(sms // triton.cdiv(N, block_n), triton.cdiv(M, block_m)))
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                            mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm, SMS: tl.constexpr,
+                            mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
                             BF16: tl.constexpr, PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -108,7 +108,7 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
     # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale below
-    x = _round_to_half(_gelu_tanh_x2(_round_to_half(c, BF16)), BF16)
+    x = _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if PUBLISH:
@@ -135,6 +135,19 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
             tl.atomic_xchg(sync_ptr + pid_m, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _round_tile_to_half(x, BF16: tl.constexpr):
+    """``kernels._round_to_half``; for bf16 on the GPU one packed convert per two elements (``cvt.rn.bf16x2.f32``,
+    unpacked by a shift and a mask): the conversion unit, at an eighth of the float32 rate on Hopper, bounds
+    this epilogue with the GELU's ``tanh.approx`` and the accumulator's int-to-float converts."""
+    if _GPU_MATH and BF16:
+        u = tl.inline_asm_elementwise(
+            "{ .reg .b32 p; cvt.rn.bf16x2.f32 p, $3, $2; shl.b32 $0, p, 16; and.b32 $1, p, 0xffff0000; }",
+            "=r,=r,f,f", [x], dtype=tl.int32, is_pure=True, pack=2)
+        return u.to(tl.float32, bitcast=True)
+    return _round_to_half(x, BF16)
+
+
 _SYNC: dict[torch.device, torch.Tensor] = {}
 
 
@@ -146,6 +159,10 @@ def _row_counters(device: torch.device, row_blocks: int) -> torch.Tensor:
     return buf
 
 
+# the chosen (config, programs per SM) per (device, M bucket, N, K, flags): timed once, as Triton's autotuner would
+_CHOICE: dict[tuple, tuple[dict, int]] = {}
+
+
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
                          config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,41 +170,91 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
-    GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: pinned
-    ``BLOCK_M/N/K`` (+ ``num_warps``/``num_stages``) instead of the autotuned choice. CUDA (or Triton's
-    interpreter) only; the TMA loads need 16-byte aligned rows."""
+    GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
+    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the fastest, timed at the first
+    call per shape. CUDA (or Triton's interpreter) only; the TMA loads need 16-byte aligned rows."""
     M, K = a.shape
     N, K2 = w.shape
     assert K == K2 and a.dtype == w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
     assert out_dtype in (torch.bfloat16, torch.float16), out_dtype
     assert tma_eligible(a, w), "TMA loads need unit inner strides and 16-byte aligned rows"
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:
         return q, s
-    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1])  # block shapes: _tma_blocks
-    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1])
-    sms = _num_sms(a.device)
-    min_block_n = config["BLOCK_N"] if config is not None else min(c.kwargs["BLOCK_N"] for c in _configs())
-    parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
-    sync = _row_counters(a.device, triton.cdiv(M, 16))
-    args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
-                BF16=out_dtype == torch.bfloat16)
-    ptrs = (a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
-            mul if mul is not None else w_scale, M, N, K, _m_bucket(M), q.stride(0))
-    kernel = _mm8_token_codes_kernel
-    if config is not None:
-        kernel = _mm8_token_codes_kernel.fn
-        _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
-        args.update(config)
+    flags = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
+                 BF16=out_dtype == torch.bfloat16)
+    tensors = (q, s, a_scale, w_scale, bias if bias is not None else w_scale, mul if mul is not None else w_scale)
     if _INTERPRET:  # nothing may wait: publish every part, then quantize (one row block per program each time)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](*ptrs, SMS=sms, PUBLISH=True, QUANTIZE=False, **args)
-        kernel[grid](*ptrs, SMS=sms, PUBLISH=False, QUANTIZE=True, **args)
+        cfg = config or dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        parts = _parts(M, N, cfg)
+        _launch(a, w, tensors, flags, cfg, grid, parts, publish=True, quantize=False)
+        _launch(a, w, tensors, flags, cfg, grid, parts, publish=False, quantize=True)
         return q, s
-    grid = lambda meta: (row_groups(M, N, meta["BLOCK_M"], meta["BLOCK_N"], sms)  # noqa: E731
-                         * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](*ptrs, SMS=sms, PUBLISH=True, QUANTIZE=True, **args)
+    if config is None:
+        key = (a.device, _m_bucket(M), N, K, *flags.values())
+        if key not in _CHOICE:
+            _CHOICE[key] = _choose(a, w, tensors, flags)
+        config, per_sm = _CHOICE[key]
+    else:
+        per_sm = _programs_per_sm(a, w, tensors, flags, config)
+    _launch(a, w, tensors, flags, config, _grid(M, N, config, per_sm * _num_sms(a.device)))
     return q, s
+
+
+def _grid(M: int, N: int, config: dict, slots: int) -> tuple[int]:
+    groups = row_groups(M, N, config["BLOCK_M"], config["BLOCK_N"], slots)
+    if groups < 1:
+        raise ValueError(f"a row of {N} columns in {config['BLOCK_N']}-column tiles needs more programs at once "
+                         f"than the GPU holds ({slots})")
+    return (groups * triton.cdiv(N, config["BLOCK_N"]),)
+
+
+def _programs_per_sm(a, w, tensors, flags, config) -> int:
+    """Compile ``config`` by running it as one row group (always resident: it waits for nobody else), and read
+    its occupancy."""
+    kernel = _launch(a, w, tensors, flags, config, (triton.cdiv(w.shape[0], config["BLOCK_N"]),))
+    return programs_per_sm(kernel, a.device)
+
+
+def _choose(a, w, tensors, flags) -> tuple[dict, int]:
+    """The fastest candidate for this shape (median of ``do_bench``), with its programs per SM."""
+    import triton.testing
+
+    M, N, sms = a.shape[0], w.shape[0], _num_sms(a.device)
+    best = None
+    for cand in _CANDIDATES:
+        config = _config(*cand)
+        if a.shape[1] % config["BLOCK_K"] or triton.cdiv(N, config["BLOCK_N"]) > sms:
+            continue
+        per_sm = _programs_per_sm(a, w, tensors, flags, config)
+        grid = _grid(M, N, config, per_sm * sms)
+        ms = triton.testing.do_bench(lambda: _launch(a, w, tensors, flags, config, grid), warmup=5, rep=25,  # noqa: B023
+                                     return_mode="median")
+        if best is None or ms < best[0]:
+            best = (ms, config, per_sm)
+    if best is None:
+        raise ValueError(f"no candidate tile fits fc1's shape (N {N}, K {a.shape[1]}) on this GPU")
+    return best[1], best[2]
+
+
+def _parts(M: int, N: int, config: dict) -> torch.Tensor:
+    """Each N tile's part of each row's amax, ``[n_tiles, M]`` float32."""
+    return torch.empty((triton.cdiv(N, config["BLOCK_N"]), M), device="cpu" if _INTERPRET else "cuda", dtype=torch.float32)
+
+
+def _launch(a, w, tensors, flags, config: dict, grid: tuple, parts: torch.Tensor | None = None, publish: bool = True,
+            quantize: bool = True):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = w.shape[0]
+    q, s, a_scale, w_scale, bias, mul = tensors
+    a_desc = TensorDescriptor(a, [M, K], list(a.stride()), [config["BLOCK_M"], config["BLOCK_K"]])
+    w_desc = TensorDescriptor(w, [N, K], list(w.stride()), [config["BLOCK_N"], config["BLOCK_K"]])
+    parts = parts if parts is not None else torch.empty((triton.cdiv(N, config["BLOCK_N"]), M), device=a.device,
+                                                        dtype=torch.float32)
+    sync = _row_counters(a.device, triton.cdiv(M, config["BLOCK_M"]))
+    return _mm8_token_codes_kernel[grid](a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K,
+                                         q.stride(0), PUBLISH=publish, QUANTIZE=quantize, **flags, **config)
