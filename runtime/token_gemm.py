@@ -5,8 +5,8 @@ output tile sees only BLOCK_N of them. So far fc1 wrote its output in bf16 and o
 tensor for the GELU, the amax and the codes (``kernels.quant_rows_int8(gelu=True)``), a bf16 write and read of
 32768 x 4608 per block at DiT-XL/2 batch 64 (issue #13: that round trip is what per-token costs over static).
 
-Here the N tiles of one row block run at the same time in one *row group* of programs, and exchange their
-parts of the row amax through global memory:
+Here the programs of one row block's N tiles (a *row group*) exchange their parts of the row amax through
+global memory:
 
 1. each program computes its tile (TMA loads, int8 ``tl.dot``), dequantizes it, rounds it to the activation
    type as fc1 would store it, applies 2 x GELU(tanh) rounded as ``nn.GELU`` writes it, and fc2's balancing
@@ -15,11 +15,16 @@ parts of the row amax through global memory:
 3. once the row block's ``n_tiles`` programs have arrived it reads their parts, takes the row scale
    ``max(amax / 127, 1e-12)`` and writes the codes from its registers (the first N tile writes the scales).
 
-A program waits for others of the same launch, so all of them must be resident at once: the grid is whole row
-groups of ``n_tiles`` programs, no more than the GPU has SMs (one program per SM is all that is assumed), and
-each group walks the row blocks ``group, group + groups, ...``. The counter is left at zero by the row block's
-last program to leave (arrive + leave, ``2 n_tiles`` counts), so the buffer is reused without a memset and
-re-launches (autotuning, CUDA-graph replays) start clean. One launch at a time per device uses it.
+A program waits for others of its row group, which must then get onto the GPU while it holds its SM. Programs
+take their tile from a ticket counter as they start (CUB's decoupled look-back does the same), row block by
+row block, not from their program id: while any tile of the lowest unfinished row group has not started, no
+tile of a later group has either, so the programs on the GPU are that group's started ones and finished
+groups' leaving ones, and the rest of the group starts as those leave. So no launch can deadlock whatever the
+occupancy, as long as one row group fits on the GPU at once (``n_tiles`` programs: 18 for DiT-XL/2's fc1).
+The counters are left at zero by the last program to use them (a row block's counter counts arrivals and
+departures, ``2 n_tiles``; the ticket counter is reset by the launch's last program to finish), so the buffer is
+reused without a memset and re-launches (autotuning, CUDA-graph replays) start clean. One launch at a time
+per device may use it (the engine's kernels run on one stream).
 
 Triton's interpreter runs programs one after another, so nothing may wait there: it runs the same kernel twice,
 once publishing the parts (``PUBLISH``) and once reading them and writing the codes (``QUANTIZE``), which checks
@@ -33,60 +38,61 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _num_sms, _round_to_half,
+from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _round_to_half,
                       tma_eligible)
 
-# Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg), timed at the first call per shape
-# (``_choose``). DiT-XL/2's fc1 is N 4608, K 1152. A program waits at the barrier and does its epilogue
-# with nothing overlapping it unless another program shares its SM, so register caps (``maxnreg``) that let
-# 2-3 programs of ``BLOCK_N`` 128 share an SM are candidates next to one 128 x 256 program per SM.
+# Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg). DiT-XL/2's fc1 is N 4608, K 1152. A program
+# waits at the barrier and does its epilogue with nothing overlapping it unless another program shares its SM,
+# so register caps (``maxnreg``) that let 2-3 programs of BLOCK_N 128 share an SM are candidates next to one
+# 128 x 256 program per SM.
 _CANDIDATES = [(128, 256, 128, 3, 8, None), (128, 256, 64, 4, 8, None),
                (128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 128, 64, 3, 8, 128),
                (64, 128, 128, 3, 4, 168), (64, 128, 64, 4, 4, 168), (64, 256, 64, 3, 4, None)]
 
 
 def _config(bm, bn, bk, stages, warps, maxnreg) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, maxnreg=maxnreg)
+    """A candidate as ``mm8_gelu_token_codes(config=)`` takes it."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps,
+                **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
-def programs_per_sm(kernel, device: torch.device) -> int:
-    """How many programs of the compiled ``kernel`` an SM holds at once, from its registers, shared memory and
-    warps (the CUDA occupancy rules: registers in 256-register units per warp, four sub-partitions of a quarter
-    of the register file each, 1 KB of shared memory reserved per program)."""
-    kernel._init_handles()  # loads the binary: n_regs
-    props = torch.cuda.get_device_properties(device)
-    warps = kernel.metadata.num_warps
-    regs_per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256
-    by_regs = 4 * ((props.regs_per_multiprocessor // 4) // regs_per_warp) // warps
-    by_smem = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)
-    by_threads = props.max_threads_per_multi_processor // (32 * warps)
-    return min(by_regs, by_smem, by_threads, 32)
+def _tma_blocks(nargs):
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def row_groups(M: int, N: int, block_m: int, block_n: int, slots: int) -> int:
-    """How many row groups run at once: as many whole groups of ``cdiv(N, block_n)`` programs as there are
-    program slots (SMs x programs per SM) for, no more than there are row blocks; 0 where one group does not fit."""
-    return min(slots // triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, maxnreg=r,
+                          pre_hook=_tma_blocks) for m, n, k, s, w, r in _CANDIDATES]
 
 
+def _prune(configs, named_args, **kwargs):
+    K = named_args.get("K", kwargs.get("K"))
+    return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0] or configs
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                            mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm,
+                            mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
                             BF16: tl.constexpr, PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    group = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    if PUBLISH and QUANTIZE:  # the row groups walk the row blocks
-        for pid_m in range(group, tl.cdiv(M, BLOCK_M), tl.num_programs(0) // n_tiles):
-            _token_codes_tile(pid_m, pid_n, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                              w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16,
-                              PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:  # one phase, one row block per program (Triton's interpreter)
-        _token_codes_tile(group, pid_n, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                          w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16,
-                          PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
+    if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
+        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    else:  # one phase (Triton's interpreter)
+        tile = tl.program_id(0)
+    _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
+                      a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
+                      BF16, PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
+    if PUBLISH and QUANTIZE:  # the last program to finish resets the ticket counters for the next launch
+        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -151,16 +157,13 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
 _SYNC: dict[torch.device, torch.Tensor] = {}
 
 
-def _row_counters(device: torch.device, row_blocks: int) -> torch.Tensor:
-    """The per-row-block counters (zeros between launches), one buffer per device, grown when needed."""
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The ticket counters and the per-row-block counters (zeros between launches), one buffer per device,
+    grown when needed."""
     buf = _SYNC.get(device)
-    if buf is None or buf.numel() < row_blocks:
-        buf = _SYNC[device] = torch.zeros(max(row_blocks, 4096), device=device, dtype=torch.int32)
+    if buf is None or buf.numel() < n:
+        buf = _SYNC[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
     return buf
-
-
-# the chosen (config, programs per SM) per (device, M bucket, N, K, flags): timed once, as Triton's autotuner would
-_CHOICE: dict[tuple, tuple[dict, int]] = {}
 
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -171,8 +174,10 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
     GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
-    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the fastest, timed at the first
-    call per shape. CUDA (or Triton's interpreter) only; the TMA loads need 16-byte aligned rows."""
+    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
+    Triton's interpreter) only; the TMA loads need 16-byte aligned rows."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     M, K = a.shape
     N, K2 = w.shape
     assert K == K2 and a.dtype == w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
@@ -182,79 +187,26 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:
         return q, s
-    flags = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
-                 BF16=out_dtype == torch.bfloat16)
-    tensors = (q, s, a_scale, w_scale, bias if bias is not None else w_scale, mul if mul is not None else w_scale)
-    if _INTERPRET:  # nothing may wait: publish every part, then quantize (one row block per program each time)
-        cfg = config or dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        parts = _parts(M, N, cfg)
-        _launch(a, w, tensors, flags, cfg, grid, parts, publish=True, quantize=False)
-        _launch(a, w, tensors, flags, cfg, grid, parts, publish=False, quantize=True)
-        return q, s
-    if config is None:
-        key = (a.device, _m_bucket(M), N, K, *flags.values())
-        if key not in _CHOICE:
-            _CHOICE[key] = _choose(a, w, tensors, flags)
-        config, per_sm = _CHOICE[key]
+    a_desc = TensorDescriptor(a, [M, K], list(a.stride()), [1, 1])  # block shapes: _tma_blocks
+    w_desc = TensorDescriptor(w, [N, K], list(w.stride()), [1, 1])
+    min_block_n = config["BLOCK_N"] if config is not None else min(c.kwargs["BLOCK_N"] for c in _configs())
+    parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
+    sync = _counters(a.device, 2 + triton.cdiv(M, 16))
+    args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
+                BF16=out_dtype == torch.bfloat16)
+    kernel = _mm8_token_codes_kernel
+    if config is not None:
+        kernel = _mm8_token_codes_kernel.fn
+        _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
+        args.update(config)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    launch = lambda publish, quantize: kernel[grid](  # noqa: E731
+        a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
+        mul if mul is not None else w_scale, M, N, K, _m_bucket(M), q.stride(0), PUBLISH=publish, QUANTIZE=quantize,
+        **args)
+    if _INTERPRET:  # nothing may wait: publish every part, then quantize
+        launch(True, False)
+        launch(False, True)
     else:
-        per_sm = _programs_per_sm(a, w, tensors, flags, config)
-    _launch(a, w, tensors, flags, config, _grid(M, N, config, per_sm * _num_sms(a.device)))
+        launch(True, True)
     return q, s
-
-
-def _grid(M: int, N: int, config: dict, slots: int) -> tuple[int]:
-    groups = row_groups(M, N, config["BLOCK_M"], config["BLOCK_N"], slots)
-    if groups < 1:
-        raise ValueError(f"a row of {N} columns in {config['BLOCK_N']}-column tiles needs more programs at once "
-                         f"than the GPU holds ({slots})")
-    return (groups * triton.cdiv(N, config["BLOCK_N"]),)
-
-
-def _programs_per_sm(a, w, tensors, flags, config) -> int:
-    """Compile ``config`` by running it as one row group (always resident: it waits for nobody else), and read
-    its occupancy."""
-    kernel = _launch(a, w, tensors, flags, config, (triton.cdiv(w.shape[0], config["BLOCK_N"]),))
-    return programs_per_sm(kernel, a.device)
-
-
-def _choose(a, w, tensors, flags) -> tuple[dict, int]:
-    """The fastest candidate for this shape (median of ``do_bench``), with its programs per SM."""
-    import triton.testing
-
-    M, N, sms = a.shape[0], w.shape[0], _num_sms(a.device)
-    best = None
-    for cand in _CANDIDATES:
-        config = _config(*cand)
-        if a.shape[1] % config["BLOCK_K"] or triton.cdiv(N, config["BLOCK_N"]) > sms:
-            continue
-        per_sm = _programs_per_sm(a, w, tensors, flags, config)
-        grid = _grid(M, N, config, per_sm * sms)
-        ms = triton.testing.do_bench(lambda: _launch(a, w, tensors, flags, config, grid), warmup=5, rep=25,  # noqa: B023
-                                     return_mode="median")
-        if best is None or ms < best[0]:
-            best = (ms, config, per_sm)
-    if best is None:
-        raise ValueError(f"no candidate tile fits fc1's shape (N {N}, K {a.shape[1]}) on this GPU")
-    return best[1], best[2]
-
-
-def _parts(M: int, N: int, config: dict) -> torch.Tensor:
-    """Each N tile's part of each row's amax, ``[n_tiles, M]`` float32."""
-    return torch.empty((triton.cdiv(N, config["BLOCK_N"]), M), device="cpu" if _INTERPRET else "cuda", dtype=torch.float32)
-
-
-def _launch(a, w, tensors, flags, config: dict, grid: tuple, parts: torch.Tensor | None = None, publish: bool = True,
-            quantize: bool = True):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    M, K = a.shape
-    N = w.shape[0]
-    q, s, a_scale, w_scale, bias, mul = tensors
-    a_desc = TensorDescriptor(a, [M, K], list(a.stride()), [config["BLOCK_M"], config["BLOCK_K"]])
-    w_desc = TensorDescriptor(w, [N, K], list(w.stride()), [config["BLOCK_N"], config["BLOCK_K"]])
-    parts = parts if parts is not None else torch.empty((triton.cdiv(N, config["BLOCK_N"]), M), device=a.device,
-                                                        dtype=torch.float32)
-    sync = _row_counters(a.device, triton.cdiv(M, config["BLOCK_M"]))
-    return _mm8_token_codes_kernel[grid](a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K,
-                                         q.stride(0), PUBLISH=publish, QUANTIZE=quantize, **flags, **config)
