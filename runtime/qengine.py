@@ -160,7 +160,10 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # fc2 quantizing on load ran 0.833 ms against 0.391 on codes (+ the pass's 0.241): its A tile goes through
 # registers without the pipelined shared-memory copy; fc1's GELU + row-amax epilogue ran 0.543 against 0.366.
 # Kept as the ablation (dtq-bench "-token-gemmq").
-TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm"]
+# "epilogue": as "pass-fused", except fc2's input in an all-INT8 MLP: fc1's GEMM writes fc2's per-token codes
+# and row scales itself (token_gemm.mm8_gelu_token_codes: the programs of a row block's N tiles exchange their
+# parts of the row amax through global memory), the codes of fc1 + the paired pass without fc1's output in HBM.
+TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm", "epilogue"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
 
@@ -309,7 +312,7 @@ class EngineLinear(nn.Module):
         per-row scales; "pass" keeps them unfused); ``FusedMlp``'s fc1 epilogue also needs static scales
         (fc2's input is quantized inside fc1's N tiles; per token it folds GELU into fc2's pass instead)."""
         return (self.epilogue_format is not None and self.kernel != "reference" and self.lowrank_up is None
-                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused", "gemm")))
+                and (not self.dynamic or self.token_quant in ("inductor", "pass-fused", "gemm", "epilogue")))
 
     def fused_gate_residual(self, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + gate.unsqueeze(1) * self(x)`` (a DiT block's adaLN-gated residual add) as one GEMM
@@ -580,7 +583,7 @@ class FusedMlp(nn.Module):
         """A per-token INT8-code fc2 with ``token_quant="pass-fused"`` after any engine fc1: GELU folded
         into fc2's quantization pass."""
         return (isinstance(fc1, EngineLinear) and isinstance(fc2, EngineLinear) and fc2.dynamic
-                and fc2.token_quant in ("pass-fused", "gemm") and fc2.act_format == "int8"
+                and fc2.token_quant in ("pass-fused", "gemm", "epilogue") and fc2.act_format == "int8"
                 and fc2.epilogue_format in formats and fc2.fuses_epilogue()
                 and callable(getattr(fc2, "codes_forward", None)) and not fc2.input_rotation
                 and isinstance(act, nn.GELU) and act.approximate == "tanh")
@@ -590,11 +593,11 @@ class FusedMlp(nn.Module):
             return self.fc2(self.act(self.fc1(x)))
         return self.fused_forward(x)
 
-    def rowquant_fusable(self, rows: int) -> bool:
-        """``token_quant="gemm"`` for this MLP at ``rows``: both layers INT8 on the Triton GEMM (fc1 per token
-        or static), fc2 per token without a low-rank branch or rotation (``token_fusable``)."""
+    def rowquant_fusable(self, rows: int, token_quant: str = "gemm") -> bool:
+        """``token_quant`` ("gemm" or "epilogue") for this MLP at ``rows``: both layers INT8 on the Triton GEMM
+        (fc1 per token or static), fc2 per token without a low-rank branch or rotation (``token_fusable``)."""
         fc1, fc2 = self.fc1, self.fc2
-        return (fc2.token_quant == "gemm" and type(fc1) is Int8Linear and type(fc2) is Int8Linear
+        return (fc2.token_quant == token_quant and type(fc1) is Int8Linear and type(fc2) is Int8Linear
                 and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
 
     def fused_forward(self, x: torch.Tensor | QuantizedActivation, gate: torch.Tensor | None = None,
@@ -615,9 +618,14 @@ class FusedMlp(nn.Module):
             y = torch.ops.dtq.mm8_rowquant(h, amax, fc2.input_mul, fc2.weight_int8, fc2.w_scale_n, fc2.bias, x.dtype,
                                            gate, res2)
             return y.reshape(*shape[:-1], fc2.out_features) if gate is None else y.reshape(residual.shape)
-        if fc2.dynamic:  # per token: fc1's own GEMM, then GELU + fc2's row scales and codes in one pass
-            h = fc1(x).reshape(rows, fc1.out_features)
-            codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul, fc2.input_mul_pairs)
+        if fc2.dynamic:  # per token: fc2's row scales and codes from fc1's epilogue, or from one pass over its output
+            if self.rowquant_fusable(rows, "epilogue"):
+                xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
+                codes, scales = torch.ops.dtq.mm8_gelu_token_codes(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
+                                                                   fc2.input_mul, x.dtype)
+            else:
+                h = fc1(x).reshape(rows, fc1.out_features)
+                codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul, fc2.input_mul_pairs)
             if gate is None:
                 return fc2.codes_forward(codes, x.dtype, scales).reshape(*shape[:-1], fc2.out_features)
             return fc2.codes_gate_residual(codes, gate, residual.reshape(-1, fc2.out_features),

@@ -748,3 +748,78 @@ def test_paired_token_pass_in_interpreter():
         print("ok")
     ''')
     run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fc1_writes_per_token_codes_in_interpreter():
+    """token_quant="epilogue": fc1's GEMM writes fc2's per-token codes and row scales (token_gemm), the numbers
+    of fc1's output rounded to the activation type + the paired GELU pass, exactly: against torch's rounding of
+    the same float32 products for bf16 and fp16 (Triton's interpreter truncates float32 to bf16 in its own
+    stores, so the bf16 reference is torch's), per-row and static input scales, with and without bias and Mul,
+    ragged M and N. The interpreter runs the two phases one after the other (nothing may wait there). Then the
+    per-token engine with it gives the "pass-fused" engine's output bit for bit (fp16)."""
+    code = textwrap.dedent('''
+        import torch
+        from dtq.runtime import kernel_ops, kernels, quant, token_gemm  # noqa: F401  (kernel_ops: the custom ops)
+        torch.manual_seed(0)
+        for (M, K, N, dt, rows, has_mul, has_bias) in [(40, 64, 80, torch.bfloat16, True, True, True),
+                                                       (33, 96, 48, torch.float16, False, False, True),
+                                                       (16, 32, 32, torch.bfloat16, True, True, False)]:
+            a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+            w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+            sa = torch.rand(M) * 1e-2 + 1e-3 if rows else torch.tensor(0.004)
+            sw = torch.rand(N) * 1e-2 + 1e-3
+            b = torch.randn(N) if has_bias else None
+            mul = torch.rand(N) + 0.5 if has_mul else None
+            q, s = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt)
+            h = (a.double() @ w.double().T).float() * ((sa[:, None] if rows else sa) * sw)
+            h = (h + b if b is not None else h).to(dt)  # fc1's output as its GEMM stores it
+            q0, s0 = kernels.quant_rows_int8(h, mul, gelu=True)
+            assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, dt, (q.int() - q0.int()).abs().max())
+            assert q.abs().max() == 127  # each row's largest value takes the full range
+            ref = torch.nn.functional.gelu(h.float(), approximate="tanh") * (mul if mul is not None else 1)
+            assert quant.sqnr_db(ref, q.float() * s[:, None]) > 30
+        # the engine: per-token INT8 DiT, "epilogue" against "pass-fused"
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        recipe = minmax_recipe(m, "int8", act_granularity="token")
+        x, t, y = torch.randn(2, 4, 8, 8).half(), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
+        outs = {}
+        for tq in ("pass-fused", "epilogue"):
+            e = build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, token_quant=tq)
+            assert all(isinstance(b.mlp, FusedMlp) for b in e.blocks)
+            assert e.blocks[0].mlp.rowquant_fusable(32, "epilogue") == (tq == "epilogue")
+            with torch.no_grad():
+                outs[tq] = e(x, t, y).float()
+        assert torch.equal(outs["pass-fused"], outs["epilogue"]), quant.sqnr_db(outs["pass-fused"], outs["epilogue"])
+        print("ok")
+    ''')
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fc1_token_codes_kernel_compiles_for_hopper():
+    """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the row block's
+    counter taken with release and read with acquire (the parts of the row amax written before the count says
+    so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts; per
+    element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair each), no IEEE division
+    and no float-to-int convert (codes from the rounding add's bits)."""
+    from dtq.runtime import token_gemm
+
+    consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, PUBLISH=True,
+                  QUANTIZE=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128)
+    ptx = _ptx_for_hopper(token_gemm._mm8_token_codes_kernel.fn, consts,
+                          {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[256, 128]>", "q_ptr": "*i8",
+                           "sync_ptr": "*i32"}, num_warps=8)
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
+    assert _count(ptx, "atom.global.gpu.release.add") == 1 and _count(ptx, "ld.global.gpu.acquire") == 1
+    assert _count(ptx, "ld.global.cg") == 4608 // 256  # each N tile's part of the 128 rows: one load a thread
+    assert _count(ptx, "atom.global.gpu.relaxed.add") == 3  # the ticket, leaving the row block, finishing
+    elements = 128 * 256 // (8 * 32)
+    assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
+    assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
+    assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
+    assert "0f4B400000" in ptx, "the round-half-even add was folded away"

@@ -400,7 +400,10 @@ PASSONLY = "passonly"
 # "-token-gemmq": token_quant="gemm" (fc2's per-token INT8 input quantized as fc2's GEMM loads it, the row
 # amaxes from fc1's epilogue: no pass over the 4x-hidden tensor; session 17)
 GEMMQ = "gemmq"
-TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass", GEMMQ: "gemm"}
+# "-token-epi": token_quant="epilogue" (fc1's GEMM writes fc2's per-token codes, row groups exchanging their
+# amaxes; session 19)
+EPI = "epi"
+TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass", GEMMQ: "gemm", EPI: "epilogue"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
 # "-inreg" never (the INT4 weight unpacked in the GEMM's registers); neither: build_qengine's default
 # (staged from W4A8_STAGED_MIN_ROWS rows). W4A16: "-staged" dequantizes to bf16 once per call and runs
@@ -472,7 +475,7 @@ def engine_options(name: str) -> dict:
     ``token_quant``: build_qengine's default, "pass-fused"), "-token-passonly" (``token_quant="pass"``),
     "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
-    "-token-passfused" (``token_quant="pass-fused"``), "-token-gemmq" (``token_quant="gemm"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
+    "-token-passfused" (``token_quant="pass-fused"``), "-token-gemmq" (``token_quant="gemm"``), "-token-epi" (``token_quant="epilogue"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
     the unpacked weight at every M / never; default: from ``W4A8_STAGED_MIN_ROWS`` rows; W4A16: a bf16
     weight dequantized per call and cuBLAS / the INT4 kernel; default: from ``W4A16_STAGED_MIN_ROWS``),
     "-noprefetch" (W4A16: each staged weight dequantized inside its layer, not a block ahead), the
