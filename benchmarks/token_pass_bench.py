@@ -84,7 +84,9 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
     coop = lambda config=None: token_gemm.mm8_gelu_token_codes(a, w, sa_rows, sw, b, mul, torch.bfloat16, config)  # noqa: E731
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
-                     ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop)):
+                     ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
+                     ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
+                         a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False))):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
     # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's

@@ -218,15 +218,15 @@ def _(a, w, a_scale, w_scale, bias, q_mul, out_dtype):
 @torch.library.custom_op("dtq::mm8_gelu_token_codes", mutates_args=())
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None,
-                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                         out_dtype: torch.dtype, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 writing fc2's per-token INT8 codes and row scales (``token_gemm.mm8_gelu_token_codes``)."""
     from . import token_gemm
 
-    return token_gemm.mm8_gelu_token_codes(a, w, a_scale, w_scale, bias, mul, out_dtype)
+    return token_gemm.mm8_gelu_token_codes(a, w, a_scale, w_scale, bias, mul, out_dtype, exact=exact)
 
 
 @mm8_gelu_token_codes.register_fake
-def _(a, w, a_scale, w_scale, bias, mul, out_dtype):
+def _(a, w, a_scale, w_scale, bias, mul, out_dtype, exact):
     return (a.new_empty((a.shape[0], w.shape[0]), dtype=torch.int8), a.new_empty((a.shape[0],), dtype=torch.float32))
 
 

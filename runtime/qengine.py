@@ -164,6 +164,9 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # and row scales itself (token_gemm.mm8_gelu_token_codes: the programs of a row block's N tiles exchange their
 # parts of the row amax through global memory), the codes of fc1 + the paired pass without fc1's output in HBM.
 TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm", "epilogue"]
+# "epilogue" with fc1's output and the GELU rounded to the activation type as the simulation does (True: the codes
+# of fc1 + the pass, exactly) or kept in float32 as the static fused fc1 keeps them (False)
+EPILOGUE_TOKEN_EXACT = __import__("os").environ.get("DTQ_EPILOGUE_TOKEN_EXACT", "1") != "0"
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
 
@@ -622,7 +625,7 @@ class FusedMlp(nn.Module):
             if self.rowquant_fusable(rows, "epilogue"):
                 xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
                 codes, scales = torch.ops.dtq.mm8_gelu_token_codes(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
-                                                                   fc2.input_mul, x.dtype)
+                                                                   fc2.input_mul, x.dtype, EPILOGUE_TOKEN_EXACT)
             else:
                 h = fc1(x).reshape(rows, fc1.out_features)
                 codes, scales = torch.ops.dtq.gelu_quant_rows_int8(h, fc2.input_mul, fc2.input_mul_pairs)

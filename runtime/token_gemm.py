@@ -73,14 +73,14 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0] or configs
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16", "ROUND"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                             mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
-                            BF16: tl.constexpr, PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BF16: tl.constexpr, ROUND: tl.constexpr, PUBLISH: tl.constexpr,
+                            QUANTIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
         tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
@@ -88,7 +88,7 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
         tile = tl.program_id(0)
     _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
                       a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
-                      BF16, PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      BF16, ROUND, PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
     if PUBLISH and QUANTIZE:  # the last program to finish resets the ticket counters for the next launch
         if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
@@ -98,8 +98,8 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
 @triton.jit
 def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                       w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm, ROW_SCALE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr, PUBLISH: tl.constexpr,
-                      QUANTIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
+                      PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for ki in range(K // BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -114,7 +114,10 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
     # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale below
-    x = _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
+    if ROUND:
+        x = _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
+    else:  # float32 throughout, as the static engine's fused fc1 (two conversion-unit operations less per element)
+        x = _gelu_tanh_x2(c)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if PUBLISH:
@@ -168,14 +171,16 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
-                         config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         config: dict | None = None, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
     GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
     (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
-    Triton's interpreter) only; the TMA loads need 16-byte aligned rows."""
+    Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
+    GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
+    can differ by a step where a rounding moved a value across a rounding boundary of the codes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -193,7 +198,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
     sync = _counters(a.device, 2 + triton.cdiv(M, 16))
     args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
-                BF16=out_dtype == torch.bfloat16)
+                BF16=out_dtype == torch.bfloat16, ROUND=exact)
     kernel = _mm8_token_codes_kernel
     if config is not None:
         kernel = _mm8_token_codes_kernel.fn
