@@ -118,7 +118,8 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     inside fc2's pass, per-row-scale gated-residual epilogues; measured fastest), "pass" (the Triton pass,
     no per-token fused epilogue), "inductor" (torch ops Inductor fuses under ``compile``, gated-residual
     epilogues) or "gemm" (an all-INT8 MLP's fc2 quantizes its input on load, the row amaxes from fc1's
-    epilogue; measured slower); recipe backend only.
+    epilogue; measured slower) or "epilogue" (an all-INT8 MLP's fc1 writes fc2's per-token codes itself, the
+    same codes as "pass-fused"; measured no faster at batch 64); recipe backend only.
     ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
     onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""
