@@ -565,6 +565,30 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
     run_in_triton_interpreter(code)
 
 
+# interpreter snippet: a small per-token INT8 DiT's output through the "pass-fused" engine and through one with
+# ``token_quant`` (fp16, fixed inputs), every MLP fused and only the latter taking that token_quant's MLP path
+_PER_TOKEN_ENGINES = textwrap.dedent("""
+    def per_token_engine_outputs(token_quant):
+        import torch
+        from dtq.runtime.model import DiT, DiTConfig
+        from dtq.runtime.qengine import FusedMlp, build_qengine
+        from dtq.tools.quick_recipe import minmax_recipe
+        torch.manual_seed(1)
+        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
+        recipe = minmax_recipe(m, "int8", act_granularity="token")
+        x, t, y = torch.randn(2, 4, 8, 8).half(), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
+        outs = {}
+        for tq in ("pass-fused", token_quant):
+            e = build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, token_quant=tq)
+            assert all(isinstance(b.mlp, FusedMlp) for b in e.blocks)
+            assert e.blocks[0].mlp.rowquant_fusable(32, token_quant) == (tq == token_quant)
+            with torch.no_grad():
+                outs[tq] = e(x, t, y).float()
+        return outs
+""")
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_per_token_fc2_quantized_in_the_gemm_in_interpreter():
     """token_quant="gemm": fc1's epilogue writes GELU(fc1) and each row's amax of fc2's balanced input (atomic
@@ -572,7 +596,7 @@ def test_per_token_fc2_quantized_in_the_gemm_in_interpreter():
     loads it, giving quant_rows_int8's scales and its codes up to rounding ties, so its output matches the
     pass + int8_mm path (plain and gated-residual epilogues); and the per-token engine with it stays within
     rounding of the "pass-fused" engine."""
-    code = textwrap.dedent("""
+    code = _PER_TOKEN_ENGINES + textwrap.dedent("""
         import torch
         from dtq.runtime import kernel_ops, kernels, quant
         torch.manual_seed(0)
@@ -600,20 +624,7 @@ def test_per_token_fc2_quantized_in_the_gemm_in_interpreter():
         got = kernels.mm8_rowquant(hh, aa, mul, w2, sw2, b2, gate=gate, residual=res)
         assert quant.sqnr_db(ref, got) > 60, quant.sqnr_db(ref, got)
         # the engine: per-token INT8 DiT, "gemm" against "pass-fused"
-        from dtq.runtime.model import DiT, DiTConfig
-        from dtq.runtime.qengine import FusedMlp, build_qengine
-        from dtq.tools.quick_recipe import minmax_recipe
-        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
-        recipe = minmax_recipe(m, "int8", act_granularity="token")
-        x, t, y = torch.randn(2, 4, 8, 8).half(), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
-        outs = {}
-        for tq in ("pass-fused", "gemm"):
-            e = build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, token_quant=tq)
-            assert all(isinstance(b.mlp, FusedMlp) for b in e.blocks)
-            assert e.blocks[0].mlp.rowquant_fusable(32) == (tq == "gemm")
-            with torch.no_grad():
-                outs[tq] = e(x, t, y).float()
+        outs = per_token_engine_outputs("gemm")
         assert quant.sqnr_db(outs["pass-fused"], outs["gemm"]) > 35, quant.sqnr_db(outs["pass-fused"], outs["gemm"])
         print("ok")
     """)
@@ -758,7 +769,7 @@ def test_fc1_writes_per_token_codes_in_interpreter():
     stores, so the bf16 reference is torch's), per-row and static input scales, with and without bias and Mul,
     ragged M and N. The interpreter runs the two phases one after the other (nothing may wait there). Then the
     per-token engine with it gives the "pass-fused" engine's output bit for bit (fp16)."""
-    code = textwrap.dedent('''
+    code = _PER_TOKEN_ENGINES + textwrap.dedent('''
         import torch
         from dtq.runtime import kernel_ops, kernels, quant, token_gemm  # noqa: F401  (kernel_ops: the custom ops)
         torch.manual_seed(0)
@@ -784,20 +795,7 @@ def test_fc1_writes_per_token_codes_in_interpreter():
             assert (q2.int() - q.int()).abs().max() <= 1 and (q2 != q).float().mean() < 0.2
             assert torch.allclose(s2, s, rtol=2 ** -7) and quant.sqnr_db(ref, q2.float() * s2[:, None]) > 30
         # the engine: per-token INT8 DiT, "epilogue" against "pass-fused"
-        from dtq.runtime.model import DiT, DiTConfig
-        from dtq.runtime.qengine import FusedMlp, build_qengine
-        from dtq.tools.quick_recipe import minmax_recipe
-        m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                          num_classes=10)).randomize_(seed=1, std=0.1).eval()
-        recipe = minmax_recipe(m, "int8", act_granularity="token")
-        x, t, y = torch.randn(2, 4, 8, 8).half(), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
-        outs = {}
-        for tq in ("pass-fused", "epilogue"):
-            e = build_qengine(m, recipe, kernel="gpu", dtype=torch.float16, token_quant=tq)
-            assert all(isinstance(b.mlp, FusedMlp) for b in e.blocks)
-            assert e.blocks[0].mlp.rowquant_fusable(32, "epilogue") == (tq == "epilogue")
-            with torch.no_grad():
-                outs[tq] = e(x, t, y).float()
+        outs = per_token_engine_outputs("epilogue")
         assert torch.equal(outs["pass-fused"], outs["epilogue"]), quant.sqnr_db(outs["pass-fused"], outs["epilogue"])
         print("ok")
     ''')
