@@ -157,16 +157,16 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
-_SYNC: dict[torch.device, torch.Tensor] = {}
+_SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The ticket counters and the per-row-block counters (zeros between launches), one buffer per device,
-    grown when needed."""
-    buf = _SYNC.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _SYNC[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-    return buf
+    grown when needed. A grown-out buffer is kept, never freed: a CUDA graph captured with it still uses it."""
+    bufs = _SYNC.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
+    return bufs[-1]
 
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -825,3 +825,18 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
     assert "0f4B400000" in ptx, "the round-half-even add was folded away"
+
+
+def test_token_codes_counters_outlive_growth():
+    """The fused kernel's counter buffer grows for more row blocks, and the buffer it grew out of stays allocated
+    (a CUDA graph captured with it keeps using it) and zero."""
+    pytest.importorskip("triton")
+    from dtq.runtime import token_gemm
+
+    dev = torch.device("cpu")
+    token_gemm._SYNC.pop(dev, None)
+    small = token_gemm._counters(dev, 10)
+    assert token_gemm._counters(dev, 4000) is small and small.numel() == 4096 and not small.any()
+    big = token_gemm._counters(dev, 5000)
+    assert big is not small and big.numel() == 5000 and [id(b) for b in token_gemm._SYNC[dev]] == [id(small), id(big)]
+    token_gemm._SYNC.pop(dev)
