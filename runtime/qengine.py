@@ -604,6 +604,10 @@ class FusedMlp(nn.Module):
         return (fc2.token_quant == token_quant and type(fc1) is Int8Linear and type(fc2) is Int8Linear
                 and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
 
+    def _fc1_codes(self, x: torch.Tensor | QuantizedActivation, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc1's input codes and scale: those of the kernel that produced ``x``, or quantized here."""
+        return (x.codes, x.scale) if isinstance(x, QuantizedActivation) else self.fc1.input_codes(x.reshape(rows, -1))
+
     def fused_forward(self, x: torch.Tensor | QuantizedActivation, gate: torch.Tensor | None = None,
                       residual: torch.Tensor | None = None) -> torch.Tensor:
         """The GPU path (any device that runs the Triton kernels: the tests use the interpreter).
@@ -615,7 +619,7 @@ class FusedMlp(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         rows = shape.numel() // shape[-1]
         if fc2.dynamic and self.rowquant_fusable(rows):  # per token, "gemm": no pass over fc1's output
-            xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
+            xq, a_scale = self._fc1_codes(x, rows)
             h, amax = torch.ops.dtq.mm8_gelu_rowmax(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
                                                    fc2.input_mul, x.dtype)
             res2 = None if residual is None else residual.reshape(-1, fc2.out_features)
@@ -624,7 +628,7 @@ class FusedMlp(nn.Module):
             return y.reshape(*shape[:-1], fc2.out_features) if gate is None else y.reshape(residual.shape)
         if fc2.dynamic:  # per token: fc2's row scales and codes from fc1's epilogue, or from one pass over its output
             if self.rowquant_fusable(rows, "epilogue"):
-                xq, a_scale = (x.codes, x.scale) if isinstance(x, QuantizedActivation) else fc1.input_codes(x.reshape(rows, -1))
+                xq, a_scale = self._fc1_codes(x, rows)
                 codes, scales = torch.ops.dtq.mm8_gelu_token_codes(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
                                                                    fc2.input_mul, x.dtype, True)
             else:

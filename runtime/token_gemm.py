@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _round_to_half,
-                      tma_eligible)
+from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _prune_k, _round_to_half,
+                      _tma_blocks, tma_eligible)
 
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg). DiT-XL/2's fc1 is N 4608, K 1152. A program
 # waits at the barrier and does its epilogue with nothing overlapping it unless another program shares its SM,
@@ -56,11 +56,6 @@ def _config(bm, bn, bk, stages, warps, maxnreg) -> dict:
                 **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
-def _tma_blocks(nargs):
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
@@ -68,13 +63,8 @@ def _configs():
                           pre_hook=_tma_blocks) for m, n, k, s, w, r in _CANDIDATES]
 
 
-def _prune(configs, named_args, **kwargs):
-    K = named_args.get("K", kwargs.get("K"))
-    return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0] or configs
-
-
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16", "ROUND"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune_k})
 @triton.jit
 def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                             mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
@@ -157,6 +147,7 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)  # sizes the amax parts
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -194,7 +185,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
         return q, s
     a_desc = TensorDescriptor(a, [M, K], list(a.stride()), [1, 1])  # block shapes: _tma_blocks
     w_desc = TensorDescriptor(w, [N, K], list(w.stride()), [1, 1])
-    min_block_n = config["BLOCK_N"] if config is not None else min(c.kwargs["BLOCK_N"] for c in _configs())
+    min_block_n = config["BLOCK_N"] if config is not None else _MIN_BLOCK_N
     parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
     sync = _counters(a.device, 2 + triton.cdiv(M, 16))
     args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
