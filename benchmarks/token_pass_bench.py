@@ -13,7 +13,9 @@ by the reciprocal scale) and whether their scales are equal. Then fc1 and fc2's 
 (K 1152, N 4608): the static engine's fc1 (GELU + quantize epilogue, ``mm8_gelu_quant``: codes out), the
 per-token engine's fc1 (``int8_mm``, bf16 out), that fc1 + the paired GELU pass (what per-token costs
 there against static) and (session 19) ``token_gemm.mm8_gelu_token_codes``, fc1 writing fc2's per-token codes
-itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile.
+itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile,
+and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
+barrier's cost.
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -81,12 +83,14 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         return kernels.quant_rows_int8(h, gelu=True, mul_pairs=pairs)
 
     case = {"rows": m, "k": k, "n": n, "ms": {}}
-    coop = lambda config=None: token_gemm.mm8_gelu_token_codes(a, w, sa_rows, sw, b, mul, torch.bfloat16, config)  # noqa: E731
+    coop = lambda config=None, wait=True: token_gemm.mm8_gelu_token_codes(  # noqa: E731
+        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, _wait=wait)
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
                      ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
                      ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
-                         a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False))):
+                         a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False)),
+                     ("token_fc1_coop_nowait", lambda: coop(wait=False))):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
     # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's
@@ -98,12 +102,15 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         case[f"coop_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)), "codes_differing": int((diff > 0).sum()),
                                      "max_diff": int(diff.max()), "codes": diff.numel()}
     case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
+    case["static_choice"] = str(kernels._mm8_tma_kernel.best_config)
     for cand in token_gemm._CANDIDATES:
         cfg = token_gemm._config(*cand)
         name = "coop_{}x{}x{}_s{}_w{}_r{}".format(*cand)
         try:
             coop(cfg)
             case["ms"][name] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)  # noqa: B023
+            # the same without the wait for the row group (wrong codes): what the barrier costs
+            case["ms"][name + "_nowait"] = round(time_ms(lambda: coop(cfg, False), "cudagraph"), 5)  # noqa: B023
         except Exception as exc:  # a candidate that does not fit is a result
             case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
     print("fc1", m, case, flush=True)

@@ -4,7 +4,8 @@ For each layer shape (``out x in``: qkv, proj, fc1, fc2, adaLN) and row count (t
 batch 1 and 8 with guidance: 512 and 4096 rows; the adaLN layer at 2 x batch rows), CUDA-graph medians of:
 
 - ``bf16``: ``F.linear`` on a bf16 weight (cuBLAS), the baseline's GEMM;
-- ``unpack``: ``kernels.unpack_int4_dequant`` alone (what prefetching moves off the critical path);
+- ``unpack``: ``kernels.unpack_int4_dequant`` alone (what prefetching moves off the critical path), its
+  bandwidth (bytes read and written per second) and its weights against torch's (``--unpack-only``: only this);
 - ``staged``: unpack + ``F.linear`` (the W4A16 layer without prefetching);
 - ``int4``: ``kernels.w4a16_mm``, the INT4 kernel dequantizing in its registers (autotuned);
 - fc1 only: ``linear_gelu`` = ``F.linear`` + ``F.gelu(tanh)`` (two kernels, as bf16 torch.compile runs
@@ -39,7 +40,8 @@ TOKEN_ROWS = (512, 4096)  # batch 1 and 8, 256 tokens, guidance doubles the batc
 ADALN_ROWS = (2, 16, 128, 256, 512)  # 2 x batch for batch 1, 8, 64, 128, 256
 
 
-def run(out: str, group: int, engine_check: bool = False, layers: tuple[str, ...] = ()) -> dict:
+def run(out: str, group: int, engine_check: bool = False, layers: tuple[str, ...] = (),
+        unpack_only: bool = False) -> dict:
     from dtq.runtime import kernel_ops, kernels
     from dtq.runtime.kernels_ref import pack_int4
     from dtq.tools import bench_engines as be
@@ -63,6 +65,11 @@ def run(out: str, group: int, engine_check: bool = False, layers: tuple[str, ...
         bias = torch.randn(n, device=dev, generator=g).to(torch.bfloat16)
         slot = torch.empty_like(w)
         record(f"{layer}_unpack", lambda: kernels.unpack_int4_dequant(wp, s, group, torch.bfloat16, out=slot))
+        res["ms"][f"{layer}_unpack_tb_s"] = round((wp.numel() + s.numel() * 4 + w.numel() * 2) / res["ms"][f"{layer}_unpack"] / 1e9, 3)
+        # q4 * s in float32 rounded once to bf16 (torch's rounding): every weight equal
+        res.setdefault("unpack_check", {})[layer] = int((w != (q.float() * s.repeat_interleave(group, 1)).bfloat16()).sum())
+        if unpack_only:
+            continue
         for m in (ADALN_ROWS if layer == "adaLN" else TOKEN_ROWS):
             a = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
             tag = f"{layer}_m{m}"
@@ -177,10 +184,12 @@ def main() -> None:
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
                     "batch 1 and 8: bf16-compile and W4A16, captured at stream priority 0 and -1")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
+    ap.add_argument("--unpack-only", action="store_true", help="per layer, only the unpack kernel (time, TB/s, "
+                    "and its weights against torch's rounding)")
     ap.add_argument("--layers", default="", help=f"comma-separated subset of {', '.join(LAYERS)} (default: all)")
     args = ap.parse_args()
     if not args.skip_layers:
-        run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))))
+        run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))), args.unpack_only)
     if args.prefetch_sweep:
         res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"))}
         if not args.skip_layers:

@@ -998,24 +998,29 @@ def w4a8_progressive_gate_residual(a: torch.Tensor, w_packed: torch.Tensor, s2: 
 # -- INT4 weights unpacked once per call (staged): two-level to int8 for the INT8 GEMM, W4A16 to bf16/fp16 --
 @triton.jit
 def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, stride_wn, stride_sn, stride_on,
-                        FLOAT_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
-    # one [BLOCK_N, 2 * BLOCK_KP] tile of q4 * s: packed byte j holds K columns 2j (low) and 2j + 1 (high),
-    # both in group (2j) // GROUP (the group size is even). Integer s2 (two-level INT4): exact int8
-    # products; float group scales (W4A16): q4 * s in float32, rounded once to the output type
+                        OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    # one [BLOCK_N, BLOCK_KP] tile of packed bytes -> the same tile of output *pairs*: packed byte j holds K
+    # columns 2j (low nibble) and 2j + 1 (high), both in group (2j) // GROUP (the group size is even), and
+    # the two outputs are stored as one 32-bit (16-bit types) or 16-bit (int8) word, column 2j in its low
+    # half. Loads and stores then share one register layout (an interleave of two tiles, tl.join + reshape,
+    # moved them through shared memory). OUT_DTYPE 0: int8 from integer s2 (two-level INT4, exact products,
+    # |q4 * s2| <= 128); 1 / 2: bf16 / fp16 from float group scales (W4A16: q4 * s in float32, rounded once)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kp = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
     mask = (offs_n[:, None] < N) & (offs_kp[None, :] < KP)
     lo, hi = _int4_nibbles(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :], mask=mask, other=0))
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
-    if FLOAT_SCALES:
-        s = s.to(tl.float32)
-        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    if (GROUP // 2) % BLOCK_KP == 0:  # one group across the tile: a scale per row (no gather, no layout change)
+        s = tl.load(s_ptr + offs_n * stride_sn + (2 * BLOCK_KP * tl.program_id(1)) // GROUP, mask=offs_n < N,
+                    other=0)[:, None]
     else:
-        s = s.to(tl.int32)  # |q4 * s2| <= 128: exact in int8
-    w = tl.reshape(tl.join(lo * s, hi * s), (BLOCK_N, 2 * BLOCK_KP)).to(out_ptr.dtype.element_ty)
-    offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w,
-             mask=(offs_n[:, None] < N) & (offs_k[None, :] < 2 * KP))
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + ((2 * offs_kp) // GROUP)[None, :], mask=mask, other=0)
+    if OUT_DTYPE == 0:
+        s = s.to(tl.int32)
+        pair = (((lo * s) & 0xFF) | (((hi * s) & 0xFF) << 8)).to(tl.int16)
+    else:
+        s = s.to(tl.float32)
+        pair = _pack_half_pair(lo.to(tl.float32) * s, hi.to(tl.float32) * s, OUT_DTYPE == 1)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_kp[None, :], pair, mask=mask)
 
 
 def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
@@ -1027,10 +1032,16 @@ def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype
     if out is None:
         out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
     assert out.shape == (N, 2 * KP) and out.dtype == dtype and out.stride(1) == 1, (out.shape, out.dtype)
-    bn, bkp = (16, 16) if _INTERPRET else (32, 128)
+    # the output as words of two elements (a slot's views start at even offsets: their K is even)
+    pairs = out.view(torch.int16 if dtype == torch.int8 else torch.int32)
+    out_dtype = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    # 64 x 64 bytes in, 16 KB of bf16 out a program: KP is 576 or 2304 on DiT-XL/2's layers (no masked tail)
+    bn, bkp = (16, 16) if _INTERPRET else (64, 64)
+    if group // 2 < bkp and not _INTERPRET:  # keep a tile within one group (group 64: 32 bytes a row)
+        bn, bkp = bn * bkp // max(group // 2, 16), max(group // 2, 16)
     _unpack_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(KP, bkp))](
-        w_packed, scales, out, N, KP, group, w_packed.stride(0), scales.stride(0), out.stride(0),
-        FLOAT_SCALES=scales.is_floating_point(), BLOCK_N=bn, BLOCK_KP=bkp)
+        w_packed, scales, pairs, N, KP, group, w_packed.stride(0), scales.stride(0), pairs.stride(0),
+        OUT_DTYPE=out_dtype, BLOCK_N=bn, BLOCK_KP=bkp)
     return out
 
 
@@ -1194,10 +1205,22 @@ def _round_half_pair(lo, hi, BF16: tl.constexpr):
     """``lo``, ``hi`` rounded to the 16-bit type (nearest even) and back to float32: on the GPU one packed
     convert (``cvt.rn.bf16x2.f32``) for both, where a convert each takes a conversion-unit slot."""
     if _GPU_MATH:
-        cvt: tl.constexpr = "cvt.rn.bf16x2.f32 $0, $1, $2;" if BF16 else "cvt.rn.f16x2.f32 $0, $1, $2;"
-        p = tl.inline_asm_elementwise(cvt, "=r,f,f", [hi, lo], dtype=tl.int32, is_pure=True, pack=1)
-        return _half_pair(p, BF16)
+        return _half_pair(_pack_half_pair(lo, hi, BF16), BF16)
     return _round_to_half(lo, BF16), _round_to_half(hi, BF16)
+
+
+@triton.jit
+def _pack_half_pair(lo, hi, BF16: tl.constexpr):
+    """float32 ``lo``, ``hi`` rounded to the 16-bit type (nearest even) and packed in one int32, ``lo`` in the
+    low half (the layout :func:`_half_pair` reads): on the GPU one ``cvt.rn.bf16x2.f32`` for both."""
+    if _GPU_MATH:
+        cvt: tl.constexpr = "cvt.rn.bf16x2.f32 $0, $1, $2;" if BF16 else "cvt.rn.f16x2.f32 $0, $1, $2;"
+        return tl.inline_asm_elementwise(cvt, "=r,f,f", [hi, lo], dtype=tl.int32, is_pure=True, pack=1)
+    if BF16:  # the interpreter truncates float32 -> bf16: take the rounded bits
+        return (_round_to_half(hi, BF16).to(tl.int32, bitcast=True) & -65536) | \
+            ((_round_to_half(lo, BF16).to(tl.int32, bitcast=True) >> 16) & 0xFFFF)
+    u_lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | u_lo
 
 
 @triton.jit

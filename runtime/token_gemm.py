@@ -70,7 +70,7 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
                             mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
                             BF16: tl.constexpr, ROUND: tl.constexpr, PUBLISH: tl.constexpr,
-                            QUANTIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
         tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
@@ -78,7 +78,7 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
         tile = tl.program_id(0)
     _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
                       a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
-                      BF16, ROUND, PUBLISH, QUANTIZE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      BF16, ROUND, PUBLISH, QUANTIZE, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
     if PUBLISH and QUANTIZE:  # the last program to finish resets the ticket counters for the next launch
         if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
@@ -89,7 +89,8 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
 def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                       w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm, ROW_SCALE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
-                      PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for ki in range(K // BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -113,7 +114,7 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
     if PUBLISH:
         part = tl.max(tl.where(n_ok[None, :], tl.abs(x), 0.0), axis=1)
         tl.store(parts_ptr + pid_n * M + offs_m, part, mask=m_ok)
-    if PUBLISH and QUANTIZE:  # wait for the row block's other N tiles (all resident: see the module doc)
+    if PUBLISH and QUANTIZE and WAIT:  # wait for the row block's other N tiles (all resident: see the module doc)
         tl.debug_barrier()  # every thread's part stored before the count says so
         tl.atomic_add(sync_ptr + pid_m, 1, sem="release", scope="gpu")
         while tl.atomic_add(sync_ptr + pid_m, 0, sem="acquire", scope="gpu") < n_tiles:
@@ -129,7 +130,7 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
         # round half to even by the add of 1.5 * 2**23, the code in its bits' low byte (|x * inv| <= 127)
         codes = ((x * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
         tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_n[None, :], codes, mask=m_ok[:, None] & n_ok[None, :])
-    if PUBLISH and QUANTIZE:  # leave; the last of 2 n_tiles counts resets the counter for the next launch
+    if PUBLISH and QUANTIZE and WAIT:  # leave; the last of 2 n_tiles counts resets the counter for the next launch
         if tl.atomic_add(sync_ptr + pid_m, 1, sem="relaxed", scope="gpu") == 2 * n_tiles - 1:
             tl.atomic_xchg(sync_ptr + pid_m, 0, sem="relaxed", scope="gpu")
 
@@ -162,7 +163,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
-                         config: dict | None = None, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         config: dict | None = None, exact: bool = True,
+                         _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
@@ -171,7 +173,8 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
-    can differ by a step where a rounding moved a value across a rounding boundary of the codes."""
+    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
+    (benchmarks only: the barrier's cost) skips the wait for the row group, so the codes are *wrong*."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -199,7 +202,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     launch = lambda publish, quantize: kernel[grid](  # noqa: E731
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, _m_bucket(M), q.stride(0), PUBLISH=publish, QUANTIZE=quantize,
-        **args)
+        WAIT=_wait, **args)
     if _INTERPRET:  # nothing may wait: publish every part, then quantize
         launch(True, False)
         launch(False, True)
