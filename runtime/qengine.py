@@ -1215,7 +1215,22 @@ def use_weight_prefetch(engine: nn.Module) -> WeightPrefetcher | None:
                                   per_sample=tuple(b.adaLN_modulation[-1] for b in blocks))
     for i, block in enumerate(blocks):  # the prefetcher's index: among the blocks it serves, in order
         block.prefetcher, block.prefetch_index = prefetcher, i
+    if blocks[0] is engine.blocks[0] and isinstance(getattr(engine, "x_embedder", None), nn.Module):
+        engine.register_forward_pre_hook(functools.partial(_prefetch_first_block, prefetcher))
     return prefetcher
+
+
+def _prefetch_first_block(prefetcher: WeightPrefetcher, engine: nn.Module, args: tuple) -> None:
+    """A DiT engine's forward pre-hook: block 0's W4A16 weights start unpacking before the embedders run
+    (``WeightPrefetcher.begin_forward``), for the rows and type its blocks will take: ``B x (H/p) x (W/p)``
+    tokens of the patch embedding's type."""
+    x = args[0] if args else None
+    proj = getattr(engine.x_embedder, "proj", None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not isinstance(proj, nn.Conv2d):
+        return
+    p, q = proj.kernel_size
+    prefetcher.begin_forward(x.shape[0], x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // q), x.device,
+                             proj.weight.dtype)
 
 
 def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:
