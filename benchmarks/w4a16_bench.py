@@ -17,9 +17,8 @@ random weights) at batch 8 with guidance, compiled and CUDA-graphed as dtq-sampl
 scheduling only, so the outputs must be bit-identical (the max difference is recorded either way).
 
 Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights), graphed forward time at
-batch 1 and 8 with guidance: bf16 torch.compile and the W4A16 engine, each captured on a stream of priority 0
-and -1 (``GraphedDenoiser(capture_priority=-1)``: the forward's kernels before the prefetch's side stream), interleaved
-over 3 rounds (median).
+batch 1 and 8 with guidance: bf16 torch.compile and the W4A16 engine, with and without (session 20) block 0's
+weights unpacked from the model's forward pre-hook, interleaved over 3 rounds (median).
 
     python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check] [--prefetch-sweep] [--layers qkv]
 """
@@ -144,22 +143,26 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
 
 
 def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
-    """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16, each captured on a stream of
-    priority 0 (CUDA's default, the prefetch's side stream's) and -1 (the forward's own kernels first)."""
+    """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16 captured on a stream of priority 0
+    (CUDA's default, the prefetch's side stream's), and (session 20) W4A16 without the forward pre-hook
+    that starts block 0's unpacks before the embedders (``w4a16-late``: block 0 unpacks them itself).
+    Sessions 18-19 also captured at priority -1 (the forward's own kernels first): no difference."""
     from dtq.runtime.backends import CAPTURE_PRIORITY, GraphedDenoiser
     from dtq.tools import bench_engines as be
 
     base = be.make_xl()
     fingerprint = "sha256:benchmark-random-weights"
     built = {name: be.build_backend(name, base, fingerprint) for name in ("bf16-compile", "w4a16")}
-    res = {"capture_priority": CAPTURE_PRIORITY, "rounds": rounds, "forward_ms": {}}
+    built["w4a16-late"] = be.build_backend("w4a16", base, fingerprint)
+    late = _prefetcher(built["w4a16-late"])
+    late.first_block_hook.remove()
+    res = {"capture_priority": CAPTURE_PRIORITY, "rounds": rounds, "forward_ms": {}, "first_block_early": {}}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(2 * batch, 4, 32, 32, generator=g).to(dev)
         t = torch.full((2 * batch,), 500, device=dev, dtype=torch.long)
         y = torch.randint(0, 1000, (2 * batch,), generator=g).to(dev)
-        dens = {f"{name}-prio{p}": GraphedDenoiser(m, dev, torch.bfloat16, capture_priority=p)
-                for name, m in built.items() for p in (0, -1)}
+        dens = {name: GraphedDenoiser(m, dev, torch.bfloat16) for name, m in built.items()}
         times: dict[str, list[float]] = {}
         for _ in range(rounds):
             for label, den in dens.items():
@@ -169,10 +172,21 @@ def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
                     times.setdefault(label, []).append(be.bench_ms(lambda: den(x, t, y), warmup_ms=10, rep_ms=60))
         res["forward_ms"][str(batch)] = {k: round(sorted(v)[len(v) // 2], 4) for k, v in times.items()}
         res["forward_ms"][f"{batch}_all"] = {k: [round(t_, 4) for t_ in v] for k, v in times.items()}
-        print("priority sweep, batch", batch, res["forward_ms"][str(batch)], flush=True)
+        res["first_block_early"][str(batch)] = {name: _prefetcher(m).first_block_early for name, m in built.items()
+                                                if name != "bf16-compile"}
+        print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], res["first_block_early"][str(batch)],
+              flush=True)
         for den in dens.values():
             den.reset()
     return res
+
+
+def _prefetcher(engine):
+    """The W4A16 engine's weight prefetcher (behind its compile / graph wrappers)."""
+    for mod in engine.modules():
+        if getattr(mod, "prefetcher", None) is not None:
+            return mod.prefetcher
+    raise RuntimeError("the W4A16 engine has no weight prefetcher")
 
 
 def main() -> None:
@@ -182,7 +196,7 @@ def main() -> None:
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
-                    "batch 1 and 8: bf16-compile and W4A16, captured at stream priority 0 and -1")
+                    "batch 1 and 8: bf16-compile, W4A16, and W4A16 without block 0's early unpacks")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--unpack-only", action="store_true", help="per layer, only the unpack kernel (time, TB/s, "
                     "and its weights against torch's rounding)")

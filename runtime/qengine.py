@@ -1216,7 +1216,9 @@ def use_weight_prefetch(engine: nn.Module) -> WeightPrefetcher | None:
     for i, block in enumerate(blocks):  # the prefetcher's index: among the blocks it serves, in order
         block.prefetcher, block.prefetch_index = prefetcher, i
     if blocks[0] is engine.blocks[0] and isinstance(getattr(engine, "x_embedder", None), nn.Module):
-        engine.register_forward_pre_hook(functools.partial(_prefetch_first_block, prefetcher))
+        # kept so that an ablation (benchmarks/w4a16_bench.py --prefetch-sweep) can remove it
+        prefetcher.first_block_hook = engine.register_forward_pre_hook(
+            functools.partial(_prefetch_first_block, prefetcher))
     return prefetcher
 
 

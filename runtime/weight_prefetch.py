@@ -57,6 +57,7 @@ class WeightPrefetcher:
         self._free: torch.cuda.Event | None = None
         self._early: tuple | None = None  # (samples, tokens, device, dtype) of begin_forward's unpacks
         self.first_block_early = False  # whether the last forward's block 0 found its weights unpacked early
+        self.first_block_hook = None  # the model's forward pre-hook calling begin_forward, when one is
 
     def slot_elements(self) -> int:
         """Weights in one slot: the largest block's."""
