@@ -1017,6 +1017,12 @@ def _unpack_int4_kernel(w_ptr, s_ptr, out_ptr, N, KP, GROUP: tl.constexpr, strid
     if OUT_DTYPE == 0:
         s = s.to(tl.int32)
         pair = (((lo * s) & 0xFF) | (((hi * s) & 0xFF) << 8)).to(tl.int16)
+    elif OUT_DTYPE == 3:  # float32 (an engine on the CPU): no pairs, the two columns stored apart
+        s = s.to(tl.float32)
+        out = out_ptr + offs_n[:, None] * stride_on + 2 * offs_kp[None, :]
+        tl.store(out, lo.to(tl.float32) * s, mask=mask)
+        tl.store(out + 1, hi.to(tl.float32) * s, mask=mask)
+        return
     else:
         s = s.to(tl.float32)
         pair = _pack_half_pair(lo.to(tl.float32) * s, hi.to(tl.float32) * s, OUT_DTYPE == 1)
@@ -1033,8 +1039,8 @@ def _unpack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group: int, dtype
         out = torch.empty((N, 2 * KP), device=w_packed.device, dtype=dtype)
     assert out.shape == (N, 2 * KP) and out.dtype == dtype and out.stride(1) == 1, (out.shape, out.dtype)
     # the output as words of two elements (a slot's views start at even offsets: their K is even)
-    pairs = out.view(torch.int16 if dtype == torch.int8 else torch.int32)
-    out_dtype = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    out_dtype = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[dtype]
+    pairs = out if out_dtype == 3 else out.view(torch.int16 if dtype == torch.int8 else torch.int32)
     # 64 x 64 bytes in, 16 KB of bf16 out a program: KP is 576 or 2304 on DiT-XL/2's layers (no masked tail)
     bn, bkp = (16, 16) if _INTERPRET else (64, 64)
     if group // 2 < bkp and not _INTERPRET:  # keep a tile within one group (group 64: 32 bytes a row)

@@ -1230,6 +1230,8 @@ def _prefetch_first_block(prefetcher: WeightPrefetcher, engine: nn.Module, args:
     proj = getattr(engine.x_embedder, "proj", None)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not isinstance(proj, nn.Conv2d):
         return
+    if not prefetcher.blocks[0][0].runs_kernels(x):  # the reference path (kernel "auto" off CUDA): no slots
+        return
     p, q = proj.kernel_size
     prefetcher.begin_forward(x.shape[0], x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // q), x.device,
                              proj.weight.dtype)
