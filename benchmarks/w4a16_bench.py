@@ -142,7 +142,7 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
     return res
 
 
-def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
+def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3, sample_rounds: int = 0) -> dict:
     """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16 captured on a stream of priority 0
     (CUDA's default, the prefetch's side stream's), and (session 20) W4A16 without the forward pre-hook
     that starts block 0's unpacks before the embedders (``w4a16-late``: block 0 unpacks them itself).
@@ -174,11 +174,40 @@ def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3) -> dict:
         res["forward_ms"][f"{batch}_all"] = {k: [round(t_, 4) for t_ in v] for k, v in times.items()}
         res["first_block_early"][str(batch)] = {name: _prefetcher(m).first_block_early for name, m in built.items()
                                                 if name != "bf16-compile"}
+        if sample_rounds:  # whole sampling runs (what dtq-bench's images/s times), interleaved the same way
+            res.setdefault("sample_s", {})[str(batch)] = _sample_sweep(dens, batch, dev, sample_rounds)
         print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], res["first_block_early"][str(batch)],
               flush=True)
         for den in dens.values():
             den.reset()
     return res
+
+
+def _sample_sweep(dens: dict, batch: int, dev: torch.device, rounds: int, steps: int = 50) -> dict:
+    """DDPM sampling with guidance (dtq-bench's end-to-end run: ``steps`` graphed forwards and the sampler's
+    eager steps) for each denoiser, interleaved over ``rounds``: CUDA-event seconds, sorted, and the median."""
+    from dtq.runtime.diffusion import GaussianDiffusion
+    from dtq.runtime.sampler import sample
+
+    diffusion = GaussianDiffusion.dit(steps)
+    gen = torch.Generator().manual_seed(batch)
+    noise = torch.randn(batch, 4, 32, 32, generator=gen).to(dev)
+    labels = torch.randint(0, 1000, (batch,), generator=gen).to(dev)
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for label, den in dens.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.no_grad():
+                start.record()
+                sample(den, diffusion, noise, labels, sampler="ddpm", cfg_scale=4.0, null_class=1000,
+                       generator=torch.Generator(device=dev).manual_seed(1))
+                end.record()
+            end.synchronize()
+            times.setdefault(label, []).append(start.elapsed_time(end) / 1e3)
+    out = {k: {"median": round(sorted(v)[len(v) // 2], 4), "all": [round(t, 4) for t in sorted(v)]}
+           for k, v in times.items()}
+    print("sampling, batch", batch, {k: v["median"] for k, v in out.items()}, flush=True)
+    return out
 
 
 def _prefetcher(engine):
@@ -197,6 +226,8 @@ def main() -> None:
                     "without the weight prefetch (bit-identical expected)")
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
                     "batch 1 and 8: bf16-compile, W4A16, and W4A16 without block 0's early unpacks")
+    ap.add_argument("--sample-rounds", type=int, default=0, help="with --prefetch-sweep: also time whole DDPM "
+                    "sampling runs (50 steps, guidance) of each engine, interleaved over this many rounds")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--unpack-only", action="store_true", help="per layer, only the unpack kernel (time, TB/s, "
                     "and its weights against torch's rounding)")
@@ -205,7 +236,7 @@ def main() -> None:
     if not args.skip_layers:
         run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))), args.unpack_only)
     if args.prefetch_sweep:
-        res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"))}
+        res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"), sample_rounds=args.sample_rounds)}
         if not args.skip_layers:
             with open(args.out) as f:
                 res = {**json.load(f), **res}
