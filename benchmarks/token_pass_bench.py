@@ -15,8 +15,8 @@ per-token engine's fc1 (``int8_mm``, bf16 out), that fc1 + the paired GELU pass 
 there against static) and (session 19) ``token_gemm.mm8_gelu_token_codes``, fc1 writing fc2's per-token codes
 itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile,
 and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
-barrier's cost; and the deferred variant (``defer=True``: a tile's codes written after its program's next
-tile, from a 16-bit copy in L2), checked and timed per candidate too.
+barrier's cost. (Session 20 also timed a deferred variant, whose programs wrote a tile's codes after computing
+their next tile from a 16-bit copy in L2: slower, removed; docs/engines.md.)
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -84,15 +84,14 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         return kernels.quant_rows_int8(h, gelu=True, mul_pairs=pairs)
 
     case = {"rows": m, "k": k, "n": n, "ms": {}}
-    coop = lambda config=None, wait=True, defer=False: token_gemm.mm8_gelu_token_codes(  # noqa: E731
-        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, defer=defer, _wait=wait)
+    coop = lambda config=None, wait=True: token_gemm.mm8_gelu_token_codes(  # noqa: E731
+        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, _wait=wait)
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
                      ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
                      ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
                          a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False)),
-                     ("token_fc1_coop_nowait", lambda: coop(wait=False)),
-                     ("token_fc1_coop_defer", lambda: coop(defer=True))):
+                     ("token_fc1_coop_nowait", lambda: coop(wait=False))):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
         print(name, case["ms"][name], flush=True)  # as it goes: a run killed at its timeout keeps the log
@@ -104,13 +103,8 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         diff = (q1.int() - q0.int()).abs()
         case[f"coop_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)), "codes_differing": int((diff > 0).sum()),
                                      "max_diff": int(diff.max()), "codes": diff.numel()}
-        q2, s2 = coop(defer=True)
-        diff = (q2.int() - q0.int()).abs()
-        case[f"defer_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s2)), "codes_differing": int((diff > 0).sum()),
-                                      "max_diff": int(diff.max()), "codes": diff.numel()}
-        print(case[f"coop_check_{rep}"], case[f"defer_check_{rep}"], flush=True)
+        print(case[f"coop_check_{rep}"], flush=True)
     case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
-    case["defer_choice"] = str(token_gemm._mm8_token_codes_deferred_kernel.best_config)
     case["static_choice"] = str(kernels._mm8_tma_kernel.best_config)
     for cand in token_gemm._CANDIDATES:
         cfg = token_gemm._config(*cand)
@@ -122,15 +116,6 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
             case["ms"][name + "_nowait"] = round(time_ms(lambda: coop(cfg, False), "cudagraph"), 5)  # noqa: B023
             print(name, case["ms"][name], case["ms"][name + "_nowait"], flush=True)
         except Exception as exc:  # a candidate that does not fit is a result
-            case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
-    for cand in token_gemm._DEFERRED:
-        cfg = token_gemm._config(*cand)
-        name = "defer_{}x{}x{}_s{}_w{}_r{}".format(*cand)
-        try:
-            coop(cfg, defer=True)
-            case["ms"][name] = round(time_ms(lambda: coop(cfg, defer=True), "cudagraph"), 5)  # noqa: B023
-            print(name, case["ms"][name], flush=True)
-        except Exception as exc:
             case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
     print("fc1", m, case, flush=True)
     return case

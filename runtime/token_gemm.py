@@ -85,124 +85,6 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
             tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-# The deferred variant: one program per SM slot (tiles from the ticket counter, as above) that does not wait
-# for a tile's row block right after computing it: it stores the tile's rounded GELU (bf16 / fp16 bits) in a
-# slot of its own, goes on to compute its next tile, and only then writes the previous tile's codes from that
-# slot, by which time the row block's other tiles have (nearly always) arrived. The wait becomes an L2 round
-# trip of the tile. Deadlock-free as above: a tile with a ticket is published before its program waits for
-# anything, and a program waits on the row block of a tile older than its current one, so all the programs
-# on the GPU could only be waiting if each held two tiles of the newest, unfinished row block: 18 or fewer.
-_DEFERRED = [(128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 256, 128, 3, 8, None),
-             (128, 256, 64, 4, 8, None)]
-
-
-def _deferred_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, maxnreg=r,
-                          pre_hook=_tma_blocks) for m, n, k, s, w, r in _DEFERRED]
-
-
-def _programs_per_sm(block_n: int) -> int:
-    """Programs of a deferred candidate an H100 / H200 SM holds: 128 x 128 tiles capped at 128 registers
-    two, 128 x 256 tiles one. The grid only sizes the persistence (tickets keep any grid deadlock-free)."""
-    return 2 if block_n <= 128 else 1
-
-
-@triton.autotune(configs=_deferred_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
-                 prune_configs_by={"early_config_prune": _prune_k})
-@triton.jit
-def _mm8_token_codes_deferred_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, stash_ptr, a_scale_ptr,
-                                     w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET,
-                                     stride_qm, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                     HAS_MUL: tl.constexpr, BF16: tl.constexpr, PHASE: tl.constexpr,
-                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # PHASE 0: the GPU's (each program two stash slots, tiles from tickets). Triton's interpreter runs the
-    # programs one after another: PHASE 1 publishes and stashes every tile (a slot per tile), PHASE 2 writes
-    # every tile's codes from its slot
-    n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    SLOT: tl.constexpr = BLOCK_M * BLOCK_N
-    if PHASE == 0:
-        num_tiles = tl.cdiv(M, BLOCK_M) * n_tiles
-        mine = stash_ptr + tl.program_id(0).to(tl.int64) * (2 * SLOT)
-        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-        prev = tile * 0 - 1
-        it = 0
-        while tile < num_tiles:
-            _publish_and_stash(tile, n_tiles, mine + (it % 2) * SLOT, a_desc, w_desc, parts_ptr, sync_ptr + 2,
-                               a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, ROW_SCALE, HAS_BIAS, HAS_MUL,
-                               BF16, True, BLOCK_M, BLOCK_N, BLOCK_K)
-            if prev >= 0:
-                _codes_from_stash(prev, n_tiles, mine + ((it + 1) % 2) * SLOT, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
-                                  mul_ptr, M, N, stride_qm, HAS_MUL, BF16, True, BLOCK_M, BLOCK_N)
-            prev = tile
-            it += 1
-            tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-        if prev >= 0:
-            _codes_from_stash(prev, n_tiles, mine + ((it + 1) % 2) * SLOT, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
-                              mul_ptr, M, N, stride_qm, HAS_MUL, BF16, True, BLOCK_M, BLOCK_N)
-        # the last program to finish resets the ticket counters (each program drew one ticket past the end)
-        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
-    elif PHASE == 1:
-        tile = tl.program_id(0)
-        _publish_and_stash(tile, n_tiles, stash_ptr + tile * SLOT, a_desc, w_desc, parts_ptr, sync_ptr + 2,
-                           a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16,
-                           False, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        tile = tl.program_id(0)
-        _codes_from_stash(tile, n_tiles, stash_ptr + tile * SLOT, q_ptr, s_ptr, parts_ptr, sync_ptr + 2, mul_ptr,
-                          M, N, stride_qm, HAS_MUL, BF16, False, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _publish_and_stash(tile, n_tiles: tl.constexpr, slot_ptr, a_desc, w_desc, parts_ptr, sync_ptr, a_scale_ptr,
-                       w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, ROW_SCALE: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr, ARRIVE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The tile's rounded 2 x GELU, its part of the row amax (after fc2's Mul), and the GELU into the slot
-    as 16-bit floats: exact, the values are rounded to that type already."""
-    pid_m, pid_n = tile // n_tiles, tile % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-                       ROW_SCALE, HAS_BIAS, BF16, True, BLOCK_M, BLOCK_N, BLOCK_K)
-    x = g
-    if HAS_MUL:
-        x = g * tl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, ARRIVE)
-    cells = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if BF16:  # a bf16 value's float32 bits end in 16 zeros: the high half is the bf16 (no convert)
-        tl.store(slot_ptr + cells, (g.to(tl.int32, bitcast=True) >> 16).to(tl.int16))
-    else:
-        tl.store(slot_ptr + cells, g.to(tl.float16).to(tl.int16, bitcast=True))
-
-
-@triton.jit
-def _codes_from_stash(tile, n_tiles: tl.constexpr, slot_ptr, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N,
-                      stride_qm, HAS_MUL: tl.constexpr, BF16: tl.constexpr, WAIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A stashed tile's codes, once its row block has arrived (WAIT), and the block's counter left."""
-    pid_m, pid_n = tile // n_tiles, tile % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if WAIT:
-        _wait_row_block(sync_ptr + pid_m, n_tiles)
-    inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
-    tl.debug_barrier()  # the slot was written by this program's threads in another layout
-    u = tl.load(slot_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
-    if BF16:
-        x = (u.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = u.to(tl.float16, bitcast=True).to(tl.float32)
-    if HAS_MUL:
-        x = x * tl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    _store_codes(x, inv, offs_m, offs_n, q_ptr, stride_qm, M, N)
-    if WAIT:
-        _leave_row_block(sync_ptr + pid_m, n_tiles)
-
-
 @triton.jit
 def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                       w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm, ROW_SCALE: tl.constexpr,
@@ -320,7 +202,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
-                         config: dict | None = None, exact: bool = True, defer: bool = False,
+                         config: dict | None = None, exact: bool = True,
                          _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
@@ -330,9 +212,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
-    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``defer``: the
-    persistent variant that writes a tile's codes after computing its next tile (``_DEFERRED``), from a copy
-    of the tile kept in L2, instead of waiting for the row block; the same numbers (exact only). ``_wait=False``
+    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
     (benchmarks only: the barrier's cost) skips the wait for the row group, so the codes are *wrong*."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -362,41 +242,9 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, _m_bucket(M), q.stride(0), PUBLISH=publish, QUANTIZE=quantize,
         WAIT=_wait, **args)
-    if defer:
-        assert exact, "the deferred kernel keeps the exact (rounded) values"
-        return _launch_deferred(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config,
-                                out_dtype == torch.bfloat16)
     if _INTERPRET:  # nothing may wait: publish every part, then quantize
         launch(True, False)
         launch(False, True)
     else:
         launch(True, True)
-    return q, s
-
-
-def _launch_deferred(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, bf16):
-    from .kernels import _num_sms
-
-    sms = _num_sms(q.device)
-    if _INTERPRET:  # one slot per tile, two phases (nothing may wait)
-        tiles = triton.cdiv(M, 16) * triton.cdiv(N, 16)
-        stash = torch.empty(tiles * 16 * 16, device=q.device, dtype=torch.int16)
-    else:  # two slots per program, programs as the SMs hold them (at most as many as tiles)
-        stash = torch.empty(max(2 * c[0] * c[1] * _programs_per_sm(c[1]) * sms for c in _DEFERRED),
-                            device=q.device, dtype=torch.int16)
-
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles if _INTERPRET else min(tiles, sms * _programs_per_sm(meta["BLOCK_N"])),)
-
-    kernel, args = _mm8_token_codes_deferred_kernel, dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None,
-                                                          HAS_MUL=mul is not None, BF16=bf16)
-    if config is not None:
-        kernel = kernel.fn
-        _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
-        args.update(config)
-    for phase in ((1, 2) if _INTERPRET else (0,)):
-        kernel[grid](a_desc, w_desc, q, s, parts, sync, stash, a_scale, w_scale,
-                     bias if bias is not None else w_scale, mul if mul is not None else w_scale, M, N, K, _m_bucket(M),
-                     q.stride(0), PHASE=phase, **args)
     return q, s

@@ -799,8 +799,7 @@ def test_fc1_writes_per_token_codes_in_interpreter():
     the same float32 products for bf16 and fp16 (Triton's interpreter truncates float32 to bf16 in its own
     stores, so the bf16 reference is torch's), per-row and static input scales, with and without bias and Mul,
     ragged M and N. The interpreter runs the two phases one after the other (nothing may wait there). Then the
-    per-token engine with it gives the "pass-fused" engine's output bit for bit (fp16). The deferred variant
-    (``defer=True``, a tile's GELU stashed in 16 bits until its codes are written) gives the same codes."""
+    per-token engine with it gives the "pass-fused" engine's output bit for bit (fp16)."""
     code = _PER_TOKEN_ENGINES + textwrap.dedent('''
         import torch
         from dtq.runtime import kernel_ops, kernels, quant, token_gemm  # noqa: F401  (kernel_ops: the custom ops)
@@ -826,40 +825,12 @@ def test_fc1_writes_per_token_codes_in_interpreter():
             q2, s2 = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt, exact=False)
             assert (q2.int() - q.int()).abs().max() <= 1 and (q2 != q).float().mean() < 0.2
             assert torch.allclose(s2, s, rtol=2 ** -7) and quant.sqnr_db(ref, q2.float() * s2[:, None]) > 30
-            # defer=True: the tile's GELU kept as 16-bit floats until its codes are written: the same numbers
-            q3, s3 = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt, defer=True)
-            assert torch.equal(q3, q) and torch.equal(s3, s), (M, N, dt, (q3.int() - q.int()).abs().max())
         # the engine: per-token INT8 DiT, "epilogue" against "pass-fused"
         outs = per_token_engine_outputs("epilogue")
         assert torch.equal(outs["pass-fused"], outs["epilogue"]), quant.sqnr_db(outs["pass-fused"], outs["epilogue"])
         print("ok")
     ''')
     run_in_triton_interpreter(code)
-
-
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-def test_fc1_token_codes_deferred_kernel_compiles_for_hopper():
-    """The deferred variant as the GPU runs it (PHASE 0: persistent, tiles from tickets): int8 wgmma, one
-    release arrival and an acquire wait at each of its two places (in the loop, for the previous tile, and
-    after it, for the last), the tile's GELU stored to its slot and read back in 16-byte vectors (16 bits a
-    value: 128 x 256 x 2 bytes over 256 threads, 16 stores and 16 loads a place), the epilogue math of the
-    waiting kernel (one ``tanh.approx``, two packed bf16 roundings per element), no register spills. (The
-    slot's stores and loads are the unmasked 16-byte ones: the codes' stores are masked.)"""
-    from dtq.runtime import token_gemm
-
-    consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, PHASE=0, BLOCK_M=128,
-                  BLOCK_N=256, BLOCK_K=128)
-    ptx = _ptx_for_hopper(token_gemm._mm8_token_codes_deferred_kernel.fn, consts,
-                          {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[256, 128]>", "q_ptr": "*i8",
-                           "sync_ptr": "*i32", "stash_ptr": "*i16"}, num_warps=8)
-    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
-    assert _count(ptx, "atom.global.gpu.release.add") == 1 and _count(ptx, "ld.global.gpu.acquire") == 2
-    unmasked = [line.split()[0] for line in ptx.splitlines() if line.strip() and not line.lstrip().startswith("@")]
-    assert unmasked.count("st.global.v4.b32") == 16 and unmasked.count("ld.global.v4.b32") == 2 * 16  # the slot
-    elements = 128 * 256 // (8 * 32)
-    assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "cvt.rn.bf16x2.f32") == elements
-    assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
-    assert ".local" not in ptx  # no spills to local memory
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
