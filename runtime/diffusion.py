@@ -63,6 +63,13 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        # DiT's fixed "large" variance (models without learned sigma)
+        self.log_variance_large = (np.log(np.append(self.posterior_variance[1], betas[1:])) if len(betas) > 1
+                                   else self.log_betas)
+        # the schedule's arrays (and timestep map) on each device they were used on: made once, as a copy from
+        # host memory per sampling step waits for the GPU (a non-blocking copy from pageable memory is not)
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -82,30 +89,40 @@ class GaussianDiffusion:
         return GaussianDiffusion(np.array(new_betas), timestep_map)
 
     # -- helpers ----------------------------------------------------------------------------------
-    @staticmethod
-    def _extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out = torch.from_numpy(arr).to(like.device)[t.long()].to(torch.float32)
+    def _device_array(self, name: str, device: torch.device) -> torch.Tensor:
+        """The schedule's array ``name`` (float64; ``timestep_map``: int64) on ``device``, made once."""
+        key = (name, device)
+        if key not in self._on_device:
+            if name == "timestep_map":
+                self._on_device[key] = torch.tensor(self.timestep_map, dtype=torch.long).to(device)
+            else:
+                self._on_device[key] = torch.from_numpy(getattr(self, name)).to(device)
+        return self._on_device[key]
+
+    def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Array ``name`` at timesteps ``t``, float32, shaped to broadcast over ``like``."""
+        out = self._device_array(name, like.device)[t.long()].to(torch.float32)
         return out.view(-1, *([1] * (like.ndim - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original (0..999) timesteps that the denoiser is conditioned on."""
-        return torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)[t.long()]
+        return self._device_array("timestep_map", t.device)[t.long()]
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, self._extract(self.posterior_variance, t, x_t), self._extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return mean, self._extract("posterior_variance", t, x_t), self._extract("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
         """Mean, log-variance and x0 of p(x_{t-1} | x_t) from a (eps[, v]) model output.
@@ -116,14 +133,14 @@ class GaussianDiffusion:
         model_output = model_output.float()
         if model_output.shape[1] == 2 * c:
             eps, var_values = model_output[:, :c], model_output[:, c:]
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._extract(np.log(self.betas), t, x_t)
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         elif model_output.shape[1] == c:
             # fixed "large" variance, as DiT uses for models without learned sigma
             eps = model_output
-            log_variance = self._extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, x_t)
+            log_variance = self._extract("log_variance_large", t, x_t)
         else:
             raise ValueError(f"model output has {model_output.shape[1]} channels for a {c}-channel input")
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
@@ -141,8 +158,8 @@ class GaussianDiffusion:
     def ddim_step(self, model_output, x_t, t, noise, eta: float = 0.0, clip_denoised: bool = False) -> StepOutput:
         _, _, pred_xstart, _ = self.p_mean_variance(model_output, x_t, t, clip_denoised)
         eps = self.predict_eps_from_xstart(x_t, t, pred_xstart)  # re-derived after any clipping
-        alpha_bar = self._extract(self.alphas_cumprod, t, x_t)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
+        alpha_bar = self._extract("alphas_cumprod", t, x_t)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x_t)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))

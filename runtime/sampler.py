@@ -91,9 +91,19 @@ def sample(
             on_step(StepInfo(n, diffusion.timestep_map[i], x_in, t_in, y_in, out))
         if guided:
             out = guided_output(out, cfg_scale, x.shape[1], guidance_channels)
-        step_noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device).to(x.device)
+        step_noise = _step_noise(x, generator)
         if sampler == "ddpm":
             x = diffusion.ddpm_step(out, x, t, step_noise, clip_denoised=clip_denoised).sample
         else:
             x = diffusion.ddim_step(out, x, t, step_noise, eta=eta, clip_denoised=clip_denoised).sample
     return x
+
+
+def _step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A step's noise like ``x``, drawn on the generator's device (a CPU generator: the same images on any
+    device). From a CPU generator to a GPU it travels through pinned memory without blocking: a plain copy
+    would wait for the GPU to finish the step's forward before the host could enqueue anything more."""
+    noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+    if noise.device.type == "cpu" and x.device.type == "cuda":
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)

@@ -61,3 +61,43 @@ def test_on_step_sees_original_timesteps(small_model):
 def test_guidance_needs_null_class(small_model):
     with pytest.raises(ValueError, match="null class"):
         sample(TorchDenoiser(small_model), GaussianDiffusion.dit(2), torch.randn(1, 4, 8, 8), torch.tensor([0]), cfg_scale=3.0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_schedule_reaches_the_device_once(small_model, sampler, monkeypatch):
+    """The schedule's arrays and timestep map become tensors once per device, not at every step: on a GPU
+    each conversion is a copy from host memory that waits for the step's forward (so the host could not
+    enqueue the next step meanwhile). Counted here through torch.from_numpy / torch.tensor on the CPU; the
+    samples are those of the per-step conversion (the same float64 values, indexed, then cast)."""
+    import numpy as np
+
+    d = GaussianDiffusion.dit(8)
+    calls = {"from_numpy": 0, "tensor": 0}
+    real_from_numpy, real_tensor = torch.from_numpy, torch.tensor
+
+    def from_numpy(a):
+        calls["from_numpy"] += 1
+        return real_from_numpy(a)
+
+    def tensor(*a, **k):
+        calls["tensor"] += 1
+        return real_tensor(*a, **k)
+
+    monkeypatch.setattr(torch, "from_numpy", from_numpy)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    y = real_tensor([1, 2, 3])
+    out = sample(TorchDenoiser(small_model), d, noise, y, sampler=sampler, cfg_scale=2.0, null_class=10, generator=gen)
+    first = dict(calls)
+    assert 0 < first["from_numpy"] <= 10 and first["tensor"] <= 2, first  # the arrays used, not 8 steps x them
+    sample(TorchDenoiser(small_model), d, noise, y, sampler=sampler, cfg_scale=2.0, null_class=10,
+           generator=torch.Generator().manual_seed(0))
+    assert calls == first, calls  # a second run on the same device converts nothing
+    # the values: the per-step conversion's, exactly
+    t = real_tensor([7, 3, 0])
+    for name in ("posterior_mean_coef1", "posterior_log_variance_clipped", "log_betas", "log_variance_large"):
+        want = real_from_numpy(getattr(d, name))[t].to(torch.float32).view(-1, 1, 1, 1)
+        assert torch.equal(d._extract(name, t, noise), want), name
+    assert np.array_equal(d.log_variance_large, np.log(np.append(d.posterior_variance[1], d.betas[1:])))
+    assert torch.isfinite(out).all()
