@@ -228,6 +228,7 @@ def main() -> None:
                     "batch 1 and 8: bf16-compile, W4A16, and W4A16 without block 0's early unpacks")
     ap.add_argument("--sample-rounds", type=int, default=0, help="with --prefetch-sweep: also time whole DDPM "
                     "sampling runs (50 steps, guidance) of each engine, interleaved over this many rounds")
+    ap.add_argument("--batches", default="1,8", help="with --prefetch-sweep: the batch sizes (default 1,8)")
     ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer kernel table")
     ap.add_argument("--unpack-only", action="store_true", help="per layer, only the unpack kernel (time, TB/s, "
                     "and its weights against torch's rounding)")
@@ -236,7 +237,8 @@ def main() -> None:
     if not args.skip_layers:
         run(args.out, args.group, args.engine_check, tuple(filter(None, args.layers.split(","))), args.unpack_only)
     if args.prefetch_sweep:
-        res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"), sample_rounds=args.sample_rounds)}
+        res = {"prefetch_sweep": prefetch_sweep(torch.device("cuda"), tuple(int(b) for b in args.batches.split(",")),
+                                                sample_rounds=args.sample_rounds)}
         if not args.skip_layers:
             with open(args.out) as f:
                 res = {**json.load(f), **res}
