@@ -17,8 +17,8 @@ random weights) at batch 8 with guidance, compiled and CUDA-graphed as dtq-sampl
 scheduling only, so the outputs must be bit-identical (the max difference is recorded either way).
 
 Then (``--prefetch-sweep``, session 18) DiT-XL/2 (28 blocks, random weights), graphed forward time at
-batch 1 and 8 with guidance: bf16 torch.compile and the W4A16 engine, with and without (session 20) block 0's
-weights unpacked from the model's forward pre-hook, interleaved over 3 rounds (median).
+batch 1 and 8 (``--batches``) with guidance: bf16 torch.compile and the W4A16 engine, interleaved over 3
+rounds (median), and (``--sample-rounds``) whole DDPM sampling runs of each, interleaved the same way.
 
     python benchmarks/w4a16_bench.py --out w4a16.json [--engine-check] [--prefetch-sweep] [--layers qkv]
 """
@@ -144,19 +144,16 @@ def prefetch_engine_check(dev: torch.device, batch: int = 8) -> dict:
 
 def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3, sample_rounds: int = 0) -> dict:
     """Graphed DiT-XL/2 forward (ms) at each batch: bf16-compile and W4A16 captured on a stream of priority 0
-    (CUDA's default, the prefetch's side stream's), and (session 20) W4A16 without the forward pre-hook
-    that starts block 0's unpacks before the embedders (``w4a16-late``: block 0 unpacks them itself).
-    Sessions 18-19 also captured at priority -1 (the forward's own kernels first): no difference."""
+    (CUDA's default, the prefetch's side stream's). Sessions 18-19 also captured at priority -1 (the
+    forward's own kernels first; no difference); session 20 also W4A16 with block 0's unpacks started from
+    a forward pre-hook (no consistent difference; removed, docs/engines.md)."""
     from dtq.runtime.backends import CAPTURE_PRIORITY, GraphedDenoiser
     from dtq.tools import bench_engines as be
 
     base = be.make_xl()
     fingerprint = "sha256:benchmark-random-weights"
     built = {name: be.build_backend(name, base, fingerprint) for name in ("bf16-compile", "w4a16")}
-    built["w4a16-late"] = be.build_backend("w4a16", base, fingerprint)
-    late = _prefetcher(built["w4a16-late"])
-    late.first_block_hook.remove()
-    res = {"capture_priority": CAPTURE_PRIORITY, "rounds": rounds, "forward_ms": {}, "first_block_early": {}}
+    res = {"capture_priority": CAPTURE_PRIORITY, "rounds": rounds, "forward_ms": {}}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(2 * batch, 4, 32, 32, generator=g).to(dev)
@@ -172,12 +169,9 @@ def prefetch_sweep(dev: torch.device, batches=(1, 8), rounds: int = 3, sample_ro
                     times.setdefault(label, []).append(be.bench_ms(lambda: den(x, t, y), warmup_ms=10, rep_ms=60))
         res["forward_ms"][str(batch)] = {k: round(sorted(v)[len(v) // 2], 4) for k, v in times.items()}
         res["forward_ms"][f"{batch}_all"] = {k: [round(t_, 4) for t_ in v] for k, v in times.items()}
-        res["first_block_early"][str(batch)] = {name: _prefetcher(m).first_block_early for name, m in built.items()
-                                                if name != "bf16-compile"}
         if sample_rounds:  # whole sampling runs (what dtq-bench's images/s times), interleaved the same way
             res.setdefault("sample_s", {})[str(batch)] = _sample_sweep(dens, batch, dev, sample_rounds)
-        print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], res["first_block_early"][str(batch)],
-              flush=True)
+        print("prefetch sweep, batch", batch, res["forward_ms"][str(batch)], flush=True)
         for den in dens.values():
             den.reset()
     return res
@@ -210,14 +204,6 @@ def _sample_sweep(dens: dict, batch: int, dev: torch.device, rounds: int, steps:
     return out
 
 
-def _prefetcher(engine):
-    """The W4A16 engine's weight prefetcher (behind its compile / graph wrappers)."""
-    for mod in engine.modules():
-        if getattr(mod, "prefetcher", None) is not None:
-            return mod.prefetcher
-    raise RuntimeError("the W4A16 engine has no weight prefetcher")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="results JSON")
@@ -225,7 +211,7 @@ def main() -> None:
     ap.add_argument("--engine-check", action="store_true", help="also compare the graphed engines with and "
                     "without the weight prefetch (bit-identical expected)")
     ap.add_argument("--prefetch-sweep", action="store_true", help="also time DiT-XL/2's graphed forward at "
-                    "batch 1 and 8: bf16-compile, W4A16, and W4A16 without block 0's early unpacks")
+                    "batch 1 and 8: bf16-compile and W4A16")
     ap.add_argument("--sample-rounds", type=int, default=0, help="with --prefetch-sweep: also time whole DDPM "
                     "sampling runs (50 steps, guidance) of each engine, interleaved over this many rounds")
     ap.add_argument("--batches", default="1,8", help="with --prefetch-sweep: the batch sizes (default 1,8)")

@@ -1215,26 +1215,7 @@ def use_weight_prefetch(engine: nn.Module) -> WeightPrefetcher | None:
                                   per_sample=tuple(b.adaLN_modulation[-1] for b in blocks))
     for i, block in enumerate(blocks):  # the prefetcher's index: among the blocks it serves, in order
         block.prefetcher, block.prefetch_index = prefetcher, i
-    if blocks[0] is engine.blocks[0] and isinstance(getattr(engine, "x_embedder", None), nn.Module):
-        # kept so that an ablation (benchmarks/w4a16_bench.py --prefetch-sweep) can remove it
-        prefetcher.first_block_hook = engine.register_forward_pre_hook(
-            functools.partial(_prefetch_first_block, prefetcher))
     return prefetcher
-
-
-def _prefetch_first_block(prefetcher: WeightPrefetcher, engine: nn.Module, args: tuple) -> None:
-    """A DiT engine's forward pre-hook: block 0's W4A16 weights start unpacking before the embedders run
-    (``WeightPrefetcher.begin_forward``), for the rows and type its blocks will take: ``B x (H/p) x (W/p)``
-    tokens of the patch embedding's type."""
-    x = args[0] if args else None
-    proj = getattr(engine.x_embedder, "proj", None)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not isinstance(proj, nn.Conv2d):
-        return
-    if not prefetcher.blocks[0][0].runs_kernels(x):  # the reference path (kernel "auto" off CUDA): no slots
-        return
-    p, q = proj.kernel_size
-    prefetcher.begin_forward(x.shape[0], x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // q), x.device,
-                             proj.weight.dtype)
 
 
 def engine_layers(model: nn.Module) -> dict[str, EngineLinear]:

@@ -55,9 +55,6 @@ class WeightPrefetcher:
         self._side: torch.cuda.Stream | None = None
         self._ready: list[torch.cuda.Event] = []
         self._free: torch.cuda.Event | None = None
-        self._early: tuple | None = None  # (samples, tokens, device, dtype) of begin_forward's unpacks
-        self.first_block_early = False  # whether the last forward's block 0 found its weights unpacked early
-        self.first_block_hook = None  # the model's forward pre-hook calling begin_forward, when one is
 
     def slot_elements(self) -> int:
         """Weights in one slot: the largest block's."""
@@ -91,41 +88,20 @@ class WeightPrefetcher:
             self._ready = [torch.cuda.Event(), torch.cuda.Event()]
             self._free = torch.cuda.Event()
 
-    def _fill(self, i: int, weights: bool = True) -> None:
-        """Block ``i``'s staged weights into its slot (``weights``), and its per-sample layers' outputs (from
-        the SiLU of the conditioning: a DiT block's ``adaLN_modulation`` is ``Sequential(SiLU, Linear)`` on
-        ``c``; not without ``self._cond``)."""
+    def _fill(self, i: int) -> None:
+        """Block ``i``'s staged weights into its slot, and its per-sample layers' outputs (from the SiLU of
+        the conditioning: a DiT block's ``adaLN_modulation`` is ``Sequential(SiLU, Linear)`` on ``c``)."""
         from . import kernels
 
         samples, tokens = self._rows
         for lin in self.blocks[i]:
             per_sample = id(lin) in self._per_sample
             staged = lin.staged(samples if per_sample else tokens)
-            if staged and weights:
+            if staged:
                 kernels.unpack_int4_dequant(lin.weight_packed, lin.w_scale_groups, lin.group,
                                             lin.prefetched_weight.dtype, out=lin.prefetched_weight)
-            if per_sample and self._cond is not None:
+            if per_sample:
                 lin.output_into(self._cond, lin.prefetched_output, lin.prefetched_weight if staged else None)
-
-    @torch.compiler.disable
-    def begin_forward(self, samples: int, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-        """Before the forward's first block (``qengine.use_weight_prefetch`` calls it from a forward pre-hook
-        of the model): block 0's staged weights start unpacking now, on the side stream, while the model's
-        embedders run, instead of holding the first block back (on an H200 at batch 1-8, block 0's unpacks
-        ran between the embedders and its first GEMM). ``samples`` / ``tokens``: the rows the per-sample and
-        the token layers will take; ``dtype``: the blocks' activation type. Scheduling only: when
-        :meth:`begin_block` finds other rows, type or device, it unpacks block 0's weights itself."""
-        if not self._slots_in_place(device, dtype):
-            self._make_slots(device, dtype)
-        self._rows, self._cond = (samples, tokens), None
-        if device.type == "cuda":
-            main, side = torch.cuda.current_stream(device), self._side
-            side.wait_stream(main)  # slot 0 was the last forward's block n-2's: free once that forward ran
-            with torch.cuda.stream(side):
-                self._fill(0)
-        else:
-            self._fill(0)
-        self._early = (samples, tokens, device, dtype)
 
     def _use_outputs(self, c: torch.Tensor) -> None:
         """Each per-sample layer's output buffer for this batch size (made once per size)."""
@@ -153,22 +129,19 @@ class WeightPrefetcher:
                     raise ValueError("a prefetcher with per-sample layers needs the conditioning c")
                 self._use_outputs(c)
             self._rows = (x.shape[0], x.numel() // x.shape[-1])
-            # block 0's weights unpacked by begin_forward for these rows, type and device (consumed here)
-            early, self._early = self._early, None
-            self.first_block_early = early == (*self._rows, x.device, x.dtype) and self._slots_in_place(x.device, x.dtype)
         for lin in self.blocks[i]:
             lin.prefetch_armed = True
         if x.device.type != "cuda":
             if i == 0:
                 self._cond = F.silu(c) if self._per_sample_layers else None
-            self._fill(i, weights=i > 0 or not self.first_block_early)
+            self._fill(i)
             return
         main, side = torch.cuda.current_stream(x.device), self._side
         if i == 0:  # fork: the side stream sees everything before this forward (a CUDA graph's branch)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 self._cond = F.silu(c) if self._per_sample_layers else None
-                self._fill(0, weights=not self.first_block_early)
+                self._fill(0)
             self._ready[0].record(side)
         main.wait_event(self._ready[i % 2])  # the join of every fill: the last one is block n-1's
         if i + 1 < len(self.blocks):

@@ -518,15 +518,6 @@ def test_w4a16_prefetch_and_gelu_epilogue_in_interpreter():
             x = x.half()
             a, b, c = (e(x, t, y).float() for e in (plain, fetched, full))
             assert torch.equal(a, b), (a - b).abs().max()  # scheduling only
-            # block 0's weights were unpacked by the model's forward pre-hook, before the embedders
-            assert blocks[0].prefetcher.first_block_early
-            # when block 0 takes other rows than begin_forward was told (here: forward called without the
-            # hook), it unpacks its weights itself: what the early unpack left is never read
-            pf0 = blocks[0].prefetcher
-            pf0.begin_forward(7, 7 * 3, x.device, torch.float16)
-            for lin in pf0.blocks[0]:
-                lin.prefetched_weight.fill_(float("nan"))
-            assert torch.equal(fetched.forward(x, t, y).float(), a) and not pf0.first_block_early
             assert quant.sqnr_db(ref, a) > 35 and quant.sqnr_db(a, c) > 40, (quant.sqnr_db(ref, a), quant.sqnr_db(a, c))
             # a layer called on its own is not armed: it unpacks its weight, whatever its slot holds
             lin = fetched.blocks[1].attn.qkv
