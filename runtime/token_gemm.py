@@ -70,7 +70,8 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
                             mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
                             BF16: tl.constexpr, ROUND: tl.constexpr, PUBLISH: tl.constexpr,
-                            QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
         tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
