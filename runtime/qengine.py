@@ -166,7 +166,9 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # Measured (session 19, H200, batch 64, same run): forward 44.58 ms against pass-fused's 44.74 and static's
 # 42.00 (6.1% / 6.5% behind static); fc1 alone 0.470 ms against fc1 + the pass 0.490 (static fc1 0.389), 0.065
 # against 0.080 at batch 8. The conversion unit (int-to-float, two bf16 roundings, tanh.approx per element) and
-# the wait bound it. Kept as an ablation (dtq-bench "-token-epi"), not the default.
+# the wait bound it. At batch 8 (session 20) its forward was 0.9% behind static's against pass-fused's 5.0%
+# (7.174 / 7.466 / 7.110 ms); not measured at batch 1. Kept as an ablation (dtq-bench "-token-epi"), not the
+# default, until a run of the switched default at batch 1, 8 and 64.
 TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm", "epilogue"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
 DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
