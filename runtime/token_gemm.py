@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _prune_k, _round_to_half,
-                      _tma_blocks, tma_eligible)
+from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _half_pair, _m_bucket, _pack_half_pair,
+                      _prune_k, _round_half_pair, _round_to_half, _tma_blocks, tma_eligible)
 
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg). DiT-XL/2's fc1 is N 4608, K 1152. A program
 # waits at the barrier and does its epilogue with nothing overlapping it unless another program shares its SM,
@@ -114,6 +114,20 @@ def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_
                    ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fc1's tile (TMA loads, int8 ``tl.dot``), dequantized, + bias, -> 2 x GELU(tanh) in float32."""
+    c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+                  ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
+    # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale (_row_inverse_scale)
+    if ROUND:
+        return _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
+    return _gelu_tanh_x2(c)  # float32 throughout, as the static engine's fused fc1 (two conversions less)
+
+
+@triton.jit
+def _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
+              ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """fc1's tile (TMA loads, int8 ``tl.dot``), dequantized, + bias, in float32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for ki in range(K // BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -122,11 +136,7 @@ def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_
     c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
-    # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale (_row_inverse_scale)
-    if ROUND:
-        return _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
-    return _gelu_tanh_x2(c)  # float32 throughout, as the static engine's fused fc1 (two conversions less)
+    return c
 
 
 @triton.jit
@@ -188,7 +198,125 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)  # sizes the amax parts
+# The held variant (the default on the GPU): persistent programs, tiles from the same ticket counter, that do
+# not wait for a tile's row block right after computing it. A program publishes tile i's part of the row amax,
+# keeps its rounded 2 x GELU in registers as 16-bit values (exact: they are rounded to that type already; half
+# the registers of float32), computes tile i + 1, publishes that, and only then waits for tile i's row block,
+# which has (nearly always) arrived by then, and writes tile i's codes. Session 20's deferred variant kept the
+# tile in L2 instead and lost more to that round trip (0.515 ms against 0.465) than the wait costs (0.035).
+# No deadlock: a program waits only after publishing its current tile, so every drawn ticket gets published;
+# all programs blocked would need each one's two tiles in the lowest unfinished row group, 2 x programs <=
+# n_tiles (18-36 at DiT-XL/2's fc1, against one program or more per SM).
+# Compiled for sm_90, 128 x 128 tiles take 128 registers with a few spills (two programs per SM) or 132 without
+# the cap (one); 128 x 256 tiles spill at 255.
+_HELD = [(128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 128, 128, 3, 8, None),
+         (128, 128, 64, 4, 8, None)]
+
+
+def _held_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, maxnreg=r,
+                          pre_hook=_tma_blocks) for m, n, k, s, w, r in _HELD]
+
+
+def _held_programs_per_sm(block_n: int, maxnreg: int | None) -> int:
+    """Programs of a held candidate an H100 / H200 SM holds (the grid; tickets keep any grid deadlock-free)."""
+    return 2 if maxnreg is not None and maxnreg <= 128 else 1
+
+
+@triton.autotune(configs=_held_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
+                 prune_configs_by={"early_config_prune": _prune_k})
+@triton.jit
+def _mm8_token_codes_held_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
+                                 bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
+                                 ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
+                                 BF16: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # TICKETS (the GPU): tiles from the ticket counter, each tile's row block awaited before its codes. Without
+    # (Triton's interpreter, after a launch of _mm8_token_codes_kernel that published every part): tiles by
+    # program id, strided, nothing awaited -- the same tile order logic and the same held values.
+    # The tile is held as column pairs (the paired pass's layout, kernels._half_pair): even / odd columns'
+    # 16-bit values in one int32, made by the GELU's rounding itself (one cvt.rn.bf16x2.f32 a pair), so
+    # holding costs no convert and half the registers of float32; q_ptr is the codes as int16 pairs.
+    n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    HALF: tl.constexpr = BLOCK_N // 2
+    num_tiles = tl.cdiv(M, BLOCK_M) * n_tiles
+    counters = sync_ptr + 2
+    if TICKETS:
+        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    else:
+        tile = tl.program_id(0)
+    prev = tile * 0 - 1
+    held = tl.zeros((BLOCK_M, HALF), dtype=tl.int32)
+    while tile < num_tiles:
+        pid_m, pid_n = tile // n_tiles, tile % n_tiles
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+                      ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+        lo, hi = tl.split(tl.reshape(c, (BLOCK_M, HALF, 2)))
+        # fc1's output as stored, then 2 x GELU rounded as nn.GELU writes it, packed (the held tile)
+        lo, hi = _round_half_pair(lo, hi, BF16)
+        pairs = _pack_half_pair(_gelu_tanh_x2(lo), _gelu_tanh_x2(hi), BF16)
+        if TICKETS:
+            lo, hi = _pair_times_mul(pairs, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
+            part = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)  # columns past N: 0 (zero weights' rows)
+            tl.store(parts_ptr + pid_n * M + offs_m, part, mask=offs_m < M)
+            tl.debug_barrier()
+            tl.atomic_add(counters + pid_m, 1, sem="release", scope="gpu")
+        if prev >= 0:
+            _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
+                           BF16, TICKETS, BLOCK_M, BLOCK_N)
+        held = pairs
+        prev = tile
+        if TICKETS:
+            tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        else:
+            tile += tl.num_programs(0)
+    if prev >= 0:
+        _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
+                       BF16, TICKETS, BLOCK_M, BLOCK_N)
+    if TICKETS:  # the last program to finish resets the ticket counters (each drew one ticket past the end)
+        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _pair_times_mul(pairs, pid_n, mul_ptr, N: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """A held tile's even / odd columns as float32, times fc2's balancing Mul."""
+    lo, hi = _half_pair(pairs, BF16)
+    if HAS_MUL:
+        cols = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+        lo = lo * tl.load(mul_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        hi = hi * tl.load(mul_ptr + cols + 1, mask=cols + 1 < N, other=0.0)[None, :]
+    return lo, hi
+
+
+@triton.jit
+def _codes_of_held(tile, held, n_tiles: tl.constexpr, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N: tl.constexpr,
+                   stride_qm, HAS_MUL: tl.constexpr, BF16: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """A held tile's codes (int16 pairs), once its row block has arrived (WAIT), and the block's counter left."""
+    pid_m, pid_n = tile // n_tiles, tile % n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WAIT:
+        _wait_row_block(counters + pid_m, n_tiles)
+    inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
+    lo, hi = _pair_times_mul(held, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
+    b_lo = (lo * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)  # as _store_codes, two at a time
+    b_hi = (hi * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)
+    q = ((b_lo & 0xFF) | ((b_hi & 0xFF) << 8)).to(tl.int16)
+    pair_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + pair_cols[None, :], q,
+             mask=(offs_m < M)[:, None] & (pair_cols < N // 2)[None, :])
+    if WAIT:
+        _leave_row_block(counters + pid_m, n_tiles)
+
+
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs + _mm8_token_codes_held_kernel.configs)  # sizes the amax parts
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -203,7 +331,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
-                         config: dict | None = None, exact: bool = True,
+                         config: dict | None = None, exact: bool = True, held: bool | None = None,
                          _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
@@ -213,8 +341,11 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
-    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
-    (benchmarks only: the barrier's cost) skips the wait for the row group, so the codes are *wrong*."""
+    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``held``: the
+    persistent kernel that writes a tile's codes after computing its next tile, from registers (``_HELD``; the
+    default when ``exact``), or (False) the kernel that waits for the row block after each tile (``_CANDIDATES``);
+    the same numbers. ``_wait=False`` (benchmarks only: the barrier's cost; waiting kernel) skips the wait for
+    the row group, so the codes are *wrong*."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -232,7 +363,13 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
     sync = _counters(a.device, 2 + triton.cdiv(M, 16))
     args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
-                BF16=out_dtype == torch.bfloat16, ROUND=exact)
+                BF16=out_dtype == torch.bfloat16)
+    held = exact and _wait and N % 2 == 0 if held is None else held
+    if held:
+        assert exact and _wait and N % 2 == 0, "the held kernel keeps the rounded values of column pairs, waits"
+        _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args)
+        return q, s
+    args["ROUND"] = exact
     kernel = _mm8_token_codes_kernel
     if config is not None:
         kernel = _mm8_token_codes_kernel.fn
@@ -249,3 +386,28 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     else:
         launch(True, True)
     return q, s
+
+
+def _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args):
+    from .kernels import _num_sms
+
+    common = lambda q_: (a_desc, w_desc, q_, s, parts, sync, a_scale, w_scale,  # noqa: E731
+                         bias if bias is not None else w_scale, mul if mul is not None else w_scale, M, N, K,
+                         _m_bucket(M), q_.stride(0))
+    pairs = q.view(torch.int16)  # N is even
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    kernel = _mm8_token_codes_held_kernel
+    if config is not None:
+        kernel = kernel.fn
+        _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
+        args = {**args, **config}
+    if _INTERPRET:  # nothing may wait: the waiting kernel publishes every part, then a few held programs
+        # (strided tiles, no tickets) write every tile's codes from their registers
+        _mm8_token_codes_kernel[lambda meta: (tiles(meta),)](*common(q), PUBLISH=True, QUANTIZE=False, WAIT=False,
+                                                             ROUND=True, **args)
+        kernel[lambda meta: (min(3, tiles(meta)),)](*common(pairs), TICKETS=False, **args)
+        return
+    sms = _num_sms(q.device)
+    grid = lambda meta: (min(tiles(meta), sms * _held_programs_per_sm(meta["BLOCK_N"],  # noqa: E731
+                                                                      meta.get("maxnreg"))),)
+    kernel[grid](*common(pairs), TICKETS=True, **args)

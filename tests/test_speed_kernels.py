@@ -797,18 +797,20 @@ def test_fc1_writes_per_token_codes_in_interpreter():
         torch.manual_seed(0)
         for (M, K, N, dt, rows, has_mul, has_bias) in [(40, 64, 80, torch.bfloat16, True, True, True),
                                                        (33, 96, 48, torch.float16, False, False, True),
-                                                       (16, 32, 32, torch.bfloat16, True, True, False)]:
+                                                       (16, 32, 32, torch.bfloat16, True, True, False),
+                                                       (20, 32, 33, torch.bfloat16, True, True, True)]:
             a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
             sa = torch.rand(M) * 1e-2 + 1e-3 if rows else torch.tensor(0.004)
             sw = torch.rand(N) * 1e-2 + 1e-3
             b = torch.randn(N) if has_bias else None
             mul = torch.rand(N) + 0.5 if has_mul else None
-            q, s = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt)
             h = (a.double() @ w.double().T).float() * ((sa[:, None] if rows else sa) * sw)
             h = (h + b if b is not None else h).to(dt)  # fc1's output as its GEMM stores it
             q0, s0 = kernels.quant_rows_int8(h, mul, gelu=True)
-            assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, dt, (q.int() - q0.int()).abs().max())
+            for held in (False, True) if N % 2 == 0 else (False,):  # the held kernel: column pairs, even N
+                q, s = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt, held=held)
+                assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, dt, held, (q.int() - q0.int()).abs().max())
             assert q.abs().max() == 127  # each row's largest value takes the full range
             ref = torch.nn.functional.gelu(h.float(), approximate="tanh") * (mul if mul is not None else 1)
             assert quant.sqnr_db(ref, q.float() * s[:, None]) > 30
@@ -847,6 +849,31 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
     assert "0f4B400000" in ptx, "the round-half-even add was folded away"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fc1_held_token_codes_kernel_compiles_for_hopper():
+    """The held kernel (the default): int8 wgmma, a ticket per tile plus the first, each tile published (release)
+    before the previous one's row block is awaited (acquire); the tile held as 16-bit pairs made by the GELU's
+    own rounding, so per element pair two packed converts (fc1's output, the GELU) and no other bf16 convert:
+    holding costs none. Codes stored as int16 pairs."""
+    from dtq.runtime import token_gemm
+
+    consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, TICKETS=True,
+                  BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
+    ptx = _ptx_for_hopper(token_gemm._mm8_token_codes_held_kernel.fn, consts,
+                          {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[128, 128]>",
+                           "q_ptr": "*i16", "sync_ptr": "*i32"}, num_warps=8)
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
+    assert _count(ptx, "atom.global.gpu.release.add") == 1
+    # the wait is inlined twice: in the loop, for the previous tile, and after it, for the last
+    assert _count(ptx, "ld.global.gpu.acquire") == 2
+    elements = 128 * 128 // (8 * 32)
+    assert _count(ptx, "tanh.approx.f32") == elements
+    assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
+    assert _count(ptx, "cvt.f32.bf16") == 0 and _count(ptx, "cvt.rzi") == 0
+    # the codes: 128 x 64 int16 pairs a tile in 16-byte stores (4 a thread), in the loop and after it
+    assert _count(ptx, "st.global.v4.b32") == 2 * (128 * 64 * 2 // 16 // 256)
 
 
 def test_token_codes_counters_outlive_growth():
