@@ -88,21 +88,22 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
     case = {"rows": m, "k": k, "n": n, "ms": {}}
     coop = lambda config=None, wait=True: token_gemm.mm8_gelu_token_codes(  # noqa: E731
         a, w, sa_rows, sw, b, mul, torch.bfloat16, config, held=False, _wait=wait)
-    held = lambda config=None: token_gemm.mm8_gelu_token_codes(  # noqa: E731
-        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, held=True)
+    held = lambda config=None, tickets=False: token_gemm.mm8_gelu_token_codes(  # noqa: E731
+        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, held=True, _tickets=tickets)
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
                      ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
                      ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
                          a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False)),
-                     ("token_fc1_coop_nowait", lambda: coop(wait=False)), ("token_fc1_held", held)):
+                     ("token_fc1_coop_nowait", lambda: coop(wait=False)), ("token_fc1_held", held),
+                     ("token_fc1_held_tickets", lambda: held(tickets=True))):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
         print(name, case["ms"][name], flush=True)  # as it goes: a run killed at its timeout keeps the log
     # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's
     # compilation), twice over (the counters must come back to zero), and each candidate's time
     q0, s0 = plain_pass()
-    for kind, fn in (("coop", coop), ("held", held)):
+    for kind, fn in (("coop", coop), ("held", held), ("held_tickets", lambda: held(tickets=True))):
         for rep in range(2):
             q1, s1 = fn()
             diff = (q1.int() - q0.int()).abs()
@@ -118,7 +119,9 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         try:
             held(cfg)
             case["ms"][name] = round(time_ms(lambda: held(cfg), "cudagraph"), 5)  # noqa: B023
-            print(name, case["ms"][name], flush=True)
+            held(cfg, True)
+            case["ms"][name + "_tickets"] = round(time_ms(lambda: held(cfg, True), "cudagraph"), 5)  # noqa: B023
+            print(name, case["ms"][name], case["ms"][name + "_tickets"], flush=True)
         except Exception as exc:  # a candidate that does not fit is a result
             case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
     case["static_choice"] = str(kernels._mm8_tma_kernel.best_config)

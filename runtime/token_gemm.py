@@ -106,7 +106,7 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
         inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
         _store_codes(x, inv, offs_m, offs_n, q_ptr, stride_qm, M, N)
     if PUBLISH and QUANTIZE and WAIT:
-        _leave_row_block(sync_ptr + pid_m, n_tiles)
+        _leave_row_block(sync_ptr + pid_m, 2 * n_tiles)
 
 
 @triton.jit
@@ -151,15 +151,16 @@ def _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, AR
 
 
 @triton.jit
-def _wait_row_block(counter_ptr, n_tiles: tl.constexpr):
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_tiles:
+def _wait_row_block(counter_ptr, arrivals: tl.constexpr):
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
         pass
 
 
 @triton.jit
-def _leave_row_block(counter_ptr, n_tiles: tl.constexpr):
-    """The last of ``2 n_tiles`` counts (arrivals, then departures) resets the counter for the next launch."""
-    if tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == 2 * n_tiles - 1:
+def _leave_row_block(counter_ptr, counts: tl.constexpr):
+    """The last of ``counts`` (the arrivals, then one departure per N tile) resets the counter for the next
+    launch."""
+    if tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == counts - 1:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -225,62 +226,85 @@ def _held_programs_per_sm(block_n: int, maxnreg: int | None) -> int:
     return 2 if maxnreg is not None and maxnreg <= 128 else 1
 
 
-@triton.autotune(configs=_held_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16"],
+@triton.autotune(configs=_held_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16", "TICKETS", "FLAT"],
                  prune_configs_by={"early_config_prune": _prune_k})
 @triton.jit
 def _mm8_token_codes_held_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
                                  bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
-                                 ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
-                                 BF16: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # TICKETS (the GPU): tiles from the ticket counter, each tile's row block awaited before its codes. Without
-    # (Triton's interpreter, after a launch of _mm8_token_codes_kernel that published every part): tiles by
-    # program id, strided, nothing awaited -- the same tile order logic and the same held values.
+                                 programs, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
+                                 BF16: tl.constexpr, TICKETS: tl.constexpr, FLAT: tl.constexpr, WAIT: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # TICKETS: tiles from the ticket counter (any grid). Else program p of ``programs`` (the grid) takes
+    # tiles p, p + programs, ... in one loop that Triton flattens with the K loop, so the next tile's loads are
+    # issued during this one's epilogue (the grid must be resident at once: one program per SM); FLAT: that
+    # loop, else (Triton's interpreter, which cannot range from a program id) the same as a while loop.
+    # WAIT (the GPU): each tile's row block awaited before its codes; without (Triton's interpreter, after a
+    # launch of _mm8_token_codes_kernel that published every part) nothing is awaited -- the same tile order
+    # and the same held values.
     # The tile is held as column pairs (the paired pass's layout, kernels._half_pair): even / odd columns'
     # 16-bit values in one int32, made by the GELU's rounding itself (one cvt.rn.bf16x2.f32 a pair), so
     # holding costs no convert and half the registers of float32; q_ptr is the codes as int16 pairs.
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    HALF: tl.constexpr = BLOCK_N // 2
     num_tiles = tl.cdiv(M, BLOCK_M) * n_tiles
     counters = sync_ptr + 2
-    if TICKETS:
-        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    prev = tl.program_id(0) * 0 - 1
+    held = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.int32)
+    if FLAT:
+        for tile in tl.range(tl.program_id(0), num_tiles, programs, flatten=True):
+            held = _held_step(tile, prev, held, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
+                              a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
+                              HAS_MUL, BF16, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
+            prev = tile
     else:
-        tile = tl.program_id(0)
-    prev = tile * 0 - 1
-    held = tl.zeros((BLOCK_M, HALF), dtype=tl.int32)
-    while tile < num_tiles:
-        pid_m, pid_n = tile // n_tiles, tile % n_tiles
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-                      ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-        lo, hi = tl.split(tl.reshape(c, (BLOCK_M, HALF, 2)))
-        # fc1's output as stored, then 2 x GELU rounded as nn.GELU writes it, packed (the held tile)
-        lo, hi = _round_half_pair(lo, hi, BF16)
-        pairs = _pack_half_pair(_gelu_tanh_x2(lo), _gelu_tanh_x2(hi), BF16)
-        if TICKETS:
-            lo, hi = _pair_times_mul(pairs, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
-            part = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)  # columns past N: 0 (zero weights' rows)
-            tl.store(parts_ptr + pid_n * M + offs_m, part, mask=offs_m < M)
-            tl.debug_barrier()
-            tl.atomic_add(counters + pid_m, 1, sem="release", scope="gpu")
-        if prev >= 0:
-            _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
-                           BF16, TICKETS, BLOCK_M, BLOCK_N)
-        held = pairs
-        prev = tile
         if TICKETS:
             tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
         else:
-            tile += tl.num_programs(0)
+            tile = tl.program_id(0)
+        while tile < num_tiles:
+            held = _held_step(tile, prev, held, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
+                              a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
+                              HAS_MUL, BF16, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
+            prev = tile
+            if TICKETS:
+                tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+            else:
+                tile += programs
     if prev >= 0:
         _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
-                       BF16, TICKETS, BLOCK_M, BLOCK_N)
+                       BF16, WAIT, BLOCK_M, BLOCK_N)
     if TICKETS:  # the last program to finish resets the ticket counters (each drew one ticket past the end)
         if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _held_step(tile, prev, held, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
+               a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm,
+               ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr,
+               WAIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Compute ``tile`` and publish its part of the row amax, then write the ``held`` tile ``prev``'s codes
+    (if any); -> ``tile``'s values, held."""
+    pid_m, pid_n = tile // n_tiles, tile % n_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+                  ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    lo, hi = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_N // 2, 2)))
+    # fc1's output as stored, then 2 x GELU rounded as nn.GELU writes it, packed (the held tile)
+    lo, hi = _round_half_pair(lo, hi, BF16)
+    pairs = _pack_half_pair(_gelu_tanh_x2(lo), _gelu_tanh_x2(hi), BF16)
+    if WAIT:  # (without: the parts were published by an earlier launch)
+        lo, hi = _pair_times_mul(pairs, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
+        part = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)  # columns past N: 0 (zero weights' rows)
+        tl.store(parts_ptr + pid_n * M + offs_m, part, mask=offs_m < M)
+        # each row's count by the thread that stored its part (release orders that thread's store; a block-wide
+        # barrier before one count would keep Triton from pipelining the next tile's loads under this epilogue)
+        tl.atomic_add(counters + pid_m + offs_m * 0, 1, sem="release", scope="gpu")
+    if prev >= 0:
+        _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
+                       BF16, WAIT, BLOCK_M, BLOCK_N)
+    return pairs
 
 
 @triton.jit
@@ -302,8 +326,8 @@ def _codes_of_held(tile, held, n_tiles: tl.constexpr, q_ptr, s_ptr, parts_ptr, c
     """A held tile's codes (int16 pairs), once its row block has arrived (WAIT), and the block's counter left."""
     pid_m, pid_n = tile // n_tiles, tile % n_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if WAIT:
-        _wait_row_block(counters + pid_m, n_tiles)
+    if WAIT:  # every N tile counts each of its rows (_held_step)
+        _wait_row_block(counters + pid_m, n_tiles * BLOCK_M)
     inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
     lo, hi = _pair_times_mul(held, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
     b_lo = (lo * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)  # as _store_codes, two at a time
@@ -313,7 +337,7 @@ def _codes_of_held(tile, held, n_tiles: tl.constexpr, q_ptr, s_ptr, parts_ptr, c
     tl.store(q_ptr + offs_m[:, None] * stride_qm + pair_cols[None, :], q,
              mask=(offs_m < M)[:, None] & (pair_cols < N // 2)[None, :])
     if WAIT:
-        _leave_row_block(counters + pid_m, n_tiles)
+        _leave_row_block(counters + pid_m, n_tiles * BLOCK_M + n_tiles)
 
 
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs + _mm8_token_codes_held_kernel.configs)  # sizes the amax parts
@@ -332,7 +356,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
                          config: dict | None = None, exact: bool = True, held: bool | None = None,
-                         _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         _wait: bool = True, _tickets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
@@ -345,7 +369,8 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     persistent kernel that writes a tile's codes after computing its next tile, from registers (``_HELD``; the
     default when ``exact``), or (False) the kernel that waits for the row block after each tile (``_CANDIDATES``);
     the same numbers. ``_wait=False`` (benchmarks only: the barrier's cost; waiting kernel) skips the wait for
-    the row group, so the codes are *wrong*."""
+    the row group, so the codes are *wrong*. ``_tickets`` (benchmarks): the held kernel's tiles from the
+    ticket counter instead of the flattened static loop."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -367,7 +392,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     held = exact and _wait and N % 2 == 0 if held is None else held
     if held:
         assert exact and _wait and N % 2 == 0, "the held kernel keeps the rounded values of column pairs, waits"
-        _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args)
+        _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args, _tickets)
         return q, s
     args["ROUND"] = exact
     kernel = _mm8_token_codes_kernel
@@ -388,12 +413,13 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     return q, s
 
 
-def _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args):
+def _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args,
+                 tickets=False):
     from .kernels import _num_sms
 
-    common = lambda q_: (a_desc, w_desc, q_, s, parts, sync, a_scale, w_scale,  # noqa: E731
-                         bias if bias is not None else w_scale, mul if mul is not None else w_scale, M, N, K,
-                         _m_bucket(M), q_.stride(0))
+    common = lambda q_, programs: (a_desc, w_desc, q_, s, parts, sync, a_scale, w_scale,  # noqa: E731
+                                   bias if bias is not None else w_scale, mul if mul is not None else w_scale, M,
+                                   N, K, _m_bucket(M), q_.stride(0), programs)
     pairs = q.view(torch.int16)  # N is even
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     kernel = _mm8_token_codes_held_kernel
@@ -402,12 +428,17 @@ def _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul,
         _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
         args = {**args, **config}
     if _INTERPRET:  # nothing may wait: the waiting kernel publishes every part, then a few held programs
-        # (strided tiles, no tickets) write every tile's codes from their registers
-        _mm8_token_codes_kernel[lambda meta: (tiles(meta),)](*common(q), PUBLISH=True, QUANTIZE=False, WAIT=False,
-                                                             ROUND=True, **args)
-        kernel[lambda meta: (min(3, tiles(meta)),)](*common(pairs), TICKETS=False, **args)
+        # write every tile's codes from their registers
+        _mm8_token_codes_kernel[lambda meta: (tiles(meta),)](*common(q, 0)[:-1], PUBLISH=True, QUANTIZE=False,
+                                                             WAIT=False, ROUND=True, **args)
+        programs = 1 if tickets else 3  # (tickets: one program, which leaves the counter at zero)
+        kernel[(programs,)](*common(pairs, programs), TICKETS=tickets, FLAT=False, WAIT=False, **args)
         return
     sms = _num_sms(q.device)
-    grid = lambda meta: (min(tiles(meta), sms * _held_programs_per_sm(meta["BLOCK_N"],  # noqa: E731
-                                                                      meta.get("maxnreg"))),)
-    kernel[grid](*common(pairs), TICKETS=True, **args)
+    if tickets or sms < triton.cdiv(N, 64):  # static tiles need the row group's tiles on as many programs
+        tickets = True
+        grid = lambda meta: (min(tiles(meta), sms * _held_programs_per_sm(meta["BLOCK_N"],  # noqa: E731
+                                                                          meta.get("maxnreg"))),)
+    else:  # one program per SM, all resident at once (each waits for tiles of the others)
+        grid = (sms,)
+    kernel[grid](*common(pairs, sms), TICKETS=tickets, FLAT=not tickets, WAIT=True, **args)
