@@ -16,9 +16,8 @@ there against static) and (session 19) ``token_gemm.mm8_gelu_token_codes``, fc1 
 itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile,
 and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
 barrier's cost. (Session 20 also timed a deferred variant, whose programs wrote a tile's codes after computing
-their next tile from a 16-bit copy in L2: slower, removed; docs/engines.md.) Session 21: the held kernel
-(``held=True``, the default), persistent programs that keep the tile in registers as 16-bit pairs and write
-its codes after computing their next tile, checked the same way and timed per candidate.
+their next tile from a 16-bit copy in L2, and session 21 one that held the tile in registers: both slower,
+removed; docs/engines.md.)
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -87,43 +86,26 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
 
     case = {"rows": m, "k": k, "n": n, "ms": {}}
     coop = lambda config=None, wait=True: token_gemm.mm8_gelu_token_codes(  # noqa: E731
-        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, held=False, _wait=wait)
-    held = lambda config=None, tickets=False: token_gemm.mm8_gelu_token_codes(  # noqa: E731
-        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, held=True, _tickets=tickets)
+        a, w, sa_rows, sw, b, mul, torch.bfloat16, config, _wait=wait)
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
                      ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
                      ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
                          a, w, sa_rows, sw, b, mul, torch.bfloat16, exact=False)),
-                     ("token_fc1_coop_nowait", lambda: coop(wait=False)), ("token_fc1_held", held),
-                     ("token_fc1_held_tickets", lambda: held(tickets=True))):
+                     ("token_fc1_coop_nowait", lambda: coop(wait=False))):
         fn()  # autotunes outside the graph capture
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
         print(name, case["ms"][name], flush=True)  # as it goes: a run killed at its timeout keeps the log
     # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's
     # compilation), twice over (the counters must come back to zero), and each candidate's time
     q0, s0 = plain_pass()
-    for kind, fn in (("coop", coop), ("held", held), ("held_tickets", lambda: held(tickets=True))):
-        for rep in range(2):
-            q1, s1 = fn()
-            diff = (q1.int() - q0.int()).abs()
-            case[f"{kind}_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)),
-                                           "codes_differing": int((diff > 0).sum()), "max_diff": int(diff.max()),
-                                           "codes": diff.numel()}
-            print(kind, case[f"{kind}_check_{rep}"], flush=True)
+    for rep in range(2):
+        q1, s1 = coop()
+        diff = (q1.int() - q0.int()).abs()
+        case[f"coop_check_{rep}"] = {"scales_equal": bool(torch.equal(s0, s1)), "codes_differing": int((diff > 0).sum()),
+                                     "max_diff": int(diff.max()), "codes": diff.numel()}
+        print(case[f"coop_check_{rep}"], flush=True)
     case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
-    case["held_choice"] = str(token_gemm._mm8_token_codes_held_kernel.best_config)
-    for cand in token_gemm._HELD:
-        cfg = token_gemm._config(*cand)
-        name = "held_{}x{}x{}_s{}_w{}_r{}".format(*cand)
-        try:
-            held(cfg)
-            case["ms"][name] = round(time_ms(lambda: held(cfg), "cudagraph"), 5)  # noqa: B023
-            held(cfg, True)
-            case["ms"][name + "_tickets"] = round(time_ms(lambda: held(cfg, True), "cudagraph"), 5)  # noqa: B023
-            print(name, case["ms"][name], case["ms"][name + "_tickets"], flush=True)
-        except Exception as exc:  # a candidate that does not fit is a result
-            case["ms"][name] = f"{type(exc).__name__}: {exc}"[:200]
     case["static_choice"] = str(kernels._mm8_tma_kernel.best_config)
     for cand in token_gemm._CANDIDATES:
         cfg = token_gemm._config(*cand)

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _half_pair, _m_bucket, _pack_half_pair,
-                      _prune_k, _round_half_pair, _round_to_half, _tma_blocks, tma_eligible)
+from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _prune_k, _round_to_half,
+                      _tma_blocks, tma_eligible)
 
 # Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg). DiT-XL/2's fc1 is N 4608, K 1152. A program
 # waits at the barrier and does its epilogue with nothing overlapping it unless another program shares its SM,
@@ -106,7 +106,7 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
         inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
         _store_codes(x, inv, offs_m, offs_n, q_ptr, stride_qm, M, N)
     if PUBLISH and QUANTIZE and WAIT:
-        _leave_row_block(sync_ptr + pid_m, 2 * n_tiles)
+        _leave_row_block(sync_ptr + pid_m, n_tiles)
 
 
 @triton.jit
@@ -114,20 +114,6 @@ def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_
                    ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fc1's tile (TMA loads, int8 ``tl.dot``), dequantized, + bias, -> 2 x GELU(tanh) in float32."""
-    c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-                  ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-    # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
-    # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale (_row_inverse_scale)
-    if ROUND:
-        return _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
-    return _gelu_tanh_x2(c)  # float32 throughout, as the static engine's fused fc1 (two conversions less)
-
-
-@triton.jit
-def _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
-              ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """fc1's tile (TMA loads, int8 ``tl.dot``), dequantized, + bias, in float32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for ki in range(K // BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -136,7 +122,11 @@ def _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale
     c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return c
+    # fc1's output as it would be stored, then 2 x GELU rounded as nn.GELU writes it (bf16(2 g) = 2 bf16(g)):
+    # the paired pass's values (kernels._pair_chunk); the 2 comes out of the scale (_row_inverse_scale)
+    if ROUND:
+        return _round_tile_to_half(_gelu_tanh_x2(_round_tile_to_half(c, BF16)), BF16)
+    return _gelu_tanh_x2(c)  # float32 throughout, as the static engine's fused fc1 (two conversions less)
 
 
 @triton.jit
@@ -151,16 +141,15 @@ def _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, AR
 
 
 @triton.jit
-def _wait_row_block(counter_ptr, arrivals: tl.constexpr):
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
+def _wait_row_block(counter_ptr, n_tiles: tl.constexpr):
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_tiles:
         pass
 
 
 @triton.jit
-def _leave_row_block(counter_ptr, counts: tl.constexpr):
-    """The last of ``counts`` (the arrivals, then one departure per N tile) resets the counter for the next
-    launch."""
-    if tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == counts - 1:
+def _leave_row_block(counter_ptr, n_tiles: tl.constexpr):
+    """The last of ``2 n_tiles`` counts (arrivals, then departures) resets the counter for the next launch."""
+    if tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == 2 * n_tiles - 1:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -199,148 +188,7 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
-# The held variant (the default on the GPU): persistent programs, tiles from the same ticket counter, that do
-# not wait for a tile's row block right after computing it. A program publishes tile i's part of the row amax,
-# keeps its rounded 2 x GELU in registers as 16-bit values (exact: they are rounded to that type already; half
-# the registers of float32), computes tile i + 1, publishes that, and only then waits for tile i's row block,
-# which has (nearly always) arrived by then, and writes tile i's codes. Session 20's deferred variant kept the
-# tile in L2 instead and lost more to that round trip (0.515 ms against 0.465) than the wait costs (0.035).
-# No deadlock: a program waits only after publishing its current tile, so every drawn ticket gets published;
-# all programs blocked would need each one's two tiles in the lowest unfinished row group, 2 x programs <=
-# n_tiles (18-36 at DiT-XL/2's fc1, against one program or more per SM).
-# Compiled for sm_90, 128 x 128 tiles take 128 registers with a few spills (two programs per SM) or 132 without
-# the cap (one); 128 x 256 tiles spill at 255.
-_HELD = [(128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 128, 128, 3, 8, None),
-         (128, 128, 64, 4, 8, None)]
-
-
-def _held_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, maxnreg=r,
-                          pre_hook=_tma_blocks) for m, n, k, s, w, r in _HELD]
-
-
-def _held_programs_per_sm(block_n: int, maxnreg: int | None) -> int:
-    """Programs of a held candidate an H100 / H200 SM holds (the grid; tickets keep any grid deadlock-free)."""
-    return 2 if maxnreg is not None and maxnreg <= 128 else 1
-
-
-@triton.autotune(configs=_held_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16", "TICKETS", "FLAT"],
-                 prune_configs_by={"early_config_prune": _prune_k})
-@triton.jit
-def _mm8_token_codes_held_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
-                                 bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
-                                 programs, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
-                                 BF16: tl.constexpr, TICKETS: tl.constexpr, FLAT: tl.constexpr, WAIT: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # TICKETS: tiles from the ticket counter (any grid). Else program p of ``programs`` (the grid) takes
-    # tiles p, p + programs, ... in one loop that Triton flattens with the K loop, so the next tile's loads are
-    # issued during this one's epilogue (the grid must be resident at once: one program per SM); FLAT: that
-    # loop, else (Triton's interpreter, which cannot range from a program id) the same as a while loop.
-    # WAIT (the GPU): each tile's row block awaited before its codes; without (Triton's interpreter, after a
-    # launch of _mm8_token_codes_kernel that published every part) nothing is awaited -- the same tile order
-    # and the same held values.
-    # The tile is held as column pairs (the paired pass's layout, kernels._half_pair): even / odd columns'
-    # 16-bit values in one int32, made by the GELU's rounding itself (one cvt.rn.bf16x2.f32 a pair), so
-    # holding costs no convert and half the registers of float32; q_ptr is the codes as int16 pairs.
-    n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    num_tiles = tl.cdiv(M, BLOCK_M) * n_tiles
-    counters = sync_ptr + 2
-    prev = tl.program_id(0) * 0 - 1
-    held = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.int32)
-    if FLAT:
-        for tile in tl.range(tl.program_id(0), num_tiles, programs, flatten=True):
-            held = _held_step(tile, prev, held, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
-                              a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                              HAS_MUL, BF16, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
-            prev = tile
-    else:
-        if TICKETS:
-            tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-        else:
-            tile = tl.program_id(0)
-        while tile < num_tiles:
-            held = _held_step(tile, prev, held, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
-                              a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                              HAS_MUL, BF16, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
-            prev = tile
-            if TICKETS:
-                tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-            else:
-                tile += programs
-    if prev >= 0:
-        _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
-                       BF16, WAIT, BLOCK_M, BLOCK_N)
-    if TICKETS:  # the last program to finish resets the ticket counters (each drew one ticket past the end)
-        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _held_step(tile, prev, held, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, counters,
-               a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm,
-               ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr,
-               WAIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Compute ``tile`` and publish its part of the row amax, then write the ``held`` tile ``prev``'s codes
-    (if any); -> ``tile``'s values, held."""
-    pid_m, pid_n = tile // n_tiles, tile % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = _fc1_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-                  ROW_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-    lo, hi = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_N // 2, 2)))
-    # fc1's output as stored, then 2 x GELU rounded as nn.GELU writes it, packed (the held tile)
-    lo, hi = _round_half_pair(lo, hi, BF16)
-    pairs = _pack_half_pair(_gelu_tanh_x2(lo), _gelu_tanh_x2(hi), BF16)
-    if WAIT:  # (without: the parts were published by an earlier launch)
-        lo, hi = _pair_times_mul(pairs, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
-        part = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)  # columns past N: 0 (zero weights' rows)
-        tl.store(parts_ptr + pid_n * M + offs_m, part, mask=offs_m < M)
-        # each row's count by the thread that stored its part (release orders that thread's store; a block-wide
-        # barrier before one count would keep Triton from pipelining the next tile's loads under this epilogue)
-        tl.atomic_add(counters + pid_m + offs_m * 0, 1, sem="release", scope="gpu")
-    if prev >= 0:
-        _codes_of_held(prev, held, n_tiles, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N, stride_qm, HAS_MUL,
-                       BF16, WAIT, BLOCK_M, BLOCK_N)
-    return pairs
-
-
-@triton.jit
-def _pair_times_mul(pairs, pid_n, mul_ptr, N: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """A held tile's even / odd columns as float32, times fc2's balancing Mul."""
-    lo, hi = _half_pair(pairs, BF16)
-    if HAS_MUL:
-        cols = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
-        lo = lo * tl.load(mul_ptr + cols, mask=cols < N, other=0.0)[None, :]
-        hi = hi * tl.load(mul_ptr + cols + 1, mask=cols + 1 < N, other=0.0)[None, :]
-    return lo, hi
-
-
-@triton.jit
-def _codes_of_held(tile, held, n_tiles: tl.constexpr, q_ptr, s_ptr, parts_ptr, counters, mul_ptr, M, N: tl.constexpr,
-                   stride_qm, HAS_MUL: tl.constexpr, BF16: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """A held tile's codes (int16 pairs), once its row block has arrived (WAIT), and the block's counter left."""
-    pid_m, pid_n = tile // n_tiles, tile % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if WAIT:  # every N tile counts each of its rows (_held_step)
-        _wait_row_block(counters + pid_m, n_tiles * BLOCK_M)
-    inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
-    lo, hi = _pair_times_mul(held, pid_n, mul_ptr, N, HAS_MUL, BF16, BLOCK_N)
-    b_lo = (lo * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)  # as _store_codes, two at a time
-    b_hi = (hi * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True)
-    q = ((b_lo & 0xFF) | ((b_hi & 0xFF) << 8)).to(tl.int16)
-    pair_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + pair_cols[None, :], q,
-             mask=(offs_m < M)[:, None] & (pair_cols < N // 2)[None, :])
-    if WAIT:
-        _leave_row_block(counters + pid_m, n_tiles * BLOCK_M + n_tiles)
-
-
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs + _mm8_token_codes_held_kernel.configs)  # sizes the amax parts
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)  # sizes the amax parts
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -355,8 +203,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
-                         config: dict | None = None, exact: bool = True, held: bool | None = None,
-                         _wait: bool = True, _tickets: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         config: dict | None = None, exact: bool = True,
+                         _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fc1 of a DiT MLP whose fc2 takes per-token INT8 input, writing fc2's codes and row scales: the numbers of
     ``quant_rows_int8(int8_mm(a, w, a_scale, w_scale, bias, out_dtype), mul, gelu=True)`` without fc1's output in
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
@@ -365,12 +213,8 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
-    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``held``: the
-    persistent kernel that writes a tile's codes after computing its next tile, from registers (``_HELD``; the
-    default when ``exact``), or (False) the kernel that waits for the row block after each tile (``_CANDIDATES``);
-    the same numbers. ``_wait=False`` (benchmarks only: the barrier's cost; waiting kernel) skips the wait for
-    the row group, so the codes are *wrong*. ``_tickets`` (benchmarks): the held kernel's tiles from the
-    ticket counter instead of the flattened static loop."""
+    can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
+    (benchmarks only: the barrier's cost) skips the wait for the row group, so the codes are *wrong*."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
@@ -388,14 +232,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
     sync = _counters(a.device, 2 + triton.cdiv(M, 16))
     args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
-                BF16=out_dtype == torch.bfloat16)
-    if held is None:  # the waiting kernel: the held one hung on the H200 in its flattened loop (session 21)
-        held = False
-    if held:
-        assert exact and _wait and N % 2 == 0, "the held kernel keeps the rounded values of column pairs, waits"
-        _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args, _tickets)
-        return q, s
-    args["ROUND"] = exact
+                BF16=out_dtype == torch.bfloat16, ROUND=exact)
     kernel = _mm8_token_codes_kernel
     if config is not None:
         kernel = _mm8_token_codes_kernel.fn
@@ -412,34 +249,3 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     else:
         launch(True, True)
     return q, s
-
-
-def _launch_held(a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias, mul, M, N, K, config, args,
-                 tickets=False):
-    from .kernels import _num_sms
-
-    common = lambda q_, programs: (a_desc, w_desc, q_, s, parts, sync, a_scale, w_scale,  # noqa: E731
-                                   bias if bias is not None else w_scale, mul if mul is not None else w_scale, M,
-                                   N, K, _m_bucket(M), q_.stride(0), programs)
-    pairs = q.view(torch.int16)  # N is even
-    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
-    kernel = _mm8_token_codes_held_kernel
-    if config is not None:
-        kernel = kernel.fn
-        _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
-        args = {**args, **config}
-    if _INTERPRET:  # nothing may wait: the waiting kernel publishes every part, then a few held programs
-        # write every tile's codes from their registers
-        _mm8_token_codes_kernel[lambda meta: (tiles(meta),)](*common(q, 0)[:-1], PUBLISH=True, QUANTIZE=False,
-                                                             WAIT=False, ROUND=True, **args)
-        programs = 1 if tickets else 3  # (tickets: one program, which leaves the counter at zero)
-        kernel[(programs,)](*common(pairs, programs), TICKETS=tickets, FLAT=False, WAIT=False, **args)
-        return
-    sms = _num_sms(q.device)
-    if tickets or sms < triton.cdiv(N, 64):  # static tiles need the row group's tiles on as many programs
-        tickets = True
-        grid = lambda meta: (min(tiles(meta), sms * _held_programs_per_sm(meta["BLOCK_N"],  # noqa: E731
-                                                                          meta.get("maxnreg"))),)
-    else:  # one program per SM, all resident at once (each waits for tiles of the others)
-        grid = (sms,)
-    kernel[grid](*common(pairs, sms), TICKETS=tickets, FLAT=not tickets, WAIT=True, **args)

@@ -643,11 +643,6 @@ def _ptx_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages
 
 def _compile_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
     """The compiled kernel's ``asm`` (``ttgir``, ``ptx``, ...) for sm_90, on the CPU."""
-    return _compiled_for_hopper(fn, consts, ptrs, num_warps, num_stages).asm
-
-
-def _compiled_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_stages: int = 3):
-    """The kernel compiled for sm_90 on the CPU (``asm``, ``metadata``: its shared memory, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -657,7 +652,7 @@ def _compiled_for_hopper(fn, consts: dict, ptrs: dict, num_warps: int = 4, num_s
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages}).asm
 
 
 def _count(ptx: str, op: str) -> int:
@@ -810,13 +805,11 @@ def test_fc1_writes_per_token_codes_in_interpreter():
             sw = torch.rand(N) * 1e-2 + 1e-3
             b = torch.randn(N) if has_bias else None
             mul = torch.rand(N) + 0.5 if has_mul else None
+            q, s = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt)
             h = (a.double() @ w.double().T).float() * ((sa[:, None] if rows else sa) * sw)
             h = (h + b if b is not None else h).to(dt)  # fc1's output as its GEMM stores it
             q0, s0 = kernels.quant_rows_int8(h, mul, gelu=True)
-            # the waiting kernel; the held kernel (column pairs, even N) in its flattened loop and with tickets
-            for held, tickets in [(False, False)] + ([(True, False), (True, True)] if N % 2 == 0 else []):
-                q, s = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt, held=held, _tickets=tickets)
-                assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, held, tickets, (q.int() - q0.int()).abs().max())
+            assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, dt, (q.int() - q0.int()).abs().max())
             assert q.abs().max() == 127  # each row's largest value takes the full range
             ref = torch.nn.functional.gelu(h.float(), approximate="tanh") * (mul if mul is not None else 1)
             assert quant.sqnr_db(ref, q.float() * s[:, None]) > 30
@@ -855,35 +848,6 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
     assert "0f4B400000" in ptx, "the round-half-even add was folded away"
-
-
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-def test_fc1_held_token_codes_kernel_compiles_for_hopper():
-    """The held kernel (the default; static tiles in a loop Triton flattens): int8 wgmma, each tile published
-    (release) before the previous one's row block is awaited (acquire); the tile held as 16-bit pairs made by
-    the GELU's own rounding, so per element pair two packed converts (fc1's output, the GELU) and no other
-    bf16 convert: holding costs none. Codes stored as int16 pairs."""
-    from dtq.runtime import token_gemm
-
-    consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, TICKETS=False,
-                  FLAT=True, WAIT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
-    kernel = _compiled_for_hopper(token_gemm._mm8_token_codes_held_kernel.fn, consts,
-                                  {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[128, 128]>",
-                                   "q_ptr": "*i16", "sync_ptr": "*i32"}, num_warps=8)
-    ptx = kernel.asm["ptx"]
-    # the K loop stays pipelined across tiles (3 stages of 128 x 128 A and W tiles in shared memory): a
-    # block-wide barrier in the epilogue (tl.debug_barrier before one count) had left a single stage
-    assert kernel.metadata.shared >= 3 * 2 * 128 * 128, kernel.metadata.shared
-    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
-    assert _count(ptx, "atom.global.gpu.release.add") == 1  # (per row, by the thread that stored its part)
-    # the wait is inlined twice: in the loop, for the previous tile, and after it, for the last
-    assert _count(ptx, "ld.global.gpu.acquire") == 2
-    elements = 128 * 128 // (8 * 32)
-    assert _count(ptx, "tanh.approx.f32") == elements
-    assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
-    assert _count(ptx, "cvt.f32.bf16") == 0 and _count(ptx, "cvt.rzi") == 0
-    # the codes: 128 x 64 int16 pairs a tile in 16-byte stores (4 a thread), in the loop and after it
-    assert _count(ptx, "st.global.v4.b32") == 2 * (128 * 64 * 2 // 16 // 256)
 
 
 def test_token_codes_counters_outlive_growth():
