@@ -181,7 +181,7 @@ def _sample_sweep(dens: dict, batch: int, dev: torch.device, rounds: int, steps:
     """DDPM sampling with guidance (dtq-bench's end-to-end run: ``steps`` graphed forwards and the sampler's
     eager steps) for each denoiser, interleaved over ``rounds``: CUDA-event seconds, sorted, and the median."""
     from dtq.runtime.diffusion import GaussianDiffusion
-    from dtq.runtime.sampler import sample
+    from dtq.tools import bench_engines as be
 
     diffusion = GaussianDiffusion.dit(steps)
     gen = torch.Generator().manual_seed(batch)
@@ -190,14 +190,7 @@ def _sample_sweep(dens: dict, batch: int, dev: torch.device, rounds: int, steps:
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
         for label, den in dens.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.no_grad():
-                start.record()
-                sample(den, diffusion, noise, labels, sampler="ddpm", cfg_scale=4.0, null_class=1000,
-                       generator=torch.Generator(device=dev).manual_seed(1))
-                end.record()
-            end.synchronize()
-            times.setdefault(label, []).append(start.elapsed_time(end) / 1e3)
+            times.setdefault(label, []).append(be.sampling_seconds(den, diffusion, noise, labels))
     out = {k: {"median": round(sorted(v)[len(v) // 2], 4), "all": [round(t, 4) for t in sorted(v)]}
            for k, v in times.items()}
     print("sampling, batch", batch, {k: v["median"] for k, v in out.items()}, flush=True)
