@@ -17,7 +17,8 @@ itself (row groups exchanging their amaxes), checked against fc1 + the pass and 
 and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
 barrier's cost. (Session 20 also timed a deferred variant, whose programs wrote a tile's codes after computing
 their next tile from a 16-bit copy in L2, and session 21 one that held the tile in registers: both slower,
-removed; docs/engines.md.)
+removed; docs/engines.md.) Session 22 adds pointer-load candidates (``cp.async``, as the static engine's fused
+fc1 on ``kernels._mm8_kernel``) and times the static fc1 on each of its two kernels.
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -87,7 +88,11 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
     case = {"rows": m, "k": k, "n": n, "ms": {}}
     coop = lambda config=None, wait=True: token_gemm.mm8_gelu_token_codes(  # noqa: E731
         a, w, sa_rows, sw, b, mul, torch.bfloat16, config, _wait=wait)
+    static = lambda tma: kernels._mm8(a, w, torch.empty((m, n), device=dev, dtype=torch.int8), sa, sw, b,  # noqa: E731
+                                      mul, q_scale, tma=tma)
     for name, fn in (("static_fc1_gelu_quant", lambda: kernels.mm8_gelu_quant(a, w, sa, sw, b, mul, q_scale)),
+                     ("static_fc1_gelu_quant_pointer", lambda: static(False)),
+                     ("static_fc1_gelu_quant_tma", lambda: static(True)),
                      ("token_fc1_plain", lambda: kernels.int8_mm(a, w, sa_rows, sw, b, torch.bfloat16)),
                      ("token_fc1_plain_plus_pass", plain_pass), ("token_fc1_coop", coop),
                      ("token_fc1_coop_float32", lambda: token_gemm.mm8_gelu_token_codes(
@@ -107,9 +112,10 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         print(case[f"coop_check_{rep}"], flush=True)
     case["coop_choice"] = str(token_gemm._mm8_token_codes_kernel.best_config)
     case["static_choice"] = str(kernels._mm8_tma_kernel.best_config)
+    case["static_pointer_choice"] = str(kernels._mm8_kernel.best_config)
     for cand in token_gemm._CANDIDATES:
         cfg = token_gemm._config(*cand)
-        name = "coop_{}x{}x{}_s{}_w{}_r{}".format(*cand)
+        name = "coop_{}x{}x{}_s{}_w{}_r{}_{}".format(*cand[:-1], "tma" if cand[-1] else "ptr")
         try:
             coop(cfg)
             case["ms"][name] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)  # noqa: B023
