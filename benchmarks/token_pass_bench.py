@@ -17,8 +17,8 @@ itself (row groups exchanging their amaxes), checked against fc1 + the pass and 
 and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
 barrier's cost. (Session 20 also timed a deferred variant, whose programs wrote a tile's codes after computing
 their next tile from a 16-bit copy in L2, and session 21 one that held the tile in registers: both slower,
-removed; docs/engines.md.) Session 22 adds pointer-load candidates (``cp.async``, as the static engine's fused
-fc1 on ``kernels._mm8_kernel``) and times the static fc1 on each of its two kernels.
+removed; docs/engines.md; session 22 one with pointer loads, as the static engine's fused fc1 has: slower, removed.)
+The static fc1 is timed on each of its two kernels, pointer loads (``_mm8_kernel``) and TMA.
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """
@@ -115,7 +115,7 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
     case["static_pointer_choice"] = str(kernels._mm8_kernel.best_config)
     for cand in token_gemm._CANDIDATES:
         cfg = token_gemm._config(*cand)
-        name = "coop_{}x{}x{}_s{}_w{}_r{}_{}".format(*cand[:-1], "tma" if cand[-1] else "ptr")
+        name = "coop_{}x{}x{}_s{}_w{}_r{}".format(*cand)
         try:
             coop(cfg)
             case["ms"][name] = round(time_ms(lambda: coop(cfg), "cudagraph"), 5)  # noqa: B023

@@ -8,7 +8,7 @@ tensor for the GELU, the amax and the codes (``kernels.quant_rows_int8(gelu=True
 Here the programs of one row block's N tiles (a *row group*) exchange their parts of the row amax through
 global memory:
 
-1. each program computes its tile (TMA or pointer loads, int8 ``tl.dot``), dequantizes it, rounds it to the activation
+1. each program computes its tile (TMA loads, int8 ``tl.dot``), dequantizes it, rounds it to the activation
    type as fc1 would store it, applies 2 x GELU(tanh) rounded as ``nn.GELU`` writes it, and fc2's balancing
    Mul -- the paired pass's numbers (``kernels._pair_chunk``), from registers instead of HBM;
 2. it stores its part of each row's amax (``parts [n_tiles, M]``) and arrives at the row block's counter;
@@ -41,49 +41,45 @@ import triton.language as tl
 from .kernels import (_GPU_MATH, _INTERPRET, _dequantize, _gelu_tanh_x2, _m_bucket, _prune_k, _round_to_half,
                       _tma_blocks, tma_eligible)
 
-# Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg, TMA). DiT-XL/2's fc1 is N 4608, K 1152. A program
+# Candidates (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, maxnreg). DiT-XL/2's fc1 is N 4608, K 1152. A program
 # waits at the barrier and does its epilogue with nothing overlapping it unless another program shares its SM,
 # so register caps (``maxnreg``) that let 2-3 programs of BLOCK_N 128 share an SM are candidates next to one
-# 128 x 256 program per SM. TMA False: pointer loads (``cp.async``), as the static engine's fused fc1
-# (``kernels._mm8_kernel``), which chose 64 x 128 tiles of 4 warps there (up to 4 programs per SM) and ran at
-# 0.367 ms against this kernel's 0.466 (TMA, 128 x 128) in the batch-64 engine (session 22's profile).
-_CANDIDATES = [(128, 256, 128, 3, 8, None, True), (128, 256, 64, 4, 8, None, True),
-               (128, 128, 128, 3, 8, 128, True), (128, 128, 64, 4, 8, 128, True), (128, 128, 64, 3, 8, 128, True),
-               (64, 128, 128, 3, 4, 168, True), (64, 128, 64, 4, 4, 168, True), (64, 256, 64, 3, 4, None, True),
-               (64, 128, 64, 4, 4, None, False), (64, 128, 64, 4, 4, 128, False), (64, 128, 128, 3, 4, None, False),
-               (128, 128, 128, 3, 8, 128, False), (128, 128, 64, 4, 8, 128, False), (128, 256, 128, 3, 8, None, False)]
+# 128 x 256 program per SM.
+_CANDIDATES = [(128, 256, 128, 3, 8, None), (128, 256, 64, 4, 8, None),
+               (128, 128, 128, 3, 8, 128), (128, 128, 64, 4, 8, 128), (128, 128, 64, 3, 8, 128),
+               (64, 128, 128, 3, 4, 168), (64, 128, 64, 4, 4, 168), (64, 256, 64, 3, 4, None)]
 
 
-def _config(bm, bn, bk, stages, warps, maxnreg, tma) -> dict:
+def _config(bm, bn, bk, stages, warps, maxnreg) -> dict:
     """A candidate as ``mm8_gelu_token_codes(config=)`` takes it."""
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA=tma, num_stages=stages, num_warps=warps,
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps,
                 **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "TMA": True}, pre_hook=_tma_blocks)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "TMA": t}, num_stages=s, num_warps=w, maxnreg=r,
-                          pre_hook=_tma_blocks) for m, n, k, s, w, r, t in _CANDIDATES]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, pre_hook=_tma_blocks)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w, maxnreg=r,
+                          pre_hook=_tma_blocks) for m, n, k, s, w, r in _CANDIDATES]
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ROW_SCALE", "BF16", "ROUND"],
                  prune_configs_by={"early_config_prune": _prune_k})
 @triton.jit
-def _mm8_token_codes_kernel(a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                             mul_ptr, M, N: tl.constexpr, K: tl.constexpr, M_BUCKET, stride_qm,
                             ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr,
                             BF16: tl.constexpr, ROUND: tl.constexpr, PUBLISH: tl.constexpr,
                             QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
         tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
     else:  # one phase (Triton's interpreter)
         tile = tl.program_id(0)
-    _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
+    _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
                       a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
-                      BF16, ROUND, PUBLISH, QUANTIZE, WAIT, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+                      BF16, ROUND, PUBLISH, QUANTIZE, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
     if PUBLISH and QUANTIZE:  # the last program to finish resets the ticket counters for the next launch
         if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
@@ -91,15 +87,15 @@ def _mm8_token_codes_kernel(a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, 
 
 
 @triton.jit
-def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                       w_scale_ptr, bias_ptr, mul_ptr, M, N: tl.constexpr, K: tl.constexpr, stride_qm, ROW_SCALE: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_MUL: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
                       PUBLISH: tl.constexpr, QUANTIZE: tl.constexpr, WAIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x = _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, a_scale_ptr,
-                       w_scale_ptr, bias_ptr, M, N, K, ROW_SCALE, HAS_BIAS, BF16, ROUND, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+    x = _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
+                       ROW_SCALE, HAS_BIAS, BF16, ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if PUBLISH:
@@ -114,25 +110,15 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, a_ptr
 
 
 @triton.jit
-def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_ptr, w_ptr, stride_am, stride_wn, a_scale_ptr,
-                   w_scale_ptr, bias_ptr, M, N, K: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BF16: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, TMA: tl.constexpr):
-    """fc1's tile (int8 ``tl.dot``; TMA or pointer loads), dequantized, + bias, -> 2 x GELU(tanh) in float32."""
+def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K: tl.constexpr,
+                   ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, ROUND: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fc1's tile (TMA loads, int8 ``tl.dot``), dequantized, + bias, -> 2 x GELU(tanh) in float32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    if TMA:
-        for ki in range(K // BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-    else:  # kernels._mm8_kernel's loads: rows / columns past M / N read row / column 0 (their results unstored)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + tl.where(offs_m < M, offs_m, 0)[:, None] * stride_am + offs_k[None, :]
-        w_ptrs = w_ptr + offs_k[:, None] + tl.where(offs_n < N, offs_n, 0)[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
-        for ki in range(K // BLOCK_K):
-            acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+    for ki in range(K // BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
     c = _dequantize(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, ROW_SCALE)
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -224,8 +210,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
     GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
-    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``, ``TMA``: loads through TMA descriptors, the
-    default, or pointers) instead of the autotuned one. CUDA (or
+    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
     can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
@@ -252,10 +237,10 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     if config is not None:
         kernel = _mm8_token_codes_kernel.fn
         _tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **config})
-        args.update({"TMA": True, **config})
+        args.update(config)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch = lambda publish, quantize: kernel[grid](  # noqa: E731
-        a_desc, w_desc, a, w, a.stride(0), w.stride(0), q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
+        a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, _m_bucket(M), q.stride(0), PUBLISH=publish, QUANTIZE=quantize,
         WAIT=_wait, **args)
     if _INTERPRET:  # nothing may wait: publish every part, then quantize

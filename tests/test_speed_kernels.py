@@ -789,9 +789,8 @@ def test_fc1_writes_per_token_codes_in_interpreter():
     of fc1's output rounded to the activation type + the paired GELU pass, exactly: against torch's rounding of
     the same float32 products for bf16 and fp16 (Triton's interpreter truncates float32 to bf16 in its own
     stores, so the bf16 reference is torch's), per-row and static input scales, with and without bias and Mul,
-    ragged M and N, through TMA and pointer loads. The interpreter runs the two phases one after the other
-    (nothing may wait there). Then the per-token engine with it gives the "pass-fused" engine's output bit for
-    bit (fp16)."""
+    ragged M and N. The interpreter runs the two phases one after the other (nothing may wait there). Then the
+    per-token engine with it gives the "pass-fused" engine's output bit for bit (fp16)."""
     code = _PER_TOKEN_ENGINES + textwrap.dedent('''
         import torch
         from dtq.runtime import kernel_ops, kernels, quant, token_gemm  # noqa: F401  (kernel_ops: the custom ops)
@@ -812,10 +811,6 @@ def test_fc1_writes_per_token_codes_in_interpreter():
             q0, s0 = kernels.quant_rows_int8(h, mul, gelu=True)
             assert torch.equal(s, s0) and torch.equal(q, q0), (M, N, dt, (q.int() - q0.int()).abs().max())
             assert q.abs().max() == 127  # each row's largest value takes the full range
-            # pointer loads (TMA False) instead of TMA descriptors: the same numbers
-            qp, sp = token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, dt, config=dict(
-                BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, TMA=False, num_stages=1, num_warps=4))
-            assert torch.equal(sp, s) and torch.equal(qp, q), (M, N, dt)
             ref = torch.nn.functional.gelu(h.float(), approximate="tanh") * (mul if mul is not None else 1)
             assert quant.sqnr_db(ref, q.float() * s[:, None]) > 30
             # exact=False: fc1's output and the GELU stay float32; codes within a step of the rounded ones
@@ -831,28 +826,24 @@ def test_fc1_writes_per_token_codes_in_interpreter():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-@pytest.mark.parametrize("tma, block_m, block_n, warps", [(True, 128, 256, 8), (False, 64, 128, 4)])
-def test_fc1_token_codes_kernel_compiles_for_hopper(tma, block_m, block_n, warps):
-    """The fused kernel as the GPU runs it (fc1 of DiT-XL/2; TMA loads in 128 x 256 tiles, pointer loads in the
-    static fc1's 64 x 128): int8 wgmma fed by TMA or ``cp.async``, the row block's counter taken with release and
-    read with acquire (the parts of the row amax written before the count says so), the parts read from L2
-    (``.cg``: other SMs wrote them), a ticket taken as the program starts; per element one ``tanh.approx``, two
-    roundings to bf16 in packed converts (one per pair each), no IEEE division and no float-to-int convert
-    (codes from the rounding add's bits)."""
+def test_fc1_token_codes_kernel_compiles_for_hopper():
+    """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the row block's
+    counter taken with release and read with acquire (the parts of the row amax written before the count says
+    so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts; per
+    element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair each), no IEEE division
+    and no float-to-int convert (codes from the rounding add's bits)."""
     from dtq.runtime import token_gemm
 
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, ROUND=True, PUBLISH=True,
-                  QUANTIZE=True, WAIT=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, TMA=tma)
+                  QUANTIZE=True, WAIT=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128)
     ptx = _ptx_for_hopper(token_gemm._mm8_token_codes_kernel.fn, consts,
-                          {"a_desc": f"tensordesc<i8[{block_m}, 128]>", "w_desc": f"tensordesc<i8[{block_n}, 128]>",
-                           "a_ptr": "*i8", "w_ptr": "*i8", "q_ptr": "*i8", "sync_ptr": "*i32"}, num_warps=warps)
+                          {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[256, 128]>", "q_ptr": "*i8",
+                           "sync_ptr": "*i32"}, num_warps=8)
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
-    assert ("cp.async.bulk.tensor" in ptx) == tma and ("cp.async.cg" in ptx) != tma
     assert _count(ptx, "atom.global.gpu.release.add") == 1 and _count(ptx, "ld.global.gpu.acquire") == 1
-    # each N tile's part of the rows, one load a thread (LLVM unrolls the 18 parts' loop, not the 36)
-    assert _count(ptx, "ld.global.cg") == (4608 // block_n if block_n == 256 else 1)
+    assert _count(ptx, "ld.global.cg") == 4608 // 256  # each N tile's part of the 128 rows: one load a thread
     assert _count(ptx, "atom.global.gpu.relaxed.add") == 3  # the ticket, leaving the row block, finishing
-    elements = block_m * block_n // (warps * 32)
+    elements = 128 * 256 // (8 * 32)
     assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
