@@ -114,12 +114,12 @@ def open_denoiser(spec: str | DenoiserSpec, model: nn.Module, *, device: str | t
     bit-identical to the simulation on the CPU) or "progressive" (two-level INT4 requantized at
     build time, ``qengine.Int4ProgressiveLinear``; per-token layers keep "group"; refused when no
     layer of the recipe is eligible). ``token_quant``: the recipe engine's per-token (dynamic) INT8
-    quantizer (``build_qengine``'s ``token_quant``): "pass-fused" (default: the Triton pass, fc2's GELU
-    inside fc2's pass, per-row-scale gated-residual epilogues; measured fastest), "pass" (the Triton pass,
-    no per-token fused epilogue), "inductor" (torch ops Inductor fuses under ``compile``, gated-residual
-    epilogues) or "gemm" (an all-INT8 MLP's fc2 quantizes its input on load, the row amaxes from fc1's
-    epilogue; measured slower) or "epilogue" (an all-INT8 MLP's fc1 writes fc2's per-token codes itself, the
-    same codes as "pass-fused"; measured no faster at batch 64); recipe backend only.
+    quantizer (``build_qengine``'s ``token_quant``): "epilogue" (default: as "pass-fused", but an all-INT8
+    MLP's fc1 writes fc2's per-token codes itself, the same codes; measured fastest at batch 1, 8 and 64),
+    "pass-fused" (the Triton pass, fc2's GELU inside fc2's pass, per-row-scale gated-residual epilogues),
+    "pass" (the Triton pass, no per-token fused epilogue), "inductor" (torch ops Inductor fuses under
+    ``compile``, gated-residual epilogues) or "gemm" (an all-INT8 MLP's fc2 quantizes its input on load, the
+    row amaxes from fc1's epilogue; measured slower); recipe backend only.
     ``prompts``: the ``runtime.prompts.PromptEmbeddings`` a text-conditioned model (PixArt) needs;
     the denoiser is then a ``PromptDenoiser`` (``y`` indexes the prompts) over torch, sim, recipe or
     onnx; compile, cuda_graphs, autocast and attention do not apply to it yet."""

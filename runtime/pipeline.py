@@ -103,15 +103,15 @@ class SampleConfig:
         "whole K, fused epilogues): the fastest W4A8 engine, 1.26x bf16 torch.compile at batch 64 on an H200; "
         "weights differ slightly from the recipe's; static and per token activation scales)"))
     token_quant: TokenQuant = field(default=DEFAULT_TOKEN_QUANT, metadata=_meta(
-        "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): pass-fused (one "
-        "Triton quantize pass per layer input, fc2's GELU inside fc2's pass, the gated-residual epilogue with "
-        "per-row scales; the fastest on an H200) or pass (the Triton pass, per-token layers take no fused epilogue) "
-        "or inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate / GELU, "
-        "and per-token proj / fc2 take the gated-residual epilogue; same codes) or gemm (an all-INT8 MLP's fc2 "
-        "input quantized as fc2's GEMM loads it, the row amaxes from fc1's epilogue: no pass, but slower on an "
-        "H200) or epilogue (an all-INT8 MLP's fc1 GEMM writes fc2's per-token codes itself, the programs of a row "
-        "exchanging their amaxes: pass-fused's codes; on an H200 a forward of 44.58 against 44.74 ms at batch 64, 7.17 against "
-        "7.47 ms at batch 8; docs/engines.md)"))
+        "per-token (dynamic, ViDiT-Q) INT8 activations of a recipe engine (--backend recipe:DIR): epilogue (the "
+        "default: as pass-fused, but an all-INT8 MLP's fc1 GEMM writes fc2's per-token codes itself, the programs "
+        "of a row exchanging their amaxes; pass-fused's codes; the fastest on an H200 at batch 1, 8 and 64, "
+        "docs/engines.md) or pass-fused (one Triton quantize pass per layer input, fc2's GELU inside fc2's pass, "
+        "the gated-residual epilogue with per-row scales) or pass (the Triton pass, per-token layers take no fused "
+        "epilogue) or inductor (under --compile the quantizer is torch ops Inductor fuses into LayerNorm+modulate "
+        "/ GELU, and per-token proj / fc2 take the gated-residual epilogue; same codes) or gemm (an all-INT8 MLP's "
+        "fc2 input quantized as fc2's GEMM loads it, the row amaxes from fc1's epilogue: no pass, but slower on "
+        "an H200)"))
     out: Path = field(default=Path("samples"), metadata=_meta("output directory"))
     progress: bool = field(default=True, metadata=_meta("show progress bars"))
 

@@ -46,11 +46,13 @@ row-wise ``scale_a``. ``build_qengine(token_quant=...)`` (:data:`TokenQuant`) pi
 take no fused epilogue; "inductor" (opt-in): under ``torch.compile`` the quantizer is plain torch ops
 (``quant.token_codes_int8``, same codes and scales) that Inductor fuses into the kernel computing the
 activation (LayerNorm + modulate, GELU), ``compile_blocks`` adds ``TOKEN_INDUCTOR_OPTIONS``, and
-per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass-fused" (the default,
-:data:`DEFAULT_TOKEN_QUANT`; the fastest on an H200 since session 16, docs/engines.md): the
+per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass-fused": the
 Triton pass, with fc2's GELU applied inside fc2's pass (``kernels.quant_rows_int8(gelu=True)``, a
-``FusedMlp`` whose fc1 keeps its own GEMM) and the gated-residual epilogue with per-row scales. The
-GELU + quantize epilogue of fc1 needs static scales (it sees one N tile of a row, not the row's amax).
+``FusedMlp`` whose fc1 keeps its own GEMM) and the gated-residual epilogue with per-row scales;
+"epilogue" (the default, :data:`DEFAULT_TOKEN_QUANT`; the fastest on an H200 at batch 1, 8 and 64 since
+session 22, docs/engines.md): as "pass-fused", except that an all-INT8 MLP's fc1 GEMM writes fc2's per-token
+codes itself, the programs of a row block exchanging their parts of the row amax (``token_gemm``). The
+static GELU + quantize epilogue of fc1 needs no such exchange (one scale for the tensor).
 ``Int4ProgressiveLinear`` takes both, as ``Int4Linear`` does (its kernel's ``ROW_SCALE``).
 
 qkv's and fc1's input, ``modulate(LayerNorm(x))``, reaches a layer that takes 8-bit codes (static INT8 / FP8,
@@ -167,11 +169,12 @@ INT8_KERNELS = ("auto", "triton", "int_mm")
 # 42.00 (6.1% / 6.5% behind static); fc1 alone 0.470 ms against fc1 + the pass 0.490 (static fc1 0.389), 0.065
 # against 0.080 at batch 8. The conversion unit (int-to-float, two bf16 roundings, tanh.approx per element) and
 # the wait bound it. At batch 8 (session 20) its forward was 0.9% behind static's against pass-fused's 5.0%
-# (7.174 / 7.466 / 7.110 ms); not measured at batch 1. Kept as an ablation (dtq-bench "-token-epi"), not the
-# default, until a run of the switched default at batch 1, 8 and 64.
+# (7.174 / 7.466 / 7.110 ms). The default since session 22: same runs (s22a, s22b), images/s behind static at
+# batch 64 / 8 / 1: 6.0% / 1.6% / 2.4% and 5.8% / 0.6% / 2.9% against pass-fused's 6.9% / 5.0% / 5.0% (s22a).
+# Where one row group cannot be on the GPU at once (fewer SMs than fc1's N tiles) it runs as "pass-fused".
 TokenQuant = Literal["pass", "inductor", "pass-fused", "gemm", "epilogue"]
 TOKEN_QUANTS: tuple[str, ...] = typing.get_args(TokenQuant)
-DEFAULT_TOKEN_QUANT: TokenQuant = "pass-fused"
+DEFAULT_TOKEN_QUANT: TokenQuant = "epilogue"
 
 
 class EngineLinear(nn.Module):
@@ -601,10 +604,17 @@ class FusedMlp(nn.Module):
 
     def rowquant_fusable(self, rows: int, token_quant: str = "gemm") -> bool:
         """``token_quant`` ("gemm" or "epilogue") for this MLP at ``rows``: both layers INT8 on the Triton GEMM
-        (fc1 per token or static), fc2 per token without a low-rank branch or rotation (``token_fusable``)."""
+        (fc1 per token or static), fc2 per token without a low-rank branch or rotation (``token_fusable``);
+        "epilogue" also needs one row group of fc1's tiles on the GPU at once (``token_gemm.row_group_fits``)."""
         fc1, fc2 = self.fc1, self.fc2
-        return (fc2.token_quant == token_quant and type(fc1) is Int8Linear and type(fc2) is Int8Linear
-                and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows))
+        if not (fc2.token_quant == token_quant and type(fc1) is Int8Linear and type(fc2) is Int8Linear
+                and fc1.act_format == "int8" and fc1.fuses_epilogue(rows) and fc2.fuses_epilogue(rows)):
+            return False
+        if token_quant == "epilogue":
+            from . import token_gemm
+
+            return token_gemm.row_group_fits(fc1.out_features, fc1.weight_int8.device)
+        return True
 
     def _fc1_codes(self, x: torch.Tensor | QuantizedActivation, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fc1's input codes and scale: those of the kernel that produced ``x``, or quantized here."""
@@ -629,7 +639,8 @@ class FusedMlp(nn.Module):
                                            gate, res2)
             return y.reshape(*shape[:-1], fc2.out_features) if gate is None else y.reshape(residual.shape)
         if fc2.dynamic:  # per token: fc2's row scales and codes from fc1's epilogue, or from one pass over its output
-            if self.rowquant_fusable(rows, "epilogue"):
+            # the kernel rounds fc1's output and the GELU to a 16-bit activation type, as the pass sees them
+            if self.rowquant_fusable(rows, "epilogue") and x.dtype in (torch.bfloat16, torch.float16):
                 xq, a_scale = self._fc1_codes(x, rows)
                 codes, scales = torch.ops.dtq.mm8_gelu_token_codes(xq, fc1.weight_int8, a_scale, fc1.w_scale_n, fc1.bias,
                                                                    fc2.input_mul, x.dtype, True)
@@ -1098,7 +1109,8 @@ def build_qengine(model: nn.Module, recipe: Recipe, *, device: str | torch.devic
     (torch ops fused by Inductor under compile, its ``TOKEN_INDUCTOR_OPTIONS``, the gated-residual
     epilogue of the families in ``fuse_residual``) or "pass-fused" (the Triton pass, fc2's GELU inside
     fc2's pass for the families in ``fuse_mlp``, the gated-residual epilogue with per-row scales for
-    those in ``fuse_residual``; the default, :data:`DEFAULT_TOKEN_QUANT`); static layers ignore it.
+    those in ``fuse_residual``) or "epilogue" (the default, :data:`DEFAULT_TOKEN_QUANT`: as "pass-fused",
+    but an all-INT8 MLP's fc1 writes fc2's per-token codes) or "gemm" (an ablation); static layers ignore it.
 
     ``kernel``: "auto" (the GPU path on CUDA inputs, the simulation's operations on the CPU),
     "reference" (the simulation's operations everywhere) or "gpu" (the GPU path on any device: on the

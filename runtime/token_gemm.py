@@ -201,6 +201,15 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
+def row_group_fits(n: int, device: torch.device) -> bool:
+    """Whether one row group of an fc1 with ``n`` outputs (its N tiles at the narrowest candidate's BLOCK_N) is
+    on ``device`` at once with one program per SM: what keeps every launch from waiting forever (module doc).
+    Any device but CUDA runs Triton's interpreter, which runs the two phases one after the other."""
+    if device.type != "cuda":
+        return True
+    return triton.cdiv(n, _MIN_BLOCK_N) <= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, mul: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16,
                          config: dict | None = None, exact: bool = True,
@@ -222,6 +231,9 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     assert K == K2 and a.dtype == w.dtype == torch.int8, (a.shape, a.dtype, w.shape, w.dtype)
     assert out_dtype in (torch.bfloat16, torch.float16), out_dtype
     assert tma_eligible(a, w), "TMA loads need unit inner strides and 16-byte aligned rows"
+    if not row_group_fits(N, a.device):
+        raise ValueError(f"fc1's {triton.cdiv(N, _MIN_BLOCK_N)} N tiles of a row block cannot all be on this GPU "
+                         f"at once (one per SM): its programs could wait forever; use token_quant='pass-fused'")
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

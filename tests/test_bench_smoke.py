@@ -129,7 +129,7 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
 
     opts = engine_options("w4a8-progressive-unfused")
     assert opts == {"precision": "w4a8", "int8_kernel": "auto", "w4a8": "progressive", "fuse_mlp": (),
-                    "fuse_residual": (), "fuse_norm": False, "token_quant": "pass-fused"}
+                    "fuse_residual": (), "fuse_norm": False, "token_quant": "epilogue"}
     assert engine_options("int8")["fuse_norm"] and not engine_options("int8-nonorm")["fuse_norm"]
     assert engine_options("int8-nonorm")["fuse_mlp"] == engine_options("int8")["fuse_mlp"]
     assert engine_options("int8")["fuse_residual"] == ("int8", "w4a8", "fp8", "w4a16") == engine_options("int8")["fuse_mlp"]
@@ -168,14 +168,15 @@ def test_engine_backend_names_and_epilogue_ablation(tmp_path, capsys):
 
 
 def test_tokfused_backend_names_choose_the_inductor_token_quant():
-    """'-token' engines run build_qengine's default token_quant ("pass-fused": the Triton quantize pass,
-    fc2's GELU inside it, per-row-scale gated-residual epilogues); '-token-tokfused' runs "inductor" (the a542954 engine: for W4A8 with the
-    group kernel's gated-residual family named); only after '-token'; modifiers and ablations still apply."""
+    """'-token' engines run build_qengine's default token_quant ("epilogue": fc1 writes an all-INT8 MLP's
+    fc2 codes, otherwise the Triton quantize pass with fc2's GELU inside it, per-row-scale gated-residual
+    epilogues); '-token-tokfused' runs "inductor" (the a542954 engine: for W4A8 with the group kernel's
+    gated-residual family named); only after '-token'; modifiers and ablations still apply."""
     from dtq.tools.bench_engines import backend_act_granularity, engine_options
 
     for p in ("int8", "w4a8", "fp8"):
         plain, fused = engine_options(f"{p}-token"), engine_options(f"{p}-token-tokfused")
-        assert plain["token_quant"] == "pass-fused" and fused["token_quant"] == "inductor", p
+        assert plain["token_quant"] == "epilogue" and fused["token_quant"] == "inductor", p
         assert backend_act_granularity(f"{p}-token-tokfused") == "token"
         assert {k: v for k, v in fused.items() if k not in ("token_quant", "fuse_residual")} == \
             {k: v for k, v in plain.items() if k not in ("token_quant", "fuse_residual")}
@@ -185,7 +186,7 @@ def test_tokfused_backend_names_choose_the_inductor_token_quant():
     assert engine_options("w4a8")["fuse_residual"] == FUSED_FAMILIES  # static W4A8: group epilogue not by default
     assert engine_options("int8-token-tokfused-unfused")["fuse_residual"] == ()
     assert engine_options("int8-token-tokfused-maxat-sage")["token_quant"] == "inductor"
-    assert engine_options("int8")["token_quant"] == "pass-fused"
+    assert engine_options("int8")["token_quant"] == "epilogue"
 
 
 def test_maxat_backend_names_parse_into_the_compile_mode(tmp_path, capsys, monkeypatch):

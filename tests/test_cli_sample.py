@@ -211,9 +211,9 @@ def test_unknown_choice_exits_2_naming_the_choices(capsys, flag):
 
 # -- --token-quant ----------------------------------------------------------------------------------------
 def test_token_quant_parses_into_the_config_and_reaches_the_engine_layers(tmp_path):
-    """--token-quant pass|inductor|pass-fused: a SampleConfig field (default pass-fused: the measured-fastest
-    Triton pass with fused epilogues) that open_denoiser hands to build_qengine, so every engine layer of
-    the recipe carries it."""
+    """--token-quant pass|inductor|pass-fused|gemm|epilogue: a SampleConfig field (default epilogue: fc1
+    writing fc2's per-token codes, the measured fastest) that open_denoiser hands to build_qengine, so every
+    engine layer of the recipe carries it."""
     import torch
 
     from dtq.runtime.pipeline import SampleConfig, build_denoiser
@@ -224,10 +224,10 @@ def test_token_quant_parses_into_the_config_and_reaches_the_engine_layers(tmp_pa
 
     cfg = dataclass_from_args(SampleConfig, build_parser().parse_args(["--backend", "recipe:r", "--token-quant", "inductor"]))
     assert cfg == SampleConfig(backend="recipe:r", token_quant="inductor")
-    assert SampleConfig().token_quant == "pass-fused"
+    assert SampleConfig().token_quant == "epilogue"
     model = load_builtin("dit-tiny-fmnist")
     minmax_recipe(model, "int8", balance=True, act_granularity="token").save(tmp_path / "r")
-    for mode in ("pass", "inductor", "pass-fused"):
+    for mode in ("pass", "inductor", "pass-fused", "epilogue"):
         den = build_denoiser(SampleConfig(backend=f"recipe:{tmp_path / 'r'}", token_quant=mode), model, torch.device("cpu"))
         layers = engine_layers(den.model).values()
         assert len(layers) == 4 * model.config.depth and {m.token_quant for m in layers} == {mode}

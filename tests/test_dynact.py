@@ -418,23 +418,23 @@ def test_per_token_models_compile_with_the_recompute_option(tiny):
     assert block_compile_kwargs(build_qengine(tiny, recipe), "max-autotune") == compile_kwargs("max-autotune")
 
 
-def test_token_quant_default_is_the_pass_with_fused_epilogues(tiny):
-    """build_qengine's token_quant: "pass-fused" by default (measured fastest on the H200 in session 16):
-    per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass" keeps them unfused,
+def test_token_quant_default_takes_the_fused_epilogues(tiny):
+    """build_qengine's token_quant: "epilogue" by default (measured fastest on the H200 in session 22; "pass-fused"
+    in sessions 16-21): per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass" keeps them unfused,
     "inductor" fuses them too; static layers do not depend on it. The group-scale W4A8 kernel's gated
     residual ("w4a8-group") is not in the default fuse_residual: static W4A8 blocks fuse only when it is
     named. Unknown modes are refused."""
     from dtq.runtime.model import DiTBlock
     from dtq.runtime.qengine import DEFAULT_TOKEN_QUANT, FusedResidualBlock
 
-    assert DEFAULT_TOKEN_QUANT == "pass-fused"
+    assert DEFAULT_TOKEN_QUANT == "epilogue"
     for p in ("int8", "w4a8"):
         recipe = minmax_recipe(tiny, p, group=64, balance=True, act_granularity="token")  # W4A8 kernel: group % 64
         families = ("int8", "w4a8", "w4a8-group")
         default = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families)
         unfused = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families, token_quant="pass")
         fused = build_qengine(tiny, recipe, kernel="gpu", fuse_residual=families, token_quant="inductor")
-        assert {m.token_quant for m in engine_layers(default).values()} == {"pass-fused"}
+        assert {m.token_quant for m in engine_layers(default).values()} == {"epilogue"}
         assert {m.token_quant for m in engine_layers(unfused).values()} == {"pass"}
         assert {m.token_quant for m in engine_layers(fused).values()} == {"inductor"}
         gated = lambda e: [e.get_submodule(n) for n in ("blocks.0.attn.proj", "blocks.0.mlp.fc2")]  # noqa: E731
@@ -461,9 +461,10 @@ def test_token_quant_default_is_the_pass_with_fused_epilogues(tiny):
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed: kernels unchecked")
 def test_compiled_per_token_block_calls_the_triton_pass_by_default():
     """token_quant "pass" keeps the opaque dtq::quant_rows_int8 op under torch.compile (proj and fc2; qkv's
-    and fc1's codes come from the LayerNorm pass) and no row amax in the graph; the default ("pass-fused")
-    the same op for proj and its GELU form for fc2; "inductor" none of them and the amax instead. All match
-    the eager GPU path exactly."""
+    and fc1's codes come from the LayerNorm pass) and no row amax in the graph; "pass-fused" the same op for
+    proj and its GELU form for fc2; the default ("epilogue") the op for proj and fc1 writing fc2's codes
+    (dtq::mm8_gelu_token_codes); "inductor" none of them and the amax instead. All match the eager GPU path
+    exactly."""
     code = textwrap.dedent('''
         import torch
         from dtq.runtime import kernel_ops  # noqa: F401
@@ -475,10 +476,15 @@ def test_compiled_per_token_block_calls_the_triton_pass_by_default():
                           num_classes=10)).randomize_(seed=1, std=0.1).eval()
         h, c = torch.randn(2, 4, 64), torch.randn(2, 64)
         r = minmax_recipe(m, "int8", balance=True, act_granularity="token")
-        # "pass": proj and fc2 (qkv / fc1: the norm pass); the default ("pass-fused"): proj, and fc2's with GELU
-        for mode, want_pass, want_gelu in (("pass", 2, 0), (None, 1, 1), ("inductor", 0, 0)):
+        # "pass": proj and fc2 (qkv / fc1: the norm pass); "pass-fused": proj, and fc2's with GELU; the default
+        # ("epilogue"): proj, and fc1 writing fc2's codes (16-bit activations; float32 runs as "pass-fused")
+        f32, f16 = torch.float32, torch.float16
+        for mode, dt, want_pass, want_gelu, want_codes in (("pass", f32, 2, 0, 0), ("pass-fused", f32, 1, 1, 0),
+                                                          (None, f16, 1, 0, 1), (None, f32, 1, 1, 0),
+                                                          ("inductor", f32, 0, 0, 0)):
             kw = {} if mode is None else {"token_quant": mode}
-            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton", **kw).blocks[0]
+            blk = build_qengine(m, r, kernel="gpu", int8_kernel="triton", dtype=dt, **kw).blocks[0]
+            h, c = h.to(dt), c.to(dt)
             graphs = []
             def record(gm, example_inputs):
                 graphs.append(gm)
@@ -490,6 +496,7 @@ def test_compiled_per_token_block_calls_the_triton_pass_by_default():
             called = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
             assert called.count("dtq.quant_rows_int8") == want_pass, (mode, sorted(set(t for t in called if "dtq" in t)))
             assert called.count("dtq.gelu_quant_rows_int8") == want_gelu, mode
+            assert called.count("dtq.mm8_gelu_token_codes") == want_codes, (mode, dt)
             assert bool([t for t in called if "amax" in t]) == (mode == "inductor"), mode
             assert torch.equal(got, eager), (mode, (got - eager).abs().max())
         print("ok")

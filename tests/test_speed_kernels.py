@@ -413,7 +413,7 @@ def test_staged_w4a8_and_fused_per_token_mlp_in_interpreter():
         for p, kw in (("int8", {}), ("w4a8", dict(w4a8="progressive"))):
             recipe = minmax_recipe(m, p, group=32, balance=True, act_granularity="token")
             plain = build_qengine(m, recipe, kernel="gpu", token_quant="pass", **kw)
-            fused = build_qengine(m, recipe, kernel="gpu", **kw)  # the default: "pass-fused"
+            fused = build_qengine(m, recipe, kernel="gpu", token_quant="pass-fused", **kw)
             assert not any(isinstance(mod, FusedMlp) for mod in plain.modules()), p  # "pass": no fused epilogue,
             assert all(not (b.fuse_proj or b.fuse_fc2) and b.fuse_norm for b in plain.blocks), p  # the norm pass only
             blk = fused.blocks[0]
@@ -848,6 +848,23 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
     assert _count(ptx, "cvt.rzi") == 0 and _count(ptx, "div.rn.f32") == 0
     assert "0f4B400000" in ptx, "the round-half-even add was folded away"
+
+
+def test_token_codes_need_a_row_group_on_the_gpu_at_once(monkeypatch):
+    """fc1 writing fc2's per-token codes (the default token_quant) runs only where one row group of its N tiles
+    (at the narrowest candidate's BLOCK_N) fits on the GPU with one program per SM, else its programs could
+    wait forever: DiT-XL/2's fc1 (N 4608: 36 tiles of 128) on an H200's 132 SMs, not on a 20-SM GPU (the
+    engine then runs "pass-fused"); the interpreter (CPU) always."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from dtq.runtime import token_gemm
+
+    assert token_gemm._MIN_BLOCK_N == 128
+    for sms, fits in ((132, True), (36, True), (35, False), (20, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, sms=sms: SimpleNamespace(multi_processor_count=sms))
+        assert token_gemm.row_group_fits(4608, torch.device("cuda", 0)) == fits, sms
+    assert token_gemm.row_group_fits(10**6, torch.device("cpu"))
 
 
 def test_token_codes_counters_outlive_growth():

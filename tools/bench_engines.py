@@ -392,16 +392,16 @@ TOKEN_PRECISIONS = ("int8", "w4a8", "fp8")  # "-token": per-token dynamic activa
 # its realize option, gated-residual epilogues); plain "-token" is build_qengine's default
 TOKFUSED = "tokfused"
 # "-token-passfused": token_quant="pass-fused" (the Triton pass with fc2's GELU inside fc2's pass, and
-# gated-residual epilogues with per-row scales; build_qengine's default since session 16, so plain
-# "-token" runs it too); "-token-passonly": token_quant="pass" (the Triton pass, no per-token fused
-# epilogue: the default before session 16, the ablation)
+# gated-residual epilogues with per-row scales; build_qengine's default in sessions 16-21, the ablation
+# since); "-token-passonly": token_quant="pass" (the Triton pass, no per-token fused epilogue: the default
+# before session 16, the ablation)
 PASSFUSED = "passfused"
 PASSONLY = "passonly"
 # "-token-gemmq": token_quant="gemm" (fc2's per-token INT8 input quantized as fc2's GEMM loads it, the row
 # amaxes from fc1's epilogue: no pass over the 4x-hidden tensor; session 17)
 GEMMQ = "gemmq"
 # "-token-epi": token_quant="epilogue" (fc1's GEMM writes fc2's per-token codes, row groups exchanging their
-# amaxes; session 19)
+# amaxes; session 19; build_qengine's default since session 22, so plain "-token" runs it too)
 EPI = "epi"
 TOKEN_QUANT_TAGS = {TOKFUSED: "inductor", PASSFUSED: "pass-fused", PASSONLY: "pass", GEMMQ: "gemm", EPI: "epilogue"}
 # two-level W4A8 ("-progressive"): "-staged" unpacks q4 * s2 to int8 and runs the INT8 GEMM at every M,
@@ -472,7 +472,7 @@ def engine_options(name: str) -> dict:
     "-progressive" (w4a8: two-level INT4 weights), "-intmm" / "-triton" (int8: the GEMM pinned), "-gN"
     (w4a8 / w4a16: INT4 weight group N in 16, 32, 64, 128 instead of 128; ``backend_group``), and the
     "-token" (int8 / w4a8 / fp8: per-token dynamic activation scales, the ablation against static;
-    ``token_quant``: build_qengine's default, "pass-fused"), "-token-passonly" (``token_quant="pass"``),
+    ``token_quant``: build_qengine's default, "epilogue"), "-token-passonly" (``token_quant="pass"``),
     "-token-tokfused" (the same with ``token_quant="inductor"``: Inductor-fused
     quantizer and per-token gated-residual epilogues, W4A8's "w4a8-group" family included),
     "-token-passfused" (``token_quant="pass-fused"``), "-token-gemmq" (``token_quant="gemm"``), "-token-epi" (``token_quant="epilogue"``), "-staged" / "-inreg" (two-level W4A8: INT8 GEMM on
@@ -891,7 +891,7 @@ def summarize(results: dict) -> dict:
     summary["epilogue_fusion_speedup"] = {f"{fused_of(name)}@{b}": round(fused["images_per_s"] / r["images_per_s"], 3)
                                           for name, b, r, fused in twin_points(e2e, fused_of)}
     # per-token dynamic activations (issue #13: <= 3% slower than static): X-token and X-token-<quantizer>
-    # (TOKEN_QUANT_TAGS: "inductor", "pass-fused") against X per batch
+    # (TOKEN_QUANT_TAGS: "inductor", "pass-fused", ...) against X per batch
     static_of = lambda name: (functools.reduce(without_tag, (*TOKEN_QUANT_TAGS, "token"), name)  # noqa: E731
                               if "token" in name.split("-")[1:] else None)
     token = {}
