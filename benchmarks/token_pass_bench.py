@@ -15,10 +15,10 @@ per-token engine's fc1 (``int8_mm``, bf16 out), that fc1 + the paired GELU pass 
 there against static) and (session 19) ``token_gemm.mm8_gelu_token_codes``, fc1 writing fc2's per-token codes
 itself (row groups exchanging their amaxes), checked against fc1 + the pass and timed per candidate tile,
 and (session 20) each timed again without the wait for the row group (``_wait=False``, wrong codes): the
-barrier's cost. (Session 20 also timed a deferred variant, whose programs wrote a tile's codes after computing
-their next tile from a 16-bit copy in L2, and session 21 one that held the tile in registers: both slower,
-removed; docs/engines.md; session 22 one with pointer loads, as the static engine's fused fc1 has: slower, removed.)
-The static fc1 is timed on each of its two kernels, pointer loads (``_mm8_kernel``) and TMA.
+barrier's cost. The static fc1 is also timed on each of its two kernels, pointer loads (``_mm8_kernel``) and
+TMA. (Variants measured slower and removed, docs/engines.md: session 20's deferred one, whose programs wrote a
+tile's codes after computing their next tile from a 16-bit copy in L2; session 21's, which held the tile in
+registers; session 22's pointer-load candidates, as the static engine's fused fc1 loads.)
 
     python benchmarks/token_pass_bench.py --out token_pass.json
 """

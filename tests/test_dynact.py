@@ -419,11 +419,11 @@ def test_per_token_models_compile_with_the_recompute_option(tiny):
 
 
 def test_token_quant_default_takes_the_fused_epilogues(tiny):
-    """build_qengine's token_quant: "epilogue" by default (measured fastest on the H200 in session 22; "pass-fused"
-    in sessions 16-21): per-token proj / fc2 take the gated-residual epilogue with per-row scales; "pass" keeps them unfused,
-    "inductor" fuses them too; static layers do not depend on it. The group-scale W4A8 kernel's gated
-    residual ("w4a8-group") is not in the default fuse_residual: static W4A8 blocks fuse only when it is
-    named. Unknown modes are refused."""
+    """build_qengine's token_quant: "epilogue" by default (measured fastest on the H200 in session 22;
+    "pass-fused" in sessions 16-21): per-token proj / fc2 take the gated-residual epilogue with per-row
+    scales; "pass" keeps them unfused, "inductor" fuses them too; static layers do not depend on it. The
+    group-scale W4A8 kernel's gated residual ("w4a8-group") is not in the default fuse_residual: static W4A8
+    blocks fuse only when it is named. Unknown modes are refused."""
     from dtq.runtime.model import DiTBlock
     from dtq.runtime.qengine import DEFAULT_TOKEN_QUANT, FusedResidualBlock
 
