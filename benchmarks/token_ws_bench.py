@@ -1,0 +1,117 @@
+"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``), against
+the Triton kernel it would replace (``token_gemm``) and the static engine's fc1, at DiT-XL/2's fc1 (K 1152,
+N 4608).
+
+Each step runs in its own process under a timeout, so a kernel that never returns (a pipeline or row-group
+wait that deadlocks) costs that step only: first a small launch checked code for code against fc1 + the
+paired pass, then the full sizes (checked the same way, twice: the counters must come back to zero), then
+CUDA-graph medians of every variant, with and without the row-group wait (``_wait=False``: wrong codes, the
+wait's cost).
+
+    python benchmarks/token_ws_bench.py --out token_ws.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def operands(m: int, k: int = 1152, n: int = 4608, seed: int = 0):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=g)
+    sa = torch.rand(m, device=dev, generator=g) * 1e-3 + 1e-4
+    sw = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
+    b = torch.randn(n, device=dev, generator=g)
+    mul = torch.rand(n, device=dev, generator=g) + 0.5
+    return a, w, sa, sw, b, mul
+
+
+def check(m: int, variants: list[dict]) -> dict:
+    from dtq.runtime import kernels, token_gemm_ws
+
+    a, w, sa, sw, b, mul = operands(m)
+    h = kernels.int8_mm(a, w, sa, sw, b, torch.bfloat16)
+    q0, s0 = kernels.quant_rows_int8(h, gelu=True, mul_pairs=kernels.pair_columns(mul))
+    out = {}
+    for v in variants:
+        for rep in range(2):
+            q, s = token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16, **v)
+            torch.cuda.synchronize()
+            diff = (q.int() - q0.int()).abs()
+            out[f"{_name(v)}_rep{rep}"] = {"scales_equal": bool(torch.equal(s, s0)),
+                                           "codes_differing": int((diff > 0).sum()), "max_diff": int(diff.max()),
+                                           "codes": diff.numel()}
+            print(m, _name(v), rep, out[f"{_name(v)}_rep{rep}"], flush=True)
+    return out
+
+
+def timings(m: int, variants: list[dict]) -> dict:
+    from attention_bench import time_ms  # benchmarks/ is sys.path[0]
+
+    from dtq.runtime import kernels, token_gemm, token_gemm_ws
+
+    a, w, sa, sw, b, mul = operands(m)
+    q_scale = torch.tensor(0.03, device=a.device)
+    fns = {"static_fc1_gelu_quant": lambda: kernels.mm8_gelu_quant(a, w, sa[0].clone(), sw, b, mul, q_scale),
+           "token_fc1_plain": lambda: kernels.int8_mm(a, w, sa, sw, b, torch.bfloat16),
+           "triton_token_codes": lambda: token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, torch.bfloat16),
+           "triton_token_codes_nowait": lambda: token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul,
+                                                                                 torch.bfloat16, _wait=False)}
+    for v in variants:
+        for wait in (True, False):
+            fns[_name(v) + ("" if wait else "_nowait")] = (
+                lambda v=v, wait=wait: token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16,
+                                                                            _wait=wait, **v))
+    ms = {}
+    for name, fn in fns.items():
+        fn()  # compiles / autotunes outside the graph capture
+        ms[name] = round(time_ms(fn, "cudagraph"), 5)
+        print(m, name, ms[name], flush=True)
+    return ms
+
+
+def _name(v: dict) -> str:
+    return "ws_" + "_".join(f"{k}{val}" for k, val in sorted(v.items())) if v else "ws_default"
+
+
+VARIANTS = [{}, {"stages": 6}, {"stages": 3}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child process
+    ap.add_argument("--timeout", type=int, default=120, help="seconds a step may take")
+    args = ap.parse_args()
+    if args.step:
+        kind, m = args.step.split(":")
+        res = (check if kind == "check" else timings)(int(m), VARIANTS if kind == "time" else [{}])
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
+    from dtq.tools import bench_engines as be
+
+    res = {"env": be.env_info(), "steps": {}}
+    for step in ("check:512", "check:32768", "check:4096", "time:32768", "time:4096"):
+        part = f"{args.out}.{step.replace(':', '_')}.json"
+        try:
+            rc = subprocess.run([sys.executable, __file__, "--out", part, "--step", step], timeout=args.timeout).returncode
+            res["steps"][step] = json.load(open(part)) if rc == 0 else f"failed (rc {rc})"
+        except subprocess.TimeoutExpired:
+            res["steps"][step] = f"timed out after {args.timeout} s"
+        print(step, res["steps"][step], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        if step == "check:512" and not isinstance(res["steps"][step], dict):
+            break  # the kernel does not run: nothing else will
+
+
+if __name__ == "__main__":
+    main()
