@@ -81,7 +81,7 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(f"{k}{val}" for k, val in sorted(v.items())) if v else "ws_default"
 
 
-VARIANTS = [{}, {"stages": 6}, {"stages": 3}]
+VARIANTS = [{}, {"stages": 3}]
 
 
 def main() -> None:

@@ -24,75 +24,74 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 
 @gluon.jit
-def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, WHICH: gl.constexpr):
+    """Per K step of each of the CTA's tiles: A's 128 rows and W's two 128-column halves into the next slot."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    HALF_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    n_pairs: gl.constexpr = (N + 2 * HALF_N - 1) // (2 * HALF_N)
     KSTEPS: gl.constexpr = K // BLOCK_K
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_tiles
+    total = gl.cdiv(M, BLOCK_M) * n_pairs
     s = 0
     for tile in range(pid, total, programs):
-        off_m = (tile // n_tiles) * BLOCK_M
-        off_n = (tile % n_tiles) * BLOCK_N
+        off_m = (tile // n_pairs) * BLOCK_M
+        off_n = (tile % n_pairs) * 2 * HALF_N
         for k in range(KSTEPS):
             stage = s % STAGES
             mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)  # slots start empty (phase 1 complete)
-            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(stage), a_bufs.index(stage))
-            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], ready.index(stage), w_bufs.index(stage))
+            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], ready.index(stage),
+                                            w_bufs.index(2 * stage))
+            tma.async_copy_global_to_shared(w_desc, [off_n + HALF_N, k * BLOCK_K], ready.index(stage),
+                                            w_bufs.index(2 * stage + 1))
             s += 1
 
 
 @gluon.jit
-def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, WHICH: gl.constexpr):
+    """Columns ``[WHICH * 128, WHICH * 128 + 128)`` of each of the CTA's 128 x 256 tiles, and their epilogue."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    HALF_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    n_tiles: gl.constexpr = (N + HALF_N - 1) // HALF_N  # the row group: 128-column halves
+    n_pairs: gl.constexpr = (N + 2 * HALF_N - 1) // (2 * HALF_N)
     KSTEPS: gl.constexpr = K // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_N, 32])
+                                                  instr_shape=[16, HALF_N, 32])
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_tiles
-    j = 0
-    for i in range(WHICH, gl.cdiv(total - pid, programs), 2):
-        tile = pid + i * programs
-        pid_m = tile // n_tiles
-        pid_n = tile % n_tiles
-        # the consumers' main loops take turns (each waits for the ring's slots in order, as their parity
-        # waits need; and one's MMAs run while the other's epilogue does): consumer 0 starts
-        if WHICH == 0:
-            mbarrier.wait(turn.index(0), (j + 1) & 1, pred=j > 0)
-        else:
-            mbarrier.wait(turn.index(1), j & 1)
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma)
-        s0 = i * KSTEPS
+    total = gl.cdiv(M, BLOCK_M) * n_pairs
+    s = 0
+    for tile in range(pid, total, programs):
+        pid_m = tile // n_pairs
+        pid_n = (tile % n_pairs) * 2 + WHICH
+        acc = gl.zeros((BLOCK_M, HALF_N), gl.int32, mma)
         for k in range(KSTEPS):
-            s = s0 + k
             stage = s % STAGES
             mbarrier.wait(ready.index(stage), (s // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(2 * stage + WHICH).permute((1, 0)), acc,
+                                is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # the MMA before this one is done: its slot goes back to the producer
+            # the MMA before this one is done: its slot goes back to the producer (once both consumers say so)
             mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1, pred=k > 0)
-        mbarrier.arrive(turn.index(1 - WHICH), count=1)
+            s += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index((s0 + KSTEPS - 1) % STAGES), count=1)
-        j += 1
-        _epilogue(acc, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                  mul_ptr, M, N, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M, BLOCK_N)
+        mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1)
+        if pid_n < n_tiles:  # (N not a multiple of 256: the last pair's second half is all padding)
+            _epilogue(acc, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
+                      bias_ptr, mul_ptr, M, N, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M,
+                      HALF_N)
 
 
 @gluon.jit
@@ -118,15 +117,20 @@ def _epilogue(acc, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr,
     if HAS_MUL:
         x = x * gl.expand_dims(gl.load(mul_ptr + offs_n, mask=n_ok, other=0.0), 0)
     part = gl.max(gl.where(gl.expand_dims(n_ok, 0), gl.abs(x), 0.0), axis=1)
-    gl.store(parts_ptr + pid_n * M + offs_m, part, mask=m_ok)
+    NT_PAD: gl.constexpr = triton.next_power_of_2(n_tiles)
+    gl.store(parts_ptr + offs_m * NT_PAD + pid_n, part, mask=m_ok)  # parts [M, NT_PAD]: a row's parts together
     if WAIT:
         gl.thread_barrier()  # every thread's part stored before the count says so (release)
         _arrive(sync_ptr + pid_m)
         while _load_acquire(sync_ptr + pid_m) < n_tiles:
             pass
-    amax = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-    for t in gl.static_range(n_tiles):
-        amax = gl.maximum(amax, gl.load(parts_ptr + t * M + offs_m, mask=m_ok, other=0.0, cache_modifier=".cg"))
+    # every part of the tile's rows in one coalesced load (all in flight), the row max, to the tile's layout
+    rows_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // NT_PAD, NT_PAD // 4], [4, 1], [1, 0])
+    r = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_l))
+    t = gl.arange(0, NT_PAD, layout=gl.SliceLayout(0, rows_l))
+    parts = gl.load(parts_ptr + gl.expand_dims(r, 1) * NT_PAD + gl.expand_dims(t, 0),
+                    mask=gl.expand_dims(r < M, 1) & gl.expand_dims(t < n_tiles, 0), other=0.0, cache_modifier=".cg")
+    amax = gl.convert_layout(gl.max(parts, axis=1), gl.SliceLayout(1, mma))
     scale = gl.maximum(amax * 0.5 / 127.0, 1e-12)  # the values are 2x the GELU's
     if pid_n == 0:
         gl.store(s_ptr + offs_m, scale, mask=m_ok)
@@ -196,21 +200,18 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
     gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                      w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 0)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                      w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 1)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
                      w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 1))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -232,7 +233,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     n_tiles = triton.cdiv(N, block_n)
-    parts = torch.empty((n_tiles, M), device=a.device, dtype=torch.float32)
+    parts = torch.empty((M, triton.next_power_of_2(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, block_m)
     sync = _SYNC.get(a.device)
     if sync is None or sync.numel() < rows:
@@ -242,7 +243,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k], a_layout)
     w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k], w_layout)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(programs or sms, sms, rows * n_tiles),)
+    grid = (min(programs or sms, sms, rows * triton.cdiv(N, 2 * block_n)),)
     _ws_token_codes_kernel[grid](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
