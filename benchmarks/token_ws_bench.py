@@ -61,11 +61,12 @@ def timings(m: int, variants: list[dict]) -> dict:
     q_scale = torch.tensor(0.03, device=a.device)
     fns = {"static_fc1_gelu_quant": lambda: kernels.mm8_gelu_quant(a, w, sa[0].clone(), sw, b, mul, q_scale),
            "token_fc1_plain": lambda: kernels.int8_mm(a, w, sa, sw, b, torch.bfloat16),
+           "cublas_int_mm_int32_out": lambda: torch._int_mm(a, w.t()),
            "triton_token_codes": lambda: token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul, torch.bfloat16),
            "triton_token_codes_nowait": lambda: token_gemm.mm8_gelu_token_codes(a, w, sa, sw, b, mul,
                                                                                  torch.bfloat16, _wait=False)}
     for v in variants:
-        for wait in (True, False):
+        for wait in (True, False) if not v.get("_plain") else (False,):
             fns[_name(v) + ("" if wait else "_nowait")] = (
                 lambda v=v, wait=wait: token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16,
                                                                             _wait=wait, **v))
@@ -81,7 +82,7 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(f"{k}{val}" for k, val in sorted(v.items())) if v else "ws_default"
 
 
-VARIANTS = [{}, {"stages": 3}]
+VARIANTS = [{}, {"stages": 3}, {"_plain": True}, {"_plain": True, "stages": 3}]
 
 
 def main() -> None:
@@ -99,7 +100,7 @@ def main() -> None:
     from dtq.tools import bench_engines as be
 
     res = {"env": be.env_info(), "steps": {}}
-    for step in ("check:512", "check:32768", "check:4096", "time:32768", "time:4096"):
+    for step in ("check:512", "check:32768", "time:32768", "time:4096"):
         part = f"{args.out}.{step.replace(':', '_')}.json"
         try:
             rc = subprocess.run([sys.executable, __file__, "--out", part, "--step", step], timeout=args.timeout).returncode

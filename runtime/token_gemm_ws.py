@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, WHICH: gl.constexpr):
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
     """Per K step of each of the CTA's tiles: A's 128 rows and W's two 128-column halves into the next slot."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -58,7 +58,7 @@ def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_
 def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, WHICH: gl.constexpr):
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
     """Columns ``[WHICH * 128, WHICH * 128 + 128)`` of each of the CTA's 128 x 256 tiles, and their epilogue."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -88,10 +88,23 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_
             s += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1)
-        if pid_n < n_tiles:  # (N not a multiple of 256: the last pair's second half is all padding)
+        if PLAIN:  # diagnosis: the accumulator's low byte stored, no epilogue (the pipeline's own speed)
+            _store_plain(acc, pid_m, pid_n, q_ptr, M, N, stride_qm, mma, BLOCK_M, HALF_N)
+        elif pid_n < n_tiles:  # (N not a multiple of 256: the last pair's second half is all padding)
             _epilogue(acc, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
                       bias_ptr, mul_ptr, M, N, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M,
                       HALF_N)
+
+
+@gluon.jit
+def _store_plain(acc, pid_m, pid_n, q_ptr, M, N: gl.constexpr, stride_qm, mma: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr):
+    store: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    codes = gl.convert_layout(acc.to(gl.int8), store)
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store))
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store))
+    gl.store(q_ptr + gl.expand_dims(rows, 1) * stride_qm + gl.expand_dims(cols, 0), codes,
+             mask=gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0))
 
 
 @gluon.jit
@@ -198,7 +211,7 @@ def _gelu_tanh_x2(x):
 def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr,
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
-                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                           PLAIN: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -208,11 +221,11 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
     gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 0)),
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 0)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 1)),
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 1)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, 1))],
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 1))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -222,7 +235,8 @@ _SYNC: dict[torch.device, torch.Tensor] = {}
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, block_n: int = 128, stages: int = 4,
-                            programs: int | None = None, _wait: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            programs: int | None = None, _wait: bool = True,
+                            _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes`` (exact, 16-bit activations) by the warp-specialized kernel. Hopper only."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -247,6 +261,6 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     _ws_token_codes_kernel[grid](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
-        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16, WAIT=_wait,
+        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16, WAIT=_wait and not _plain, PLAIN=_plain,
         STAGES=stages, CONSUMER_REGS=232, PRODUCER_REGS=40, num_warps=4, maxnreg=168)
     return q, s
