@@ -82,7 +82,9 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(f"{k}{val}" for k, val in sorted(v.items())) if v else "ws_default"
 
 
-VARIANTS = [{}, {"stages": 3}, {"_plain": True}, {"_plain": True, "stages": 3}]
+VARIANTS = [{}, {"pingpong": True}, {"pingpong": True, "stages": 6}, {"pingpong": True, "_plain": True},
+            {"pingpong": True, "stages": 6, "_plain": True}]
+CHECKED = [{}, {"pingpong": True}, {"pingpong": True, "stages": 6}]
 
 
 def main() -> None:
@@ -93,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.step:
         kind, m = args.step.split(":")
-        res = (check if kind == "check" else timings)(int(m), VARIANTS if kind == "time" else [{}])
+        res = (check if kind == "check" else timings)(int(m), VARIANTS if kind == "time" else CHECKED)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         return

@@ -24,70 +24,85 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 
 @gluon.jit
-def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
-    """Per K step of each of the CTA's tiles: A's 128 rows and W's two 128-column halves into the next slot."""
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, PP: gl.constexpr, WHICH: gl.constexpr):
+    """Per K step of each of the CTA's tiles, into the next slot: A's 128 rows and W's 128 columns (PP: the
+    consumers' own 128 x 128 tiles) or W's two 128-column halves (a 128 x 256 tile the consumers share)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     HALF_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    n_pairs: gl.constexpr = (N + 2 * HALF_N - 1) // (2 * HALF_N)
+    WIDTH: gl.constexpr = 1 if PP else 2  # W halves a tile
+    n_cols: gl.constexpr = (N + WIDTH * HALF_N - 1) // (WIDTH * HALF_N)
     KSTEPS: gl.constexpr = K // BLOCK_K
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_pairs
+    total = gl.cdiv(M, BLOCK_M) * n_cols
     s = 0
     for tile in range(pid, total, programs):
-        off_m = (tile // n_pairs) * BLOCK_M
-        off_n = (tile % n_pairs) * 2 * HALF_N
+        off_m = (tile // n_cols) * BLOCK_M
+        off_n = (tile % n_cols) * WIDTH * HALF_N
         for k in range(KSTEPS):
             stage = s % STAGES
             mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)  # slots start empty (phase 1 complete)
-            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + WIDTH * w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(stage), a_bufs.index(stage))
-            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], ready.index(stage),
-                                            w_bufs.index(2 * stage))
-            tma.async_copy_global_to_shared(w_desc, [off_n + HALF_N, k * BLOCK_K], ready.index(stage),
-                                            w_bufs.index(2 * stage + 1))
+            for h in gl.static_range(WIDTH):
+                tma.async_copy_global_to_shared(w_desc, [off_n + h * HALF_N, k * BLOCK_K], ready.index(stage),
+                                                w_bufs.index(WIDTH * stage + h))
             s += 1
 
 
 @gluon.jit
-def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
-    """Columns ``[WHICH * 128, WHICH * 128 + 128)`` of each of the CTA's 128 x 256 tiles, and their epilogue."""
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, PP: gl.constexpr, WHICH: gl.constexpr):
+    """PP: every other of the CTA's 128 x 128 tiles (the consumers' main loops take turns, so one's epilogue
+    runs under the other's MMAs); else columns ``[WHICH * 128, WHICH * 128 + 128)`` of each 128 x 256 tile."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     HALF_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    n_tiles: gl.constexpr = (N + HALF_N - 1) // HALF_N  # the row group: 128-column halves
-    n_pairs: gl.constexpr = (N + 2 * HALF_N - 1) // (2 * HALF_N)
+    WIDTH: gl.constexpr = 1 if PP else 2
+    n_tiles: gl.constexpr = (N + HALF_N - 1) // HALF_N  # the row group: 128-column tiles
+    n_cols: gl.constexpr = (N + WIDTH * HALF_N - 1) // (WIDTH * HALF_N)
     KSTEPS: gl.constexpr = K // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, HALF_N, 32])
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_pairs
-    s = 0
-    for tile in range(pid, total, programs):
-        pid_m = tile // n_pairs
-        pid_n = (tile % n_pairs) * 2 + WHICH
+    total = gl.cdiv(M, BLOCK_M) * n_cols
+    local = gl.cdiv(total - pid, programs)
+    j = 0
+    for i in range(WHICH if PP else 0, local, 2 if PP else 1):
+        tile = pid + i * programs
+        pid_m = tile // n_cols
+        pid_n = (tile % n_cols) * WIDTH + (0 if PP else WHICH)
+        if PP:  # each waits for the ring's slots in order, as parity waits need; consumer 0 starts
+            if WHICH == 0:
+                mbarrier.wait(turn.index(0), (j + 1) & 1, pred=j > 0)
+            else:
+                mbarrier.wait(turn.index(1), j & 1)
         acc = gl.zeros((BLOCK_M, HALF_N), gl.int32, mma)
+        s0 = i * KSTEPS
         for k in range(KSTEPS):
+            s = s0 + k
             stage = s % STAGES
             mbarrier.wait(ready.index(stage), (s // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(2 * stage + WHICH).permute((1, 0)), acc,
-                                is_async=True)
+            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(WIDTH * stage + (0 if PP else WHICH)).permute((1, 0)),
+                                acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # the MMA before this one is done: its slot goes back to the producer (once both consumers say so)
+            # the MMA before this one is done: its slot goes back to the producer (in the shared tile, once both
+            # consumers say so)
             mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1, pred=k > 0)
-            s += 1
+        if PP:
+            mbarrier.arrive(turn.index(1 - WHICH), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1)
+        mbarrier.arrive(empty.index((s0 + KSTEPS - 1) % STAGES), count=1)
+        j += 1
         if PLAIN:  # diagnosis: the accumulator's low byte stored, no epilogue (the pipeline's own speed)
             _store_plain(acc, pid_m, pid_n, q_ptr, M, N, stride_qm, mma, BLOCK_M, HALF_N)
         elif pid_n < n_tiles:  # (N not a multiple of 256: the last pair's second half is all padding)
@@ -211,21 +226,28 @@ def _gelu_tanh_x2(x):
 def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr,
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
-                           PLAIN: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                           PLAIN: gl.constexpr, PP: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(gl.int8, [2 * STAGES] + w_desc.block_type.shape, w_desc.layout)
+    W_SLOTS: gl.constexpr = STAGES * (2 - PP)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [W_SLOTS] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+        if PP:
+            mbarrier.init(empty.index(i), count=1)
+        else:  # a shared tile's slot: both consumers release it
+            mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 0)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 1)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, 1))],
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 0)),
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 1)),
+        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
+                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 1))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -235,8 +257,8 @@ _SYNC: dict[torch.device, torch.Tensor] = {}
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, block_n: int = 128, stages: int = 4,
-                            programs: int | None = None, _wait: bool = True,
-                            _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            programs: int | None = None, pingpong: bool = False,
+                            _wait: bool = True, _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes`` (exact, 16-bit activations) by the warp-specialized kernel. Hopper only."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -257,10 +279,10 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k], a_layout)
     w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k], w_layout)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(programs or sms, sms, rows * triton.cdiv(N, 2 * block_n)),)
+    grid = (min(programs or sms, sms, rows * triton.cdiv(N, (1 if pingpong else 2) * block_n)),)
     _ws_token_codes_kernel[grid](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
-        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16, WAIT=_wait and not _plain, PLAIN=_plain,
+        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16, WAIT=_wait and not _plain, PLAIN=_plain, PP=pingpong,
         STAGES=stages, CONSUMER_REGS=232, PRODUCER_REGS=40, num_warps=4, maxnreg=168)
     return q, s
