@@ -188,6 +188,20 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
+# On Hopper the same codes come from a warp-specialized kernel (token_gemm_ws: one consumer warpgroup's epilogue
+# and wait under the other's MMAs); DTQ_TOKEN_CODES_WS=0 keeps this module's Triton kernel (the ablation of
+# benchmarks/token_ws_bench.py), read once at import
+WARP_SPECIALIZED = __import__("os").environ.get("DTQ_TOKEN_CODES_WS", "1") != "0"
+
+
+def _ws_usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    if _INTERPRET or a.device.type != "cuda":
+        return False
+    from . import token_gemm_ws
+
+    return token_gemm_ws.usable(a, w, out_dtype)
+
+
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)  # sizes the amax parts
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
@@ -234,6 +248,10 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     if not row_group_fits(N, a.device):
         raise ValueError(f"fc1's {triton.cdiv(N, _MIN_BLOCK_N)} N tiles of a row block cannot all be on this GPU "
                          f"at once (one per SM): its programs could wait forever; use token_quant='pass-fused'")
+    if exact and _wait and config is None and WARP_SPECIALIZED and _ws_usable(a, w, out_dtype):
+        from . import token_gemm_ws
+
+        return token_gemm_ws.mm8_gelu_token_codes_ws(a, w, a_scale, w_scale, bias, mul, out_dtype)
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

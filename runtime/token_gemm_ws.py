@@ -27,31 +27,24 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, PP: gl.constexpr, WHICH: gl.constexpr):
-    """Per K step of each of the CTA's tiles, into the next slot: A's 128 rows and W's 128 columns (PP: the
-    consumers' own 128 x 128 tiles) or W's two 128-column halves (a 128 x 256 tile the consumers share)."""
+              WAIT: gl.constexpr, DEFER: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
+    """Per K step of each of the CTA's tiles, in order: A's 128 rows and W's 128 columns into the next slot."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    HALF_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    WIDTH: gl.constexpr = 1 if PP else 2  # W halves a tile
-    n_cols: gl.constexpr = (N + WIDTH * HALF_N - 1) // (WIDTH * HALF_N)
+    n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     KSTEPS: gl.constexpr = K // BLOCK_K
-    pid = gl.program_id(0)
-    programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_cols
     s = 0
-    for tile in range(pid, total, programs):
-        off_m = (tile // n_cols) * BLOCK_M
-        off_n = (tile % n_cols) * WIDTH * HALF_N
+    for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles, gl.num_programs(0)):
+        off_m = (tile // n_tiles) * BLOCK_M
+        off_n = (tile % n_tiles) * BLOCK_N
         for k in range(KSTEPS):
             stage = s % STAGES
             mbarrier.wait(empty.index(stage), ((s // STAGES) & 1) ^ 1)  # slots start empty (phase 1 complete)
-            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + WIDTH * w_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [off_m, k * BLOCK_K], ready.index(stage), a_bufs.index(stage))
-            for h in gl.static_range(WIDTH):
-                tma.async_copy_global_to_shared(w_desc, [off_n + h * HALF_N, k * BLOCK_K], ready.index(stage),
-                                                w_bufs.index(WIDTH * stage + h))
+            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], ready.index(stage), w_bufs.index(stage))
             s += 1
 
 
@@ -59,76 +52,84 @@ def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, 
 def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
               w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, PP: gl.constexpr, WHICH: gl.constexpr):
-    """PP: every other of the CTA's 128 x 128 tiles (the consumers' main loops take turns, so one's epilogue
-    runs under the other's MMAs); else columns ``[WHICH * 128, WHICH * 128 + 128)`` of each 128 x 256 tile."""
+              WAIT: gl.constexpr, DEFER: gl.constexpr, PLAIN: gl.constexpr, WHICH: gl.constexpr):
+    """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
+    are issued, then its epilogue. DEFER: a tile's codes are written after the consumer's next tile is published
+    (its row group has had that long to arrive), from its values kept as bf16 / fp16 pairs in registers."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    HALF_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
-    WIDTH: gl.constexpr = 1 if PP else 2
-    n_tiles: gl.constexpr = (N + HALF_N - 1) // HALF_N  # the row group: 128-column tiles
-    n_cols: gl.constexpr = (N + WIDTH * HALF_N - 1) // (WIDTH * HALF_N)
+    n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N  # a row group
     KSTEPS: gl.constexpr = K // BLOCK_K
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, HALF_N, 32])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    total = gl.cdiv(M, BLOCK_M) * n_cols
-    local = gl.cdiv(total - pid, programs)
+    prev_m = -1
+    prev_n = 0
+    if DEFER:
+        y_prev = _pack_pairs(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma), BF16)
     j = 0
-    for i in range(WHICH if PP else 0, local, 2 if PP else 1):
+    for i in range(WHICH, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs), 2):
         tile = pid + i * programs
-        pid_m = tile // n_cols
-        pid_n = (tile % n_cols) * WIDTH + (0 if PP else WHICH)
-        if PP:  # each waits for the ring's slots in order, as parity waits need; consumer 0 starts
-            if WHICH == 0:
-                mbarrier.wait(turn.index(0), (j + 1) & 1, pred=j > 0)
-            else:
-                mbarrier.wait(turn.index(1), j & 1)
-        acc = gl.zeros((BLOCK_M, HALF_N), gl.int32, mma)
+        pid_m = tile // n_tiles
+        pid_n = tile % n_tiles
+        # the main loops take turns, so each consumer waits for the ring's slots in order (as parity waits
+        # need) and one's epilogue runs under the other's MMAs; consumer 0 starts
+        if WHICH == 0:
+            mbarrier.wait(turn.index(0), (j + 1) & 1, pred=j > 0)
+        else:
+            mbarrier.wait(turn.index(1), j & 1)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma)
         s0 = i * KSTEPS
         for k in range(KSTEPS):
             s = s0 + k
             stage = s % STAGES
             mbarrier.wait(ready.index(stage), (s // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(WIDTH * stage + (0 if PP else WHICH)).permute((1, 0)),
-                                acc, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # the MMA before this one is done: its slot goes back to the producer (in the shared tile, once both
-            # consumers say so)
+            # the MMA before this one is done: its slot goes back to the producer
             mbarrier.arrive(empty.index((s + STAGES - 1) % STAGES), count=1, pred=k > 0)
-        if PP:
-            mbarrier.arrive(turn.index(1 - WHICH), count=1)
+        mbarrier.arrive(turn.index(1 - WHICH), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index((s0 + KSTEPS - 1) % STAGES), count=1)
         j += 1
         if PLAIN:  # diagnosis: the accumulator's low byte stored, no epilogue (the pipeline's own speed)
-            _store_plain(acc, pid_m, pid_n, q_ptr, M, N, stride_qm, mma, BLOCK_M, HALF_N)
-        elif pid_n < n_tiles:  # (N not a multiple of 256: the last pair's second half is all padding)
-            _epilogue(acc, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
-                      bias_ptr, mul_ptr, M, N, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M,
-                      HALF_N)
+            _store_plain(acc, pid_m, pid_n, q_ptr, M, N, stride_qm, mma, BLOCK_M, BLOCK_N)
+        else:
+            y = _publish(acc, pid_m, pid_n, n_tiles, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                         mul_ptr, M, N, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M, BLOCK_N)
+            if DEFER:
+                y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
+                if prev_m >= 0:
+                    _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N,
+                            stride_qm, HAS_MUL, WAIT, True, BF16, mma, BLOCK_M, BLOCK_N)
+                y_prev = y_new
+                prev_m = pid_m
+                prev_n = pid_n
+            else:
+                _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
+                        HAS_MUL, WAIT, False, BF16, mma, BLOCK_M, BLOCK_N)
+    if DEFER:
+        if prev_m >= 0:
+            _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
+                    HAS_MUL, WAIT, True, BF16, mma, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
 def _store_plain(acc, pid_m, pid_n, q_ptr, M, N: gl.constexpr, stride_qm, mma: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr):
-    store: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-    codes = gl.convert_layout(acc.to(gl.int8), store)
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store))
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store))
-    gl.store(q_ptr + gl.expand_dims(rows, 1) * stride_qm + gl.expand_dims(cols, 0), codes,
-             mask=gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0))
+    _store_tile(acc.to(gl.int8), pid_m, pid_n, q_ptr, M, N, stride_qm, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
-def _epilogue(acc, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr,
-              bias_ptr, mul_ptr, M, N: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr,
-              HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr, mma: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """token_gemm's epilogue: dequantize, + bias, round to the activation type, 2 x GELU(tanh) rounded, x Mul;
-    publish the rows' amax part; wait for the row group; the row scales and the codes."""
+def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+             mul_ptr, M, N: gl.constexpr, ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr,
+             BF16: gl.constexpr, WAIT: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr):
+    """token_gemm's epilogue up to the wait: dequantize, + bias, round to the activation type, 2 x GELU(tanh)
+    rounded; this tile's part of its rows' amax (of those x fc2's Mul) stored, then counted at the row block's
+    counter. -> the rounded values (before the Mul)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_ok = offs_m < M
@@ -141,38 +142,97 @@ def _epilogue(acc, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr,
         c = acc.to(gl.float32) * gl.expand_dims(gl.load(a_scale_ptr) * w_scale, 0)
     if HAS_BIAS:
         c += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 0)
-    x = _round_to_half(_gelu_tanh_x2(_round_to_half(c, BF16)), BF16)
-    if HAS_MUL:
-        x = x * gl.expand_dims(gl.load(mul_ptr + offs_n, mask=n_ok, other=0.0), 0)
+    y = _round_to_half(_gelu_tanh_x2(_round_to_half(c, BF16)), BF16)
+    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
     part = gl.max(gl.where(gl.expand_dims(n_ok, 0), gl.abs(x), 0.0), axis=1)
-    NT_PAD: gl.constexpr = triton.next_power_of_2(n_tiles)
-    gl.store(parts_ptr + offs_m * NT_PAD + pid_n, part, mask=m_ok)  # parts [M, NT_PAD]: a row's parts together
+    gl.store(parts_ptr + offs_m * _parts_width(n_tiles) + pid_n, part, mask=m_ok)  # [M, width]: a row's together
     if WAIT:
         gl.thread_barrier()  # every thread's part stored before the count says so (release)
         _arrive(sync_ptr + pid_m)
+    return y
+
+
+@gluon.jit
+def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N: gl.constexpr,
+            stride_qm, HAS_MUL: gl.constexpr, WAIT: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr,
+            mma: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """A published tile's codes: wait for its row group, its rows' scales from every part, the codes. ``y``:
+    the tile's rounded values, float32 or (PACKED) as ``_pack_pairs`` keeps them, unpacked once the scales are
+    known (fewer registers live while the parts load)."""
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    m_ok = offs_m < M
+    if WAIT:
         while _load_acquire(sync_ptr + pid_m) < n_tiles:
             pass
     # every part of the tile's rows in one coalesced load (all in flight), the row max, to the tile's layout
-    rows_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // NT_PAD, NT_PAD // 4], [4, 1], [1, 0])
+    W: gl.constexpr = _parts_width(n_tiles)
+    rows_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // W, W // 4], [4, 1], [1, 0])
     r = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_l))
-    t = gl.arange(0, NT_PAD, layout=gl.SliceLayout(0, rows_l))
-    parts = gl.load(parts_ptr + gl.expand_dims(r, 1) * NT_PAD + gl.expand_dims(t, 0),
+    t = gl.arange(0, W, layout=gl.SliceLayout(0, rows_l))
+    parts = gl.load(parts_ptr + gl.expand_dims(r, 1) * W + gl.expand_dims(t, 0),
                     mask=gl.expand_dims(r < M, 1) & gl.expand_dims(t < n_tiles, 0), other=0.0, cache_modifier=".cg")
     amax = gl.convert_layout(gl.max(parts, axis=1), gl.SliceLayout(1, mma))
     scale = gl.maximum(amax * 0.5 / 127.0, 1e-12)  # the values are 2x the GELU's
     if pid_n == 0:
         gl.store(s_ptr + offs_m, scale, mask=m_ok)
     inv = 0.5 / scale
+    if PACKED:
+        y = _unpack_pairs(y, BF16, mma)
+    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
     codes = ((x * gl.expand_dims(inv, 1) + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
-    # 16 bytes a thread per store (the accumulator's layout holds two adjacent columns a thread)
+    _store_tile(codes, pid_m, pid_n, q_ptr, M, N, stride_qm, BLOCK_M, BLOCK_N)
+    if WAIT:
+        _leave(sync_ptr + pid_m, 2 * n_tiles - 1)
+
+
+@gluon.constexpr_function
+def _parts_width(n_tiles):
+    """The row of the amax parts: ``n_tiles`` rounded up to a power of two, 4 to 128 (one coalesced load)."""
+    return max(4, triton.next_power_of_2(n_tiles))
+
+
+@gluon.jit
+def _store_tile(codes, pid_m, pid_n, q_ptr, M, N: gl.constexpr, stride_qm, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    """16 bytes a thread per store (the accumulator's layout holds two adjacent columns a thread)."""
     store: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
     codes = gl.convert_layout(codes, store)
     rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store))
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store))
     gl.store(q_ptr + gl.expand_dims(rows, 1) * stride_qm + gl.expand_dims(cols, 0), codes,
              mask=gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0))
-    if WAIT:
-        _leave(sync_ptr + pid_m, 2 * n_tiles - 1)
+
+
+@gluon.jit
+def _times_mul(y, offs_n, mul_ptr, N: gl.constexpr, HAS_MUL: gl.constexpr):
+    if HAS_MUL:
+        return y * gl.expand_dims(gl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0), 0)
+    return y
+
+
+@gluon.jit
+def _pack_pairs(y, BF16: gl.constexpr):
+    """A tile of values rounded to 16 bits -> its column pairs, one 32-bit word each (half the registers)."""
+    lo, hi = gl.split(gl.reshape(y, [y.shape[0], y.shape[1] // 2, 2]))
+    if BF16:  # the high halves of the two float32 words
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r",
+                                         [lo.to(gl.int32, bitcast=True), hi.to(gl.int32, bitcast=True)],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _unpack_pairs(p, BF16: gl.constexpr, layout: gl.constexpr):
+    if BF16:
+        lo = (p << 16).to(gl.float32, bitcast=True)
+        hi = (p & -65536).to(gl.float32, bitcast=True)
+    else:
+        lo = (p & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        hi = (p >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    y = gl.join(lo, hi)
+    return gl.convert_layout(gl.reshape(y, [y.shape[0], y.shape[1] * 2]), layout)  # the same layout: no data moves
 
 
 # The row block's counter, by one thread of the consumer warpgroup (128-thread aligned) or all of them: Triton
@@ -226,63 +286,79 @@ def _gelu_tanh_x2(x):
 def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr,
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
-                           PLAIN: gl.constexpr, PP: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                           DEFER: gl.constexpr, PLAIN: gl.constexpr, STAGES: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    W_SLOTS: gl.constexpr = STAGES * (2 - PP)
-    w_bufs = gl.allocate_shared_memory(gl.int8, [W_SLOTS] + w_desc.block_type.shape, w_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        if PP:
-            mbarrier.init(empty.index(i), count=1)
-        else:  # a shared tile's slot: both consumers release it
-            mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 0)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 1)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
-                     w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, PP, 1))],
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr,
+                     a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
+                     BF16, WAIT, DEFER, PLAIN, 0)),
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr,
+                     a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
+                     BF16, WAIT, DEFER, PLAIN, 1)),
+        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr,
+                     a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
+                     BF16, WAIT, DEFER, PLAIN, 1))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 _SYNC: dict[torch.device, torch.Tensor] = {}
+BLOCK_M = BLOCK_N = BLOCK_K = 128
+
+
+def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether this kernel runs the call: a Hopper GPU (warpgroup MMAs, TMA), 16-bit activations, K a multiple
+    of 128 and N at most 128 tiles (the parts of a row in one load); TMA's 16-byte aligned rows."""
+    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
+        return False
+    if out_dtype not in (torch.bfloat16, torch.float16) or a.shape[1] % BLOCK_K or triton.cdiv(w.shape[0], BLOCK_N) > 128:
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
 
 
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
-                            out_dtype: torch.dtype = torch.bfloat16, block_n: int = 128, stages: int = 4,
-                            programs: int | None = None, pingpong: bool = False,
+                            out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, defer: bool = True,
                             _wait: bool = True, _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_gemm.mm8_gelu_token_codes`` (exact, 16-bit activations) by the warp-specialized kernel. Hopper only."""
+    """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
+    the same codes and scales. ``defer=False``: each tile's codes right after its publication (the row group's
+    wait then runs unhidden; an ablation). ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are
+    diagnoses for benchmarks."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     M, K = a.shape
     N = w.shape[0]
-    block_m, block_k = 128, 128
-    assert K % block_k == 0 and out_dtype in (torch.bfloat16, torch.float16)
+    assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
-    n_tiles = triton.cdiv(N, block_n)
-    parts = torch.empty((M, triton.next_power_of_2(n_tiles)), device=a.device, dtype=torch.float32)
-    rows = triton.cdiv(M, block_m)
+    if M == 0:
+        return q, s
+    n_tiles = triton.cdiv(N, BLOCK_N)
+    parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
+    rows = triton.cdiv(M, BLOCK_M)
     sync = _SYNC.get(a.device)
-    if sync is None or sync.numel() < rows:
-        sync = _SYNC[a.device] = torch.zeros(max(rows, 4096), device=a.device, dtype=torch.int32)
-    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8)
-    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8)
-    a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k], a_layout)
-    w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k], w_layout)
+    if sync is None or sync.numel() < rows:  # a grown-out buffer is kept: a captured CUDA graph still uses it
+        sync = torch.zeros(max(rows, 4096), device=a.device, dtype=torch.int32)
+        _SYNC.setdefault(("old", a.device), []).append(_SYNC.get(a.device))
+        _SYNC[a.device] = sync
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_M, BLOCK_K], gl.int8))
+    w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_N, BLOCK_K], gl.int8))
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(programs or sms, sms, rows * triton.cdiv(N, (1 if pingpong else 2) * block_n)),)
-    _ws_token_codes_kernel[grid](
+    _ws_token_codes_kernel[(min(sms, rows * n_tiles),)](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
-        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16, WAIT=_wait and not _plain, PLAIN=_plain, PP=pingpong,
-        STAGES=stages, CONSUMER_REGS=232, PRODUCER_REGS=40, num_warps=4, maxnreg=168)
+        HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
+        WAIT=_wait and not _plain, DEFER=defer, PLAIN=_plain, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
+        num_warps=4, maxnreg=168)
     return q, s
