@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child process
     ap.add_argument("--timeout", type=int, default=120, help="seconds a step may take")
+    ap.add_argument("--steps", default="check:512,check:32768,time:32768,time:4096",
+                    help="comma-separated check:ROWS / time:ROWS steps, in order")
     args = ap.parse_args()
     if args.step:
         kind, m = args.step.split(":")
@@ -112,7 +114,8 @@ def main() -> None:
     from dtq.tools import bench_engines as be
 
     res = {"env": be.env_info(), "steps": {}}
-    for step in ("check:512", "check:32768", "time:32768", "time:4096"):
+    steps = args.steps.split(",")
+    for step in steps:
         part = f"{args.out}.{step.replace(':', '_')}.json"
         try:
             rc = subprocess.run([sys.executable, __file__, "--out", part, "--step", step], timeout=args.timeout).returncode
@@ -122,7 +125,7 @@ def main() -> None:
         print(step, res["steps"][step], flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-        if step == "check:512" and not isinstance(res["steps"][step], dict):
+        if step == steps[0] and not isinstance(res["steps"][step], dict):
             break  # the kernel does not run: nothing else will
 
 

@@ -850,6 +850,56 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
     assert "0f4B400000" in ptx, "the round-half-even add was folded away"
 
 
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
+def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
+    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, what token_gemm runs on Hopper),
+    compiled for sm_90 on the CPU (Gluon has no interpreter; the GPU check is benchmarks/token_ws_bench.py):
+    a producer warp of TMA loads and two consumer warpgroups with int8 warpgroup MMAs and their own register
+    budgets; per consumer one release count at the row block's counter, an acquire wait, per element one
+    ``tanh.approx`` and two bf16 roundings in packed converts; no IEEE division; the deferred tile kept in
+    registers, not in local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from dtq.runtime import token_gemm_ws
+
+    layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.int8)
+    descs = {n: mangle_type(TensorDescriptor.from_tensor(torch.zeros(rows, 1152, dtype=torch.int8), [128, 128], layout))
+             for n, rows in (("a_desc", 256), ("w_desc", 4608))}
+    fn = token_gemm_ws._ws_token_codes_kernel
+    consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, WAIT=True, DEFER=True,
+                  PLAIN=False, STAGES=4, CONSUMER_REGS=240, PRODUCER_REGS=24)
+    ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32"}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith(("*", "i32"))}
+    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and _count(ptx, "cp.async.bulk.tensor") == 2
+    budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
+    assert "240;" in budgets and "24;" in budgets, budgets
+    assert _count(ptx, "red.release.gpu.global.add") == 2 and _count(ptx, "ld.acquire.gpu") >= 2
+    elements = 128 * 128 // 128  # a consumer's tile over its 128 threads
+    assert _count(ptx, "tanh.approx.f32") == 2 * elements and _count(ptx, "ex2.approx") == 0
+    assert _count(ptx, "cvt.rn.bf16x2.f32") == 2 * elements and _count(ptx, "div.rn.f32") == 0
+    assert kernel.metadata.shared <= 227 * 1024  # one CTA per SM (the grid is at most one per SM)
+    assert "st.local" not in ptx
+
+
+def test_warp_specialized_token_codes_only_on_hopper():
+    """token_gemm hands a call to the warp-specialized kernel only on a Hopper GPU, for 16-bit activations and
+    K a multiple of 128; the interpreter and the CPU keep the Triton kernel."""
+    pytest.importorskip("triton")
+    from dtq.runtime import token_gemm
+
+    a, w = torch.zeros(256, 1152, dtype=torch.int8), torch.zeros(4608, 1152, dtype=torch.int8)
+    assert not token_gemm._ws_usable(a, w, torch.bfloat16)
+
+
 def test_token_codes_need_a_row_group_on_the_gpu_at_once(monkeypatch):
     """fc1 writing fc2's per-token codes (the default token_quant) runs only where one row group of its N tiles
     (at the narrowest candidate's BLOCK_N) fits on the GPU with one program per SM, else its programs could
