@@ -1,17 +1,22 @@
-"""fc1 writing fc2's per-token INT8 codes as a warp-specialized Hopper kernel (Gluon): experiment.
+"""fc1 writing fc2's per-token INT8 codes as a warp-specialized Hopper kernel (Gluon): what ``token_gemm`` runs there.
 
-``token_gemm`` computes the same codes with a Triton kernel whose epilogue (GELU, the row group's amax
-exchange and wait, the codes) runs with nothing overlapping it but the other program on its SM. Here one
-persistent CTA per SM splits its warps by role, as CUTLASS's "ping-pong" GEMMs do:
+``token_gemm``'s Triton kernel computes each tile, publishes its part of the rows' amax, waits for the other
+tiles of its row block (its *row group*) and writes the codes, with nothing overlapping that epilogue but the
+other program on its SM. Here one persistent CTA per SM splits its warps by role, as CUTLASS's "ping-pong"
+GEMMs do:
 
-- a producer warp streams A and W tiles by TMA into a ring of ``STAGES`` shared-memory slots;
-- two consumer warpgroups take the CTA's tiles in turn (tile ``pid + i * programs``, consumer ``i % 2``):
-  while one runs its tile's MMAs, the other runs its epilogue, waits for its row group and writes its codes.
+- a producer warp streams A and W tiles (128 x 128 x 128, int8) by TMA into a ring of ``STAGES`` slots;
+- two consumer warpgroups take the CTA's tiles in turn (tile ``pid + i * programs``, consumer ``i % 2``); their
+  main loops alternate, so while one runs its tile's MMAs the other runs its epilogue;
+- a consumer writes a tile's codes only after it has published its next tile (``DEFER``): by then the first
+  tile's row group has had a whole main loop to arrive, so the wait is rarely a wait. The tile is kept in
+  registers as 16-bit pairs meanwhile (its values are rounded to the activation type already, so exactly).
 
-The numbers are ``token_gemm``'s (the same operations in the same order). A CTA waits only for tiles
-that come before its own in every other CTA's order, and a consumer's next tile starts only after its
-epilogue, so every row group completes as long as every CTA gets onto the GPU: the grid is at most one CTA
-per SM, and a CTA not yet on the GPU gets an SM once whatever else runs there finishes.
+The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
+``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
+codes (4 and 5 tiles back), whose row groups come before its own once the grid has 9 or more CTAs per 36-tile
+row group, so every row group completes as long as every CTA gets onto the GPU: the grid is at most one CTA
+per SM (``row_group_fits``), and a CTA not yet on the GPU gets an SM once whatever else runs there finishes.
 """
 
 from __future__ import annotations
