@@ -1,12 +1,12 @@
-"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``), against
-the Triton kernel it would replace (``token_gemm``) and the static engine's fc1, at DiT-XL/2's fc1 (K 1152,
-N 4608).
+"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``, what
+``token_gemm`` runs on Hopper), against ``token_gemm``'s Triton kernel and the static engine's fc1, at DiT-XL/2's
+fc1 (K 1152, N 4608).
 
-Each step runs in its own process under a timeout, so a kernel that never returns (a pipeline or row-group
-wait that deadlocks) costs that step only: first a small launch checked code for code against fc1 + the
-paired pass, then the full sizes (checked the same way, twice: the counters must come back to zero), then
-CUDA-graph medians of every variant, with and without the row-group wait (``_wait=False``: wrong codes, the
-wait's cost).
+Each step runs in its own process under a timeout, so a launch that never returns costs that step only:
+``check:ROWS`` compares the kernel's codes and scales with fc1 + the paired pass's, code for code, twice (the
+counters must come back to zero), for bf16 (deferred and not) and fp16; ``time:ROWS`` takes CUDA-graph medians
+of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
+costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out).
 
     python benchmarks/token_ws_bench.py --out token_ws.json
 """
@@ -74,23 +74,27 @@ def timings(m: int, variants: list[dict]) -> dict:
                                                                             _wait=wait, **v))
     ms = {}
     for name, fn in fns.items():
-        fn()  # compiles / autotunes outside the graph capture
-        ms[name] = round(time_ms(fn, "cudagraph"), 5)
+        try:
+            fn()  # compiles / autotunes outside the graph capture
+            ms[name] = round(time_ms(fn, "cudagraph"), 5)
+        except Exception as exc:  # a variant that does not compile is a result, not the end of the step
+            ms[name] = f"{type(exc).__name__}: {exc}"[:200]
         print(m, name, ms[name], flush=True)
     return ms
 
 
 def triton_codes(token_gemm, *args, **kwargs):
-    """token_gemm's Triton kernel, not the warp-specialized one it dispatches to on Hopper."""
-    token_gemm.WARP_SPECIALIZED = False
+    """token_gemm's Triton kernel, not the warp-specialized one it dispatches to with DTQ_TOKEN_CODES_WS=1."""
+    dispatch, token_gemm.WARP_SPECIALIZED = token_gemm.WARP_SPECIALIZED, False
     try:
         return token_gemm.mm8_gelu_token_codes(*args, torch.bfloat16, **kwargs)
     finally:
-        token_gemm.WARP_SPECIALIZED = True
+        token_gemm.WARP_SPECIALIZED = dispatch
 
 
 def _name(v: dict) -> str:
-    return "ws_" + "_".join(f"{k}{str(val).replace('torch.', '')}" for k, val in sorted(v.items())) if v else "ws_default"
+    parts = (f"{k}{str(val).replace('torch.', '')}" for k, val in sorted(v.items()))
+    return "ws_" + "_".join(parts) if v else "ws_default"
 
 
 VARIANTS = [{}, {"defer": False}, {"stages": 6}, {"_plain": True}]
@@ -118,7 +122,8 @@ def main() -> None:
     for step in steps:
         part = f"{args.out}.{step.replace(':', '_')}.json"
         try:
-            rc = subprocess.run([sys.executable, __file__, "--out", part, "--step", step], timeout=args.timeout).returncode
+            cmd = [sys.executable, __file__, "--out", part, "--step", step]
+            rc = subprocess.run(cmd, timeout=args.timeout).returncode
             res["steps"][step] = json.load(open(part)) if rc == 0 else f"failed (rc {rc})"
         except subprocess.TimeoutExpired:
             res["steps"][step] = f"timed out after {args.timeout} s"

@@ -188,10 +188,11 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
-# On Hopper the same codes come from a warp-specialized kernel (token_gemm_ws: one consumer warpgroup's epilogue
-# and wait under the other's MMAs); DTQ_TOKEN_CODES_WS=0 keeps this module's Triton kernel (the ablation of
-# benchmarks/token_ws_bench.py), read once at import
-WARP_SPECIALIZED = __import__("os").environ.get("DTQ_TOKEN_CODES_WS", "1") != "0"
+# DTQ_TOKEN_CODES_WS=1: on Hopper the same codes come from a warp-specialized kernel (token_gemm_ws: one consumer
+# warpgroup's epilogue under the other's MMAs), read once at import. Opt-in: measured no faster than this
+# module's kernel on fc1 alone at batch 64 (0.468 against 0.466 ms, session 23) and end to end in one run
+# only, with no same-run comparison yet (docs/engines.md, "Session 23 measurements")
+WARP_SPECIALIZED = __import__("os").environ.get("DTQ_TOKEN_CODES_WS", "0") == "1"
 
 
 def _ws_usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -233,9 +234,9 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
     GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
-    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. On a Hopper GPU
-    an exact call with 16-bit activations and no pinned config runs ``token_gemm_ws``'s warp-specialized kernel
-    (the same codes; ``WARP_SPECIALIZED``). CUDA (or
+    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. With
+    ``WARP_SPECIALIZED`` (DTQ_TOKEN_CODES_WS=1), on a Hopper GPU an exact call with 16-bit activations and no
+    pinned config runs ``token_gemm_ws``'s warp-specialized kernel (the same codes). CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
     can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``

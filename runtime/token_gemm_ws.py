@@ -1,4 +1,5 @@
-"""fc1 writing fc2's per-token INT8 codes as a warp-specialized Hopper kernel (Gluon): what ``token_gemm`` runs there.
+"""fc1 writing fc2's per-token INT8 codes as a warp-specialized Hopper kernel (Gluon); ``token_gemm`` runs it there
+with DTQ_TOKEN_CODES_WS=1.
 
 ``token_gemm``'s Triton kernel computes each tile, publishes its part of the rows' amax, waits for the other
 tiles of its row block (its *row group*) and writes the codes, with nothing overlapping that epilogue but the
@@ -325,7 +326,9 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     of 128 and N at most 128 tiles (the parts of a row in one load); TMA's 16-byte aligned rows."""
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
         return False
-    if out_dtype not in (torch.bfloat16, torch.float16) or a.shape[1] % BLOCK_K or triton.cdiv(w.shape[0], BLOCK_N) > 128:
+    if out_dtype not in (torch.bfloat16, torch.float16) or a.shape[1] % BLOCK_K:
+        return False
+    if triton.cdiv(w.shape[0], BLOCK_N) > 128:
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
 
@@ -364,6 +367,6 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
-        WAIT=_wait and not _plain, DEFER=defer, PLAIN=_plain, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        num_warps=4, maxnreg=168)
+        WAIT=_wait and not _plain, DEFER=defer and not _plain, PLAIN=_plain, STAGES=stages,
+        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, maxnreg=168)
     return q, s
