@@ -10,8 +10,9 @@ GEMMs do:
 - two consumer warpgroups take the CTA's tiles in turn (tile ``pid + i * programs``, consumer ``i % 2``); their
   main loops alternate, so while one runs its tile's MMAs the other runs its epilogue;
 - a consumer writes a tile's codes only after it has published its next tile (``DEFER``): by then the first
-  tile's row group has had a whole main loop to arrive, so the wait is rarely a wait. The tile is kept in
-  registers as 16-bit pairs meanwhile (its values are rounded to the activation type already, so exactly).
+  tile's row group has had a whole main loop to arrive. The tile is kept in registers as 16-bit pairs meanwhile
+  (its values are rounded to the activation type already, so exactly). Measured no faster than writing them at
+  once (session 23): what the row group costs is its synchronisation's latency, not waiting for late tiles.
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
@@ -317,8 +318,17 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_SYNC: dict[torch.device, torch.Tensor] = {}
+_SYNC: dict[torch.device, list[torch.Tensor]] = {}
 BLOCK_M = BLOCK_N = BLOCK_K = 128
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The row blocks' counters (zeros between launches: each launch's last user resets them), one buffer per
+    device, grown when needed. A grown-out buffer is kept, never freed: a CUDA graph captured with it still uses it."""
+    bufs = _SYNC.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
+    return bufs[-1]
 
 
 def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -353,11 +363,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     n_tiles = triton.cdiv(N, BLOCK_N)
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    sync = _SYNC.get(a.device)
-    if sync is None or sync.numel() < rows:  # a grown-out buffer is kept: a captured CUDA graph still uses it
-        sync = torch.zeros(max(rows, 4096), device=a.device, dtype=torch.int32)
-        _SYNC.setdefault(("old", a.device), []).append(_SYNC.get(a.device))
-        _SYNC[a.device] = sync
+    sync = _counters(a.device, rows)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
