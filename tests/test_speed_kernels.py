@@ -858,6 +858,7 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
     budgets; per consumer one release count at the row block's counter, an acquire wait, per element one
     ``tanh.approx`` and two bf16 roundings in packed converts; no IEEE division; the deferred tile kept in
     registers, not in local memory."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
