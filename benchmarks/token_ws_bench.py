@@ -1,6 +1,6 @@
-"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``, what
-``token_gemm`` runs on Hopper), against ``token_gemm``'s Triton kernel and the static engine's fc1, at DiT-XL/2's
-fc1 (K 1152, N 4608).
+"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
+``token_gemm``'s on Hopper with DTQ_TOKEN_CODES_WS=1), against ``token_gemm``'s Triton kernel and the static
+engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 
 Each step runs in its own process under a timeout, so a launch that never returns costs that step only:
 ``check:ROWS`` compares the kernel's codes and scales with fc1 + the paired pass's, code for code, twice (the
