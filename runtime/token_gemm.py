@@ -207,10 +207,11 @@ _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The ticket counters and the per-row-block counters (zeros between launches), one buffer per device,
-    grown when needed. A grown-out buffer is kept, never freed: a CUDA graph captured with it still uses it."""
-    bufs = _SYNC.setdefault(device, [])
+def _counters(device: torch.device, n: int, pool: dict[torch.device, list[torch.Tensor]] = _SYNC) -> torch.Tensor:
+    """The ticket counters and the per-row-block counters (zeros between launches), one buffer per device in
+    ``pool`` (token_gemm_ws keeps its own), grown when needed. A grown-out buffer is kept, never freed: a CUDA
+    graph captured with it still uses it."""
+    bufs = pool.setdefault(device, [])
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
     return bufs[-1]

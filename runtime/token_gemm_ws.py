@@ -29,6 +29,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from . import kernels, token_gemm
+
 
 @gluon.jit
 def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr,
@@ -318,29 +320,20 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_SYNC: dict[torch.device, list[torch.Tensor]] = {}
+_SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The row blocks' counters (zeros between launches: each launch's last user resets them), one buffer per
-    device, grown when needed. A grown-out buffer is kept, never freed: a CUDA graph captured with it still uses it."""
-    bufs = _SYNC.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
-    return bufs[-1]
 
 
 def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether this kernel runs the call: a Hopper GPU (warpgroup MMAs, TMA), 16-bit activations, K a multiple
-    of 128 and N at most 128 tiles (the parts of a row in one load); TMA's 16-byte aligned rows."""
+    of 128 and N at most 128 tiles (the parts of a row in one load); TMA's aligned rows (kernels.tma_eligible)."""
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
         return False
     if out_dtype not in (torch.bfloat16, torch.float16) or a.shape[1] % BLOCK_K:
         return False
     if triton.cdiv(w.shape[0], BLOCK_N) > 128:
         return False
-    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
+    return kernels.tma_eligible(a, w)
 
 
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -363,7 +356,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     n_tiles = triton.cdiv(N, BLOCK_N)
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    sync = _counters(a.device, rows)
+    sync = token_gemm._counters(a.device, rows, _SYNC)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
