@@ -1,10 +1,11 @@
-"""Issue #13, session 23: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
+"""Issue #13, sessions 23-24: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
 ``token_gemm``'s on Hopper with DTQ_TOKEN_CODES_WS=1), against ``token_gemm``'s Triton kernel and the static
 engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 
 Each step runs in its own process under a timeout, so a launch that never returns costs that step only:
-``check:ROWS`` compares the kernel's codes and scales with fc1 + the paired pass's, code for code, twice (the
-counters must come back to zero), for bf16 (deferred and not) and fp16; ``time:ROWS`` takes CUDA-graph medians
+``check:ROWS`` compares the kernel's codes and scales with fc1 + the paired pass's, code for code, twice with a
+launch twice as big between (the parts it leaves must not pass for the next launch's) and in two replays of a
+CUDA graph, for bf16 (tagged parts or counters, deferred or not) and fp16; ``time:ROWS`` takes CUDA-graph medians
 of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
 costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out).
 
@@ -43,16 +44,32 @@ def check(m: int, variants: list[dict]) -> dict:
     h16 = kernels.int8_mm(a, w, sa, sw, b, torch.float16)
     q16, s16 = kernels.quant_rows_int8(h16, gelu=True, mul_pairs=kernels.pair_columns(mul))
     for v in variants:
+        call = lambda v=v: token_gemm_ws.mm8_gelu_token_codes_ws(  # noqa: E731
+            a, w, sa, sw, b, mul, **{"out_dtype": torch.bfloat16, **v})
+        ref = (q16, s16) if v.get("out_dtype") == torch.float16 else (qb, sb)
         for rep in range(2):
-            q, s = token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, **{"out_dtype": torch.bfloat16, **v})
-            q0, s0 = (q16, s16) if v.get("out_dtype") == torch.float16 else (qb, sb)
-            torch.cuda.synchronize()
-            diff = (q.int() - q0.int()).abs()
-            out[f"{_name(v)}_rep{rep}"] = {"scales_equal": bool(torch.equal(s, s0)),
-                                           "codes_differing": int((diff > 0).sum()), "max_diff": int(diff.max()),
-                                           "codes": diff.numel()}
+            out[f"{_name(v)}_rep{rep}"] = _compare(call(), ref)
             print(m, _name(v), rep, out[f"{_name(v)}_rep{rep}"], flush=True)
+            if rep == 0:  # a bigger launch between: its parts (other tags, other rows) must not pass for these
+                big = operands(2 * m, seed=1)
+                token_gemm_ws.mm8_gelu_token_codes_ws(*big, **{"out_dtype": torch.bfloat16, **v})
+        graph = torch.cuda.CUDAGraph()  # replays: the launch tag moves on in device memory, not on the host
+        with torch.cuda.graph(graph):
+            q, s = call()
+        for rep in range(2):
+            q.zero_(), s.zero_()
+            graph.replay()
+            out[f"{_name(v)}_graph{rep}"] = _compare((q, s), ref)
+            print(m, _name(v), "graph", rep, out[f"{_name(v)}_graph{rep}"], flush=True)
     return out
+
+
+def _compare(got, ref) -> dict:
+    (q, s), (q0, s0) = got, ref
+    torch.cuda.synchronize()
+    diff = (q.int() - q0.int()).abs()
+    return {"scales_equal": bool(torch.equal(s, s0)), "codes_differing": int((diff > 0).sum()),
+            "max_diff": int(diff.max()), "codes": diff.numel()}
 
 
 def timings(m: int, variants: list[dict]) -> dict:
@@ -97,8 +114,9 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(parts) if v else "ws_default"
 
 
-VARIANTS = [{}, {"defer": False}, {"stages": 6}, {"_plain": True}]
-CHECKED = [{}, {"defer": False}, {"out_dtype": torch.float16}]
+# the default: tagged parts, codes written at once; session 23's counters and deferral as ablations
+VARIANTS = [{}, {"defer": True}, {"tagged": False}, {"tagged": False, "defer": True}, {"_plain": True}]
+CHECKED = [{}, {"defer": True}, {"tagged": False}, {"out_dtype": torch.float16}]
 
 
 def main() -> None:
