@@ -5,7 +5,7 @@ engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 Each step runs in its own process under a timeout, so a launch that never returns costs that step only:
 ``check:ROWS`` compares the kernel's codes and scales with fc1 + the paired pass's, code for code, twice with a
 launch twice as big between (the parts it leaves must not pass for the next launch's) and in two replays of a
-CUDA graph, for bf16 (with the sync warp or without) and fp16; ``time:ROWS`` takes CUDA-graph medians
+CUDA graph, for bf16 (with the sync warp or without, deferred) and fp16; ``time:ROWS`` takes CUDA-graph medians
 of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
 costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out).
 
@@ -114,10 +114,10 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(parts) if v else "ws_default"
 
 
-# the default: a sync warp counts the tiles and waits for the row groups; session 23's consumers doing it
-# themselves as the ablation (session 24 also measured tagged parts, commit 1c29155, and deferral: both slower)
-VARIANTS = [{}, {"sync_warp": False}, {"_plain": True}]
-CHECKED = [{}, {"sync_warp": False}, {"out_dtype": torch.float16}]
+# the default (a sync warp counts the tiles and waits for the row groups) against deferral (codes a tile
+# late) and session 23's consumers synchronising themselves; session 24 also measured tagged parts (1c29155)
+VARIANTS = [{}, {"defer": True}, {"sync_warp": False}, {"_plain": True}]
+CHECKED = [{}, {"defer": True}, {"sync_warp": False}, {"out_dtype": torch.float16}]
 
 
 def main() -> None:

@@ -14,11 +14,14 @@ GEMMs do:
   row block's counter (release), polls the counter (acquire) until the row group is complete, arrives at the
   consumer's mbarrier and counts the departure that resets the counter. The consumer's own wait is then a
   shared-memory one. Session 23's consumers did all of it themselves (``sync_warp=False``, an ablation), and
-  their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs.
+  their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs;
+- ``DEFER`` (an ablation): a tile's codes written after the consumer's next tile is published, so its row
+  group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
+  values are rounded to the activation type already).
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
-codes (2 and 3 tiles back: at least 2 x the grid's CTAs earlier), which lie in earlier row groups when the
+codes (2 and 3 tiles back, 4 and 5 deferred: at least 2 x the grid's CTAs earlier), which lie in earlier row groups when the
 grid's CTAs are at least half a row group's tiles; the sync warp takes the CTA's tiles in order, so it waits for
 a row group only after counting every earlier tile. The grid has one CTA per SM and a row group fits on the
 GPU (``row_group_fits``), so every row group completes as long as every CTA gets onto the GPU, which a CTA not
@@ -40,7 +43,8 @@ from . import kernels, token_gemm
 def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, WHICH: gl.constexpr):
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
+              WHICH: gl.constexpr):
     """Per K step of each of the CTA's tiles, in order: A's 128 rows and W's 128 columns into the next slot."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -65,7 +69,8 @@ def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
 def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-              WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, WHICH: gl.constexpr):
+              WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
+              WHICH: gl.constexpr):
     """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
     are issued, then its epilogue: publish its part of its rows' amax, wait for its row group (counted here, or
     by the sync warp: SYNC_WARP), write its codes."""
@@ -78,6 +83,10 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
+    prev_m = 0
+    prev_n = 0
+    if DEFER:
+        y_prev = _pack_pairs(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma), BF16)
     j = 0
     for i in range(WHICH, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs), 2):
         tile = pid + i * programs
@@ -109,24 +118,48 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
                          mul_ptr, M, N, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M, BLOCK_N)
             if WAIT:
                 if SYNC_WARP:  # the sync warp counts this tile and says when its row group is complete
-                    mbarrier.arrive(published.index(WHICH), count=1)
-                    mbarrier.wait(grouped.index(WHICH), j & 1)
+                    mbarrier.arrive(published.index(WHICH * 2 + j % 2), count=1)
                 else:
                     _arrive(sync_ptr + pid_m, 127)
-                    while _load_acquire(sync_ptr + pid_m) < n_tiles:
-                        pass
-            _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, mma,
-                    BLOCK_M, BLOCK_N)
-            if WAIT and not SYNC_WARP:
-                _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 127)
+            if DEFER:
+                y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
+                if j > 0:
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP)
+                    _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N,
+                            stride_qm, HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
+                y_prev = y_new
+                prev_m = pid_m
+                prev_n = pid_n
+            else:
+                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, n_tiles, WAIT, SYNC_WARP)
+                _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
+                        HAS_MUL, WAIT and not SYNC_WARP, False, BF16, mma, BLOCK_M, BLOCK_N)
         j += 1
+    if DEFER:
+        if j > 0:
+            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP)
+            _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
+                    HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
+
+
+@gluon.jit
+def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.constexpr, WAIT: gl.constexpr,
+                SYNC_WARP: gl.constexpr):
+    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's word, or the poll."""
+    if WAIT:
+        if SYNC_WARP:
+            mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
+        else:
+            while _load_acquire(sync_ptr + pid_m) < n_tiles:
+                pass
 
 
 @gluon.jit
 def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
-            WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, WHICH: gl.constexpr):
+            WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
+              WHICH: gl.constexpr):
     """SYNC_WARP: the row groups' synchronisation off the consumers' path. Per tile of the CTA in order (consumer
     ``i % 2``): once the consumer has published it, count it at its row block's counter (release: the
     consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with it), wait for the row
@@ -138,18 +171,12 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
     programs = gl.num_programs(0)
     for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
         pid_m = (pid + i * programs) // n_tiles
-        phase = (i // 2) & 1
-        if i % 2 == 0:
-            mbarrier.wait(published.index(0), phase)
-        else:
-            mbarrier.wait(published.index(1), phase)
+        j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
+        mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
         _arrive(sync_ptr + pid_m, 31)
         while _load_acquire(sync_ptr + pid_m) < n_tiles:
             pass
-        if i % 2 == 0:
-            mbarrier.arrive(grouped.index(0), count=1)
-        else:
-            mbarrier.arrive(grouped.index(1), count=1)
+        mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
         _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
 
@@ -189,9 +216,12 @@ def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_sc
 
 
 @gluon.jit
-def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N: gl.constexpr, stride_qm,
-            HAS_MUL: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """A published tile's codes once its row group is complete: its rows' scales from every part, the codes."""
+def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N: gl.constexpr,
+            stride_qm, HAS_MUL: gl.constexpr, LEAVE: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr,
+            mma: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """A published tile's codes once its row group is complete: its rows' scales from every part, the codes;
+    LEAVE: the departure counted here (no sync warp). ``y``: the tile's rounded values, float32 or (PACKED) as
+    ``_pack_pairs`` keeps them, unpacked once the scales are known (fewer registers live while the parts load)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_ok = offs_m < M
@@ -207,9 +237,13 @@ def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul
     if pid_n == 0:
         gl.store(s_ptr + offs_m, scale, mask=m_ok)
     inv = 0.5 / scale
+    if PACKED:
+        y = _unpack_pairs(y, BF16, mma)
     x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
     codes = ((x * gl.expand_dims(inv, 1) + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
     _store_tile(codes, pid_m, pid_n, q_ptr, M, N, stride_qm, BLOCK_M, BLOCK_N)
+    if LEAVE:
+        _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 127)
 
 
 @gluon.constexpr_function
@@ -235,6 +269,30 @@ def _times_mul(y, offs_n, mul_ptr, N: gl.constexpr, HAS_MUL: gl.constexpr):
     if HAS_MUL:
         return y * gl.expand_dims(gl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0), 0)
     return y
+
+
+@gluon.jit
+def _pack_pairs(y, BF16: gl.constexpr):
+    """A tile of values rounded to 16 bits -> its column pairs, one 32-bit word each (half the registers)."""
+    lo, hi = gl.split(gl.reshape(y, [y.shape[0], y.shape[1] // 2, 2]))
+    if BF16:  # the high halves of the two float32 words
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r",
+                                         [lo.to(gl.int32, bitcast=True), hi.to(gl.int32, bitcast=True)],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _unpack_pairs(p, BF16: gl.constexpr, layout: gl.constexpr):
+    if BF16:
+        lo = (p << 16).to(gl.float32, bitcast=True)
+        hi = (p & -65536).to(gl.float32, bitcast=True)
+    else:
+        lo = (p & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        hi = (p >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    y = gl.join(lo, hi)
+    return gl.convert_layout(gl.reshape(y, [y.shape[0], y.shape[1] * 2]), layout)  # the same layout: no data moves
 
 
 # The row block's counter, by one thread of a warpgroup (``one`` 127) or a warp (31): Triton runs scalar
@@ -288,20 +346,22 @@ def _gelu_tanh_x2(x):
 def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr,
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
-                           PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, STAGES: gl.constexpr,
+                           PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr, STAGES: gl.constexpr,
                            CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    published = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # consumer -> sync warp
-    grouped = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # sync warp -> consumer
+    # consumer -> sync warp and back, two per consumer (DEFER: a tile published before the last one's codes)
+    published = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    grouped = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(4):
         mbarrier.init(published.index(i), count=1)
         mbarrier.init(grouped.index(i), count=1)
     # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as tensors
@@ -309,28 +369,28 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 0)),
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 1)),
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 1)),
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 1))],
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
             [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 0)),
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 1)),
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
                   sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, 1))],
+                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -353,10 +413,11 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
-                            _wait: bool = True, _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            defer: bool = False, _wait: bool = True,
+                            _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
-    the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
-    ablation, module doc). ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for
+    the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves;
+    ``defer=True``: a tile's codes a tile late (ablations, module doc). ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for
     benchmarks."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -380,6 +441,6 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
-        WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, STAGES=stages,
+        WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain, STAGES=stages,
         CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, maxnreg=168)
     return q, s
