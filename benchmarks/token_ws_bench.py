@@ -114,10 +114,11 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(parts) if v else "ws_default"
 
 
-# the default (a sync warp counts the tiles and waits for the row groups) against deferral (codes a tile
-# late) and session 23's consumers synchronising themselves; session 24 also measured tagged parts (1c29155)
-VARIANTS = [{}, {"defer": True}, {"sync_warp": False}, {"_plain": True}]
-CHECKED = [{}, {"defer": True}, {"sync_warp": False}, {"out_dtype": torch.float16}]
+# a sync warp counting the tiles and waiting for the row groups (the default), with deferral (codes a tile late)
+# and without, against session 23's consumers synchronising themselves; session 24 also measured tagged parts
+# (1c29155)
+VARIANTS = [{"defer": False}, {"defer": True}, {"sync_warp": False, "defer": False}, {"_plain": True}]
+CHECKED = [{"defer": False}, {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
 
 
 def main() -> None:

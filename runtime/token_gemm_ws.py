@@ -21,11 +21,11 @@ GEMMs do:
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
-codes (2 and 3 tiles back, 4 and 5 deferred: at least 2 x the grid's CTAs earlier), which lie in earlier row groups when the
-grid's CTAs are at least half a row group's tiles; the sync warp takes the CTA's tiles in order, so it waits for
-a row group only after counting every earlier tile. The grid has one CTA per SM and a row group fits on the
-GPU (``row_group_fits``), so every row group completes as long as every CTA gets onto the GPU, which a CTA not
-yet there does once whatever else runs on its SM finishes.
+codes (2 and 3 tiles back, 4 and 5 deferred: at least 2 x the grid's CTAs earlier), which lie in earlier row
+groups when the grid's CTAs are at least half a row group's tiles; the sync warp takes the CTA's tiles in
+order, so it waits for a row group only after counting every earlier tile. The grid has one CTA per SM and a
+row group fits on the GPU (``row_group_fits``), so every row group completes as long as every CTA gets onto
+the GPU, which a CTA not yet there does once whatever else runs on its SM finishes.
 """
 
 from __future__ import annotations
@@ -396,6 +396,9 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
 
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
+# Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
+# and slower at 4096 (0.063 against 0.060) on the H200 (session 24, token_ws_h200_s24c); between, unmeasured
+DEFER_ROWS = 16384
 
 
 def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -413,12 +416,12 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
-                            defer: bool = False, _wait: bool = True,
+                            defer: bool | None = None, _wait: bool = True,
                             _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
-    the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves;
-    ``defer=True``: a tile's codes a tile late (ablations, module doc). ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for
-    benchmarks."""
+    the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
+    ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on.
+    ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     M, K = a.shape
@@ -429,6 +432,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     if M == 0:
         return q, s
     n_tiles = triton.cdiv(N, BLOCK_N)
+    if defer is None:
+        defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
     sync = token_gemm._counters(a.device, rows, _SYNC)
