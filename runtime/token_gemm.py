@@ -188,11 +188,24 @@ def _round_tile_to_half(x, BF16: tl.constexpr):
     return _round_to_half(x, BF16)
 
 
-# DTQ_TOKEN_CODES_WS=1: on Hopper the same codes come from a warp-specialized kernel (token_gemm_ws: one consumer
-# warpgroup's epilogue under the other's MMAs), read once at import. Opt-in: measured no faster than this
-# module's kernel on fc1 alone at batch 64 (0.468 against 0.466 ms, session 23) and end to end in one run
-# only, with no same-run comparison yet (docs/engines.md, "Session 23 measurements")
-WARP_SPECIALIZED = __import__("os").environ.get("DTQ_TOKEN_CODES_WS", "0") == "1"
+def ws_enabled(environ=__import__("os").environ) -> bool:
+    """Whether Hopper's exact calls from ``WS_MIN_ROWS`` rows take token_gemm_ws's warp-specialized kernel (one
+    consumer warpgroup's epilogue under the other's MMAs, the row groups synchronised by a warp of their own):
+    measured faster than this module's kernel at 4096 and 32768 rows, and end to end at batch 64 (session 24,
+    docs/engines.md). It needs every CTA of its grid (one per SM) on the GPU eventually, so it is off where a
+    process may get only part of the GPU: with DTQ_TOKEN_CODES_WS=0, and under MPS with
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100. Read once, at import."""
+    if environ.get("DTQ_TOKEN_CODES_WS", "1") != "1":
+        return False
+    share = environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")
+    try:
+        return float(share) >= 100
+    except ValueError:
+        return False
+
+
+WARP_SPECIALIZED = ws_enabled()
+WS_MIN_ROWS = 4096  # below, unmeasured against this module's kernel (batch 1's 512 rows was not timed alone)
 
 
 def _ws_usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -235,9 +248,9 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     HBM. ``a``, ``w``: int8 ``[M, K]`` / ``[N, K]``; ``a_scale``: static ``[]`` or per row ``[M]``; ``w_scale``
     ``[N]``; ``mul``: fc2's balancing Mul ``[N]``; ``out_dtype``: bf16 or fp16, the type fc1's output and the
     GELU are rounded to. -> (int8 codes ``[M, N]``, float32 scales ``[M]``). ``config``: a pinned candidate
-    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. With
-    ``WARP_SPECIALIZED`` (DTQ_TOKEN_CODES_WS=1), on a Hopper GPU an exact call with 16-bit activations and no
-    pinned config runs ``token_gemm_ws``'s warp-specialized kernel (the same codes). CUDA (or
+    (``BLOCK_M/N/K``, ``num_stages``, ``num_warps``, ``maxnreg``) instead of the autotuned one. On a Hopper GPU
+    an exact call with 16-bit activations, no pinned config and ``WS_MIN_ROWS`` rows or more runs
+    ``token_gemm_ws``'s warp-specialized kernel (the same codes) unless ``ws_enabled`` says no. CUDA (or
     Triton's interpreter) only; the TMA loads need 16-byte aligned rows. ``exact=False``: fc1's output and the
     GELU stay in float32 (no rounding to ``out_dtype``; the static engine's fused fc1 does the same), so codes
     can differ by a step where a rounding moved a value across a rounding boundary of the codes. ``_wait=False``
@@ -252,7 +265,8 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     if not row_group_fits(N, a.device):
         raise ValueError(f"fc1's {triton.cdiv(N, _MIN_BLOCK_N)} N tiles of a row block cannot all be on this GPU "
                          f"at once (one per SM): its programs could wait forever; use token_quant='pass-fused'")
-    if exact and _wait and config is None and WARP_SPECIALIZED and _ws_usable(a, w, out_dtype):
+    warp_specialized = WARP_SPECIALIZED and M >= WS_MIN_ROWS and _ws_usable(a, w, out_dtype)
+    if exact and _wait and config is None and warp_specialized:
         from . import token_gemm_ws
 
         return token_gemm_ws.mm8_gelu_token_codes_ws(a, w, a_scale, w_scale, bias, mul, out_dtype)

@@ -893,14 +893,19 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
-    """token_gemm hands a call to the warp-specialized kernel only when asked (DTQ_TOKEN_CODES_WS=1, off by
-    default: no same-run measurement shows it faster yet) and only on a Hopper GPU; the interpreter and the
-    CPU keep the Triton kernel."""
+    """token_gemm hands a call to the warp-specialized kernel by default (session 24 measured it faster), but
+    not when DTQ_TOKEN_CODES_WS=0 or MPS gives the process part of the GPU (its grid needs every SM), and only on
+    a Hopper GPU from 4096 rows; the interpreter and the CPU keep the Triton kernel."""
     pytest.importorskip("triton")
     from dtq.runtime import token_gemm
 
-    assert not token_gemm.WARP_SPECIALIZED
-    a, w = torch.zeros(256, 1152, dtype=torch.int8), torch.zeros(4608, 1152, dtype=torch.int8)
+    assert token_gemm.ws_enabled({}) and token_gemm.ws_enabled({"DTQ_TOKEN_CODES_WS": "1"})
+    assert not token_gemm.ws_enabled({"DTQ_TOKEN_CODES_WS": "0"})
+    assert token_gemm.ws_enabled({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"})
+    for share in ("50", "99.5", "half"):
+        assert not token_gemm.ws_enabled({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": share}), share
+    assert token_gemm.WS_MIN_ROWS == 4096
+    a, w = torch.zeros(4096, 1152, dtype=torch.int8), torch.zeros(4608, 1152, dtype=torch.int8)
     assert not token_gemm._ws_usable(a, w, torch.bfloat16)
 
 
