@@ -1,5 +1,5 @@
 """Issue #13, sessions 23-24: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
-``token_gemm``'s on Hopper with DTQ_TOKEN_CODES_WS=1), against ``token_gemm``'s Triton kernel and the static
+``token_gemm``'s on Hopper from 4096 rows), against ``token_gemm``'s Triton kernel and the static
 engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 
 Each step runs in its own process under a timeout, so a launch that never returns costs that step only:
@@ -101,7 +101,7 @@ def timings(m: int, variants: list[dict]) -> dict:
 
 
 def triton_codes(token_gemm, *args, **kwargs):
-    """token_gemm's Triton kernel, not the warp-specialized one it dispatches to with DTQ_TOKEN_CODES_WS=1."""
+    """token_gemm's Triton kernel, not the warp-specialized one it dispatches to on Hopper."""
     dispatch, token_gemm.WARP_SPECIALIZED = token_gemm.WARP_SPECIALIZED, False
     try:
         return token_gemm.mm8_gelu_token_codes(*args, torch.bfloat16, **kwargs)

@@ -1,5 +1,5 @@
 """fc1 writing fc2's per-token INT8 codes as a warp-specialized Hopper kernel (Gluon); ``token_gemm`` runs it there
-with DTQ_TOKEN_CODES_WS=1.
+from 4096 rows unless ``token_gemm.ws_enabled`` says no (DTQ_TOKEN_CODES_WS=0, MPS with a partial thread share).
 
 ``token_gemm``'s Triton kernel computes each tile, publishes its part of the rows' amax, waits for the other
 tiles of its row block (its *row group*) and writes the codes, with nothing overlapping that epilogue but the
