@@ -265,8 +265,8 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     if not row_group_fits(N, a.device):
         raise ValueError(f"fc1's {triton.cdiv(N, _MIN_BLOCK_N)} N tiles of a row block cannot all be on this GPU "
                          f"at once (one per SM): its programs could wait forever; use token_quant='pass-fused'")
-    warp_specialized = WARP_SPECIALIZED and M >= WS_MIN_ROWS and _ws_usable(a, w, out_dtype)
-    if exact and _wait and config is None and warp_specialized:
+    warp_specialized = WARP_SPECIALIZED and exact and _wait and config is None and M >= WS_MIN_ROWS
+    if warp_specialized and _ws_usable(a, w, out_dtype):
         from . import token_gemm_ws
 
         return token_gemm_ws.mm8_gelu_token_codes_ws(a, w, a_scale, w_scale, bias, mul, out_dtype)

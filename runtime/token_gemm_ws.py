@@ -145,7 +145,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
 @gluon.jit
 def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.constexpr, WAIT: gl.constexpr,
                 SYNC_WARP: gl.constexpr):
-    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's word, or the poll."""
+    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll."""
     if WAIT:
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
@@ -159,7 +159,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              WHICH: gl.constexpr):
+            WHICH: gl.constexpr):
     """SYNC_WARP: the row groups' synchronisation off the consumers' path. Per tile of the CTA in order (consumer
     ``i % 2``): once the consumer has published it, count it at its row block's counter (release: the
     consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with it), wait for the row
@@ -367,30 +367,30 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as tensors
     if SYNC_WARP and WAIT:
         gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
+            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
+            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+            (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
             [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
-                  sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS,
-                  HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
+            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
+            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 

@@ -852,7 +852,7 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
-    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper, opt-in),
+    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
     compiled for sm_90 on the CPU (Gluon has no interpreter; the GPU check is benchmarks/token_ws_bench.py):
     a producer warp of TMA loads, two consumer warpgroups with int8 warpgroup MMAs and a sync warp, with their
     own register budgets; the row groups' release count, acquire poll and departure count once each, in the
