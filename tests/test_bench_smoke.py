@@ -363,3 +363,36 @@ def test_mk_backends_compile_with_inductor_multi_kernel(monkeypatch):
     assert summary["multi_kernel_ablation"]["int8-mk@64"]["speedup_vs_single_kernel"] == 1.2
     assert summary["targets"]["int8-mk_speedup_at_64"]["baseline"] == "bf16-compile-mk"
     assert summary["targets"]["int8-mk_speedup_at_64"]["measured"] == round(27.6 / 22, 3)
+
+
+def test_worktree_tree_names_the_commit_of_the_files_as_they_are(tmp_path):
+    """The results' ``tree`` is the git tree of the checkout's files, uncommitted changes included, so a result
+    from a copied checkout with a stale .git still names its commit: equal to ``HEAD^{tree}`` on a clean
+    checkout, another tree once a file changes, the same again when the change is undone; ignored files do not
+    count."""
+    import shutil
+    import subprocess
+
+    from dtq.tools.bench_engines import worktree_tree
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: worktree_tree returns None without it")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("out/\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head_tree = subprocess.run([*git, "rev-parse", "HEAD^{tree}"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert worktree_tree(tmp_path) == head_tree
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "result.json").write_text("{}")  # ignored
+    assert worktree_tree(tmp_path) == head_tree
+    (tmp_path / "a.py").write_text("x = 2\n")
+    changed = worktree_tree(tmp_path)
+    assert changed is not None and changed != head_tree
+    (tmp_path / "a.py").write_text("x = 1\n")
+    assert worktree_tree(tmp_path) == head_tree
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert status == ""  # the real index is untouched

@@ -48,6 +48,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -87,6 +88,19 @@ def peak_for(name: str):
     return None
 
 
+def worktree_tree(repo: Path) -> str | None:
+    """The git tree id of the checkout's files as they are (what is not ignored, uncommitted changes included),
+    hashed through a throwaway index. ``git log --format='%H %T'`` finds the commit with that tree where
+    ``commit`` cannot: a copied checkout (the GPU machine's) may carry a stale ``.git``. None without git."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": os.path.join(tmp, "index")}
+        git = ["git", "-C", str(repo)]
+        if subprocess.run([*git, "add", "-A"], env=env, capture_output=True, timeout=60).returncode:
+            return None
+        out = subprocess.run([*git, "write-tree"], env=env, capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+
 def env_info() -> dict:
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -102,6 +116,7 @@ def env_info() -> dict:
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         info["dirty"] = bool(dirty)
+        info["tree"] = worktree_tree(REPO)
     except (OSError, subprocess.SubprocessError):
         info["commit"] = os.environ.get("DTQ_COMMIT", "unknown")
     if torch.cuda.is_available():
