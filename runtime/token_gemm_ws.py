@@ -169,15 +169,16 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
-        pid_m = (pid + i * programs) // n_tiles
-        j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
-        mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
-        _arrive(sync_ptr + pid_m, 31)
-        while _load_acquire(sync_ptr + pid_m) < n_tiles:
-            pass
-        mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
-        _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
+    if SYNC_WARP and WAIT:
+        for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
+            pid_m = (pid + i * programs) // n_tiles
+            j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
+            mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
+            _arrive(sync_ptr + pid_m, 31)
+            while _load_acquire(sync_ptr + pid_m) < n_tiles:
+                pass
+            mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
+            _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
 
 @gluon.jit
@@ -364,34 +365,22 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     for i in gl.static_range(4):
         mbarrier.init(published.index(i), count=1)
         mbarrier.init(grouped.index(i), count=1)
-    # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as tensors
-    if SYNC_WARP and WAIT:
-        gl.warp_specialize([
-            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
-            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-            (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
-            [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
-            (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
-            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                        parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                        HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
-            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as
+    # tensors. The sync warp's partition is always there; without SYNC_WARP (or WAIT) it leaves at once.
+    gl.warp_specialize([
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
+        [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
