@@ -1,4 +1,4 @@
-"""Issue #13, sessions 23-24: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
+"""Issue #13, sessions 23-25: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
 ``token_gemm``'s on Hopper from 4096 rows), against ``token_gemm``'s Triton kernel and the static
 engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 
@@ -115,11 +115,12 @@ def _name(v: dict) -> str:
 
 
 # a sync warp counting the tiles and waiting for the row groups (the default), with deferral (codes a tile late)
-# and without, against session 23's consumers synchronising themselves; session 24 also measured tagged parts
-# (1c29155)
-VARIANTS = [{"defer": False}, {"defer": True}, {"sync_warp": False, "defer": False}, {"_plain": True}]
-CHECKED = [{"defer": False}, {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
-
+# and without, against two sync warps (one counts, one waits: split_sync); session 24 also measured tagged parts
+# (1c29155), session 23's consumers synchronising themselves (sync_warp=False) and the pipeline alone (_plain)
+VARIANTS = [{"defer": False}, {"defer": True}, {"split_sync": True, "defer": False},
+            {"split_sync": True, "defer": True}]
+CHECKED = [{"defer": False}, {"defer": True}, {"split_sync": True, "defer": False},
+           {"split_sync": True, "defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

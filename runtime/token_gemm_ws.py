@@ -44,7 +44,7 @@ def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              WHICH: gl.constexpr):
+              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr):
     """Per K step of each of the CTA's tiles, in order: A's 128 rows and W's 128 columns into the next slot."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -70,7 +70,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              WHICH: gl.constexpr):
+              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr):
     """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
     are issued, then its epilogue: publish its part of its rows' amax, wait for its row group (counted here, or
     by the sync warp: SYNC_WARP), write its codes."""
@@ -159,26 +159,33 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-            WHICH: gl.constexpr):
-    """SYNC_WARP: the row groups' synchronisation off the consumers' path. Per tile of the CTA in order (consumer
-    ``i % 2``): once the consumer has published it, count it at its row block's counter (release: the
-    consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with it), wait for the row
-    group's count, tell the consumer, count the departure (its last resets the counter)."""
+            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr):
+    """SYNC_WARP: the row groups' synchronisation off the consumers' path, per tile of the CTA in order
+    (consumer ``i % 2``). Counting: once the consumer has published the tile, count it at its row block's
+    counter (release: the consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with
+    it). Polling: wait for the row group's count, tell the consumer, count the departure (its last resets the
+    counter). Sync warp 0 does both, or (SPLIT_SYNC) counts while sync warp 1 polls: then a tile is counted as
+    soon as it is published, not after the CTA's previous row group is complete, so the waits of one CTA do
+    not hold up the row groups of others."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    COUNTS: gl.constexpr = WHICH == 0
+    POLLS: gl.constexpr = (WHICH == 1) == SPLIT_SYNC
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    if SYNC_WARP and WAIT:
+    if SYNC_WARP and WAIT and (COUNTS or POLLS):
         for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
             pid_m = (pid + i * programs) // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
-            mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
-            _arrive(sync_ptr + pid_m, 31)
-            while _load_acquire(sync_ptr + pid_m) < n_tiles:
-                pass
-            mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
-            _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
+            if COUNTS:
+                mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
+                _arrive(sync_ptr + pid_m, 31)
+            if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
+                while _load_acquire(sync_ptr + pid_m) < n_tiles:
+                    pass
+                mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
+                _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
 
 @gluon.jit
@@ -347,8 +354,9 @@ def _gelu_tanh_x2(x):
 def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm, ROW_SCALE: gl.constexpr,
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
-                           PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr, STAGES: gl.constexpr,
-                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                           PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
+                           SPLIT_SYNC: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -366,21 +374,25 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         mbarrier.init(published.index(i), count=1)
         mbarrier.init(grouped.index(i), count=1)
     # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as
-    # tensors. The sync warp's partition is always there; without SYNC_WARP (or WAIT) it leaves at once.
+    # tensors. The sync warps' partitions are always there; without SYNC_WARP (or WAIT) they leave at once,
+    # and without SPLIT_SYNC the second does.
     gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 0)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
-                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, 1))],
-        [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+                   parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0)),
+        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+                   parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1))],
+        [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
@@ -405,11 +417,12 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
-                            defer: bool | None = None, _wait: bool = True,
+                            defer: bool | None = None, split_sync: bool = False, _wait: bool = True,
                             _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
-    ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on.
+    ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on;
+    ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``).
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -435,6 +448,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
-        WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain, STAGES=stages,
+        WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain,
+        SPLIT_SYNC=split_sync, STAGES=stages,
         CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, maxnreg=168)
     return q, s

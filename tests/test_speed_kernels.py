@@ -851,12 +851,13 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
+@pytest.mark.parametrize("split_sync", [False, True])
+def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync):
     """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
     compiled for sm_90 on the CPU (Gluon has no interpreter; the GPU check is benchmarks/token_ws_bench.py):
-    a producer warp of TMA loads, two consumer warpgroups with int8 warpgroup MMAs and a sync warp, with their
+    a producer warp of TMA loads, two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their
     own register budgets; the row groups' release count, acquire poll and departure count once each, in the
-    sync warp alone (the consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16
+    sync warps alone (the consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16
     roundings in packed converts; no IEEE division; nothing in local memory."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     import triton
@@ -873,7 +874,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper():
              for n, rows in (("a_desc", 256), ("w_desc", 4608))}
     fn = token_gemm_ws._ws_token_codes_kernel
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, WAIT=True, PLAIN=False,
-                  SYNC_WARP=True, DEFER=False, STAGES=4, CONSUMER_REGS=240, PRODUCER_REGS=24)
+                  SYNC_WARP=True, DEFER=False, SPLIT_SYNC=split_sync, STAGES=4, CONSUMER_REGS=240,
+                  PRODUCER_REGS=24)
     ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith(("*", "i32"))}
