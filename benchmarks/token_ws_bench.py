@@ -7,7 +7,8 @@ Each step runs in its own process under a timeout, so a launch that never return
 launch twice as big between (the parts it leaves must not pass for the next launch's) and in two replays of a
 CUDA graph, for bf16 (with the sync warp or without, deferred) and fp16; ``time:ROWS`` takes CUDA-graph medians
 of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
-costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out).
+costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out);
+``probe:ROWS`` records how long each consumer waited for each tile's row group (``_probe``).
 
     python benchmarks/token_ws_bench.py --out token_ws.json
 """
@@ -100,6 +101,62 @@ def timings(m: int, variants: list[dict]) -> dict:
     return ms
 
 
+def probe(m: int, variants: list[dict]) -> dict:
+    """Where the row-group waits fall: each consumer's j-th wait in SM clocks (``_probe``), after two warm-up
+    launches; by tile slot, by CTA, and for tiles whose row group lies in one wave of the grid's tiles or
+    straddles two (its first part waits for the next wave)."""
+    from dtq.runtime import token_gemm_ws
+
+    a, w, sa, sw, b, mul = operands(m)
+    shape = token_gemm_ws.probe_shape(a, w)
+    ctas, n_tiles = shape[0], -(-w.shape[0] // token_gemm_ws.BLOCK_N)
+    out = {"sm_clock_mhz": _sm_clock_mhz()}  # the current SM clock (NVML), to read the clocks as microseconds
+    for v in variants:
+        t = torch.zeros(shape, device=a.device, dtype=torch.int64)
+        for _ in range(3):
+            t.zero_()
+            token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16, _probe=t, **v)
+        torch.cuda.synchronize()
+        t = t.cpu()
+        total = -(-m // token_gemm_ws.BLOCK_M) * n_tiles
+        waits, groups = [], {"one_wave": [], "straddling_first_wave": [], "straddling_second_wave": []}
+        for cta in range(ctas):
+            for c in range(2):
+                for j in range(shape[2]):
+                    tile = cta + (2 * j + c) * ctas
+                    if tile >= total:
+                        break
+                    waits.append((j, cta, int(t[cta, c, j])))
+                    first, last = (tile // n_tiles) * n_tiles, (tile // n_tiles) * n_tiles + n_tiles - 1
+                    wave = tile // ctas
+                    key = ("one_wave" if first // ctas == last // ctas else
+                           "straddling_first_wave" if wave == first // ctas else "straddling_second_wave")
+                    groups[key].append(int(t[cta, c, j]))
+        clocks = torch.tensor([x for _, _, x in waits], dtype=torch.float64)
+        by_j = {}
+        for j, _, x in waits:
+            by_j.setdefault(j, []).append(x)
+        by_cta = torch.zeros(ctas, dtype=torch.float64)
+        for _, cta, x in waits:
+            by_cta[cta] += x
+        out[_name(v)] = {
+            "waits": len(waits), "mean_clocks": round(float(clocks.mean())),
+            "quantiles_clocks": [round(float(clocks.quantile(q))) for q in (0.5, 0.9, 0.99, 1.0)],
+            "over_2000_clocks": round(float((clocks > 2000).double().mean()), 3),
+            "mean_clocks_by_slot": [round(sum(x) / len(x)) for _, x in sorted(by_j.items())],
+            "cta_total_clocks_min_median_max": [round(float(q)) for q in (by_cta.min(), by_cta.median(), by_cta.max())],
+            "mean_clocks_by_group_kind": {k: (len(x), round(sum(x) / max(len(x), 1))) for k, x in groups.items()}}
+        print(m, _name(v), out[_name(v)], flush=True)
+    return out
+
+
+def _sm_clock_mhz():
+    try:
+        return torch.cuda.clock_rate()
+    except Exception as exc:  # NVML missing: the clocks stay clocks
+        return f"{type(exc).__name__}: {exc}"[:120]
+
+
 def triton_codes(token_gemm, *args, **kwargs):
     """token_gemm's Triton kernel, not the warp-specialized one it dispatches to on Hopper."""
     dispatch, token_gemm.WARP_SPECIALIZED = token_gemm.WARP_SPECIALIZED, False
@@ -114,13 +171,15 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(parts) if v else "ws_default"
 
 
-# a sync warp counting the tiles and waiting for the row groups (the default), with deferral (codes a tile late)
-# and without, against two sync warps (one counts, one waits: split_sync); session 24 also measured tagged parts
-# (1c29155), session 23's consumers synchronising themselves (sync_warp=False) and the pipeline alone (_plain)
-VARIANTS = [{"defer": False}, {"defer": True}, {"split_sync": True, "defer": False},
-            {"split_sync": True, "defer": True}]
-CHECKED = [{"defer": False}, {"defer": True}, {"split_sync": True, "defer": False},
-           {"split_sync": True, "defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
+# two sync warps, one counting the tiles, one waiting for the row groups (split_sync, the default since session
+# 25), with deferral (codes a tile late) and without, against one sync warp doing both (session 24's default);
+# session 24 also measured tagged parts (1c29155), session 23's consumers synchronising themselves
+# (sync_warp=False) and the pipeline alone (_plain)
+VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
+            {"defer": True}]
+PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
+CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
+           {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -128,11 +187,12 @@ def main() -> None:
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child process
     ap.add_argument("--timeout", type=int, default=120, help="seconds a step may take")
     ap.add_argument("--steps", default="check:512,check:32768,time:32768,time:4096",
-                    help="comma-separated check:ROWS / time:ROWS steps, in order")
+                    help="comma-separated check:ROWS / time:ROWS / probe:ROWS steps, in order")
     args = ap.parse_args()
     if args.step:
         kind, m = args.step.split(":")
-        res = (check if kind == "check" else timings)(int(m), VARIANTS if kind == "time" else CHECKED)
+        step = {"check": (check, CHECKED), "time": (timings, VARIANTS), "probe": (probe, PROBED)}[kind]
+        res = step[0](int(m), step[1])
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         return

@@ -14,7 +14,9 @@ GEMMs do:
   row block's counter (release), polls the counter (acquire) until the row group is complete, arrives at the
   consumer's mbarrier and counts the departure that resets the counter. The consumer's own wait is then a
   shared-memory one. Session 23's consumers did all of it themselves (``sync_warp=False``, an ablation), and
-  their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs;
+  their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs. Two sync warps
+  (``SPLIT_SYNC``, the default since session 25): one counts, one polls, so a tile is counted as soon as it is
+  published, not once its CTA's previous row group is complete;
 - ``DEFER`` (an ablation): a tile's codes written after the consumer's next tile is published, so its row
   group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
   values are rounded to the activation type already).
@@ -70,10 +72,10 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr):
+              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
     """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
     are issued, then its epilogue: publish its part of its rows' amax, wait for its row group (counted here, or
-    by the sync warp: SYNC_WARP), write its codes."""
+    by the sync warp: SYNC_WARP), write its codes. PROBE (a diagnosis): each wait's SM clocks stored."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -124,34 +126,46 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
-                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP)
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
                     _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N,
                             stride_qm, HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
                 y_prev = y_new
                 prev_m = pid_m
                 prev_n = pid_n
             else:
-                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, n_tiles, WAIT, SYNC_WARP)
+                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
                 _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
                         HAS_MUL, WAIT and not SYNC_WARP, False, BF16, mma, BLOCK_M, BLOCK_N)
         j += 1
     if DEFER:
         if j > 0:
-            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP)
+            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
             _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
                     HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
 def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.constexpr, WAIT: gl.constexpr,
-                SYNC_WARP: gl.constexpr):
-    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll."""
+                SYNC_WARP: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
+    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll.
+    PROBE: the wait's SM clocks at probe_ptr[(CTA * 2 + consumer) * PROBE_TILES + j] (j < PROBE_TILES)."""
+    if PROBE:
+        t0 = _clock(j)
     if WAIT:
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
         else:
             while _load_acquire(sync_ptr + pid_m) < n_tiles:
                 pass
+    if PROBE:
+        slot = (gl.program_id(0) * 2 + WHICH) * PROBE_TILES + j
+        gl.store(probe_ptr + slot, _clock(j) - t0, mask=j < PROBE_TILES)
+
+
+@gluon.jit
+def _clock(dep):
+    """The SM's clock (``dep``: an argument the asm needs; it keeps the read where it is written)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -356,7 +370,7 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
                            PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
                            SPLIT_SYNC: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr):
+                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -379,10 +393,10 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
@@ -395,6 +409,7 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
+PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a diagnosis)
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -417,13 +432,17 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
-                            defer: bool | None = None, split_sync: bool = False, _wait: bool = True,
-                            _plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            defer: bool | None = None, split_sync: bool = True, _wait: bool = True,
+                            _plain: bool = False, _probe: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
     ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on;
-    ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``).
-    ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks."""
+    ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``; False: one
+    does both, an ablation).
+    ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
+    ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
+    (``probe_shape``)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     M, K = a.shape
@@ -443,12 +462,19 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_N, BLOCK_K], gl.int8))
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    _ws_token_codes_kernel[(min(sms, rows * n_tiles),)](
+    grid = probe_shape(a, w)[0]
+    assert _probe is None or (_probe.shape == probe_shape(a, w) and _probe.dtype == torch.int64)
+    _ws_token_codes_kernel[(grid,)](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
         WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain,
-        SPLIT_SYNC=split_sync, STAGES=stages,
-        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4, maxnreg=168)
+        SPLIT_SYNC=split_sync, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
+        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, num_warps=4, maxnreg=168)
     return q, s
+
+
+def probe_shape(a: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
+    """The grid (one CTA per SM, at most one per tile), its 2 consumers, PROBE_TILES: ``_probe``'s shape."""
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    return (min(sms, triton.cdiv(a.shape[0], BLOCK_M) * triton.cdiv(w.shape[0], BLOCK_N)), 2, PROBE_TILES.value)

@@ -875,8 +875,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync)
     fn = token_gemm_ws._ws_token_codes_kernel
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, WAIT=True, PLAIN=False,
                   SYNC_WARP=True, DEFER=False, SPLIT_SYNC=split_sync, STAGES=4, CONSUMER_REGS=240,
-                  PRODUCER_REGS=24)
-    ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32"}
+                  PRODUCER_REGS=24, PROBE=False)
+    ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32", "probe_ptr": "*i64"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith(("*", "i32"))}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
