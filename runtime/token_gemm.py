@@ -142,7 +142,11 @@ def _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, AR
 
 @triton.jit
 def _wait_row_block(counter_ptr, n_tiles: tl.constexpr):
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_tiles:
+    """Polled relaxed, then one acquire (it synchronises with every count): an acquire is also an invalidation
+    of the SM's L1 (``CCTL.IVALL``), which in the polling loop cost the other program's cached loads."""
+    while tl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu") < n_tiles:
+        pass
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_tiles:  # once (a lone one is dropped)
         pass
 
 

@@ -155,8 +155,7 @@ def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.co
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
         else:
-            while _load_acquire(sync_ptr + pid_m) < n_tiles:
-                pass
+            _wait_count(sync_ptr + pid_m, n_tiles)
     if PROBE:
         slot = (gl.program_id(0) * 2 + WHICH) * PROBE_TILES + j
         gl.store(probe_ptr + slot, _clock(j) - t0, mask=j < PROBE_TILES)
@@ -196,8 +195,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
                 mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
                 _arrive(sync_ptr + pid_m, 31)
             if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
-                while _load_acquire(sync_ptr + pid_m) < n_tiles:
-                    pass
+                _wait_count(sync_ptr + pid_m, n_tiles)
                 mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
                 _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
@@ -325,6 +323,23 @@ def _arrive(ptr, one: gl.constexpr):
         "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
         "@p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
         "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _wait_count(ptr, n: gl.constexpr):
+    """Until the counter reaches ``n``: polled by relaxed loads, then one acquire load (it synchronises with every
+    count). An acquire load is an L2 load plus an invalidation of the SM's L1 (``CCTL.IVALL`` in SASS), which
+    in a polling loop cost the consumers' cached loads on the SM (session 25)."""
+    while _load_relaxed(ptr) < n:
+        pass
+    while _load_acquire(ptr) < n:  # once; a loop, so that no compiler drops the load as unused
+        pass
+
+
+@gluon.jit
+def _load_relaxed(ptr):
+    return gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit

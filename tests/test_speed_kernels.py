@@ -828,8 +828,8 @@ def test_fc1_writes_per_token_codes_in_interpreter():
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_fc1_token_codes_kernel_compiles_for_hopper():
     """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the row block's
-    counter taken with release and read with acquire (the parts of the row amax written before the count says
-    so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts; per
+    counter taken with release and polled relaxed, then read with acquire (the parts of the row amax written
+    before the count says so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts; per
     element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair each), no IEEE division
     and no float-to-int convert (codes from the rounding add's bits)."""
     from dtq.runtime import token_gemm
@@ -841,6 +841,7 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
                            "sync_ptr": "*i32"}, num_warps=8)
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
     assert _count(ptx, "atom.global.gpu.release.add") == 1 and _count(ptx, "ld.global.gpu.acquire") == 1
+    assert _count(ptx, "ld.global.gpu.relaxed") == 1  # the poll before the acquire (which invalidates the L1)
     assert _count(ptx, "ld.global.cg") == 4608 // 256  # each N tile's part of the 128 rows: one load a thread
     assert _count(ptx, "atom.global.gpu.relaxed.add") == 3  # the ticket, leaving the row block, finishing
     elements = 128 * 256 // (8 * 32)
@@ -856,8 +857,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync)
     """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
     compiled for sm_90 on the CPU (Gluon has no interpreter; the GPU check is benchmarks/token_ws_bench.py):
     a producer warp of TMA loads, two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their
-    own register budgets; the row groups' release count, acquire poll and departure count once each, in the
-    sync warps alone (the consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16
+    own register budgets; the row groups' release count, relaxed poll and acquire, and departure count once each,
+    in the sync warps alone (the consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16
     roundings in packed converts; no IEEE division; nothing in local memory."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     import triton
@@ -885,7 +886,9 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync)
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and _count(ptx, "cp.async.bulk.tensor") == 2
     budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
     assert "240;" in budgets and "24;" in budgets, budgets
-    for op in ("red.release.gpu.global.add", "ld.acquire.gpu.global", "atom.relaxed.gpu.global.add"):
+    # the poll: relaxed loads, then one acquire (an acquire also invalidates the SM's L1)
+    for op in ("red.release.gpu.global.add", "ld.relaxed.gpu.global", "ld.acquire.gpu.global",
+               "atom.relaxed.gpu.global.add"):
         assert _count(ptx, op) == 1, op
     elements = 128 * 128 // 128  # a consumer's tile over its 128 threads
     assert _count(ptx, "tanh.approx.f32") == 2 * elements and _count(ptx, "ex2.approx") == 0
