@@ -22,6 +22,9 @@
 # order is by priority and points that would start after $BUDGET_S are skipped and listed as SKIPPED
 # in check.txt (rerun those with POINTS=... CORRECTNESS= benchmarks/run_speed_gpu.sh).
 #
+# PAIRED=N: after each batch's points, N rounds of one timed sampling run per engine in turn (dtq-bench
+# --paired); the per-token cost is then judged on the rounds' median, where drift between points cancels.
+#
 # --e2e-only: no correctness stage; the GEMM table for INT8 only (bf16, FP8 tensor-wise, Triton INT8
 # with its result checked against torch._int_mm, torch._int_mm) at $GEMM_M, timed from CUDA graphs
 # (no host launch overhead: the engine runs graphed), then end-to-end points in priority order
@@ -73,6 +76,7 @@ else
     TIMEOUT_S=${TIMEOUT_S:-530}
     REPEATS=${REPEATS:-1}
     CORRECTNESS=${CORRECTNESS-int8,w4a8-progressive}  # empty: no correctness stage
+    PAIRED=${PAIRED:-0}                                # rounds of runs in turn per batch (dtq-bench --paired)
     GEMM_M=${GEMM_M-}                                  # e.g. 32768,4096,512: add the GEMM table
     SKIP=()
     [[ -z "$CORRECTNESS" ]] && SKIP+=(correctness)
@@ -81,12 +85,12 @@ else
     [[ -n "$GEMM_M" ]] && STAGE_ARGS+=(--gemm-m "$GEMM_M" --gemm-timing cudagraph)
     if [[ $DRY == 1 ]]; then  # the same points on the CPU (tiny model, batches 3 / 2 / 1, no GEMM stage)
         POINTS=$(sed -E "s/(^|;)64:/\\13:/g; s/(^|;)8:/\\12:/g" <<< "$POINTS")
-        ARGS=(--smoke --steps 1 --repeats 1 --points "$POINTS" "${STAGE_ARGS[@]}" --budget-s 600)
+        ARGS=(--smoke --steps 1 --repeats 1 --paired "$PAIRED" --points "$POINTS" "${STAGE_ARGS[@]}" --budget-s 600)
         LIMIT=900
     else
         python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "FAILED: no CUDA GPU" >&2; exit 1; }
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > "$OUT/check.txt" || true
-        ARGS=(--points "$POINTS" "${STAGE_ARGS[@]}" --repeats "$REPEATS" --budget-s "$BUDGET_S")
+        ARGS=(--points "$POINTS" "${STAGE_ARGS[@]}" --repeats "$REPEATS" --paired "$PAIRED" --budget-s "$BUDGET_S")
         LIMIT=$TIMEOUT_S
     fi
 fi

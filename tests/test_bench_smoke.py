@@ -396,3 +396,31 @@ def test_worktree_tree_names_the_commit_of_the_files_as_they_are(tmp_path):
     assert worktree_tree(tmp_path) == head_tree
     status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
     assert status == ""  # the real index is untouched
+
+
+def test_bench_paired_rounds_run_in_turn_and_judge_the_per_token_cost(tmp_path, monkeypatch, capsys):
+    """--paired N: after a batch's points, N rounds of one sampling run per engine in turn (a fake clock that
+    counts the runs shows the order); summary.per_token_cost then judges the median of the rounds' costs. A
+    batch with one engine gets no rounds; --paired below 0 exits 2."""
+    import itertools
+
+    from dtq.tools import bench_engines
+
+    calls = itertools.count(1)
+    monkeypatch.setattr(bench_engines, "sampling_seconds", lambda *a: float(next(calls)))
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--out", str(out), "--skip", "correctness", "--steps", "1", "--repeats", "1",
+                 "--points", "2:int8;1:int8,int8-token", "--paired", "3"]) == 0
+    res = json.loads(out.read_text())
+    b = res["end_to_end"]["backends"]
+    assert "paired_s" not in b["int8"]["batches"]["2"]  # run 1, alone at its batch
+    assert b["int8"]["batches"]["1"]["sample_s"] == 2 and b["int8-token"]["batches"]["1"]["sample_s"] == 3
+    assert b["int8"]["batches"]["1"]["paired_s"] == [4, 6, 8]
+    assert b["int8-token"]["batches"]["1"]["paired_s"] == [5, 7, 9]
+    cost = res["summary"]["per_token_cost"]["int8-token@1"]
+    assert cost["cost"] == pytest.approx(1 - 2 / 3, abs=0.01)  # the points' own runs (images/s rounded)
+    assert cost["paired_costs"] == [round(1 - 8 / 9, 4), round(1 - 6 / 7, 4), round(1 - 4 / 5, 4)]
+    assert cost["paired_cost"] == round(1 - 6 / 7, 4) and not cost["met"]
+    assert "paired: median 14.3% of 3 rounds" in capsys.readouterr().out
+    assert bench_engines.paired_costs([2.0, 2.1], [2.0]) == []  # rounds that do not pair up judge nothing
+    assert main(["--smoke", "--out", str(out), "--paired", "-1"]) == 2
