@@ -24,8 +24,9 @@ GEMMs do:
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
 codes (2 and 3 tiles back, 4 and 5 deferred: at least 2 x the grid's CTAs earlier), which lie in earlier row
-groups when the grid's CTAs are at least half a row group's tiles; the sync warp takes the CTA's tiles in
-order, so it waits for a row group only after counting every earlier tile. The grid has one CTA per SM and a
+groups when the grid's CTAs are at least half a row group's tiles; a tile is counted once published (by a
+counting warp that never waits for a row group, or by one sync warp that takes the CTA's tiles in order, so it
+waits for a row group only after counting every earlier tile). The grid has one CTA per SM and a
 row group fits on the GPU (``row_group_fits``), so every row group completes as long as every CTA gets onto
 the GPU, which a CTA not yet there does once whatever else runs on its SM finishes.
 """
