@@ -829,9 +829,9 @@ def test_fc1_writes_per_token_codes_in_interpreter():
 def test_fc1_token_codes_kernel_compiles_for_hopper():
     """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the row block's
     counter taken with release and polled relaxed, then read with acquire (the parts of the row amax written
-    before the count says so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts; per
-    element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair each), no IEEE division
-    and no float-to-int convert (codes from the rounding add's bits)."""
+    before the count says so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the
+    program starts; per element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair
+    each), no IEEE division and no float-to-int convert (codes from the rounding add's bits)."""
     from dtq.runtime import token_gemm
 
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, ROUND=True, PUBLISH=True,
