@@ -145,8 +145,10 @@ def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 # the epilogue flags are part of the autotune key: a plain and a gated-residual GEMM of one shape (same
-# output dtype) would otherwise share one tuning, whichever ran first (the fused/unfused ablation)
-_EPILOGUE_KEY = ["GELU_QUANT", "GATE_RESIDUAL"]
+# output dtype) would otherwise share one tuning, whichever ran first (the fused/unfused ablation); so is
+# ROW_SCALE: a static and a per-token engine in one process (dtq-bench's per-token cost) shared the first
+# one's tuning, and session 25's runs picked other proj / fc2 tiles depending on which engine ran first
+_EPILOGUE_KEY = ["GELU_QUANT", "GATE_RESIDUAL", "ROW_SCALE"]
 
 
 @triton.autotune(configs=_interpret_configs() if _INTERPRET else _int8_configs(),
@@ -812,7 +814,8 @@ def _prune_w4a8(configs, named_args, **kwargs):
     return kept or fits or configs
 
 
-@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True), key=["M_BUCKET", "N", "K", "GATE_RESIDUAL"],
+@triton.autotune(configs=_interpret_configs() if _INTERPRET else _configs(True),
+                 key=["M_BUCKET", "N", "K", "GATE_RESIDUAL", "ROW_SCALE"],
                  prune_configs_by={"early_config_prune": _prune_w4a8})
 @triton.jit
 def _w4a8_mm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, a_scale_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,

@@ -784,9 +784,9 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
 def paired_rounds(kept: list, rounds: int, diffusion, e2e: dict, budget_s: float) -> None:
     """``rounds`` rounds of one timed sampling run per kept (batch, backend, denoiser, noise, labels), in turn,
     appended to the point's ``paired_s``; then the denoisers' graphs freed and ``kept`` emptied. Points
-    measured one after another are minutes apart, and the GPU's speed drifts by more between them than
-    the few percent a per-token or ablation comparison looks for (session 25: the static engine's batch-64
-    run 2.11 to 2.19 s across runs, its repeats within 0.5%); runs taken in turn see the same drift."""
+    measured one after another are seconds to minutes apart, and runs taken in turn see the same drift of the
+    GPU's speed (session 25: a point's repeats agreed within 0.5%, yet the static engine's batch-64 run took
+    2.11 to 2.19 s across runs, and the per-token cost came out 2.4-3.3% in three runs of one commit)."""
     try:
         for i in range(rounds if len(kept) > 1 else 0):
             if time.perf_counter() - T0 > budget_s:
