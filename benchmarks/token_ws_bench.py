@@ -8,7 +8,8 @@ launch twice as big between (the parts it leaves must not pass for the next laun
 CUDA graph, for bf16 (with the sync warp or without, deferred) and fp16; ``time:ROWS`` takes CUDA-graph medians
 of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
 costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out);
-``probe:ROWS`` records how long each consumer waited for each tile's row group (``_probe``).
+``probe:ROWS`` records how long each consumer waited for each tile's row group (``_probe``); ``diag:ROWS``
+times the synchronisation's parts (``_diag``, ``DIAGNOSED``).
 
     python benchmarks/token_ws_bench.py --out token_ws.json
 """
@@ -85,8 +86,8 @@ def timings(m: int, variants: list[dict]) -> dict:
            "cublas_int_mm_int32_out": lambda: torch._int_mm(a, w.t()),
            "triton_token_codes": lambda: triton_codes(token_gemm, a, w, sa, sw, b, mul),
            "triton_token_codes_nowait": lambda: triton_codes(token_gemm, a, w, sa, sw, b, mul, _wait=False)}
-    for v in variants:
-        for wait in (True, False) if not v.get("_plain") else (False,):
+    for v in variants:  # the pipeline alone has no wait; a diagnosis of the wait has one
+        for wait in (False,) if v.get("_plain") else (True,) if v.get("_diag") else (True, False):
             fns[_name(v) + ("" if wait else "_nowait")] = (
                 lambda v=v, wait=wait: token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16,
                                                                             _wait=wait, **v))
@@ -177,6 +178,10 @@ def _name(v: dict) -> str:
 # (sync_warp=False) and the pipeline alone (_plain)
 VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
             {"defer": True}]
+# the synchronisation's cost part by part (token_gemm_ws.DIAG_*; wrong codes possible): the count without its
+# release, then no global memory at all (the sync warps' handshake alone), against "defer" with and without
+# its wait
+DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
@@ -187,11 +192,12 @@ def main() -> None:
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child process
     ap.add_argument("--timeout", type=int, default=120, help="seconds a step may take")
     ap.add_argument("--steps", default="check:512,check:32768,time:32768,time:4096",
-                    help="comma-separated check:ROWS / time:ROWS / probe:ROWS steps, in order")
+                    help="comma-separated check:ROWS / time:ROWS / probe:ROWS / diag:ROWS steps, in order")
     args = ap.parse_args()
     if args.step:
         kind, m = args.step.split(":")
-        step = {"check": (check, CHECKED), "time": (timings, VARIANTS), "probe": (probe, PROBED)}[kind]
+        step = {"check": (check, CHECKED), "time": (timings, VARIANTS), "probe": (probe, PROBED),
+                "diag": (timings, [{"defer": True}] + DIAGNOSED)}[kind]
         res = step[0](int(m), step[1])
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -73,10 +73,11 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
+              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr):
     """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
     are issued, then its epilogue: publish its part of its rows' amax, wait for its row group (counted here, or
-    by the sync warp: SYNC_WARP), write its codes. PROBE (a diagnosis): each wait's SM clocks stored."""
+    by the sync warp: SYNC_WARP), write its codes. PROBE (a diagnosis): each wait's SM clocks stored; DIAG:
+    ``DIAG_*``."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -173,32 +174,40 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr):
+            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, DIAG: gl.constexpr):
     """SYNC_WARP: the row groups' synchronisation off the consumers' path, per tile of the CTA in order
     (consumer ``i % 2``). Counting: once the consumer has published the tile, count it at its row block's
     counter (release: the consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with
     it). Polling: wait for the row group's count, tell the consumer, count the departure (its last resets the
     counter). Sync warp 0 does both, or (SPLIT_SYNC) counts while sync warp 1 polls: then a tile is counted as
     soon as it is published, not after the CTA's previous row group is complete, so the waits of one CTA do
-    not hold up the row groups of others."""
+    not hold up the row groups of others. DIAG: ``DIAG_*``."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     COUNTS: gl.constexpr = WHICH == 0
     POLLS: gl.constexpr = (WHICH == 1) == SPLIT_SYNC
+    LOCAL: gl.constexpr = (DIAG & DIAG_LOCAL) != 0
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     if SYNC_WARP and WAIT and (COUNTS or POLLS):
         for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
             pid_m = (pid + i * programs) // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
-            if COUNTS:
+            if COUNTS and not LOCAL:
                 mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
-                _arrive(sync_ptr + pid_m, 31)
+                if (DIAG & DIAG_RELAXED_COUNT) != 0:
+                    _arrive_relaxed(sync_ptr + pid_m, 31)
+                else:
+                    _arrive(sync_ptr + pid_m, 31)
             if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
-                _wait_count(sync_ptr + pid_m, n_tiles)
+                if LOCAL:
+                    mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
+                else:
+                    _wait_count(sync_ptr + pid_m, n_tiles)
                 mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
-                _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
+                if not LOCAL:
+                    _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
 
 @gluon.jit
@@ -327,6 +336,15 @@ def _arrive(ptr, one: gl.constexpr):
 
 
 @gluon.jit
+def _arrive_relaxed(ptr, one: gl.constexpr):
+    """``_arrive`` without its release (DIAG_RELAXED_COUNT, a diagnosis: the parts are not ordered before it)."""
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
+        "@p red.relaxed.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _wait_count(ptr, n: gl.constexpr):
     """Until the counter reaches ``n``: polled by relaxed loads, then one acquire load (it synchronises with every
     count). An acquire load is an L2 load plus an invalidation of the SM's L1 (``CCTL.IVALL`` in SASS), which
@@ -386,7 +404,7 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
                            PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
                            SPLIT_SYNC: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
+                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -409,23 +427,29 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE, DIAG)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE, DIAG)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0)),
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1))],
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG))],
         [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
 PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a diagnosis)
+# DIAG bits (``_diag``, diagnoses for benchmarks: what the row-group synchronisation costs, part by part; the
+# codes may be wrong): the count without its release (no MEMBAR.GPU before it in SASS); no global memory at all
+# (the sync warps hand the consumers' published tiles straight back: the handshake alone). The consumers'
+# barrier before publishing is not among them: without it the compiler still puts one there, after the arrive
+DIAG_RELAXED_COUNT = gl.constexpr(1)
+DIAG_LOCAL = gl.constexpr(2)
 _SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -449,7 +473,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
                             defer: bool | None = None, split_sync: bool = True, _wait: bool = True,
-                            _plain: bool = False, _probe: torch.Tensor | None = None
+                            _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
@@ -458,12 +482,13 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     does both, an ablation).
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
     ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
-    (``probe_shape``)."""
+    (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, sync warps only; wrong codes possible)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
+    assert 0 <= _diag < 4 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:
@@ -486,7 +511,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
         WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain,
         SPLIT_SYNC=split_sync, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, num_warps=4, maxnreg=168)
+        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, DIAG=_diag, num_warps=4,
+        maxnreg=168)
     return q, s
 
 

@@ -852,14 +852,8 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
-@pytest.mark.parametrize("split_sync", [False, True])
-def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync):
-    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
-    compiled for sm_90 on the CPU (Gluon has no interpreter; the GPU check is benchmarks/token_ws_bench.py):
-    a producer warp of TMA loads, two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their
-    own register budgets; the row groups' release count, relaxed poll and acquire, and departure count once each,
-    in the sync warps alone (the consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16
-    roundings in packed converts; no IEEE division; nothing in local memory."""
+def _ws_kernel_for_hopper(**consts):
+    """token_gemm_ws's kernel at DiT-XL/2's fc1, compiled for sm_90 on the CPU (Gluon has no interpreter)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -875,13 +869,24 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync)
              for n, rows in (("a_desc", 256), ("w_desc", 4608))}
     fn = token_gemm_ws._ws_token_codes_kernel
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, WAIT=True, PLAIN=False,
-                  SYNC_WARP=True, DEFER=False, SPLIT_SYNC=split_sync, STAGES=4, CONSUMER_REGS=240,
-                  PRODUCER_REGS=24, PROBE=False)
+                  SYNC_WARP=True, DEFER=False, SPLIT_SYNC=True, STAGES=4, CONSUMER_REGS=240, PRODUCER_REGS=24,
+                  PROBE=False, DIAG=0) | consts
     ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32", "probe_ptr": "*i64"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith(("*", "i32"))}
-    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+
+
+@pytest.mark.parametrize("split_sync", [False, True])
+def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync):
+    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
+    compiled for sm_90 on the CPU (the GPU check is benchmarks/token_ws_bench.py): a producer warp of TMA loads,
+    two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their own register budgets; the row
+    groups' release count, relaxed poll and acquire, and departure count once each, in the sync warps alone (the
+    consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16 roundings in packed
+    converts; no IEEE division; nothing in local memory."""
+    kernel = _ws_kernel_for_hopper(SPLIT_SYNC=split_sync)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and _count(ptx, "cp.async.bulk.tensor") == 2
     budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
@@ -895,6 +900,20 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync)
     assert _count(ptx, "cvt.rn.bf16x2.f32") == 2 * elements and _count(ptx, "div.rn.f32") == 0
     assert kernel.metadata.shared <= 227 * 1024  # one CTA per SM (the grid is at most one per SM)
     assert "st.local" not in ptx
+
+
+def test_warp_specialized_diagnoses_take_out_what_they_say():
+    """token_gemm_ws's DIAG bits, which token_ws_bench's diag step times: DIAG_RELAXED_COUNT counts without the
+    release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count, poll or departure)."""
+    from dtq.runtime import token_gemm_ws
+
+    ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
+    assert _count(ptx, "red.release") == 0 and _count(ptx, "red.relaxed.gpu.global.add") == 1
+    assert _count(ptx, "ld.acquire.gpu.global") == 1 and _count(ptx, "atom.relaxed.gpu.global.add") == 1
+    ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_LOCAL.value).asm["ptx"]
+    for op in ("red.release", "red.relaxed", "atom.", "ld.relaxed", "ld.acquire"):
+        assert _count(ptx, op) == 0, op
+    assert "wgmma.mma_async" in ptx and _count(ptx, "tanh.approx.f32") == 2 * 128
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
