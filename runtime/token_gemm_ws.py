@@ -124,7 +124,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
                 if SYNC_WARP:  # the sync warp counts this tile and says when its row group is complete
                     mbarrier.arrive(published.index(WHICH * 2 + j % 2), count=1)
                 else:
-                    _arrive(sync_ptr + pid_m, 127)
+                    _arrive(sync_ptr + pid_m, 127, "release")
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
@@ -196,10 +196,10 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
             if COUNTS and not LOCAL:
                 mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
-                if (DIAG & DIAG_RELAXED_COUNT) != 0:
-                    _arrive_relaxed(sync_ptr + pid_m, 31)
+                if (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
+                    _arrive(sync_ptr + pid_m, 31, "relaxed")
                 else:
-                    _arrive(sync_ptr + pid_m, 31)
+                    _arrive(sync_ptr + pid_m, 31, "release")
             if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
                 if LOCAL:
                     mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
@@ -328,20 +328,15 @@ def _unpack_pairs(p, BF16: gl.constexpr, layout: gl.constexpr):
 # The row block's counter, by one thread of a warpgroup (``one`` 127) or a warp (31): Triton runs scalar
 # atomics from thread 0 of the CTA, which is in another partition.
 @gluon.jit
-def _arrive(ptr, one: gl.constexpr):
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
-        "@p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
+def _arrive(ptr, one: gl.constexpr, SEM: gl.constexpr):
+    """Count a tile; ``SEM`` "release" (the parts stored before go with it) or "relaxed" (a diagnosis)."""
+    gl.inline_asm_elementwise(_red_add_asm(SEM), "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.jit
-def _arrive_relaxed(ptr, one: gl.constexpr):
-    """``_arrive`` without its release (DIAG_RELAXED_COUNT, a diagnosis: the parts are not ordered before it)."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
-        "@p red.relaxed.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
+@gluon.constexpr_function
+def _red_add_asm(sem):
+    return ("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
+            f"@p red.{sem}.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }}")
 
 
 @gluon.jit
