@@ -52,10 +52,10 @@ def check(m: int, variants: list[dict]) -> dict:
         for rep in range(2):
             out[f"{_name(v)}_rep{rep}"] = _compare(call(), ref)
             print(m, _name(v), rep, out[f"{_name(v)}_rep{rep}"], flush=True)
-            if rep == 0:  # a bigger launch between: its parts (other tags, other rows) must not pass for these
+            if rep == 0:  # a bigger launch between: its parts and counts (other rows) must not pass for these
                 big = operands(2 * m, seed=1)
                 token_gemm_ws.mm8_gelu_token_codes_ws(*big, **{"out_dtype": torch.bfloat16, **v})
-        graph = torch.cuda.CUDAGraph()  # replays: the launch tag moves on in device memory, not on the host
+        graph = torch.cuda.CUDAGraph()  # replays: the counters come back to zero in device memory, no host step
         with torch.cuda.graph(graph):
             q, s = call()
         for rep in range(2):
@@ -120,26 +120,23 @@ def probe(m: int, variants: list[dict]) -> dict:
         torch.cuda.synchronize()
         t = t.cpu()
         total = -(-m // token_gemm_ws.BLOCK_M) * n_tiles
-        waits, groups = [], {"one_wave": [], "straddling_first_wave": [], "straddling_second_wave": []}
+        waits, by_j, by_cta = [], {}, torch.zeros(ctas, dtype=torch.float64)
+        groups = {"one_wave": [], "straddling_first_wave": [], "straddling_second_wave": []}
         for cta in range(ctas):
             for c in range(2):
                 for j in range(shape[2]):
                     tile = cta + (2 * j + c) * ctas
                     if tile >= total:
                         break
-                    waits.append((j, cta, int(t[cta, c, j])))
-                    first, last = (tile // n_tiles) * n_tiles, (tile // n_tiles) * n_tiles + n_tiles - 1
-                    wave = tile // ctas
-                    key = ("one_wave" if first // ctas == last // ctas else
-                           "straddling_first_wave" if wave == first // ctas else "straddling_second_wave")
-                    groups[key].append(int(t[cta, c, j]))
-        clocks = torch.tensor([x for _, _, x in waits], dtype=torch.float64)
-        by_j = {}
-        for j, _, x in waits:
-            by_j.setdefault(j, []).append(x)
-        by_cta = torch.zeros(ctas, dtype=torch.float64)
-        for _, cta, x in waits:
-            by_cta[cta] += x
+                    x = int(t[cta, c, j])
+                    first = (tile // n_tiles) * n_tiles  # the row group's first and last tile, by wave
+                    key = ("one_wave" if first // ctas == (first + n_tiles - 1) // ctas else
+                           "straddling_first_wave" if tile // ctas == first // ctas else "straddling_second_wave")
+                    waits.append(x)
+                    by_j.setdefault(j, []).append(x)
+                    by_cta[cta] += x
+                    groups[key].append(x)
+        clocks = torch.tensor(waits, dtype=torch.float64)
         out[_name(v)] = {
             "waits": len(waits), "mean_clocks": round(float(clocks.mean())),
             "quantiles_clocks": [round(float(clocks.quantile(q))) for q in (0.5, 0.9, 0.99, 1.0)],
@@ -185,6 +182,7 @@ DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -17,8 +17,8 @@ GEMMs do:
   their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs. Two sync warps
   (``SPLIT_SYNC``, the default since session 25): one counts, one polls, so a tile is counted as soon as it is
   published, not once its CTA's previous row group is complete;
-- ``DEFER`` (an ablation): a tile's codes written after the consumer's next tile is published, so its row
-  group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
+- ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so
+  its row group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
   values are rounded to the activation type already).
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
@@ -194,18 +194,19 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
         for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
             pid_m = (pid + i * programs) // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
+            slot = (i % 2) * 2 + j % 2
             if COUNTS and not LOCAL:
-                mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
+                mbarrier.wait(published.index(slot), (j // 2) & 1)
                 if (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
                     _arrive(sync_ptr + pid_m, 31, "relaxed")
                 else:
                     _arrive(sync_ptr + pid_m, 31, "release")
             if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
                 if LOCAL:
-                    mbarrier.wait(published.index((i % 2) * 2 + j % 2), (j // 2) & 1)
+                    mbarrier.wait(published.index(slot), (j // 2) & 1)
                 else:
                     _wait_count(sync_ptr + pid_m, n_tiles)
-                mbarrier.arrive(grouped.index((i % 2) * 2 + j % 2), count=1)
+                mbarrier.arrive(grouped.index(slot), count=1)
                 if not LOCAL:
                     _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
@@ -498,9 +499,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_N, BLOCK_K], gl.int8))
-    grid = probe_shape(a, w)[0]
     assert _probe is None or (_probe.shape == probe_shape(a, w) and _probe.dtype == torch.int64)
-    _ws_token_codes_kernel[(grid,)](
+    _ws_token_codes_kernel[(_grid(a, w),)](
         a_desc, w_desc, q, s, parts, sync, a_scale, w_scale, bias if bias is not None else w_scale,
         mul if mul is not None else w_scale, M, N, K, q.stride(0), ROW_SCALE=a_scale.dim() == 1,
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
@@ -511,7 +511,12 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     return q, s
 
 
-def probe_shape(a: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
-    """The grid (one CTA per SM, at most one per tile), its 2 consumers, PROBE_TILES: ``_probe``'s shape."""
+def _grid(a: torch.Tensor, w: torch.Tensor) -> int:
+    """One CTA per SM, at most one per tile."""
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    return (min(sms, triton.cdiv(a.shape[0], BLOCK_M) * triton.cdiv(w.shape[0], BLOCK_N)), 2, PROBE_TILES.value)
+    return min(sms, triton.cdiv(a.shape[0], BLOCK_M) * triton.cdiv(w.shape[0], BLOCK_N))
+
+
+def probe_shape(a: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
+    """``_probe``'s shape: the grid's CTAs, their 2 consumers, PROBE_TILES."""
+    return (_grid(a, w), 2, PROBE_TILES.value)

@@ -715,7 +715,7 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
     kept = []  # the current batch's measured denoisers, kept for the paired rounds
     for B, name in points:
         if kept and kept[0][0] != B:
-            paired_rounds(kept, paired, diffusion, e2e, budget_s)
+            paired_rounds(kept, paired, diffusion, budget_s)
             on_point()
         if name not in built:  # its build failed (recorded)
             continue
@@ -772,17 +772,17 @@ def end_to_end(backends, batches, steps, repeats, budget_s, results, model_name=
             log(f"{name} batch {B}: {r['images_per_s']} img/s (50 steps, CFG), forward {r['forward_ms']} ms "
                 f"@{2 * B}, peak {r['peak_gpu_mem_gb']} GB, warm-up {r['warmup_s']} s")
         if paired and "images_per_s" in r:
-            kept.append((B, name, den, noise, labels))
+            kept.append((B, name, r, den, noise, labels))
         elif hasattr(den, "reset"):
             den.reset()
         del den
-    paired_rounds(kept, paired, diffusion, e2e, budget_s)
+    paired_rounds(kept, paired, diffusion, budget_s)
     built.clear()
     gc.collect()
 
 
-def paired_rounds(kept: list, rounds: int, diffusion, e2e: dict, budget_s: float) -> None:
-    """``rounds`` rounds of one timed sampling run per kept (batch, backend, denoiser, noise, labels), in turn,
+def paired_rounds(kept: list, rounds: int, diffusion, budget_s: float) -> None:
+    """``rounds`` rounds of one timed sampling run per kept (batch, backend, result, denoiser, noise, labels), in turn,
     appended to the point's ``paired_s``; then the denoisers' graphs freed and ``kept`` emptied. Points
     measured one after another are seconds to minutes apart, and runs taken in turn see the same drift of the
     GPU's speed (session 25: a point's repeats agreed within 0.5%, yet the static engine's batch-64 run took
@@ -792,17 +792,16 @@ def paired_rounds(kept: list, rounds: int, diffusion, e2e: dict, budget_s: float
             if time.perf_counter() - T0 > budget_s:
                 log(f"paired rounds at batch {kept[0][0]}: stopped after {i} (time budget)")
                 break
-            for B, name, den, noise, labels in kept:
-                r = e2e["backends"][name]["batches"][str(B)]
+            for _, _, r, den, noise, labels in kept:
                 r.setdefault("paired_s", []).append(round(sampling_seconds(den, diffusion, noise, labels), 4))
-        for B, name, *_ in kept:
-            if "paired_s" in e2e["backends"][name]["batches"][str(B)]:
-                log(f"{name} batch {B}: paired runs {e2e['backends'][name]['batches'][str(B)]['paired_s']} s")
+        for B, name, r, *_ in kept:
+            if "paired_s" in r:
+                log(f"{name} batch {B}: paired runs {r['paired_s']} s")
     except Exception as exc:  # a failure is data: the points' own measurements stand
-        for B, name, *_ in kept:
-            e2e["backends"][name]["batches"][str(B)]["paired_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        for _, _, r, *_ in kept:
+            r["paired_error"] = f"{type(exc).__name__}: {exc}"[:300]
         log(f"paired rounds FAILED: {exc}")
-    for _, _, den, _, _ in kept:
+    for _, _, _, den, _, _ in kept:
         if hasattr(den, "reset"):
             den.reset()
     kept.clear()
