@@ -878,15 +878,15 @@ def _ws_kernel_for_hopper(**consts):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
 
 
-@pytest.mark.parametrize("split_sync", [False, True])
-def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync):
+@pytest.mark.parametrize("split_sync, defer", [(False, False), (True, False), (True, True)])
+def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync, defer):
     """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
     compiled for sm_90 on the CPU (the GPU check is benchmarks/token_ws_bench.py): a producer warp of TMA loads,
     two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their own register budgets; the row
     groups' release count, relaxed poll and acquire, and departure count once each, in the sync warps alone (the
     consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16 roundings in packed
-    converts; no IEEE division; nothing in local memory."""
-    kernel = _ws_kernel_for_hopper(SPLIT_SYNC=split_sync)
+    converts; no IEEE division; nothing in local memory, the deferred tile (batch 64's default) included."""
+    kernel = _ws_kernel_for_hopper(SPLIT_SYNC=split_sync, DEFER=defer)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and _count(ptx, "cp.async.bulk.tensor") == 2
     budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
