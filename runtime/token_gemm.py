@@ -11,8 +11,9 @@ global memory:
 1. each program computes its tile (TMA loads, int8 ``tl.dot``), dequantizes it, rounds it to the activation
    type as fc1 would store it, applies 2 x GELU(tanh) rounded as ``nn.GELU`` writes it, and fc2's balancing
    Mul -- the paired pass's numbers (``kernels._pair_chunk``), from registers instead of HBM;
-2. it stores its part of each row's amax (``parts [n_tiles, M]``) and arrives at the row block's counter;
-3. once the row block's ``n_tiles`` programs have arrived it reads their parts, takes the row scale
+2. it stores its part of each row's amax (``parts [n_tiles, M]``) and counts its columns at the row block's
+   counter;
+3. once the row block's N columns are counted it reads their parts, takes the row scale
    ``max(amax / 127, 1e-12)`` and writes the codes from its registers (the first N tile writes the scales).
 
 A program waits for others of its row group, which must then get onto the GPU while it holds its SM. Programs
@@ -21,10 +22,12 @@ row block, not from their program id: while any tile of the lowest unfinished ro
 tile of a later group has either, so the programs on the GPU are that group's started ones and finished
 groups' leaving ones, and the rest of the group starts as those leave. So no launch can deadlock whatever the
 occupancy, as long as one row group fits on the GPU at once (``n_tiles`` programs: 18 for DiT-XL/2's fc1).
-The counters are left at zero by the last program to use them (a row block's counter counts arrivals and
-departures, ``2 n_tiles``; the ticket counter is reset by the launch's last program to finish), so the buffer is
-reused without a memset and re-launches (autotuning, CUDA-graph replays) start clean. One launch at a time
-per device may use it (the engine's kernels run on one stream).
+The buffer is reused without a memset, and re-launches (autotuning, CUDA-graph replays) start clean: the
+program drawing the last ticket zeroes the ticket counter, and a row block's counter only grows, by N a launch,
+so a launch's row group is complete at the next multiple of N (``_count_and_wait``). Nothing is counted on a
+program's way out (session 26: until then each program also counted its departure from the row block and its
+finish, two more L2 round trips at the end of every program, which at batch 1 all end together). One launch
+at a time per device may use it (the engine's kernels run on one stream).
 
 Triton's interpreter runs programs one after another, so nothing may wait there: it runs the same kernel twice,
 once publishing the parts (``PUBLISH``) and once reading them and writing the codes (``QUANTIZE``), which checks
@@ -74,16 +77,14 @@ def _mm8_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PUBLISH and QUANTIZE:  # tiles in the order the programs start (see the module doc), row block by row block
-        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        tile = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu").to(tl.int32)
+        # the last ticket drawn: every program has its tile, so the counter goes back to zero for the next launch
+        tl.store(sync_ptr, 0, mask=tile == tl.num_programs(0) - 1)
     else:  # one phase (Triton's interpreter)
         tile = tl.program_id(0)
-    _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 2,
+    _token_codes_tile(tile // n_tiles, tile % n_tiles, n_tiles, a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr + 1,
                       a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE, HAS_BIAS, HAS_MUL,
                       BF16, ROUND, PUBLISH, QUANTIZE, WAIT, BLOCK_M, BLOCK_N, BLOCK_K)
-    if PUBLISH and QUANTIZE:  # the last program to finish resets the ticket counters for the next launch
-        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -99,14 +100,12 @@ def _token_codes_tile(pid_m, pid_n, n_tiles: tl.constexpr, a_desc, w_desc, q_ptr
     if HAS_MUL:
         x = x * tl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if PUBLISH:
-        _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, PUBLISH and QUANTIZE and WAIT)
-    if PUBLISH and QUANTIZE and WAIT:  # wait for the row block's other N tiles (all resident: see the module doc)
-        _wait_row_block(sync_ptr + pid_m, n_tiles)
+        _publish_part(x, pid_n, offs_m, offs_n, parts_ptr, M, N)
+    if PUBLISH and QUANTIZE and WAIT:  # count the tile, wait for the row block's others (all resident: module doc)
+        _count_and_wait(sync_ptr + pid_m, pid_n, N, BLOCK_N)
     if QUANTIZE:
         inv = _row_inverse_scale(pid_n, n_tiles, offs_m, parts_ptr, s_ptr, M)
         _store_codes(x, inv, offs_m, offs_n, q_ptr, stride_qm, M, N)
-    if PUBLISH and QUANTIZE and WAIT:
-        _leave_row_block(sync_ptr + pid_m, n_tiles)
 
 
 @triton.jit
@@ -130,31 +129,29 @@ def _fc1_gelu_tile(pid_m, pid_n, offs_m, offs_n, a_desc, w_desc, a_scale_ptr, w_
 
 
 @triton.jit
-def _publish_part(x, pid_m, pid_n, offs_m, offs_n, parts_ptr, sync_ptr, M, N, ARRIVE: tl.constexpr):
-    """This tile's part of its rows' amax (``parts [n_tiles, M]``); ARRIVE: then count it at the row block's
-    counter (release: every thread's part stored before the count says so)."""
+def _publish_part(x, pid_n, offs_m, offs_n, parts_ptr, M, N):
+    """This tile's part of its rows' amax (``parts [n_tiles, M]``)."""
     part = tl.max(tl.where((offs_n < N)[None, :], tl.abs(x), 0.0), axis=1)
     tl.store(parts_ptr + pid_n * M + offs_m, part, mask=offs_m < M)
-    if ARRIVE:
-        tl.debug_barrier()
-        tl.atomic_add(sync_ptr + pid_m, 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _wait_row_block(counter_ptr, n_tiles: tl.constexpr):
-    """Polled relaxed, then one acquire (it synchronises with every count): an acquire is also an invalidation
-    of the SM's L1 (``CCTL.IVALL``), which in the polling loop cost the other program's cached loads."""
-    while tl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu") < n_tiles:
-        pass
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_tiles:  # once (a lone one is dropped)
-        pass
-
-
-@triton.jit
-def _leave_row_block(counter_ptr, n_tiles: tl.constexpr):
-    """The last of ``2 n_tiles`` counts (arrivals, then departures) resets the counter for the next launch."""
-    if tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == 2 * n_tiles - 1:
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+def _count_and_wait(counter_ptr, pid_n, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Count the tile's columns at its row block's counter (acquire-release: every thread's part stored before
+    says so), then wait until the row group's N columns are in. The counter is never reset: every launch adds N,
+    so it is a multiple of N between launches and this launch's row group is complete at the next multiple of N
+    above the count taken. The last tile of the group sees that in its own count; the others poll relaxed, then
+    read once with acquire: an acquire is also an invalidation of the SM's L1 (``CCTL.IVALL``), which in a
+    polling loop cost the other program's cached loads (session 25)."""
+    tl.debug_barrier()
+    cols = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.int64)
+    old = tl.atomic_add(counter_ptr, cols, sem="acq_rel", scope="gpu")
+    done = old - old % N + N
+    if old + cols < done:
+        while tl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu") < done:
+            pass
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < done:  # once (a lone one is dropped)
+            pass
 
 
 @triton.jit
@@ -221,16 +218,18 @@ def _ws_usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool
 
 
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm8_token_codes_kernel.configs)  # sizes the amax parts
-_SYNC: dict[torch.device, list[torch.Tensor]] = {}
+_SYNC: dict[tuple, list[torch.Tensor]] = {}
 
 
-def _counters(device: torch.device, n: int, pool: dict[torch.device, list[torch.Tensor]] = _SYNC) -> torch.Tensor:
-    """The ticket counters and the per-row-block counters (zeros between launches), one buffer per device in
-    ``pool`` (token_gemm_ws keeps its own), grown when needed. A grown-out buffer is kept, never freed: a CUDA
-    graph captured with it still uses it."""
-    bufs = pool.setdefault(device, [])
+def _counters(device: torch.device, n: int, width: int, pool: dict[tuple, list[torch.Tensor]] = _SYNC) -> torch.Tensor:
+    """``n`` int64 counters for launches whose row groups add ``width`` columns each (fc1's N): the ticket counter
+    and the row blocks' counters (the module doc). One buffer per (device, width) in ``pool`` (token_gemm_ws keeps
+    its own): a row block's counter is a multiple of its launches' width between launches, so launches of
+    another width must not share it. Grown when needed; a grown-out buffer is kept, never freed: a CUDA graph
+    captured with it still uses it. int64: at 4608 columns a launch, int32 would wrap within a million."""
+    bufs = pool.setdefault((device, width), [])
     if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int32))
+        bufs.append(torch.zeros(max(n, 4096), device=device, dtype=torch.int64))
     return bufs[-1]
 
 
@@ -282,7 +281,7 @@ def mm8_gelu_token_codes(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor
     w_desc = TensorDescriptor(w, [N, K], list(w.stride()), [1, 1])
     min_block_n = config["BLOCK_N"] if config is not None else _MIN_BLOCK_N
     parts = torch.empty((triton.cdiv(N, min_block_n), M), device=a.device, dtype=torch.float32)
-    sync = _counters(a.device, 2 + triton.cdiv(M, 16))
+    sync = _counters(a.device, 1 + triton.cdiv(M, 16), N)
     args = dict(ROW_SCALE=a_scale.dim() == 1, HAS_BIAS=bias is not None, HAS_MUL=mul is not None,
                 BF16=out_dtype == torch.bfloat16, ROUND=exact)
     kernel = _mm8_token_codes_kernel

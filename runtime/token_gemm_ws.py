@@ -11,9 +11,10 @@ GEMMs do:
   main loops alternate, so while one runs its tile's MMAs the other runs its epilogue;
 - a sync warp (``SYNC_WARP``) takes the row groups' synchronisation off the consumers' path: a consumer
   publishes its tile's part of its rows' amax and arrives at an mbarrier; the sync warp counts the tile at its
-  row block's counter (release), polls the counter (acquire) until the row group is complete, arrives at the
-  consumer's mbarrier and counts the departure that resets the counter. The consumer's own wait is then a
-  shared-memory one. Session 23's consumers did all of it themselves (``sync_warp=False``, an ablation), and
+  row block's counter (release), polls the counter (acquire) until the row group is complete and arrives at the
+  consumer's mbarrier. The consumer's own wait is then a shared-memory one. The counter is never reset (it
+  grows by N a launch; ``_columns``), so nothing is counted on the way out (session 26; until then a departure
+  count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves (``sync_warp=False``, an ablation), and
   their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs. Two sync warps
   (``SPLIT_SYNC``, the default since session 25): one counts, one polls, so a tile is counted as soon as it is
   published, not once its CTA's previous row group is complete;
@@ -43,7 +44,7 @@ from . import kernels, token_gemm
 
 
 @gluon.jit
-def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
+def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr, parts_ptr,
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
@@ -69,7 +70,7 @@ def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
 
 
 @gluon.jit
-def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
+def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr, parts_ptr,
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
@@ -123,31 +124,32 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, gro
             if WAIT:
                 if SYNC_WARP:  # the sync warp counts this tile and says when its row group is complete
                     mbarrier.arrive(published.index(WHICH * 2 + j % 2), count=1)
-                else:
-                    _arrive(sync_ptr + pid_m, 127, "release")
+                else:  # the warpgroup's count before any of its threads polls (module doc: the counters)
+                    _arrive(sync_ptr + pid_m, _columns(pid_n, N, BLOCK_N), 127, "release")
+                    gl.thread_barrier()
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
-                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
-                    _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N,
-                            stride_qm, HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+                    _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL,
+                            True, BF16, mma, BLOCK_M, BLOCK_N)
                 y_prev = y_new
                 prev_m = pid_m
                 prev_n = pid_n
             else:
-                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
-                _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
-                        HAS_MUL, WAIT and not SYNC_WARP, False, BF16, mma, BLOCK_M, BLOCK_N)
+                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+                _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, False,
+                        BF16, mma, BLOCK_M, BLOCK_N)
         j += 1
     if DEFER:
         if j > 0:
-            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, n_tiles, WAIT, SYNC_WARP, probe_ptr, PROBE)
-            _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N, stride_qm,
-                    HAS_MUL, WAIT and not SYNC_WARP, True, BF16, mma, BLOCK_M, BLOCK_N)
+            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+            _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, True,
+                    BF16, mma, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
-def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.constexpr, WAIT: gl.constexpr,
+def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, N: gl.constexpr, WAIT: gl.constexpr,
                 SYNC_WARP: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
     """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll.
     PROBE: the wait's SM clocks at probe_ptr[(CTA * 2 + consumer) * PROBE_TILES + j] (j < PROBE_TILES)."""
@@ -157,7 +159,7 @@ def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, n_tiles: gl.co
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
         else:
-            _wait_count(sync_ptr + pid_m, n_tiles)
+            _wait_count(sync_ptr + pid_m, N)
     if PROBE:
         slot = (gl.program_id(0) * 2 + WHICH) * PROBE_TILES + j
         gl.store(probe_ptr + slot, _clock(j) - t0, mask=j < PROBE_TILES)
@@ -170,7 +172,7 @@ def _clock(dep):
 
 
 @gluon.jit
-def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr, parts_ptr,
+def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr, parts_ptr,
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
@@ -178,10 +180,10 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
     """SYNC_WARP: the row groups' synchronisation off the consumers' path, per tile of the CTA in order
     (consumer ``i % 2``). Counting: once the consumer has published the tile, count it at its row block's
     counter (release: the consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with
-    it). Polling: wait for the row group's count, tell the consumer, count the departure (its last resets the
-    counter). Sync warp 0 does both, or (SPLIT_SYNC) counts while sync warp 1 polls: then a tile is counted as
-    soon as it is published, not after the CTA's previous row group is complete, so the waits of one CTA do
-    not hold up the row groups of others. DIAG: ``DIAG_*``."""
+    it). Polling: once the tile is counted, wait for the row group's count, tell the consumer. Sync warp 0 does
+    both, or (SPLIT_SYNC) counts while sync warp 1 polls (the ``counted`` mbarrier between): then a tile is
+    counted as soon as it is published, not after the CTA's previous row group is complete, so the waits of one
+    CTA do not hold up the row groups of others. DIAG: ``DIAG_*``."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -192,23 +194,28 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, group
     programs = gl.num_programs(0)
     if SYNC_WARP and WAIT and (COUNTS or POLLS):
         for i in range(0, gl.cdiv(gl.cdiv(M, BLOCK_M) * n_tiles - pid, programs)):
-            pid_m = (pid + i * programs) // n_tiles
+            tile = pid + i * programs
+            pid_m = tile // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
             slot = (i % 2) * 2 + j % 2
             if COUNTS and not LOCAL:
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
+                cols = _columns(tile % n_tiles, N, BLOCK_N)
                 if (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
-                    _arrive(sync_ptr + pid_m, 31, "relaxed")
+                    _arrive(sync_ptr + pid_m, cols, 31, "relaxed")
                 else:
-                    _arrive(sync_ptr + pid_m, 31, "release")
-            if POLLS:  # the count includes this CTA's own: all arrivals are in before any departure
+                    _arrive(sync_ptr + pid_m, cols, 31, "release")
+                gl.thread_barrier()  # the warp's count before its polls, or before the polling warp's (below)
+                if SPLIT_SYNC:
+                    mbarrier.arrive(counted.index(slot), count=1)
+            if POLLS:  # the count includes this CTA's own (module doc: the counters)
                 if LOCAL:
                     mbarrier.wait(published.index(slot), (j // 2) & 1)
                 else:
-                    _wait_count(sync_ptr + pid_m, n_tiles)
+                    if SPLIT_SYNC:
+                        mbarrier.wait(counted.index(slot), (j // 2) & 1)
+                    _wait_count(sync_ptr + pid_m, N)
                 mbarrier.arrive(grouped.index(slot), count=1)
-                if not LOCAL:
-                    _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 31)
 
 
 @gluon.jit
@@ -247,11 +254,11 @@ def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_sc
 
 
 @gluon.jit
-def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, sync_ptr, mul_ptr, M, N: gl.constexpr,
-            stride_qm, HAS_MUL: gl.constexpr, LEAVE: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr,
-            mma: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """A published tile's codes once its row group is complete: its rows' scales from every part, the codes;
-    LEAVE: the departure counted here (no sync warp). ``y``: the tile's rounded values, float32 or (PACKED) as
+def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N: gl.constexpr, stride_qm,
+            HAS_MUL: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr,
+            BLOCK_N: gl.constexpr):
+    """A published tile's codes once its row group is complete: its rows' scales from every part, the codes.
+    ``y``: the tile's rounded values, float32 or (PACKED) as
     ``_pack_pairs`` keeps them, unpacked once the scales are known (fewer registers live while the parts load)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
@@ -273,8 +280,6 @@ def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, syn
     x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
     codes = ((x * gl.expand_dims(inv, 1) + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
     _store_tile(codes, pid_m, pid_n, q_ptr, M, N, stride_qm, BLOCK_M, BLOCK_N)
-    if LEAVE:
-        _leave(sync_ptr + pid_m, 2 * n_tiles - 1, 127)
 
 
 @gluon.constexpr_function
@@ -326,53 +331,51 @@ def _unpack_pairs(p, BF16: gl.constexpr, layout: gl.constexpr):
     return gl.convert_layout(gl.reshape(y, [y.shape[0], y.shape[1] * 2]), layout)  # the same layout: no data moves
 
 
-# The row block's counter, by one thread of a warpgroup (``one`` 127) or a warp (31): Triton runs scalar
-# atomics from thread 0 of the CTA, which is in another partition.
+# The row block's counter (int64, token_gemm._counters), by one thread of a warpgroup (``one`` 127) or a warp
+# (31): Triton runs scalar atomics from thread 0 of the CTA, which is in another partition. It is never reset:
+# each tile adds its columns, so every launch adds N and the counter is a multiple of N between launches. A
+# waiter whose own CTA's count of the tile is in (ordered before its polls by a barrier or an mbarrier) sees
+# the row group complete when the counter is a multiple of N again (token_gemm's counters do the same).
 @gluon.jit
-def _arrive(ptr, one: gl.constexpr, SEM: gl.constexpr):
-    """Count a tile; ``SEM`` "release" (the parts stored before go with it) or "relaxed" (a diagnosis)."""
-    gl.inline_asm_elementwise(_red_add_asm(SEM), "=r,l,r", [ptr, one], dtype=gl.int32, is_pure=False, pack=1)
+def _columns(pid_n, N: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The columns of N tile ``pid_n``: what its count adds."""
+    return gl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(gl.int64)
+
+
+@gluon.jit
+def _arrive(ptr, cols, one: gl.constexpr, SEM: gl.constexpr):
+    """Count a tile's columns; ``SEM`` "release" (the parts stored before go with it) or "relaxed" (a
+    diagnosis)."""
+    gl.inline_asm_elementwise(_red_add_asm(SEM), "=r,l,l,r", [ptr, cols, one], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
 def _red_add_asm(sem):
-    return ("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $2; setp.eq.u32 p, t, 0;\n"
-            f"@p red.{sem}.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }}")
+    return ("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, $3; setp.eq.u32 p, t, 0;\n"
+            f"@p red.{sem}.gpu.global.add.u64 [$1], $2; mov.u32 $0, 0; }}")
 
 
 @gluon.jit
 def _wait_count(ptr, n: gl.constexpr):
-    """Until the counter reaches ``n``: polled by relaxed loads, then one acquire load (it synchronises with every
-    count). An acquire load is an L2 load plus an invalidation of the SM's L1 (``CCTL.IVALL`` in SASS), which
-    in a polling loop cost the consumers' cached loads on the SM (session 25)."""
-    while _load_relaxed(ptr) < n:
+    """Until the counter is a multiple of ``n`` again: polled by relaxed loads, then one acquire load (it
+    synchronises with every count). An acquire load is an L2 load plus an invalidation of the SM's L1
+    (``CCTL.IVALL`` in SASS), which in a polling loop cost the consumers' cached loads on the SM (session 25)."""
+    while _load_relaxed(ptr) % n != 0:
         pass
-    while _load_acquire(ptr) < n:  # once; a loop, so that no compiler drops the load as unused
+    while _load_acquire(ptr) % n != 0:  # once; a loop, so that no compiler drops the load as unused
         pass
 
 
 @gluon.jit
 def _load_relaxed(ptr):
-    return gl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+    return gl.inline_asm_elementwise("ld.relaxed.gpu.global.b64 $0, [$1];", "=l,l", [ptr], dtype=gl.int64,
                                      is_pure=False, pack=1)
 
 
 @gluon.jit
 def _load_acquire(ptr):
-    return gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+    return gl.inline_asm_elementwise("ld.acquire.gpu.global.b64 $0, [$1];", "=l,l", [ptr], dtype=gl.int64,
                                      is_pure=False, pack=1)
-
-
-@gluon.jit
-def _leave(ptr, last, one: gl.constexpr):
-    """Count a departure; the last of arrivals + departures resets the counter for the next launch."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p, q; .reg .b32 t, old; mov.u32 t, %tid.x; and.b32 t, t, $3; setp.eq.u32 p, t, 0;\n"
-        "mov.u32 old, 0;\n"
-        "@p atom.relaxed.gpu.global.add.s32 old, [$1], 1;\n"
-        "setp.eq.and.s32 q, old, $2, p;\n"
-        "@q st.relaxed.gpu.global.b32 [$1], 0; mov.u32 $0, 0; }",
-        "=r,l,r,r", [ptr, last, one], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -408,6 +411,7 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     # consumer -> sync warp and back, two per consumer (DEFER: a tile published before the last one's codes)
     published = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    counted = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # counting -> polling warp
     grouped = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -416,24 +420,25 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(4):
         mbarrier.init(published.index(i), count=1)
+        mbarrier.init(counted.index(i), count=1)
         mbarrier.init(grouped.index(i), count=1)
     # the argument tuples written out: constexprs in a tuple built by concatenation reach a partition as
     # tensors. The sync warps' partitions are always there; without SYNC_WARP (or WAIT) they leave at once,
     # and without SPLIT_SYNC the second does.
     gl.warp_specialize([
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE, DIAG)),
-        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+        (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE, DIAG)),
-        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+        (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
-        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG)),
-        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, grouped, q_ptr, s_ptr,
+        (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG))],
         [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
@@ -446,7 +451,7 @@ PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a dia
 # barrier before publishing is not among them: without it the compiler still puts one there, after the arrive
 DIAG_RELAXED_COUNT = gl.constexpr(1)
 DIAG_LOCAL = gl.constexpr(2)
-_SYNC: dict[torch.device, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
+_SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
 # and slower at 4096 (0.063 against 0.060) on the H200 (session 24, token_ws_h200_s24c); between, unmeasured
@@ -494,7 +499,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    sync = token_gemm._counters(a.device, rows, _SYNC)
+    sync = token_gemm._counters(a.device, rows, N, _SYNC)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(

@@ -827,23 +827,25 @@ def test_fc1_writes_per_token_codes_in_interpreter():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def test_fc1_token_codes_kernel_compiles_for_hopper():
-    """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the row block's
-    counter taken with release and polled relaxed, then read with acquire (the parts of the row amax written
-    before the count says so), the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the
-    program starts; per element one ``tanh.approx``, two roundings to bf16 in packed converts (one per pair
-    each), no IEEE division and no float-to-int convert (codes from the rounding add's bits)."""
+    """The fused kernel as the GPU runs it (fc1 of DiT-XL/2, 128 x 256 tiles): int8 wgmma, the tile's columns
+    counted at its row block's 64-bit counter with acquire-release (the parts of the row amax written before the
+    count says so; the last tile's own count sees the group complete), polled relaxed, then read with acquire,
+    the parts read from L2 (``.cg``: other SMs wrote them), a ticket taken as the program starts and zeroed by
+    the program drawing the last, nothing counted on the way out; per element one ``tanh.approx``, two roundings
+    to bf16 in packed converts (one per pair each), no IEEE division and no float-to-int convert (codes from the
+    rounding add's bits)."""
     from dtq.runtime import token_gemm
 
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, ROUND=True, PUBLISH=True,
                   QUANTIZE=True, WAIT=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128)
     ptx = _ptx_for_hopper(token_gemm._mm8_token_codes_kernel.fn, consts,
                           {"a_desc": "tensordesc<i8[128, 128]>", "w_desc": "tensordesc<i8[256, 128]>", "q_ptr": "*i8",
-                           "sync_ptr": "*i32"}, num_warps=8)
+                           "sync_ptr": "*i64"}, num_warps=8)
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx
-    assert _count(ptx, "atom.global.gpu.release.add") == 1 and _count(ptx, "ld.global.gpu.acquire") == 1
-    assert _count(ptx, "ld.global.gpu.relaxed") == 1  # the poll before the acquire (which invalidates the L1)
+    assert _count(ptx, "atom.global.gpu.acq_rel.add.u64") == 1 and _count(ptx, "ld.global.gpu.acquire.b64") == 1
+    assert _count(ptx, "ld.global.gpu.relaxed.b64") == 1  # the poll before the acquire (which invalidates the L1)
     assert _count(ptx, "ld.global.cg") == 4608 // 256  # each N tile's part of the 128 rows: one load a thread
-    assert _count(ptx, "atom.global.gpu.relaxed.add") == 3  # the ticket, leaving the row block, finishing
+    assert _count(ptx, "atom.global.gpu.relaxed.add") == 1 and _count(ptx, "st.global.b64") == 1  # the ticket
     elements = 128 * 256 // (8 * 32)
     assert _count(ptx, "tanh.approx.f32") == elements and _count(ptx, "ex2.approx") == 0
     assert _count(ptx, "cvt.rn.bf16x2.f32") == elements and _count(ptx, "cvt.rn.bf16.f32") == 0
@@ -871,7 +873,7 @@ def _ws_kernel_for_hopper(**consts):
     consts = dict(N=4608, K=1152, ROW_SCALE=True, HAS_BIAS=True, HAS_MUL=True, BF16=True, WAIT=True, PLAIN=False,
                   SYNC_WARP=True, DEFER=False, SPLIT_SYNC=True, STAGES=4, CONSUMER_REGS=240, PRODUCER_REGS=24,
                   PROBE=False, DIAG=0) | consts
-    ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i32", "probe_ptr": "*i64"}
+    ptrs = {**descs, "q_ptr": "*i8", "sync_ptr": "*i64", "probe_ptr": "*i64"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith(("*", "i32"))}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -883,8 +885,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
     """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
     compiled for sm_90 on the CPU (the GPU check is benchmarks/token_ws_bench.py): a producer warp of TMA loads,
     two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their own register budgets; the row
-    groups' release count, relaxed poll and acquire, and departure count once each, in the sync warps alone (the
-    consumers wait on shared-memory barriers); per element one ``tanh.approx`` and two bf16 roundings in packed
+    groups' 64-bit release count, relaxed poll and acquire once each, in the sync warps alone (the consumers wait
+    on shared-memory barriers), and nothing counted on the way out (the counters are never reset); per element one ``tanh.approx`` and two bf16 roundings in packed
     converts; no IEEE division; nothing in local memory, the deferred tile (batch 64's default) included."""
     kernel = _ws_kernel_for_hopper(SPLIT_SYNC=split_sync, DEFER=defer)
     ptx = kernel.asm["ptx"]
@@ -892,9 +894,9 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
     budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
     assert "240;" in budgets and "24;" in budgets, budgets
     # the poll: relaxed loads, then one acquire (an acquire also invalidates the SM's L1)
-    for op in ("red.release.gpu.global.add", "ld.relaxed.gpu.global", "ld.acquire.gpu.global",
-               "atom.relaxed.gpu.global.add"):
+    for op in ("red.release.gpu.global.add.u64", "ld.relaxed.gpu.global.b64", "ld.acquire.gpu.global.b64"):
         assert _count(ptx, op) == 1, op
+    assert _count(ptx, "atom.") == 0
     elements = 128 * 128 // 128  # a consumer's tile over its 128 threads
     assert _count(ptx, "tanh.approx.f32") == 2 * elements and _count(ptx, "ex2.approx") == 0
     assert _count(ptx, "cvt.rn.bf16x2.f32") == 2 * elements and _count(ptx, "div.rn.f32") == 0
@@ -904,12 +906,12 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
 
 def test_warp_specialized_diagnoses_take_out_what_they_say():
     """token_gemm_ws's DIAG bits, which token_ws_bench's diag step times: DIAG_RELAXED_COUNT counts without the
-    release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count, poll or departure)."""
+    release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll)."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
-    assert _count(ptx, "red.release") == 0 and _count(ptx, "red.relaxed.gpu.global.add") == 1
-    assert _count(ptx, "ld.acquire.gpu.global") == 1 and _count(ptx, "atom.relaxed.gpu.global.add") == 1
+    assert _count(ptx, "red.release") == 0 and _count(ptx, "red.relaxed.gpu.global.add.u64") == 1
+    assert _count(ptx, "ld.acquire.gpu.global") == 1 and _count(ptx, "ld.relaxed.gpu.global") == 1
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_LOCAL.value).asm["ptx"]
     for op in ("red.release", "red.relaxed", "atom.", "ld.relaxed", "ld.acquire"):
         assert _count(ptx, op) == 0, op
@@ -951,15 +953,18 @@ def test_token_codes_need_a_row_group_on_the_gpu_at_once(monkeypatch):
 
 
 def test_token_codes_counters_outlive_growth():
-    """The fused kernel's counter buffer grows for more row blocks, and the buffer it grew out of stays allocated
-    (a CUDA graph captured with it keeps using it) and zero."""
+    """The fused kernel's int64 counter buffer grows for more row blocks, and the buffer it grew out of stays
+    allocated (a CUDA graph captured with it keeps using it) and zero; launches of another width (fc1's N) get a
+    buffer of their own (a row block's counter is a multiple of its launches' width between launches)."""
     pytest.importorskip("triton")
     from dtq.runtime import token_gemm
 
     dev = torch.device("cpu")
-    token_gemm._SYNC.pop(dev, None)
-    small = token_gemm._counters(dev, 10)
-    assert token_gemm._counters(dev, 4000) is small and small.numel() == 4096 and not small.any()
-    big = token_gemm._counters(dev, 5000)
-    assert big is not small and big.numel() == 5000 and [id(b) for b in token_gemm._SYNC[dev]] == [id(small), id(big)]
-    token_gemm._SYNC.pop(dev)
+    pool = {}
+    small = token_gemm._counters(dev, 10, 4608, pool)
+    assert token_gemm._counters(dev, 4000, 4608, pool) is small and small.numel() == 4096 and not small.any()
+    assert small.dtype == torch.int64
+    big = token_gemm._counters(dev, 5000, 4608, pool)
+    assert big is not small and big.numel() == 5000 and [id(b) for b in pool[(dev, 4608)]] == [id(small), id(big)]
+    other = token_gemm._counters(dev, 10, 1152, pool)
+    assert other is not big and other is not small and token_gemm._counters(dev, 10, 4608, pool) is big
