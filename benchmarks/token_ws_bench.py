@@ -176,9 +176,11 @@ def _name(v: dict) -> str:
 VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
             {"defer": True}]
 # the synchronisation's cost part by part (token_gemm_ws.DIAG_*; wrong codes possible): the count without its
-# release, then no global memory at all (the sync warps' handshake alone), against "defer" with and without
-# its wait
-DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}]
+# release, no global memory at all (the sync warps' handshake alone), the consumers told at once (the counts
+# and polls as shipped: their traffic without the wait), the polls half a microsecond apart, against "defer"
+# with and without its wait
+DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer": True, "_diag": 4},
+             {"defer": True, "_diag": 8}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]

@@ -190,6 +190,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
     COUNTS: gl.constexpr = WHICH == 0
     POLLS: gl.constexpr = (WHICH == 1) == SPLIT_SYNC
     LOCAL: gl.constexpr = (DIAG & DIAG_LOCAL) != 0
+    EARLY: gl.constexpr = (DIAG & DIAG_EARLY) != 0
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     if SYNC_WARP and WAIT and (COUNTS or POLLS):
@@ -209,13 +210,16 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                 if SPLIT_SYNC:
                     mbarrier.arrive(counted.index(slot), count=1)
             if POLLS:  # the count includes this CTA's own (module doc: the counters)
+                if EARLY:  # the consumer goes on at once; the polls as shipped
+                    mbarrier.arrive(grouped.index(slot), count=1)
                 if LOCAL:
                     mbarrier.wait(published.index(slot), (j // 2) & 1)
                 else:
                     if SPLIT_SYNC:
                         mbarrier.wait(counted.index(slot), (j // 2) & 1)
-                    _wait_count(sync_ptr + pid_m, N)
-                mbarrier.arrive(grouped.index(slot), count=1)
+                    _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0)
+                if not EARLY:
+                    mbarrier.arrive(grouped.index(slot), count=1)
 
 
 @gluon.jit
@@ -356,14 +360,23 @@ def _red_add_asm(sem):
 
 
 @gluon.jit
-def _wait_count(ptr, n: gl.constexpr):
+def _wait_count(ptr, n: gl.constexpr, BACKOFF: gl.constexpr = False):
     """Until the counter is a multiple of ``n`` again: polled by relaxed loads, then one acquire load (it
     synchronises with every count). An acquire load is an L2 load plus an invalidation of the SM's L1
-    (``CCTL.IVALL`` in SASS), which in a polling loop cost the consumers' cached loads on the SM (session 25)."""
+    (``CCTL.IVALL`` in SASS), which in a polling loop cost the consumers' cached loads on the SM (session 25).
+    BACKOFF (a diagnosis): half a microsecond's sleep between polls."""
     while _load_relaxed(ptr) % n != 0:
-        pass
+        if BACKOFF:
+            _sleep(ptr)
     while _load_acquire(ptr) % n != 0:  # once; a loop, so that no compiler drops the load as unused
         pass
+
+
+@gluon.jit
+def _sleep(dep):
+    """``nanosleep`` (``dep``: an argument the asm needs; it keeps the sleep in the loop)."""
+    gl.inline_asm_elementwise("nanosleep.u32 500; mov.u32 $0, 0;", "=r,l", [dep], dtype=gl.int32, is_pure=False,
+                              pack=1)
 
 
 @gluon.jit
@@ -448,9 +461,15 @@ PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a dia
 # DIAG bits (``_diag``, diagnoses for benchmarks: what the row-group synchronisation costs, part by part; the
 # codes may be wrong): the count without its release (no MEMBAR.GPU before it in SASS); no global memory at all
 # (the sync warps hand the consumers' published tiles straight back: the handshake alone). The consumers'
-# barrier before publishing is not among them: without it the compiler still puts one there, after the arrive
+# barrier before publishing is not among them: without it the compiler still puts one there, after the arrive.
+# Session 26 measured the first two (token_ws_h200_s26a_diag): without the release 0.426 ms against 0.429, with
+# no global memory 0.393, as without the wait (0.392). Two more split what is left between the consumers'
+# waiting and the counters' traffic: the consumers told at once, the counts and polls all as shipped (EARLY);
+# the polls half a microsecond apart (BACKOFF)
 DIAG_RELAXED_COUNT = gl.constexpr(1)
 DIAG_LOCAL = gl.constexpr(2)
+DIAG_EARLY = gl.constexpr(4)
+DIAG_BACKOFF = gl.constexpr(8)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -489,7 +508,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
-    assert 0 <= _diag < 4 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert 0 <= _diag < 16 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

@@ -906,7 +906,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
 
 def test_warp_specialized_diagnoses_take_out_what_they_say():
     """token_gemm_ws's DIAG bits, which token_ws_bench's diag step times: DIAG_RELAXED_COUNT counts without the
-    release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll)."""
+    release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll); DIAG_EARLY tells the
+    consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
@@ -916,6 +917,14 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     for op in ("red.release", "red.relaxed", "atom.", "ld.relaxed", "ld.acquire"):
         assert _count(ptx, op) == 0, op
     assert "wgmma.mma_async" in ptx and _count(ptx, "tanh.approx.f32") == 2 * 128
+    shipped = _ws_kernel_for_hopper(DEFER=True).asm["ptx"]
+    for diag in (token_gemm_ws.DIAG_EARLY.value, token_gemm_ws.DIAG_BACKOFF.value):
+        ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=diag).asm["ptx"]
+        for op in ("red.release.gpu.global.add.u64", "ld.acquire.gpu.global", "mbarrier.arrive"):
+            assert _count(ptx, op) == _count(shipped, op), (diag, op)
+        assert _count(ptx, "ld.relaxed.gpu.global") >= 1  # the sleeping loop may be rotated (a load before it)
+        assert _count(ptx, "nanosleep") == (1 if diag == token_gemm_ws.DIAG_BACKOFF.value else 0), diag
+    assert _count(shipped, "nanosleep") == 0
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
