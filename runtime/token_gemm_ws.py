@@ -14,8 +14,9 @@ GEMMs do:
   row block's counter (release), polls the counter (acquire) until the row group is complete and arrives at the
   consumer's mbarrier. The consumer's own wait is then a shared-memory one. The counter is never reset (it
   grows by N a launch; ``_columns``), so nothing is counted on the way out (session 26; until then a departure
-  count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves (``sync_warp=False``, an ablation), and
-  their fence, L2 round trips and atomics sat on the path of their warpgroup's next MMAs. Two sync warps
+  count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves
+  (``sync_warp=False``, an ablation), and their fence, L2 round trips and atomics sat on the path of their
+  warpgroup's next MMAs. Two sync warps
   (``SPLIT_SYNC``, the default since session 25): one counts, one polls, so a tile is counted as soon as it is
   published, not once its CTA's previous row group is complete;
 - ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so

@@ -886,8 +886,9 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
     compiled for sm_90 on the CPU (the GPU check is benchmarks/token_ws_bench.py): a producer warp of TMA loads,
     two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their own register budgets; the row
     groups' 64-bit release count, relaxed poll and acquire once each, in the sync warps alone (the consumers wait
-    on shared-memory barriers), and nothing counted on the way out (the counters are never reset); per element one ``tanh.approx`` and two bf16 roundings in packed
-    converts; no IEEE division; nothing in local memory, the deferred tile (batch 64's default) included."""
+    on shared-memory barriers), and nothing counted on the way out (the counters are never reset); per element
+    one ``tanh.approx`` and two bf16 roundings in packed converts; no IEEE division; nothing in local memory,
+    the deferred tile (batch 64's default) included."""
     kernel = _ws_kernel_for_hopper(SPLIT_SYNC=split_sync, DEFER=defer)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s8.s8" in ptx and _count(ptx, "cp.async.bulk.tensor") == 2
