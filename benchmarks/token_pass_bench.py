@@ -102,7 +102,7 @@ def fc1_case(kernels, m: int, dev, g, k: int = 1152, n: int = 4608) -> dict:
         case["ms"][name] = round(time_ms(fn, "cudagraph"), 5)
         print(name, case["ms"][name], flush=True)  # as it goes: a run killed at its timeout keeps the log
     # the row-group kernel against fc1 + the paired pass: the same codes and scales (up to the GELU's
-    # compilation), twice over (the counters must come back to zero), and each candidate's time
+    # compilation), twice over (the counters must be ready for the next launch), and each candidate's time
     q0, s0 = plain_pass()
     for rep in range(2):
         q1, s1 = coop()

@@ -55,7 +55,7 @@ def check(m: int, variants: list[dict]) -> dict:
             if rep == 0:  # a bigger launch between: its parts and counts (other rows) must not pass for these
                 big = operands(2 * m, seed=1)
                 token_gemm_ws.mm8_gelu_token_codes_ws(*big, **{"out_dtype": torch.bfloat16, **v})
-        graph = torch.cuda.CUDAGraph()  # replays: the counters come back to zero in device memory, no host step
+        graph = torch.cuda.CUDAGraph()  # replays: the counters stay multiples of N in device memory
         with torch.cuda.graph(graph):
             q, s = call()
         for rep in range(2):

@@ -16,9 +16,8 @@ GEMMs do:
   grows by N a launch; ``_columns``), so nothing is counted on the way out (session 26; until then a departure
   count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves
   (``sync_warp=False``, an ablation), and their fence, L2 round trips and atomics sat on the path of their
-  warpgroup's next MMAs. Two sync warps
-  (``SPLIT_SYNC``, the default since session 25): one counts, one polls, so a tile is counted as soon as it is
-  published, not once its CTA's previous row group is complete;
+  warpgroup's next MMAs. Two sync warps (``SPLIT_SYNC``, the default since session 25): one counts, one polls,
+  so a tile is counted as soon as it is published, not once its CTA's previous row group is complete;
 - ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so
   its row group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
   values are rounded to the activation type already).
@@ -263,8 +262,8 @@ def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul
             HAS_MUL: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr,
             BLOCK_N: gl.constexpr):
     """A published tile's codes once its row group is complete: its rows' scales from every part, the codes.
-    ``y``: the tile's rounded values, float32 or (PACKED) as
-    ``_pack_pairs`` keeps them, unpacked once the scales are known (fewer registers live while the parts load)."""
+    ``y``: the tile's rounded values, float32 or (PACKED) as ``_pack_pairs`` keeps them, unpacked once the scales
+    are known (fewer registers live while the parts load)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_ok = offs_m < M
