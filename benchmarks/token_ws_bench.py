@@ -177,10 +177,12 @@ VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer"
             {"defer": True}]
 # the synchronisation's cost part by part (token_gemm_ws.DIAG_*; wrong codes possible): the count without its
 # release, no global memory at all (the sync warps' handshake alone), the consumers told at once (the counts
-# and polls as shipped: their traffic without the wait), the polls half a microsecond apart, against "defer"
-# with and without its wait
+# and polls as shipped: their traffic without the wait), the polls half a microsecond apart, no acquire (no L1
+# invalidation), the consumers' vectors from L2 with and without the acquire, against "defer" with and without
+# its wait
 DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer": True, "_diag": 4},
-             {"defer": True, "_diag": 8}]
+             {"defer": True, "_diag": 8}, {"defer": True, "_diag": 16}, {"defer": True, "_diag": 32},
+             {"defer": True, "_diag": 48}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]

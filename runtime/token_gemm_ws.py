@@ -86,6 +86,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N  # a row group
     KSTEPS: gl.constexpr = K // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+    CG: gl.constexpr = (DIAG & DIAG_CG_VECTORS) != 0
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     prev_m = 0
@@ -120,7 +121,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
             _store_plain(acc, pid_m, pid_n, q_ptr, M, N, stride_qm, mma, BLOCK_M, BLOCK_N)
         else:
             y = _publish(acc, pid_m, pid_n, n_tiles, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                         mul_ptr, M, N, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M, BLOCK_N)
+                         mul_ptr, M, N, ROW_SCALE, HAS_BIAS, HAS_MUL, BF16, WAIT, mma, BLOCK_M, BLOCK_N, CG)
             if WAIT:
                 if SYNC_WARP:  # the sync warp counts this tile and says when its row group is complete
                     mbarrier.arrive(published.index(WHICH * 2 + j % 2), count=1)
@@ -132,20 +133,20 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
                 if j > 0:
                     _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
                     _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL,
-                            True, BF16, mma, BLOCK_M, BLOCK_N)
+                            True, BF16, mma, BLOCK_M, BLOCK_N, CG)
                 y_prev = y_new
                 prev_m = pid_m
                 prev_n = pid_n
             else:
                 _wait_group(grouped, WHICH, j, sync_ptr, pid_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
                 _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, False,
-                        BF16, mma, BLOCK_M, BLOCK_N)
+                        BF16, mma, BLOCK_M, BLOCK_N, CG)
         j += 1
     if DEFER:
         if j > 0:
             _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
             _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, True,
-                    BF16, mma, BLOCK_M, BLOCK_N)
+                    BF16, mma, BLOCK_M, BLOCK_N, CG)
 
 
 @gluon.jit
@@ -217,7 +218,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                 else:
                     if SPLIT_SYNC:
                         mbarrier.wait(counted.index(slot), (j // 2) & 1)
-                    _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0)
+                    _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0, (DIAG & DIAG_NO_ACQUIRE) != 0)
                 if not EARLY:
                     mbarrier.arrive(grouped.index(slot), count=1)
 
@@ -232,7 +233,7 @@ def _store_plain(acc, pid_m, pid_n, q_ptr, M, N: gl.constexpr, stride_qm, mma: g
 def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
              mul_ptr, M, N: gl.constexpr, ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr,
              BF16: gl.constexpr, WAIT: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr):
+             BLOCK_N: gl.constexpr, CG: gl.constexpr = False):
     """token_gemm's epilogue up to the wait: dequantize, + bias, round to the activation type, 2 x GELU(tanh)
     rounded; this tile's part of its rows' amax (of those x fc2's Mul) stored. -> the rounded values (before
     the Mul)."""
@@ -240,16 +241,16 @@ def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_sc
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_ok = offs_m < M
     n_ok = offs_n < N
-    w_scale = gl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    w_scale = _load_vector(w_scale_ptr + offs_n, n_ok, CG)
     if ROW_SCALE:
-        a_scale = gl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
+        a_scale = _load_vector(a_scale_ptr + offs_m, m_ok, CG)
         c = acc.to(gl.float32) * (gl.expand_dims(a_scale, 1) * gl.expand_dims(w_scale, 0))
     else:
         c = acc.to(gl.float32) * gl.expand_dims(gl.load(a_scale_ptr) * w_scale, 0)
     if HAS_BIAS:
-        c += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 0)
+        c += gl.expand_dims(_load_vector(bias_ptr + offs_n, n_ok, CG).to(gl.float32), 0)
     y = _round_to_half(_gelu_tanh_x2(_round_to_half(c, BF16)), BF16)
-    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
+    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL, CG)
     part = gl.max(gl.where(gl.expand_dims(n_ok, 0), gl.abs(x), 0.0), axis=1)
     gl.store(parts_ptr + offs_m * _parts_width(n_tiles) + pid_n, part, mask=m_ok)  # [M, width]: a row's together
     if WAIT:
@@ -260,7 +261,7 @@ def _publish(acc, pid_m, pid_n, n_tiles: gl.constexpr, parts_ptr, sync_ptr, a_sc
 @gluon.jit
 def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N: gl.constexpr, stride_qm,
             HAS_MUL: gl.constexpr, PACKED: gl.constexpr, BF16: gl.constexpr, mma: gl.constexpr, BLOCK_M: gl.constexpr,
-            BLOCK_N: gl.constexpr):
+            BLOCK_N: gl.constexpr, CG: gl.constexpr = False):
     """A published tile's codes once its row group is complete: its rows' scales from every part, the codes.
     ``y``: the tile's rounded values, float32 or (PACKED) as ``_pack_pairs`` keeps them, unpacked once the scales
     are known (fewer registers live while the parts load)."""
@@ -281,7 +282,7 @@ def _finish(y, pid_m, pid_n, n_tiles: gl.constexpr, q_ptr, s_ptr, parts_ptr, mul
     inv = 0.5 / scale
     if PACKED:
         y = _unpack_pairs(y, BF16, mma)
-    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL)
+    x = _times_mul(y, offs_n, mul_ptr, N, HAS_MUL, CG)
     codes = ((x * gl.expand_dims(inv, 1) + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
     _store_tile(codes, pid_m, pid_n, q_ptr, M, N, stride_qm, BLOCK_M, BLOCK_N)
 
@@ -305,10 +306,18 @@ def _store_tile(codes, pid_m, pid_n, q_ptr, M, N: gl.constexpr, stride_qm, BLOCK
 
 
 @gluon.jit
-def _times_mul(y, offs_n, mul_ptr, N: gl.constexpr, HAS_MUL: gl.constexpr):
+def _times_mul(y, offs_n, mul_ptr, N: gl.constexpr, HAS_MUL: gl.constexpr, CG: gl.constexpr = False):
     if HAS_MUL:
-        return y * gl.expand_dims(gl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0), 0)
+        return y * gl.expand_dims(_load_vector(mul_ptr + offs_n, offs_n < N, CG), 0)
     return y
+
+
+@gluon.jit
+def _load_vector(ptrs, mask, CG: gl.constexpr):
+    """A tile's scales, bias or Mul; CG (a diagnosis, ``DIAG_CG_VECTORS``): from L2, never from L1."""
+    if CG:
+        return gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    return gl.load(ptrs, mask=mask, other=0.0)
 
 
 @gluon.jit
@@ -360,16 +369,18 @@ def _red_add_asm(sem):
 
 
 @gluon.jit
-def _wait_count(ptr, n: gl.constexpr, BACKOFF: gl.constexpr = False):
+def _wait_count(ptr, n: gl.constexpr, BACKOFF: gl.constexpr = False, RELAXED: gl.constexpr = False):
     """Until the counter is a multiple of ``n`` again: polled by relaxed loads, then one acquire load (it
     synchronises with every count). An acquire load is an L2 load plus an invalidation of the SM's L1
     (``CCTL.IVALL`` in SASS), which in a polling loop cost the consumers' cached loads on the SM (session 25).
-    BACKOFF (a diagnosis): half a microsecond's sleep between polls."""
+    BACKOFF (a diagnosis): half a microsecond's sleep between polls. RELAXED (a diagnosis): no acquire at all
+    (no ``CCTL.IVALL``; wrong codes possible)."""
     while _load_relaxed(ptr) % n != 0:
         if BACKOFF:
             _sleep(ptr)
-    while _load_acquire(ptr) % n != 0:  # once; a loop, so that no compiler drops the load as unused
-        pass
+    if not RELAXED:
+        while _load_acquire(ptr) % n != 0:  # once; a loop, so that no compiler drops the load as unused
+            pass
 
 
 @gluon.jit
@@ -470,6 +481,13 @@ DIAG_RELAXED_COUNT = gl.constexpr(1)
 DIAG_LOCAL = gl.constexpr(2)
 DIAG_EARLY = gl.constexpr(4)
 DIAG_BACKOFF = gl.constexpr(8)
+# Session 27: EARLY and BACKOFF took as long as shipped (token_ws_h200_s27a_diag), so neither the consumers'
+# waiting nor the polls' traffic is the 0.04 ms. Left: the acquire's invalidation of the SM's L1 (``CCTL.IVALL``,
+# once a tile), after which the consumers' vectors (scales, bias, Mul) miss L1. NO_ACQUIRE: the polls' last load
+# relaxed (no invalidation); CG_VECTORS: the consumers' vectors loaded from L2 (".cg"), never from L1: with
+# NO_ACQUIRE as fast as NO_ACQUIRE alone, the misses are the cost; as slow as shipped, the invalidation itself
+DIAG_NO_ACQUIRE = gl.constexpr(16)
+DIAG_CG_VECTORS = gl.constexpr(32)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -502,13 +520,13 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     does both, an ablation).
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
     ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
-    (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, sync warps only; wrong codes possible)."""
+    (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, with the sync warps; wrong codes possible)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
-    assert 0 <= _diag < 16 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert 0 <= _diag < 64 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

@@ -908,7 +908,8 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
 def test_warp_specialized_diagnoses_take_out_what_they_say():
     """token_gemm_ws's DIAG bits, which token_ws_bench's diag step times: DIAG_RELAXED_COUNT counts without the
     release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll); DIAG_EARLY tells the
-    consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls."""
+    consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls; DIAG_NO_ACQUIRE
+    polls without the acquire; DIAG_CG_VECTORS loads the consumers' vectors from L2."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
@@ -926,6 +927,16 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
         assert _count(ptx, "ld.relaxed.gpu.global") >= 1  # the sleeping loop may be rotated (a load before it)
         assert _count(ptx, "nanosleep") == (1 if diag == token_gemm_ws.DIAG_BACKOFF.value else 0), diag
     assert _count(shipped, "nanosleep") == 0
+    # NO_ACQUIRE: the polls' last load relaxed; CG_VECTORS: the consumers' scales, bias and Mul (the 8 vector
+    # loads of a deferred tile's two epilogue halves) from L2, the parts' loads ".cg" as shipped
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_NO_ACQUIRE.value).asm["ptx"]
+    assert _count(ptx, "ld.acquire") == 0 and _count(ptx, "ld.relaxed.gpu.global.b64") == 1
+    assert _count(ptx, "red.release.gpu.global.add.u64") == 1
+    assert _count(ptx, "ld.global.cg") == _count(shipped, "ld.global.cg")
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_CG_VECTORS.value).asm["ptx"]
+    assert _count(ptx, "ld.acquire.gpu.global.b64") == 1
+    assert _count(ptx, "ld.global.cg") > _count(shipped, "ld.global.cg") and _count(ptx, "ld.global.b32") == 0
+    assert _count(shipped, "ld.global.b32") > 0
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
