@@ -87,6 +87,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
     KSTEPS: gl.constexpr = K // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
     CG: gl.constexpr = (DIAG & DIAG_CG_VECTORS) != 0
+    DECOUPLED: gl.constexpr = (DIAG & DIAG_DECOUPLED) != 0
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     prev_m = 0
@@ -131,32 +132,33 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
-                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
                     _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL,
                             True, BF16, mma, BLOCK_M, BLOCK_N, CG)
                 y_prev = y_new
                 prev_m = pid_m
                 prev_n = pid_n
             else:
-                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
                 _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, False,
                         BF16, mma, BLOCK_M, BLOCK_N, CG)
         j += 1
     if DEFER:
         if j > 0:
-            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE)
+            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
             _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, True,
                     BF16, mma, BLOCK_M, BLOCK_N, CG)
 
 
 @gluon.jit
 def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, N: gl.constexpr, WAIT: gl.constexpr,
-                SYNC_WARP: gl.constexpr, probe_ptr, PROBE: gl.constexpr):
+                SYNC_WARP: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DECOUPLED: gl.constexpr = False):
     """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll.
-    PROBE: the wait's SM clocks at probe_ptr[(CTA * 2 + consumer) * PROBE_TILES + j] (j < PROBE_TILES)."""
+    PROBE: the wait's SM clocks at probe_ptr[(CTA * 2 + consumer) * PROBE_TILES + j] (j < PROBE_TILES).
+    DECOUPLED (a diagnosis, ``DIAG_DECOUPLED``): no wait at all, the sync warps' work unchanged."""
     if PROBE:
         t0 = _clock(j)
-    if WAIT:
+    if WAIT and not DECOUPLED:
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
         else:
@@ -488,6 +490,11 @@ DIAG_BACKOFF = gl.constexpr(8)
 # NO_ACQUIRE as fast as NO_ACQUIRE alone, the misses are the cost; as slow as shipped, the invalidation itself
 DIAG_NO_ACQUIRE = gl.constexpr(16)
 DIAG_CG_VECTORS = gl.constexpr(32)
+# EARLY is not what it meant to be: the polling warp takes the tiles in order, so telling a tile's consumer at
+# once still waits for the previous tile's row group. DECOUPLED: the consumers never wait (the sync warps count
+# and poll as shipped, their signals unread): as fast as LOCAL, the cost is the consumers' coupling to other
+# CTAs' progress; as slow as shipped, it is the sync warps' traffic
+DIAG_DECOUPLED = gl.constexpr(64)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -526,7 +533,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
-    assert 0 <= _diag < 64 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert 0 <= _diag < 128 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

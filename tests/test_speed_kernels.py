@@ -909,7 +909,8 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     """token_gemm_ws's DIAG bits, which token_ws_bench's diag step times: DIAG_RELAXED_COUNT counts without the
     release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll); DIAG_EARLY tells the
     consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls; DIAG_NO_ACQUIRE
-    polls without the acquire; DIAG_CG_VECTORS loads the consumers' vectors from L2."""
+    polls without the acquire; DIAG_CG_VECTORS loads the consumers' vectors from L2; DIAG_DECOUPLED: the
+    consumers never wait."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
@@ -937,6 +938,11 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     assert _count(ptx, "ld.acquire.gpu.global.b64") == 1
     assert _count(ptx, "ld.global.cg") > _count(shipped, "ld.global.cg") and _count(ptx, "ld.global.b32") == 0
     assert _count(shipped, "ld.global.b32") > 0
+    # DECOUPLED: the consumers' shared-memory waits for the row groups gone, the sync warps' work as shipped
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_DECOUPLED.value).asm["ptx"]
+    for op in ("red.release.gpu.global.add.u64", "ld.acquire.gpu.global", "ld.relaxed.gpu.global"):
+        assert _count(ptx, op) == _count(shipped, op), op
+    assert _count(ptx, "mbarrier.try_wait") < _count(shipped, "mbarrier.try_wait")
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
