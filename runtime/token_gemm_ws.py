@@ -194,6 +194,8 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
     POLLS: gl.constexpr = (WHICH == 1) == SPLIT_SYNC
     LOCAL: gl.constexpr = (DIAG & DIAG_LOCAL) != 0
     EARLY: gl.constexpr = (DIAG & DIAG_EARLY) != 0
+    CHAIN: gl.constexpr = (DIAG & DIAG_CHAIN) != 0
+    NO_POLL: gl.constexpr = (DIAG & DIAG_NO_POLL) != 0
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     if SYNC_WARP and WAIT and (COUNTS or POLLS):
@@ -202,6 +204,9 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             pid_m = tile // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
             slot = (i % 2) * 2 + j % 2
+            if COUNTS and LOCAL and CHAIN:  # the handshake through the counting warp, still no global memory
+                mbarrier.wait(published.index(slot), (j // 2) & 1)
+                mbarrier.arrive(counted.index(slot), count=1)
             if COUNTS and not LOCAL:
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 cols = _columns(tile % n_tiles, N, BLOCK_N)
@@ -215,12 +220,14 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             if POLLS:  # the count includes this CTA's own (module doc: the counters)
                 if EARLY:  # the consumer goes on at once; the polls as shipped
                     mbarrier.arrive(grouped.index(slot), count=1)
-                if LOCAL:
+                if LOCAL and not CHAIN:
                     mbarrier.wait(published.index(slot), (j // 2) & 1)
                 else:
                     if SPLIT_SYNC:
                         mbarrier.wait(counted.index(slot), (j // 2) & 1)
-                    _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0, (DIAG & DIAG_NO_ACQUIRE) != 0)
+                    if not LOCAL and not NO_POLL:
+                        _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0,
+                                    (DIAG & DIAG_NO_ACQUIRE) != 0)
                 if not EARLY:
                     mbarrier.arrive(grouped.index(slot), count=1)
 
@@ -495,6 +502,12 @@ DIAG_CG_VECTORS = gl.constexpr(32)
 # and poll as shipped, their signals unread): as fast as LOCAL, the cost is the consumers' coupling to other
 # CTAs' progress; as slow as shipped, it is the sync warps' traffic
 DIAG_DECOUPLED = gl.constexpr(64)
+# DECOUPLED measured as slow as shipped (token_ws_h200_s27c), so the consumers' waiting is not the cost; nor is any
+# one of the release, the acquire or the polls' rate. Two more: CHAIN (with LOCAL) passes each tile through the
+# counting warp and the ``counted`` mbarrier as shipped, still with no global memory; NO_POLL counts as shipped
+# and tells the consumer once counted, with no poll
+DIAG_CHAIN = gl.constexpr(128)
+DIAG_NO_POLL = gl.constexpr(256)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -533,7 +546,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
-    assert 0 <= _diag < 128 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert 0 <= _diag < 512 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:

@@ -910,7 +910,8 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     release (the rest as shipped); DIAG_LOCAL touches no counter at all (no count or poll); DIAG_EARLY tells the
     consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls; DIAG_NO_ACQUIRE
     polls without the acquire; DIAG_CG_VECTORS loads the consumers' vectors from L2; DIAG_DECOUPLED: the
-    consumers never wait."""
+    consumers never wait; DIAG_CHAIN (with DIAG_LOCAL) the handshake through the counting warp; DIAG_NO_POLL no
+    poll."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
@@ -943,6 +944,16 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     for op in ("red.release.gpu.global.add.u64", "ld.acquire.gpu.global", "ld.relaxed.gpu.global"):
         assert _count(ptx, op) == _count(shipped, op), op
     assert _count(ptx, "mbarrier.try_wait") < _count(shipped, "mbarrier.try_wait")
+    # CHAIN (with LOCAL): no global memory; NO_POLL: the count as shipped, no poll
+    chain = token_gemm_ws.DIAG_LOCAL.value | token_gemm_ws.DIAG_CHAIN.value
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=chain).asm["ptx"]
+    for op in ("red.release", "red.relaxed", "atom.", "ld.relaxed", "ld.acquire"):
+        assert _count(ptx, op) == 0, op
+    local = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_LOCAL.value).asm["ptx"]
+    assert _count(ptx, "mbarrier.try_wait") > _count(local, "mbarrier.try_wait")
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_NO_POLL.value).asm["ptx"]
+    assert _count(ptx, "red.release.gpu.global.add.u64") == 1
+    assert _count(ptx, "ld.relaxed") == 0 and _count(ptx, "ld.acquire") == 0
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
