@@ -9,8 +9,7 @@ CUDA graph, for bf16 (with the sync warp or without, deferred) and fp16; ``time:
 of every variant, with and without the row-group wait (``_wait=False``: wrong codes, what the synchronisation
 costs) and of the pipeline alone (``_plain=True``: no epilogue), next to cuBLAS's int8 GEMM (int32 out);
 ``probe:ROWS`` records how long each consumer waited for each tile's row group (``_probe``); ``diag:ROWS``
-times the synchronisation's parts (``_diag``, ``DIAGNOSED``); ``stride:ROWS`` the counters' layouts
-(``counter_stride``, ``STRIDED``).
+times the synchronisation's parts (``_diag``, ``DIAGNOSED``).
 
     python benchmarks/token_ws_bench.py --out token_ws.json
 """
@@ -88,8 +87,7 @@ def timings(m: int, variants: list[dict]) -> dict:
            "triton_token_codes": lambda: triton_codes(token_gemm, a, w, sa, sw, b, mul),
            "triton_token_codes_nowait": lambda: triton_codes(token_gemm, a, w, sa, sw, b, mul, _wait=False)}
     for v in variants:  # the pipeline alone has no wait; a diagnosis of the wait has one
-        alone = v.get("_diag") or "counter_stride" in v
-        for wait in (False,) if v.get("_plain") else (True,) if alone else (True, False):
+        for wait in (False,) if v.get("_plain") else (True,) if v.get("_diag") else (True, False):
             fns[_name(v) + ("" if wait else "_nowait")] = (
                 lambda v=v, wait=wait: token_gemm_ws.mm8_gelu_token_codes_ws(a, w, sa, sw, b, mul, torch.bfloat16,
                                                                             _wait=wait, **v))
@@ -187,10 +185,6 @@ DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer":
              {"defer": True, "_diag": 8}, {"defer": True, "_diag": 16}, {"defer": True, "_diag": 32},
              {"defer": True, "_diag": 48}, {"defer": True, "_diag": 64}, {"defer": True, "_diag": 25},
              {"defer": True, "_diag": 130}, {"defer": True, "_diag": 256}, {"defer": True, "_diag": 257}]
-# the row blocks' counters packed (session 26's layout) and one per 128-byte line (the default since session 27)
-# or 512 bytes apart, against "defer" with and without its wait
-STRIDED = [{"defer": True, "counter_stride": 1}, {"defer": True, "counter_stride": 16},
-           {"defer": True, "counter_stride": 64}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
@@ -202,14 +196,12 @@ def main() -> None:
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child process
     ap.add_argument("--timeout", type=int, default=120, help="seconds a step may take")
     ap.add_argument("--steps", default="check:512,check:32768,time:32768,time:4096",
-                    help="comma-separated check:ROWS / time:ROWS / probe:ROWS / diag:ROWS / stride:ROWS steps, "
-                         "in order")
+                    help="comma-separated check:ROWS / time:ROWS / probe:ROWS / diag:ROWS steps, in order")
     args = ap.parse_args()
     if args.step:
         kind, m = args.step.split(":")
         step = {"check": (check, CHECKED), "time": (timings, VARIANTS), "probe": (probe, PROBED),
-                "diag": (timings, [{"defer": True}] + DIAGNOSED),
-                "stride": (timings, [{"defer": True}] + STRIDED)}[kind]
+                "diag": (timings, [{"defer": True}] + DIAGNOSED)}[kind]
         res = step[0](int(m), step[1])
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

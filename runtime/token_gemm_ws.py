@@ -74,8 +74,7 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
               sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
               ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
               WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr,
-              STRIDE: gl.constexpr):
+              SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr):
     """Every other of the CTA's tiles (local index i = WHICH, WHICH + 2, ...): its MMAs when the other consumer's
     are issued, then its epilogue: publish its part of its rows' amax, wait for its row group (counted here, or
     by the sync warp: SYNC_WARP), write its codes. PROBE (a diagnosis): each wait's SM clocks stored; DIAG:
@@ -128,37 +127,33 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
                 if SYNC_WARP:  # the sync warp counts this tile and says when its row group is complete
                     mbarrier.arrive(published.index(WHICH * 2 + j % 2), count=1)
                 else:  # the warpgroup's count before any of its threads polls (module doc: the counters)
-                    _arrive(sync_ptr + pid_m * STRIDE, _columns(pid_n, N, BLOCK_N), 127, "release")
+                    _arrive(sync_ptr + pid_m, _columns(pid_n, N, BLOCK_N), 127, "release")
                     gl.thread_barrier()
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
-                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m * STRIDE, N, WAIT, SYNC_WARP, probe_ptr, PROBE,
-                                DECOUPLED)
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
                     _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL,
                             True, BF16, mma, BLOCK_M, BLOCK_N, CG)
                 y_prev = y_new
                 prev_m = pid_m
                 prev_n = pid_n
             else:
-                _wait_group(grouped, WHICH, j, sync_ptr, pid_m * STRIDE, N, WAIT, SYNC_WARP, probe_ptr, PROBE,
-                            DECOUPLED)
+                _wait_group(grouped, WHICH, j, sync_ptr, pid_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
                 _finish(y, pid_m, pid_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, False,
                         BF16, mma, BLOCK_M, BLOCK_N, CG)
         j += 1
     if DEFER:
         if j > 0:
-            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m * STRIDE, N, WAIT, SYNC_WARP, probe_ptr, PROBE,
-                        DECOUPLED)
+            _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
             _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL, True,
                     BF16, mma, BLOCK_M, BLOCK_N, CG)
 
 
 @gluon.jit
-def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, counter, N: gl.constexpr, WAIT: gl.constexpr,
+def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, pid_m, N: gl.constexpr, WAIT: gl.constexpr,
                 SYNC_WARP: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DECOUPLED: gl.constexpr = False):
-    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll of
-    its row block's counter (``counter``: its index).
+    """Until the row group of the consumer's ``j``-th tile is complete: the sync warp's mbarrier, or the poll.
     PROBE: the wait's SM clocks at probe_ptr[(CTA * 2 + consumer) * PROBE_TILES + j] (j < PROBE_TILES).
     DECOUPLED (a diagnosis, ``DIAG_DECOUPLED``): no wait at all, the sync warps' work unchanged."""
     if PROBE:
@@ -167,7 +162,7 @@ def _wait_group(grouped, WHICH: gl.constexpr, j, sync_ptr, counter, N: gl.conste
         if SYNC_WARP:
             mbarrier.wait(grouped.index(WHICH * 2 + j % 2), (j // 2) & 1)
         else:
-            _wait_count(sync_ptr + counter, N)
+            _wait_count(sync_ptr + pid_m, N)
     if PROBE:
         slot = (gl.program_id(0) * 2 + WHICH) * PROBE_TILES + j
         gl.store(probe_ptr + slot, _clock(j) - t0, mask=j < PROBE_TILES)
@@ -184,7 +179,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, DIAG: gl.constexpr, STRIDE: gl.constexpr):
+            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, DIAG: gl.constexpr):
     """SYNC_WARP: the row groups' synchronisation off the consumers' path, per tile of the CTA in order
     (consumer ``i % 2``). Counting: once the consumer has published the tile, count it at its row block's
     counter (release: the consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with
@@ -216,9 +211,9 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 cols = _columns(tile % n_tiles, N, BLOCK_N)
                 if (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
-                    _arrive(sync_ptr + pid_m * STRIDE, cols, 31, "relaxed")
+                    _arrive(sync_ptr + pid_m, cols, 31, "relaxed")
                 else:
-                    _arrive(sync_ptr + pid_m * STRIDE, cols, 31, "release")
+                    _arrive(sync_ptr + pid_m, cols, 31, "release")
                 gl.thread_barrier()  # the warp's count before its polls, or before the polling warp's (below)
                 if SPLIT_SYNC:
                     mbarrier.arrive(counted.index(slot), count=1)
@@ -231,7 +226,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                     if SPLIT_SYNC:
                         mbarrier.wait(counted.index(slot), (j // 2) & 1)
                     if not LOCAL and not NO_POLL:
-                        _wait_count(sync_ptr + pid_m * STRIDE, N, (DIAG & DIAG_BACKOFF) != 0,
+                        _wait_count(sync_ptr + pid_m, N, (DIAG & DIAG_BACKOFF) != 0,
                                     (DIAG & DIAG_NO_ACQUIRE) != 0)
                 if not EARLY:
                     mbarrier.arrive(grouped.index(slot), count=1)
@@ -441,8 +436,7 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
                            PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
                            SPLIT_SYNC: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr,
-                           STRIDE: gl.constexpr):
+                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -467,21 +461,19 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
     gl.warp_specialize([
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE, DIAG,
-                    STRIDE)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, probe_ptr, PROBE, DIAG)),
         (_consumer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE, DIAG,
-                    STRIDE)),
+                    HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, probe_ptr, PROBE, DIAG)),
         (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                     parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG, STRIDE)),
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG, STRIDE))],
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG))],
         [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
@@ -517,11 +509,6 @@ DIAG_DECOUPLED = gl.constexpr(64)
 DIAG_CHAIN = gl.constexpr(128)
 DIAG_NO_POLL = gl.constexpr(256)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
-# Session 27 (token_ws_h200_s27d_diag): the count alone, with no poll (DIAG_NO_POLL), cost 0.03 ms of fc1's 0.42 at
-# 32768 rows; the handshake without it cost nothing. The row groups in flight at once are 4 consecutive row
-# blocks, whose int64 counters shared one 128-byte line: every SM's count hit one line, so one L2 slice. One
-# counter per line (16 words) spreads them
-COUNTER_STRIDE = 16
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
 # and slower at 4096 (0.063 against 0.060) on the H200 (session 24, token_ws_h200_s24c); between, unmeasured
@@ -544,14 +531,13 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
                             defer: bool | None = None, split_sync: bool = True, _wait: bool = True,
-                            _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0,
-                            counter_stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
     ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on;
     ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``; False: one
-    does both, an ablation); ``counter_stride``: int64 words from one row block's counter to the next
-    (``None``: ``COUNTER_STRIDE``).
+    does both, an ablation).
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
     ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
     (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, with the sync warps; wrong codes possible)."""
@@ -570,9 +556,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    stride = COUNTER_STRIDE if counter_stride is None else counter_stride
-    assert stride >= 1, "counter_stride: at least 1"
-    sync = token_gemm._counters(a.device, rows * stride, N, _SYNC)
+    sync = token_gemm._counters(a.device, rows, N, _SYNC)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
@@ -584,8 +568,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
         WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain,
         SPLIT_SYNC=split_sync, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, DIAG=_diag, STRIDE=stride,
-        num_warps=4, maxnreg=168)
+        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, DIAG=_diag, num_warps=4,
+        maxnreg=168)
     return q, s
 
 
