@@ -180,11 +180,13 @@ VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer"
 # and polls as shipped: their traffic without the wait), the polls half a microsecond apart, no acquire (no L1
 # invalidation), the consumers' vectors from L2 with and without the acquire, against "defer" with and without
 # its wait, the consumers never waiting (the sync warps as shipped), everything relaxed and the polls asleep, the
-# handshake through the counting warp with no global memory, the count without polls (with and without release)
+# handshake through the counting warp with no global memory, the count without polls (with and without release),
+# the same at a word of each tile's own (release, relaxed) and stored there
 DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer": True, "_diag": 4},
              {"defer": True, "_diag": 8}, {"defer": True, "_diag": 16}, {"defer": True, "_diag": 32},
              {"defer": True, "_diag": 48}, {"defer": True, "_diag": 64}, {"defer": True, "_diag": 25},
-             {"defer": True, "_diag": 130}, {"defer": True, "_diag": 256}, {"defer": True, "_diag": 257}]
+             {"defer": True, "_diag": 130}, {"defer": True, "_diag": 256}, {"defer": True, "_diag": 257},
+             {"defer": True, "_diag": 768}, {"defer": True, "_diag": 769}, {"defer": True, "_diag": 1792}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
            {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]

@@ -132,7 +132,8 @@ def _consumer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, cou
             if DEFER:
                 y_new = _pack_pairs(y, BF16)  # exact: the values are rounded to 16 bits
                 if j > 0:
-                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE, DECOUPLED)
+                    _wait_group(grouped, WHICH, j - 1, sync_ptr, prev_m, N, WAIT, SYNC_WARP, probe_ptr, PROBE,
+                                DECOUPLED)
                     _finish(y_prev, prev_m, prev_n, n_tiles, q_ptr, s_ptr, parts_ptr, mul_ptr, M, N, stride_qm, HAS_MUL,
                             True, BF16, mma, BLOCK_M, BLOCK_N, CG)
                 y_prev = y_new
@@ -210,10 +211,15 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             if COUNTS and not LOCAL:
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 cols = _columns(tile % n_tiles, N, BLOCK_N)
-                if (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
-                    _arrive(sync_ptr + pid_m, cols, 31, "relaxed")
+                target = sync_ptr + pid_m
+                if (DIAG & DIAG_SPREAD_COUNT) != 0:  # a word of the tile's own, after the row blocks' counters
+                    target = sync_ptr + gl.cdiv(M, BLOCK_M) + tile
+                if (DIAG & DIAG_STORE_COUNT) != 0:  # (with SPREAD_COUNT)
+                    _store_relaxed(target, cols)
+                elif (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
+                    _arrive(target, cols, 31, "relaxed")
                 else:
-                    _arrive(sync_ptr + pid_m, cols, 31, "release")
+                    _arrive(target, cols, 31, "release")
                 gl.thread_barrier()  # the warp's count before its polls, or before the polling warp's (below)
                 if SPLIT_SYNC:
                     mbarrier.arrive(counted.index(slot), count=1)
@@ -378,6 +384,14 @@ def _red_add_asm(sem):
 
 
 @gluon.jit
+def _store_relaxed(ptr, value):
+    """``value`` stored at ``ptr`` by one thread of the warp (``DIAG_STORE_COUNT``)."""
+    gl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;\n"
+                              "@p st.relaxed.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }", "=r,l,l", [ptr, value],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _wait_count(ptr, n: gl.constexpr, BACKOFF: gl.constexpr = False, RELAXED: gl.constexpr = False):
     """Until the counter is a multiple of ``n`` again: polled by relaxed loads, then one acquire load (it
     synchronises with every count). An acquire load is an L2 load plus an invalidation of the SM's L1
@@ -508,6 +522,11 @@ DIAG_DECOUPLED = gl.constexpr(64)
 # and tells the consumer once counted, with no poll
 DIAG_CHAIN = gl.constexpr(128)
 DIAG_NO_POLL = gl.constexpr(256)
+# s27d: NO_POLL took 0.423 ms (relaxed 0.419), CHAIN 0.391: the count alone costs 0.03 ms. s27e: one counter per
+# 128-byte line did not change it. With NO_POLL, two more: SPREAD_COUNT counts each tile at a word of its own (no
+# two atomics at one address); STORE_COUNT stores there instead (no atomic at all)
+DIAG_SPREAD_COUNT = gl.constexpr(512)
+DIAG_STORE_COUNT = gl.constexpr(1024)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
@@ -546,7 +565,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     M, K = a.shape
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
-    assert 0 <= _diag < 512 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert 0 <= _diag < 2048 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:
@@ -556,7 +575,12 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    sync = token_gemm._counters(a.device, rows, N, _SYNC)
+    if _diag & (DIAG_SPREAD_COUNT | DIAG_STORE_COUNT):
+        assert _diag & DIAG_NO_POLL and _diag & DIAG_SPREAD_COUNT, "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
+        # a buffer of its own: words of the tiles' own after the row blocks' counters, which no longer grow by N
+        sync = torch.zeros(rows + rows * n_tiles, device=a.device, dtype=torch.int64)
+    else:
+        sync = token_gemm._counters(a.device, rows, N, _SYNC)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(

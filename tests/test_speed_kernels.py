@@ -911,7 +911,7 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     consumers at once and still counts and polls as shipped; DIAG_BACKOFF sleeps between polls; DIAG_NO_ACQUIRE
     polls without the acquire; DIAG_CG_VECTORS loads the consumers' vectors from L2; DIAG_DECOUPLED: the
     consumers never wait; DIAG_CHAIN (with DIAG_LOCAL) the handshake through the counting warp; DIAG_NO_POLL no
-    poll."""
+    poll; with it, DIAG_SPREAD_COUNT counts at a word of the tile's own and DIAG_STORE_COUNT stores there."""
     from dtq.runtime import token_gemm_ws
 
     ptx = _ws_kernel_for_hopper(DIAG=token_gemm_ws.DIAG_RELAXED_COUNT.value).asm["ptx"]
@@ -954,6 +954,13 @@ def test_warp_specialized_diagnoses_take_out_what_they_say():
     ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=token_gemm_ws.DIAG_NO_POLL.value).asm["ptx"]
     assert _count(ptx, "red.release.gpu.global.add.u64") == 1
     assert _count(ptx, "ld.relaxed") == 0 and _count(ptx, "ld.acquire") == 0
+    # SPREAD_COUNT: the count (release) at the tile's own word; STORE_COUNT: a relaxed store there, no atomic
+    spread = token_gemm_ws.DIAG_NO_POLL.value | token_gemm_ws.DIAG_SPREAD_COUNT.value
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=spread).asm["ptx"]
+    assert _count(ptx, "red.release.gpu.global.add.u64") == 1 and _count(ptx, "st.relaxed") == 0
+    ptx = _ws_kernel_for_hopper(DEFER=True, DIAG=spread | token_gemm_ws.DIAG_STORE_COUNT.value).asm["ptx"]
+    assert _count(ptx, "red.release") == 0 and _count(ptx, "red.relaxed") == 0
+    assert _count(ptx, "st.relaxed.gpu.global.b64") == 1 and _count(ptx, "ld.relaxed") == 0
 
 
 def test_warp_specialized_token_codes_only_on_hopper():
