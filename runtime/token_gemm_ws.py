@@ -492,39 +492,33 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
 
 
 PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a diagnosis)
-# DIAG bits (``_diag``, diagnoses for benchmarks: what the row-group synchronisation costs, part by part; the
-# codes may be wrong): the count without its release (no MEMBAR.GPU before it in SASS); no global memory at all
-# (the sync warps hand the consumers' published tiles straight back: the handshake alone). The consumers'
-# barrier before publishing is not among them: without it the compiler still puts one there, after the arrive.
-# Session 26 measured the first two (token_ws_h200_s26a_diag): without the release 0.426 ms against 0.429, with
-# no global memory 0.393, as without the wait (0.392). Two more split what is left between the consumers'
-# waiting and the counters' traffic: the consumers told at once, the counts and polls all as shipped (EARLY);
-# the polls half a microsecond apart (BACKOFF)
+# DIAG bits (``_diag``): diagnoses for benchmarks of what the row-group synchronisation costs, part by part; the
+# codes may be wrong. The sync warps as shipped, but:
+# - RELAXED_COUNT: the count without its release (no MEMBAR.GPU before it in SASS);
+# - LOCAL: no global memory at all (the polling warp hands each published tile straight back);
+# - EARLY: the polling warp signals a tile's consumer before polling; as it takes the tiles in order, the consumer
+#   still waits for the previous tile's row group (this does not separate waiting from traffic; DECOUPLED does);
+# - BACKOFF: half a microsecond's sleep between polls;
+# - NO_ACQUIRE: the polls' last load relaxed (no ``CCTL.IVALL``, the acquire's invalidation of the SM's L1);
+# - CG_VECTORS: the consumers' scales, bias and Mul loaded from L2 (".cg"), never from L1;
+# - DECOUPLED: the consumers never wait (the sync warps count and poll, their signals unread);
+# - CHAIN (with LOCAL): each tile through the counting warp and the ``counted`` mbarrier, no global memory;
+# - NO_POLL: the count as shipped, the consumer told once counted, no poll;
+# - SPREAD_COUNT (with NO_POLL): the count at a word of the tile's own (no two atomics at one address);
+# - STORE_COUNT (with SPREAD_COUNT): a relaxed store there instead (no atomic).
+# Measured at 32768 rows (docs/engines.md, sessions 26-27): LOCAL and CHAIN run as fast as no wait at all (0.39
+# ms against shipped 0.43); DECOUPLED, EARLY, BACKOFF, NO_ACQUIRE, RELAXED_COUNT and CG_VECTORS as slow as shipped;
+# NO_POLL 0.42. So the count alone, one atomic add per tile, costs about 0.03 ms; the consumers' waiting, the
+# polls, the release and the acquire hardly anything. SPREAD_COUNT and STORE_COUNT are not measured yet.
 DIAG_RELAXED_COUNT = gl.constexpr(1)
 DIAG_LOCAL = gl.constexpr(2)
 DIAG_EARLY = gl.constexpr(4)
 DIAG_BACKOFF = gl.constexpr(8)
-# Session 27: EARLY and BACKOFF took as long as shipped (token_ws_h200_s27a_diag), so neither the consumers'
-# waiting nor the polls' traffic is the 0.04 ms. Left: the acquire's invalidation of the SM's L1 (``CCTL.IVALL``,
-# once a tile), after which the consumers' vectors (scales, bias, Mul) miss L1. NO_ACQUIRE: the polls' last load
-# relaxed (no invalidation); CG_VECTORS: the consumers' vectors loaded from L2 (".cg"), never from L1: with
-# NO_ACQUIRE as fast as NO_ACQUIRE alone, the misses are the cost; as slow as shipped, the invalidation itself
 DIAG_NO_ACQUIRE = gl.constexpr(16)
 DIAG_CG_VECTORS = gl.constexpr(32)
-# EARLY is not what it meant to be: the polling warp takes the tiles in order, so telling a tile's consumer at
-# once still waits for the previous tile's row group. DECOUPLED: the consumers never wait (the sync warps count
-# and poll as shipped, their signals unread): as fast as LOCAL, the cost is the consumers' coupling to other
-# CTAs' progress; as slow as shipped, it is the sync warps' traffic
 DIAG_DECOUPLED = gl.constexpr(64)
-# DECOUPLED measured as slow as shipped (token_ws_h200_s27c), so the consumers' waiting is not the cost; nor is any
-# one of the release, the acquire or the polls' rate. Two more: CHAIN (with LOCAL) passes each tile through the
-# counting warp and the ``counted`` mbarrier as shipped, still with no global memory; NO_POLL counts as shipped
-# and tells the consumer once counted, with no poll
 DIAG_CHAIN = gl.constexpr(128)
 DIAG_NO_POLL = gl.constexpr(256)
-# s27d: NO_POLL took 0.423 ms (relaxed 0.419), CHAIN 0.391: the count alone costs 0.03 ms. s27e: one counter per
-# 128-byte line did not change it. With NO_POLL, two more: SPREAD_COUNT counts each tile at a word of its own (no
-# two atomics at one address); STORE_COUNT stores there instead (no atomic at all)
 DIAG_SPREAD_COUNT = gl.constexpr(512)
 DIAG_STORE_COUNT = gl.constexpr(1024)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
