@@ -172,24 +172,27 @@ def _name(v: dict) -> str:
 # two sync warps, one counting the tiles, one waiting for the row groups (split_sync, the default since session
 # 25), with deferral (codes a tile late) and without, against one sync warp doing both (session 24's default);
 # session 24 also measured tagged parts (1c29155), session 23's consumers synchronising themselves
-# (sync_warp=False) and the pipeline alone (_plain)
+# (sync_warp=False) and the pipeline alone (_plain); since session 27 one sync warp with per-tile flags (flags)
 VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
-            {"defer": True}]
+            {"defer": True}, {"flags": True, "split_sync": False, "defer": True},
+            {"flags": True, "split_sync": False, "defer": False}]
 # the synchronisation's cost part by part (token_gemm_ws.DIAG_*; wrong codes possible): the count without its
 # release, no global memory at all (the sync warps' handshake alone), the consumers told at once (the counts
 # and polls as shipped: their traffic without the wait), the polls half a microsecond apart, no acquire (no L1
 # invalidation), the consumers' vectors from L2 with and without the acquire, against "defer" with and without
 # its wait, the consumers never waiting (the sync warps as shipped), everything relaxed and the polls asleep, the
 # handshake through the counting warp with no global memory, the count without polls (with and without release),
-# the same at a word of each tile's own (release, relaxed) and stored there
+# the same at a word of each tile's own (release, relaxed) and stored there; per-tile flags instead of counters
 DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer": True, "_diag": 4},
              {"defer": True, "_diag": 8}, {"defer": True, "_diag": 16}, {"defer": True, "_diag": 32},
              {"defer": True, "_diag": 48}, {"defer": True, "_diag": 64}, {"defer": True, "_diag": 25},
              {"defer": True, "_diag": 130}, {"defer": True, "_diag": 256}, {"defer": True, "_diag": 257},
-             {"defer": True, "_diag": 768}, {"defer": True, "_diag": 769}, {"defer": True, "_diag": 1792}]
+             {"defer": True, "_diag": 768}, {"defer": True, "_diag": 769}, {"defer": True, "_diag": 1792},
+             {"flags": True, "split_sync": False, "defer": True}]
 PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
 CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
-           {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16}]
+           {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16},
+           {"flags": True, "split_sync": False, "defer": False}, {"flags": True, "split_sync": False, "defer": True}]
 
 
 def main() -> None:

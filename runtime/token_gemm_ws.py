@@ -180,14 +180,15 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N: gl.constexpr, K: gl.constexpr, stride_qm,
             ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr,
             WAIT: gl.constexpr, PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
-            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, DIAG: gl.constexpr):
+            SPLIT_SYNC: gl.constexpr, WHICH: gl.constexpr, DIAG: gl.constexpr, FLAGS: gl.constexpr):
     """SYNC_WARP: the row groups' synchronisation off the consumers' path, per tile of the CTA in order
     (consumer ``i % 2``). Counting: once the consumer has published the tile, count it at its row block's
     counter (release: the consumer's parts, ordered before by the consumer's barrier and the mbarrier, go with
     it). Polling: once the tile is counted, wait for the row group's count, tell the consumer. Sync warp 0 does
     both, or (SPLIT_SYNC) counts while sync warp 1 polls (the ``counted`` mbarrier between): then a tile is
     counted as soon as it is published, not after the CTA's previous row group is complete, so the waits of one
-    CTA do not hold up the row groups of others. DIAG: ``DIAG_*``."""
+    CTA do not hold up the row groups of others. DIAG: ``DIAG_*``. FLAGS (one sync warp): per-tile flags instead of
+    the row blocks' counters (the comment at ``_flag_width``)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     n_tiles: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -205,10 +206,19 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             pid_m = tile // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
             slot = (i % 2) * 2 + j % 2
+            if FLAGS:
+                if COUNTS:
+                    row = sync_ptr + pid_m * _flag_width(n_tiles)
+                    # only this tile writes its word: until it does, the word holds the last launch's number
+                    launch = _load_relaxed(row + tile % n_tiles) + 1
+                    mbarrier.wait(published.index(slot), (j // 2) & 1)
+                    _store_release(row + tile % n_tiles, launch)
+                    _wait_flags(row, launch, n_tiles)
+                    mbarrier.arrive(grouped.index(slot), count=1)
             if COUNTS and LOCAL and CHAIN:  # the handshake through the counting warp, still no global memory
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 mbarrier.arrive(counted.index(slot), count=1)
-            if COUNTS and not LOCAL:
+            if COUNTS and not LOCAL and not FLAGS:
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 cols = _columns(tile % n_tiles, N, BLOCK_N)
                 target = sync_ptr + pid_m
@@ -223,7 +233,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                 gl.thread_barrier()  # the warp's count before its polls, or before the polling warp's (below)
                 if SPLIT_SYNC:
                     mbarrier.arrive(counted.index(slot), count=1)
-            if POLLS:  # the count includes this CTA's own (module doc: the counters)
+            if POLLS and not FLAGS:  # the count includes this CTA's own (module doc: the counters)
                 if EARLY:  # the consumer goes on at once; the polls as shipped
                     mbarrier.arrive(grouped.index(slot), count=1)
                 if LOCAL and not CHAIN:
@@ -391,6 +401,39 @@ def _store_relaxed(ptr, value):
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
+# Per-tile flags (``flags=True``): a row block's row of int64 words, one per N tile (``_flag_width`` apart), in a
+# pool of their own. Every launch that covers a row block writes each of its words once, with the word's last
+# value + 1 (the launch's number for that row block), so between launches the words of a row are equal, and during
+# a launch each is n or n + 1. A tile's sync warp stores its word (release: the tile's parts go with it) and waits
+# until the row's words all hold its number, then fences (acquire). No atomic, no counter shared by 36 tiles.
+@gluon.constexpr_function
+def _flag_width(n_tiles):
+    """The words of a row block's flag row: at least a warp's lanes, a power of two (a warp loads it at once)."""
+    return max(32, triton.next_power_of_2(n_tiles))
+
+
+@gluon.jit
+def _store_release(ptr, value):
+    """``value`` stored at ``ptr`` by one thread of the warp, release (what the warp saw before goes with it)."""
+    gl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;\n"
+                              "@p st.release.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }", "=r,l,l", [ptr, value],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _wait_flags(row, launch, n_tiles: gl.constexpr):
+    """Until the row block's flags all hold ``launch``: volatile (relaxed) loads of the row by the warp's lanes,
+    then one acquire fence, which synchronises with every release store the loads saw."""
+    W: gl.constexpr = _flag_width(n_tiles)
+    t = gl.arange(0, W, layout=gl.BlockedLayout([W // 32], [32], [1], [0]))
+    ptrs = row + t
+    while gl.min(gl.where(gl.load(ptrs, mask=t < n_tiles, other=launch, volatile=True) == launch, 1, 0),
+                 axis=0) == 0:
+        pass
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,l", [row], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
 @gluon.jit
 def _wait_count(ptr, n: gl.constexpr, BACKOFF: gl.constexpr = False, RELAXED: gl.constexpr = False):
     """Until the counter is a multiple of ``n`` again: polled by relaxed loads, then one acquire load (it
@@ -450,7 +493,8 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                            HAS_BIAS: gl.constexpr, HAS_MUL: gl.constexpr, BF16: gl.constexpr, WAIT: gl.constexpr,
                            PLAIN: gl.constexpr, SYNC_WARP: gl.constexpr, DEFER: gl.constexpr,
                            SPLIT_SYNC: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr):
+                           PRODUCER_REGS: gl.constexpr, probe_ptr, PROBE: gl.constexpr, DIAG: gl.constexpr,
+                           FLAGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -484,10 +528,10 @@ def _ws_token_codes_kernel(a_desc, w_desc, q_ptr, s_ptr, parts_ptr, sync_ptr, a_
                     HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG)),
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 0, DIAG, FLAGS)),
         (_syncer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, counted, grouped, q_ptr, s_ptr,
                    parts_ptr, sync_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr, M, N, K, stride_qm, ROW_SCALE,
-                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG))],
+                   HAS_BIAS, HAS_MUL, BF16, WAIT, PLAIN, SYNC_WARP, DEFER, SPLIT_SYNC, 1, DIAG, FLAGS))],
         [4, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
@@ -522,6 +566,7 @@ DIAG_NO_POLL = gl.constexpr(256)
 DIAG_SPREAD_COUNT = gl.constexpr(512)
 DIAG_STORE_COUNT = gl.constexpr(1024)
 _SYNC: dict[tuple, list[torch.Tensor]] = {}  # the row blocks' counters (token_gemm._counters' pool)
+_FLAGS: dict[tuple, list[torch.Tensor]] = {}  # the per-tile flag rows (``flags=True``), the same allocator
 BLOCK_M = BLOCK_N = BLOCK_K = 128
 # Deferral measured faster at 32768 rows (DiT-XL/2's fc1 at batch 64 with guidance: 0.447 against 0.457 ms)
 # and slower at 4096 (0.063 against 0.060) on the H200 (session 24, token_ws_h200_s24c); between, unmeasured
@@ -544,13 +589,14 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
                             defer: bool | None = None, split_sync: bool = True, _wait: bool = True,
-                            _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0,
+                            flags: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
     ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on;
     ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``; False: one
-    does both, an ablation).
+    does both, an ablation); ``flags``: per-tile flags instead of the row blocks' counters (one sync warp stores
+    and polls them, so with ``split_sync=False``; opt-in until measured on the GPU).
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
     ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
     (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, with the sync warps; wrong codes possible)."""
@@ -560,6 +606,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
     N = w.shape[0]
     assert usable(a, w, out_dtype), "token_gemm_ws.usable: Hopper, 16-bit activations, K % 128 == 0, TMA rows"
     assert 0 <= _diag < 2048 and (_diag == 0 or (sync_warp and _wait)), "_diag: DIAG_* bits, with the sync warps"
+    assert not flags or (sync_warp and not split_sync and not _diag), "flags: one sync warp (split_sync=False)"
     q = torch.empty((M, N), device=a.device, dtype=torch.int8)
     s = torch.empty((M,), device=a.device, dtype=torch.float32)
     if M == 0:
@@ -573,6 +620,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         assert _diag & DIAG_NO_POLL and _diag & DIAG_SPREAD_COUNT, "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
         # a buffer of its own: words of the tiles' own after the row blocks' counters, which no longer grow by N
         sync = torch.zeros(rows + rows * n_tiles, device=a.device, dtype=torch.int64)
+    elif flags:  # the flag rows' pool: every word of a row equal between launches (the comment at ``_flag_width``)
+        sync = token_gemm._counters(a.device, rows * _flag_width(n_tiles), N, _FLAGS)
     else:
         sync = token_gemm._counters(a.device, rows, N, _SYNC)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
@@ -586,8 +635,8 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         HAS_BIAS=bias is not None, HAS_MUL=mul is not None, BF16=out_dtype == torch.bfloat16,
         WAIT=_wait and not _plain, PLAIN=_plain, SYNC_WARP=sync_warp, DEFER=defer and not _plain,
         SPLIT_SYNC=split_sync, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, DIAG=_diag, num_warps=4,
-        maxnreg=168)
+        probe_ptr=_probe if _probe is not None else sync, PROBE=_probe is not None, DIAG=_diag, FLAGS=flags,
+        num_warps=4, maxnreg=168)
     return q, s
 
 
