@@ -20,7 +20,10 @@ GEMMs do:
   so a tile is counted as soon as it is published, not once its CTA's previous row group is complete;
 - ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so
   its row group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
-  values are rounded to the activation type already).
+  values are rounded to the activation type already);
+- ``FLAGS`` (opt-in, ``flags=True``; session 27, not yet measured on the GPU): per-tile flag words instead of the
+  row blocks' counters, stored and polled by one sync warp, with no atomic (``_flag_width``'s comment). Session 27's
+  diagnoses (``DIAG_*``) put most of the synchronisation's cost on the count's one atomic per tile.
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
