@@ -212,10 +212,11 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             if FLAGS:
                 if COUNTS:
                     row = sync_ptr + pid_m * _flag_width(n_tiles)
+                    own = row + tile % n_tiles
                     # only this tile writes its word: until it does, the word holds the last launch's number
-                    launch = _load_relaxed(row + tile % n_tiles) + 1
+                    launch = _load_relaxed(own) + 1
                     mbarrier.wait(published.index(slot), (j // 2) & 1)
-                    _store_release(row + tile % n_tiles, launch)
+                    _store(own, launch, "release")
                     _wait_flags(row, launch, n_tiles)
                     mbarrier.arrive(grouped.index(slot), count=1)
             if COUNTS and LOCAL and CHAIN:  # the handshake through the counting warp, still no global memory
@@ -228,7 +229,7 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
                 if (DIAG & DIAG_SPREAD_COUNT) != 0:  # a word of the tile's own, after the row blocks' counters
                     target = sync_ptr + gl.cdiv(M, BLOCK_M) + tile
                 if (DIAG & DIAG_STORE_COUNT) != 0:  # (with SPREAD_COUNT)
-                    _store_relaxed(target, cols)
+                    _store(target, cols, "relaxed")
                 elif (DIAG & DIAG_RELAXED_COUNT) != 0:  # the parts not ordered before the count: wrong codes possible
                     _arrive(target, cols, 31, "relaxed")
                 else:
@@ -397,11 +398,16 @@ def _red_add_asm(sem):
 
 
 @gluon.jit
-def _store_relaxed(ptr, value):
-    """``value`` stored at ``ptr`` by one thread of the warp (``DIAG_STORE_COUNT``)."""
-    gl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;\n"
-                              "@p st.relaxed.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }", "=r,l,l", [ptr, value],
-                              dtype=gl.int32, is_pure=False, pack=1)
+def _store(ptr, value, SEM: gl.constexpr):
+    """``value`` stored at ``ptr`` by one thread of the warp; ``SEM`` "release" (what the warp saw before goes
+    with it: a flag) or "relaxed" (``DIAG_STORE_COUNT``)."""
+    gl.inline_asm_elementwise(_store_asm(SEM), "=r,l,l", [ptr, value], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.constexpr_function
+def _store_asm(sem):
+    return ("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;\n"
+            f"@p st.{sem}.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }}")
 
 
 # Per-tile flags (``flags=True``): a row block's row of int64 words, one per N tile (``_flag_width`` apart), in a
@@ -413,14 +419,6 @@ def _store_relaxed(ptr, value):
 def _flag_width(n_tiles):
     """The words of a row block's flag row: at least a warp's lanes, a power of two (a warp loads it at once)."""
     return max(32, triton.next_power_of_2(n_tiles))
-
-
-@gluon.jit
-def _store_release(ptr, value):
-    """``value`` stored at ``ptr`` by one thread of the warp, release (what the warp saw before goes with it)."""
-    gl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 31; setp.eq.u32 p, t, 0;\n"
-                              "@p st.release.gpu.global.b64 [$1], $2; mov.u32 $0, 0; }", "=r,l,l", [ptr, value],
-                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
