@@ -617,8 +617,9 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    if _diag & (DIAG_SPREAD_COUNT | DIAG_STORE_COUNT):
-        assert _diag & DIAG_NO_POLL and _diag & DIAG_SPREAD_COUNT, "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
+    if _diag & (DIAG_SPREAD_COUNT.value | DIAG_STORE_COUNT.value):  # .value: the bits are gluon constexprs
+        assert _diag & DIAG_NO_POLL.value and _diag & DIAG_SPREAD_COUNT.value, \
+            "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
         # a buffer of its own: words of the tiles' own after the row blocks' counters, which no longer grow by N
         sync = torch.zeros(rows + rows * n_tiles, device=a.device, dtype=torch.int64)
     elif flags:  # the flag rows' pool: every word of a row equal between launches (the comment at ``_flag_width``)
