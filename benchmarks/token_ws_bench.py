@@ -1,4 +1,4 @@
-"""Issue #13, sessions 23-25: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
+"""Issue #13, sessions 23-28: fc1 writing fc2's per-token codes, warp-specialized (``runtime.token_gemm_ws``,
 ``token_gemm``'s on Hopper from 4096 rows), against ``token_gemm``'s Triton kernel and the static
 engine's fc1, at DiT-XL/2's fc1 (K 1152, N 4608).
 
@@ -169,31 +169,29 @@ def _name(v: dict) -> str:
     return "ws_" + "_".join(parts) if v else "ws_default"
 
 
-# two sync warps, one counting the tiles, one waiting for the row groups (split_sync, the default since session
-# 25), with deferral (codes a tile late) and without, against one sync warp doing both (session 24's default);
-# session 24 also measured tagged parts (1c29155), session 23's consumers synchronising themselves
-# (sync_warp=False) and the pipeline alone (_plain); since session 27 one sync warp with per-tile flags (flags)
-VARIANTS = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
-            {"defer": True}, {"flags": True, "split_sync": False, "defer": True},
-            {"flags": True, "split_sync": False, "defer": False}]
-# the synchronisation's cost part by part (token_gemm_ws.DIAG_*; wrong codes possible): the count without its
-# release, no global memory at all (the sync warps' handshake alone), the consumers told at once (the counts
+# per-tile flags (the default since session 28: one sync warp stores and polls them), deferred (codes a tile
+# late) and not, against the row blocks' counters: two sync warps, one counting the tiles, one waiting for the
+# row groups (split_sync, sessions 25-27's default), and one sync warp doing both (session 24's); session 24 also
+# measured tagged parts (1c29155), session 23's consumers synchronising themselves (sync_warp=False) and the
+# pipeline alone (_plain)
+COUNTERS = {"flags": False, "split_sync": True}
+ONE_COUNTER_WARP = {"flags": False, "split_sync": False}
+VARIANTS = [{**ONE_COUNTER_WARP, "defer": False}, {**ONE_COUNTER_WARP, "defer": True}, {**COUNTERS, "defer": False},
+            {**COUNTERS, "defer": True}, {"defer": True}, {"defer": False}]
+# the counters' cost part by part (token_gemm_ws.DIAG_*, with split_sync; wrong codes possible): the count without
+# its release, no global memory at all (the sync warps' handshake alone), the consumers told at once (the counts
 # and polls as shipped: their traffic without the wait), the polls half a microsecond apart, no acquire (no L1
 # invalidation), the consumers' vectors from L2 with and without the acquire, against "defer" with and without
 # its wait, the consumers never waiting (the sync warps as shipped), everything relaxed and the polls asleep, the
 # handshake through the counting warp with no global memory, the count without polls (with and without release),
-# the same at a word of each tile's own (release, relaxed) and stored there; per-tile flags instead of counters
-DIAGNOSED = [{"defer": True, "_diag": 1}, {"defer": True, "_diag": 2}, {"defer": True, "_diag": 4},
-             {"defer": True, "_diag": 8}, {"defer": True, "_diag": 16}, {"defer": True, "_diag": 32},
-             {"defer": True, "_diag": 48}, {"defer": True, "_diag": 64}, {"defer": True, "_diag": 25},
-             {"defer": True, "_diag": 130}, {"defer": True, "_diag": 256}, {"defer": True, "_diag": 257},
-             {"defer": True, "_diag": 768}, {"defer": True, "_diag": 769}, {"defer": True, "_diag": 1792},
-             {"flags": True, "split_sync": False, "defer": True}]
-PROBED = [{"split_sync": False, "defer": True}, {"defer": True}, {"defer": False}]
-CHECKED = [{"split_sync": False, "defer": False}, {"split_sync": False, "defer": True}, {"defer": False},
-           {"defer": True}, {"sync_warp": False, "defer": False}, {"out_dtype": torch.float16},
-           {"flags": True, "split_sync": False, "defer": False}, {"flags": True, "split_sync": False, "defer": True}]
-
+# the same at a word of each tile's own (release, relaxed) and stored there; then the flags (the default)
+DIAGNOSED = [{**COUNTERS, "defer": True, "_diag": d}
+             for d in (1, 2, 4, 8, 16, 32, 48, 64, 25, 130, 256, 257, 768, 769, 1792)] + [{"defer": True}]
+PROBED = [{**ONE_COUNTER_WARP, "defer": True}, {**COUNTERS, "defer": True}, {**COUNTERS, "defer": False},
+          {"defer": True}]
+CHECKED = [{**ONE_COUNTER_WARP, "defer": False}, {**ONE_COUNTER_WARP, "defer": True}, {**COUNTERS, "defer": False},
+           {**COUNTERS, "defer": True}, {"flags": False, "sync_warp": False, "defer": False},
+           {"out_dtype": torch.float16}, {"defer": False}, {"defer": True}]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -206,7 +204,7 @@ def main() -> None:
     if args.step:
         kind, m = args.step.split(":")
         step = {"check": (check, CHECKED), "time": (timings, VARIANTS), "probe": (probe, PROBED),
-                "diag": (timings, [{"defer": True}] + DIAGNOSED)}[kind]
+                "diag": (timings, [{**COUNTERS, "defer": True}] + DIAGNOSED)}[kind]
         res = step[0](int(m), step[1])
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -16,14 +16,15 @@ GEMMs do:
   grows by N a launch; ``_columns``), so nothing is counted on the way out (session 26; until then a departure
   count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves
   (``sync_warp=False``, an ablation), and their fence, L2 round trips and atomics sat on the path of their
-  warpgroup's next MMAs. Two sync warps (``SPLIT_SYNC``, the default since session 25): one counts, one polls,
+  warpgroup's next MMAs. Two sync warps (``SPLIT_SYNC``, session 25's and 26's default): one counts, one polls,
   so a tile is counted as soon as it is published, not once its CTA's previous row group is complete;
 - ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so
   its row group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
   values are rounded to the activation type already);
-- ``FLAGS`` (opt-in, ``flags=True``; session 27, not yet measured on the GPU): per-tile flag words instead of the
-  row blocks' counters, stored and polled by one sync warp, with no atomic (``_flag_width``'s comment). Session 27's
-  diagnoses (``DIAG_*``) put most of the synchronisation's cost on the count's one atomic per tile.
+- ``FLAGS`` (the default since session 28): per-tile flag words instead of the row blocks' counters, stored and
+  polled by one sync warp, with no atomic (``_flag_width``'s comment). Session 27's diagnoses (``DIAG_*``) put
+  most of the synchronisation's cost on the count's one atomic per tile; session 28 measured the flags exact
+  (512 and 32768 rows, graph replays) and 0.016 ms faster than the split counters at 32768 rows (s28a).
 
 The numbers are ``token_gemm``'s: the same operations in the same order (checked code for code on the GPU by
 ``benchmarks/token_ws_bench.py``). Deadlock: a tile's publication waits only for its CTA's own earlier tiles'
@@ -586,18 +587,33 @@ def usable(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return kernels.tma_eligible(a, w)
 
 
+def _sync_words(device: torch.device, rows: int, n: int, flags: bool, diag: int) -> torch.Tensor:
+    """The launch's synchronisation words for ``rows`` row blocks of an fc1 with ``n`` outputs: the per-tile flag
+    rows (``flags``), the row blocks' counters, or (SPREAD_COUNT) a zeroed buffer of the diagnosis's own."""
+    n_tiles = triton.cdiv(n, BLOCK_N)
+    if diag & (DIAG_SPREAD_COUNT.value | DIAG_STORE_COUNT.value):  # .value: the bits are gluon constexprs
+        assert diag & DIAG_NO_POLL.value and diag & DIAG_SPREAD_COUNT.value, \
+            "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
+        # a buffer of its own: words of the tiles' own after the row blocks' counters, which no longer grow by N
+        return torch.zeros(rows + rows * n_tiles, device=device, dtype=torch.int64)
+    if flags:  # the flag rows' pool: every word of a row equal between launches (the comment at ``_flag_width``)
+        return token_gemm._counters(device, rows * _flag_width(n_tiles), n, _FLAGS)
+    return token_gemm._counters(device, rows, n, _SYNC)
+
+
 def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None, mul: torch.Tensor | None,
                             out_dtype: torch.dtype = torch.bfloat16, stages: int = 4, sync_warp: bool = True,
-                            defer: bool | None = None, split_sync: bool = True, _wait: bool = True,
+                            defer: bool | None = None, split_sync: bool = False, _wait: bool = True,
                             _plain: bool = False, _probe: torch.Tensor | None = None, _diag: int = 0,
-                            flags: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            flags: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_gemm.mm8_gelu_token_codes(..., exact=True)`` by the warp-specialized kernel (where ``usable``):
     the same codes and scales. ``sync_warp=False``: the consumers synchronise the row groups themselves (an
     ablation); ``defer``: a tile's codes a tile late (module doc), ``None``: from ``DEFER_ROWS`` rows on;
-    ``split_sync``: one sync warp counts the tiles, another waits for the row groups (``_syncer``; False: one
-    does both, an ablation); ``flags``: per-tile flags instead of the row blocks' counters (one sync warp stores
-    and polls them, so with ``split_sync=False``; opt-in until measured on the GPU).
+    ``flags`` (the default): per-tile flags instead of the row blocks' counters, one sync warp storing and
+    polling them. ``flags=False`` (ablations): the counters, ``split_sync=True`` one sync warp counting the
+    tiles and another waiting for the row groups (``_syncer``; sessions 25-27's default), False one doing both.
+    ``sync_warp=False`` and ``_diag`` need ``flags=False``.
     ``_wait=False`` (wrong codes) and ``_plain=True`` (no epilogue) are diagnoses for benchmarks, as is
     ``_probe``: int64 [CTAs, 2, PROBE_TILES], zeroed, gets the SM clocks each consumer's j-th row-group wait took
     (``probe_shape``), and ``_diag`` (``DIAG_*`` bits, with the sync warps; wrong codes possible)."""
@@ -617,15 +633,7 @@ def mm8_gelu_token_codes_ws(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Ten
         defer = M >= DEFER_ROWS
     parts = torch.empty((M, _parts_width(n_tiles)), device=a.device, dtype=torch.float32)
     rows = triton.cdiv(M, BLOCK_M)
-    if _diag & (DIAG_SPREAD_COUNT.value | DIAG_STORE_COUNT.value):  # .value: the bits are gluon constexprs
-        assert _diag & DIAG_NO_POLL.value and _diag & DIAG_SPREAD_COUNT.value, \
-            "STORE_COUNT: with SPREAD_COUNT, both with NO_POLL"
-        # a buffer of its own: words of the tiles' own after the row blocks' counters, which no longer grow by N
-        sync = torch.zeros(rows + rows * n_tiles, device=a.device, dtype=torch.int64)
-    elif flags:  # the flag rows' pool: every word of a row equal between launches (the comment at ``_flag_width``)
-        sync = token_gemm._counters(a.device, rows * _flag_width(n_tiles), N, _FLAGS)
-    else:
-        sync = token_gemm._counters(a.device, rows, N, _SYNC)
+    sync = _sync_words(a.device, rows, N, flags, _diag)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K], gl.NVMMASharedLayout.get_default_for(
         [BLOCK_M, BLOCK_K], gl.int8))
     w_desc = TensorDescriptor.from_tensor(w, [BLOCK_N, BLOCK_K], gl.NVMMASharedLayout.get_default_for(

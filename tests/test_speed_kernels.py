@@ -855,7 +855,8 @@ def test_fc1_token_codes_kernel_compiles_for_hopper():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton): kernels unchecked")
 def _ws_kernel_for_hopper(**consts):
-    """token_gemm_ws's kernel at DiT-XL/2's fc1, compiled for sm_90 on the CPU (Gluon has no interpreter)."""
+    """token_gemm_ws's kernel at DiT-XL/2's fc1, compiled for sm_90 on the CPU (Gluon has no interpreter); by
+    default with the row blocks' counters and two sync warps (the ablations' and diagnoses' base)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -882,7 +883,8 @@ def _ws_kernel_for_hopper(**consts):
 
 @pytest.mark.parametrize("split_sync, defer", [(False, False), (True, False), (True, True)])
 def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync, defer):
-    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default),
+    """The warp-specialized fc1 writing fc2's per-token codes (token_gemm_ws, token_gemm's on Hopper by default)
+    with the row blocks' counters (``flags=False``, sessions 24-27's),
     compiled for sm_90 on the CPU (the GPU check is benchmarks/token_ws_bench.py): a producer warp of TMA loads,
     two consumer warpgroups with int8 warpgroup MMAs and sync warps, with their own register budgets; the row
     groups' 64-bit release count, relaxed poll and acquire once each, in the sync warps alone (the consumers wait
@@ -905,22 +907,45 @@ def test_fc1_token_codes_warp_specialized_kernel_compiles_for_hopper(split_sync,
     assert "st.local" not in ptx
 
 
-def test_warp_specialized_flags_replace_the_counters():
-    """token_gemm_ws's per-tile flags (``flags=True``, opt-in until measured on the GPU): one sync warp reads its
+@pytest.mark.parametrize("defer", [False, True])
+def test_warp_specialized_flags_replace_the_counters(defer):
+    """token_gemm_ws's per-tile flags (``flags=True``, the default since session 28): one sync warp reads its
     tile's word (relaxed), stores it + 1 with release once the tile is published, and polls the row block's words
     by volatile loads until all hold that number, then fences (acquire); no atomic, no counter, no acquire load.
     The diag runs found the count's one atomic per tile to cost 0.03 ms of fc1 at 32768 rows (session 27)."""
     from dtq.runtime import token_gemm_ws
 
-    ptx = _ws_kernel_for_hopper(DEFER=True, SPLIT_SYNC=False, FLAGS=True).asm["ptx"]
+    kernel = _ws_kernel_for_hopper(DEFER=defer, SPLIT_SYNC=False, FLAGS=True)
+    ptx = kernel.asm["ptx"]
     for op in ("red.release", "red.relaxed", "atom.", "ld.acquire"):
         assert _count(ptx, op) == 0, op
     for op in ("ld.relaxed.gpu.global.b64", "st.release.gpu.global.b64", "fence.acq_rel.gpu"):
         assert _count(ptx, op) == 1, op
     assert _count(ptx, "ld.volatile.global") == 1 and "st.local" not in ptx
     assert "wgmma.mma_async" in ptx and _count(ptx, "tanh.approx.f32") == 2 * 128
+    budgets = {" ".join(line.split()[1:]) for line in ptx.splitlines() if "setmaxnreg" in line}
+    assert "240;" in budgets and "24;" in budgets and kernel.metadata.shared <= 227 * 1024, budgets
     # a warp loads a row's words at once: 36 N tiles of DiT-XL/2's fc1 in 64 words, 2 a lane
     assert token_gemm_ws._flag_width(36) == 64 and token_gemm_ws._flag_width(9) == 32
+
+
+def test_warp_specialized_host_picks_its_synchronisation_words():
+    """token_gemm_ws's host side (``_sync_words``, on the CPU): the flag rows (a row block's ``_flag_width``
+    words) from their own pool, the counters (one a row block) from theirs, and a zeroed buffer of its own for the
+    SPREAD_COUNT diagnosis, whose DIAG bits the host reads as ints (the constexpr bits once broke every call)."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
+    from dtq.runtime import token_gemm_ws as ws
+
+    cpu = torch.device("cpu")
+    flags = ws._sync_words(cpu, 256, 4608, True, 0)
+    counters = ws._sync_words(cpu, 256, 4608, False, 0)
+    assert flags.dtype == counters.dtype == torch.int64 and flags.numel() >= 256 * 64 and counters.numel() >= 256
+    assert flags.data_ptr() != counters.data_ptr() and ws._sync_words(cpu, 2, 4608, True, 0) is flags
+    spread = ws._sync_words(cpu, 4, 4608, False, (ws.DIAG_NO_POLL | ws.DIAG_SPREAD_COUNT).value)
+    assert spread.numel() == 4 + 4 * 36 and not spread.any()
+    assert ws._sync_words(cpu, 4, 4608, False, ws.DIAG_CHAIN.value) is ws._sync_words(cpu, 1, 4608, False, 0)
+    with pytest.raises(AssertionError, match="STORE_COUNT"):
+        ws._sync_words(cpu, 4, 4608, False, ws.DIAG_SPREAD_COUNT.value)
 
 
 def test_warp_specialized_diagnoses_take_out_what_they_say():
