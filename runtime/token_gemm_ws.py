@@ -16,7 +16,7 @@ GEMMs do:
   grows by N a launch; ``_columns``), so nothing is counted on the way out (session 26; until then a departure
   count reset it, one more atomic round trip per tile). Session 23's consumers did all of it themselves
   (``sync_warp=False``, an ablation), and their fence, L2 round trips and atomics sat on the path of their
-  warpgroup's next MMAs. Two sync warps (``SPLIT_SYNC``, session 25's and 26's default): one counts, one polls,
+  warpgroup's next MMAs. Two sync warps (``SPLIT_SYNC``, sessions 25-27's default): one counts, one polls,
   so a tile is counted as soon as it is published, not once its CTA's previous row group is complete;
 - ``DEFER`` (on from ``DEFER_ROWS`` rows): a tile's codes written after the consumer's next tile is published, so
   its row group has a main loop longer to complete; the tile is kept in registers as 16-bit pairs meanwhile (exact: its
