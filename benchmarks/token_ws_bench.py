@@ -193,6 +193,7 @@ CHECKED = [{**ONE_COUNTER_WARP, "defer": False}, {**ONE_COUNTER_WARP, "defer": T
            {**COUNTERS, "defer": True}, {"flags": False, "sync_warp": False, "defer": False},
            {"out_dtype": torch.float16}, {"defer": False}, {"defer": True}]
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)

@@ -210,16 +210,15 @@ def _syncer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, turn, published, count
             pid_m = tile // n_tiles
             j = i // 2  # the consumer's j-th tile, on its barriers j % 2 (two outstanding with DEFER)
             slot = (i % 2) * 2 + j % 2
-            if FLAGS:
-                if COUNTS:
-                    row = sync_ptr + pid_m * _flag_width(n_tiles)
-                    own = row + tile % n_tiles
-                    # only this tile writes its word: until it does, the word holds the last launch's number
-                    launch = _load_relaxed(own) + 1
-                    mbarrier.wait(published.index(slot), (j // 2) & 1)
-                    _store(own, launch, "release")
-                    _wait_flags(row, launch, n_tiles)
-                    mbarrier.arrive(grouped.index(slot), count=1)
+            if FLAGS and COUNTS:
+                row = sync_ptr + pid_m * _flag_width(n_tiles)
+                own = row + tile % n_tiles
+                # only this tile writes its word: until it does, the word holds the last launch's number
+                launch = _load_relaxed(own) + 1
+                mbarrier.wait(published.index(slot), (j // 2) & 1)
+                _store(own, launch, "release")
+                _wait_flags(row, launch, n_tiles)
+                mbarrier.arrive(grouped.index(slot), count=1)
             if COUNTS and LOCAL and CHAIN:  # the handshake through the counting warp, still no global memory
                 mbarrier.wait(published.index(slot), (j // 2) & 1)
                 mbarrier.arrive(counted.index(slot), count=1)
@@ -555,7 +554,8 @@ PROBE_TILES = gl.constexpr(64)  # the waits a consumer records with PROBE (a dia
 # Measured at 32768 rows (docs/engines.md, sessions 26-27): LOCAL and CHAIN run as fast as no wait at all (0.39
 # ms against shipped 0.43); DECOUPLED, EARLY, BACKOFF, NO_ACQUIRE, RELAXED_COUNT and CG_VECTORS as slow as shipped;
 # NO_POLL 0.42. So the count alone, one atomic add per tile, costs about 0.03 ms; the consumers' waiting, the
-# polls, the release and the acquire hardly anything. SPREAD_COUNT and STORE_COUNT are not measured yet.
+# polls, the release and the acquire hardly anything. Session 28 (s28a): SPREAD_COUNT 0.427 and STORE_COUNT 0.443
+# against NO_POLL's 0.427, so neither the shared address nor the atomic as such; the per-tile flags ran at 0.414.
 DIAG_RELAXED_COUNT = gl.constexpr(1)
 DIAG_LOCAL = gl.constexpr(2)
 DIAG_EARLY = gl.constexpr(4)

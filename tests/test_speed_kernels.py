@@ -929,13 +929,15 @@ def test_warp_specialized_flags_replace_the_counters(defer):
     assert token_gemm_ws._flag_width(36) == 64 and token_gemm_ws._flag_width(9) == 32
 
 
-def test_warp_specialized_host_picks_its_synchronisation_words():
+def test_warp_specialized_host_picks_its_synchronisation_words(monkeypatch):
     """token_gemm_ws's host side (``_sync_words``, on the CPU): the flag rows (a row block's ``_flag_width``
     words) from their own pool, the counters (one a row block) from theirs, and a zeroed buffer of its own for the
     SPREAD_COUNT diagnosis, whose DIAG bits the host reads as ints (the constexpr bits once broke every call)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon: the kernel is unchecked")
     from dtq.runtime import token_gemm_ws as ws
 
+    monkeypatch.setattr(ws, "_FLAGS", {})  # empty pools of the test's own: the module's stay as they were
+    monkeypatch.setattr(ws, "_SYNC", {})
     cpu = torch.device("cpu")
     flags = ws._sync_words(cpu, 256, 4608, True, 0)
     counters = ws._sync_words(cpu, 256, 4608, False, 0)
